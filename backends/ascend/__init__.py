@@ -1,0 +1,71 @@
+"""Huawei Ascend NPUs through CANN's `torch_npu` (the `npu_*` op family), imported lazily.
+
+Chips: A2 = Atlas 800T A2 / 910B, A3 = 910C (Ascend910_93), A5 = Ascend 950. A2 and A3 have no FP8
+units, so FP8 contracts take the int8 W8A8 or BF16-dequant path there (see `chip_path`).
+`V4HAL_ASCEND_CHIP=A2|A3|A5` overrides detection (used by the Meta dry run, which has no NPU).
+"""
+
+import importlib
+import importlib.util
+import os
+
+import torch
+
+CHIPS = ("A2", "A3", "A5")
+_npu = None
+
+
+def probe() -> tuple[bool, str]:
+    if importlib.util.find_spec("torch_npu") is None:
+        return False, "torch_npu is not installed (needs an Ascend machine with CANN)"
+    try:
+        npu()
+    except Exception as exc:  # typically CANN libraries missing: libhccl.so / libascendcl.so
+        return False, f"import torch_npu failed (is CANN installed and set_env.sh sourced?): {exc}"
+    if not torch.npu.is_available():
+        return False, "torch_npu imported but no NPU is visible (torch.npu.is_available() is False)"
+    return True, ""
+
+
+def npu():
+    """The torch_npu module, imported on first use only."""
+    global _npu
+    if _npu is None:
+        _npu = importlib.import_module("torch_npu")
+    return _npu
+
+
+def device() -> torch.device:
+    return torch.device("npu")
+
+
+def chip() -> str:
+    """A2, A3 or A5, from V4HAL_ASCEND_CHIP or the SoC name CANN reports."""
+    forced = os.environ.get("V4HAL_ASCEND_CHIP", "").strip().upper()
+    if forced:
+        if forced not in CHIPS:
+            raise ValueError(f"V4HAL_ASCEND_CHIP: expected one of {', '.join(CHIPS)}, got {forced!r}")
+        return forced
+    return chip_from_soc_name(torch.npu.get_device_name())
+
+
+def chip_from_soc_name(name: str) -> str:
+    n = name.replace(" ", "").lower()
+    if "950" in n:
+        return "A5"
+    if "910_93" in n or "910c" in n:
+        return "A3"
+    if "910b" in n:
+        return "A2"
+    raise ValueError(f"unrecognised Ascend SoC {name!r}; set V4HAL_ASCEND_CHIP=A2|A3|A5")
+
+
+def versions() -> dict[str, str]:
+    out = {"torch": torch.__version__, "torch_npu": getattr(npu(), "__version__", "?")}
+    cann = os.environ.get("ASCEND_TOOLKIT_HOME") or os.environ.get("ASCEND_HOME_PATH")
+    if cann:
+        out["cann_home"] = cann
+    if torch.npu.is_available():
+        out["device"] = torch.npu.get_device_name()
+        out["chip"] = chip()
+    return out

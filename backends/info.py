@@ -1,0 +1,50 @@
+"""`v4hal info`: the selection the registry makes on this machine, and why."""
+
+from __future__ import annotations
+
+import json
+
+from v4hal.backends import registry
+
+
+def report() -> dict:
+    backends = {}
+    for b in registry.BACKENDS:
+        usable, why = registry.probe(b)
+        entry = {"usable": usable, "reason": why}
+        if usable:
+            entry["versions"] = registry.backend_module(b).versions()
+        backends[b] = entry
+    s = registry.settings()
+    return {"settings": {"backend": s.backend, "op_backends": s.op_backends, "fallback": s.fallback},
+            "backends": backends, "ops": registry.explain()}
+
+
+def format_text(rep: dict) -> str:
+    s = rep["settings"]
+    lines = [f"V4HAL_BACKEND={s['backend']}  V4HAL_OP_BACKENDS={','.join(f'{k}={v}' for k, v in s['op_backends'].items()) or '-'}"
+             f"  V4HAL_FALLBACK={s['fallback'] or '-'}", "", "backends:"]
+    for name, b in rep["backends"].items():
+        detail = ", ".join(f"{k} {v}" for k, v in b.get("versions", {}).items()) if b["usable"] else b["reason"]
+        lines.append(f"  {name:10s} {'usable' if b['usable'] else 'unusable':9s} {detail}")
+    lines += ["", "ops:"]
+    for row in rep["ops"]:
+        if row["backend"] is None:
+            lines.append(f"  {row['op']:18s} ERROR {row['error']}")
+            continue
+        chosen = row["backend"] + (f" (fell back from {row['requested']})" if row["fell_back"] else "")
+        lines.append(f"  {row['op']:18s} -> {chosen}")
+        for b, why in row["backends"].items():
+            if why != "ok" and b != row["backend"] and rep["backends"][b]["usable"]:
+                lines.append(f"  {'':18s}    {b}: {why}")
+    return "\n".join(lines)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def main(args) -> int:
+    rep = report()
+    print(json.dumps(rep, indent=1) if args.json else format_text(rep))
+    return 0 if all(r["backend"] is not None for r in rep["ops"]) else 1

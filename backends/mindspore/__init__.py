@@ -1,0 +1,61 @@
+"""MindSpore: an independent implementation of every contract in Huawei's own framework.
+
+On this CPU it is a second opinion for parity; where MindSpore has an Ascend or GPU device it runs
+there. Torch tensors cross the boundary through numpy (bfloat16 through float32, exactly).
+"""
+
+import importlib
+import importlib.util
+
+import numpy as np
+import torch
+
+_ms = None
+
+
+def probe() -> tuple[bool, str]:
+    if importlib.util.find_spec("mindspore") is None:
+        return False, "mindspore is not installed (pip install 'v4hal[mindspore]')"
+    ms()
+    return True, ""
+
+
+def ms():
+    """The mindspore module, imported on first use only."""
+    global _ms
+    if _ms is None:
+        _ms = importlib.import_module("mindspore")
+    return _ms
+
+
+def device() -> torch.device:
+    return torch.device("cpu")
+
+
+def versions() -> dict[str, str]:
+    return {"mindspore": ms().__version__, "device_target": str(ms().get_context("device_target"))}
+
+
+_TO_MS = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+          torch.bfloat16: "bfloat16", torch.int8: "int8", torch.uint8: "uint8",
+          torch.int32: "int32", torch.int64: "int64", torch.bool: "bool_"}
+
+
+def to_ms(t: torch.Tensor):
+    """torch -> mindspore Tensor, same dtype (bfloat16 and fp8 go through float32)."""
+    mst = ms()
+    t = t.detach().cpu()
+    if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+        arr = t.float().numpy()
+        target = getattr(mst, _TO_MS.get(t.dtype, "float32"))
+        return mst.Tensor(arr).astype(target)
+    return mst.Tensor(t.numpy())
+
+
+def to_torch(x, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """mindspore Tensor -> torch tensor, cast to `dtype` if given (bfloat16 goes through float32)."""
+    mst = ms()
+    if x.dtype == mst.bfloat16:
+        x = x.astype(mst.float32)
+    out = torch.from_numpy(np.ascontiguousarray(x.asnumpy()))
+    return out if dtype is None else out.to(dtype)

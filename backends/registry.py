@@ -1,0 +1,263 @@
+"""Backend selection: which implementation runs each op, and why.
+
+An op is registered by its contract in `v4hal.ops` (`register_op`). A backend is a package
+`v4hal.backends.<name>` with a `probe()` telling whether it can run here, and one module per op
+family holding functions named after the ops. Selection is resolved once per op and cached
+(`reset()` clears it, for tests and for `configure`).
+
+Environment:
+  V4HAL_BACKEND      auto | cpu | cpu_fast | cuda | ascend | mindspore   (default auto)
+  V4HAL_OP_BACKENDS  per-op overrides, e.g. "fp8_matmul=cpu,moe_dispatch=ascend"
+  V4HAL_FALLBACK     cpu: run an op on the cpu reference when the requested backend cannot
+                     (recorded, and shown in every parity and bench report)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+BACKENDS = ("cpu", "cpu_fast", "cuda", "ascend", "mindspore")
+# `auto` takes, per op, the first usable backend in this order that implements the op.
+AUTO_ORDER = ("ascend", "cuda", "cpu_fast", "cpu")
+FALLBACKS = ("cpu",)
+# A backend listed here runs its parent's implementation of any op it has no own version of
+# (cpu_fast is "the reference, made fast where it pays"); `explain` says which ops inherit.
+INHERITS = {"cpu_fast": "cpu"}
+
+
+class BackendError(RuntimeError):
+    """A requested backend cannot run a requested op; the message says why."""
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    family: str  # module name inside each backend package
+
+
+@dataclass
+class Choice:
+    op: str
+    backend: str
+    fn: Callable
+    requested: str
+    fell_back: bool = False
+    reason: str = ""
+
+
+@dataclass
+class Settings:
+    backend: str = "auto"
+    op_backends: dict[str, str] = field(default_factory=dict)
+    fallback: str | None = None
+
+
+_OPS: dict[str, OpSpec] = {}
+_choices: dict[str, Choice] = {}
+_probes: dict[str, tuple[bool, str]] = {}
+_settings: Settings | None = None
+
+
+def register_op(name: str, family: str) -> None:
+    """Called by each contract module at import time."""
+    _OPS[name] = OpSpec(name, family)
+
+
+def ops() -> dict[str, OpSpec]:
+    import v4hal.ops  # noqa: F401  (importing the contracts registers them)
+
+    return dict(_OPS)
+
+
+def _check_backend_name(name: str, what: str) -> str:
+    if name not in BACKENDS and name != "auto":
+        raise BackendError(f"{what}: unknown backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
+    return name
+
+
+def _check_op_name(name: str, what: str) -> str:
+    known = ops()
+    if name not in known:
+        raise BackendError(f"{what}: unknown op {name!r}; valid: {', '.join(sorted(known))}")
+    return name
+
+
+def settings_from_env(env: dict[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    backend = _check_backend_name(env.get("V4HAL_BACKEND", "auto").strip() or "auto", "V4HAL_BACKEND")
+    overrides: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in env.get("V4HAL_OP_BACKENDS", "").split(","))):
+        if "=" not in item:
+            raise BackendError(f"V4HAL_OP_BACKENDS: expected op=backend, got {item!r}")
+        op, be = (s.strip() for s in item.split("=", 1))
+        overrides[_check_op_name(op, "V4HAL_OP_BACKENDS")] = _check_backend_name(be, "V4HAL_OP_BACKENDS")
+    fallback = env.get("V4HAL_FALLBACK", "").strip() or None
+    if fallback is not None and fallback not in FALLBACKS:
+        raise BackendError(f"V4HAL_FALLBACK: expected one of {', '.join(FALLBACKS)}, got {fallback!r}")
+    return Settings(backend, overrides, fallback)
+
+
+def configure(backend: str | None = None, op_backends: dict[str, str] | None = None,
+              fallback: str | None = None) -> None:
+    """Programmatic twin of the environment variables; clears cached choices."""
+    global _settings
+    s = settings_from_env()
+    if backend is not None:
+        s.backend = _check_backend_name(backend, "configure(backend)")
+    if op_backends is not None:
+        s.op_backends = {_check_op_name(o, "configure(op_backends)"): _check_backend_name(b, "configure")
+                         for o, b in op_backends.items()}
+    if fallback is not None:
+        s.fallback = fallback or None
+    reset()
+    _settings = s
+
+
+def settings() -> Settings:
+    global _settings
+    if _settings is None:
+        _settings = settings_from_env()
+    return _settings
+
+
+def reset() -> None:
+    """Forget cached settings, probes and choices (the environment is read again)."""
+    global _settings
+    _settings = None
+    _choices.clear()
+    _probes.clear()
+
+
+@contextlib.contextmanager
+def forced(backend: str):
+    """Run every op on `backend` inside the block (no fallback), then restore the settings."""
+    global _settings
+    saved_settings, saved_choices = _settings, dict(_choices)
+    _check_backend_name(backend, "forced")
+    _settings = Settings(backend=backend)
+    _choices.clear()
+    try:
+        yield
+    finally:
+        _settings = saved_settings
+        _choices.clear()
+        _choices.update(saved_choices)
+
+
+def backend_module(backend: str):
+    return importlib.import_module(f"v4hal.backends.{backend}")
+
+
+def probe(backend: str) -> tuple[bool, str]:
+    """(usable, reason) for a backend on this machine; imports its vendor package if needed."""
+    _check_backend_name(backend, "probe")
+    if backend not in _probes:
+        try:
+            _probes[backend] = backend_module(backend).probe()
+        except Exception as exc:  # a broken vendor install must not crash selection
+            _probes[backend] = (False, f"probe failed: {type(exc).__name__}: {exc}")
+    return _probes[backend]
+
+
+def implementation(op: str, backend: str) -> tuple[Callable | None, str]:
+    """(fn, "") if `backend` implements `op` and can run it here, else (None, why not)."""
+    spec = ops().get(op)
+    if spec is None:
+        _check_op_name(op, "implementation")
+    usable, why = probe(backend)
+    if not usable:
+        return None, why
+    module = _family_module(backend, spec.family)
+    fn = getattr(module, op, None) if module is not None else None
+    if fn is None and backend in INHERITS:
+        return implementation(op, INHERITS[backend])
+    if fn is None:
+        return None, f"op {op!r} not implemented by the {backend} backend"
+    supports = getattr(backend_module(backend), "supports", None)
+    if supports is not None:
+        ok, why = supports(op)
+        if not ok:
+            return None, why
+    return fn, ""
+
+
+def _family_module(backend: str, family: str):
+    name = f"v4hal.backends.{backend}.{family}"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:
+            return None
+        raise
+
+
+def choose(op: str) -> Choice:
+    """The implementation `op` dispatches to under the current settings (cached)."""
+    if op in _choices:
+        return _choices[op]
+    s = settings()
+    requested = s.op_backends.get(op, s.backend)
+    if requested == "auto":
+        reasons = []
+        for backend in AUTO_ORDER:
+            fn, why = implementation(op, backend)
+            if fn is not None:
+                choice = Choice(op, backend, fn, "auto", reason="; ".join(reasons))
+                break
+            reasons.append(f"{backend}: {why}")
+        else:  # pragma: no cover - cpu implements every op
+            raise BackendError(f"{op}: no backend can run it: {'; '.join(reasons)}")
+    else:
+        fn, why = implementation(op, requested)
+        if fn is not None:
+            choice = Choice(op, requested, fn, requested)
+        elif s.fallback is not None:
+            fb, fb_why = implementation(op, s.fallback)
+            if fb is None:
+                raise BackendError(f"{op}: backend {requested!r} unusable ({why}) and fallback "
+                                   f"{s.fallback!r} unusable too ({fb_why})")
+            choice = Choice(op, s.fallback, fb, requested, fell_back=True, reason=why)
+        else:
+            raise BackendError(f"{op}: backend {requested!r} cannot run it: {why}. "
+                               f"Pick another backend, or set V4HAL_FALLBACK=cpu to run it on the "
+                               f"cpu reference instead")
+    _choices[op] = choice
+    return choice
+
+
+def preferred_backend() -> str:
+    """V4HAL_BACKEND if set to a backend, else the first usable backend in AUTO_ORDER."""
+    if settings().backend != "auto":
+        return settings().backend
+    return next(b for b in AUTO_ORDER if probe(b)[0])
+
+
+def dispatch(op: str) -> Callable:
+    return choose(op).fn
+
+
+def fallbacks() -> dict[str, Choice]:
+    """Ops resolved so far that fell back, for reports."""
+    return {op: c for op, c in _choices.items() if c.fell_back}
+
+
+def explain() -> list[dict]:
+    """Per op: the chosen backend (or the error) and why every other backend was or was not usable."""
+    rows = []
+    for op in sorted(ops()):
+        row = {"op": op, "family": _OPS[op].family}
+        try:
+            c = choose(op)
+            row.update(backend=c.backend, requested=c.requested, fell_back=c.fell_back)
+        except BackendError as exc:
+            row.update(backend=None, error=str(exc))
+        row["backends"] = {}
+        for backend in BACKENDS:
+            fn, why = implementation(op, backend)
+            row["backends"][backend] = "ok" if fn is not None else why
+        rows.append(row)
+    return rows

@@ -1,0 +1,1 @@
+"""Parity and speed harnesses over one shared set of cases (cases.py)."""

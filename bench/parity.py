@@ -1,0 +1,203 @@
+"""`v4hal parity`: run every case on every usable backend and judge it against the cpu reference
+computed in float64 from the same inputs. Writes a terminal table, JSON and Markdown; exits 1 if any
+case fails on any backend."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from v4hal.backends import registry
+from v4hal.bench.cases import Case, Tolerance, parity_cases
+from v4hal.bench.metrics import judge, metrics
+
+FLOAT_UPCAST = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def default_reference_inputs(inputs: dict) -> dict:
+    def up(v):
+        if isinstance(v, torch.Tensor) and v.dtype in FLOAT_UPCAST:
+            return v.to(torch.float64)
+        return v
+
+    out = {k: up(v) for k, v in inputs.items()}
+    if "out_dtype" in out:
+        out["out_dtype"] = torch.float64
+    return out
+
+
+def named_outputs(out: Any) -> dict[str, torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return {"out": out}
+    if isinstance(out, dict):
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+    if isinstance(out, (tuple, list)):
+        return {f"out{i}": v for i, v in enumerate(out) if isinstance(v, torch.Tensor)}
+    raise TypeError(f"cannot compare an output of type {type(out).__name__}")
+
+
+def _to_device(inputs: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _outputs(case: Case, out: Any) -> dict[str, torch.Tensor]:
+    named = case.compare(out) if case.compare is not None else named_outputs(out)
+    return {k: v.detach().cpu() for k, v in named.items()}
+
+
+def run_case(case: Case, backends: list[str], seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    inputs = case.make(g)
+    ref_inputs = (case.reference_inputs or default_reference_inputs)(inputs)
+    with registry.forced("cpu"):
+        ref = _outputs(case, case.run(**ref_inputs))
+    rows = []
+    for backend in backends:
+        row: dict[str, Any] = {"case": case.id, "op": case.op, "backend": backend}
+        ok, why = registry.probe(backend)
+        if not ok:
+            rows.append({**row, "status": "unavailable", "note": why})
+            continue
+        try:
+            with registry.forced(backend):
+                device = registry.backend_module(backend).device()
+                start = time.perf_counter()
+                out = _outputs(case, case.run(**_to_device(inputs, device)))
+                row["seconds"] = time.perf_counter() - start
+        except registry.BackendError as exc:
+            rows.append({**row, "status": "unavailable", "note": str(exc)})
+            continue
+        except Exception as exc:  # a crash on one backend is a failure to report, not to raise
+            rows.append({**row, "status": "fail", "note": f"{type(exc).__name__}: {exc}"})
+            continue
+        passed, notes, row["outputs"] = True, [], {}
+        for name, r in ref.items():
+            tol = case.tolerance.get(name, Tolerance()) if isinstance(case.tolerance, dict) else case.tolerance
+            if name not in out:
+                passed, _ = False, notes.append(f"{name}: missing")
+                continue
+            ok, note = judge(out[name], r, tol)
+            row["outputs"][name] = {**metrics(out[name], r), "passed": ok, "tolerance": tol.kind}
+            passed &= ok
+            if note:
+                notes.append(f"{name}: {note}")
+        if case.check is not None and passed:
+            ok, note = case.check(ref, out, inputs)
+            passed &= ok
+            if note:
+                notes.append(note)
+        rows.append({**row, "status": "pass" if passed else "fail", "note": "; ".join(notes)})
+    return rows
+
+
+def run(backends: list[str] | None = None, quick: bool = False, select: str | None = None,
+        seed: int = 0, progress: bool = True) -> dict:
+    backends = backends or list(registry.BACKENDS)
+    cases = parity_cases(quick=quick, select=select)
+    rows: list[dict] = []
+    for case in tqdm(cases, desc="parity", unit="case", disable=not progress):
+        rows.extend(run_case(case, backends, seed))
+    return {
+        "backends": {b: dict(zip(("usable", "reason"), registry.probe(b))) for b in backends},
+        "fallbacks": {op: c.reason for op, c in registry.fallbacks().items()},
+        "rows": rows,
+        "failed": sum(r["status"] == "fail" for r in rows),
+        "passed": sum(r["status"] == "pass" for r in rows),
+    }
+
+
+def _worst(row: dict) -> dict:
+    outs = row.get("outputs", {})
+    if not outs:
+        return {}
+    return {
+        "cosine": min(o.get("cosine", 1.0) for o in outs.values()),
+        "max_abs": max(o.get("max_abs", 0.0) for o in outs.values()),
+        "max_rel": max(o.get("max_rel", 0.0) for o in outs.values()),
+        "rmse": max(o.get("rmse", 0.0) for o in outs.values()),
+        "within_1e-3": min(o.get("within_1e-3", 1.0) for o in outs.values()),
+        "within_1e-2": min(o.get("within_1e-2", 1.0) for o in outs.values()),
+        "fp8_diff": max(o.get("fp8_diff", 0.0) for o in outs.values()),
+    }
+
+
+COLUMNS = ("case", "backend", "status", "cosine", "max_abs", "max_rel", "rmse", "within_1e-3",
+           "within_1e-2", "fp8_diff")
+
+
+def table_rows(report: dict) -> list[list[str]]:
+    out = []
+    for row in report["rows"]:
+        w = _worst(row)
+        cells = [row["case"], row["backend"], row["status"]]
+        cells += [f"{w[c]:.6f}" if c in ("cosine", "within_1e-3", "within_1e-2") else f"{w[c]:.2e}"
+                  for c in COLUMNS[3:]] if w else [""] * (len(COLUMNS) - 3)
+        out.append(cells)
+    return out
+
+
+def format_terminal(report: dict) -> str:
+    rows = [list(COLUMNS)] + [r for r in table_rows(report)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for row in report["rows"]:
+        if row["status"] == "fail":
+            lines.append(f"FAIL {row['case']} [{row['backend']}]: {row['note']}")
+    lines.append(_summary(report))
+    return "\n".join(lines)
+
+
+def _summary(report: dict) -> str:
+    unavailable = sorted({f"{b} ({v['reason']})" for b, v in report["backends"].items() if not v["usable"]})
+    s = f"parity: {report['passed']} passed, {report['failed']} failed"
+    if unavailable:
+        s += "; unavailable here: " + "; ".join(unavailable)
+    if report["fallbacks"]:
+        s += "; fell back to cpu: " + ", ".join(sorted(report["fallbacks"]))
+    return s
+
+
+def format_markdown(report: dict, machine: str) -> str:
+    lines = [f"# Parity report\n\nMachine: {machine}\n", _summary(report) + "\n",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(report)]
+    notes = [r for r in report["rows"] if r["status"] != "pass" and r.get("note")]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- `{r['case']}` [{r['backend']}] {r['status']}: {r['note']}" for r in notes]
+    return "\n".join(lines) + "\n"
+
+
+def write(report: dict, out_dir: Path, machine: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "parity.json", out_dir / "parity.md"]
+    paths[0].write_text(json.dumps({**report, "machine": machine}, indent=1, default=str))
+    paths[1].write_text(format_markdown(report, machine))
+    return paths
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--backend", action="append", choices=registry.BACKENDS,
+                   help="backend to check (repeatable; default: all, unusable ones are reported)")
+    p.add_argument("--quick", action="store_true", help="small cases only (CI)")
+    p.add_argument("--select", help="only cases whose id contains this text, e.g. fp8_matmul")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("out"), help="folder for parity.json / parity.md")
+
+
+def main(args) -> int:
+    from v4hal.bench.machine import describe
+
+    report = run(args.backend, quick=args.quick, select=args.select, seed=args.seed)
+    print(format_terminal(report))
+    for path in write(report, args.out, describe()):
+        print(f"wrote {path}")
+    if not report["rows"]:
+        print("parity: no case matched")
+        return 2
+    return 1 if report["failed"] else 0

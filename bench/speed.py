@@ -1,0 +1,174 @@
+"""`v4hal bench`: time ops per backend against peers measured in the same run.
+
+Each speed case is timed with warm-up and repeats (device-synchronised), reported as median and
+spread (10th-90th percentile), achieved TFLOP/s and GB/s, their share of the machine's measured
+limits (bench.machine.limits), and the ratio to every peer: `speedup = peer median / our median`.
+Output: a terminal table, bench.json, bench.md and bench.png.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from v4hal.backends import registry
+from v4hal.bench.cases import SpeedCase, speed_cases
+from v4hal.bench.machine import describe, limits, synchronize
+
+
+def time_fn(fn, device: torch.device, warmup: int = 2, repeats: int = 10, budget_s: float = 20.0) -> list[float]:
+    """Seconds per call, `repeats` samples (fewer if one call would blow `budget_s`)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples: list[float] = []
+    spent = 0.0
+    while len(samples) < repeats and (spent < budget_s or len(samples) < 3):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append(time.perf_counter() - start)
+        spent += samples[-1]
+    return samples
+
+
+def _stats(samples: list[float]) -> dict[str, float]:
+    s = sorted(samples)
+    pick = lambda q: s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]  # noqa: E731
+    return {"median_s": statistics.median(s), "p10_s": pick(0.1), "p90_s": pick(0.9), "samples": len(s)}
+
+
+def run_case(case: SpeedCase, backend: str, repeats: int, machine_limits: dict) -> dict:
+    row = {"case": case.id, "op": case.op, "backend": backend}
+    device = registry.backend_module(backend).device()
+    with registry.forced(backend):
+        try:
+            fn, peers = case.make(device)
+            ours = _stats(time_fn(fn, device, repeats=repeats))
+        except registry.BackendError as exc:
+            return {**row, "status": "unavailable", "note": str(exc)}
+        row.update(ours, status="ok")
+        t = ours["median_s"]
+        if case.flops:
+            row["tflops"] = case.flops / t / 1e12
+            row["flops_share"] = row["tflops"] / machine_limits["bf16_tflops"]
+        if case.bytes:
+            row["gbs"] = case.bytes / t / 1e9
+            row["bandwidth_share"] = row["gbs"] / machine_limits["bandwidth_gbs"]
+        row["peers"] = {}
+        for name, peer in peers.items():
+            p = _stats(time_fn(peer, device, repeats=repeats))
+            row["peers"][name] = {**p, "speedup": p["median_s"] / t}
+        del fn, peers
+    return row
+
+
+def run(backends: list[str] | None = None, quick: bool = False, select: str | None = None,
+        repeats: int = 10, progress: bool = True) -> dict:
+    backends = backends or [registry.preferred_backend()]
+    rows, machines = [], {}
+    for backend in backends:
+        ok, why = registry.probe(backend)
+        if not ok:
+            rows.append({"case": "*", "backend": backend, "status": "unavailable", "note": why})
+            continue
+        device = registry.backend_module(backend).device()
+        machines[backend] = {"machine": describe(device), "limits": limits(str(device))}
+        cases = speed_cases(quick=quick, select=select)
+        for case in tqdm(cases, desc=f"bench {backend}", unit="case", disable=not progress):
+            rows.append(run_case(case, backend, repeats, machines[backend]["limits"]))
+    return {"machines": machines, "rows": rows,
+            "fallbacks": {op: c.reason for op, c in registry.fallbacks().items()}}
+
+
+def _fmt_row(row: dict) -> list[str]:
+    if row.get("status") != "ok":
+        return [row["case"], row["backend"], row.get("status", "?"), "", "", "", "", row.get("note", "")]
+    peers = ", ".join(f"{n}: {p['median_s'] * 1e3:.3g} ms ({p['speedup']:.2f}x)" for n, p in row["peers"].items())
+    share = ", ".join(f"{k.split('_')[0]} {row[k]:.0%}" for k in ("flops_share", "bandwidth_share") if k in row)
+    return [row["case"], row["backend"], f"{row['median_s'] * 1e3:.3g} ms",
+            f"{row['p10_s'] * 1e3:.3g}-{row['p90_s'] * 1e3:.3g}",
+            f"{row['tflops']:.3g}" if "tflops" in row else "", f"{row['gbs']:.3g}" if "gbs" in row else "",
+            share, peers]
+
+
+HEADER = ["case", "backend", "median", "p10-p90 ms", "TFLOP/s", "GB/s", "roofline share", "peers (speedup = peer/ours)"]
+
+
+def format_terminal(report: dict) -> str:
+    rows = [HEADER] + [_fmt_row(r) for r in report["rows"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    for backend, m in report["machines"].items():
+        lim = m["limits"]
+        lines.append(f"{backend}: {m['machine']}; measured {lim['bandwidth_gbs']:.1f} GB/s, "
+                     f"{lim['bf16_tflops']:.2f} BF16 TFLOP/s, {lim['fp32_tflops']:.2f} FP32 TFLOP/s")
+    return "\n".join(lines)
+
+
+def format_markdown(report: dict, command: str) -> str:
+    lines = ["# Benchmark report", "", f"Command: `{command}`", ""]
+    for backend, m in report["machines"].items():
+        lim = m["limits"]
+        lines.append(f"- {backend}: {m['machine']}; measured limits {lim['bandwidth_gbs']:.1f} GB/s copy "
+                     f"bandwidth, {lim['bf16_tflops']:.2f} BF16 / {lim['fp32_tflops']:.2f} FP32 TFLOP/s")
+    if report["fallbacks"]:
+        lines.append(f"- ops that fell back to cpu: {', '.join(sorted(report['fallbacks']))}")
+    lines += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(_fmt_row(r)) + " |" for r in report["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> Path | None:
+    """Horizontal bars: our speedup over each peer per case (1.0 = parity with the peer)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    bars = [(f"{r['case']} [{r['backend']}] vs {n}", p["speedup"])
+            for r in report["rows"] if r.get("status") == "ok" for n, p in r["peers"].items()]
+    if not bars:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(bars) + 1.5))
+    labels, values = zip(*bars)
+    ax.barh(range(len(bars)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_yticks(range(len(bars)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("speedup over peer (peer time / v4hal time)")
+    ax.set_title(next(iter(report["machines"].values()))["machine"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--backend", action="append", choices=registry.BACKENDS,
+                   help="backend to time (repeatable; default: what auto picks on this machine)")
+    p.add_argument("--quick", action="store_true", help="small cases only")
+    p.add_argument("--select", help="only cases whose id contains this text")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--out", type=Path, default=Path("out"), help="folder for bench.json / .md / .png")
+
+
+def main(args) -> int:
+    import sys
+
+    report = run(args.backend, quick=args.quick, select=args.select, repeats=args.repeats)
+    print(format_terminal(report))
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "v4hal " + " ".join(sys.argv[1:])
+    (args.out / "bench.json").write_text(json.dumps({**report, "command": command}, indent=1, default=str))
+    (args.out / "bench.md").write_text(format_markdown(report, command))
+    png = plot(report, args.out / "bench.png")
+    print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.md'}" + (f", {png}" if png else ""))
+    return 0 if any(r.get("status") == "ok" for r in report["rows"]) else 1

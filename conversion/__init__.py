@@ -1,0 +1,1 @@
+"""Streaming checkpoint converters between formats and frameworks."""

@@ -1,0 +1,87 @@
+"""Input validation shared by every contract: one error type whose message names the op, the
+argument, what was expected and what came."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+
+class OpInputError(ValueError):
+    """Bad input to a v4hal op. Attributes: op, arg, expected, got."""
+
+    def __init__(self, op: str, arg: str, expected: str, got: object):
+        self.op, self.arg, self.expected, self.got = op, arg, expected, got
+        super().__init__(f"{op}: argument '{arg}' expected {expected}, got {got}")
+
+
+def describe(t: object) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"tensor of shape {tuple(t.shape)} and dtype {str(t.dtype).replace('torch.', '')}"
+    return f"{type(t).__name__} {t!r}"
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return " or ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def tensor(op: str, arg: str, t: object, *, dtypes: Iterable[torch.dtype] | None = None,
+           ndim: int | Iterable[int] | None = None, nonempty: bool = True) -> torch.Tensor:
+    """Check that `t` is a tensor with an allowed dtype and rank; return it."""
+    if not isinstance(t, torch.Tensor):
+        raise OpInputError(op, arg, "a torch.Tensor", describe(t))
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            raise OpInputError(op, arg, f"dtype {_dtype_names(dtypes)}", describe(t))
+    if ndim is not None:
+        ranks = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in ranks:
+            raise OpInputError(op, arg, f"a {' or '.join(map(str, ranks))}-d tensor", describe(t))
+    if nonempty and t.numel() == 0:
+        raise OpInputError(op, arg, "a non-empty tensor", describe(t))
+    return t
+
+
+def shape(op: str, arg: str, t: torch.Tensor, expected: tuple[int, ...], why: str = "") -> None:
+    if tuple(t.shape) != tuple(expected):
+        note = f" ({why})" if why else ""
+        raise OpInputError(op, arg, f"shape {tuple(expected)}{note}", describe(t))
+
+
+def equal(op: str, arg: str, got: int, expected: int, what: str) -> None:
+    if got != expected:
+        raise OpInputError(op, arg, f"{what} = {expected}", got)
+
+
+def finite(op: str, arg: str, t: torch.Tensor) -> None:
+    """Reject NaN/Inf: a quantizer or scale fed one would silently poison a whole block."""
+    if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+        bad = (~torch.isfinite(t)).sum().item()
+        raise OpInputError(op, arg, "finite values", f"{bad} NaN/Inf element(s) in {describe(t)}")
+
+
+def positive(op: str, arg: str, t: torch.Tensor) -> None:
+    finite(op, arg, t)
+    if t.device.type != "meta" and not bool((t > 0).all()):
+        raise OpInputError(op, arg, "strictly positive values", f"{int((t <= 0).sum())} value(s) <= 0")
+
+
+def choice(op: str, arg: str, value: object, allowed: Iterable[object]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise OpInputError(op, arg, f"one of {allowed}", repr(value))
+
+
+def positive_int(op: str, arg: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise OpInputError(op, arg, "a positive int", repr(value))
+    return value
+
+
+def same_device(op: str, **tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        got = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise OpInputError(op, "/".join(devices), "all tensors on one device", got)
