@@ -1,0 +1,130 @@
+"""Backend selection: env vars, per-op overrides, explicit errors, recorded fallbacks, lazy imports."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from v4hal import ops
+from v4hal.backends import registry
+
+
+def test_auto_prefers_fast_cpu_path_on_a_bare_machine():
+    choice = registry.choose("fp8_matmul")
+    assert choice.backend == "cpu_fast"
+    assert "cuda:" in choice.reason and "ascend:" in choice.reason  # why the devices were skipped
+
+
+def test_backend_env_var_selects_the_reference(monkeypatch):
+    monkeypatch.setenv("V4HAL_BACKEND", "cpu")
+    assert registry.choose("fp8_matmul").backend == "cpu"
+    assert registry.choose("fp8_matmul").fn.__module__ == "v4hal.backends.cpu.quant"
+
+
+def test_per_op_override_beats_the_global_backend(monkeypatch):
+    monkeypatch.setenv("V4HAL_BACKEND", "cpu")
+    monkeypatch.setenv("V4HAL_OP_BACKENDS", "quantize_fp8=cpu_fast, rms_norm = cpu")
+    assert registry.choose("quantize_fp8").backend == "cpu_fast"
+    assert registry.choose("fp8_matmul").backend == "cpu"
+
+
+@pytest.mark.parametrize("var,value,needle", [
+    ("V4HAL_BACKEND", "tpu", "unknown backend 'tpu'; valid: auto, cpu, cpu_fast, cuda, ascend, mindspore"),
+    ("V4HAL_OP_BACKENDS", "fp9_matmul=cpu", "unknown op 'fp9_matmul'; valid:"),
+    ("V4HAL_OP_BACKENDS", "fp8_matmul", "expected op=backend, got 'fp8_matmul'"),
+    ("V4HAL_OP_BACKENDS", "fp8_matmul=gpu", "unknown backend 'gpu'"),
+    ("V4HAL_FALLBACK", "mindspore", "V4HAL_FALLBACK: expected one of cpu, got 'mindspore'"),
+])
+def test_bad_settings_list_the_valid_names(monkeypatch, var, value, needle):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(registry.BackendError) as err:
+        registry.choose("fp8_matmul")
+    assert needle in str(err.value)
+
+
+def test_unusable_backend_is_an_error_that_says_why(monkeypatch):
+    args = _fp8_args()
+    monkeypatch.setenv("V4HAL_BACKEND", "cuda")
+    registry.reset()
+    with pytest.raises(registry.BackendError, match=r"fp8_matmul: backend 'cuda' cannot run it: .*(CUDA|cuda)"):
+        ops.fp8_matmul(*args)
+    monkeypatch.setenv("V4HAL_BACKEND", "ascend")
+    registry.reset()
+    with pytest.raises(registry.BackendError, match="torch_npu"):
+        registry.choose("fp8_matmul")
+
+
+def test_fallback_only_when_asked_and_always_recorded(monkeypatch):
+    args = _fp8_args()
+    monkeypatch.setenv("V4HAL_BACKEND", "cuda")
+    monkeypatch.setenv("V4HAL_FALLBACK", "cpu")
+    registry.reset()
+    y = ops.fp8_matmul(*args)
+    assert y.shape == (2, 128)
+    fell = registry.fallbacks()
+    assert set(fell) == {"fp8_matmul"} and "CUDA" in fell["fp8_matmul"].reason.upper()
+    assert fell["fp8_matmul"].backend == "cpu" and fell["fp8_matmul"].requested == "cuda"
+
+
+def test_forced_pins_every_op_and_restores_settings(monkeypatch):
+    monkeypatch.setenv("V4HAL_BACKEND", "cpu")
+    with registry.forced("cpu_fast"):
+        assert registry.choose("fp8_matmul").backend == "cpu_fast"
+    assert registry.choose("fp8_matmul").backend == "cpu"
+
+
+def test_configure_is_the_programmatic_twin_of_the_env_vars():
+    registry.configure(backend="cpu", op_backends={"linear": "cpu_fast"})
+    assert registry.choose("linear").backend == "cpu_fast"
+    assert registry.choose("rms_norm").backend == "cpu"
+    with pytest.raises(registry.BackendError, match="unknown op"):
+        registry.configure(op_backends={"nope": "cpu"})
+
+
+def test_cpu_fast_inherits_the_reference_for_ops_without_a_fast_path(monkeypatch):
+    registry.register_op("_inherit_probe", "no_such_family")
+    try:
+        fn, why = registry.implementation("_inherit_probe", "cpu_fast")
+        assert fn is None and "not implemented by the cpu backend" in why
+    finally:
+        registry._OPS.pop("_inherit_probe")
+
+
+def test_explain_covers_every_op_and_every_backend():
+    rows = registry.explain()
+    assert {r["op"] for r in rows} == set(registry.ops())
+    for row in rows:
+        assert set(row["backends"]) == set(registry.BACKENDS)
+        assert row["backends"]["cpu"] == "ok"
+        assert row["backends"]["cuda"] != "ok"  # no GPU on the CI machine
+
+
+def test_importing_v4hal_imports_no_vendor_package():
+    code = ("import sys, v4hal, v4hal.ops, v4hal.backends.registry as r; r.explain(); "
+            "bad = [m for m in ('torch_npu', 'mindspore', 'triton', 'deep_gemm') if m in sys.modules]; "
+            "print(bad)")
+    # explain() probes mindspore on purpose; the plain import must not.
+    plain = subprocess.run([sys.executable, "-c", "import sys, v4hal, v4hal.ops; "
+                            "print([m for m in ('torch_npu', 'mindspore', 'triton', 'deep_gemm') if m in sys.modules])"],
+                           capture_output=True, text=True, check=True)
+    assert plain.stdout.strip() == "[]"
+    probed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "torch_npu" not in probed.stdout and "triton" not in probed.stdout
+
+
+def test_info_command_prints_choice_and_reasons():
+    out = subprocess.run([sys.executable, "-m", "v4hal.cli", "info"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "fp8_matmul" in out.stdout and "-> cpu_fast" in out.stdout
+    assert "torch_npu is not installed" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "v4hal.cli", "info"], capture_output=True, text=True,
+                         env={**__import__("os").environ, "V4HAL_BACKEND": "nope"})
+    assert bad.returncode == 2 and "unknown backend 'nope'" in bad.stderr
+
+
+def _fp8_args():
+    g = torch.Generator().manual_seed(0)
+    a, a_s = ops.quantize_fp8(torch.randn(2, 256, generator=g))
+    b, b_s = ops.quantize_fp8(torch.randn(128, 256, generator=g), (128, 128))
+    return a, a_s, b, b_s
