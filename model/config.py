@@ -1,0 +1,417 @@
+"""`ModelArgs`: one description of a DeepSeek-V4 / V3.2 / V3 model, read from a HF `config.json`.
+
+Field names are the HF config keys (so every module that reads `config.hidden_size` etc. accepts a
+`ModelArgs` and a transformers config alike). Legacy keys that DeepSeek's own `config.json` files
+ship (`compress_ratios`, `num_hash_layers`, `compress_rate_csa`, `rope_scaling`, ...) are folded
+into the modern fields the same way transformers folds them, so one checkpoint directory reads the
+same here and there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+V4_LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
+RATIO_TO_LAYER_TYPE = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
+MODEL_TYPES = ("deepseek_v4", "deepseek_v32", "deepseek_v3")
+
+
+class ConfigError(ValueError):
+    """A config.json that cannot describe a model we run; the message names the key."""
+
+
+@dataclass
+class ModelArgs:
+    model_type: str = "deepseek_v4"
+    vocab_size: int = 129280
+    hidden_size: int = 4096
+    num_hidden_layers: int = 43
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 1
+    head_dim: int = 512
+    q_lora_rank: int = 1024
+    # MLA (V3 / V3.2)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    # MLP / MoE
+    intermediate_size: int = 2048  # dense MLP width (V3 / V3.2 first layers); V4 has none
+    moe_intermediate_size: int = 2048
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 6
+    n_group: int = 1
+    topk_group: int = 1
+    scoring_func: str = "sqrtsoftplus"
+    topk_method: str = "noaux_tc"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.5
+    first_k_dense_replace: int = 0
+    mlp_layer_types: list[str] | None = None  # V4: hash_moe | moe; V3/V3.2: dense | sparse
+    swiglu_limit: float = 10.0
+    hidden_act: str = "silu"
+    # V4 attention
+    layer_types: list[str] | None = None
+    compress_rates: dict[str, int] | None = None
+    sliding_window: int = 128
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    # indexer (V4 CSA lightning indexer; V3.2 DSA)
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    # rope
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    rope_parameters: dict[str, Any] | None = None
+    max_position_embeddings: int = 1048576
+    # misc
+    num_nextn_predict_layers: int = 1
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    torch_dtype: str = "bfloat16"
+    quantization_config: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # keys we carry but do not interpret
+
+    def __post_init__(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"model_type: expected one of {MODEL_TYPES}, got {self.model_type!r}")
+        n = self.num_hidden_layers
+        if self.is_v4:
+            if self.compress_rates is None:
+                self.compress_rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+            if self.layer_types is None:  # transformers' default schedule: 2 HCA, then CSA/HCA alternating
+                self.layer_types = (["heavily_compressed_attention"] * min(n, 2) +
+                                    ["compressed_sparse_attention" if i % 2 else "heavily_compressed_attention"
+                                     for i in range(max(n - 2, 0))])
+            if self.mlp_layer_types is None:
+                self.mlp_layer_types = ["hash_moe"] * min(n, 3) + ["moe"] * max(0, n - 3)
+            allowed = {"layer_types": V4_LAYER_TYPES, "mlp_layer_types": ("hash_moe", "moe")}
+            if self.rope_parameters is None or "main" not in self.rope_parameters:
+                yarn = dict(self.rope_parameters or {})
+                compress = {"rope_type": "default", **yarn, "rope_theta": self.compress_rope_theta}
+                if compress["rope_type"] == "yarn":
+                    compress.setdefault("attention_factor", 1.0)  # V4 does not scale cos/sin by mscale
+                self.rope_parameters = {"main": {"rope_type": "default", "rope_theta": self.rope_theta},
+                                        "compress": compress}
+        else:
+            self.head_dim = self.qk_rope_head_dim  # HF's convention for MLA configs
+            if self.mlp_layer_types is None:
+                k = min(self.first_k_dense_replace, n)
+                self.mlp_layer_types = ["dense"] * k + ["sparse"] * (n - k)
+            if self.layer_types is None:
+                self.layer_types = ["indexed_attention" if self.is_v32 else "full_attention"] * n
+            allowed = {"layer_types": ("indexed_attention", "full_attention"), "mlp_layer_types": ("dense", "sparse")}
+            if self.rope_parameters is None:
+                self.rope_parameters = {"rope_type": "default", "rope_theta": self.rope_theta}
+            self.rope_parameters.setdefault("rope_theta", self.rope_theta)
+            self.rope_parameters.setdefault("rope_type", self.rope_parameters.pop("type", "default"))
+        for name, ok in allowed.items():
+            values = getattr(self, name)[:n]
+            setattr(self, name, list(values))
+            if len(values) != n:
+                raise ConfigError(f"{name}: expected {n} entries (num_hidden_layers), got {len(values)}")
+            bad = sorted({v for v in values if v not in ok})
+            if bad:
+                raise ConfigError(f"{name}: entries must be among {ok} for {self.model_type}, got {bad}")
+        if self.n_routed_experts % max(self.n_group, 1):
+            raise ConfigError(f"n_group: must divide n_routed_experts={self.n_routed_experts}, got {self.n_group}")
+        if self.is_v4 and (self.num_attention_heads * self.head_dim) % self.o_groups:
+            raise ConfigError(f"o_groups: must divide num_attention_heads*head_dim, got {self.o_groups}")
+
+    # -- what kind of model ------------------------------------------------------------------
+    @property
+    def is_v4(self) -> bool:
+        return self.model_type == "deepseek_v4"
+
+    @property
+    def is_v32(self) -> bool:
+        return self.model_type == "deepseek_v32"
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def rope_head_dim(self) -> int:
+        """Rotary dims per head: V4 rotates the trailing `qk_rope_head_dim` of its 512-d heads."""
+        return self.qk_rope_head_dim
+
+    @property
+    def partial_rotary_factor(self) -> float:
+        return self.qk_rope_head_dim / self.head_dim
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.n_routed_experts
+
+    @property
+    def num_hash_layers(self) -> int:
+        return sum(t == "hash_moe" for t in self.mlp_layer_types) if self.is_v4 else 0
+
+    def compress_ratio(self, layer: int) -> int:
+        """0 for a sliding-only (or MLA) layer, else tokens per compressed KV entry."""
+        kind = self.layer_types[layer]
+        return (self.compress_rates or {}).get(kind, 0) if self.is_v4 else 0
+
+    @property
+    def compress_ratios(self) -> list[int]:
+        return [self.compress_ratio(i) for i in range(self.num_hidden_layers)]
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.mlp_layer_types[layer] in ("moe", "hash_moe", "sparse")
+
+    @property
+    def weight_quant(self) -> str | None:
+        """'fp8' for DeepSeek block-FP8 checkpoints, None for float ones."""
+        q = self.quantization_config or {}
+        return q.get("quant_method") if q else None
+
+    @property
+    def expert_dtype(self) -> str | None:
+        """'fp4' where the routed experts ship MXFP4 (V4), else None (same format as the rest)."""
+        return (self.quantization_config or {}).get("expert_dtype")
+
+    # -- sizes ---------------------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters by part (embeddings, attention, routed experts, shared experts / dense MLP,
+        norms and mHC, head); 'active' counts one token's path (top-k experts)."""
+        h, L, v = self.hidden_size, self.num_hidden_layers, self.vocab_size
+        attn = 0
+        for i in range(L):
+            attn += self._attention_params(i)
+        expert = 3 * h * self.moe_intermediate_size
+        n_moe = sum(self.is_moe_layer(i) for i in range(L))
+        routed = n_moe * self.n_routed_experts * (expert + 0) + n_moe * self.n_routed_experts * h  # + router
+        shared = n_moe * self.n_shared_experts * expert + (L - n_moe) * 3 * h * self.intermediate_size
+        hc = (2 * L + 1) * ((2 + self.hc_mult) * self.hc_mult * self.hc_mult * h) if self.is_v4 else 0
+        norms = 2 * L * h + h
+        hash_tables = self.num_hash_layers * v * self.num_experts_per_tok
+        counts = dict(embed=v * h, attention=attn, routed_experts=routed, shared=shared, mhc=hc,
+                      norms=norms, head=0 if self.tie_word_embeddings else v * h, hash_tables=hash_tables)
+        counts["total"] = sum(counts.values())
+        counts["active"] = counts["total"] - routed + n_moe * (self.num_experts_per_tok * expert + self.n_routed_experts * h)
+        return counts
+
+    def _attention_params(self, layer: int) -> int:
+        h, nh = self.hidden_size, self.num_attention_heads
+        if self.is_v4:
+            d, r = self.head_dim, self.compress_ratio(layer)
+            p = h * self.q_lora_rank + self.q_lora_rank * nh * d + h * d + self.q_lora_rank + d
+            p += nh * d * self.o_lora_rank + self.o_groups * self.o_lora_rank * h + nh
+            if r:
+                width = 2 if r == 4 else 1  # CSA windows overlap: two series per token
+                p += 2 * h * width * d + r * width * d + d
+                if r == 4:
+                    idx = self.index_head_dim
+                    p += 2 * h * 2 * idx + r * 2 * idx + idx + self.q_lora_rank * self.index_n_heads * idx + h * self.index_n_heads
+            return p
+        p = h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * nh * self.qk_head_dim
+        p += h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+        p += self.kv_lora_rank * nh * (self.qk_nope_head_dim + self.v_head_dim) + nh * self.v_head_dim * h
+        if self.is_v32:
+            idx = self.index_head_dim
+            p += self.q_lora_rank * self.index_n_heads * idx + h * idx + 2 * idx + h * self.index_n_heads
+        return p
+
+    # -- io ------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> "ModelArgs":
+        cfg = dict(cfg)
+        model_type = cfg.get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise ConfigError(f"model_type: expected one of {MODEL_TYPES}, got {model_type!r}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kw: dict[str, Any] = {}
+        # Legacy (DeepSeek's own) spellings, folded like transformers does.
+        ratios = cfg.pop("compress_ratios", None)
+        if ratios is not None and cfg.get("layer_types") is None:
+            try:
+                cfg["layer_types"] = [RATIO_TO_LAYER_TYPE[int(r)] for r in ratios]
+            except KeyError as exc:
+                raise ConfigError(f"compress_ratios: entries must be among {sorted(RATIO_TO_LAYER_TYPE)}, got {exc}") from None
+            if ratios and len(ratios) > cfg.get("num_hidden_layers", len(ratios)):  # MTP layer's ratio trails
+                cfg["layer_types"] = cfg["layer_types"][: cfg["num_hidden_layers"]]
+        rates = dict(cfg.get("compress_rates") or {})
+        for key, kind in (("compress_rate_csa", "compressed_sparse_attention"), ("compress_rate_hca", "heavily_compressed_attention")):
+            if key in cfg:
+                rates[kind] = cfg.pop(key)
+        if rates:
+            cfg["compress_rates"] = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128, **rates}
+        n_hash = cfg.pop("num_hash_layers", None)
+        if n_hash is not None and cfg.get("mlp_layer_types") is None and model_type == "deepseek_v4":
+            n = cfg.get("num_hidden_layers", 43)
+            cfg["mlp_layer_types"] = ["hash_moe"] * min(n, n_hash) + ["moe"] * max(0, n - n_hash)
+        if "rope_scaling" in cfg and cfg.get("rope_parameters") is None:
+            cfg["rope_parameters"] = cfg.pop("rope_scaling")
+        if isinstance(cfg.get("rope_parameters"), dict):
+            rp = dict(cfg["rope_parameters"])
+            if "main" in rp:
+                cfg["rope_theta"] = rp["main"].get("rope_theta", cfg.get("rope_theta", 10000.0))
+                cfg["compress_rope_theta"] = rp["compress"].get("rope_theta", cfg.get("compress_rope_theta", 160000.0))
+                rp = {"main": dict(rp["main"]), "compress": dict(rp["compress"])}
+            elif "rope_theta" in rp:
+                cfg.setdefault("rope_theta", rp["rope_theta"])
+            if model_type == "deepseek_v4" and "main" not in rp:
+                rp.pop("rope_theta", None)
+                rp.pop("partial_rotary_factor", None)
+            cfg["rope_parameters"] = rp
+        if "dtype" in cfg and "torch_dtype" not in cfg:
+            cfg["torch_dtype"] = cfg.pop("dtype")
+        if model_type == "deepseek_v4" and "partial_rotary_factor" in cfg and cfg["partial_rotary_factor"] is not None:
+            cfg["qk_rope_head_dim"] = int(round(cfg.get("head_dim", 512) * cfg.pop("partial_rotary_factor")))
+        q = cfg.get("quantization_config")
+        if isinstance(q, dict) and cfg.get("expert_dtype") is not None and "expert_dtype" not in q:
+            cfg["quantization_config"] = {**q, "expert_dtype": cfg["expert_dtype"]}
+        if model_type == "deepseek_v4":  # HF's V4 config has no n_group: routing is ungrouped
+            cfg.setdefault("n_group", 1)
+            cfg.setdefault("topk_group", 1)
+            cfg.setdefault("intermediate_size", cfg.get("moe_intermediate_size", 2048))
+        else:
+            for key, default in (("scoring_func", "sigmoid"), ("routed_scaling_factor", 2.5), ("num_key_value_heads", cfg.get("num_attention_heads", 128)),
+                                 ("first_k_dense_replace", 3), ("n_group", 8), ("topk_group", 4), ("num_experts_per_tok", 8),
+                                 ("intermediate_size", 18432), ("max_position_embeddings", 163840)):
+                if cfg.get(key) is None:
+                    cfg[key] = default
+        for key in ("n_group", "topk_group", "q_lora_rank", "num_nextn_predict_layers"):
+            if key in cfg and cfg[key] is None:
+                raise ConfigError(f"{key}: None is not supported (every released DeepSeek config sets it)")
+        if "num_mtp_layers" in cfg:
+            cfg.setdefault("num_nextn_predict_layers", cfg["num_mtp_layers"])
+        for k, v in cfg.items():
+            if k in known:
+                kw[k] = v
+        extra = {k: v for k, v in cfg.items() if k not in known and k not in ("qk_head_dim", "transformers_version")}
+        return cls(**kw, extra=extra)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelArgs":
+        """Read a `config.json` (or a directory holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config: no such file {path}") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config: {path} is not valid JSON ({exc})") from None
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A HF-style config dict (transformers' `DeepseekV4Config(**d)` etc. accept it)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        d.update(self.extra)
+        if self.is_v4:
+            d["partial_rotary_factor"] = self.partial_rotary_factor
+            for k in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim", "qk_rope_head_dim", "n_group", "topk_group",
+                      "first_k_dense_replace", "topk_method", "intermediate_size"):
+                d.pop(k)
+        else:
+            for k in ("layer_types", "compress_rates", "sliding_window", "o_groups", "o_lora_rank", "hc_mult",
+                      "hc_sinkhorn_iters", "hc_eps", "compress_rope_theta", "swiglu_limit", "head_dim"):
+                d.pop(k)
+            if not self.is_v32:
+                for k in ("index_n_heads", "index_head_dim", "index_topk"):
+                    d.pop(k)
+        if d["quantization_config"] is None:
+            d.pop("quantization_config")
+        return d
+
+    def replace(self, **changes: Any) -> "ModelArgs":
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d.update(changes)
+        for derived in ("layer_types", "mlp_layer_types", "rope_parameters"):
+            if derived not in changes and "num_hidden_layers" in changes:
+                d[derived] = None if derived != "rope_parameters" else d[derived]
+        return ModelArgs(**d)
+
+
+# -- presets ---------------------------------------------------------------------------------------
+FP8_BLOCK = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
+
+
+def _v4_flash() -> ModelArgs:
+    # transformers' DeepseekV4Config defaults are the V4-Flash values.
+    return ModelArgs(model_type="deepseek_v4", quantization_config={**FP8_BLOCK, "scale_fmt": "ue8m0", "expert_dtype": "fp4"})
+
+
+def _v4_pro() -> ModelArgs:
+    return ModelArgs(model_type="deepseek_v4", hidden_size=7168, num_hidden_layers=61, num_attention_heads=128,
+                     q_lora_rank=1536, o_groups=16, n_routed_experts=384, num_experts_per_tok=6,
+                     moe_intermediate_size=3072, intermediate_size=3072, index_topk=1024,
+                     quantization_config={**FP8_BLOCK, "scale_fmt": "ue8m0", "expert_dtype": "fp4"})
+
+
+def _v4_1t() -> ModelArgs:
+    # PROJECTION, not a released model: pre-release reports (e.g. nxcode.io "DeepSeek V4: everything
+    # we know about the 1T-parameter model", hackermouse.vercel.app "DeepSeek V4 leak") spoke of a
+    # ~1T-parameter MoE with ~32-37B active parameters and 1M context; the issue adds top-16 routing.
+    # We keep V4-Pro's attention and widen the expert pool so the totals land near those figures.
+    return ModelArgs(model_type="deepseek_v4", hidden_size=7168, num_hidden_layers=61, num_attention_heads=128,
+                     q_lora_rank=1536, o_groups=16, n_routed_experts=512, num_experts_per_tok=16,
+                     moe_intermediate_size=1536, intermediate_size=1536, index_topk=1024,
+                     quantization_config={**FP8_BLOCK, "scale_fmt": "ue8m0", "expert_dtype": "fp4"})
+
+
+def _v32() -> ModelArgs:
+    return ModelArgs(model_type="deepseek_v32", hidden_size=7168, num_hidden_layers=61, num_attention_heads=128,
+                     num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                     qk_rope_head_dim=64, v_head_dim=128, intermediate_size=18432, moe_intermediate_size=2048,
+                     n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4, scoring_func="sigmoid",
+                     routed_scaling_factor=2.5, first_k_dense_replace=3, index_topk=2048, index_n_heads=64,
+                     index_head_dim=128, max_position_embeddings=163840,
+                     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+                                      "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+                                      "mscale": 1.0, "mscale_all_dim": 1.0},
+                     quantization_config=dict(FP8_BLOCK))
+
+
+def _tiny() -> ModelArgs:
+    # Every V4 feature in a model that runs in well under a second on a laptop CPU: all three
+    # layer types, a hash layer, window and compression ratios small enough that 40 tokens cross them.
+    return ModelArgs(model_type="deepseek_v4", vocab_size=512, hidden_size=64, num_hidden_layers=4,
+                     num_attention_heads=4, head_dim=32, qk_rope_head_dim=8, q_lora_rank=32,
+                     moe_intermediate_size=32, intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                     o_groups=2, o_lora_rank=16, sliding_window=8, index_n_heads=2, index_head_dim=16, index_topk=4,
+                     compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+                     layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                                  "compressed_sparse_attention"],
+                     mlp_layer_types=["hash_moe", "moe", "moe", "moe"], max_position_embeddings=4096,
+                     torch_dtype="float32")
+
+
+PRESETS = {"v4-flash": _v4_flash, "v4-pro": _v4_pro, "v4-1t": _v4_1t, "v3.2": _v32, "tiny": _tiny}
+PROJECTED = {"v4-1t"}
+
+
+def preset(name: str) -> ModelArgs:
+    if name not in PRESETS:
+        raise ConfigError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
+    return PRESETS[name]()
+
+
+def load_args(config: str | Path | None = None, preset_name: str | None = None) -> ModelArgs:
+    """A config.json path (or checkpoint directory) or a preset name, exactly one of them."""
+    if (config is None) == (preset_name is None):
+        raise ConfigError("give exactly one of a config path and a preset name")
+    return ModelArgs.from_json(config) if config is not None else preset(preset_name)
+
+
+def human(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.{max(0, 2 - int(math.log10(abs(n) / div)))}f}{unit}"
+    return str(int(n))
