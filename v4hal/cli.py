@@ -12,6 +12,8 @@ COMMANDS = {
     "info": ("v4hal.backends.info", "per op: the chosen backend and why each other one was not; versions, devices"),
     "parity": ("v4hal.bench.parity", "compare every backend with the float64 cpu reference"),
     "bench": ("v4hal.bench.speed", "time ops against same-run peers; JSON, Markdown and a plot"),
+    "generate": ("v4hal.model.generate", "prefill + decode a DeepSeek checkpoint (or the tiny preset with random weights)"),
+    "plan": ("v4hal.model.plan", "weight, KV-cache and activation memory per device for a model, context and layout"),
 }
 
 

@@ -1,0 +1,165 @@
+"""`v4hal plan`: memory per device for a model, a context length and a parallel layout.
+
+Arithmetic only (nothing is allocated). Layout: `tp` splits attention heads, dense/shared MLPs and
+the vocabulary; `ep` splits the routed experts (what `ep` leaves of a tp*dp group splits each
+expert's matrices); `pp` splits the layers; `dp` replicates everything above and splits the batch.
+Devices = tp * dp * pp. V4's single shared KV head and V3.2's MLA latent are not split by tp (each
+rank keeps the whole cache for its sequences), as in DeepSeek's own inference code.
+
+Weight bytes follow the checkpoint's formats: FP8 e4m3 (1 byte + one fp32 scale per 128x128
+block), MXFP4 routed experts for V4 (half a byte + one ue8m0 byte per 32), BF16 embeddings and
+head, FP32 norms / mHC / sinks / biases. `--weights bf16` or `int8` plans a converted checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from v4hal.model.config import PRESETS, PROJECTED, ModelArgs, human, load_args
+
+BYTES = {"bf16": 2.0, "fp8": 1.0 + 4 / (128 * 128), "int8": 1.0 + 4 / 4096, "fp4": 0.5 + 1 / 32, "fp32": 4.0}
+
+
+@dataclass
+class Layout:
+    tp: int = 1
+    ep: int = 1
+    pp: int = 1
+    dp: int = 1
+
+    @property
+    def devices(self) -> int:
+        return self.tp * self.dp * self.pp
+
+
+def parse_count(text: str) -> int:
+    """'1M' -> 1048576, '128k' -> 131072, '4096' -> 4096."""
+    t = text.strip().lower()
+    mult = {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count like 4096, 128k or 1M, got {text!r}") from None
+
+
+def weight_bytes(args: ModelArgs, lay: Layout, weights: str = "auto") -> dict[str, float]:
+    c = args.parameter_counts()
+    dense_fmt = ("fp8" if args.weight_quant == "fp8" else "bf16") if weights == "auto" else weights
+    expert_fmt = ("fp4" if args.expert_dtype == "fp4" else dense_fmt) if weights == "auto" else weights
+    layers_here = 1 / lay.pp
+    expert_split = lay.ep * max(1, (lay.tp * lay.dp) // lay.ep)
+    small = c["norms"] + c["mhc"] + c["hash_tables"] / 2  # hash tables are int32 ids: 4 bytes = 2 "fp32 halves"
+    return {
+        "embed+head": (c["embed"] + c["head"]) * BYTES["bf16"] / lay.tp,
+        "attention": c["attention"] * BYTES[dense_fmt] * layers_here / lay.tp,
+        "routed experts": c["routed_experts"] * BYTES[expert_fmt] * layers_here / expert_split,
+        "shared/dense mlp": c["shared"] * BYTES[dense_fmt] * layers_here / lay.tp,
+        "norms+mhc+tables": small * BYTES["fp32"] * layers_here,
+    }
+
+
+def kv_bytes_per_sequence(args: ModelArgs, context: int, kv: str = "bf16") -> dict[str, float]:
+    """Cache bytes one sequence of `context` tokens holds, over all layers."""
+    b = BYTES[kv]
+    out = {"sliding window": 0.0, "compressed": 0.0, "indexer keys": 0.0, "compressor state": 0.0, "latent (MLA)": 0.0}
+    for i in range(args.num_hidden_layers):
+        if args.is_v4:
+            d, r = args.head_dim, args.compress_ratio(i)
+            out["sliding window"] += min(context, args.sliding_window) * d * b
+            if r:
+                out["compressed"] += (context // r) * d * b
+                width = 2 if r == 4 else 1
+                out["compressor state"] += 2 * r * width * d * BYTES["fp32"]  # open window's kv + gate
+                if r == 4:
+                    out["indexer keys"] += (context // r) * args.index_head_dim * b
+                    out["compressor state"] += 2 * r * 2 * args.index_head_dim * BYTES["fp32"]
+        else:
+            out["latent (MLA)"] += context * (args.kv_lora_rank + args.qk_rope_head_dim) * b
+            if args.is_v32:
+                out["indexer keys"] += context * args.index_head_dim * b
+    return {k: v for k, v in out.items() if v}
+
+
+def activation_bytes(args: ModelArgs, lay: Layout, chunk: int, context: int) -> dict[str, float]:
+    """Peak transient memory of one prefill chunk of `chunk` tokens on one device (bf16, fp32
+    softmax), the largest of the attention and the MoE sub-layer plus the residual streams."""
+    h, heads = args.hidden_size, max(1, args.num_attention_heads // lay.tp)
+    streams = chunk * h * (args.hc_mult if args.is_v4 else 1) * 2 * 2  # residual in and out
+    if args.is_v4:
+        keys = args.sliding_window + min(args.index_topk, context // 4) + context // 128
+        # indexer scores are reduced over its heads as they are produced (lightning-indexer kernels)
+        attn = chunk * heads * (2 * args.head_dim * 2 + keys * 4) + chunk * (context // 4) * 4
+    else:
+        keys = min(args.index_topk, context) if args.is_v32 else context
+        attn = chunk * heads * (args.qk_head_dim * 2 * 2 + keys * 4 + args.v_head_dim * 2)
+        if args.is_v32:
+            attn += chunk * context * 4
+    moe = chunk * args.num_experts_per_tok * (h * 2 + 3 * args.moe_intermediate_size * 2 / max(1, (lay.tp * lay.dp) // lay.ep))
+    logits = chunk * args.vocab_size / lay.tp * 4
+    return {"residual streams": streams, "attention (peak)": attn, "moe (peak)": moe, "logits": logits}
+
+
+def plan(args: ModelArgs, lay: Layout, context: int, batch: int = 1, chunk: int = 4096,
+         weights: str = "auto", kv: str = "bf16") -> dict:
+    if args.n_routed_experts % lay.ep:
+        raise ValueError(f"ep={lay.ep} must divide the {args.n_routed_experts} routed experts")
+    if lay.ep > lay.tp * lay.dp:
+        raise ValueError(f"ep={lay.ep} cannot exceed tp*dp={lay.tp * lay.dp} (experts live inside one stage)")
+    if args.num_attention_heads % lay.tp:
+        raise ValueError(f"tp={lay.tp} must divide the {args.num_attention_heads} attention heads")
+    w = weight_bytes(args, lay, weights)
+    per_seq = kv_bytes_per_sequence(args, context, kv)
+    seqs_here = -(-batch // lay.dp)
+    kv_dev = {k: v * seqs_here / lay.pp for k, v in per_seq.items()}
+    act = activation_bytes(args, lay, min(chunk, context), context)
+    act_peak = act["residual streams"] + max(act["attention (peak)"], act["moe (peak)"], act["logits"])
+    total = sum(w.values()) + sum(kv_dev.values()) + act_peak
+    return {"weights": w, "kv_cache": kv_dev, "activations": act, "activation_peak": act_peak,
+            "total": total, "layout": lay, "context": context, "batch": batch, "chunk": min(chunk, context)}
+
+
+def gib(x: float) -> str:
+    return f"{x / 2 ** 30:9.2f} GiB"
+
+
+def format_plan(name: str, args: ModelArgs, p: dict) -> str:
+    lay: Layout = p["layout"]
+    c = args.parameter_counts()
+    lines = [f"{name}: {args.model_type}, {human(c['total'])} parameters ({human(c['active'])} active per token)"
+             + ("  [PROJECTION: not a released model]" if name in PROJECTED else ""),
+             f"layout: tp={lay.tp} ep={lay.ep} pp={lay.pp} dp={lay.dp} -> {lay.devices} device(s); "
+             f"context {p['context']:,} tokens, batch {p['batch']}, prefill chunk {p['chunk']:,}",
+             "", "per device:", "  weights"]
+    lines += [f"    {k:<22}{gib(v)}" for k, v in p["weights"].items()]
+    lines += [f"    {'= weights':<22}{gib(sum(p['weights'].values()))}", "  kv cache"]
+    lines += [f"    {k:<22}{gib(v)}" for k, v in p["kv_cache"].items()]
+    lines += [f"    {'= kv cache':<22}{gib(sum(p['kv_cache'].values()))}", "  activations (prefill chunk)"]
+    lines += [f"    {k:<22}{gib(v)}" for k, v in p["activations"].items()]
+    lines += [f"    {'= peak':<22}{gib(p['activation_peak'])}", f"  {'total':<24}{gib(p['total'])}"]
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration")
+    src.add_argument("--config", help="a config.json (or a checkpoint directory holding one)")
+    p.add_argument("--context", type=parse_count, default=parse_count("128k"), help="tokens per sequence (e.g. 1M)")
+    p.add_argument("--batch", type=int, default=1, help="sequences in flight")
+    p.add_argument("--chunk", type=parse_count, default=4096, help="prefill chunk (tokens per forward)")
+    for flag in ("tp", "ep", "pp", "dp"):
+        p.add_argument(f"--{flag}", type=int, default=1)
+    p.add_argument("--weights", choices=["auto", "bf16", "fp8", "int8", "fp4"], default="auto",
+                   help="weight format (auto: the checkpoint's own)")
+    p.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16")
+
+
+def main(ns: argparse.Namespace) -> int:
+    args = load_args(ns.config, ns.preset)
+    try:
+        p = plan(args, Layout(ns.tp, ns.ep, ns.pp, ns.dp), ns.context, ns.batch, ns.chunk, ns.weights, ns.kv_dtype)
+    except ValueError as exc:
+        print(f"v4hal plan: error: {exc}")
+        return 2
+    print(format_plan(ns.preset or ns.config, args, p))
+    return 0
