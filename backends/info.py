@@ -7,6 +7,42 @@ import json
 from v4hal.backends import registry
 
 
+PACKAGES = ("torch", "torch-npu", "mindspore", "triton", "transformers", "numpy")
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions, read from package metadata (nothing is imported)."""
+    from importlib import metadata
+
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    import torch
+
+    out["cuda (torch build)"] = str(torch.version.cuda)
+    out["cann"] = cann_version()
+    return out
+
+
+def cann_version() -> str:
+    """CANN's version from the toolkit's version file, if a toolkit is set up."""
+    import os
+    from pathlib import Path
+
+    home = os.environ.get("ASCEND_TOOLKIT_HOME") or os.environ.get("ASCEND_HOME_PATH")
+    if not home:
+        return "not found (ASCEND_TOOLKIT_HOME unset)"
+    for name in ("version.cfg", "version.info"):
+        for path in Path(home).glob(f"**/{name}"):
+            for line in path.read_text(errors="replace").splitlines():
+                if "version" in line.lower() and "=" in line:
+                    return line.split("=", 1)[1].strip()
+    return f"unknown ({home})"
+
+
 def report() -> dict:
     backends = {}
     for b in registry.BACKENDS:
@@ -17,13 +53,14 @@ def report() -> dict:
         backends[b] = entry
     s = registry.settings()
     return {"settings": {"backend": s.backend, "op_backends": s.op_backends, "fallback": s.fallback},
-            "backends": backends, "ops": registry.explain()}
+            "versions": package_versions(), "backends": backends, "ops": registry.explain()}
 
 
 def format_text(rep: dict) -> str:
     s = rep["settings"]
     lines = [f"V4HAL_BACKEND={s['backend']}  V4HAL_OP_BACKENDS={','.join(f'{k}={v}' for k, v in s['op_backends'].items()) or '-'}"
-             f"  V4HAL_FALLBACK={s['fallback'] or '-'}", "", "backends:"]
+             f"  V4HAL_FALLBACK={s['fallback'] or '-'}", "",
+             "versions: " + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()), "", "backends:"]
     for name, b in rep["backends"].items():
         detail = ", ".join(f"{k} {v}" for k, v in b.get("versions", {}).items()) if b["usable"] else b["reason"]
         lines.append(f"  {name:10s} {'usable' if b['usable'] else 'unusable':9s} {detail}")
