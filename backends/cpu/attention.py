@@ -1,0 +1,104 @@
+"""Reference sparse-attention family: straight from the formulas, dense masks, float32 (float64
+when given float64)."""
+
+import torch
+
+
+def _cd(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def apply_rope(x, cos, sin, interleaved):
+    cd = _cd(x)
+    xf, c, s = x.to(cd), cos.to(cd), sin.to(cd)
+    half = x.shape[-1] // 2
+    if interleaved:
+        a, b = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack([a * c - b * s, b * c + a * s], dim=-1).flatten(-2)
+    else:
+        a, b = xf[..., :half], xf[..., half:]
+        out = torch.cat([a * c - b * s, b * c + a * s], dim=-1)
+    return out.to(x.dtype)
+
+
+def layer_norm(x, weight, bias, eps):
+    cd = _cd(x)
+    xf = x.to(cd)
+    y = (xf - xf.mean(-1, keepdim=True)) * torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + eps)
+    y = y * weight.to(cd)
+    if bias is not None:
+        y = y + bias.to(cd)
+    return y.to(x.dtype)
+
+
+def kv_compress(kv, gate, position_bias, norm_weight, ratio, overlap, eps, prev_kv, prev_gate):
+    cd = _cd(kv)
+    b, length, c = kv.shape
+    w = length // ratio
+    kvw = kv.to(cd).view(b, w, ratio, c)
+    gw = gate.to(cd).view(b, w, ratio, c) + position_bias.to(cd)
+    if overlap:
+        d = c // 2
+        # Slot layout per entry: [series a of the previous window | series b of this window].
+        prev_a = torch.zeros(b, w, ratio, d, dtype=cd)
+        prev_g = torch.full((b, w, ratio, d), float("-inf"), dtype=cd)
+        prev_a[:, 1:], prev_g[:, 1:] = kvw[:, :-1, :, :d], gw[:, :-1, :, :d]
+        if prev_kv is not None:
+            prev_a[:, 0], prev_g[:, 0] = prev_kv.to(cd), prev_gate.to(cd)
+        kvw = torch.cat([prev_a, kvw[..., d:]], dim=2)
+        gw = torch.cat([prev_g, gw[..., d:]], dim=2)
+    pooled = (torch.softmax(gw, dim=2) * kvw).sum(2)
+    normed = pooled * torch.rsqrt(pooled.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.to(cd)
+    return normed.to(kv.dtype)
+
+
+def indexer_scores(q, k, weights, scale):
+    cd = _cd(q)
+    dots = torch.einsum("bshd,btd->bsht", q.to(cd), k.to(cd))
+    return scale * (torch.relu(dots) * weights.to(cd).unsqueeze(-1)).sum(2)
+
+
+def _visible(positions, ratio, t, shape, device):
+    if positions is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    limit = (positions.long() + 1) // ratio
+    return torch.arange(t, device=device).view(1, 1, t) < limit.unsqueeze(-1)
+
+
+def indexer_topk(scores, k, positions, ratio):
+    b, s, t = scores.shape
+    out = torch.full((b, s, k), -1, dtype=torch.int32)
+    visible = _visible(positions, ratio, t, scores.shape, scores.device)
+    for bi in range(b):
+        for si in range(s):
+            cand = visible[bi, si].nonzero().flatten()
+            order = torch.argsort(scores[bi, si, cand], descending=True, stable=True)[:k]
+            out[bi, si, : len(order)] = cand[order].to(torch.int32)
+    return out
+
+
+def indexer_select(q, k, weights, scale, topk, positions, ratio):
+    return indexer_topk(indexer_scores(q, k, weights, scale), topk, positions, ratio)
+
+
+def sparse_attention(q, kv, indices, scale, sink, v_dim):
+    cd = _cd(q)
+    b, s, h, _ = q.shape
+    n = kv.shape[1]
+    # Dense formulation: count how often each kv row is selected (duplicates count twice).
+    counts = torch.zeros(b, s, n + 1, dtype=cd)
+    counts.scatter_add_(-1, torch.where(indices >= 0, indices.long(), n), torch.ones(indices.shape, dtype=cd))
+    counts = counts[..., :n].unsqueeze(2)  # [B, S, 1, N]
+    logits = scale * torch.einsum("bshd,bnd->bshn", q.to(cd), kv.to(cd))
+    logits = torch.where(counts > 0, logits, float("-inf"))
+    m = logits.amax(-1, keepdim=True)
+    if sink is not None:
+        m = torch.maximum(m, sink.to(cd).view(1, 1, h, 1))
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    p = counts * torch.exp(logits - m)
+    denom = p.sum(-1, keepdim=True)
+    if sink is not None:
+        denom = denom + torch.exp(sink.to(cd).view(1, 1, h, 1) - m)
+    out = torch.einsum("bshn,bnd->bshd", p, kv[..., :v_dim].to(cd)) / torch.where(denom > 0, denom, 1.0)
+    lse = (torch.log(denom) + m).squeeze(-1)
+    return out.to(q.dtype), lse

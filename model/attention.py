@@ -1,0 +1,388 @@
+"""Attention layers of DeepSeek-V4 (sliding / CSA / HCA) and V3.2 (MLA + DSA), built only from
+`v4hal.ops`, holding their weights under the official HF tensor names.
+
+Use:
+    cfg = V4AttentionConfig.from_hf(hf_config, layer_idx)     # or V4AttentionConfig(...) from ints
+    attn = V4Attention(cfg)                                   # state_dict keys = transformers'
+    cache = attn.new_cache()                                  # one per layer and sequence batch
+    out = attn(hidden_states, positions, cache)               # prefill: S tokens
+    out = attn(next_hidden, next_positions, cache)            # decode: S = 1 (or more) tokens
+
+    hidden_states: [B, S, hidden] float; positions: [B, S] int64 absolute positions that continue
+    the cache (row b = cache.length + arange(S)); cache: the layer's cache, filled/extended in
+    place, or None for a one-shot prefill. Returns [B, S, hidden] in hidden_states' dtype.
+    V32Attention / V32AttentionConfig have the same interface (weights named as
+    transformers' DeepseekV32Attention, with its `indexer` submodule).
+
+Linear layers are `Linear` modules calling `ops.linear`, so FP8 (`weight_scale_inv` 128x128 block
+scales), FP4 and int8 weights load as they come. Norms call `ops.rms_norm`/`ops.layer_norm`.
+
+Caches keep what decode needs and no more: the last `window - 1` raw KV rows (V4), every
+compressed entry and the compressor's open window (V4), or every latent + indexer key (V3.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from v4hal import ops
+from v4hal.model.rope import Rope, softmax_scale
+
+
+def _get(cfg, name, default=None):
+    if isinstance(cfg, dict):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default)
+
+
+class Linear(nn.Module):
+    """`ops.linear` with the weight (and, for quantized checkpoints, `weight_scale_inv`) under
+    HF's names. Set `weight` / `weight_scale_inv` by loading a state dict or assigning."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.weight_scale_inv = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.weight_scale_inv, self.bias)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as a float matrix (dequantized if FP8), for absorbed-MLA algebra."""
+        if self.weight.dtype == torch.float8_e4m3fn:
+            return ops.dequantize_fp8(self.weight, self.weight_scale_inv, out_dtype=dtype)
+        return self.weight.to(dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def _rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """V4 layout: RoPE (interleaved) on the trailing `rope_dim` channels of every head."""
+    return torch.cat([x[..., :-rope_dim], ops.apply_rope(x[..., -rope_dim:], cos, sin)], dim=-1)
+
+
+# --------------------------------------------------------------------------------------- V4
+
+
+LAYER_RATIOS = {"sliding_attention": 0, "compressed_sparse_attention": "csa", "heavily_compressed_attention": "hca"}
+
+
+@dataclass(frozen=True)
+class V4AttentionConfig:
+    """One V4 attention layer. ratio: 0 = sliding only, else the compression ratio (4 = CSA with
+    the indexer and overlapping windows, 128 = HCA); `csa` says which (set by from_hf)."""
+
+    hidden: int = 4096
+    heads: int = 64
+    head_dim: int = 512
+    rope_dim: int = 64
+    q_lora: int = 1024
+    o_groups: int = 8
+    o_lora: int = 1024
+    window: int = 128
+    ratio: int = 0
+    csa: bool = False
+    index_heads: int = 64
+    index_dim: int = 128
+    index_topk: int = 512
+    eps: float = 1e-6
+    rope_main: Rope = field(default_factory=lambda: Rope(64, 10000.0))
+    rope_compress: Rope = field(default_factory=lambda: Rope(64, 160000.0))
+
+    @classmethod
+    def from_hf(cls, cfg, layer_idx: int) -> "V4AttentionConfig":
+        """From a transformers DeepseekV4Config (or its config.json dict, once normalised)."""
+        kind = _get(cfg, "layer_types")[layer_idx]
+        rates = _get(cfg, "compress_rates") or {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+        head_dim = _get(cfg, "head_dim")
+        rope_dim = int(head_dim * _get(cfg, "partial_rotary_factor", 64 / 512))
+        rp = _get(cfg, "rope_parameters")
+        max_pos = _get(cfg, "max_position_embeddings")
+        return cls(hidden=_get(cfg, "hidden_size"), heads=_get(cfg, "num_attention_heads"), head_dim=head_dim,
+                   rope_dim=rope_dim, q_lora=_get(cfg, "q_lora_rank"), o_groups=_get(cfg, "o_groups"),
+                   o_lora=_get(cfg, "o_lora_rank"), window=_get(cfg, "sliding_window"),
+                   ratio=rates.get(kind, 0), csa=kind == "compressed_sparse_attention",
+                   index_heads=_get(cfg, "index_n_heads"), index_dim=_get(cfg, "index_head_dim"),
+                   index_topk=_get(cfg, "index_topk"), eps=_get(cfg, "rms_norm_eps", 1e-6),
+                   rope_main=Rope.from_params(rope_dim, rp["main"], max_pos),
+                   rope_compress=Rope.from_params(rope_dim, rp["compress"], max_pos))
+
+
+class V4Cache:
+    """Per-layer decode state of a V4 attention layer (see module doc)."""
+
+    def __init__(self):
+        self.length = 0            # tokens seen
+        self.raw = None            # [B, <= window-1, head_dim] roped KV of the latest tokens
+        self.compressed = None     # [B, T, head_dim] roped compressed entries
+        self.comp_state = None     # ops.CompressState of the compressor
+        self.index_keys = None     # [B, T, index_dim] (CSA)
+        self.index_state = None
+
+
+class V4Compressor(nn.Module):
+    """Weights of transformers' DeepseekV4{CSA,HCA}Compressor (and of the indexer's own
+    compressor): kv_proj, gate_proj, position_bias, kv_norm."""
+
+    def __init__(self, hidden: int, dim: int, ratio: int, overlap: bool, eps: float):
+        super().__init__()
+        width = 2 * dim if overlap else dim
+        self.kv_proj = Linear(hidden, width)
+        self.gate_proj = Linear(hidden, width)
+        self.position_bias = nn.Parameter(torch.zeros(ratio, width), requires_grad=False)
+        self.kv_norm = RMSNorm(dim, eps)
+        self.ratio, self.overlap = ratio, overlap
+
+    def entries(self, x, state, rope: Rope):
+        """(new roped entries [B, W, dim], new state)."""
+        first = 0 if state is None else state.emitted
+        out, state = ops.kv_compress(self.kv_proj(x), self.gate_proj(x), self.position_bias, self.kv_norm.weight,
+                                     self.ratio, overlap=self.overlap, eps=self.kv_norm.eps, state=state)
+        if out.shape[1]:
+            pos = (first + torch.arange(out.shape[1], device=out.device)) * self.ratio
+            cos, sin = rope.cos_sin(pos, out.dtype)
+            out = _rope_tail(out, cos, sin, 2 * cos.shape[-1])
+        return out, state
+
+
+class _Scorer(nn.Module):
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.weights_proj = Linear(hidden, heads)
+
+
+class V4Indexer(V4Compressor):
+    """transformers' DeepseekV4Indexer: its own overlapping compressor at index_dim, q_b_proj
+    from the query LoRA residual, and scorer.weights_proj."""
+
+    def __init__(self, c: V4AttentionConfig):
+        super().__init__(c.hidden, c.index_dim, c.ratio, True, c.eps)
+        self.q_b_proj = Linear(c.q_lora, c.index_heads * c.index_dim)
+        self.scorer = _Scorer(c.hidden, c.index_heads)
+        self.heads, self.dim, self.topk = c.index_heads, c.index_dim, c.index_topk
+
+
+class V4CompressorWithIndexer(V4Compressor):
+    def __init__(self, c: V4AttentionConfig):
+        super().__init__(c.hidden, c.head_dim, c.ratio, True, c.eps)
+        self.indexer = V4Indexer(c)
+
+
+def _concat(old, new):
+    return new if old is None else torch.cat([old, new], dim=1)
+
+
+class V4Attention(nn.Module):
+    """transformers' DeepseekV4Attention, from v4hal ops (see module doc for the call)."""
+
+    def __init__(self, c: V4AttentionConfig):
+        super().__init__()
+        self.c = c
+        self.q_a_proj = Linear(c.hidden, c.q_lora)
+        self.q_a_norm = RMSNorm(c.q_lora, c.eps)
+        self.q_b_proj = Linear(c.q_lora, c.heads * c.head_dim)
+        self.kv_proj = Linear(c.hidden, c.head_dim)
+        self.kv_norm = RMSNorm(c.head_dim, c.eps)
+        self.o_a_proj = Linear(c.heads * c.head_dim // c.o_groups, c.o_groups * c.o_lora)
+        self.o_b_proj = Linear(c.o_groups * c.o_lora, c.hidden)
+        self.sinks = nn.Parameter(torch.zeros(c.heads), requires_grad=False)
+        if c.ratio == 0:
+            self.compressor = None
+        elif c.csa:
+            self.compressor = V4CompressorWithIndexer(c)
+        else:
+            self.compressor = V4Compressor(c.hidden, c.head_dim, c.ratio, False, c.eps)
+
+    def new_cache(self) -> V4Cache:
+        return V4Cache()
+
+    def _o_proj(self, o: torch.Tensor) -> torch.Tensor:
+        """Grouped low-rank output projection: each head group has its own block of o_a_proj."""
+        c, w, s = self.c, self.o_a_proj.weight, self.o_a_proj.weight_scale_inv
+        groups = o.reshape(*o.shape[:2], c.o_groups, -1)
+        rows = w.shape[0] // c.o_groups
+        srows = None if s is None else s.shape[0] // c.o_groups
+        parts = [ops.linear(groups[:, :, g], w[g * rows:(g + 1) * rows],
+                            None if s is None else s[g * srows:(g + 1) * srows]) for g in range(c.o_groups)]
+        return self.o_b_proj(torch.cat(parts, dim=-1))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: V4Cache | None = None) -> torch.Tensor:
+        c = self.c
+        b, s, _ = x.shape
+        cache = cache if cache is not None else V4Cache()
+        rope = c.rope_main if c.ratio == 0 else c.rope_compress
+        cos, sin = rope.cos_sin(positions, x.dtype)
+
+        q_res = self.q_a_norm(self.q_a_proj(x))
+        q = ops.rms_norm(self.q_b_proj(q_res).view(b, s, c.heads, c.head_dim), None, c.eps)
+        q = _rope_tail(q, cos.unsqueeze(2), sin.unsqueeze(2), c.rope_dim)
+        kv = _rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin, c.rope_dim)
+
+        raw = _concat(cache.raw, kv)
+        raw_start = cache.length - (0 if cache.raw is None else cache.raw.shape[1])
+        indices = ops.window_indices(positions, c.window, raw_start)
+        rows = raw
+        if self.compressor is not None:
+            new, cache.comp_state = self.compressor.entries(x, cache.comp_state, c.rope_compress)
+            cache.compressed = _concat(cache.compressed, new)
+            t = cache.compressed.shape[1]
+            if t:
+                picked = self._indexer(x, q_res, positions, cache) if c.csa else self._all_visible(positions, t)
+                indices = torch.cat([indices, torch.where(picked >= 0, picked + raw.shape[1], -1)], dim=-1)
+                rows = torch.cat([raw, cache.compressed], dim=1)
+            elif c.csa:  # keep the indexer's compressor state in step with the main one
+                self._indexer(x, q_res, positions, cache)
+
+        o = ops.sparse_attention(q, rows, indices, c.head_dim ** -0.5, sink=self.sinks)
+        # K = V carries RoPE on its tail: rotate the output's tail back to the query position.
+        o = _rope_tail(o, cos.unsqueeze(2), -sin.unsqueeze(2), c.rope_dim)
+
+        cache.raw = raw[:, -(c.window - 1):] if c.window > 1 else raw[:, :0]
+        cache.length += s
+        return self._o_proj(o.reshape(b, s, -1))
+
+    def _all_visible(self, positions: torch.Tensor, t: int) -> torch.Tensor:
+        """HCA: every closed window, no selection."""
+        ent = torch.arange(t, device=positions.device).view(1, 1, t)
+        limit = ((positions + 1) // self.c.ratio).unsqueeze(-1)
+        return torch.where(ent < limit, ent, -1).to(torch.int32)
+
+    def _indexer(self, x, q_res, positions, cache) -> torch.Tensor | None:
+        c, ix = self.c, self.compressor.indexer
+        new, cache.index_state = ix.entries(x, cache.index_state, c.rope_compress)
+        cache.index_keys = _concat(cache.index_keys, new)
+        if cache.index_keys.shape[1] == 0:
+            return None
+        b, s, _ = x.shape
+        cos, sin = c.rope_compress.cos_sin(positions, x.dtype)
+        qi = ix.q_b_proj(q_res).view(b, s, ix.heads, ix.dim)
+        qi = _rope_tail(qi, cos.unsqueeze(2), sin.unsqueeze(2), c.rope_dim)
+        weights = ix.scorer.weights_proj(x)
+        return ops.indexer_select(qi, cache.index_keys, weights, (ix.dim * ix.heads) ** -0.5, ix.topk,
+                                  positions, c.ratio)
+
+
+# ------------------------------------------------------------------------------------- V3.2
+
+
+@dataclass(frozen=True)
+class V32AttentionConfig:
+    hidden: int = 7168
+    heads: int = 128
+    q_lora: int = 1536
+    kv_lora: int = 512
+    nope_dim: int = 128
+    rope_dim: int = 64
+    v_dim: int = 128
+    index_heads: int = 64
+    index_dim: int = 128
+    index_topk: int = 2048
+    eps: float = 1e-6
+    bias: bool = False
+    rope: Rope = field(default_factory=lambda: Rope(64, 10000.0))
+    scale: float = 192 ** -0.5
+
+    @classmethod
+    def from_hf(cls, cfg, layer_idx: int = 0) -> "V32AttentionConfig":
+        rope_dim = _get(cfg, "qk_rope_head_dim")
+        nope = _get(cfg, "qk_nope_head_dim")
+        rp = _get(cfg, "rope_parameters") or {"rope_type": "default", "rope_theta": _get(cfg, "rope_theta", 10000.0)}
+        return cls(hidden=_get(cfg, "hidden_size"), heads=_get(cfg, "num_attention_heads"),
+                   q_lora=_get(cfg, "q_lora_rank"), kv_lora=_get(cfg, "kv_lora_rank"), nope_dim=nope,
+                   rope_dim=rope_dim, v_dim=_get(cfg, "v_head_dim"), index_heads=_get(cfg, "index_n_heads"),
+                   index_dim=_get(cfg, "index_head_dim"), index_topk=_get(cfg, "index_topk"),
+                   bias=bool(_get(cfg, "attention_bias", False)),
+                   rope=Rope.from_params(rope_dim, rp, _get(cfg, "max_position_embeddings")),
+                   scale=softmax_scale(nope + rope_dim, rp))
+
+
+class V32Cache:
+    def __init__(self):
+        self.length = 0
+        self.latent = None      # [B, T, kv_lora + rope_dim]: normed latent | roped shared key
+        self.index_keys = None  # [B, T, index_dim]
+
+
+class V32Indexer(nn.Module):
+    def __init__(self, c: V32AttentionConfig):
+        super().__init__()
+        self.wq_b = Linear(c.q_lora, c.index_heads * c.index_dim)
+        self.wk = Linear(c.hidden, c.index_dim)
+        self.k_norm = LayerNorm(c.index_dim, 1e-6)
+        self.weights_proj = Linear(c.hidden, c.index_heads)
+
+
+def _rope_head(x, cos, sin, rope_dim):
+    """V3.2 indexer layout: RoPE (half-split pairs) on the leading `rope_dim` channels."""
+    return torch.cat([ops.apply_rope(x[..., :rope_dim], cos, sin, interleaved=False), x[..., rope_dim:]], dim=-1)
+
+
+class V32Attention(nn.Module):
+    """transformers' DeepseekV32Attention (MLA + DSA) in the absorbed form: attention runs over the
+    cached latents, as DeepSeek's inference and FlashMLA's sparse kernel do."""
+
+    def __init__(self, c: V32AttentionConfig):
+        super().__init__()
+        self.c = c
+        self.q_a_proj = Linear(c.hidden, c.q_lora, bias=c.bias)
+        self.q_a_layernorm = RMSNorm(c.q_lora, 1e-6)
+        self.q_b_proj = Linear(c.q_lora, c.heads * (c.nope_dim + c.rope_dim))
+        self.kv_a_proj_with_mqa = Linear(c.hidden, c.kv_lora + c.rope_dim, bias=c.bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora, 1e-6)
+        self.kv_b_proj = Linear(c.kv_lora, c.heads * (c.nope_dim + c.v_dim))
+        self.o_proj = Linear(c.heads * c.v_dim, c.hidden, bias=c.bias)
+        self.indexer = V32Indexer(c)
+
+    def new_cache(self) -> V32Cache:
+        return V32Cache()
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: V32Cache | None = None) -> torch.Tensor:
+        c = self.c
+        b, s, _ = x.shape
+        cache = cache if cache is not None else V32Cache()
+        cos, sin = c.rope.cos_sin(positions, x.dtype)
+
+        q_res = self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_b_proj(q_res).view(b, s, c.heads, c.nope_dim + c.rope_dim)
+        q_rope = ops.apply_rope(q[..., c.nope_dim:], cos.unsqueeze(2), sin.unsqueeze(2))
+        lat = self.kv_a_proj_with_mqa(x)
+        k_rope = ops.apply_rope(lat[..., c.kv_lora:], cos, sin)
+        cache.latent = _concat(cache.latent, torch.cat([self.kv_a_layernorm(lat[..., :c.kv_lora]), k_rope], -1))
+
+        ix = self.indexer
+        qi = _rope_head(ix.wq_b(q_res).view(b, s, c.index_heads, c.index_dim), cos.unsqueeze(2), sin.unsqueeze(2), c.rope_dim)
+        ki = _rope_head(ix.k_norm(ix.wk(x)), cos, sin, c.rope_dim)
+        cache.index_keys = _concat(cache.index_keys, ki)
+        picked = ops.indexer_select(qi, cache.index_keys, ix.weights_proj(x), (c.index_dim * c.index_heads) ** -0.5,
+                                    c.index_topk, positions, 1)
+
+        # Absorb W_uk into the query and apply W_uv after attention over the latents.
+        wkv = self.kv_b_proj.dense_weight(x.dtype).view(c.heads, c.nope_dim + c.v_dim, c.kv_lora)
+        q_lat = torch.einsum("bshn,hnc->bshc", q[..., :c.nope_dim], wkv[:, :c.nope_dim])
+        o_lat = ops.sparse_attention(torch.cat([q_lat, q_rope], -1), cache.latent, picked, c.scale, v_dim=c.kv_lora)
+        o = torch.einsum("bshc,hvc->bshv", o_lat, wkv[:, c.nope_dim:])
+        cache.length += s
+        return self.o_proj(o.reshape(b, s, -1))
