@@ -14,6 +14,7 @@ COMMANDS = {
     "bench": ("v4hal.bench.speed", "time ops against same-run peers; JSON, Markdown and a plot"),
     "generate": ("v4hal.model.generate", "prefill + decode a DeepSeek checkpoint (or the tiny preset with random weights)"),
     "plan": ("v4hal.model.plan", "weight, KV-cache and activation memory per device for a model, context and layout"),
+    "convert": ("v4hal.conversion.cli", "convert checkpoints between formats and frameworks (streaming, resumable, verified)"),
 }
 
 
