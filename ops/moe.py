@@ -1,0 +1,309 @@
+"""Mixture-of-experts family: routing, token permutation, grouped expert GEMMs, SwiGLU, combine.
+
+The pipeline one MoE layer runs (DeepSeek V3 / V3.2 / V4, as transformers'
+`DeepseekV3MoE` and `DeepseekV4SparseMoeBlock` compute it):
+
+    weights, ids = moe_route(x, gate_weight, topk, ...)          # [T, k] each
+    d = moe_dispatch(x, ids, num_experts)                        # rows grouped by expert
+    h = grouped_matmul(d.permuted, gate_up_proj, d.offsets)      # [R, 2I]
+    a = swiglu(h, limit)                                         # [R, I]
+    y = grouped_matmul(a, down_proj, d.offsets)                  # [R, H]
+    out = moe_combine(y, weights, d) + shared_experts(x)         # [T, H]
+
+`moe_forward` is that whole layer in one call (what the model uses). Expert weights use
+transformers' fused layout: `gate_up_proj [E, 2I, H]` (gate rows first, then up rows) and
+`down_proj [E, H, I]`; each may be BF16/float, FP8 (e4m3 + 128x128 block scales), MXFP4 (packed
+uint8 + 1x32 ue8m0 scales) or int8 W8A8 (+ one scale per output row), see `v4hal.ops.quant`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from v4hal.backends.registry import dispatch, register_op
+from v4hal.ops import _check
+from v4hal.ops.quant import FLOAT_IN, FP4_BLOCK, WEIGHT_BLOCK
+
+__all__ = ["SCORING_FUNCS", "MoeDispatch", "ExpertWeights", "SharedExpertWeights", "expert_format",
+           "moe_route", "moe_dispatch", "grouped_matmul", "swiglu", "moe_combine", "moe_forward"]
+
+FAMILY = "moe"
+for _op in ("moe_route", "moe_dispatch", "grouped_matmul", "swiglu", "moe_combine", "moe_forward"):
+    register_op(_op, FAMILY)
+
+SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
+INDEX_DTYPES = (torch.int64, torch.int32)
+QUANT_WEIGHT_DTYPES = {torch.float8_e4m3fn: "fp8", torch.uint8: "fp4", torch.int8: "int8"}
+
+
+class MoeDispatch(NamedTuple):
+    """What `moe_dispatch` returns and `moe_combine` consumes.
+
+    permuted: `[R, H]` token rows, expert 0's rows first, then expert 1's, ...; inside one expert,
+      rows in increasing (token, slot) order. R = T * k without a capacity.
+    counts: int64 `[E]` rows per expert (after any capacity drop).
+    offsets: int64 `[E + 1]`, `offsets[e]:offsets[e+1]` are expert e's rows (`offsets[0] = 0`).
+    token_index: int64 `[R]`, the token each row came from.
+    row_of_slot: int64 `[T, k]`, the row holding token t's j-th choice, -1 if it was dropped.
+    """
+
+    permuted: torch.Tensor
+    counts: torch.Tensor
+    offsets: torch.Tensor
+    token_index: torch.Tensor
+    row_of_slot: torch.Tensor
+
+    @property
+    def dropped(self) -> torch.Tensor:
+        """bool `[T, k]`: which (token, choice) pairs a capacity limit dropped."""
+        return self.row_of_slot < 0
+
+
+class ExpertWeights(NamedTuple):
+    """Routed experts in transformers' fused layout; scales only for quantized weights."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    gate_up_scale: torch.Tensor | None = None
+    down_scale: torch.Tensor | None = None
+
+
+class SharedExpertWeights(NamedTuple):
+    """Shared expert(s) as nn.Linear weights `[I_s, H]`, `[I_s, H]`, `[H, I_s]`, any
+    `v4hal.ops.linear` format (scales only for quantized weights)."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    gate_scale: torch.Tensor | None = None
+    up_scale: torch.Tensor | None = None
+    down_scale: torch.Tensor | None = None
+
+
+def expert_format(weight: torch.Tensor) -> str:
+    """'dense', 'fp8', 'fp4' or 'int8' for a stacked expert weight `[E, N, K]`, by dtype."""
+    if weight.dtype in FLOAT_IN:
+        return "dense"
+    return QUANT_WEIGHT_DTYPES.get(weight.dtype, "?")
+
+
+def _ids_in_range(op: str, arg: str, ids: torch.Tensor, upper: int, what: str) -> None:
+    if ids.device.type != "meta" and ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= upper:
+            raise _check.OpInputError(op, arg, f"values in [0, {upper}) ({what})", f"values in [{lo}, {hi}]")
+
+
+def moe_route(hidden: torch.Tensor, gate_weight: torch.Tensor, topk: int, scoring: str = "softmax",
+              bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
+              renormalize: bool = True, routed_scaling_factor: float = 1.0,
+              input_ids: torch.Tensor | None = None, tid2eid: torch.Tensor | None = None):
+    """Choose `topk` experts per token and their combine weights.
+
+    logits = hidden @ gate_weight.T, computed in float32 (float64 for float64 input);
+    scores = softmax(logits) | sigmoid(logits) | sqrt(softplus(logits)) (`scoring`).
+    Selection (noaux_tc): `choice = scores + bias` (bias only steers the choice, never the weight).
+    With `n_group > 1` the E experts form n_group equal groups scored by the sum of their top-2
+    choice scores when a bias is given, else by their maximum; only the best `topk_group` groups
+    stay eligible. ids = top-k of the choice scores, in descending order.
+    Hash routing (DeepSeek-V4's first layers): with `input_ids` and `tid2eid` the ids are
+    `tid2eid[input_ids]` instead; the weights still come from the scores.
+    weights = scores gathered at ids; if `renormalize`, divided by (their sum + 1e-20);
+    then times `routed_scaling_factor`.
+
+    hidden: float `[..., H]` (flattened to T tokens); gate_weight: float `[E, H]`; bias: float
+    `[E]`; input_ids: int `hidden.shape[:-1]`; tid2eid: int `[vocab, topk]` with values in [0, E).
+    Returns (weights float32 `[T, topk]` (float64 for float64 input), ids int64 `[T, topk]`).
+    This is transformers' DeepseekV3TopkRouter (scoring "sigmoid", groups),
+    DeepseekV4TopKRouter (renormalize=True) and DeepseekV4HashRouter.
+    """
+    op = "moe_route"
+    _check.tensor(op, "hidden", hidden, dtypes=FLOAT_IN, ndim=range(1, 9))
+    _check.tensor(op, "gate_weight", gate_weight, dtypes=FLOAT_IN, ndim=2)
+    n_experts, h = gate_weight.shape
+    _check.equal(op, "gate_weight", h, hidden.shape[-1], "columns = last dim of hidden")
+    _check.positive_int(op, "topk", topk)
+    if topk > n_experts:
+        raise _check.OpInputError(op, "topk", f"at most the number of experts ({n_experts})", topk)
+    _check.choice(op, "scoring", scoring, SCORING_FUNCS)
+    if bias is not None:
+        _check.tensor(op, "bias", bias, dtypes=FLOAT_IN, ndim=1)
+        _check.equal(op, "bias", bias.shape[0], n_experts, "length = number of experts")
+    _check.positive_int(op, "n_group", n_group)
+    _check.positive_int(op, "topk_group", topk_group)
+    if n_experts % n_group:
+        raise _check.OpInputError(op, "n_group", f"a divisor of the number of experts ({n_experts})", n_group)
+    if topk_group > n_group:
+        raise _check.OpInputError(op, "topk_group", f"at most n_group ({n_group})", topk_group)
+    if topk > topk_group * (n_experts // n_group):
+        raise _check.OpInputError(op, "topk", f"at most topk_group * experts per group "
+                                  f"({topk_group * (n_experts // n_group)})", topk)
+    if not isinstance(routed_scaling_factor, (int, float)) or isinstance(routed_scaling_factor, bool):
+        raise _check.OpInputError(op, "routed_scaling_factor", "a float", repr(routed_scaling_factor))
+    if (input_ids is None) != (tid2eid is None):
+        missing = "tid2eid" if tid2eid is None else "input_ids"
+        raise _check.OpInputError(op, missing, "given together with " + ("input_ids" if tid2eid is None else "tid2eid")
+                                  + " (hash routing needs both)", "None")
+    if tid2eid is not None:
+        _check.tensor(op, "tid2eid", tid2eid, dtypes=INDEX_DTYPES, ndim=2)
+        _check.shape(op, "tid2eid", tid2eid, (tid2eid.shape[0], topk), "[vocab, topk]")
+        _check.tensor(op, "input_ids", input_ids, dtypes=INDEX_DTYPES)
+        _check.shape(op, "input_ids", input_ids, tuple(hidden.shape[:-1]), "one id per token of hidden")
+        _ids_in_range(op, "input_ids", input_ids, tid2eid.shape[0], "rows of tid2eid")
+        _ids_in_range(op, "tid2eid", tid2eid, n_experts, "expert ids")
+        input_ids = input_ids.reshape(-1)
+    _check.same_device(op, hidden=hidden, gate_weight=gate_weight, bias=bias, input_ids=input_ids, tid2eid=tid2eid)
+    return dispatch(op)(hidden.reshape(-1, h), gate_weight, topk, scoring, bias, n_group, topk_group,
+                        bool(renormalize), float(routed_scaling_factor), input_ids, tid2eid)
+
+
+def moe_dispatch(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+                 capacity: int | None = None) -> MoeDispatch:
+    """Permute token rows so each expert's rows are contiguous (see `MoeDispatch`).
+
+    hidden: `[T, H]` any dtype; topk_ids: int `[T, k]` in [0, num_experts). Dropless by default;
+    with `capacity`, expert e keeps only its first `capacity` rows in (token, slot) order and the
+    rest are reported in `row_of_slot` as -1 (`MoeDispatch.dropped`).
+    """
+    op = "moe_dispatch"
+    _check.tensor(op, "hidden", hidden, ndim=2)
+    _check.tensor(op, "topk_ids", topk_ids, dtypes=INDEX_DTYPES, ndim=2)
+    _check.equal(op, "topk_ids", topk_ids.shape[0], hidden.shape[0], "rows = tokens of hidden")
+    _check.positive_int(op, "num_experts", num_experts)
+    _ids_in_range(op, "topk_ids", topk_ids, num_experts, "expert ids")
+    if capacity is not None:
+        _check.positive_int(op, "capacity", capacity)
+    _check.same_device(op, hidden=hidden, topk_ids=topk_ids)
+    return dispatch(op)(hidden, topk_ids, num_experts, capacity)
+
+
+def _expert_scale_shape(fmt: str, n_experts: int, n: int, k: int) -> tuple[int, ...] | None:
+    return {"dense": None,
+            "fp8": (n_experts, math.ceil(n / WEIGHT_BLOCK[0]), math.ceil(k / WEIGHT_BLOCK[1])),
+            "fp4": (n_experts, n, math.ceil(k / FP4_BLOCK)),
+            "int8": (n_experts, n)}[fmt]
+
+
+def _check_expert_weight(op: str, arg: str, weight: torch.Tensor, scale: torch.Tensor | None,
+                         k: int | None) -> tuple[str, int, int]:
+    """(format, N, K) of a stacked expert weight, after checking it and its scale."""
+    _check.tensor(op, arg, weight, ndim=3)
+    fmt = expert_format(weight)
+    if fmt == "?":
+        raise _check.OpInputError(op, arg, "dtype float, float8_e4m3fn, uint8 (fp4) or int8", _check.describe(weight))
+    n_experts, n = weight.shape[0], weight.shape[1]
+    wk = weight.shape[2] * (2 if fmt == "fp4" else 1)
+    if k is not None:
+        _check.equal(op, arg, wk, k, "K (input features) = last dim of the activations")
+    expected = _expert_scale_shape(fmt, n_experts, n, wk)
+    scale_arg = f"{arg}_scale" if arg != "weight" else "scale"
+    if expected is None and scale is not None:
+        raise _check.OpInputError(op, scale_arg, "None for a float weight", _check.describe(scale))
+    if expected is not None:
+        if scale is None:
+            raise _check.OpInputError(op, scale_arg, f"a scale of shape {expected} for a {fmt} weight", "None")
+        _check.tensor(op, scale_arg, scale, ndim=len(expected))
+        _check.shape(op, scale_arg, scale, expected, f"{fmt} experts [{n_experts}, {n}, {wk}]")
+    return fmt, n, wk
+
+
+def _check_offsets(op: str, offsets: torch.Tensor, n_experts: int, rows: int) -> None:
+    _check.tensor(op, "group_offsets", offsets, dtypes=INDEX_DTYPES, ndim=1)
+    _check.shape(op, "group_offsets", offsets, (n_experts + 1,), "one more than the number of experts")
+    if offsets.device.type != "meta":
+        first, last = int(offsets[0]), int(offsets[-1])
+        if first != 0 or last != rows or bool((offsets[1:] < offsets[:-1]).any()):
+            raise _check.OpInputError(op, "group_offsets", f"non-decreasing, from 0 to the {rows} rows of x",
+                                      f"from {first} to {last}" + (", decreasing somewhere"
+                                                                   if bool((offsets[1:] < offsets[:-1]).any()) else ""))
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_offsets: torch.Tensor,
+                   scale: torch.Tensor | None = None) -> torch.Tensor:
+    """One GEMM per expert over its contiguous rows: `y[o_e:o_(e+1)] = x[o_e:o_(e+1)] @ W_e.T`.
+
+    x: float `[R, K]`; weight: `[E, N, K]` stacked experts (fp4: `[E, N, K/2]` packed) in any
+    `v4hal.ops.linear` format, with `scale` `[E, ...]` = that format's per-expert scale stacked
+    (fp8 `[E, ceil(N/128), ceil(K/128)]`, fp4 `[E, N, K/32]`, int8 `[E, N]`). Each expert's
+    product is exactly `v4hal.ops.linear(x_e, W_e, scale_e)` (FP8: activations quantized per 1x128
+    block; int8: per token; FP4: weight-only). group_offsets: int `[E + 1]`, non-decreasing from 0
+    to R. Returns `[R, N]` in x's dtype.
+    """
+    op = "grouped_matmul"
+    _check.tensor(op, "x", x, dtypes=FLOAT_IN, ndim=2, nonempty=False)
+    fmt, _, _ = _check_expert_weight(op, "weight", weight, scale, x.shape[1])
+    _check_offsets(op, group_offsets, weight.shape[0], x.shape[0])
+    _check.same_device(op, x=x, weight=weight, group_offsets=group_offsets, scale=scale)
+    return dispatch(op)(x, weight, group_offsets, scale, fmt)
+
+
+def swiglu(gate_up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """`silu(gate) * up` with gate = first half of the last dim, up = second half.
+
+    With `limit` (DeepSeek-V4's swiglu_limit): gate clamped to <= limit, up to [-limit, limit]
+    before the product (transformers' DeepseekV4Experts / DeepseekV4MLP). Computed in float32
+    (float64 for float64 input), returned in gate_up's dtype: `[..., 2I] -> [..., I]`.
+    """
+    op = "swiglu"
+    _check.tensor(op, "gate_up", gate_up, dtypes=FLOAT_IN, ndim=range(1, 9), nonempty=False)
+    if gate_up.shape[-1] % 2:
+        raise _check.OpInputError(op, "gate_up", "an even last dim (gate and up halves)", _check.describe(gate_up))
+    if limit is not None and not (isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0):
+        raise _check.OpInputError(op, "limit", "None or a positive float", repr(limit))
+    return dispatch(op)(gate_up, None if limit is None else float(limit))
+
+
+def moe_combine(expert_out: torch.Tensor, topk_weights: torch.Tensor, state: MoeDispatch) -> torch.Tensor:
+    """Undo `moe_dispatch`: `out[t] = sum_j topk_weights[t, j] * expert_out[row_of_slot[t, j]]`
+    over the choices that were not dropped, accumulated in float32 (float64 if expert_out is),
+    returned in expert_out's dtype. expert_out: `[R, H]`; topk_weights: float `[T, k]`."""
+    op = "moe_combine"
+    _check.tensor(op, "expert_out", expert_out, dtypes=FLOAT_IN, ndim=2, nonempty=False)
+    _check.tensor(op, "topk_weights", topk_weights, dtypes=FLOAT_IN, ndim=2)
+    if not isinstance(state, MoeDispatch):
+        raise _check.OpInputError(op, "state", "the MoeDispatch moe_dispatch returned", _check.describe(state))
+    _check.shape(op, "topk_weights", topk_weights, tuple(state.row_of_slot.shape), "[tokens, topk] of the dispatch")
+    _check.equal(op, "expert_out", expert_out.shape[0], state.token_index.shape[0], "rows = rows of the dispatch")
+    _check.same_device(op, expert_out=expert_out, topk_weights=topk_weights, row_of_slot=state.row_of_slot)
+    return dispatch(op)(expert_out, topk_weights, state)
+
+
+def moe_forward(hidden: torch.Tensor, gate_weight: torch.Tensor, experts: ExpertWeights, topk: int,
+                scoring: str = "softmax", bias: torch.Tensor | None = None, n_group: int = 1,
+                topk_group: int = 1, renormalize: bool = True, routed_scaling_factor: float = 1.0,
+                input_ids: torch.Tensor | None = None, tid2eid: torch.Tensor | None = None,
+                swiglu_limit: float | None = None, shared: SharedExpertWeights | None = None) -> torch.Tensor:
+    """The MoE layer: `moe_route` (same routing arguments) -> `moe_dispatch` -> up
+    `grouped_matmul` -> `swiglu(limit=swiglu_limit)` -> down `grouped_matmul` -> `moe_combine`,
+    plus the shared expert `down(swiglu(cat(gate x, up x), swiglu_limit))` when `shared` is given
+    (V4 clamps its shared expert too; V3 has no limit).
+
+    hidden: float `[..., H]`; experts: `ExpertWeights` (`gate_up [E, 2I, H]`, `down [E, H, I]`);
+    returns hidden's shape and dtype. Matches transformers' DeepseekV4SparseMoeBlock (hash or
+    top-k router) and DeepseekV3MoE on the same weights.
+    """
+    op = "moe_forward"
+    _check.tensor(op, "hidden", hidden, dtypes=FLOAT_IN, ndim=range(1, 9))
+    if not isinstance(experts, ExpertWeights):
+        raise _check.OpInputError(op, "experts", "an ExpertWeights", _check.describe(experts))
+    h = hidden.shape[-1]
+    fmt_up, two_i, _ = _check_expert_weight(op, "gate_up", experts.gate_up, experts.gate_up_scale, h)
+    if two_i % 2:
+        raise _check.OpInputError(op, "gate_up", "an even row count (gate rows then up rows)", _check.describe(experts.gate_up))
+    _, n_down, _ = _check_expert_weight(op, "down", experts.down, experts.down_scale, two_i // 2)
+    _check.equal(op, "down", n_down, h, "rows (output features) = hidden size")
+    n_experts = experts.gate_up.shape[0]
+    _check.equal(op, "down", experts.down.shape[0], n_experts, "expert count = that of gate_up")
+    _check.tensor(op, "gate_weight", gate_weight, dtypes=FLOAT_IN, ndim=2)
+    _check.equal(op, "gate_weight", gate_weight.shape[0], n_experts, "rows = number of experts")
+    if shared is not None and not isinstance(shared, SharedExpertWeights):
+        raise _check.OpInputError(op, "shared", "a SharedExpertWeights or None", _check.describe(shared))
+    if swiglu_limit is not None and not (isinstance(swiglu_limit, (int, float)) and swiglu_limit > 0):
+        raise _check.OpInputError(op, "swiglu_limit", "None or a positive float", repr(swiglu_limit))
+    # Routing arguments are validated by moe_route itself, which every backend's forward calls.
+    return dispatch(op)(hidden, gate_weight, experts, topk, scoring, bias, n_group, topk_group,
+                        renormalize, routed_scaling_factor, input_ids, tid2eid,
+                        None if swiglu_limit is None else float(swiglu_limit), shared)
