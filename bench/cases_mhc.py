@@ -1,0 +1,165 @@
+"""Parity and speed cases for mHC (hc_pre, hc_post, hc_head, sinkhorn) at the real V4-Flash and
+V4-Pro hidden sizes with 4 streams, plus small ones; speed peers are transformers' own
+`DeepseekV4HyperConnection` / `DeepseekV4HyperHead` run on the same weights in the same run."""
+
+from __future__ import annotations
+
+import torch
+
+from v4hal import ops
+from v4hal.bench.cases import SHAPES, Case, SpeedCase, Tolerance, randn
+
+HC_EPS = NORM_EPS = 1e-6
+ITERS = 20
+FN_STD = 0.02  # transformers' initializer_range: mixes of a few units, as in trained checkpoints
+
+
+def _params(g: torch.Generator, n: int, d: int, rows: int, scales: int) -> dict:
+    return dict(fn=randn(g, rows, n * d, scale=FN_STD), scale=1 + 0.5 * torch.rand(scales, generator=g),
+                base=randn(g, rows, scale=0.5))
+
+
+def _streams(g: torch.Generator, tokens: int, n: int, d: int) -> torch.Tensor:
+    return randn(g, tokens, n, d, dtype=torch.bfloat16)
+
+
+def _pre_inputs(tokens: int, n: int, d: int):
+    def make(g: torch.Generator) -> dict:
+        return dict(x=_streams(g, tokens, n, d), **_params(g, n, d, ops.hc_mix_width(n), 3))
+
+    return make
+
+
+def _head_inputs(tokens: int, n: int, d: int):
+    def make(g: torch.Generator) -> dict:
+        return dict(x=_streams(g, tokens, n, d), **_params(g, n, d, n, 1))
+
+    return make
+
+
+def _post_inputs(tokens: int, n: int, d: int):
+    def make(g: torch.Generator) -> dict:
+        comb = torch.softmax(randn(g, tokens, n, n, scale=2.0), -1)
+        comb = comb / comb.sum(-2, keepdim=True)  # column-stochastic, like a Sinkhorn output
+        return dict(out=randn(g, tokens, d, dtype=torch.bfloat16), x=_streams(g, tokens, n, d),
+                    post=2 * torch.rand(tokens, n, generator=g), comb=comb)
+
+    return make
+
+
+def _sinkhorn_inputs(tokens: int, n: int, spread: float):
+    def make(g: torch.Generator) -> dict:
+        return dict(logits=randn(g, tokens, n, n, scale=spread), iters=ITERS, eps=HC_EPS)
+
+    return make
+
+
+def _hc_pre(x, fn, scale, base):
+    return ops.hc_pre(x, fn, scale, base, norm_eps=NORM_EPS, hc_eps=HC_EPS, iters=ITERS)
+
+
+def _hc_head(x, fn, scale, base):
+    return ops.hc_head(x, fn, scale, base, norm_eps=NORM_EPS, hc_eps=HC_EPS)
+
+
+def _mix_tolerance(n: int, d: int) -> dict[str, Tolerance]:
+    mixes = Tolerance.for_dtype(torch.float32, n * d)
+    return {"out0": Tolerance.for_dtype(torch.bfloat16, n), "out1": mixes, "out2": mixes}
+
+
+# (name, tokens, streams, hidden, quick)
+SIZES = [("small", 6, 4, 64, True), ("ragged-n3", 5, 3, 40, True),
+         ("v4-flash", 16, SHAPES["v4-flash"]["hc"], SHAPES["v4-flash"]["hidden"], False),
+         ("v4-pro", 16, SHAPES["v4-pro"]["hc"], SHAPES["v4-pro"]["hidden"], False)]
+
+PARITY = (
+    [Case("hc_pre", name, _hc_pre, _pre_inputs(t, n, d), _mix_tolerance(n, d), quick=q)
+     for name, t, n, d, q in SIZES]
+    + [Case("hc_post", name, ops.hc_post, _post_inputs(t, n, d), Tolerance.for_dtype(torch.bfloat16, n), quick=q)
+       for name, t, n, d, q in SIZES]
+    + [Case("hc_head", name, _hc_head, _head_inputs(t, n, d), Tolerance.for_dtype(torch.bfloat16, n), quick=q)
+       for name, t, n, d, q in SIZES]
+    + [Case("sinkhorn", f"{name}-spread{spread:g}", ops.sinkhorn, _sinkhorn_inputs(t, n, spread),
+            Tolerance.for_dtype(torch.float32, n * ITERS), quick=q)
+       for name, t, n, _, q in SIZES[:2] + [("v4-2048tok", 2048, 4, 0, False)] for spread in (1.0, 8.0)]
+)
+
+
+def _transformers_config(d: int, n: int):
+    from transformers import DeepseekV4Config
+
+    return DeepseekV4Config(hidden_size=d, hc_mult=n, hc_sinkhorn_iters=ITERS, hc_eps=HC_EPS,
+                            rms_norm_eps=NORM_EPS)
+
+
+def transformers_hc(d: int, n: int, device: torch.device):
+    """transformers' DeepseekV4HyperConnection with random weights, and our HyperConnection
+    holding the same weights."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HyperConnection
+
+    from v4hal.model.hyper import HyperConnection
+
+    torch.manual_seed(0)
+    ref = DeepseekV4HyperConnection(_transformers_config(d, n)).to(device)
+    with torch.no_grad():
+        ref.fn.normal_(0.0, FN_STD)
+        ref.base.normal_(0.0, 0.5)
+        ref.scale.uniform_(1.0, 1.5)
+    ours = HyperConnection(d, n, ITERS, HC_EPS, NORM_EPS, device=device)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def transformers_site(ref, streams: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """One mHC site as DeepseekV4DecoderLayer runs it: the module, then its residual formula."""
+    post, comb, _ = ref(streams)
+    dtype = streams.dtype
+    return post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
+
+
+def _site_speed(tokens: int, n: int, d: int):
+    def make(device: torch.device):
+        ref, ours = transformers_hc(d, n, device)
+        g = torch.Generator().manual_seed(0)
+        x = _streams(g, tokens, n, d).to(device)
+        out = randn(g, tokens, d, dtype=torch.bfloat16).to(device)
+
+        @torch.no_grad()
+        def run():
+            _, post, comb = ours(x)
+            return ours.expand(out, x, post, comb)
+
+        return run, {"transformers DeepseekV4HyperConnection": torch.no_grad()(lambda: transformers_site(ref, x, out))}
+
+    return make
+
+
+def _sinkhorn_speed(tokens: int, n: int):
+    def make(device: torch.device):
+        logits = randn(torch.Generator().manual_seed(0), tokens, n, n).to(device)
+
+        def eager():  # transformers' loop, verbatim in effect: softmax + eps, col, (row, col) x 19
+            m = torch.softmax(logits, -1) + HC_EPS
+            m = m / (m.sum(-2, keepdim=True) + HC_EPS)
+            for _ in range(ITERS - 1):
+                m = m / (m.sum(-1, keepdim=True) + HC_EPS)
+                m = m / (m.sum(-2, keepdim=True) + HC_EPS)
+            return m
+
+        return (lambda: ops.sinkhorn(logits, ITERS, HC_EPS)), {"eager torch (transformers' loop)": eager}
+
+    return make
+
+
+def _stream_bytes(tokens: int, n: int, d: int) -> float:
+    """hc_pre reads the bf16 streams; hc_post reads them and the output and writes new streams."""
+    return 2.0 * tokens * d * (n + n + 1 + n)
+
+
+SPEED = [
+    SpeedCase("hc_pre+hc_post", f"T{t}-n{n}-D{d}", _site_speed(t, n, d),
+              flops=2.0 * t * n * d * (ops.hc_mix_width(n) + 1 + n), bytes=_stream_bytes(t, n, d), quick=t <= 64)
+    for t, n, d in [(64, 4, 512), (2048, 4, SHAPES["v4-flash"]["hidden"])]
+] + [
+    SpeedCase("sinkhorn", f"T{t}-n4", _sinkhorn_speed(t, 4), quick=t <= 64) for t in (64, 2048)
+]
