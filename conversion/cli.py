@@ -1,0 +1,105 @@
+"""`v4hal convert`: run | verify | onnx.
+
+  v4hal convert run --to bf16 SRC DST            FP8/FP4 -> BF16 (Ascend A2/A3, transformers)
+  v4hal convert run --to fp8 [--scale-fmt ue8m0] SRC DST
+  v4hal convert run --to w8a8 SRC DST            int8 W8A8 dynamic, msmodelslim layout
+  v4hal convert run --to mxfp8 SRC DST           Ascend A5: MXFP8, MXFP4 experts kept
+  v4hal convert run --to copy --mp 8 SRC DST     reshard for 8 tensor/expert-parallel ranks
+  v4hal convert run --to mindspore SRC DST       MindSpore .ckpt (or --ms-format safetensors)
+  v4hal convert run --to hf SRC DST              a MindSpore conversion back to HF safetensors
+  v4hal convert verify DST [--source SRC]
+  v4hal convert onnx --config tiny WEIGHTS OUT.onnx
+Every run accepts --dry-run (list outputs and disk needed, write nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_PROBLEM = 1
+EXIT_REFUSED = 3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__.split("\n", 2)[2]
+    sub = parser.add_subparsers(dest="convert_command", required=True, metavar="ACTION")
+    run = sub.add_parser("run", help="convert a checkpoint (streaming, resumable)")
+    run.add_argument("--to", required=True, choices=("bf16", "fp8", "w8a8", "mxfp8", "copy", "mindspore", "hf"))
+    run.add_argument("source", metavar="SRC", help="checkpoint directory (or one .safetensors file)")
+    run.add_argument("dest", metavar="DST", help="output directory (created; resumed if a run was interrupted)")
+    run.add_argument("--scale-fmt", choices=("fp32", "ue8m0"), default="fp32", help="fp8: block scale format")
+    run.add_argument("--scale-name", choices=("auto", "weight_scale_inv", "scale"), default="auto",
+                     help="fp8/mxfp8: scale tensor suffix (auto: as the source, else by naming style)")
+    run.add_argument("--keep", metavar="REGEX", help="tensor names never to quantize (in addition to norms, "
+                     "embeddings, router gates, biases)")
+    run.add_argument("--mp", type=int, default=1, help="reshard for this many tensor/expert-parallel ranks")
+    run.add_argument("--n-experts", type=int, help="routed experts (default: highest expert index + 1)")
+    run.add_argument("--ms-format", choices=("ckpt", "safetensors"), default="ckpt", help="mindspore: file format")
+    run.add_argument("--ms-names", choices=("mindspore", "hf"), default="mindspore",
+                     help="mindspore: rename to MindSpore-style names (see docs/conversion.md) or keep HF names")
+    run.add_argument("--dry-run", action="store_true", help="list what would be written and the disk it needs")
+    run.add_argument("--restart", action="store_true", help="discard another conversion's partial output in DST")
+    run.add_argument("--no-progress", action="store_true")
+    ver = sub.add_parser("verify", help="check an output against its manifest (and its source)")
+    ver.add_argument("dest", metavar="DST")
+    ver.add_argument("--source", metavar="SRC", help="also decode every tensor of both and compare")
+    ver.add_argument("--no-hash", action="store_true", help="skip sha256 (sizes and headers only)")
+    onnx = sub.add_parser("onnx", help="export a model built from a config + weights to ONNX")
+    onnx.add_argument("weights", metavar="WEIGHTS", help="checkpoint directory (HF names) or 'random'")
+    onnx.add_argument("output", metavar="OUT.onnx")
+    onnx.add_argument("--config", default="tiny", help="a model preset name or a config.json path")
+    onnx.add_argument("--seq-len", type=int, default=8)
+    onnx.add_argument("--check", action="store_true", help="run it in onnxruntime and compare logits with our model")
+
+
+def main(args: argparse.Namespace) -> int:
+    from v4hal.conversion.io import CheckpointError
+    from v4hal.conversion.plan import ConversionError
+
+    try:
+        return {"run": _run, "verify": _verify, "onnx": _onnx}[args.convert_command](args)
+    except (CheckpointError, ConversionError, ValueError) as exc:
+        print(f"v4hal convert: error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED if isinstance(exc, ConversionError) else EXIT_PROBLEM
+
+
+def _run(args) -> int:
+    from v4hal.conversion import plan as planning
+    from v4hal.conversion.formats import Options
+
+    if args.to in ("mindspore", "hf"):
+        from v4hal.conversion import mindspore as msconv
+
+        p = msconv.plan(args.source, args.to, args.ms_format, args.ms_names)
+    else:
+        from v4hal.conversion.io import Source
+
+        opts = Options(target=args.to, scale_fmt=args.scale_fmt, scale_name=args.scale_name, keep=args.keep,
+                       mp=args.mp, n_experts=args.n_experts)
+        p = planning.Plan(Source(args.source), opts)
+    if args.dry_run:
+        for line in p.describe():
+            print(line)
+        print(f"total: {p.output_bytes() / 1e9:.3f} GB of shards from {sum(p.source.files.values()) / 1e9:.3f} GB of input")
+        return 0
+    manifest = planning.run(p, args.dest, progress=not args.no_progress, restart=args.restart)
+    print(f"wrote {len(manifest['outputs'])} files to {args.dest}; manifest: {args.dest}/{planning.MANIFEST}")
+    return 0
+
+
+def _verify(args) -> int:
+    from v4hal.conversion.verify import verify
+
+    problems = verify(args.dest, args.source, check_hash=not args.no_hash)
+    for p in problems:
+        print(p)
+    print("ok" if not problems else f"{len(problems)} problem(s)")
+    return 0 if not problems else EXIT_PROBLEM
+
+
+def _onnx(args) -> int:
+    from v4hal.conversion import onnx_export
+
+    return onnx_export.main(args)

@@ -1,0 +1,180 @@
+"""What each tensor of a DeepSeek checkpoint is, and the per-tensor transforms between formats.
+
+A weight `P.weight` is FP8 when it is `float8_e4m3fn` with a sibling `P.weight_scale_inv` (V3 /
+V3.2 HF naming) or `P.scale` (V4 official naming) of shape `[ceil(N/128), ceil(K/128)]`; it is
+MXFP4 when it is int8/uint8 `[N, K/2]` with a sibling scale `[N, K/32]`. Everything else is
+plain. Plain 2-d linear weights are quantized by the quantizing targets; norms, embeddings,
+router gates, biases, mHC and position parameters never are.
+
+All math goes through the `v4hal.ops` quant contracts, so a converted checkpoint holds exactly
+what the runtime would compute: decode = `dequantize_fp8` / `dequantize_fp4`, encode =
+`quantize_fp8` (128x128, fp32 or ue8m0 scales; 1x32 ue8m0 for MXFP8) / `quantize_int8`.
+Transforms work on row chunks (multiples of 128 rows), so memory stays bounded by the chunk,
+not the tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from v4hal.conversion.io import CheckpointError, OutSpec, TensorInfo
+from v4hal.ops import quant
+
+SCALE_SUFFIXES = ("weight_scale_inv", "scale")
+# Module names that hold a 2-d `.weight` but are not quantized linears.
+NOT_LINEAR = re.compile(r"(embed|lm_head|(^|\.)head\.|norm|(^|\.)gate\.weight$|weights_proj|(^|\.)hc_|\.ape$|sink)")
+TARGETS = ("bf16", "fp8", "w8a8", "mxfp8", "copy")
+W8A8_TYPE = "W8A8_DYNAMIC"
+FLOAT_TYPE = "FLOAT"
+MX_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class Options:
+    target: str = "bf16"
+    scale_fmt: str = "fp32"          # fp8 target: fp32 or ue8m0 scales
+    scale_name: str = "auto"         # fp8/mxfp8 target: weight_scale_inv | scale | auto (as the source)
+    keep: str | None = None          # regex of extra tensor names never to quantize
+    mp: int = 1                      # tensor/expert parallel ranks (1 = no resharding)
+    n_experts: int | None = None     # routed experts (resharding); default: from the names
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass
+class Job:
+    """One source tensor (plus its scale) -> output tensors; outputs[0] is streamed in row
+    chunks, the others (scales) are gathered and written after it."""
+    source: str
+    decode: str                      # raw | plain | fp8 | fp4
+    encode: str                      # raw | bf16 | fp8 | int8 | mxfp8
+    outputs: list[OutSpec]
+    scale: str | None = None         # the source scale tensor
+    quant_type: str = FLOAT_TYPE
+    split: tuple | None = None       # resharding: ("dim", d, block) or ("expert", rank); None = whole
+    extra: dict = field(default_factory=dict)
+
+
+def sibling_scale(name: str, tensors: dict[str, TensorInfo]) -> str | None:
+    if not name.endswith(".weight"):
+        return None
+    stem = name[: -len("weight")]
+    for suffix in SCALE_SUFFIXES:
+        if stem + suffix in tensors:
+            return stem + suffix
+    return None
+
+
+def storage(info: TensorInfo, scale: TensorInfo | None) -> str:
+    """plain | fp8 | fp4, checking the scale's shape against the weight's."""
+    if scale is None:
+        return "plain"
+    if len(info.shape) != 2:
+        raise CheckpointError(info.file, f"has a scale tensor but is {len(info.shape)}-d", info.name)
+    n, k = info.shape
+    if info.dtype == torch.float8_e4m3fn:
+        want = quant.scale_shape((n, k), quant.WEIGHT_BLOCK)
+        if scale.shape != want:
+            raise CheckpointError(scale.file, f"FP8 scale shape {list(scale.shape)} does not match weight {[n, k]} in 128x128 blocks {list(want)}", scale.name)
+        return "fp8"
+    if info.dtype in (torch.int8, torch.uint8):
+        want = (n, math.ceil(2 * k / quant.FP4_BLOCK))
+        if scale.shape != want:
+            raise CheckpointError(scale.file, f"FP4 scale shape {list(scale.shape)} does not match packed weight {[n, k]} (want {list(want)})", scale.name)
+        return "fp4"
+    raise CheckpointError(info.file, f"has a scale tensor but dtype {info.dtype} is neither FP8 nor packed FP4", info.name)
+
+
+def is_linear(name: str, shape: tuple[int, ...], keep: re.Pattern | None) -> bool:
+    return (name.endswith(".weight") and len(shape) == 2 and not NOT_LINEAR.search(name)
+            and not (keep and keep.search(name)))
+
+
+def logical_shape(info: TensorInfo, kind: str) -> tuple[int, ...]:
+    return (info.shape[0], 2 * info.shape[1]) if kind == "fp4" else info.shape
+
+
+def plan_jobs(tensors: dict[str, TensorInfo], opts: Options) -> list[Job]:
+    """Jobs in source (file, offset) order; scale tensors are consumed by their weights."""
+    keep = re.compile(opts.keep) if opts.keep else None
+    scales = {s: n for n in tensors if (s := sibling_scale(n, tensors))}
+    src_scale_name = next((s.rsplit(".", 1)[1] for s in scales), None)
+    scale_name = opts.scale_name if opts.scale_name != "auto" else (
+        src_scale_name or ("weight_scale_inv" if any(n.startswith("model.") for n in tensors) else "scale"))
+    jobs = []
+    for name, info in tensors.items():
+        if name in scales:
+            continue
+        scale = tensors.get(sibling_scale(name, tensors) or "")
+        kind = storage(info, scale)
+        jobs.append(_job(name, info, scale if kind != "plain" else None, kind, opts, keep, scale_name))
+    return jobs
+
+
+def _job(name, info, scale, kind, opts, keep, scale_name) -> Job:
+    stem = name[: -len("weight")] if name.endswith(".weight") else name + "."
+    quantizable = kind != "plain" or is_linear(name, info.shape, keep)
+    n_k = logical_shape(info, kind)
+    t = opts.target
+    raw_scale = [OutSpec(scale.name, scale.dtype, scale.shape)] if scale is not None else []
+    if t == "copy" or not quantizable:
+        return Job(name, "raw", "raw", [OutSpec(name, info.dtype, info.shape)] + raw_scale, scale and scale.name)
+    decode = kind
+    sname = scale.name if scale is not None else None
+    if t == "bf16":
+        if kind == "plain":
+            return Job(name, "raw", "raw", [OutSpec(name, info.dtype, info.shape)])
+        return Job(name, decode, "bf16", [OutSpec(name, torch.bfloat16, n_k)], sname)
+    if t == "fp8":
+        if kind == "fp8" and opts.scale_fmt == "fp32":
+            return Job(name, "raw", "raw", [OutSpec(name, info.dtype, info.shape),
+                                            OutSpec(stem + scale_name, scale.dtype, scale.shape)], sname)
+        return Job(name, decode, "fp8", [OutSpec(name, torch.float8_e4m3fn, n_k),
+                                        OutSpec(stem + scale_name, torch.float32, quant.scale_shape(n_k, quant.WEIGHT_BLOCK))],
+                   sname, extra={"scale_fmt": opts.scale_fmt})
+    if t == "w8a8":
+        n = n_k[0]
+        return Job(name, decode, "int8", [OutSpec(name, torch.int8, n_k), OutSpec(stem + "weight_scale", torch.float32, (n, 1)),
+                                          OutSpec(stem + "weight_offset", torch.float32, (n, 1))], sname, quant_type=W8A8_TYPE)
+    if t == "mxfp8":
+        if kind != "fp8":  # MXFP4 experts stay MXFP4 (A5 runs them natively); plain stays plain
+            return Job(name, "raw", "raw", [OutSpec(name, info.dtype, info.shape)] + raw_scale, sname)
+        return Job(name, decode, "mxfp8", [OutSpec(name, torch.float8_e4m3fn, n_k),
+                                           OutSpec(stem + scale_name, torch.float8_e8m0fnu, (n_k[0], math.ceil(n_k[1] / MX_BLOCK)))], sname)
+    raise ValueError(f"unknown target {t!r}; valid: {', '.join(TARGETS)}")
+
+
+def decode_rows(kind: str, q: torch.Tensor, scale: torch.Tensor | None, row0: int) -> torch.Tensor:
+    """float32 values of rows [row0, row0 + len(q)) of a stored weight (row0 a multiple of 128)."""
+    if kind == "plain":
+        return q.float()
+    if kind == "fp8":
+        b = quant.WEIGHT_BLOCK[0]
+        s = scale[row0 // b: math.ceil((row0 + q.shape[0]) / b)]
+        return quant.dequantize_fp8(q, s, quant.WEIGHT_BLOCK, out_dtype=torch.float32)
+    if kind == "fp4":
+        return quant.dequantize_fp4(q.view(torch.uint8), scale[row0: row0 + q.shape[0]], out_dtype=torch.float32)
+    raise ValueError(kind)
+
+
+def encode_rows(encode: str, x: torch.Tensor, extra: dict) -> list[torch.Tensor]:
+    """Target pieces for a row chunk: [main, *side pieces] (side pieces concatenate along dim 0)."""
+    if encode == "bf16":
+        return [x.to(torch.bfloat16)]
+    if encode == "fp8":
+        q, s = quant.quantize_fp8(x, quant.WEIGHT_BLOCK, extra["scale_fmt"])
+        return [q, s]
+    if encode == "int8":
+        q, s = quant.quantize_int8(x)
+        s = s.unsqueeze(1)
+        return [q, s, torch.zeros_like(s)]
+    if encode == "mxfp8":
+        q, s = quant.quantize_fp8(x, (1, MX_BLOCK), "ue8m0")
+        return [q, s.to(torch.float8_e8m0fnu)]  # exact: s is a power of two
+    raise ValueError(encode)
+

@@ -1,0 +1,314 @@
+"""Safetensors shards read and written by hand, so a conversion streams: headers are parsed and
+validated without touching data, tensors are read row-chunk by row-chunk, output files are
+written sequentially under a temporary name (hashing as they go) and renamed when complete.
+
+No pickle anywhere: safetensors is a JSON header plus raw little-endian bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# safetensors dtype codes <-> torch dtypes.
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,
+}
+CODES = {v: k for k, v in DTYPES.items()}
+INDEX_NAME = "model.safetensors.index.json"
+MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
+READ_CHUNK = 64 * 2**20
+
+
+class CheckpointError(RuntimeError):
+    """A source shard is truncated, corrupt or disagrees with its index; names file and tensor."""
+
+    def __init__(self, file: str | os.PathLike, problem: str, tensor: str | None = None):
+        self.file, self.tensor, self.problem = str(file), tensor, problem
+        where = f"{self.file}" + (f", tensor '{tensor}'" if tensor else "")
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: str          # absolute path of the shard holding it
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int         # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes per index of dim 0 (the whole tensor for a scalar)."""
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def nbytes_of(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * itemsize(dtype)
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """Parse and validate one shard's header: returns (tensors by name in file order, metadata,
+    file size). Every tensor's byte range must match its dtype and shape and lie inside the file."""
+    path = os.path.abspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(path, f"truncated: {size} bytes, not even a header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or 8 + n > size:
+            raise CheckpointError(path, f"corrupt or truncated header: declares {n} header bytes in a {size}-byte file")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(path, f"corrupt header (not JSON: {exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(path, "corrupt header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    tensors = []
+    for name, entry in header.items():
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(s) for s in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(path, f"corrupt header entry {entry!r}", name) from None
+        if end - begin != nbytes_of(dtype, shape) or begin < 0:
+            raise CheckpointError(path, f"header offsets [{begin}, {end}) do not fit {entry['dtype']} {list(shape)}", name)
+        if data_start + end > size:
+            raise CheckpointError(path, f"truncated: tensor ends at byte {data_start + end} but the file has {size}", name)
+        tensors.append(TensorInfo(name, path, dtype, shape, data_start + begin, end - begin))
+    tensors.sort(key=lambda t: t.start)
+    return {t.name: t for t in tensors}, metadata, size
+
+
+class Source:
+    """A safetensors checkpoint (a directory with or without an index json, or one file), opened
+    read-only. `tensors` lists every tensor in (file, offset) order."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).resolve()
+        if self.path.is_file():
+            self.dir, files = self.path.parent, [self.path.name]
+        else:
+            self.dir = self.path
+            files = sorted(p.name for p in self.path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(self.path, "no .safetensors files found")
+        self.files: dict[str, int] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        for name in files:
+            infos, _, size = read_header(self.dir / name)
+            self.files[name] = size
+            for t in infos.values():
+                if t.name in self.tensors:
+                    raise CheckpointError(self.dir / name, f"duplicate: also in {Path(self.tensors[t.name].file).name}", t.name)
+                self.tensors[t.name] = t
+        index = self.dir / INDEX_NAME
+        if self.path.is_dir() and index.exists():
+            self._check_index(index)
+
+    def _check_index(self, index: Path) -> None:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(index, f"corrupt index json ({exc})") from None
+        for name, file in weight_map.items():
+            info = self.tensors.get(name)
+            if info is None:
+                raise CheckpointError(self.dir / file, "listed in the index but missing from the shard", name)
+            if Path(info.file).name != file:
+                raise CheckpointError(self.dir / file, f"index says this file, but it is in {Path(info.file).name}", name)
+        for name, info in self.tensors.items():
+            if name not in weight_map:
+                raise CheckpointError(info.file, "present in the shard but missing from the index", name)
+
+    def by_file(self) -> dict[str, list[TensorInfo]]:
+        out: dict[str, list[TensorInfo]] = {f: [] for f in self.files}
+        for t in self.tensors.values():
+            out[Path(t.file).name].append(t)
+        return out
+
+    def extra_files(self) -> list[Path]:
+        """Small non-weight files (config, tokenizer) that travel with the checkpoint."""
+        return sorted(p for p in self.dir.iterdir() if p.is_file() and p.suffix in (".json", ".model", ".txt", ".py", ".jinja")
+                      and p.name != INDEX_NAME and not p.name.startswith(("v4hal-", ".v4hal")))
+
+
+def read_rows(info: TensorInfo, row0: int = 0, row1: int | None = None, fd: int | None = None) -> torch.Tensor:
+    """Rows [row0, row1) of a tensor (the whole tensor by default) as a fresh CPU tensor."""
+    row1 = (info.shape[0] if info.shape else 1) if row1 is None else row1
+    n = (row1 - row0) * info.row_bytes
+    buf = bytearray(n)
+    own = fd is None
+    fd = os.open(info.file, os.O_RDONLY) if own else fd
+    try:
+        view, offset, got = memoryview(buf), info.start + row0 * info.row_bytes, 0
+        while got < n:
+            k = os.preadv(fd, [view[got:]], offset + got)
+            if k <= 0:
+                raise CheckpointError(info.file, f"truncated while reading (got {got} of {n} bytes)", info.name)
+            got += k
+    finally:
+        if own:
+            os.close(fd)
+    t = torch.frombuffer(buf, dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
+    shape = ((row1 - row0), *info.shape[1:]) if info.shape else ()
+    return t.view(info.dtype).reshape(shape)
+
+
+def sha256_file(path: str | os.PathLike, progress=None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(READ_CHUNK):
+            h.update(block)
+            if progress:
+                progress(len(block))
+    return h.hexdigest()
+
+
+class HashingReader:
+    """Reads one source file front to back, hashing every byte, so the source sha256 in the
+    manifest costs no second pass. Reads that are not at the current position (a scale that
+    sits earlier in the file) go through `read_rows` and do not disturb the hash."""
+
+    def __init__(self, path: str, progress=None):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        self.pos = 0
+        self.hash = hashlib.sha256()
+        self.progress = progress
+
+    def _advance_to(self, offset: int) -> None:
+        while self.pos < offset:
+            self._consume(min(READ_CHUNK, offset - self.pos))
+
+    def _consume(self, n: int) -> bytes:
+        data = os.pread(self.fd, n, self.pos)
+        if len(data) != n:
+            raise CheckpointError(self.path, f"truncated at byte {self.pos + len(data)}")
+        self.hash.update(data)
+        self.pos += n
+        if self.progress:
+            self.progress(n)
+        return data
+
+    def rows(self, info: TensorInfo, row0: int, row1: int) -> torch.Tensor:
+        offset = info.start + row0 * info.row_bytes
+        if offset < self.pos:
+            return read_rows(info, row0, row1, self.fd)
+        self._advance_to(offset)
+        data = bytearray(self._consume((row1 - row0) * info.row_bytes))
+        t = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        return t.view(info.dtype).reshape((row1 - row0, *info.shape[1:]) if info.shape else ())
+
+    def finish(self) -> str:
+        self._advance_to(os.fstat(self.fd).st_size)
+        os.close(self.fd)
+        return self.hash.hexdigest()
+
+
+@dataclass(frozen=True)
+class OutSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes_of(self.dtype, self.shape)
+
+
+def header_bytes(specs: list[OutSpec], metadata: dict[str, str] | None = None) -> bytes:
+    """The serialized header for tensors laid out back to back in `specs` order, padded with
+    spaces to 8 bytes as safetensors does. Deterministic, so a rerun writes identical bytes."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    offset = 0
+    for s in specs:
+        header[s.name] = {"dtype": CODES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def file_size(specs: list[OutSpec], metadata: dict[str, str] | None = None) -> int:
+    return len(header_bytes(specs, metadata)) + sum(s.nbytes for s in specs)
+
+
+def partial_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial")
+
+
+class ShardWriter:
+    """Writes one safetensors file sequentially to a temporary name; `close` checks every
+    declared byte arrived, fsyncs and renames it into place. Returns sha256 and size."""
+
+    def __init__(self, path: Path, specs: list[OutSpec], metadata: dict[str, str] | None = None):
+        self.path, self.specs = path, specs
+        self.tmp = partial_name(path)
+        self.f = open(self.tmp, "wb")
+        self.hash = hashlib.sha256()
+        self.expected = file_size(specs, metadata)
+        self.written = 0
+        self._write(header_bytes(specs, metadata))
+
+    def _write(self, data) -> None:
+        self.f.write(data)
+        self.hash.update(data)
+        self.written += len(data)
+
+    def write(self, t: torch.Tensor) -> None:
+        t = t.contiguous()
+        self._write(memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else b"")
+
+    def write_bytes(self, data) -> None:
+        self._write(data)
+
+    def close(self) -> tuple[str, int]:
+        if self.written != self.expected:
+            self.f.close()
+            raise RuntimeError(f"internal: {self.path.name} got {self.written} bytes, planned {self.expected}")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        return self.hash.hexdigest(), self.written
+
+    def abort(self) -> None:
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, data: bytes) -> tuple[str, int]:
+    tmp = partial_name(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def write_json_atomic(path: Path, obj: object) -> tuple[str, int]:
+    return write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

@@ -1,0 +1,318 @@
+"""Plan a conversion (every output file, tensor and byte, before reading any data) and run it.
+
+The unit of work and of resume is one source shard: it produces one output shard (or one per
+rank when resharding). After each unit the outputs are renamed into place and the progress
+journal (`.v4hal-progress.json`) is replaced atomically, so a run killed at any point leaves
+only complete files plus `.partial` leftovers; a rerun deletes those, skips the units the journal
+lists (after checking their files' sizes), and redoes the rest. Everything written is a pure
+function of the source bytes and the options, so the result is byte-identical to an
+uninterrupted run. Finally config files, the index json(s), `quant_model_description.json`
+(W8A8) and the manifest `v4hal-manifest.json` (sha256 of every output and source file) are
+written, each atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from v4hal.conversion import formats, reshard
+from v4hal.conversion.formats import Job, Options
+from v4hal.conversion.io import (INDEX_NAME, HashingReader, OutSpec, ShardWriter, Source, file_size,
+                                 partial_name, read_rows, write_atomic, write_json_atomic)
+
+MANIFEST = "v4hal-manifest.json"
+PROGRESS = ".v4hal-progress.json"
+DESCRIPTION = "quant_model_description.json"
+CHUNK_BYTES = 32 * 2**20  # target size of one row chunk of float32 work
+
+
+class ConversionError(RuntimeError):
+    pass
+
+
+@dataclass
+class OutFile:
+    name: str
+    specs: list[OutSpec]
+    rank: int | None = None
+
+    @property
+    def size(self) -> int:
+        return file_size(self.specs, {"format": "pt"})
+
+
+@dataclass
+class Unit:
+    index: int
+    source_file: str
+    source_size: int
+    jobs: list[Job]
+    files: list[OutFile]
+
+
+class Plan:
+    def __init__(self, source: Source, opts: Options):
+        self.source, self.opts = source, opts
+        jobs = formats.plan_jobs(source.tensors, opts)
+        if opts.mp > 1:
+            reshard.assign(jobs, opts.mp, opts.n_experts)
+        by_job_file: dict[str, list[Job]] = {f: [] for f in source.files}
+        for j in jobs:
+            by_job_file[Path(source.tensors[j.source].file).name].append(j)
+        n_units = len(source.files)
+        self.units = []
+        for i, (fname, fjobs) in enumerate(by_job_file.items()):
+            self.units.append(Unit(i, fname, source.files[fname], fjobs, self._files(i, n_units, fname, fjobs)))
+        self.jobs = jobs
+
+    def _files(self, i: int, n: int, fname: str, jobs: list[Job]) -> list[OutFile]:
+        mp = self.opts.mp
+        if mp == 1:
+            return [OutFile(fname, [o for j in jobs for o in j.outputs])]
+        files = []
+        for r in range(mp):
+            specs = []
+            for j in jobs:
+                for k, o in enumerate(j.outputs):
+                    shape = reshard.rank_shape(j, k, mp, r)
+                    if shape is not None:
+                        specs.append(OutSpec(o.name, o.dtype, shape))
+            files.append(OutFile(f"model{r}-mp{mp}-{i + 1:05d}-of-{n:05d}.safetensors", specs, r))
+        return files
+
+    def make_writer(self, path: Path, specs: list[OutSpec]):
+        return ShardWriter(path, specs, {"format": "pt"})
+
+    def make_reader(self, unit: Unit, progress):
+        return HashingReader(str(self.source.dir / unit.source_file), progress)
+
+    @property
+    def plan_id(self) -> str:
+        """Changes whenever the source headers or the options change (a journal from another
+        plan must not be resumed)."""
+        h = hashlib.sha256(json.dumps(self.opts.as_dict(), sort_keys=True).encode())
+        for name, size in self.source.files.items():
+            h.update(f"{name}:{size};".encode())
+        for t in self.source.tensors.values():
+            h.update(f"{t.name}:{t.dtype}:{t.shape}:{t.start};".encode())
+        return h.hexdigest()
+
+    def output_bytes(self) -> int:
+        return sum(f.size for u in self.units for f in u.files)
+
+    def describe(self) -> list[str]:
+        lines = [f"{f.name}  {f.size / 1e9:.3f} GB  ({len(f.specs)} tensors, from {u.source_file})"
+                 for u in self.units for f in u.files]
+        lines += [f"{name}  (small)" for name in self.small_outputs()]
+        return lines
+
+    def small_outputs(self) -> list[str]:
+        names = [p.name for p in self.source.extra_files()]
+        names += self.index_names()
+        if self.opts.target == "w8a8":
+            names.append(DESCRIPTION)
+        return names + [MANIFEST]
+
+    def index_names(self) -> list[str]:
+        return [INDEX_NAME] if self.opts.mp == 1 else [f"model{r}-mp{self.opts.mp}.safetensors.index.json" for r in range(self.opts.mp)]
+
+
+def chunk_rows(job: Job) -> int:
+    """Rows per chunk: a multiple of 128 (whole FP8 blocks) near CHUNK_BYTES of float32."""
+    main = job.outputs[0].shape
+    if len(main) < 2:
+        return max(main[0], 1) if main else 1
+    per_row = max(1, math.prod(main[1:]) * 4)
+    return max(128, CHUNK_BYTES // per_row // 128 * 128)
+
+
+def run_job(job: Job, src: Source, reader, emit) -> None:
+    """Stream one job: emit(out_index, row0, piece) for the main output's row chunks in order,
+    then for each side output once."""
+    info = src.tensors[job.source]
+    rows = info.shape[0] if info.shape else 1
+    if job.decode == "raw":
+        step = max(1, CHUNK_BYTES // max(info.row_bytes, 1))
+        for r0 in range(0, rows, step):
+            emit(0, r0, reader.rows(info, r0, min(rows, r0 + step)))
+        for k, o in enumerate(job.outputs[1:], 1):  # a kept scale travels as is
+            emit(k, 0, read_rows(src.tensors[job.scale]))
+        return
+    scale = read_rows(src.tensors[job.scale]) if job.scale else None
+    step = chunk_rows(job)
+    sides: list[list[torch.Tensor]] = [[] for _ in job.outputs[1:]]
+    for r0 in range(0, rows, step):
+        x = formats.decode_rows(job.decode, reader.rows(info, r0, min(rows, r0 + step)), scale, r0)
+        main, *rest = formats.encode_rows(job.encode, x, job.extra)
+        emit(0, r0, main)
+        for acc, piece in zip(sides, rest):
+            acc.append(piece)
+    for k, acc in enumerate(sides, 1):
+        emit(k, 0, torch.cat(acc))
+
+
+def process_unit(plan: Plan, unit: Unit, dst: Path, progress) -> dict:
+    src, mp = plan.source, plan.opts.mp
+    writers = [plan.make_writer(dst / f.name, f.specs) for f in unit.files]
+    reader = plan.make_reader(unit, progress)
+    try:
+        for job in unit.jobs:
+            if mp == 1:
+                run_job(job, src, reader, lambda k, r0, t: writers[0].write(t))
+            else:
+                run_job(job, src, reader, lambda k, r0, t, job=job: [
+                    writers[r].write(p) for r, p in reshard.pieces(job, k, t, mp, r0)])
+        source_sha = reader.finish()
+        outputs = {}
+        for f, w in zip(unit.files, writers):
+            sha, size = w.close()
+            outputs[f.name] = {"sha256": sha, "size": size}
+    except BaseException:
+        for w in writers:
+            if not w.f.closed:
+                w.abort()
+        raise
+    return {"source_sha256": source_sha, "outputs": outputs}
+
+
+def _load_journal(dst: Path, plan_id: str, restart: bool) -> dict:
+    path = dst / PROGRESS
+    if path.exists():
+        journal = json.loads(path.read_text())
+        if journal.get("plan") == plan_id:
+            return journal
+        if not restart:
+            raise ConversionError(f"{dst} holds a different conversion in progress (other source or options); "
+                                  f"pass --restart to discard it")
+    elif (dst / MANIFEST).exists() and not restart:
+        manifest = json.loads((dst / MANIFEST).read_text())
+        if manifest.get("plan") == plan_id:
+            return {"plan": plan_id, "units": {}, "complete": True}
+        raise ConversionError(f"{dst} already holds a finished conversion of something else; pass --restart to overwrite")
+    return {"plan": plan_id, "units": {}}
+
+
+def _unit_done(dst: Path, unit: Unit, record: dict | None) -> bool:
+    if not record:
+        return False
+    return all((dst / name).exists() and (dst / name).stat().st_size == meta["size"]
+               for name, meta in record["outputs"].items())
+
+
+def check_space(dst: Path, needed: int) -> None:
+    probe = dst if dst.exists() else dst.parent
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise ConversionError(f"not enough free disk at {probe}: the conversion needs {needed / 1e9:.2f} GB more, "
+                              f"{free / 1e9:.2f} GB are free")
+
+
+def run(plan: Plan, dst: str | os.PathLike, progress: bool = True, restart: bool = False) -> dict:
+    dst = Path(dst).resolve()
+    if dst == plan.source.dir:
+        raise ConversionError("the destination must differ from the source (inputs are never modified)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        journal = _load_journal(dst, plan.plan_id, restart)
+    else:
+        journal = {"plan": plan.plan_id, "units": {}}
+    if journal.get("complete"):
+        return json.loads((dst / MANIFEST).read_text())
+    todo = [u for u in plan.units if not _unit_done(dst, u, journal["units"].get(str(u.index)))]
+    check_space(dst, sum(f.size for u in todo for f in u.files))
+    dst.mkdir(exist_ok=True)
+    for stale in dst.glob(".*.partial"):
+        stale.unlink()
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(u.source_size for u in todo), unit="B", unit_scale=True, unit_divisor=1024,
+               desc=f"convert -> {plan.opts.target}", disable=not progress, file=sys.stderr)
+    for unit in todo:
+        journal["units"][str(unit.index)] = process_unit(plan, unit, dst, bar.update)
+        write_json_atomic(dst / PROGRESS, journal)
+    bar.close()
+    manifest = finish(plan, dst, journal)
+    (dst / PROGRESS).unlink(missing_ok=True)
+    return manifest
+
+
+def finish(plan: Plan, dst: Path, journal: dict) -> dict:
+    """Small outputs, then the manifest (last: its presence means the conversion is complete)."""
+    outputs: dict[str, dict] = {}
+    sources: dict[str, dict] = {}
+    for u in plan.units:
+        rec = journal["units"][str(u.index)]
+        sources[u.source_file] = {"sha256": rec["source_sha256"], "size": u.source_size}
+        outputs.update(rec["outputs"])
+    for extra in plan.source.extra_files():
+        data = extra.read_bytes()
+        if extra.name == "config.json":
+            data = _config(json.loads(data), plan.opts)
+        outputs[extra.name] = dict(zip(("sha256", "size"), write_atomic(dst / extra.name, data)))
+    for name, weight_map, total in _indexes(plan):
+        outputs[name] = dict(zip(("sha256", "size"), write_json_atomic(
+            dst / name, {"metadata": {"total_size": total}, "weight_map": weight_map})))
+    if plan.opts.target == "w8a8":
+        outputs[DESCRIPTION] = dict(zip(("sha256", "size"), write_json_atomic(dst / DESCRIPTION, description(plan))))
+    manifest = {
+        "format": "v4hal-conversion/1",
+        "plan": plan.plan_id,
+        "options": plan.opts.as_dict(),
+        "sources": sources,
+        "outputs": outputs,
+        "tensors": {j.outputs[0].name: {"source": j.source, "source_scale": j.scale, "decode": j.decode,
+                                        "encode": j.encode, "outputs": [o.name for o in j.outputs],
+                                        "split": list(j.split) if j.split else None}
+                    for j in plan.jobs},
+    }
+    write_json_atomic(dst / MANIFEST, manifest)
+    return manifest
+
+
+def _indexes(plan: Plan):
+    maps: dict[int | None, tuple[dict, int]] = {}
+    for u in plan.units:
+        for f in u.files:
+            weight_map, total = maps.get(f.rank, ({}, 0))
+            for s in f.specs:
+                weight_map[s.name] = f.name
+            maps[f.rank] = (weight_map, total + sum(s.nbytes for s in f.specs))
+    names = plan.index_names()
+    for (rank, (weight_map, total)), name in zip(sorted(maps.items(), key=lambda kv: kv[0] or 0), names):
+        yield name, dict(sorted(weight_map.items())), total
+
+
+def description(plan: Plan) -> dict:
+    """msmodelslim's quant_model_description.json: every tensor named with its quant type."""
+    desc = {"model_quant_type": formats.W8A8_TYPE}
+    for j in plan.jobs:
+        for o in j.outputs:
+            desc[o.name] = j.quant_type
+    return desc
+
+
+def _config(cfg: dict, opts: Options) -> bytes:
+    if opts.target == "copy":
+        return (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
+    cfg = dict(cfg)
+    cfg.pop("quantization_config", None)
+    if opts.target == "fp8":
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": [128, 128], "scale_fmt": opts.scale_fmt}
+    elif opts.target == "w8a8":
+        cfg["quantize"] = "w8a8_dynamic"
+    elif opts.target == "mxfp8":
+        cfg["quantization_config"] = {"quant_method": "mxfp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": [1, formats.MX_BLOCK], "scale_fmt": "ue8m0"}
+    if opts.target == "bf16":
+        cfg["torch_dtype"] = cfg["dtype"] = "bfloat16"
+    return (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()

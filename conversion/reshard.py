@@ -1,0 +1,105 @@
+"""Tensor/expert-parallel resharding rules, with the semantics of DeepSeek's own convert script:
+routed experts go whole to rank `e // (n_experts / mp)`; column-parallel linears (and the
+embedding / LM head, by vocabulary) split along dim 0, row-parallel linears along dim 1; all else
+is replicated. A weight's scale splits along the same dim, in whole quantization blocks.
+
+Names are recognised in both namings DeepSeek checkpoints use: HF (`q_b_proj`, `o_proj`,
+`gate_proj`, ...) and official (`wq_b`, `wo`, `w1`, ...)."""
+
+from __future__ import annotations
+
+import re
+
+from v4hal.conversion.formats import Job
+
+DIM0 = {"embed_tokens", "embed", "lm_head", "head", "q_proj", "q_b_proj", "wq", "wq_b", "kv_b_proj", "wkv_b",
+        "gate_proj", "up_proj", "w1", "w3"}
+DIM1 = {"o_proj", "wo", "down_proj", "w2"}
+EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def module_key(name: str) -> str:
+    parts = name.split(".")
+    return parts[-2] if len(parts) >= 2 else parts[0]
+
+
+def assign(jobs: list[Job], mp: int, n_experts: int | None) -> None:
+    """Set `job.split` for every job: ("expert", rank), ("dim", d, block) or ("all",)."""
+    experts = [int(m.group(1)) for j in jobs if (m := EXPERT.search(j.source))]
+    n_experts = n_experts or (max(experts) + 1 if experts else 0)
+    if experts and n_experts % mp:
+        raise ValueError(f"reshard: {n_experts} routed experts do not divide over {mp} ranks")
+    for j in jobs:
+        m = EXPERT.search(j.source)
+        key = module_key(j.source)
+        if m:
+            j.split = ("expert", int(m.group(1)) // (n_experts // mp))
+        elif key in DIM0 or key in DIM1:
+            d = 0 if key in DIM0 else 1
+            block = block_of(j, d)
+            _check_divisible(j, d, mp, block)
+            j.split = ("dim", d, block)
+        else:
+            j.split = ("all",)
+
+
+def block_of(j: Job, d: int) -> int:
+    """Quantization block of the job's main output along dim d (a rank must hold whole blocks)."""
+    main = j.outputs[0]
+    if len(j.outputs) == 1:
+        return 1
+    scale = j.outputs[1].shape
+    if len(scale) != 2 or len(main.shape) != 2:
+        return 1
+    return -(-main.shape[d] // scale[d]) if scale[d] > 1 else 1
+
+
+def _check_divisible(j: Job, d: int, mp: int, block: int) -> None:
+    size = j.outputs[0].shape[d]
+    if size % mp or (size // mp) % block and block > 1:
+        raise ValueError(f"reshard: {j.outputs[0].name} has {size} along dim {d}; a rank's share must be a "
+                         f"multiple of the {block}-wide quantization block for {mp} ranks")
+
+
+def pieces(j: Job, out_index: int, t, mp: int, row0: int = 0):
+    """Split one piece of output `out_index` (rows row0.. of it for the main output, the whole
+    tensor for a side output) into per-rank pieces: yields (rank, tensor)."""
+    kind = j.split[0]
+    if kind == "all":
+        for r in range(mp):
+            yield r, t
+        return
+    if kind == "expert":
+        yield j.split[1], t
+        return
+    _, d, _ = j.split
+    full = j.outputs[out_index].shape
+    if full[d] == 1 and out_index > 0:  # a per-row scale of a column-split weight is shared
+        for r in range(mp):
+            yield r, t
+        return
+    share = full[d] // mp
+    if d == 1:
+        for r in range(mp):
+            yield r, t[:, r * share:(r + 1) * share]
+        return
+    for r in range(mp):
+        lo, hi = max(r * share, row0), min((r + 1) * share, row0 + t.shape[0])
+        if lo < hi:
+            yield r, t[lo - row0: hi - row0]
+
+
+def rank_shape(j: Job, out_index: int, mp: int, rank: int) -> tuple[int, ...] | None:
+    """Shape of output `out_index` on `rank`, or None when the rank does not hold it."""
+    shape = j.outputs[out_index].shape
+    kind = j.split[0]
+    if kind == "all":
+        return shape
+    if kind == "expert":
+        return shape if j.split[1] == rank else None
+    _, d, _ = j.split
+    if shape[d] == 1 and out_index > 0:
+        return shape
+    shape = list(shape)
+    shape[d] //= mp
+    return tuple(shape)

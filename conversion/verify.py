@@ -1,0 +1,118 @@
+"""Re-check a converted checkpoint: every file against the manifest (present, size, sha256, a
+parseable safetensors header), and optionally every tensor against the source by decoding both
+sides to float32 row chunk by row chunk:
+
+- raw copies must be byte-identical; BF16 must equal the source decoded then rounded to BF16;
+- FP8 / MXFP8 must lie within half an e4m3 step of the source: |y - x| <= 2^-4 |x| + 2^-10 s
+  (s the block scale: the subnormal step is s * 2^-9);
+- int8 must lie within half a quantization step of the source: |y - x| <= s_row / 2 (+ fp32 slack).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from v4hal.conversion import formats
+from v4hal.conversion.io import CheckpointError, Source, read_header, read_rows, sha256_file
+from v4hal.conversion.plan import CHUNK_BYTES, MANIFEST
+from v4hal.ops import quant
+
+
+def verify(dst: str | Path, source: str | Path | None = None, check_hash: bool = True, progress=None) -> list[str]:
+    """Problems found (empty when the output is sound), each naming file and tensor."""
+    dst = Path(dst)
+    try:
+        manifest = json.loads((dst / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return [f"{dst / MANIFEST}: cannot read the manifest ({exc}); the conversion did not finish"]
+    problems = []
+    for name, meta in manifest["outputs"].items():
+        path = dst / name
+        if not path.exists():
+            problems.append(f"{path}: missing")
+            continue
+        if path.stat().st_size != meta["size"]:
+            problems.append(f"{path}: size {path.stat().st_size}, manifest says {meta['size']}")
+            continue
+        if name.endswith(".safetensors"):
+            try:
+                read_header(path)
+            except CheckpointError as exc:
+                problems.append(str(exc))
+                continue
+        if check_hash and sha256_file(path, progress) != meta["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest (corrupt or modified)")
+    if source is None or problems:
+        return problems
+    src = Source(source)
+    for name, meta in manifest["sources"].items():
+        if name not in src.files:
+            problems.append(f"{src.dir / name}: source shard missing")
+        elif check_hash and sha256_file(src.dir / name, progress) != meta["sha256"]:
+            problems.append(f"{src.dir / name}: source shard differs from the one converted (sha256)")
+    out = Source(dst)
+    for main, t in manifest["tensors"].items():
+        if t["split"] and t["split"][0] != "all":
+            continue  # resharded pieces: checked by the manifest hashes only
+        try:
+            problems += compare(src, out, t)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def _decode_out(encode: str, out: Source, names: list[str], r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float32 rows of a converted tensor, plus the per-element tolerance scale (or None)."""
+    q = read_rows(out.tensors[names[0]], r0, r1)
+    if encode in ("raw", "bf16"):
+        return q.float(), None
+    if encode == "int8":
+        s = read_rows(out.tensors[names[1]], r0, r1)
+        off = read_rows(out.tensors[names[2]], r0, r1)
+        return (q.float() - off) * s, s.expand_as(q) / 2
+    if encode == "fp8":
+        b = quant.WEIGHT_BLOCK[0]
+        s = read_rows(out.tensors[names[1]], r0 // b, math.ceil(r1 / b))
+        per_elem = s.repeat_interleave(b, 0).repeat_interleave(b, 1)[: q.shape[0], : q.shape[1]]
+        return quant.dequantize_fp8(q, s, quant.WEIGHT_BLOCK, torch.float32), per_elem * 2.0**-10
+    if encode == "mxfp8":
+        s = read_rows(out.tensors[names[1]], r0, r1).float()
+        per_elem = s.repeat_interleave(formats.MX_BLOCK, 1)[:, : q.shape[1]]
+        return quant.dequantize_fp8(q, s, (1, formats.MX_BLOCK), torch.float32), per_elem * 2.0**-10
+    raise ValueError(encode)
+
+
+def compare(src: Source, out: Source, t: dict) -> list[str]:
+    info = src.tensors[t["source"]]
+    names = t["outputs"]
+    main = out.tensors.get(names[0])
+    if main is None:
+        return [f"{out.dir}: tensor '{names[0]}' missing from the output"]
+    if t["encode"] == "raw":
+        return [f"{main.file}, tensor '{name}': differs from source '{sname}'"
+                for name, sname in zip(names, [t["source"], t["source_scale"]])
+                if not torch.equal(read_rows(out.tensors[name]).view(torch.uint8),
+                                   read_rows(src.tensors[sname]).view(torch.uint8))]
+    scale = read_rows(src.tensors[t["source_scale"]]) if t["source_scale"] else None
+    rows = main.shape[0]
+    step = max(128, CHUNK_BYTES // (4 * math.prod(main.shape[1:]) or 1) // 128 * 128)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        x = formats.decode_rows(t["decode"], read_rows(info, r0, r1), scale, r0)
+        y, tol = _decode_out(t["encode"], out, names, r0, r1)
+        if t["encode"] == "bf16":
+            bad = y != x.to(torch.bfloat16).float()
+        elif t["encode"] == "int8":
+            bad = (y - x).abs() > tol * (1 + 1e-5) + 1e-12
+        else:
+            bad = (y - x).abs() > x.abs() * 2.0**-4 + tol * (1 + 1e-5)
+        if bool(bad.any()):
+            i = int(bad.flatten().nonzero()[0])
+            row, col = divmod(i, x.shape[1]) if x.dim() == 2 else (i, 0)
+            return [f"{main.file}, tensor '{names[0]}': {int(bad.sum())} element(s) outside the {t['encode']} error "
+                    f"budget of source '{t['source']}', first at [{r0 + row}, {col}]: {float(y.flatten()[i])} vs {float(x.flatten()[i])}"]
+    return []
