@@ -1,0 +1,310 @@
+"""Checkpoint loading by the official tensor names, one shard at a time.
+
+Accepted namings (mixed freely, per tensor):
+- HF, as transformers' `save_pretrained` writes it: `model.layers.3.self_attn.q_a_proj.weight`,
+  fused experts `model.layers.3.mlp.experts.gate_up_proj` `[E, 2I, H]` / `down_proj` `[E, H, I]`.
+- HF as DeepSeek publishes V3 / V3.2: the same, with experts one module each
+  (`mlp.experts.17.gate_proj.weight`) and FP8 weights beside `...weight_scale_inv`.
+- DeepSeek's own V4 naming (`layers.3.attn.wq_a.weight`, `layers.3.ffn.experts.17.w1.weight`,
+  `hc_head_fn`, `embed.weight`, `head.weight`, ...) with `...scale` beside FP8 / FP4 weights.
+
+Quantized weights (FP8 e4m3 + 128x128 block scales, MXFP4 packed + 1x32 ue8m0 scales, int8 +
+per-row scales) stay quantized where the target is a `Linear` (or a fused expert tensor with a
+`<name>_scale` slot) and `keep_quantized` is on; otherwise they are dequantized once, on load.
+Shards are memory-mapped and copied tensor by tensor into the model's (untouched, lazily
+allocated) storage, so the peak resident memory is near the model's size, not twice it.
+The MTP layers (`model.layers.{N}` for N >= num_hidden_layers, `mtp.*`) are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from v4hal import ops
+from v4hal.model.config import ModelArgs
+
+QUANT_DTYPES = (torch.float8_e4m3fn, torch.uint8, torch.int8)
+SCALE_SUFFIXES = (".weight_scale_inv", ".scale")
+
+# DeepSeek's own V4 names -> HF names, applied to a key without its optional `model.` prefix
+# (transformers itself writes V4 checkpoints in these names, under `model.`).
+_V4_RENAMES = [
+    (r"^embed\.weight$", "embed_tokens.weight"),
+    (r"^head\.weight$", "lm_head.weight"),
+    (r"^hc_head_(fn|base|scale)$", r"hc_head.hc_\1"),
+    (r"\.attn\.", ".self_attn."),
+    (r"\.ffn\.", ".mlp."),
+    (r"\.indexer\.compressor\.", ".compressor.indexer."),
+    (r"\.attn_norm\.", ".input_layernorm."),
+    (r"\.ffn_norm\.", ".post_attention_layernorm."),
+    (r"\.hc_(attn|ffn)_(fn|base|scale)$", r".\1_hc.\2"),
+    (r"\.attn_sink$", ".sinks"),
+    (r"\.self_attn\.indexer\.weights_proj\.", ".self_attn.compressor.indexer.scorer.weights_proj."),
+    (r"\.self_attn\.indexer\.wq_b\.", ".self_attn.compressor.indexer.q_b_proj."),
+    (r"\.norm\.", ".kv_norm."),
+    (r"\.ape$", ".position_bias"),
+    (r"\.wq_a\.", ".q_a_proj."),
+    (r"\.wq_b\.", ".q_b_proj."),
+    (r"\.wkv\.", ".kv_proj."),
+    (r"\.wgate\.", ".gate_proj."),
+    (r"\.wo_a\.", ".o_a_proj."),
+    (r"\.wo_b\.", ".o_b_proj."),
+    (r"\.q_norm\.", ".q_a_norm."),
+    (r"\.gate\.bias$", ".gate.e_score_correction_bias"),
+    (r"\.(shared_experts|experts\.\d+)\.w1\.", r".\1.gate_proj."),
+    (r"\.(shared_experts|experts\.\d+)\.w2\.", r".\1.down_proj."),
+    (r"\.(shared_experts|experts\.\d+)\.w3\.", r".\1.up_proj."),
+]
+_PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class LoadError(RuntimeError):
+    """The checkpoint does not fit the model; the message lists every offending tensor."""
+
+
+@dataclass
+class LoadReport:
+    files: int = 0
+    tensors: int = 0
+    formats: Counter = field(default_factory=Counter)  # target tensors by stored format
+    dequantized: int = 0
+    skipped: list[str] = field(default_factory=list)  # MTP tensors
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        fmts = ", ".join(f"{n} {k}" for k, n in sorted(self.formats.items()))
+        return (f"{self.tensors} tensors from {self.files} file(s) ({fmts}); {self.dequantized} dequantized, "
+                f"{len(self.skipped)} MTP tensors skipped; {self.bytes_read / 2**20:.1f} MiB in {self.seconds:.2f} s")
+
+
+def checkpoint_files(directory: str | Path) -> list[Path]:
+    d = Path(directory)
+    if not d.is_dir():
+        raise LoadError(f"weights: {d} is not a directory")
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (d / n).exists()]
+        if missing:
+            raise LoadError(f"weights: {index.name} names shards that are absent: {missing}")
+        return [d / n for n in names]
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"weights: no *.safetensors file in {d}")
+    return files
+
+
+def canonical_name(key: str, v4: bool) -> str:
+    """A checkpoint key in HF naming: DeepSeek's V4 names translated (V3 / V3.2 publish HF names
+    already), V3's `weight_scale_inv` spelled `scale`, `model.` prefixed except for `lm_head`."""
+    if key.endswith(".weight_scale_inv"):
+        key = key[: -len(".weight_scale_inv")] + ".scale"
+    body = key[len("model."):] if key.startswith("model.") else key
+    if v4:
+        for pattern, repl in _V4_RENAMES:
+            body = re.sub(pattern, repl, body)
+    return body if body.startswith("lm_head.") else "model." + body
+
+
+def _is_mtp(name: str, args: ModelArgs) -> bool:
+    m = _LAYER.match(name)
+    return name.startswith(("mtp.", "model.mtp.")) or (m is not None and int(m.group(1)) >= args.num_hidden_layers)
+
+
+def _slot(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
+    module_path, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_path) if module_path else model
+    except AttributeError:
+        return None
+    if attr in module._parameters or attr in module._buffers:
+        return module, attr
+    return None
+
+
+def _is_quant_scale(model: nn.Module, name: str) -> bool:
+    """`x.scale` is a quantization scale unless the model holds a tensor of that name (mHC's
+    `attn_hc.scale` is a parameter; a `Linear`'s empty `scale` slot waits for one)."""
+    if not name.endswith(".scale"):
+        return False
+    slot = _slot(model, name)
+    return slot is None or getattr(*slot) is None
+
+
+def _logical_shape(t: torch.Tensor) -> tuple[int, ...]:
+    """Shape of the matrix a stored tensor stands for (packed FP4 holds two values per byte)."""
+    return (*t.shape[:-1], t.shape[-1] * 2) if t.dtype == torch.uint8 else tuple(t.shape)
+
+
+def _dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if q.dtype == torch.float8_e4m3fn:
+        return ops.dequantize_fp8(q, scale.float(), out_dtype=dtype)
+    if q.dtype == torch.uint8:
+        return ops.dequantize_fp4(q, scale, out_dtype=dtype)
+    return (q.float() * scale.float().reshape(-1, 1)).to(dtype)
+
+
+class _Loader:
+    def __init__(self, model: nn.Module, args: ModelArgs, keep_quantized: bool):
+        self.model, self.args, self.keep = model, args, keep_quantized
+        self.expected = set(model.state_dict().keys())
+        self.filled: dict[str, set] = {}  # target name -> pieces written (experts fill piecewise)
+        self.pieces_needed: dict[str, int] = {}
+        self.errors: list[str] = []
+        self.unexpected: list[str] = []
+        self.report = LoadReport()
+
+    # One logical tensor: a float tensor, or a quantized weight with its scale.
+    def put(self, name: str, tensor: torch.Tensor, scale: torch.Tensor | None) -> None:
+        m = _PER_EXPERT.match(name)
+        if m is not None:
+            self._put_expert(m, name, tensor, scale)
+            return
+        slot = _slot(self.model, name)
+        if slot is None:
+            self.unexpected.append(name)
+            return
+        module, attr = slot
+        target = getattr(module, attr)
+        if _logical_shape(tensor) != tuple(target.shape) and not (tensor.dtype in QUANT_DTYPES and scale is not None
+                                                               and _logical_shape(tensor) == tuple(target.shape)):
+            self.errors.append(f"{name}: checkpoint shape {tuple(_logical_shape(tensor))}, model expects {tuple(target.shape)}")
+            return
+        self.report.formats[ops.weight_format(tensor, scale) if scale is not None else "dense"] += 1
+        if scale is not None and self.keep and hasattr(module, "set_weight") and attr == "weight":
+            module.set_weight(tensor, scale)
+        else:
+            if scale is not None:
+                tensor = _dequantize(tensor, scale, target.dtype)
+                self.report.dequantized += 1
+            self._copy(module, attr, target, tensor)
+        self.filled[name] = {None}
+
+    def _copy(self, module: nn.Module, attr: str, target: torch.Tensor, tensor: torch.Tensor, index=None) -> None:
+        if target.is_meta:  # a model built on the meta device gets real storage as it loads
+            target = torch.empty(target.shape, dtype=target.dtype)
+            if attr in module._parameters:
+                module._parameters[attr] = nn.Parameter(target, requires_grad=False)
+            else:
+                module._buffers[attr] = target
+        with torch.no_grad():
+            (target if index is None else target[index]).copy_(tensor)
+
+    def _put_expert(self, m: re.Match, name: str, tensor: torch.Tensor, scale: torch.Tensor | None) -> None:
+        prefix, e, proj = m.group("prefix"), int(m.group("e")), m.group("proj")
+        fused = f"{prefix}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+        slot = _slot(self.model, fused)
+        if slot is None:
+            self.unexpected.append(name)
+            return
+        module, attr = slot
+        target = getattr(module, attr)
+        n_exp, rows = target.shape[0], target.shape[1]
+        half = rows // 2 if proj != "down_proj" else rows
+        expect = (half, target.shape[2]) if target.dtype not in QUANT_DTYPES else None
+        if e >= n_exp or (expect is not None and _logical_shape(tensor) != expect):
+            self.errors.append(f"{name}: checkpoint shape {tuple(_logical_shape(tensor))} (expert {e}), model expects "
+                               f"{expect} for each of {n_exp} experts in {fused}")
+            return
+        row0 = 0 if proj != "up_proj" else half
+        self.report.formats[ops.weight_format(tensor, scale) if scale is not None else "dense"] += 1
+        scale_attr = f"{attr}_scale"
+        keep = scale is not None and self.keep and hasattr(module, scale_attr) and self._fusable(scale, half, tensor)
+        if keep:
+            qt = getattr(module, attr)
+            if qt.dtype != tensor.dtype:  # first quantized expert: swap in quantized storage
+                qt = torch.empty((n_exp, rows, tensor.shape[1]), dtype=tensor.dtype)
+                srows = scale.shape[0] * (rows // half)
+                setattr(module, scale_attr, torch.empty((n_exp, srows, scale.shape[1]), dtype=scale.dtype))
+                module._parameters[attr] = nn.Parameter(qt, requires_grad=False)
+            s = getattr(module, scale_attr)
+            with torch.no_grad():
+                qt[e, row0: row0 + half].copy_(tensor)
+                s0 = row0 * scale.shape[0] // half
+                s[e, s0: s0 + scale.shape[0]].copy_(scale)
+        else:
+            if scale is not None:
+                tensor = _dequantize(tensor, scale, target.dtype)
+                self.report.dequantized += 1
+            self._copy(module, attr, target, tensor, (e, slice(row0, row0 + half)))
+            target = getattr(module, attr)
+        self.pieces_needed[fused] = n_exp * (1 if proj == "down_proj" else 2)
+        self.filled.setdefault(fused, set()).add((e, proj))
+
+    @staticmethod
+    def _fusable(scale: torch.Tensor, half: int, tensor: torch.Tensor) -> bool:
+        """Gate and up scales stack into one tensor only when no scale block straddles them."""
+        per = -(-half // scale.shape[0])
+        return half % per == 0
+
+    def finish(self) -> None:
+        missing = []
+        for name in sorted(self.expected):
+            got = self.filled.get(name)
+            if got is None or (name in self.pieces_needed and len(got) < self.pieces_needed[name]):
+                have = "" if got is None else f" ({len(got)} of {self.pieces_needed[name]} expert matrices)"
+                missing.append(name + have)
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing tensor(s): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+        if self.unexpected:
+            problems.append(f"{len(self.unexpected)} unexpected tensor(s) (not in the model): "
+                            + ", ".join(self.unexpected[:20]) + (" ..." if len(self.unexpected) > 20 else ""))
+        if self.errors:
+            problems.append(f"{len(self.errors)} mis-shaped tensor(s): " + "; ".join(self.errors[:20]))
+        if problems:
+            raise LoadError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
+
+
+def load_checkpoint(model: nn.Module, directory: str | Path, args: ModelArgs, *, keep_quantized: bool = True) -> LoadReport:
+    """Fill `model`'s parameters and buffers from the safetensors shards in `directory`.
+
+    Raises LoadError naming every missing, unexpected and mis-shaped tensor."""
+    start = time.perf_counter()
+    loader = _Loader(model, args, keep_quantized)
+    files = checkpoint_files(directory)
+    pending_w: dict[str, torch.Tensor] = {}  # quantized weights whose scale is in a later shard
+    pending_s: dict[str, torch.Tensor] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                name = canonical_name(key, args.is_v4)
+                if _is_mtp(name, args):
+                    loader.report.skipped.append(key)
+                    continue
+                tensor = f.get_tensor(key)
+                loader.report.bytes_read += tensor.numel() * tensor.element_size()
+                loader.report.tensors += 1
+                if _is_quant_scale(model, name):
+                    base = name[: -len(".scale")] + ".weight"
+                    if base in pending_w:
+                        loader.put(base, pending_w.pop(base), tensor)
+                    else:
+                        pending_s[base] = tensor
+                elif name.endswith(".weight") and tensor.dtype in QUANT_DTYPES:
+                    if name in pending_s:
+                        loader.put(name, tensor, pending_s.pop(name))
+                    else:
+                        pending_w[name] = tensor
+                else:
+                    loader.put(name, tensor, None)
+        loader.report.files += 1
+    for name in pending_w:
+        loader.errors.append(f"{name}: quantized ({pending_w[name].dtype}) but no scale tensor "
+                             f"({name[:-7]}.scale or .weight_scale_inv) in the checkpoint")
+    for name in pending_s:
+        loader.unexpected.append(name[: -len(".weight")] + ".scale")
+    loader.finish()
+    loader.report.seconds = time.perf_counter() - start
+    return loader.report
