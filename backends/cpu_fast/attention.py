@@ -1,0 +1,99 @@
+"""Fast CPU sparse attention: work in query chunks, gather only the selected KV rows.
+
+Attention never forms a [queries x all keys] matrix: per query it touches its K gathered rows
+(O(top-k + window) time and memory). The indexer forms scores for one chunk of queries at a
+time (O(compressed length) per query) and keeps only the top-k. Chunks are sized so a chunk's
+temporaries stay around `_CHUNK_ELEMS` floats whatever the context length.
+"""
+
+import torch
+
+from v4hal.backends.cpu.attention import _cd
+
+_CHUNK_ELEMS = 1 << 23  # ~32 MiB of float32 temporaries per chunk
+
+
+def _chunk(per_query: int) -> int:
+    return max(1, _CHUNK_ELEMS // max(1, per_query))
+
+
+def _limits(positions, ratio):
+    return None if positions is None else (positions.long() + 1) // ratio
+
+
+def _scores_chunk(q, k, weights, scale, cd):
+    """[Sc, T] indexer scores of one batch row's query chunk: q [Sc, H, D], k [T, D]."""
+    sc, h, d = q.shape
+    dots = torch.relu(q.reshape(sc * h, d).to(cd) @ k.to(cd).T).view(sc, h, -1)
+    return scale * torch.bmm(weights.to(cd).unsqueeze(1), dots).squeeze(1)
+
+
+def _topk_rows(scores, k, limit):
+    """Top-k of each row of scores [Sc, T] over entries t < limit [Sc] (None: all), -1 padded."""
+    t = scores.shape[-1]
+    if limit is not None:
+        hidden = torch.arange(t).view(1, t) >= limit.view(-1, 1)
+        scores = scores.masked_fill(hidden, float("-inf"))
+    idx = torch.topk(scores, k, dim=-1, sorted=True).indices
+    if limit is not None:
+        idx = torch.where(idx < limit.view(-1, 1), idx, -1)
+    return idx.to(torch.int32)
+
+
+def indexer_scores(q, k, weights, scale):
+    cd = _cd(q)
+    b, s, h, _ = q.shape
+    out = torch.empty(b, s, k.shape[1], dtype=cd)
+    step = _chunk(h * k.shape[1])
+    for bi in range(b):
+        for lo in range(0, s, step):
+            out[bi, lo:lo + step] = _scores_chunk(q[bi, lo:lo + step], k[bi], weights[bi, lo:lo + step], scale, cd)
+    return out
+
+
+def indexer_topk(scores, k, positions, ratio):
+    limits = _limits(positions, ratio)
+    b, s, _ = scores.shape
+    return torch.stack([_topk_rows(scores[bi], k, None if limits is None else limits[bi]) for bi in range(b)])
+
+
+def indexer_select(q, k, weights, scale, topk, positions, ratio):
+    cd = _cd(q)
+    b, s, h, _ = q.shape
+    limits = _limits(positions, ratio)
+    out = torch.empty(b, s, topk, dtype=torch.int32)
+    step = _chunk(h * k.shape[1])
+    for bi in range(b):
+        for lo in range(0, s, step):
+            sc = _scores_chunk(q[bi, lo:lo + step], k[bi], weights[bi, lo:lo + step], scale, cd)
+            out[bi, lo:lo + step] = _topk_rows(sc, topk, None if limits is None else limits[bi, lo:lo + step])
+    return out
+
+
+def sparse_attention(q, kv, indices, scale, sink, v_dim):
+    cd = _cd(q)
+    b, s, h, d = q.shape
+    kk = indices.shape[-1]
+    out = torch.empty(b, s, h, v_dim, dtype=q.dtype)
+    lse = torch.empty(b, s, h, dtype=cd)
+    sink_col = None if sink is None else sink.to(cd).view(1, h, 1)
+    step = _chunk(kk * (d + h))
+    for bi in range(b):
+        for lo in range(0, s, step):
+            idx = indices[bi, lo:lo + step].long()
+            valid = idx >= 0
+            rows = kv[bi].index_select(0, idx.clamp(min=0).flatten()).view(*idx.shape, d).to(cd)  # [Sc, K, D]
+            logits = torch.bmm(q[bi, lo:lo + step].to(cd), rows.transpose(1, 2)) * scale  # [Sc, H, K]
+            logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
+            m = logits.amax(-1, keepdim=True)
+            if sink_col is not None:
+                m = torch.maximum(m, sink_col)
+            m = torch.where(torch.isfinite(m), m, 0.0)
+            p = torch.exp(logits - m)
+            denom = p.sum(-1, keepdim=True)
+            if sink_col is not None:
+                denom = denom + torch.exp(sink_col - m)
+            o = torch.bmm(p, rows[..., :v_dim]) / torch.where(denom > 0, denom, 1.0)
+            out[bi, lo:lo + step] = o.to(q.dtype)
+            lse[bi, lo:lo + step] = (torch.log(denom) + m).squeeze(-1)
+    return out, lse
