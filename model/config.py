@@ -258,6 +258,8 @@ class ModelArgs:
             cfg["rope_parameters"] = cfg.pop("rope_scaling")
         if isinstance(cfg.get("rope_parameters"), dict):
             rp = dict(cfg["rope_parameters"])
+            if "type" in rp:  # DeepSeek's rope_scaling spells it `type`
+                rp.setdefault("rope_type", rp.pop("type"))
             if "main" in rp:
                 cfg["rope_theta"] = rp["main"].get("rope_theta", cfg.get("rope_theta", 10000.0))
                 cfg["compress_rope_theta"] = rp["compress"].get("rope_theta", cfg.get("compress_rope_theta", 160000.0))
