@@ -104,8 +104,10 @@ def plan_jobs(tensors: dict[str, TensorInfo], opts: Options) -> list[Job]:
     keep = re.compile(opts.keep) if opts.keep else None
     scales = {s: n for n in tensors if (s := sibling_scale(n, tensors))}
     src_scale_name = next((s.rsplit(".", 1)[1] for s in scales), None)
+    # V4's official naming (`.attn.` / `.ffn.` modules) pairs weights with `scale`, HF naming with `weight_scale_inv`.
+    official = any(".ffn." in n or ".attn." in n for n in tensors)
     scale_name = opts.scale_name if opts.scale_name != "auto" else (
-        src_scale_name or ("weight_scale_inv" if any(n.startswith("model.") for n in tensors) else "scale"))
+        src_scale_name or ("scale" if official else "weight_scale_inv"))
     jobs = []
     for name, info in tensors.items():
         if name in scales:

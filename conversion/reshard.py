@@ -51,7 +51,9 @@ def block_of(j: Job, d: int) -> int:
     scale = j.outputs[1].shape
     if len(scale) != 2 or len(main.shape) != 2:
         return 1
-    return -(-main.shape[d] // scale[d]) if scale[d] > 1 else 1
+    if scale[d] == 1:
+        return 1
+    return next((b for b in (1, 16, 32, 128) if -(-main.shape[d] // b) == scale[d]), 1)
 
 
 def _check_divisible(j: Job, d: int, mp: int, block: int) -> None:
