@@ -41,10 +41,11 @@ def sinkhorn(logits, iters, eps):
 
 
 def hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters):
-    if not _fused(x):
-        return batched.hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters)
-    h_in, post, comb_logits = npu().npu_mhc_pre(x, fn.float(), scale.float(), base.float(), gamma=None,
-                                                norm_eps=norm_eps, hc_eps=hc_eps, out_flag=0)[:3]
+    if _fused(x):
+        h_in, post, comb_logits = npu().npu_mhc_pre(x, fn.float(), scale.float(), base.float(), gamma=None,
+                                                    norm_eps=norm_eps, hc_eps=hc_eps, out_flag=0)[:3]
+    else:
+        h_in, post, comb_logits = batched.hc_pre_logits(x, fn, scale, base, norm_eps, hc_eps)
     return h_in, post, sinkhorn(comb_logits, iters, hc_eps)
 
 

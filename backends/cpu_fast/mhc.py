@@ -37,7 +37,8 @@ def _collapse(xf, pre, dtype):
     return torch.matmul(pre.unsqueeze(-2), xf).squeeze(-2).to(dtype)
 
 
-def hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters):
+def hc_pre_logits(x, fn, scale, base, norm_eps, hc_eps):
+    """hc_pre up to the Sinkhorn: (layer_input, post, comb logits), the split `npu_mhc_pre` makes."""
     n = x.shape[-2]
     cd = _compute_dtype(x)
     xf = x.to(cd)
@@ -45,8 +46,13 @@ def hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters):
     scale, base = scale.to(cd), base.to(cd)
     pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]).add_(hc_eps)
     post = torch.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n]).mul_(2)
-    comb = sinkhorn((mixes[..., 2 * n:] * scale[2] + base[2 * n:]).unflatten(-1, (n, n)), iters, hc_eps)
-    return _collapse(xf, pre, x.dtype), post, comb
+    logits = (mixes[..., 2 * n:] * scale[2] + base[2 * n:]).unflatten(-1, (n, n))
+    return _collapse(xf, pre, x.dtype), post, logits
+
+
+def hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters):
+    layer_input, post, logits = hc_pre_logits(x, fn, scale, base, norm_eps, hc_eps)
+    return layer_input, post, sinkhorn(logits, iters, hc_eps)
 
 
 def hc_post(out, x, post, comb):
