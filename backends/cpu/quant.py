@@ -38,7 +38,11 @@ def _block_amax(x, block):
 
 
 def power_of_two_ceil(s):
-    return torch.exp2(torch.ceil(torch.log2(s)))
+    """2**ceil(log2(s)), exactly: frexp gives s = m * 2**e with m in [0.5, 1), and s is a power
+    of two only when m == 0.5. (ceil(log2(s)) in float32 rounds scales just above a power of two
+    down, which would push the block's amax past the format's range.)"""
+    mantissa, exponent = torch.frexp(s)
+    return torch.ldexp(torch.ones_like(s), exponent - (mantissa == 0.5).to(exponent.dtype))
 
 
 def quantize_fp8(x, block, scale_fmt):
@@ -60,7 +64,7 @@ def fp8_matmul(a, a_scale, b, b_scale, out_dtype):
     k = a.shape[-1]
     bk = ACT_BLOCK[1]
     b_row_scale = b_scale.to(cd).repeat_interleave(WEIGHT_BLOCK[0], dim=0)[: b.shape[0]]  # [N, Kb]
-    acc = torch.zeros(*a.shape[:-1], b.shape[0], dtype=cd)
+    acc = torch.zeros(*a.shape[:-1], b.shape[0], dtype=cd, device=a.device)
     for kb in range(math.ceil(k / bk)):
         cols = slice(kb * bk, min(k, (kb + 1) * bk))
         partial = a[..., cols].to(cd) @ b[:, cols].to(cd).T
