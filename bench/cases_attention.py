@@ -96,9 +96,10 @@ def _compress_inputs(b, s, d, ratio, overlap, buffered, with_prev):
     return make
 
 
-def _indexer_inputs(b, s, t, h, d, start=None, ratio=1, topk=None):
+def _indexer_inputs(b, s, t, h, d, start=None, ratio=1, topk=None, dtype=torch.float32):
     def make(g):
-        out = dict(q=randn(g, b, s, h, d), k=randn(g, b, t, d), weights=randn(g, b, s, h),
+        out = dict(q=randn(g, b, s, h, d, dtype=dtype), k=randn(g, b, t, d, dtype=dtype),
+                   weights=randn(g, b, s, h, dtype=dtype),
                    scale=(d * h) ** -0.5)
         if topk is not None:
             first = t * ratio - s if start is None else start
@@ -142,8 +143,9 @@ def _sparse_case(name, b, s, n, h, d, k, quick=False, dtype=torch.float32, **kw)
                 {"out0": _tol(dtype, red), "out1": _tol(torch.float32, red)}, quick=quick)
 
 
-def _select_case(name, b, s, t, h, d, topk, ratio, quick=False):
-    return Case("indexer_select", name, ops.indexer_select, _indexer_inputs(b, s, t, h, d, ratio=ratio, topk=topk),
+def _select_case(name, b, s, t, h, d, topk, ratio, quick=False, dtype=torch.float32):
+    return Case("indexer_select", name, ops.indexer_select,
+                _indexer_inputs(b, s, t, h, d, ratio=ratio, topk=topk, dtype=dtype),
                 BY_CHECK, quick=quick, check=_select_check(h * d))
 
 
@@ -180,6 +182,8 @@ PARITY = [
     _select_case("v4-flash/decode-32k", 1, 1, 8192, V4F["index_heads"], V4F["index_dim"], V4F["index_topk"], 4),
     _select_case("v4-pro/decode-32k", 1, 1, 8192, V4P["index_heads"], V4P["index_dim"], V4P["index_topk"], 4),
     _select_case("v3.2/prefill", 1, 32, 4096, V32["index_heads"], V32["index_dim"], V32["index_topk"], 1),
+    _select_case("v3.2/prefill-bf16", 1, 32, 4096, V32["index_heads"], V32["index_dim"], V32["index_topk"], 1,
+                 dtype=torch.bfloat16),
     _select_case("v3.2/decode-16k", 1, 1, 16384, V32["index_heads"], V32["index_dim"], V32["index_topk"], 1),
     _sparse_case("small/mqa-sink", 2, 5, 11, 3, 16, 6, quick=True),
     _sparse_case("small/mla", 1, 4, 9, 2, 24, 5, quick=True, sink=False, v_dim=16),
@@ -191,6 +195,8 @@ PARITY = [
     _sparse_case("v4-pro/decode", 1, 1, 8192 + 128, V4P["heads"], V4P["head_dim"], V4P["index_topk"] + V4P["window"]),
     _sparse_case("v3.2/prefill", 1, 8, 4096, V32["heads"], MLA_D, V32["index_topk"], sink=False, v_dim=V32["kv_lora"]),
     _sparse_case("v3.2/decode", 1, 1, 16384, V32["heads"], MLA_D, V32["index_topk"], sink=False, v_dim=V32["kv_lora"]),
+    _sparse_case("v3.2/decode-bf16", 1, 1, 16384, V32["heads"], MLA_D, V32["index_topk"], sink=False,
+                 v_dim=V32["kv_lora"], dtype=torch.bfloat16),
 ]
 
 

@@ -40,8 +40,8 @@ def kv_compress(kv, gate, position_bias, norm_weight, ratio, overlap, eps, prev_
     if overlap:
         d = c // 2
         # Slot layout per entry: [series a of the previous window | series b of this window].
-        prev_a = torch.zeros(b, w, ratio, d, dtype=cd)
-        prev_g = torch.full((b, w, ratio, d), float("-inf"), dtype=cd)
+        prev_a = torch.zeros(b, w, ratio, d, dtype=cd, device=kv.device)
+        prev_g = torch.full((b, w, ratio, d), float("-inf"), dtype=cd, device=kv.device)
         prev_a[:, 1:], prev_g[:, 1:] = kvw[:, :-1, :, :d], gw[:, :-1, :, :d]
         if prev_kv is not None:
             prev_a[:, 0], prev_g[:, 0] = prev_kv.to(cd), prev_gate.to(cd)

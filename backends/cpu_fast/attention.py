@@ -1,9 +1,10 @@
-"""Fast CPU sparse attention: work in query chunks, gather only the selected KV rows.
+"""Fast sparse attention in plain torch: work in query chunks, gather only the selected KV rows.
 
 Attention never forms a [queries x all keys] matrix: per query it touches its K gathered rows
 (O(top-k + window) time and memory). The indexer forms scores for one chunk of queries at a
 time (O(compressed length) per query) and keeps only the top-k. Chunks are sized so a chunk's
-temporaries stay around `_CHUNK_ELEMS` floats whatever the context length.
+temporaries stay around `_CHUNK_ELEMS` floats whatever the context length. The code is device-agnostic: the cuda backend runs it with
+bigger chunks.
 """
 
 import torch
@@ -13,8 +14,8 @@ from v4hal.backends.cpu.attention import _cd
 _CHUNK_ELEMS = 1 << 23  # ~32 MiB of float32 temporaries per chunk
 
 
-def _chunk(per_query: int) -> int:
-    return max(1, _CHUNK_ELEMS // max(1, per_query))
+def _chunk(per_query: int, elems: int) -> int:
+    return max(1, elems // max(1, per_query))
 
 
 def _limits(positions, ratio):
@@ -32,7 +33,7 @@ def _topk_rows(scores, k, limit):
     """Top-k of each row of scores [Sc, T] over entries t < limit [Sc] (None: all), -1 padded."""
     t = scores.shape[-1]
     if limit is not None:
-        hidden = torch.arange(t).view(1, t) >= limit.view(-1, 1)
+        hidden = torch.arange(t, device=scores.device).view(1, t) >= limit.view(-1, 1)
         scores = scores.masked_fill(hidden, float("-inf"))
     idx = torch.topk(scores, k, dim=-1, sorted=True).indices
     if limit is not None:
@@ -40,11 +41,11 @@ def _topk_rows(scores, k, limit):
     return idx.to(torch.int32)
 
 
-def indexer_scores(q, k, weights, scale):
+def indexer_scores(q, k, weights, scale, chunk_elems=_CHUNK_ELEMS):
     cd = _cd(q)
     b, s, h, _ = q.shape
-    out = torch.empty(b, s, k.shape[1], dtype=cd)
-    step = _chunk(h * k.shape[1])
+    out = torch.empty(b, s, k.shape[1], dtype=cd, device=q.device)
+    step = _chunk(h * k.shape[1], chunk_elems)
     for bi in range(b):
         for lo in range(0, s, step):
             out[bi, lo:lo + step] = _scores_chunk(q[bi, lo:lo + step], k[bi], weights[bi, lo:lo + step], scale, cd)
@@ -57,12 +58,12 @@ def indexer_topk(scores, k, positions, ratio):
     return torch.stack([_topk_rows(scores[bi], k, None if limits is None else limits[bi]) for bi in range(b)])
 
 
-def indexer_select(q, k, weights, scale, topk, positions, ratio):
+def indexer_select(q, k, weights, scale, topk, positions, ratio, chunk_elems=_CHUNK_ELEMS):
     cd = _cd(q)
     b, s, h, _ = q.shape
     limits = _limits(positions, ratio)
-    out = torch.empty(b, s, topk, dtype=torch.int32)
-    step = _chunk(h * k.shape[1])
+    out = torch.empty(b, s, topk, dtype=torch.int32, device=q.device)
+    step = _chunk(h * k.shape[1], chunk_elems)
     for bi in range(b):
         for lo in range(0, s, step):
             sc = _scores_chunk(q[bi, lo:lo + step], k[bi], weights[bi, lo:lo + step], scale, cd)
@@ -70,14 +71,14 @@ def indexer_select(q, k, weights, scale, topk, positions, ratio):
     return out
 
 
-def sparse_attention(q, kv, indices, scale, sink, v_dim):
+def sparse_attention(q, kv, indices, scale, sink, v_dim, chunk_elems=_CHUNK_ELEMS):
     cd = _cd(q)
     b, s, h, d = q.shape
     kk = indices.shape[-1]
-    out = torch.empty(b, s, h, v_dim, dtype=q.dtype)
-    lse = torch.empty(b, s, h, dtype=cd)
+    out = torch.empty(b, s, h, v_dim, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, s, h, dtype=cd, device=q.device)
     sink_col = None if sink is None else sink.to(cd).view(1, h, 1)
-    step = _chunk(kk * (d + h))
+    step = _chunk(kk * (d + h), chunk_elems)
     for bi in range(b):
         for lo in range(0, s, step):
             idx = indices[bi, lo:lo + step].long()
