@@ -1,0 +1,107 @@
+"""CUDA quantized matmuls.
+
+fp8_matmul: on SM90+ with K and N multiples of 128, one cuBLAS block-scaled GEMM through
+`torch.nn.functional.scaled_mm` (recipes BlockWise1x128 for the activation, BlockWise128x128 for
+the weight: exactly DeepSeek's scaling, fp32 accumulation, no fast accumulation). The scale
+layouts it wants (from torch 2.13's `_check_scaled_mm_sizes_v2`): the activation scale
+`[M, K/128]` with strides `(1, M)` (outer-dim-major), the weight scale transposed to
+`[round_up(K/128, 4), N/128]` with strides `(1, L4)`. Anything else (older GPUs, ragged shapes,
+float64 output) takes the correct fallback: dequantize both operands in float32 and run one GEMM.
+
+The functions are device-agnostic torch, so the fallback is exercised on CPU tensors by the tests.
+"""
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from v4hal.backends.cpu import quant as ref
+from v4hal.backends.cpu_fast.quant import quantize_fp8, quantize_int8  # noqa: F401  (vectorised, any device)
+from v4hal.ops.quant import ACT_BLOCK, FP4_BLOCK, WEIGHT_BLOCK
+
+SCALED_MM_OUT = (torch.bfloat16, torch.float32, torch.float16)
+
+
+@functools.cache
+def blockwise_scaled_mm(device_index: int) -> tuple[bool, str]:
+    """(usable, why not) for cuBLAS 1x128 x 128x128 block scaling on this GPU."""
+    if not hasattr(F, "scaled_mm"):
+        return False, f"torch {torch.__version__} has no torch.nn.functional.scaled_mm"
+    major, minor = torch.cuda.get_device_capability(device_index)
+    if major < 9:
+        return False, f"sm{major}{minor} has no FP8 tensor cores with block scaling (needs sm90+)"
+    return True, ""
+
+
+def _use_scaled_mm(a2, b, out_dtype) -> bool:
+    n, k = b.shape
+    return (a2.is_cuda and out_dtype in SCALED_MM_OUT and k % 128 == 0 and n % 128 == 0
+            and blockwise_scaled_mm(a2.device.index or 0)[0])
+
+
+def _scaled_mm_blockwise(a2, a_scale, b, b_scale, out_dtype):
+    k = a2.shape[1]
+    kb = k // 128
+    l4 = -(-kb // 4) * 4
+    sa = a_scale.float().t().contiguous().t()  # [M, Kb], strides (1, M)
+    sb = F.pad(b_scale.float(), (0, l4 - kb)).t()  # [L4, Nb], strides (1, L4)
+    return F.scaled_mm(a2.contiguous(), b.t(), sa, F.ScalingType.BlockWise1x128,
+                       sb, F.ScalingType.BlockWise128x128, output_dtype=out_dtype)
+
+
+def _dequant_act(a, a_scale):
+    return a.float() * a_scale.float().repeat_interleave(ACT_BLOCK[1], dim=-1)[..., : a.shape[-1]]
+
+
+def fp8_matmul(a, a_scale, b, b_scale, out_dtype):
+    k = a.shape[-1]
+    a2, s2 = a.reshape(-1, k), a_scale.reshape(-1, a_scale.shape[-1])
+    if _use_scaled_mm(a2, b, out_dtype):
+        y = _scaled_mm_blockwise(a2, s2, b, b_scale, out_dtype)
+    else:
+        # Fallback: per-K-block scaling equals scaling the operands, so one float32 GEMM
+        # (TF32 stays off unless the user enabled it) computes every block at once.
+        w = ref.dequantize_fp8(b, b_scale.float(), WEIGHT_BLOCK, torch.float32)
+        y = (_dequant_act(a2, s2) @ w.T).to(out_dtype)
+    return y.reshape(*a.shape[:-1], b.shape[0])
+
+
+def dequantize_fp8(q, scale, block, out_dtype):
+    # The reference is already one broadcast multiply, which is what a GPU wants.
+    return ref.dequantize_fp8(q, scale, block, out_dtype)
+
+
+_E2M1_SIGNED = torch.tensor(ref.E2M1_VALUES + tuple(-v for v in ref.E2M1_VALUES))
+
+
+def dequantize_fp4(packed, scale, out_dtype):
+    cd = torch.float64 if out_dtype == torch.float64 else torch.float32
+    table = _E2M1_SIGNED.to(device=packed.device, dtype=cd)
+    values = table[torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2).long()]
+    s = ref.fp4_scale_values(scale, cd).repeat_interleave(FP4_BLOCK, dim=-1)[:, : values.shape[1]]
+    return (values * s).to(out_dtype)
+
+
+def fp4_matmul(a, b, b_scale, a_scale, out_dtype):
+    # sm100's MXFP4 scaled_mm (BlockWise1x32, float4_e2m1fn_x2) needs a Blackwell GPU to verify;
+    # until then: dequantize (e2m1 x power of two is exact in float32) and one GEMM.
+    act = a.float() if a_scale is None else _dequant_act(a, a_scale)
+    return (act @ dequantize_fp4(b, b_scale, torch.float32).T).to(out_dtype)
+
+
+def quantize_fp4(w):
+    return ref.quantize_fp4(w)
+
+
+def int8_matmul(a, a_scale, b, b_scale, out_dtype):
+    k = a.shape[-1]
+    a2 = a.reshape(-1, k)
+    if a2.is_cuda and a2.shape[0] > 16 and k % 8 == 0 and b.shape[0] % 8 == 0:
+        acc = torch._int_mm(a2, b.t()).float()  # cuBLAS int8 GEMM, int32 accumulation
+    else:
+        # int8 products are exact in float32; sums stay exact up to 2**24 (K*127*127 < 2**24 for
+        # K <= 1040) and round like the float32 epilogue beyond that.
+        acc = a2.float() @ b.float().T
+    y = acc * a_scale.reshape(-1, 1).float() * b_scale.float()
+    return y.reshape(*a.shape[:-1], b.shape[0]).to(out_dtype)
