@@ -184,18 +184,30 @@ def process_unit(plan: Plan, unit: Unit, dst: Path, progress) -> dict:
     return {"source_sha256": source_sha, "outputs": outputs}
 
 
+def _discard(dst: Path) -> None:
+    """--restart: remove what an earlier conversion (finished or not) wrote, so none of it survives."""
+    names = set()
+    if (dst / PROGRESS).exists():
+        for rec in json.loads((dst / PROGRESS).read_text())["units"].values():
+            names.update(rec["outputs"])
+    if (dst / MANIFEST).exists():
+        names.update(json.loads((dst / MANIFEST).read_text())["outputs"])
+    for name in names | {MANIFEST, PROGRESS}:
+        (dst / name).unlink(missing_ok=True)
+
+
 def _load_journal(dst: Path, plan_id: str, restart: bool) -> dict:
     path = dst / PROGRESS
+    if restart:
+        _discard(dst)
     if path.exists():
         journal = json.loads(path.read_text())
         if journal.get("plan") == plan_id:
             return journal
-        if not restart:
-            raise ConversionError(f"{dst} holds a different conversion in progress (other source or options); "
-                                  f"pass --restart to discard it")
-    elif (dst / MANIFEST).exists() and not restart:
-        manifest = json.loads((dst / MANIFEST).read_text())
-        if manifest.get("plan") == plan_id:
+        raise ConversionError(f"{dst} holds a different conversion in progress (other source or options); "
+                              f"pass --restart to discard it")
+    if (dst / MANIFEST).exists():
+        if json.loads((dst / MANIFEST).read_text()).get("plan") == plan_id:
             return {"plan": plan_id, "units": {}, "complete": True}
         raise ConversionError(f"{dst} already holds a finished conversion of something else; pass --restart to overwrite")
     return {"plan": plan_id, "units": {}}

@@ -1,0 +1,133 @@
+"""Kill a conversion (SIGKILL, a real separate process) at several points, rerun it, and check the
+result is byte-identical to an uninterrupted run.
+
+The child runs the real CLI; a small driver wraps one internal function so that, at the chosen
+point, the child announces itself (a marker file) and stalls until the test kills it. That makes
+each kill point deterministic without any test hook in the converter itself."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from convert_util import cli, file_bytes, random_fp8, write_shards
+
+DRIVER = r"""
+import os, sys, time
+from pathlib import Path
+from v4hal.conversion import io, plan
+point, n, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+count = [0]
+
+def stall():
+    Path(marker).write_text("here")
+    time.sleep(600)
+
+def hook(owner, name, when):
+    original = getattr(owner, name)
+    def wrapped(*args, **kwargs):
+        if when(args) and count[0] == n - 1:
+            if point.endswith("before"):
+                stall()
+            result = original(*args, **kwargs)
+            stall()
+        if when(args):
+            count[0] += 1
+        return original(*args, **kwargs)
+    setattr(owner, name, wrapped)
+
+if point == "write":          # in the middle of an output shard
+    hook(io.ShardWriter, "write", lambda a: True)
+elif point == "rename":       # a shard renamed into place, its unit not yet journaled
+    hook(io.ShardWriter, "close", lambda a: True)
+elif point == "journal":      # between two units
+    hook(plan, "write_json_atomic", lambda a: a[0].name == plan.PROGRESS)
+elif point == "finish-before":  # after all shards, before the index / manifest
+    hook(plan, "write_json_atomic", lambda a: a[0].name == io.INDEX_NAME)
+from v4hal.cli import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("src")
+    gen = torch.Generator().manual_seed(11)
+    shards = []
+    for i in range(5):
+        shard = {}
+        for j in range(3):
+            q, s = random_fp8(384, 320, gen)
+            shard[f"model.layers.{i}.mlp.experts.{j}.up_proj.weight"] = q
+            shard[f"model.layers.{i}.mlp.experts.{j}.up_proj.weight_scale_inv"] = s
+        shard[f"model.layers.{i}.input_layernorm.weight"] = torch.randn(320, generator=gen).bfloat16()
+        shards.append(shard)
+    write_shards(root, shards)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    assert cli("run", "--to", "w8a8", "--no-progress", source, out) == 0
+    return file_bytes(out)
+
+
+def kill_at(point: str, n: int, source, dst, tmp_path):
+    marker = tmp_path / f"marker-{point}-{n}"
+    child = subprocess.Popen([sys.executable, "-c", DRIVER, point, str(n), str(marker),
+                              "convert", "run", "--to", "w8a8", "--no-progress", str(source), str(dst)],
+                             stderr=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1"})
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        if child.poll() is not None:
+            raise AssertionError(f"child ended ({child.returncode}) before reaching {point} #{n}: {child.stderr.read().decode()}")
+        assert time.monotonic() < deadline, "child never reached the kill point"
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    child.stderr.close()
+    assert child.returncode == -signal.SIGKILL
+    assert not (dst / "v4hal-manifest.json").exists()
+
+
+@pytest.mark.parametrize("points", [[("write", 2)], [("rename", 3)], [("journal", 2)], [("finish-before", 1)],
+                                   [("write", 9), ("journal", 1), ("write", 3)]],
+                         ids=["mid-shard", "after-rename", "between-units", "before-index", "three-kills"])
+def test_killed_conversion_resumes_to_identical_output(points, source, reference, tmp_path):
+    dst = tmp_path / "out"
+    for point, n in points:
+        kill_at(point, n, source, dst, tmp_path)
+    assert cli("run", "--to", "w8a8", "--no-progress", source, dst) == 0
+    assert file_bytes(dst) == reference
+    assert not list(dst.glob(".*"))  # no partial files or journal left behind
+    assert cli("verify", dst, "--source", source) == 0
+
+
+def test_resume_skips_finished_units(source, reference, tmp_path, monkeypatch):
+    dst = tmp_path / "out"
+    kill_at("journal", 3, source, dst, tmp_path)
+    journal = json.loads((dst / ".v4hal-progress.json").read_text())
+    assert sorted(journal["units"]) == ["0", "1", "2"]
+    from v4hal.conversion import plan
+
+    done = []
+    original = plan.process_unit
+    monkeypatch.setattr(plan, "process_unit", lambda p, u, *a: done.append(u.index) or original(p, u, *a))
+    assert cli("run", "--to", "w8a8", "--no-progress", source, dst) == 0
+    assert done == [3, 4]
+    assert file_bytes(dst) == reference
+
+
+def test_other_conversion_in_destination_is_refused(source, tmp_path, capsys):
+    dst = tmp_path / "out"
+    kill_at("journal", 1, source, dst, tmp_path)
+    assert cli("run", "--to", "bf16", "--no-progress", source, dst) == 3
+    assert "--restart" in capsys.readouterr().err
+    assert cli("run", "--to", "bf16", "--no-progress", "--restart", source, dst) == 0
+    assert cli("verify", dst, "--source", source) == 0
