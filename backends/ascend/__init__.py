@@ -2,7 +2,11 @@
 
 Chips: A2 = Atlas 800T A2 / 910B, A3 = 910C (Ascend910_93), A5 = Ascend 950. A2 and A3 have no FP8
 units, so FP8 contracts take the int8 W8A8 or BF16-dequant path there (see `chip_path`).
-`V4HAL_ASCEND_CHIP=A2|A3|A5` overrides detection (used by the Meta dry run, which has no NPU).
+`V4HAL_ASCEND_CHIP=A2|A3|A5` overrides detection.
+
+Without an NPU, `v4hal dryrun --backend ascend` (see dryrun.py) runs this backend on Meta tensors
+against the pinned torch-npu wheel's schemas and Meta kernels: while it runs, `npu()` is a shim
+over those kernels, `probe()` reports usable, `device()` is `meta` and `chip()` the chip chosen.
 """
 
 import importlib
@@ -13,9 +17,13 @@ import torch
 
 CHIPS = ("A2", "A3", "A5")
 _npu = None
+# Set by dryrun.install(): an object with `.shim` (stands in for torch_npu) and `.chip`.
+_dry_run = None
 
 
 def probe() -> tuple[bool, str]:
+    if _dry_run is not None:
+        return True, f"Meta dry run for {_dry_run.chip}: torch-npu schemas and Meta kernels, no NPU"
     if importlib.util.find_spec("torch_npu") is None:
         return False, "torch_npu is not installed (needs an Ascend machine with CANN)"
     try:
@@ -30,17 +38,21 @@ def probe() -> tuple[bool, str]:
 def npu():
     """The torch_npu module, imported on first use only."""
     global _npu
+    if _dry_run is not None:
+        return _dry_run.shim
     if _npu is None:
         _npu = importlib.import_module("torch_npu")
     return _npu
 
 
 def device() -> torch.device:
-    return torch.device("npu")
+    return torch.device("meta" if _dry_run is not None else "npu")
 
 
 def chip() -> str:
     """A2, A3 or A5, from V4HAL_ASCEND_CHIP or the SoC name CANN reports."""
+    if _dry_run is not None:
+        return _dry_run.chip
     forced = os.environ.get("V4HAL_ASCEND_CHIP", "").strip().upper()
     if forced:
         if forced not in CHIPS:
@@ -61,6 +73,11 @@ def chip_from_soc_name(name: str) -> str:
 
 
 def versions() -> dict[str, str]:
+    if _dry_run is not None:
+        from v4hal.backends.ascend import wheel
+
+        return {"torch": torch.__version__, "torch_npu": f"{wheel.TORCH_NPU_VERSION} (Meta dry run)",
+                "cann": f"{wheel.CANN_VERSION} (pinned)", "chip": _dry_run.chip}
     out = {"torch": torch.__version__, "torch_npu": getattr(npu(), "__version__", "?")}
     cann = os.environ.get("ASCEND_TOOLKIT_HOME") or os.environ.get("ASCEND_HOME_PATH")
     if cann:
