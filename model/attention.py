@@ -195,12 +195,34 @@ def _concat(old, new):
     return new if old is None else torch.cat([old, new], dim=1)
 
 
-class V4Attention(nn.Module):
-    """transformers' DeepseekV4Attention, from v4hal ops (see module doc for the call)."""
+def _check_call(layer: str, x: torch.Tensor, positions: torch.Tensor, cache) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"{layer}: hidden_states must be [B, S, hidden], got shape {tuple(x.shape)}")
+    if tuple(positions.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"{layer}: positions must be [B, S] = {tuple(x.shape[:2])}, got {tuple(positions.shape)}")
+    want = cache.length + torch.arange(x.shape[1], device=positions.device)
+    if not bool((positions == want).all()):
+        raise ValueError(f"{layer}: positions must continue the cache, which holds {cache.length} token(s) "
+                         f"(expected {cache.length}..{cache.length + x.shape[1] - 1}, got first position "
+                         f"{int(positions[0, 0])}); pass the cache the earlier tokens filled")
 
-    def __init__(self, c: V4AttentionConfig):
+
+def _chunked(step, x: torch.Tensor, positions: torch.Tensor, cache, chunk: int) -> torch.Tensor:
+    """Long prefills run `chunk` queries at a time through the cache: same result, and the
+    per-query temporaries (q of every head, gathered rows) stay bounded."""
+    if x.shape[1] <= chunk:
+        return step(x, positions, cache)
+    return torch.cat([step(x[:, i:i + chunk], positions[:, i:i + chunk], cache)
+                      for i in range(0, x.shape[1], chunk)], dim=1)
+
+
+class V4Attention(nn.Module):
+    """transformers' DeepseekV4Attention, from v4hal ops (see module doc for the call).
+    `prefill_chunk`: queries per step of a long prefill (bounds temporaries, not results)."""
+
+    def __init__(self, c: V4AttentionConfig, prefill_chunk: int = 1024):
         super().__init__()
-        self.c = c
+        self.c, self.prefill_chunk = c, prefill_chunk
         self.q_a_proj = Linear(c.hidden, c.q_lora)
         self.q_a_norm = RMSNorm(c.q_lora, c.eps)
         self.q_b_proj = Linear(c.q_lora, c.heads * c.head_dim)
@@ -230,9 +252,13 @@ class V4Attention(nn.Module):
         return self.o_b_proj(torch.cat(parts, dim=-1))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: V4Cache | None = None) -> torch.Tensor:
+        cache = cache if cache is not None else V4Cache()
+        _check_call("V4Attention", x, positions, cache)
+        return _chunked(self._step, x, positions, cache, self.prefill_chunk)
+
+    def _step(self, x: torch.Tensor, positions: torch.Tensor, cache: V4Cache) -> torch.Tensor:
         c = self.c
         b, s, _ = x.shape
-        cache = cache if cache is not None else V4Cache()
         rope = c.rope_main if c.ratio == 0 else c.rope_compress
         cos, sin = rope.cos_sin(positions, x.dtype)
 
@@ -344,9 +370,9 @@ class V32Attention(nn.Module):
     """transformers' DeepseekV32Attention (MLA + DSA) in the absorbed form: attention runs over the
     cached latents, as DeepSeek's inference and FlashMLA's sparse kernel do."""
 
-    def __init__(self, c: V32AttentionConfig):
+    def __init__(self, c: V32AttentionConfig, prefill_chunk: int = 1024):
         super().__init__()
-        self.c = c
+        self.c, self.prefill_chunk = c, prefill_chunk
         self.q_a_proj = Linear(c.hidden, c.q_lora, bias=c.bias)
         self.q_a_layernorm = RMSNorm(c.q_lora, 1e-6)
         self.q_b_proj = Linear(c.q_lora, c.heads * (c.nope_dim + c.rope_dim))
@@ -360,9 +386,13 @@ class V32Attention(nn.Module):
         return V32Cache()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: V32Cache | None = None) -> torch.Tensor:
+        cache = cache if cache is not None else V32Cache()
+        _check_call("V32Attention", x, positions, cache)
+        return _chunked(self._step, x, positions, cache, self.prefill_chunk)
+
+    def _step(self, x: torch.Tensor, positions: torch.Tensor, cache: V32Cache) -> torch.Tensor:
         c = self.c
         b, s, _ = x.shape
-        cache = cache if cache is not None else V32Cache()
         cos, sin = c.rope.cos_sin(positions, x.dtype)
 
         q_res = self.q_a_layernorm(self.q_a_proj(x))
