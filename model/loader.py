@@ -147,6 +147,16 @@ def _logical_shape(t: torch.Tensor) -> tuple[int, ...]:
     return (*t.shape[:-1], t.shape[-1] * 2) if t.dtype == torch.uint8 else tuple(t.shape)
 
 
+def _install_quantized(module: nn.Module, weight: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Put a quantized weight and its scale into a linear module that can run it (one with a
+    `weight_scale_inv` slot, as `model.attention.Linear`); False if the module holds only floats."""
+    if not hasattr(module, "weight_scale_inv"):
+        return False
+    module.weight = nn.Parameter(weight, requires_grad=False)
+    module.weight_scale_inv = scale
+    return True
+
+
 def _dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if q.dtype == torch.float8_e4m3fn:
         return ops.dequantize_fp8(q, scale.float(), out_dtype=dtype)
@@ -182,8 +192,8 @@ class _Loader:
             self.errors.append(f"{name}: checkpoint shape {tuple(_logical_shape(tensor))}, model expects {tuple(target.shape)}")
             return
         self.report.formats[ops.weight_format(tensor, scale) if scale is not None else "dense"] += 1
-        if scale is not None and self.keep and hasattr(module, "set_weight") and attr == "weight":
-            module.set_weight(tensor, scale)
+        if scale is not None and self.keep and attr == "weight" and _install_quantized(module, tensor, scale):
+            pass
         else:
             if scale is not None:
                 tensor = _dequantize(tensor, scale, target.dtype)
