@@ -1,0 +1,152 @@
+"""Quantized matmuls on Ascend, per chip (torch-npu 2.13.0 schemas, `_op_plugin_docs.py` and the
+wheel's Meta kernels are the ground truth; `chip_path(op)` says in words what runs where).
+
+- A5 (Ascend 950) has FP8 cube units: `fp8_matmul` is one `npu_quant_matmul` with e4m3 x1/x2,
+  `pertoken_scale` = the 1x128 activation scales `[M, K/128]`, `scale` = the 128x128 weight scales
+  transposed to `[K/128, N/128]` (x2 is passed as `b.t()`, `[K, N]`) and `group_sizes=[1, 128, 128]`
+  (the Meta kernel's "G-B" check: group 1 along M, 128 along N and K). `quantize_fp8` in ue8m0
+  mode is `npu_dynamic_mx_quant(dst_type=292 = float8_e4m3fn, block_size=128, scale_alg=1,
+  max_low_bound=1e-4)`: scale_alg 1 is the cuBLAS MXFP8 rule (scale = amax / 448 rounded UP to a
+  power of two), max_low_bound is DeepSeek's amax floor. Its e8m0 scales come back as uint8 pairs
+  `[..., ceil(Kb/2), 2]` and are turned into float32 powers of two here.
+- A2 / A3 (910B / 910C) have no FP8 units, and no vendor op takes an FP8 tensor there.
+  `fp8_matmul` decodes e4m3 from its uint8 bits with a 256-entry table lookup on the NPU, applies
+  the block scales in float32 and runs one BF16 matmul (fp32 accumulation on the cube). The
+  alternative, int8 W8A8, is a checkpoint conversion, not a per-call choice: a weight converted to
+  per-channel int8 goes through `linear` -> `npu_dynamic_quant` + `npu_quant_matmul`.
+- int8 W8A8 (all chips): `npu_dynamic_quant` (per-token, scale = rowmax|x| / 127) and
+  `npu_quant_matmul(x1 int8, x2 int8 [K, N], scale fp32 [N], pertoken_scale fp32 [M],
+  output_dtype=bf16/fp16)`: without output_dtype it would return int8.
+- MXFP4 experts: the weight is dequantized by table lookup and one BF16 matmul runs on every chip
+  (A5's FP8 x FP4 `npu_quant_matmul` needs the weight in its own packing; not wired up until it
+  can be checked on a 950).
+Everything not listed runs the device-agnostic torch code of the cuda backend on the NPU.
+"""
+
+import torch
+
+from v4hal.backends import ascend
+from v4hal.backends.ascend import npu
+from v4hal.backends.cpu import quant as ref
+from v4hal.backends.cuda import quant as torch_path
+from v4hal.ops.quant import ACT_BLOCK, WEIGHT_BLOCK
+
+FP8_CHIPS = ("A5",)
+NPU_OUT = (torch.bfloat16, torch.float16)  # what npu_quant_matmul writes with scales applied
+E4M3FN = 292  # torch_npu's enum for float8_e4m3fn (dst_type of npu_dynamic_mx_quant)
+AMAX_FLOOR = 1e-4
+
+PATHS = {
+    "quantize_fp8": {
+        "A5": "ue8m0 1x128: npu_dynamic_mx_quant(dst_type=float8_e4m3fn, block_size=128, scale_alg=1, "
+              "max_low_bound=1e-4); fp32 scales / 128x128 blocks: torch ops on the NPU",
+        "A2/A3": "torch ops on the NPU (no FP8 units: the e4m3 tensor is storage for the BF16 path)"},
+    "dequantize_fp8": {"*": "e4m3 decoded from uint8 by table lookup, float32 scale multiply, on the NPU"},
+    "fp8_matmul": {
+        "A5": "npu_quant_matmul FP8 x FP8, pertoken_scale 1x128 + scale 128x128, group_sizes=[1,128,128]",
+        "A2/A3": "BF16 dequant (uint8 table lookup + block scales) then one BF16 matmul; int8 W8A8 is "
+                 "available by converting the checkpoint (linear on int8 weights)"},
+    "quantize_fp4": {"*": "torch ops on the NPU"},
+    "dequantize_fp4": {"*": "e2m1 table lookup x ue8m0 scale, torch ops on the NPU"},
+    "fp4_matmul": {"*": "MXFP4 weight dequantized to BF16 by table lookup, then one BF16 matmul"},
+    "quantize_int8": {"*": "npu_dynamic_quant (per token, bf16/fp16 input); torch ops otherwise"},
+    "int8_matmul": {"*": "npu_quant_matmul int8 x int8, per-channel scale + pertoken_scale, "
+                         "output_dtype bf16/fp16; float32 matmul for float32/float64 outputs"},
+}
+
+
+def chip_path(op: str, chip: str | None = None) -> str:
+    """How `op` runs on `chip` (default: this machine's chip; all chips when it is unknown)."""
+    paths = PATHS.get(op)
+    if paths is None:
+        return "not a quant op"
+    if chip is None:
+        try:
+            chip = ascend.chip()
+        except Exception:  # no NPU and no V4HAL_ASCEND_CHIP: describe every chip
+            return "; ".join(f"{c}: {p}" for c, p in paths.items())
+    for key, path in paths.items():
+        if key == "*" or chip in key.split("/"):
+            return f"{chip}: {path}"
+    return f"{chip}: {next(iter(paths.values()))}"
+
+
+def _fp8_native() -> bool:
+    return ascend.chip() in FP8_CHIPS
+
+
+def _e4m3_table(device) -> torch.Tensor:
+    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().to(device)
+
+
+def _decode_e4m3(q: torch.Tensor) -> torch.Tensor:
+    """float32 values of an e4m3 tensor without any FP8 arithmetic (A2/A3 have none)."""
+    return _e4m3_table(q.device)[q.view(torch.uint8).long()]
+
+
+def _scale_blocks(values, scale, block):
+    bm, bk = block
+    s = scale.float().repeat_interleave(bk, dim=-1)[..., : values.shape[-1]]
+    if bm > 1:
+        s = s.repeat_interleave(bm, dim=0)[: values.shape[0]]
+    return values * s
+
+
+def quantize_fp8(x, block, scale_fmt):
+    if (block == ACT_BLOCK and scale_fmt == "ue8m0" and x.dtype in NPU_OUT and x.dim() >= 2
+            and x.shape[-1] % 2 == 0 and _fp8_native()):
+        y, mx = npu().npu_dynamic_mx_quant(x, axis=-1, round_mode="rint", dst_type=E4M3FN, block_size=128,
+                                           scale_alg=1, max_low_bound=AMAX_FLOOR)
+        kb = -(-x.shape[-1] // 128)
+        exponent = mx.reshape(*x.shape[:-1], -1)[..., :kb].float()
+        return y, torch.exp2(exponent - 127)
+    return torch_path.quantize_fp8(x, block, scale_fmt)
+
+
+def dequantize_fp8(q, scale, block, out_dtype):
+    return _scale_blocks(_decode_e4m3(q), scale, block).to(out_dtype)
+
+
+def fp8_matmul(a, a_scale, b, b_scale, out_dtype):
+    k = a.shape[-1]
+    a2, s2 = a.reshape(-1, k), a_scale.reshape(-1, a_scale.shape[-1]).float()
+    if _fp8_native() and out_dtype in NPU_OUT:
+        y = npu().npu_quant_matmul(a2, b.t(), b_scale.float().t(), pertoken_scale=s2,
+                                   output_dtype=out_dtype, group_sizes=[1, 128, 128])
+    else:
+        act = _scale_blocks(_decode_e4m3(a2), s2, ACT_BLOCK).bfloat16()
+        w = _scale_blocks(_decode_e4m3(b), b_scale, WEIGHT_BLOCK).bfloat16()
+        y = torch.matmul(act, w.t()).to(out_dtype)
+    return y.reshape(*a.shape[:-1], b.shape[0])
+
+
+def quantize_fp4(w):
+    return ref.quantize_fp4(w)
+
+
+def dequantize_fp4(packed, scale, out_dtype):
+    return torch_path.dequantize_fp4(packed, scale, out_dtype)
+
+
+def fp4_matmul(a, b, b_scale, a_scale, out_dtype):
+    act = a.float() if a_scale is None else _scale_blocks(_decode_e4m3(a), a_scale, ACT_BLOCK)
+    w = torch_path.dequantize_fp4(b, b_scale, torch.bfloat16)
+    return torch.matmul(act.bfloat16(), w.t()).to(out_dtype)
+
+
+def quantize_int8(x):
+    if x.dtype in NPU_OUT and x.dim() >= 2:
+        q, scale = npu().npu_dynamic_quant(x)
+        # An all-zero row gets scale 0 from the kernel; the contract floors amax at 1e-8.
+        floor = 1e-8 / 127
+        return torch.where(scale.unsqueeze(-1) > 0, q, torch.zeros_like(q)), scale.clamp_min(floor)
+    return torch_path.quantize_int8(x)
+
+
+def int8_matmul(a, a_scale, b, b_scale, out_dtype):
+    k = a.shape[-1]
+    if out_dtype not in NPU_OUT:
+        return torch_path.int8_matmul(a, a_scale, b, b_scale, out_dtype)
+    y = npu().npu_quant_matmul(a.reshape(-1, k), b.t(), b_scale.float(),
+                               pertoken_scale=a_scale.reshape(-1).float(), output_dtype=out_dtype)
+    return y.reshape(*a.shape[:-1], b.shape[0])
