@@ -15,6 +15,7 @@ COMMANDS = {
     "generate": ("v4hal.model.generate", "prefill + decode a DeepSeek checkpoint (or the tiny preset with random weights)"),
     "plan": ("v4hal.model.plan", "weight, KV-cache and activation memory per device for a model, context and layout"),
     "convert": ("v4hal.conversion.cli", "convert checkpoints between formats and frameworks (streaming, resumable, verified)"),
+    "dryrun": ("v4hal.backends.ascend.dryrun", "check the ascend backend without an NPU: schema check + Meta dry run against the pinned torch-npu"),
 }
 
 
