@@ -12,6 +12,29 @@ from v4hal.backends.mindspore.mhc import mops
 _table_cache: dict = {}
 
 
+CHUNK_BITS = 16
+
+
+def _chunks(mix):
+    """A non-negative int64 tensor as four 16-bit digits, most significant first."""
+    ops = mops()
+    mask = ms().Tensor((1 << CHUNK_BITS) - 1, ms().int64)
+    return [ops.bitwise_and(ops.bitwise_right_shift(mix, ms().Tensor(shift, ms().int64)), mask)
+            for shift in (48, 32, 16, 0)]
+
+
+def _remainder(chunks, size):
+    """`mix mod size` by Horner over 16-bit digits. MindSpore 2.10's int64 remainder/floor_mod on
+    CPU go through float64 and return wrong residues for values above 2**53 (the XOR mixes reach
+    2**62); every intermediate here stays below 2**53."""
+    ops = mops()
+    p, base = ms().Tensor(size, ms().int64), ms().Tensor(1 << CHUNK_BITS, ms().int64)
+    r = ops.zeros_like(chunks[0])
+    for digit in chunks:
+        r = ops.remainder(r * base + digit, p)
+    return r
+
+
 def engram_hash(token_ids, compress, multipliers, primes, pad_id, prefix):
     ops = mops()
     ids = token_ids.long() if prefix is None else torch.cat([prefix.long(), token_ids.long()], 1)
@@ -22,13 +45,15 @@ def engram_hash(token_ids, compress, multipliers, primes, pad_id, prefix):
     span = multipliers.shape[0] - 1
     pad = ops.fill(ms().int64, (batch, span), int(compress[pad_id]))
     padded = ops.concat((pad, c), 1)
-    mult = [int(m) for m in multipliers]
+    # int64 tensors, not Python ints: a Python scalar may be taken as a float.
+    mult = [ms().Tensor(int(m), ms().int64) for m in multipliers]
     mix = c * mult[0]
     heads = []
     for k in range(1, span + 1):
         mix = ops.bitwise_xor(mix, padded[:, span - k:span - k + length] * mult[k])
+        chunks = _chunks(mix)
         for size in primes[k - 1].tolist():
-            heads.append(ops.floor_mod(mix, size))
+            heads.append(_remainder(chunks, size))
     out = to_torch(ops.stack(heads, -1))
     return out[:, length - token_ids.shape[1]:].to(token_ids.device)
 
