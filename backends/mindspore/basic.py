@@ -1,0 +1,31 @@
+"""RMSNorm and linear in MindSpore (float32 math; float64 inputs stay float64). Quantized linears
+go through the quant contracts, i.e. this backend's own FP8 / MXFP4 / int8 implementations."""
+
+import torch
+
+from v4hal.backends.cpu import basic as composite
+from v4hal.backends.mindspore import ms, to_ms, to_torch
+from v4hal.backends.mindspore.quant import _ops
+
+
+def _compute(t: torch.Tensor):
+    return to_ms(t if t.dtype == torch.float64 else t.float())
+
+
+def rms_norm(x, weight, eps):
+    o = _ops()
+    xs = _compute(x)
+    y = xs * o.rsqrt((xs * xs).mean(axis=-1, keep_dims=True) + eps)
+    if weight is not None:
+        y = y * _compute(weight).astype(xs.dtype)
+    return to_torch(y, x.dtype)
+
+
+def linear(x, weight, scale, bias, fmt):
+    if fmt != "dense":
+        return composite.linear(x, weight, scale, bias, fmt)
+    xs = _compute(x)
+    y = _ops().matmul(xs, _compute(weight).astype(xs.dtype).T)
+    if bias is not None:
+        y = y + _compute(bias).astype(xs.dtype)
+    return to_torch(y, x.dtype)
