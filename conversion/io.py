@@ -220,6 +220,10 @@ class HashingReader:
         t = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
         return t.view(info.dtype).reshape((row1 - row0, *info.shape[1:]) if info.shape else ())
 
+    def companion(self, info: TensorInfo) -> torch.Tensor:
+        """A whole small tensor (a scale), possibly from another shard, outside the hashed stream."""
+        return read_rows(info)
+
     def finish(self) -> str:
         self._advance_to(os.fstat(self.fd).st_size)
         os.close(self.fd)
@@ -296,8 +300,9 @@ class ShardWriter:
         return self.hash.hexdigest(), self.written
 
     def abort(self) -> None:
-        self.f.close()
-        self.tmp.unlink(missing_ok=True)
+        if not self.f.closed:
+            self.f.close()
+            self.tmp.unlink(missing_ok=True)
 
 
 def write_atomic(path: Path, data: bytes) -> tuple[str, int]:

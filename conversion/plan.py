@@ -27,7 +27,7 @@ import torch
 from v4hal.conversion import formats, reshard
 from v4hal.conversion.formats import Job, Options
 from v4hal.conversion.io import (INDEX_NAME, HashingReader, OutSpec, ShardWriter, Source, file_size,
-                                 partial_name, read_rows, write_atomic, write_json_atomic)
+                                 write_atomic, write_json_atomic)
 
 MANIFEST = "v4hal-manifest.json"
 PROGRESS = ".v4hal-progress.json"
@@ -62,9 +62,7 @@ class Unit:
 class Plan:
     def __init__(self, source: Source, opts: Options):
         self.source, self.opts = source, opts
-        jobs = formats.plan_jobs(source.tensors, opts)
-        if opts.mp > 1:
-            reshard.assign(jobs, opts.mp, opts.n_experts)
+        jobs = self.make_jobs()
         by_job_file: dict[str, list[Job]] = {f: [] for f in source.files}
         for j in jobs:
             by_job_file[Path(source.tensors[j.source].file).name].append(j)
@@ -74,10 +72,19 @@ class Plan:
             self.units.append(Unit(i, fname, source.files[fname], fjobs, self._files(i, n_units, fname, fjobs)))
         self.jobs = jobs
 
+    def make_jobs(self) -> list[Job]:
+        jobs = formats.plan_jobs(self.source.tensors, self.opts)
+        if self.opts.mp > 1:
+            reshard.assign(jobs, self.opts.mp, self.opts.n_experts)
+        return jobs
+
+    def out_name(self, source_file: str) -> str:
+        return source_file
+
     def _files(self, i: int, n: int, fname: str, jobs: list[Job]) -> list[OutFile]:
         mp = self.opts.mp
         if mp == 1:
-            return [OutFile(fname, [o for j in jobs for o in j.outputs])]
+            return [OutFile(self.out_name(fname), [o for j in jobs for o in j.outputs])]
         files = []
         for r in range(mp):
             specs = []
@@ -116,11 +123,22 @@ class Plan:
         return lines
 
     def small_outputs(self) -> list[str]:
-        names = [p.name for p in self.source.extra_files()]
-        names += self.index_names()
+        names = [p.name for p in self.source.extra_files()] + self.index_names()
         if self.opts.target == "w8a8":
             names.append(DESCRIPTION)
         return names + [MANIFEST]
+
+    def write_small(self, dst: Path) -> dict[str, dict]:
+        """Index json(s) and the W8A8 description: {name: {sha256, size}}."""
+        out = {}
+        for name, weight_map, total in _indexes(self):
+            out[name] = _record(write_json_atomic(dst / name, {"metadata": {"total_size": total}, "weight_map": weight_map}))
+        if self.opts.target == "w8a8":
+            out[DESCRIPTION] = _record(write_json_atomic(dst / DESCRIPTION, description(self)))
+        return out
+
+    def config(self, cfg: dict) -> bytes:
+        return _config(cfg, self.opts)
 
     def index_names(self) -> list[str]:
         return [INDEX_NAME] if self.opts.mp == 1 else [f"model{r}-mp{self.opts.mp}.safetensors.index.json" for r in range(self.opts.mp)]
@@ -144,10 +162,10 @@ def run_job(job: Job, src: Source, reader, emit) -> None:
         step = max(1, CHUNK_BYTES // max(info.row_bytes, 1))
         for r0 in range(0, rows, step):
             emit(0, r0, reader.rows(info, r0, min(rows, r0 + step)))
-        for k, o in enumerate(job.outputs[1:], 1):  # a kept scale travels as is
-            emit(k, 0, read_rows(src.tensors[job.scale]))
+        if job.scale:  # a kept scale travels as is
+            emit(1, 0, reader.companion(src.tensors[job.scale]))
         return
-    scale = read_rows(src.tensors[job.scale]) if job.scale else None
+    scale = reader.companion(src.tensors[job.scale]) if job.scale else None
     step = chunk_rows(job)
     sides: list[list[torch.Tensor]] = [[] for _ in job.outputs[1:]]
     for r0 in range(0, rows, step):
@@ -178,8 +196,7 @@ def process_unit(plan: Plan, unit: Unit, dst: Path, progress) -> dict:
             outputs[f.name] = {"sha256": sha, "size": size}
     except BaseException:
         for w in writers:
-            if not w.f.closed:
-                w.abort()
+            w.abort()
         raise
     return {"source_sha256": source_sha, "outputs": outputs}
 
@@ -242,7 +259,7 @@ def run(plan: Plan, dst: str | os.PathLike, progress: bool = True, restart: bool
     todo = [u for u in plan.units if not _unit_done(dst, u, journal["units"].get(str(u.index)))]
     check_space(dst, sum(f.size for u in todo for f in u.files))
     dst.mkdir(exist_ok=True)
-    for stale in dst.glob(".*.partial"):
+    for stale in dst.glob(".*.partial*"):
         stale.unlink()
     from tqdm import tqdm
 
@@ -268,13 +285,9 @@ def finish(plan: Plan, dst: Path, journal: dict) -> dict:
     for extra in plan.source.extra_files():
         data = extra.read_bytes()
         if extra.name == "config.json":
-            data = _config(json.loads(data), plan.opts)
-        outputs[extra.name] = dict(zip(("sha256", "size"), write_atomic(dst / extra.name, data)))
-    for name, weight_map, total in _indexes(plan):
-        outputs[name] = dict(zip(("sha256", "size"), write_json_atomic(
-            dst / name, {"metadata": {"total_size": total}, "weight_map": weight_map})))
-    if plan.opts.target == "w8a8":
-        outputs[DESCRIPTION] = dict(zip(("sha256", "size"), write_json_atomic(dst / DESCRIPTION, description(plan))))
+            data = plan.config(json.loads(data))
+        outputs[extra.name] = _record(write_atomic(dst / extra.name, data))
+    outputs.update(plan.write_small(dst))
     manifest = {
         "format": "v4hal-conversion/1",
         "plan": plan.plan_id,
@@ -288,6 +301,10 @@ def finish(plan: Plan, dst: Path, journal: dict) -> dict:
     }
     write_json_atomic(dst / MANIFEST, manifest)
     return manifest
+
+
+def _record(sha_size: tuple[str, int]) -> dict:
+    return {"sha256": sha_size[0], "size": sha_size[1]}
 
 
 def _indexes(plan: Plan):

@@ -48,6 +48,8 @@ def verify(dst: str | Path, source: str | Path | None = None, check_hash: bool =
             problems.append(f"{path}: sha256 differs from the manifest (corrupt or modified)")
     if source is None or problems:
         return problems
+    if manifest["options"]["target"] in ("mindspore", "hf"):
+        return compare_renamed(source, dst)
     src = Source(source)
     for name, meta in manifest["sources"].items():
         if name not in src.files:
@@ -116,3 +118,38 @@ def compare(src: Source, out: Source, t: dict) -> list[str]:
             return [f"{main.file}, tensor '{names[0]}': {int(bad.sum())} element(s) outside the {t['encode']} error "
                     f"budget of source '{t['source']}', first at [{r0 + row}, {col}]: {float(y.flatten()[i])} vs {float(x.flatten()[i])}"]
     return []
+
+
+def _open(path: str | Path):
+    """(checkpoint, get(name) -> tensor) for HF safetensors or a MindSpore conversion output."""
+    from v4hal.conversion import mindspore as msconv
+
+    if (Path(path) / msconv.SIDECAR).exists():
+        ckpt = msconv.MindSporeSource(path)
+        if ckpt.format == "safetensors":
+            return ckpt, lambda name: read_rows(ckpt.tensors[name])
+        loaded: dict[str, msconv.MsReader] = {}
+
+        def get(name):
+            file = Path(ckpt.tensors[name].file).name
+            if file not in loaded:
+                loaded.clear()  # one MindSpore file in memory at a time
+                loaded[file] = msconv.MsReader(ckpt, file, None)
+            return loaded[file].companion(ckpt.tensors[name])
+        return ckpt, get
+    ckpt = Source(path)
+    return ckpt, lambda name: read_rows(ckpt.tensors[name])
+
+
+def compare_renamed(source: str | Path, dst: Path) -> list[str]:
+    """MindSpore conversions rename but never change a value: every tensor, under its HF name,
+    must be bit-identical on both sides."""
+    src, get_src = _open(source)
+    out, get_out = _open(dst)
+    problems = [f"{out.dir}: tensor '{n}' of the source is missing" for n in src.tensors if n not in out.tensors]
+    for name in sorted(out.tensors, key=lambda n: out.tensors[n].file):
+        if name not in src.tensors:
+            problems.append(f"{out.tensors[name].file}, tensor '{name}': not in the source")
+        elif not torch.equal(get_out(name).reshape(-1).view(torch.uint8), get_src(name).reshape(-1).view(torch.uint8)):
+            problems.append(f"{out.tensors[name].file}, tensor '{name}': differs from the source")
+    return problems
