@@ -103,12 +103,12 @@ class Engram(nn.Module):
             {"embedding": nn.Embedding(int(sizes.sum()), embed_per_ngram // heads)})
         self.value_proj = nn.Linear(memory, hidden_size)
         self.key_projs = nn.ModuleList(nn.Linear(memory, hidden_size) for _ in range(hc_mult))
-        self.norm1 = nn.ModuleList(nn.RMSNorm(hidden_size) for _ in range(hc_mult))
-        self.norm2 = nn.ModuleList(nn.RMSNorm(hidden_size) for _ in range(hc_mult))
+        self.norm1 = nn.ModuleList(nn.RMSNorm(hidden_size, eps=gate_eps) for _ in range(hc_mult))
+        self.norm2 = nn.ModuleList(nn.RMSNorm(hidden_size, eps=gate_eps) for _ in range(hc_mult))
         channels = hc_mult * hidden_size
         self.short_conv = nn.ModuleDict({
             "conv": nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=False),
-            "norms": nn.ModuleList(nn.RMSNorm(hidden_size) for _ in range(hc_mult)),
+            "norms": nn.ModuleList(nn.RMSNorm(hidden_size, eps=conv_eps) for _ in range(hc_mult)),
         })
 
     @property
