@@ -39,7 +39,10 @@ def _scores(logits, scoring):
         return ops.softmax(logits, -1)
     if scoring == "sigmoid":
         return ops.sigmoid(logits)
-    return ops.sqrt(ops.softplus(logits))
+    # MindSpore's softplus runs in float32 even for float64 input; the stable formula keeps the
+    # input's precision: softplus(x) = max(x, 0) + log1p(exp(-|x|)).
+    softplus = ops.relu(logits) + ops.log1p(ops.exp(-ops.abs(logits)))
+    return ops.sqrt(softplus)
 
 
 def moe_route(hidden, gate_weight, topk, scoring, bias, n_group, topk_group, renormalize,
@@ -152,7 +155,7 @@ def swiglu(gate_up, limit):
     if limit is not None:
         gate = ops.clamp(gate, max=limit)
         up = ops.clamp(up, min=-limit, max=limit)
-    return to_torch(gate * ops.sigmoid(gate) * up, gate_up.dtype)
+    return to_torch(gate / (1 + ops.exp(-gate)) * up, gate_up.dtype)
 
 
 def moe_combine(expert_out, topk_weights, state):
