@@ -30,7 +30,8 @@ DEVICE_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 
 def process_group_backend(device: torch.device | str) -> str:
     """The torch.distributed backend for expert parallelism on `device`'s type."""
-    kind = torch.device(device).type
+    # A plain string is split by hand: "npu" only parses as a torch.device once torch_npu is loaded.
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
     if kind not in DEVICE_BACKENDS:
         raise ValueError(f"expert parallelism: no process-group backend known for device type {kind!r}; "
                          f"known: {DEVICE_BACKENDS}")
