@@ -73,7 +73,7 @@ def fp8_matmul(a, a_scale, b, b_scale, out_dtype):
 
 
 def e2m1_codes_to_values(codes, dtype):
-    table = torch.tensor(E2M1_VALUES, dtype=dtype)
+    table = torch.tensor(E2M1_VALUES, dtype=dtype, device=codes.device)
     magnitude = table[(codes & 0x7).long()]
     return torch.where((codes & 0x8) != 0, -magnitude, magnitude)
 
@@ -103,12 +103,12 @@ def quantize_fp4(w):
     wf = w.to(_compute_dtype(w))
     scale = power_of_two_ceil(_block_amax(wf, (1, FP4_BLOCK)).clamp_min(AMAX_FLOOR) / 6.0)
     scaled = wf / scale.repeat_interleave(FP4_BLOCK, dim=-1)
-    table = torch.tensor(E2M1_VALUES, dtype=wf.dtype)
+    table = torch.tensor(E2M1_VALUES, dtype=wf.dtype, device=w.device)
     distance = (scaled.abs().unsqueeze(-1) - table).abs()
     # Nearest code; on a tie prefer the even code (codes 0,2,4,6 have an even mantissa bit).
     best = distance.min(dim=-1, keepdim=True).values
     tied = distance == best
-    even = torch.arange(8) % 2 == 0
+    even = torch.arange(8, device=w.device) % 2 == 0
     code = torch.where((tied & even).any(-1), (tied & even).int().argmax(-1), tied.int().argmax(-1))
     code = code.to(torch.uint8) | ((scaled < 0).to(torch.uint8) << 3)
     code = torch.where(code == 0x8, torch.zeros_like(code), code)  # -0 -> +0
