@@ -1,0 +1,170 @@
+"""Conversion throughput benchmark (not a test): `python -m v4hal.conversion.benchmark`.
+
+Writes a synthetic DeepSeek-V3-shaped FP8 checkpoint (random e4m3 codes, fp32 128x128 scales,
+V3 HF names) to a scratch directory, then, with the source evicted from the page cache before
+every run (posix_fadvise DONTNEED, so reads come from the disk):
+  1. the disk's sequential read speed (16 MiB reads of every shard);
+  2. `v4hal convert run --to bf16` and `--to w8a8` (streaming), each in a fresh process;
+  3. the same peer in the same run: a naive script that loads each whole shard with
+     `safetensors.torch.load_file`, converts every tensor with the same v4hal.ops math, and
+     `save_file`s the result (DeepSeek's fp8_cast_bf16 pattern). Loading the whole checkpoint at
+     once would need input + output (~3x the source) in RAM, beyond this machine's per-process
+     budget, so the shard is the naive unit.
+Reports GB/s of input, the share of the disk's read speed, and peak RSS (ru_maxrss) of each
+process against the largest tensor. Deletes everything it wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+NAIVE = r"""
+import resource, sys, json, glob, os
+import torch
+from safetensors.torch import load_file, save_file
+from v4hal.ops import quant
+src, dst, target = sys.argv[1:4]
+os.makedirs(dst, exist_ok=True)
+for path in sorted(glob.glob(os.path.join(src, "*.safetensors"))):
+    tensors = load_file(path)
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("_scale_inv"):
+            continue
+        scale = tensors.get(name + "_scale_inv")
+        if scale is None:
+            out[name] = t
+            continue
+        x = quant.dequantize_fp8(t, scale, out_dtype=torch.bfloat16 if target == "bf16" else torch.float32)
+        if target == "bf16":
+            out[name] = x
+        else:
+            q, s = quant.quantize_int8(x)
+            stem = name[: -len("weight")]
+            out[name], out[stem + "weight_scale"] = q, s.unsqueeze(1)
+            out[stem + "weight_offset"] = torch.zeros_like(s.unsqueeze(1))
+    save_file(out, os.path.join(dst, os.path.basename(path)))
+    del tensors, out
+print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+STREAMING = r"""
+import resource, sys, json
+from v4hal.cli import main
+rc = main(sys.argv[1:])
+print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "rc": rc}))
+"""
+
+HIDDEN, VOCAB = 7168, 16384
+
+
+def layer_shapes() -> dict[str, tuple[int, int]]:
+    """One DeepSeek-V3 MoE layer's FP8 linears (8 of its 256 routed experts)."""
+    shapes = {"self_attn.q_a_proj": (1536, HIDDEN), "self_attn.q_b_proj": (24576, 1536),
+              "self_attn.kv_a_proj_with_mqa": (576, HIDDEN), "self_attn.kv_b_proj": (32768, 512),
+              "self_attn.o_proj": (HIDDEN, 16384)}
+    for e in range(8):
+        shapes.update({f"mlp.experts.{e}.gate_proj": (2048, HIDDEN), f"mlp.experts.{e}.up_proj": (2048, HIDDEN),
+                       f"mlp.experts.{e}.down_proj": (HIDDEN, 2048)})
+    return shapes
+
+
+def synthesize(root: Path, layers: int) -> int:
+    """Write the checkpoint, one layer per shard; returns the largest tensor's bytes."""
+    import torch
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    weight_map, largest = {}, 0
+    for i in range(layers):
+        shard = {}
+        if i == 0:
+            shard["model.embed_tokens.weight"] = torch.randn(VOCAB, HIDDEN, generator=gen).to(torch.bfloat16)
+        for name, (n, k) in layer_shapes().items():
+            bits = torch.randint(0, 256, (n, k), dtype=torch.uint8, generator=gen)
+            bits = torch.where((bits & 0x7F) == 0x7F, bits & 0xF0, bits)  # no NaN codes
+            shard[f"model.layers.{i}.{name}.weight"] = bits.view(torch.float8_e4m3fn)
+            shard[f"model.layers.{i}.{name}.weight_scale_inv"] = torch.rand(-(-n // 128), -(-k // 128), generator=gen) * 1e-3
+        shard[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
+        largest = max([largest] + [t.numel() * t.element_size() for t in shard.values()])
+        fname = f"model-{i + 1:05d}-of-{layers:05d}.safetensors"
+        save_file(shard, str(root / fname))
+        weight_map.update({k: fname for k in shard})
+        del shard
+    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (root / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "quantization_config": {"quant_method": "fp8"}}))
+    return largest
+
+
+def evict(root: Path) -> None:
+    for p in root.iterdir():
+        fd = os.open(p, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def disk_read(root: Path) -> float:
+    os.sync()
+    evict(root)
+    total, start = 0, time.perf_counter()
+    for p in sorted(root.glob("*.safetensors")):
+        with open(p, "rb", buffering=0) as f:
+            while block := f.read(16 * 2**20):
+                total += len(block)
+    return total / (time.perf_counter() - start) / 1e9
+
+
+def timed(cmd: list[str], root: Path) -> tuple[float, int]:
+    os.sync()
+    evict(root)
+    start = time.perf_counter()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    seconds = time.perf_counter() - start
+    return seconds, json.loads(out.stdout.strip().splitlines()[-1])["maxrss_kb"] * 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="/tmp/v4hal-convert-bench")
+    ap.add_argument("--layers", type=int, default=4, help="shards of one layer each (~0.58 GB of FP8)")
+    args = ap.parse_args(argv)
+    work = Path(args.dir)
+    shutil.rmtree(work, ignore_errors=True)
+    src = work / "src"
+    try:
+        largest = synthesize(src, args.layers)
+        size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+        disk = disk_read(src)
+        rows = []
+        for target in ("bf16", "w8a8"):
+            for how, cmd in (("v4hal convert (streaming)", [sys.executable, "-c", STREAMING, "convert", "run", "--to", target,
+                                                             "--no-progress", str(src), str(work / "out")]),
+                             ("naive (whole shard, load_file/save_file)", [sys.executable, "-c", NAIVE, str(src), str(work / "out"), target])):
+                seconds, rss = timed(cmd, src)
+                rows.append({"target": target, "how": how, "seconds": seconds, "gbps": size / seconds / 1e9, "rss": rss})
+                shutil.rmtree(work / "out")
+        from v4hal.bench.machine import describe
+
+        print(f"machine: {describe()}")
+        print(f"source: {size / 1e9:.2f} GB in {args.layers} shards, largest tensor {largest / 1e6:.0f} MB; "
+              f"disk sequential read (cold): {disk:.3f} GB/s\n")
+        print("| conversion | how | time (s) | GB/s of input | share of disk read | peak RSS (GB) | RSS / largest tensor |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| FP8 -> {r['target'].upper()} | {r['how']} | {r['seconds']:.1f} | {r['gbps']:.3f} | "
+                  f"{r['gbps'] / disk:.0%} | {r['rss'] / 1e9:.2f} | {r['rss'] / largest:.1f}x |")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
