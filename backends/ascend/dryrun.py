@@ -29,6 +29,7 @@ import time
 import types
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -209,6 +210,15 @@ def _tensors(values) -> list[torch.Tensor]:
     return out
 
 
+def _bind(op: str, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Parameter name -> value for a call, by the first overload it fits."""
+    for sch in schema.schemas().get(op, ()):
+        names = [p.name for p in sch.positional]
+        if len(args) <= len(names) and all(sch.param(k) is not None for k in kwargs):
+            return {**dict(zip(names, args)), **kwargs}
+    return {}
+
+
 class Shim:
     """Stands in for the torch_npu module: `npu_<name>` attributes run the vendor Meta kernels."""
 
@@ -245,8 +255,17 @@ class Session:
         record.problems += [f"{describe(t)} reaches {op} but is not on the device ({ascend.device()})"
                             for t in tensors if t.device.type != "meta"]
         chips = schema.doc_chips(op)
-        if chips is not None and self.chip not in chips:
+        documented = chips is None or self.chip in chips
+        if not documented:
             record.problems.append(f"the {op} docs list {', '.join(sorted(chips))}, not {self.chip}")
+        for param, value in _bind(op, args, kwargs).items():
+            allowed = schema.tensor_dtypes(op, param)
+            for t in _tensors([value]):
+                if allowed is not None and t.dtype not in allowed:
+                    names = ", ".join(sorted(str(d).replace("torch.", "") for d in allowed))
+                    # Where the docs do not describe this chip their dtype lists are only a hint.
+                    prefix = "" if documented else f"the {op} docs (for {', '.join(sorted(chips))}) say: "
+                    record.problems.append(f"{prefix}{param} of {op} takes {names}, got {describe(t)}")
         try:
             out = packet(*args, **kwargs)
         except Exception as exc:
@@ -303,10 +322,15 @@ def _on_meta(value):
 
 
 def meta_inputs(case) -> dict:
-    """The case's inputs as Meta tensors at its real shapes (built by its own `make` with every
-    factory call on the meta device, so nothing of the real size is allocated)."""
-    with registry.forced("cpu"), torch.device("meta"):
-        return _on_meta(case.make(torch.Generator().manual_seed(0)))
+    """The case's inputs as Meta tensors at its real shapes: built by its own `make` with every
+    factory call on the meta device, so nothing of the real size is allocated, or, when `make`
+    needs values (e.g. a table size read from a tensor), built for real and moved to meta."""
+    with registry.forced("cpu"):
+        try:
+            with torch.device("meta"):
+                return _on_meta(case.make(torch.Generator().manual_seed(0)))
+        except (NotImplementedError, RuntimeError):
+            return _on_meta(case.make(torch.Generator().manual_seed(0)))
 
 
 def signature(outputs: dict[str, torch.Tensor]) -> dict[str, tuple]:
@@ -332,28 +356,46 @@ def expected(case) -> dict[str, tuple]:
             return signature(_outputs(case, case.run(**case.make(torch.Generator().manual_seed(0)))))
 
 
+# What torch says when code reads the values of a Meta tensor.
+_NEEDS_VALUES = re.compile(r"cannot be called on meta tensors|Cannot copy out of meta tensor|data-dependent")
+
+
 def run_case(case, chip: str, want: dict[str, tuple] | None = None) -> Result:
     """Dry-run one parity case on `chip` (see the module docstring for what fails); `want` is
-    `expected(case)`, computed here when not given."""
+    `expected(case)`, computed here when not given.
+
+    When the code reads tensor values before any vendor op is reached (contracts that validate
+    ids or offsets by value), Meta tensors cannot go further: the case runs again on real CPU
+    tensors, which any path without vendor ops accepts, and the result carries a warning (on an
+    NPU those reads are host synchronisations)."""
     start = time.perf_counter()
     with install(chip) as session:
         fn, why = registry.implementation(case.op, "ascend")
         if fn is None:
             return Result(case.id, case.op, chip, "fallback", why)
         want = expected(case) if want is None else want
-        inputs = meta_inputs(case)
-        session.calls.clear()
-        try:
-            with registry.forced("ascend"):
-                got = signature(_outputs(case, case.run(**inputs)))
-        except VendorRejected as exc:
-            return Result(case.id, case.op, chip, "fail", f"vendor Meta kernel: {exc}", list(session.calls),
-                          seconds=time.perf_counter() - start)
-        except Exception as exc:
-            return Result(case.id, case.op, chip, "fail", f"our code on meta: {type(exc).__name__}: "
-                          f"{_oneline(exc)[:400]}", list(session.calls), seconds=time.perf_counter() - start)
-        problems = _compare(want, got)
         warnings = []
+
+        def fail(note: str) -> Result:
+            return Result(case.id, case.op, chip, "fail", note, list(session.calls), warnings,
+                          time.perf_counter() - start)
+
+        for real in (False, True):
+            session.calls.clear()
+            inputs = case.make(torch.Generator().manual_seed(0)) if real else meta_inputs(case)
+            try:
+                with registry.forced("ascend"):
+                    got = signature(_outputs(case, case.run(**inputs)))
+                break
+            except VendorRejected as exc:
+                return fail(f"vendor Meta kernel: {exc}")
+            except Exception as exc:
+                if real or session.calls or not _NEEDS_VALUES.search(str(exc)):
+                    where = "real CPU tensors" if real else "meta"
+                    return fail(f"our code on {where}: {type(exc).__name__}: {_oneline(exc)[:400]}")
+                warnings.append(f"reads tensor values before any vendor op ({_oneline(exc)[:80]}): "
+                                "checked on real CPU tensors")
+        problems = _compare(want, got)
         for c in session.calls:
             for p in c.problems:
                 (warnings if p.startswith(WARNING_PREFIX) else problems).append(p)
@@ -373,14 +415,254 @@ def _compare(want: dict[str, tuple], got: dict[str, tuple]) -> list[str]:
     return problems
 
 
+# ------------------------------------------------------------------------- cases for the gaps
+
+def _gap_cases() -> list:
+    """Dry-run cases for contracts the parity set has no case for yet, at the real V4-Flash,
+    V4-Pro and V3.2 shapes in bfloat16 (the dtype the model runs in, which is what reaches the
+    vendor kernels; parity cases are mostly float32). 16 tokens of activations against the q_a
+    projection `[q_lora, hidden]` and a routed expert `[moe_inter, hidden]`."""
+    from v4hal import ops
+    from v4hal.bench.cases import SHAPES, Case, randn
+
+    bf16 = torch.bfloat16
+    cases = []
+    for model, dims in SHAPES.items():
+        hidden, n, inter = dims["hidden"], dims["q_lora"], dims["moe_inter"]
+
+        def x(g, hidden=hidden):
+            return randn(g, 16, hidden, dtype=bf16)
+
+        def fp8_weight(g, n=n, hidden=hidden):
+            return ops.quantize_fp8(randn(g, n, hidden, scale=0.05), (128, 128))
+
+        def fp4_weight(g, inter=inter, hidden=hidden):
+            return ops.quantize_fp4(randn(g, inter, hidden, scale=0.05))
+
+        def int8_weight(g, n=n, hidden=hidden):
+            return ops.quantize_int8(randn(g, n, hidden, scale=0.05))
+
+        def act_int8(g, hidden=hidden):
+            return ops.quantize_int8(x(g, hidden))
+
+        made = {
+            ("rms_norm", "bf16"): lambda g, hidden=hidden: dict(x=x(g), weight=randn(g, hidden, dtype=bf16)),
+            ("rms_norm", "f32-weight"): lambda g, hidden=hidden: dict(x=x(g), weight=randn(g, hidden)),
+            ("quantize_fp8", "act-ue8m0"): lambda g: dict(x=x(g), block=(1, 128), scale_fmt="ue8m0"),
+            ("quantize_fp8", "act-fp32"): lambda g: dict(x=x(g), block=(1, 128), scale_fmt="fp32"),
+            ("dequantize_fp8", "q_a"): lambda g: dict(zip(("q", "scale"), fp8_weight(g)), block=(128, 128)),
+            ("quantize_int8", "act"): lambda g: dict(x=x(g)),
+            ("int8_matmul", "q_a"): lambda g: dict(zip(("a", "a_scale"), act_int8(g)),
+                                                   **dict(zip(("b", "b_scale"), int8_weight(g)))),
+            ("quantize_fp4", "expert"): lambda g, inter=inter, hidden=hidden: dict(w=randn(g, inter, hidden, dtype=bf16)),
+            ("dequantize_fp4", "expert"): lambda g: dict(zip(("packed", "scale"), fp4_weight(g))),
+            ("fp4_matmul", "expert"): lambda g: dict(a=x(g), **dict(zip(("b", "b_scale"), fp4_weight(g)))),
+            ("linear", "q_a-dense"): lambda g, n=n, hidden=hidden: dict(x=x(g), weight=randn(g, n, hidden, dtype=bf16)),
+            ("linear", "q_a-fp8"): lambda g: dict(x=x(g), **dict(zip(("weight", "scale"), fp8_weight(g)))),
+            ("linear", "q_a-int8"): lambda g: dict(x=x(g), **dict(zip(("weight", "scale"), int8_weight(g)))),
+            ("linear", "expert-fp4"): lambda g: dict(x=x(g), **dict(zip(("weight", "scale"), fp4_weight(g)))),
+        }
+        cases += [Case(op, f"{model}/{name}/dryrun", getattr(ops, op), make) for (op, name), make in made.items()]
+    return cases
+
+
 def run_cases(chips=ascend.CHIPS, select: str | None = None, quick: bool = False) -> list[Result]:
-    """Every parity case (or those whose id contains `select`) on every chip in `chips`."""
+    """Every parity case of an op contract (or those whose id contains `select`) on every chip in
+    `chips`, plus `_gap_cases()` for contracts with no parity case (not in `quick` mode: they
+    are real-sized). Whole-model cases (`model_logits`, built on CPU weights) are left to
+    `run_model`."""
     from v4hal.bench.cases import parity_cases
 
     results = []
-    for case in parity_cases(quick=quick, select=select):
+    contracts = registry.ops()
+    cases = parity_cases(quick=quick, select=select)
+    covered = {c.op for c in parity_cases()}
+    if not quick:
+        cases += [c for c in _gap_cases() if c.op not in covered and (select is None or select in c.id)]
+    for case in cases:
+        if case.op not in contracts:
+            continue
         with install(chips[0]):
             implemented = registry.implementation(case.op, "ascend")[0] is not None
         want = expected(case) if implemented else None
         results += [run_case(case, chip, want) for chip in chips]
     return results
+
+
+# ------------------------------------------------------------------------------------ whole model
+
+MODEL_PRESETS = ("v4-flash", "v4-pro", "v3.2")
+
+
+@contextlib.contextmanager
+def _ascend_with_fallback():
+    """The settings a user runs a model with on an NPU: ascend for every op it implements, the
+    cpu reference (on the NPU's tensors) for the rest, each fallback recorded."""
+    registry.configure(backend="ascend", op_backends={}, fallback="cpu")
+    try:
+        yield
+    finally:
+        registry.reset()
+
+
+def run_model(preset: str, chip: str, batch: int = 1, tokens: int = 16) -> Result:
+    """A full prefill forward of `preset` built on the meta device, under the ascend backend for
+    `chip` (ops it lacks fall back to the cpu reference, listed in the note): passes when no
+    vendor kernel rejects a call, no chip rule is broken and the logits are float32
+    `[batch, tokens, vocab]`."""
+    from v4hal.model import config, model
+
+    start = time.perf_counter()
+    case = f"model/{preset}"
+    args = config.preset(preset)
+    with install(chip) as session:
+        try:
+            net = model.build(args, device="meta")
+            ids = torch.zeros(batch, tokens, dtype=torch.long, device="meta")
+            with _ascend_with_fallback(), torch.no_grad():
+                logits = net(ids)
+                fell_back = sorted(registry.fallbacks())
+        except VendorRejected as exc:
+            return Result(case, "model", chip, "fail", f"vendor Meta kernel: {exc}", list(session.calls),
+                          seconds=time.perf_counter() - start)
+        except Exception as exc:
+            return Result(case, "model", chip, "fail", f"our code on meta: {type(exc).__name__}: "
+                          f"{_oneline(exc)[:400]}", list(session.calls), seconds=time.perf_counter() - start)
+        problems = _compare({"logits": ((batch, tokens, args.vocab_size), torch.float32)},
+                            {"logits": (tuple(logits.shape), logits.dtype)})
+        warnings = [f"ops on the cpu reference (no ascend implementation): {', '.join(fell_back)}"] if fell_back else []
+        for c in session.calls:
+            for p in c.problems:
+                (warnings if p.startswith(WARNING_PREFIX) else problems).append(p)
+        return Result(case, "model", chip, "fail" if problems else "pass", "; ".join(dict.fromkeys(problems)),
+                      list(session.calls), list(dict.fromkeys(warnings)), time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------- report and CLI
+
+def _cell(results: list[Result]) -> str:
+    """One op x chip cell of the report: the vendor ops called, the shapes that took the torch
+    path, fallbacks and failures."""
+    if not results:
+        return "no parity case"
+    if all(r.status == "fallback" for r in results):
+        return f"cpu fallback ({results[0].note})"
+    vendor_ops = sorted({op for r in results for op in r.vendor_ops})
+    torch_path = [r.case.split("/", 1)[1] for r in results if r.status != "fallback" and not r.vendor_ops]
+    parts = [", ".join(f"`{op}`" for op in vendor_ops)] if vendor_ops else []
+    if torch_path:
+        parts.append(("torch ops on the NPU" if not vendor_ops else "torch path for")
+                     + (f" ({', '.join(torch_path)})" if vendor_ops else ""))
+    failed = [r.case.split("/", 1)[1] for r in results if r.status == "fail"]
+    if failed:
+        parts.append(f"**FAILS** ({', '.join(failed)})")
+    return "; ".join(parts)
+
+
+def _family_notes() -> list[str]:
+    """The first paragraph of each ascend backend module's docstring: its authors' own account of
+    which kernel runs on which chip and why."""
+    import importlib
+
+    lines = []
+    for path in schema.backend_files():
+        doc = (importlib.import_module(f"v4hal.backends.ascend.{path.stem}").__doc__ or "").strip()
+        if doc:
+            lines.append(f"- `backends/ascend/{path.name}`: " + " ".join(doc.split("\n\n")[0].split()))
+    return lines
+
+
+def format_markdown(results: list[Result], findings: list, sites: list, command: str) -> str:
+    ops = registry.ops()
+    chips = sorted({r.chip for r in results}) or list(ascend.CHIPS)
+    vm = wheel.version_matrix()
+    lines = ["# Ascend op map (generated)", "",
+             f"Generated by `{command}`: a Meta dry run of the `ascend` backend against the pinned "
+             "torch-npu wheel's schemas and Meta kernels on a machine without an NPU (see "
+             "docs/ascend.md). Do not edit by hand.", "",
+             "## Version matrix", "",
+             "| torch | torch-npu | TorchNPU release (branch) | CANN | wheel (sha256) |", "|---|---|---|---|---|",
+             f"| {vm['torch']} | {vm['torch-npu']} | {vm['TorchNPU release']} (`{vm['branch']}`) | "
+             f"{vm['CANN']} | `{vm['wheel']}` (`{vm['sha256'][:16]}...`) |", "",
+             "Chips: A2 = Atlas A2 / 910B (dry run as SoC Ascend910B3), A3 = Atlas A3 / 910C "
+             "(Ascend910_9391), A5 = Ascend 950 (Ascend950). A2 and A3 have no FP8 units: a float8 "
+             "tensor reaching a vendor op there fails the dry run.", "",
+             "## Contract x chip", "",
+             "Per contract and chip: the vendor ops its ascend implementation calls over all parity "
+             "cases (real V4-Flash / V4-Pro / V3.2 shapes and small ones), the cases that take the "
+             "plain torch path on the NPU instead, or the cpu fallback when the ascend backend has no "
+             "implementation (it then runs only with `V4HAL_FALLBACK=cpu`).", "",
+             "| contract | family | " + " | ".join(chips) + " |", "|---|---|" + "---|" * len(chips)]
+    for op in sorted(ops, key=lambda o: (ops[o].family, o)):
+        cells = [_cell([r for r in results if r.op == op and r.chip == chip]) for chip in chips]
+        lines.append(f"| `{op}` | {ops[op].family} | " + " | ".join(cells) + " |")
+    models = [r for r in results if r.op == "model"]
+    if models:
+        lines += ["", "## Full model forward", "", "| model | chip | status | vendor ops | note |", "|---|---|---|---|---|"]
+        lines += [f"| {r.case} | {r.chip} | {r.status} | {', '.join(r.vendor_ops) or '-'} | "
+                  f"{'; '.join(filter(None, [r.note] + r.warnings)) or '-'} |" for r in models]
+    used = sorted({c.op for r in results for c in r.calls})
+    if used:
+        lines += ["", "## Vendor ops called", "",
+                  "| vendor op | chips its docs list | first call recorded (dtypes and shapes) |", "|---|---|---|"]
+        for op in used:
+            first = next(c for r in results for c in r.calls if c.op == op)
+            listed = schema.doc_chips(op)
+            lines.append(f"| `{op}` | {', '.join(sorted(listed)) if listed else 'not stated'} | "
+                         f"`{first.signature()}` -> `{first.outputs}` ({first.chip}) |")
+    failures = [r for r in results if r.status == "fail"]
+    warnings = sorted({w for r in results for w in r.warnings})
+    lines += ["", "## Results", "",
+              f"- dry run: {sum(r.status == 'pass' for r in results)} passed, {len(failures)} failed, "
+              f"{sum(r.status == 'fallback' for r in results)} on the cpu fallback (case x chip)",
+              f"- static schema check: {len(sites)} call sites in {len(schema.backend_files())} modules, "
+              f"{len(findings)} findings"]
+    lines += [f"- FAIL `{r.case}` [{r.chip}]: {r.note}" for r in failures]
+    lines += [f"- finding: {f}" for f in findings]
+    lines += [f"- warning: {w}" for w in warnings]
+    notes = _family_notes()
+    if notes:
+        lines += ["", "## Why each path (from the backend modules)", ""] + notes
+    return "\n".join(lines) + "\n"
+
+
+def format_terminal(results: list[Result]) -> str:
+    rows = [("case", "chip", "status", "vendor ops", "note")]
+    rows += [(r.case, r.chip, r.status, ",".join(r.vendor_ops) or "-", "; ".join(filter(None, [r.note] + r.warnings)))
+             for r in results]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--backend", choices=["ascend"], default="ascend", help="backend to dry-run (ascend)")
+    p.add_argument("--chip", action="append", choices=ascend.CHIPS,
+                   help="chip path to dry-run (repeatable; default A2, A3 and A5)")
+    p.add_argument("--op", help="only parity cases whose id contains this text, e.g. hc_pre")
+    p.add_argument("--quick", action="store_true", help="small parity cases only")
+    p.add_argument("--model", nargs="*", choices=MODEL_PRESETS, metavar="PRESET",
+                   help=f"also dry-run a full model forward (default presets: {', '.join(MODEL_PRESETS)})")
+    p.add_argument("--report", type=Path, help="write the op x chip Markdown report here, e.g. docs/ascend-ops.md")
+
+
+def main(args) -> int:
+    import sys
+
+    chips = tuple(args.chip or ascend.CHIPS)
+    sites, findings = schema.check()
+    print(f"schema check: {len(sites)} npu() call sites in backends/ascend, {len(findings)} findings")
+    for f in findings:
+        print(f"  {f}")
+    results = run_cases(chips, select=args.op, quick=args.quick)
+    if args.model is not None:
+        results += [run_model(p, chip) for p in (args.model or MODEL_PRESETS) for chip in chips]
+    print(format_terminal(results))
+    failed = sum(r.status == "fail" for r in results)
+    print(f"dryrun: {sum(r.status == 'pass' for r in results)} passed, {failed} failed, "
+          f"{sum(r.status == 'fallback' for r in results)} need the cpu fallback (torch-npu "
+          f"{wheel.TORCH_NPU_VERSION}, CANN {wheel.CANN_VERSION})")
+    if args.report is not None:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(format_markdown(results, findings, sites, "v4hal " + " ".join(sys.argv[1:])))
+        print(f"wrote {args.report}")
+    return 1 if failed or findings else 0

@@ -266,6 +266,38 @@ def allowed_values(op: str, param: str) -> set | None:
     return values or None
 
 
+# Names the docs use for tensor dtypes, and what carries them in torch (torch_npu packs int4 in
+# int32 and its hifloat8 / float4 types in uint8, as its Meta kernels do).
+DOC_DTYPES = {
+    "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64,
+    "int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64, "uint8": torch.uint8,
+    "bool": torch.bool, "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2,
+    "float8_e8m0fnu": torch.float8_e8m0fnu, "int4": torch.int32, "hifloat8": torch.uint8,
+    "float4_e2m1": torch.uint8, "float4_e1m2": torch.uint8, "float4_e2m1fn_x2": torch.uint8,
+    "float4_e1m2fn_x2": torch.uint8,
+}
+_DTYPE_CLAUSE = re.compile(r"(?:数据类型支持|支持的数据类型为|数据类型为|数据类型要求为|数据类型仅支持)\s*([^。；;\n，,]*)")
+
+
+def tensor_dtypes(op: str, param: str) -> set[torch.dtype] | None:
+    """The dtypes the docs allow for a tensor parameter (union over every product line we
+    target), or None when its paragraph names none (e.g. "same dtype as x")."""
+    spec = next((p for s in schemas().get(op, ()) for p in s.params if p.name == param), None)
+    para = param_docs(op).get(param)
+    if spec is None or para is None or "Tensor" not in spec.base:
+        return None
+    found: set[torch.dtype] = set()
+    for line in para.splitlines():
+        if _OTHER_CHIP.search(line) and not _OUR_CHIP.search(line):
+            continue
+        for clause in _DTYPE_CLAUSE.findall(line):
+            for m in re.finditer(r"[A-Za-z0-9_]+", clause):
+                name = m.group(0).lower().removeprefix("torch")
+                if name in DOC_DTYPES and not clause[m.end():].lstrip("`").startswith("时"):
+                    found.add(DOC_DTYPES[name])
+    return found or None
+
+
 _CHIP_SECTION = re.compile(r"^\s*(支持的型号|支持的芯片型号|支持的产品型号|产品支持情况|支持的NPU产品)\s*[:：]?\s*$")
 
 

@@ -70,12 +70,10 @@ def download(dest: Path) -> Path:
     return path
 
 
-def wheel_path(fetch: bool = True) -> Path:
-    """The cached pinned wheel, downloaded first if missing (and `fetch`); sha256-checked."""
+def wheel_path() -> Path:
+    """The cached pinned wheel, downloaded first if missing; sha256-checked."""
     path = cache_dir() / WHEEL_FILE
     if not path.exists():
-        if not fetch:
-            raise WheelError(f"{path} is missing; run `v4hal dryrun --fetch` to download it")
         download(path.parent)
     digest = _sha256(path)
     if digest != WHEEL_SHA256:
