@@ -121,8 +121,8 @@ def _site_speed(tokens: int, n: int, d: int):
     def make(device: torch.device):
         ref, ours = transformers_hc(d, n, device)
         g = torch.Generator().manual_seed(0)
-        x = _streams(g, tokens, n, d).to(device)
-        out = randn(g, tokens, d, dtype=torch.bfloat16).to(device)
+        x = _streams(g, tokens, n, d).unsqueeze(0).to(device)  # transformers takes [B, S, n, D]
+        out = randn(g, 1, tokens, d, dtype=torch.bfloat16).to(device)
 
         @torch.no_grad()
         def run():
@@ -163,3 +163,97 @@ SPEED = [
 ] + [
     SpeedCase("sinkhorn", f"T{t}-n4", _sinkhorn_speed(t, 4), quick=t <= 64) for t in (64, 2048)
 ]
+
+
+def _v4_flash_module(build, experts: int):
+    """A transformers V4-Flash module with N(0, 0.02) bf16 weights built directly in bf16."""
+    from transformers import DeepseekV4Config
+
+    cfg = DeepseekV4Config(num_local_experts=experts)
+    cfg._attn_implementation = "eager"
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        module = build(cfg).eval()
+    finally:
+        torch.set_default_dtype(saved)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.02)
+    return module, cfg
+
+
+def layer_share(tokens: int = 2048, experts: int = 8, repeats: int = 3) -> dict:
+    """Seconds per V4-Flash layer on this machine, all measured in one run: our two mHC sites
+    (hc_pre + hc_post for attention and for the MoE, cpu_fast), transformers' two sites, and
+    transformers' DeepseekV4Attention (a compressed-sparse-attention layer, eager) plus
+    DeepseekV4SparseMoeBlock (top-6 of `experts` routed experts + the shared one; the real 256
+    experts do not fit this machine) on bf16 weights. The share is ours / (attention + MoE)."""
+    import gc
+
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as tm
+
+    from v4hal.backends import registry
+    from v4hal.bench.speed import time_fn
+
+    d, n = SHAPES["v4-flash"]["hidden"], SHAPES["v4-flash"]["hc"]
+    cpu = torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    streams = _streams(g, tokens, n, d).unsqueeze(0)
+    out = randn(g, 1, tokens, d, dtype=torch.bfloat16)
+    seconds = {}
+    (ref_a, ours_a), (ref_f, ours_f) = transformers_hc(d, n, cpu), transformers_hc(d, n, cpu)
+
+    @torch.no_grad()
+    def ours():
+        s = streams
+        for site in (ours_a, ours_f):
+            _, post, comb = site(s)
+            s = site.expand(out, s, post, comb)
+        return s
+
+    @torch.no_grad()
+    def theirs():
+        s = streams
+        for site in (ref_a, ref_f):
+            s = transformers_site(site, s, out)
+        return s
+
+    with registry.forced("cpu_fast"):
+        seconds["mhc x2 (v4hal cpu_fast)"] = time_fn(ours, cpu, warmup=1, repeats=repeats)
+    seconds["mhc x2 (transformers)"] = time_fn(theirs, cpu, warmup=1, repeats=repeats)
+    del ref_a, ref_f, ours_a, ours_f
+    x = randn(g, 1, tokens, d, dtype=torch.bfloat16)
+    attn, cfg = _v4_flash_module(lambda c: tm.DeepseekV4Attention(c, c.layer_types.index("compressed_sparse_attention")), experts)
+    pos = torch.arange(tokens).unsqueeze(0)
+    rope = tm.DeepseekV4RotaryEmbedding(cfg)
+    pe = {k: rope(x, pos, layer_type=k) for k in ("main", "compress")}
+    seconds["attention (CSA layer)"] = time_fn(torch.no_grad()(lambda: attn(x, pe, pos, None)), cpu, warmup=1, repeats=repeats)
+    del attn, pe
+    gc.collect()
+    moe, cfg = _v4_flash_module(lambda c: tm.DeepseekV4SparseMoeBlock(c, c.mlp_layer_types.index("moe")), experts)
+    seconds[f"MoE (top-6 of {experts} experts + shared)"] = time_fn(torch.no_grad()(lambda: moe(x)), cpu, warmup=1, repeats=repeats)
+    med = {k: sorted(v)[len(v) // 2] for k, v in seconds.items()}
+    layer = med["attention (CSA layer)"] + med[f"MoE (top-6 of {experts} experts + shared)"]
+    return {"tokens": tokens, "experts": experts, "median_s": med, "samples_s": seconds,
+            "share_ours": med["mhc x2 (v4hal cpu_fast)"] / layer,
+            "share_transformers": med["mhc x2 (transformers)"] / layer}
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    from v4hal.bench.machine import describe
+
+    p = argparse.ArgumentParser(description="mHC cost per V4-Flash layer as a share of attention + MoE")
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    r = layer_share(args.tokens, args.experts, args.repeats)
+    print(f"machine: {describe(torch.device('cpu'))}")
+    for k, v in r["median_s"].items():
+        print(f"{k:45s} {v * 1e3:10.1f} ms")
+    print(f"mHC share of attention + MoE: v4hal {r['share_ours']:.2%}, transformers {r['share_transformers']:.2%}")
+    print(json.dumps(r))

@@ -78,16 +78,17 @@ def _projection(op: str, x: torch.Tensor, fn, scale, base, rows: int, scales: in
     _check.shape(op, "scale", scale, (scales,))
     _check.tensor(op, "base", base, dtypes=PARAM_DTYPES, ndim=1)
     _check.shape(op, "base", base, (rows,), f"one bias per projection row for {n} streams")
-    for name, t in (("fn", fn), ("scale", scale), ("base", base)):
-        _check.finite(op, name, t)
     _check.same_device(op, x=x, fn=fn, scale=scale, base=base)
 
 
-def _finite_mixes(op: str, **mixes: torch.Tensor) -> None:
-    """Non-finite pre/post/comb weights mean x held NaN/Inf: say so instead of spreading NaN
-    through every later layer (one check on the small mixes, not a pass over x)."""
+def _finite_mixes(op: str, params: dict[str, torch.Tensor], **mixes: torch.Tensor) -> None:
+    """Non-finite mixes mean NaN/Inf in x or in the projection: say which, instead of spreading
+    NaN through every later layer. Only the small outputs are checked on the normal path (not a
+    pass over x or fn per call); the culprit is looked for once something is wrong."""
     for name, t in mixes.items():
         if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            for arg, p in params.items():
+                _check.finite(op, arg, p)
             raise _check.OpInputError(op, "x", "finite values (the mHC mixes computed from x came out "
                                       f"non-finite: {name})", _check.describe(t))
 
@@ -110,7 +111,7 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
     _projection(op, x, fn, scale, base, hc_mix_width(n), 3)
     norm_eps, hc_eps = _eps(op, "norm_eps", norm_eps), _eps(op, "hc_eps", hc_eps)
     out = dispatch(op)(x, fn, scale, base, norm_eps, hc_eps, _iters(op, iters))
-    _finite_mixes(op, post=out[1], comb=out[2])
+    _finite_mixes(op, dict(fn=fn, scale=scale, base=base), post=out[1], comb=out[2])
     return out
 
 
@@ -144,13 +145,16 @@ def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.
 
     x: `[..., n, D]`, fn: `[n, n*D]`, scale: `[1]`, base: `[n]`. Returns
     `sum_i (sigmoid(mix_i * scale + base_i) + hc_eps) * x_i` in x.dtype, `[..., D]`, where
-    `mix = (flat(x) @ fn.T) * rsqrt(mean(flat(x)**2) + norm_eps)`.
+    `mix = (flat(x) @ fn.T) * rsqrt(mean(flat(x)**2) + norm_eps)`. Raises OpInputError if the
+    result is non-finite (NaN/Inf in x or in the weights).
     """
     op = "hc_head"
     n, _ = _streams(op, x)
     _projection(op, x, fn, scale, base, n, 1)
     norm_eps, hc_eps = _eps(op, "norm_eps", norm_eps), _eps(op, "hc_eps", hc_eps)
-    return dispatch(op)(x, fn, scale, base, norm_eps, hc_eps)
+    out = dispatch(op)(x, fn, scale, base, norm_eps, hc_eps)
+    _finite_mixes(op, dict(fn=fn, scale=scale, base=base), out=out)
+    return out
 
 
 def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = 1e-6) -> torch.Tensor:

@@ -271,6 +271,8 @@ def test_non_finite_mixes():
         ops.hc_post(torch.randn(2, D), torch.randn(2, 4, D), post, torch.ones(2, 4, 4))
     with pytest.raises(OpInputError, match=r"hc_pre: argument 'fn' expected finite values"):
         ops.hc_pre(torch.randn(2, 4, D), ours.fn.detach() * float("nan"), ours.scale, ours.base)
+    with pytest.raises(OpInputError, match=r"hc_head: argument 'x' expected finite values"):
+        ops.hc_head(x, torch.zeros(4, 4 * D), torch.ones(1), torch.zeros(4))
 
 
 def test_other_bad_input():
