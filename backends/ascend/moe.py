@@ -1,0 +1,123 @@
+"""MoE on Ascend through torch_npu's fused MoE ops (schemas and docs: the pinned torch-npu wheel).
+
+- routing: `npu_moe_gating_top_k` (softmax or sigmoid scores, optional bias, group selection by
+  max (`group_select_mode=0`) or top-2 sum (`=1`), hash routing through `input_ids` / `tid2eid`,
+  then `y / (sum y + eps) * routed_scaling_factor`). It always renormalizes and knows no
+  sqrt(softplus): V4's sqrtsoftplus goes through its softmax mode on `log(sqrt(softplus(logits)))`,
+  whose softmax is the scores over their sum, a per-token constant the renormalization cancels;
+  that is exact whenever no bias shifts the choice (hash layers, bias-free routers). With a bias
+  (V4's top-k layers) or without renormalization the scores are computed with torch ops on the
+  NPU, as the reference does.
+- permutation: `npu_moe_init_routing_v2` (dropless; `row_idx_type=0` gives the gather index
+  `expanded_row_idx[t * k + j]` = row of token t's j-th choice, our `row_of_slot`;
+  `expert_tokens_num_type=1` gives per-expert counts). A capacity limit uses the device-agnostic
+  sort, since the fused op supports only `drop_pad_mode=0`.
+- expert GEMMs: `npu_grouped_matmul` with one [E, K, N] weight (a transposed view of our
+  [E, N, K] stack), `group_type=0` (groups split M), `split_item=2` (one output tensor) and
+  `group_list=offsets[1:]` with `group_list_type=0` (cumulative ends; 1 would mean counts).
+  int8 W8A8 experts add `npu_dynamic_quant` per-token activations, `scale` / `per_token_scale`
+  and an `output_dtype` code (the op returns int8 otherwise). FP8 / MXFP4 experts run per expert
+  through `ops.linear`, whose quant backend picks the chip's path (A2/A3 have no FP8 units).
+- SwiGLU: `npu_swiglu`, or `npu_clipped_swiglu(alpha=1, bias=0, interleaved=False)` for V4's
+  clamp (its `A * sigmoid(alpha A) * (B + bias)` with clamped halves is exactly V4's).
+- combine: `npu_moe_finalize_routing`, whose `expanded_src_to_dst_row` is read choice-major
+  (`[i + j * T]`), so our token-major gather index is transposed first.
+"""
+
+import torch
+
+from v4hal.backends.ascend import npu
+from v4hal.backends.cpu import moe as reference
+from v4hal.backends.cpu.moe import moe_forward  # noqa: F401  (the composition of the contracts)
+from v4hal.backends.cpu_fast import moe as fast
+from v4hal.ops.moe import MoeDispatch
+
+NORM_SOFTMAX, NORM_SIGMOID = 0, 1
+GROUP_BY_MAX, GROUP_BY_TOP2_SUM = 0, 1
+GROUP_LIST_CUMSUM = 0
+SPLIT_M, SINGLE_OUTPUT = 0, 2
+COUNTS = 1
+GATHER_INDEX = 0
+# c10::ScalarType codes, what npu_grouped_matmul's `int? output_dtype` takes.
+SCALAR_TYPE_CODE = {torch.float16: 5, torch.bfloat16: 15}
+
+
+def _fused_gating_applies(scoring, bias, renormalize, n_experts, n_group):
+    if not renormalize or n_experts > 2048 or n_experts // n_group <= 2:
+        return False  # outside the op's documented range (it always renormalizes)
+    return scoring in ("softmax", "sigmoid") or (scoring == "sqrtsoftplus" and bias is None)
+
+
+def moe_route(hidden, gate_weight, topk, scoring, bias, n_group, topk_group, renormalize,
+              routed_scaling_factor, input_ids, tid2eid):
+    n_experts = gate_weight.shape[0]
+    if not _fused_gating_applies(scoring, bias, renormalize, n_experts, n_group):
+        return reference.moe_route(hidden, gate_weight, topk, scoring, bias, n_group, topk_group, renormalize,
+                                   routed_scaling_factor, input_ids, tid2eid)
+    logits = torch.nn.functional.linear(hidden.float(), gate_weight.float())
+    if scoring == "sqrtsoftplus":
+        logits = torch.log(reference.router_scores(logits, scoring))
+    weights, ids, _ = npu().npu_moe_gating_top_k(
+        logits, topk, bias=None if bias is None else bias.float(),
+        input_ids=input_ids, tid2eid=tid2eid,
+        k_group=topk_group, group_count=n_group,
+        group_select_mode=GROUP_BY_TOP2_SUM if bias is not None else GROUP_BY_MAX,
+        renorm=0, norm_type=NORM_SIGMOID if scoring == "sigmoid" else NORM_SOFTMAX, out_flag=False,
+        routed_scaling_factor=routed_scaling_factor, eps=reference.RENORM_EPS)
+    return weights, ids.long()
+
+
+def moe_dispatch(hidden, topk_ids, num_experts, capacity):
+    if capacity is not None:
+        return fast.moe_dispatch(hidden, topk_ids, num_experts, capacity)
+    t, k = topk_ids.shape
+    permuted, row_of_slot, counts, _ = npu().npu_moe_init_routing_v2(
+        hidden, topk_ids.int(), active_num=t * k, expert_num=num_experts, drop_pad_mode=0,
+        expert_tokens_num_type=COUNTS, expert_tokens_num_flag=True, quant_mode=-1,
+        active_expert_range=[0, num_experts], row_idx_type=GATHER_INDEX)
+    row_of_slot = row_of_slot.long()
+    flat_position = torch.empty_like(row_of_slot)
+    flat_position[row_of_slot] = torch.arange(t * k, device=row_of_slot.device)
+    counts = counts.long()
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return MoeDispatch(permuted, counts, offsets, flat_position // k, row_of_slot.view(t, k))
+
+
+def grouped_matmul(x, weight, group_offsets, scale, fmt):
+    if fmt not in ("dense", "int8") or x.shape[0] == 0:
+        return reference.grouped_matmul(x, weight, group_offsets, scale, fmt)
+    ends = group_offsets[1:].long()
+    if fmt == "dense":
+        return npu().npu_grouped_matmul([x], [weight.to(x.dtype).transpose(1, 2)], group_list=ends,
+                                        split_item=SINGLE_OUTPUT, group_type=SPLIT_M,
+                                        group_list_type=GROUP_LIST_CUMSUM)[0]
+    out_dtype = x.dtype if x.dtype in SCALAR_TYPE_CODE else torch.bfloat16
+    xq, x_scale = npu().npu_dynamic_quant(x)
+    y = npu().npu_grouped_matmul([xq], [weight.transpose(1, 2)], scale=[scale.float()],
+                                 per_token_scale=[x_scale.float()], group_list=ends,
+                                 split_item=SINGLE_OUTPUT, group_type=SPLIT_M,
+                                 group_list_type=GROUP_LIST_CUMSUM,
+                                 output_dtype=SCALAR_TYPE_CODE[out_dtype])[0]
+    return y.to(x.dtype)
+
+
+def swiglu(gate_up, limit):
+    if gate_up.numel() == 0:
+        return gate_up[..., : gate_up.shape[-1] // 2]
+    x = gate_up if gate_up.dim() > 1 else gate_up.unsqueeze(0)
+    if limit is None:
+        y = npu().npu_swiglu(x, dim=-1)
+    else:
+        y = npu().npu_clipped_swiglu(x, dim=-1, alpha=1.0, limit=limit, bias=0.0, interleaved=False)
+    return y.view(gate_up.shape[:-1] + (gate_up.shape[-1] // 2,))
+
+
+def moe_combine(expert_out, topk_weights, state):
+    t, k = state.row_of_slot.shape
+    if expert_out.shape[0] == 0:
+        return expert_out.new_zeros(t, expert_out.shape[1])
+    kept = state.row_of_slot >= 0  # dropped choices read row 0 with weight 0
+    rows = torch.where(kept, state.row_of_slot, 0)
+    scales = torch.where(kept, topk_weights, 0).to(expert_out.dtype)
+    return npu().npu_moe_finalize_routing(expert_out, None, None, None, scales, rows.t().reshape(-1).int(),
+                                          export_for_source_row=None, drop_pad_mode=0, k=k)
