@@ -9,6 +9,11 @@ normals and subnormals alike (e4m3 subnormals land on float32 subnormals). The 2
 into the block scales, so no pass over the weight is spent on it.
 
 Nothing is cached between calls: every call reads the fp8 weight and its scales afresh.
+
+NaN codes (S.1111.111) come out of the bit trick as +-480. Full dequantizations (dequantize_fp8,
+both operands of the prefill GEMM, the activation of the decode GEMV) put the NaN back; the weight
+streamed by the decode GEMV does not (that would add a pass over the weight to every decode step):
+checkpoint weights are checked once, when they are loaded or converted, not on every call.
 """
 
 import torch
@@ -69,8 +74,13 @@ def dequantize_fp8(q, scale, block, out_dtype):
     if out_dtype == torch.float64 or scale.dtype == torch.float64:
         return ref.dequantize_fp8(q, scale, block, out_dtype)
     q2 = q.reshape(-1, q.shape[-1])
-    out = torch.empty(q2.shape, dtype=out_dtype)
-    return _dequant_rows(q2, _row_scales(scale, block[0], q2.shape[0]), block[1], out).reshape(q.shape)
+    out = _dequant_rows(q2, _row_scales(scale, block[0], q2.shape[0]), block[1],
+                        torch.empty(q2.shape, dtype=out_dtype))
+    # The bit trick reads the NaN codes (S.1111.111) as +-480; restore them.
+    nan_codes = (q2.view(torch.uint8) & 0x7F) == 0x7F
+    if bool(nan_codes.any()):
+        out.masked_fill_(nan_codes, float("nan"))
+    return out.reshape(q.shape)
 
 
 def fp8_matmul(a, a_scale, b, b_scale, out_dtype):

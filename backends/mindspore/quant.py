@@ -6,7 +6,7 @@ tensors (no torch math and no numpy math: torch tensors only cross the boundary,
 uint8 bytes):
 
 - e4m3 decode: byte -> sign (b // 128), exponent field e ((b // 8) % 16), mantissa m (b % 8);
-  value = (8 + m) * 2**(e - 10) for e > 0, m * 2**-9 for e = 0.
+  value = (8 + m) * 2**(e - 10) for e > 0, m * 2**-9 for e = 0; S.1111.111 is NaN.
 - e4m3 encode (round to nearest, ties to even, like a hardware cast): with E = max(floor(log2 |x|),
   -6) and n = round_half_even(|x| / 2**(E - 3)) in [0, 16], the magnitude byte is 8 * E + 48 + n,
   a formula that also covers subnormals (E = -6) and the carry into the next binade (n = 16).
@@ -81,7 +81,8 @@ def decode_e4m3(b):
     e = _f32(_idiv(b, 8) % 16)
     m = _f32(b % 8)
     magnitude = o.where(e > 0, (8 + m) * _pow2(e - 10), m * 2.0 ** -9)
-    return sign * magnitude
+    nan = ms().Tensor(float("nan"), ms().float32)
+    return o.where(b % 128 == 127, nan, sign * magnitude)  # S.1111.111 is e4m3fn's NaN
 
 
 def encode_e4m3(x):
