@@ -207,6 +207,9 @@ def int8_matmul(a, a_scale, b, b_scale, out_dtype):
     o = _ops()
     # int8 x int8 products summed in float64 are exact (|sum| < 2**53), as int32 accumulation is.
     acc = o.matmul(to_ms(_two_d(a)).astype(ms().float64), to_ms(b).astype(ms().float64).T)
-    y = _f32(acc) * _f32(to_ms(a_scale.reshape(-1, 1).float())) * _f32(to_ms(b_scale.float()))
+    # The epilogue runs in float32 like the reference's, in float64 when a scale is float64.
+    wide = torch.float64 in (a_scale.dtype, b_scale.dtype)
+    cd = ms().float64 if wide else ms().float32
+    y = acc.astype(cd) * to_ms(a_scale.reshape(-1, 1)).astype(cd) * to_ms(b_scale).astype(cd)
     return to_torch(y, out_dtype).reshape(*a.shape[:-1], b.shape[0])
 
