@@ -136,7 +136,7 @@ def _fp4_quant_compare(out):
 
 
 def _e2m1(packed: torch.Tensor) -> torch.Tensor:
-    table = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+    table = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64, device=packed.device)
     codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2).long()
     v = table[codes & 7]
     return torch.where(codes >= 8, -v, v)
