@@ -137,6 +137,19 @@ def _sparse_inputs(b, s, n, h, d, k, sink=True, v_dim=None, dtype=torch.float32,
     return make
 
 
+def _window_inputs(b, s, n, h, d, window, dtype=torch.float32):
+    def make(g):
+        return dict(q=randn(g, b, s, h, d, dtype=dtype), kv=randn(g, b, n, d, dtype=dtype), window=window,
+                    scale=d ** -0.5, sink=randn(g, h).to(dtype), return_lse=True)
+    return make
+
+
+def _window_case(name, b, s, n, h, d, window, quick=False, dtype=torch.float32):
+    red = window * d
+    return Case("window_attention", name, ops.window_attention, _window_inputs(b, s, n, h, d, window, dtype),
+                {"out0": _tol(dtype, red), "out1": _tol(torch.float32, red)}, quick=quick)
+
+
 def _sparse_case(name, b, s, n, h, d, k, quick=False, dtype=torch.float32, **kw):
     red = k * d
     return Case("sparse_attention", name, ops.sparse_attention, _sparse_inputs(b, s, n, h, d, k, dtype=dtype, **kw),
@@ -153,6 +166,12 @@ V4F, V4P, V32 = SHAPES["v4-flash"], SHAPES["v4-pro"], SHAPES["v3.2"]
 MLA_D = V32["kv_lora"] + V32["rope_dim"]
 
 PARITY = [
+    _window_case("small", 2, 5, 9, 3, 8, 4, quick=True),
+    _window_case("small/decode", 1, 1, 3, 2, 8, 4, quick=True),
+    _window_case("v4-flash/prefill", 1, 256, 256 + 127, V4F["heads"], V4F["head_dim"], V4F["window"]),
+    _window_case("v4-flash/decode-bf16", 2, 1, 128, V4F["heads"], V4F["head_dim"], V4F["window"], dtype=torch.bfloat16),
+    _window_case("v4-pro/prefill-bf16", 1, 64, 64 + 127, V4P["heads"], V4P["head_dim"], V4P["window"],
+                 dtype=torch.bfloat16),
     Case("apply_rope", "small", ops.apply_rope, _rope_inputs((2, 5, 3, 8), torch.float32), F32, quick=True),
     Case("apply_rope", "v4-flash/q", ops.apply_rope, _rope_inputs((1, 64, V4F["heads"], V4F["rope_dim"]), torch.bfloat16),
          _tol(torch.bfloat16, 2)),

@@ -212,15 +212,19 @@ def _chunked(step, x: torch.Tensor, positions: torch.Tensor, cache, chunk: int) 
     per-query temporaries (q of every head, gathered rows) stay bounded."""
     if x.shape[1] <= chunk:
         return step(x, positions, cache)
-    return torch.cat([step(x[:, i:i + chunk], positions[:, i:i + chunk], cache)
-                      for i in range(0, x.shape[1], chunk)], dim=1)
+    first = step(x[:, :chunk], positions[:, :chunk], cache)
+    out = first.new_empty(x.shape[0], x.shape[1], first.shape[-1])
+    out[:, :chunk] = first
+    for i in range(chunk, x.shape[1], chunk):
+        out[:, i:i + chunk] = step(x[:, i:i + chunk], positions[:, i:i + chunk], cache)
+    return out
 
 
 class V4Attention(nn.Module):
     """transformers' DeepseekV4Attention, from v4hal ops (see module doc for the call).
     `prefill_chunk`: queries per step of a long prefill (bounds temporaries, not results)."""
 
-    def __init__(self, c: V4AttentionConfig, prefill_chunk: int = 1024):
+    def __init__(self, c: V4AttentionConfig, prefill_chunk: int = 512):
         super().__init__()
         self.c, self.prefill_chunk = c, prefill_chunk
         self.q_a_proj = Linear(c.hidden, c.q_lora)
@@ -268,27 +272,35 @@ class V4Attention(nn.Module):
         kv = _rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin, c.rope_dim)
 
         raw = _concat(cache.raw, kv)
-        raw_start = cache.length - (0 if cache.raw is None else cache.raw.shape[1])
-        indices = ops.window_indices(positions, c.window, raw_start)
-        rows = raw
-        if self.compressor is not None:
-            new, cache.comp_state = self.compressor.entries(x, cache.comp_state, c.rope_compress)
-            cache.compressed = _concat(cache.compressed, new)
-            t = cache.compressed.shape[1]
-            if t:
-                picked = self._indexer(x, q_res, positions, cache) if c.csa else self._all_visible(positions, t)
-                indices = torch.cat([indices, torch.where(picked >= 0, picked + raw.shape[1], -1)], dim=-1)
-                rows = torch.cat([raw, cache.compressed], dim=1)
-            elif c.csa:  # keep the indexer's compressor state in step with the main one
-                self._indexer(x, q_res, positions, cache)
-
-        o = ops.sparse_attention(q, rows, indices, c.head_dim ** -0.5, sink=self.sinks)
+        scale = c.head_dim ** -0.5
+        if self.compressor is None:
+            o = ops.window_attention(q, raw, c.window, scale, sink=self.sinks)
+        else:
+            o = self._sparse(x, q, q_res, raw, positions, cache, scale)
         # K = V carries RoPE on its tail: rotate the output's tail back to the query position.
         o = _rope_tail(o, cos.unsqueeze(2), -sin.unsqueeze(2), c.rope_dim)
 
         cache.raw = raw[:, -(c.window - 1):] if c.window > 1 else raw[:, :0]
         cache.length += s
         return self._o_proj(o.reshape(b, s, -1))
+
+    def _sparse(self, x, q, q_res, raw, positions, cache, scale) -> torch.Tensor:
+        """CSA / HCA: the window and the picked compressed entries as one index list over
+        [raw rows | compressed entries]."""
+        c = self.c
+        raw_start = cache.length - (raw.shape[1] - x.shape[1])
+        indices = ops.window_indices(positions, c.window, raw_start)
+        new, cache.comp_state = self.compressor.entries(x, cache.comp_state, c.rope_compress)
+        cache.compressed = _concat(cache.compressed, new)
+        t = cache.compressed.shape[1]
+        if t == 0:
+            if c.csa:  # keep the indexer's compressor state in step with the main one
+                self._indexer(x, q_res, positions, cache)
+            return ops.sparse_attention(q, raw, indices, scale, sink=self.sinks)
+        picked = self._indexer(x, q_res, positions, cache) if c.csa else self._all_visible(positions, t)
+        indices = torch.cat([indices, torch.where(picked >= 0, picked + raw.shape[1], -1)], dim=-1)
+        rows = torch.cat([raw, cache.compressed], dim=1)
+        return ops.sparse_attention(q, rows, indices, scale, sink=self.sinks)
 
     def _all_visible(self, positions: torch.Tensor, t: int) -> torch.Tensor:
         """HCA: every closed window, no selection."""
@@ -370,7 +382,7 @@ class V32Attention(nn.Module):
     """transformers' DeepseekV32Attention (MLA + DSA) in the absorbed form: attention runs over the
     cached latents, as DeepSeek's inference and FlashMLA's sparse kernel do."""
 
-    def __init__(self, c: V32AttentionConfig, prefill_chunk: int = 1024):
+    def __init__(self, c: V32AttentionConfig, prefill_chunk: int = 512):
         super().__init__()
         self.c, self.prefill_chunk = c, prefill_chunk
         self.q_a_proj = Linear(c.hidden, c.q_lora, bias=c.bias)

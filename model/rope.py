@@ -21,9 +21,10 @@ def _mscale(factor: float, mscale: float = 1.0) -> float:
 
 @dataclass(frozen=True)
 class Rope:
-    """One RoPE table. `dim`: rotated channels (even); `params`: the HF rope_parameters dict of
-    this table (rope_type "default" or "yarn", rope_theta, factor, beta_fast, beta_slow,
-    original_max_position_embeddings, mscale, mscale_all_dim, attention_factor)."""
+    """One RoPE table over `dim` rotated channels (even). Build it from the HF rope_parameters
+    dict of the table with `from_params` (rope_type "default" or "yarn", rope_theta, factor,
+    beta_fast, beta_slow, original_max_position_embeddings, mscale, mscale_all_dim,
+    attention_factor) or from plain numbers."""
 
     dim: int
     theta: float

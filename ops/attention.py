@@ -13,6 +13,8 @@ How the pieces compose (see model/attention.py):
   The sliding window is a second index list (`window_indices`) into the raw-token rows of the
   same KV tensor; the two lists are concatenated. This is the layout FlashMLA's sparse kernel and
   `npu_sparse_flash_attention` consume, so a paged cache only changes how rows are addressed.
+- `window_attention` is the sliding-window part alone (V4's sliding-only layers), so dense
+  banded kernels (`npu_fused_infer_attention_score_v2` with its band mode) can run it.
 
 Index dtype: indices come back as int32 (what FlashMLA and `npu_sparse_flash_attention` take);
 int32 and int64 are accepted everywhere.
@@ -29,11 +31,11 @@ from v4hal.backends.registry import dispatch, register_op
 from v4hal.ops import _check
 
 __all__ = ["CompressState", "apply_rope", "layer_norm", "kv_compress", "indexer_scores",
-           "indexer_topk", "indexer_select", "sparse_attention", "window_indices"]
+           "indexer_topk", "indexer_select", "sparse_attention", "window_indices", "window_attention"]
 
 FAMILY = "attention"
 for _op in ("apply_rope", "layer_norm", "kv_compress", "indexer_scores", "indexer_topk",
-            "indexer_select", "sparse_attention"):
+            "indexer_select", "sparse_attention", "window_attention"):
     register_op(_op, FAMILY)
 
 FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -131,8 +133,9 @@ def kv_compress(kv: torch.Tensor, gate: torch.Tensor, position_bias: torch.Tenso
         state = CompressState(kv.new_zeros(b, 0, c), gate.new_zeros(b, 0, c))
     elif not isinstance(state, CompressState):
         raise _check.OpInputError(op, "state", "a CompressState or None", _check.describe(state))
-    else:
-        _check.shape(op, "state", state.kv[:, :0], (b, 0, c), "state.kv batch/channels match kv")
+    elif state.kv.dim() != 3 or state.kv.shape[0] != b or state.kv.shape[2] != c:
+        raise _check.OpInputError(op, "state", f"open-window tokens of shape [{b}, n, {c}] (batch and channels of kv)",
+                                  f"state.kv {_check.describe(state.kv)}")
     if state.kv.shape[1] + kv.shape[1] == 0:
         return kv.new_zeros(b, 0, d), state
     kv_all = torch.cat([state.kv, kv.to(state.kv.dtype)], 1) if state.kv.shape[1] else kv
@@ -277,4 +280,34 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, s
         raise _check.OpInputError(op, "v_dim", f"at most the head dim {d}", v_dim)
     _check.same_device(op, q=q, kv=kv, indices=indices)
     out, lse = dispatch(op)(q, kv, indices, float(scale), sink, v_dim)
+    return (out, lse) if return_lse else out
+
+
+def window_attention(q: torch.Tensor, kv: torch.Tensor, window: int, scale: float, *,
+                     sink: torch.Tensor | None = None,
+                     return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sliding-window attention with shared KV and a per-head sink (V4's sliding-only layers).
+
+    q `[B, S, H, D]` are the last S tokens of kv `[B, N, D]` (N >= S: earlier rows are cached
+    tokens): query i sits at row r = N - S + i and attends rows max(0, r - window + 1) .. r.
+    Same math, dtypes and outputs as `sparse_attention(q, kv, window_indices(...), scale,
+    sink=sink)` with value = key; the sink and LSE as there.
+    """
+    op = "window_attention"
+    _check.tensor(op, "q", q, dtypes=FLOATS, ndim=4)
+    _check.tensor(op, "kv", kv, dtypes=FLOATS, ndim=3)
+    b, s, h, d = q.shape
+    if kv.shape[0] != b:
+        raise _check.OpInputError(op, "kv", f"batch {b} (as q), layout [B, N, D]", _check.describe(kv))
+    _check.equal(op, "kv", kv.shape[2], d, "head dim (last dim) = last dim of q")
+    if kv.shape[1] < s:
+        raise _check.OpInputError(op, "kv", f"at least the {s} rows of the queries themselves", _check.describe(kv))
+    _check.positive_int(op, "window", window)
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise _check.OpInputError(op, "scale", "a positive finite float", repr(scale))
+    if sink is not None:
+        _check.tensor(op, "sink", sink, dtypes=FLOATS, ndim=1)
+        _check.shape(op, "sink", sink, (h,), "one logit per query head")
+    _check.same_device(op, q=q, kv=kv)
+    out, lse = dispatch(op)(q, kv, window, float(scale), sink)
     return (out, lse) if return_lse else out

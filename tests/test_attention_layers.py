@@ -17,7 +17,7 @@ from v4hal.model.rope import Rope
 V4_TYPES = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"]
 BACKENDS = ["cpu", "cpu_fast", "mindspore"]
 ATTENTION_OPS = ["apply_rope", "layer_norm", "kv_compress", "indexer_scores", "indexer_topk", "indexer_select",
-                 "sparse_attention"]
+                 "sparse_attention", "window_attention"]
 
 
 def _pos(b, s, start=0):

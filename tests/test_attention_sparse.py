@@ -109,6 +109,20 @@ def test_window_plus_sparse_equals_dense_sliding_attention():
     torch.testing.assert_close(out[0], torch.einsum("hst,td->shd", p, kv[0]))
 
 
+@pytest.mark.parametrize("impl", [ref_impl, fast_impl, cuda_impl, ms_impl],
+                         ids=["cpu", "cpu_fast", "cuda code path exercised on CPU", "mindspore"])
+@pytest.mark.parametrize("s,n", [(5, 9), (1, 3), (4, 4)])
+def test_window_attention_equals_sparse_attention_over_window_indices(impl, s, n):
+    g = torch.Generator().manual_seed(4)
+    q, kv, sink = (torch.randn(2, s, 3, 8, generator=g, dtype=D64), torch.randn(2, n, 8, generator=g, dtype=D64),
+                   torch.randn(3, generator=g, dtype=D64))
+    idx = ops.window_indices((n - s + torch.arange(s)).view(1, s).expand(2, -1), 4, 0)
+    want = ref_impl.sparse_attention(q, kv, idx, 0.3, sink, 8)
+    got = impl.window_attention(q, kv, 4, 0.3, sink)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+
+
 def _raises(fn, op, arg):
     with pytest.raises(OpInputError) as e:
         fn()
@@ -133,6 +147,11 @@ def test_bad_input_is_named():
     _raises(lambda: sa(q, kv, idx, -1.0), "sparse_attention", "scale")
     _raises(lambda: sa(q, kv[:, :0], idx, 1.0), "sparse_attention", "kv")  # empty cache
     _raises(lambda: ops.window_indices(torch.tensor([[1]]), 4, start=2), "window_indices", "positions")
+    wa = ops.window_attention
+    _raises(lambda: wa(q, kv[:, :1], 4, 1.0), "window_attention", "kv")  # fewer rows than queries
+    _raises(lambda: wa(q, torch.randn(1, 5, 6), 4, 1.0), "window_attention", "kv")  # head dims differ
+    _raises(lambda: wa(q, kv, 0, 1.0), "window_attention", "window")
+    _raises(lambda: wa(q, kv, 4, 1.0, sink=torch.zeros(4)), "window_attention", "sink")
 
 
 def test_contract_runs_on_every_cpu_backend():

@@ -16,8 +16,16 @@
   sink. V3.2's absorbed MLA uses attention_mode=2 (query/key split into the latent part and
   query_rope/key_rope, value = key latent); V4's shared KV (value = all of K) uses mode 0.
   The log-sum-exp comes back as (softmax_max, softmax_sum) `[B, KV_N, S1, N1]`: lse = max + log(sum).
-- `npu_fused_infer_attention_score` is not used: the sliding window reaches the kernel as a
-  second index list, so one sparse call covers window + compressed entries.
+- `npu_fused_infer_attention_score_v2(query, key, value, *, atten_mask, learnable_sink,
+  num_query_heads, num_key_value_heads, softmax_scale, pre_tokens, next_tokens, input_layout,
+  sparse_mode, return_softmax_lse)` runs `window_attention` (sliding-only layers): band mode
+  sparse_mode=4 with pre_tokens = window - 1, next_tokens = 0 and the optimised 2048x2048 mask
+  the docs require; decode (one query, where the docs say pre/next tokens are ignored) passes
+  only the last `window` rows. The docs cap query heads per KV head at 64, so V4-Pro's 128 heads
+  run as two head groups. learnable_sink is documented as bfloat16 `[Q_N]`; the LSE comes back
+  `[B, N, S, 1]`. The docs list this kernel for A2/A3; on A5 the gather path runs. In CSA/HCA
+  layers the window reaches `npu_sparse_flash_attention` as a second index list, so one sparse
+  call covers window + compressed entries.
 Layouts: BSND here; TND (packed variable-length batches) and PA_BSND (paged KV with a block
 table) are what a paged serving cache would pass; our cache is contiguous per layer.
 Not verified on hardware (no Ascend machine available): checked by schema and Meta dry run.
@@ -25,11 +33,15 @@ Not verified on hardware (no Ascend machine available): checked by schema and Me
 
 import torch
 
+from v4hal.backends import ascend
 from v4hal.backends.ascend import npu
 from v4hal.backends.cpu.attention import apply_rope, kv_compress, layer_norm  # noqa: F401  (elementwise, device-agnostic)
 from v4hal.backends.cpu_fast import attention as _gather
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+MAX_GROUP = 64  # query heads per KV head the fused-infer-attention kernel takes
+BAND_MASK = 2048  # side of the optimised mask the band/causal sparse modes take
+FIA_CHIPS = ("A2", "A3")
 SPARSE_COUNTS = set(range(1, 2049)) | {3072, 4096, 5120, 6144, 7168, 8192}
 
 
@@ -82,3 +94,27 @@ def sparse_attention(q, kv, indices, scale, sink, v_dim):
             attention_mode=0, return_softmax_lse=True, sinks=sinks)
     lse = (smax + torch.log(ssum)).squeeze(1)  # [B, 1, S, H] -> [B, S, H]
     return out, lse
+
+
+def window_attention(q, kv, window, scale, sink):
+    # The pinned docs list the v2 fused-infer kernel for A2/A3 only.
+    if q.dtype not in KERNEL_DTYPES or kv.dtype != q.dtype or ascend.chip() not in FIA_CHIPS:
+        return _gather.window_attention(q, kv, window, scale, sink)
+    s, h = q.shape[1], q.shape[2]
+    if s == 1:
+        key, mask, mode = kv[:, -window:].unsqueeze(2).contiguous(), None, 0
+    else:
+        key = kv.unsqueeze(2).contiguous()
+        mask = torch.triu(torch.ones(BAND_MASK, BAND_MASK, dtype=torch.bool, device=q.device), diagonal=1)
+        mode = 4
+    outs, lses = [], []
+    for lo in range(0, h, MAX_GROUP):
+        hg = min(MAX_GROUP, h - lo)
+        out, lse = npu().npu_fused_infer_attention_score_v2(
+            q[:, :, lo:lo + hg].contiguous(), key, key, atten_mask=mask,
+            learnable_sink=None if sink is None else sink[lo:lo + hg].to(torch.bfloat16),
+            num_query_heads=hg, num_key_value_heads=1, softmax_scale=scale, pre_tokens=window - 1,
+            next_tokens=0, input_layout="BSND", sparse_mode=mode, return_softmax_lse=True)
+        outs.append(out)
+        lses.append(lse.squeeze(-1).transpose(1, 2))  # [B, N, S, 1] -> [B, S, N]
+    return torch.cat(outs, 2), torch.cat(lses, 2)

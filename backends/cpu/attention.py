@@ -102,3 +102,14 @@ def sparse_attention(q, kv, indices, scale, sink, v_dim):
     out = torch.einsum("bshn,bnd->bshd", p, kv[..., :v_dim].to(cd)) / torch.where(denom > 0, denom, 1.0)
     lse = (torch.log(denom) + m).squeeze(-1)
     return out.to(q.dtype), lse
+
+
+def window_attention(q, kv, window, scale, sink):
+    b, s, h, _ = q.shape
+    n = kv.shape[1]
+    rows = torch.arange(n - s, n).view(s, 1)
+    cols = torch.arange(n).view(1, n)
+    band = (cols <= rows) & (cols > rows - window)  # [S, N]
+    # As sparse_attention with each visible row selected once.
+    indices = torch.where(band, cols, -1).expand(b, s, n)
+    return sparse_attention(q, kv, indices, scale, sink, kv.shape[-1])

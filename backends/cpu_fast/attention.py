@@ -98,3 +98,14 @@ def sparse_attention(q, kv, indices, scale, sink, v_dim, chunk_elems=_CHUNK_ELEM
             out[bi, lo:lo + step] = o.to(q.dtype)
             lse[bi, lo:lo + step] = (torch.log(denom) + m).squeeze(-1)
     return out, lse
+
+
+def window_indices_for(b, s, n, window, device):
+    """Rows each of the last s queries of an n-row KV sees: [B, S, window], -1 before row 0."""
+    rows = torch.arange(n - s, n, device=device).view(s, 1) - (window - 1) + torch.arange(window, device=device)
+    return torch.where(rows >= 0, rows, -1).expand(b, s, window)
+
+
+def window_attention(q, kv, window, scale, sink, chunk_elems=_CHUNK_ELEMS):
+    idx = window_indices_for(q.shape[0], q.shape[1], kv.shape[1], window, q.device)
+    return sparse_attention(q, kv, idx, scale, sink, kv.shape[-1], chunk_elems)

@@ -61,3 +61,7 @@ def indexer_topk(scores, k, positions, ratio):
 
 def indexer_select(q, k, weights, scale, topk, positions, ratio):
     return _gather.indexer_select(q, k, weights, scale, topk, positions, ratio, chunk_elems=_GPU_CHUNK)
+
+
+def window_attention(q, kv, window, scale, sink):
+    return _gather.window_attention(q, kv, window, scale, sink, chunk_elems=_GPU_CHUNK)

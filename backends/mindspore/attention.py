@@ -100,6 +100,13 @@ def indexer_select(q, k, weights, scale, topk, positions, ratio):
     return _topk(_scores(q, k, weights, scale, _cd(q)), topk, positions, ratio)
 
 
+def window_attention(q, kv, window, scale, sink):
+    b, s, n = q.shape[0], q.shape[1], kv.shape[1]
+    rows = np.arange(n - s, n).reshape(s, 1) - (window - 1) + np.arange(window)
+    idx = torch.from_numpy(np.broadcast_to(np.where(rows >= 0, rows, -1), (b, s, window)).copy())
+    return sparse_attention(q, kv, idx, scale, sink, kv.shape[-1])
+
+
 def sparse_attention(q, kv, indices, scale, sink, v_dim):
     ops, cd = mops(), _cd(q)
     b, s, h, d = q.shape
