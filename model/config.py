@@ -384,10 +384,12 @@ def _v32() -> ModelArgs:
 def _tiny() -> ModelArgs:
     # Every V4 feature in a model that runs in well under a second on a laptop CPU: all three
     # layer types, a hash layer, window and compression ratios small enough that 40 tokens cross them.
+    # 8 indexer heads: with ReLU scores, a couple of heads leave many entries at exactly 0, and
+    # top-k among tied entries may legitimately pick differently on another backend.
     return ModelArgs(model_type="deepseek_v4", vocab_size=512, hidden_size=64, num_hidden_layers=4,
                      num_attention_heads=4, head_dim=32, qk_rope_head_dim=8, q_lora_rank=32,
                      moe_intermediate_size=32, intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
-                     o_groups=2, o_lora_rank=16, sliding_window=8, index_n_heads=2, index_head_dim=16, index_topk=4,
+                     o_groups=2, o_lora_rank=16, sliding_window=8, index_n_heads=8, index_head_dim=16, index_topk=4,
                      compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
                      layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
                                   "compressed_sparse_attention"],

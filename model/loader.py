@@ -254,9 +254,9 @@ class _Loader:
 
     @staticmethod
     def _fusable(scale: torch.Tensor, half: int, tensor: torch.Tensor) -> bool:
-        """Gate and up scales stack into one tensor only when no scale block straddles them."""
-        per = -(-half // scale.shape[0])
-        return half % per == 0
+        """Gate and up scales stack into one tensor only when no scale block straddles them
+        (FP8's 128-row blocks; FP4 and int8 scale each row)."""
+        return tensor.dtype != torch.float8_e4m3fn or half % ops.WEIGHT_BLOCK[0] == 0
 
     def finish(self) -> None:
         missing = []

@@ -1,0 +1,181 @@
+"""Whole-model cases: parity of final logits between backends on tiny V4 / V3.2 configs (quick),
+and speed of prefill (4k tokens) and decode (one step at 16k context) against transformers'
+DeepseekV4ForCausalLM holding the same weights, on the small `BENCH_V4` config.
+
+The models are built once per (config, dtype) from a fixed seed: the parity harness passes only
+token ids and the dtype (float64 for the reference), so every backend sees the same weights.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from v4hal.bench.cases import Case, SpeedCase, Tolerance
+from v4hal.model.config import ModelArgs, preset
+
+TINY_V32 = ModelArgs(model_type="deepseek_v32", vocab_size=256, hidden_size=64, num_hidden_layers=3,
+                     num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32,
+                     qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, intermediate_size=96,
+                     moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                     first_k_dense_replace=1, index_n_heads=8, index_head_dim=16, index_topk=6,
+                     max_position_embeddings=1024, torch_dtype="float32")
+
+# Small enough for this 2-core CPU, every V4 feature at realistic ratios: sliding window 128,
+# CSA ratio 4 with an indexer keeping 512 entries, HCA ratio 128, a hash layer, 4 mHC streams.
+BENCH_V4 = ModelArgs(model_type="deepseek_v4", vocab_size=4096, hidden_size=512, num_hidden_layers=4,
+                     num_attention_heads=8, head_dim=128, qk_rope_head_dim=32, q_lora_rank=256, o_groups=2,
+                     o_lora_rank=256, moe_intermediate_size=256, intermediate_size=256, n_routed_experts=16,
+                     num_experts_per_tok=2, index_n_heads=4, index_head_dim=64, index_topk=512,
+                     layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                                  "compressed_sparse_attention"],
+                     mlp_layer_types=["hash_moe", "moe", "moe", "moe"], max_position_embeddings=65536,
+                     torch_dtype="float32")
+
+CONFIGS = {"tiny-v4": preset("tiny"), "tiny-v32": TINY_V32, "bench-v4": BENCH_V4}
+
+
+HF_CLASSES = {"deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM"),
+              "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM"),
+              "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM")}
+
+
+def hf_model(args: ModelArgs, seed: int = 0):
+    """transformers' causal LM for `args`, random weights (`randomize` on top of its own init)."""
+    import transformers as T
+
+    config_cls, model_cls = (getattr(T, n) for n in HF_CLASSES[args.model_type])
+    torch.manual_seed(seed)
+    hf = model_cls(config_cls(**args.to_dict())).eval()
+    randomize(hf, args, seed)
+    return hf
+
+
+def randomize(hf, args: ModelArgs, seed: int) -> None:
+    """transformers initialises sinks, position biases, mHC bases, router biases and hash tables to
+    zero / constants, and norms to one; give them values so a comparison can see them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if any(k in name for k in ("sinks", "position_bias", ".base", "hc_base")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+        for name, b in hf.named_buffers():
+            if name.endswith("tid2eid"):
+                b.copy_(torch.rand(b.shape[0], args.n_routed_experts, generator=g).argsort(-1)[:, : b.shape[1]])
+            elif name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+
+
+@functools.lru_cache(maxsize=4)
+def checkpoint(name: str) -> str:
+    """A directory holding transformers' save_pretrained of config `name` (random weights),
+    kept for the life of the process."""
+    import atexit
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix=f"v4hal-{name}-")
+    atexit.register(shutil.rmtree, d, True)
+    hf_model(CONFIGS[name]).save_pretrained(d)
+    return d
+
+
+@functools.lru_cache(maxsize=8)
+def model_for(name: str, dtype: torch.dtype = torch.float32):
+    """Our model on `checkpoint(name)`'s weights, computing in `dtype`."""
+    from v4hal.model.loader import load_checkpoint
+    from v4hal.model.model import build
+
+    args = ModelArgs.from_json(checkpoint(name))
+    model = build(args, dtype)
+    load_checkpoint(model, checkpoint(name), args)
+    return model
+
+
+def hf_for(name: str):
+    import transformers as T
+
+    return getattr(T, HF_CLASSES[CONFIGS[name].model_type][1]).from_pretrained(checkpoint(name), dtype=torch.float32).eval()
+
+
+def _logits(name: str):
+    def run(ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        model = model_for(name, dtype)
+        with torch.no_grad():
+            return model(ids.cpu()).to(ids.device)
+
+    return run
+
+
+def _ids(name: str, length: int):
+    def make(g: torch.Generator) -> dict:
+        return dict(ids=torch.randint(0, CONFIGS[name].vocab_size, (2, length), generator=g), dtype=torch.float32)
+
+    return make
+
+
+def _reference(inputs: dict) -> dict:
+    return {**inputs, "dtype": torch.float64}
+
+
+PARITY = [
+    Case("model_logits", f"{name}/S{length}", _logits(name), _ids(name, length), Tolerance("close", 1e-4, 1e-4),
+         quick=True, reference_inputs=_reference)
+    for name, length in (("tiny-v4", 37), ("tiny-v32", 21))
+]
+
+
+def _prefill(tokens: int):
+    def make(device: torch.device):
+        ours, hf = model_for("bench-v4"), hf_for("bench-v4")
+        ids = torch.randint(0, BENCH_V4.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+
+        def run_ours():
+            with torch.no_grad():
+                return ours(ids, cache=ours.new_cache(), last_only=True)
+
+        def run_hf():
+            from transformers import DynamicCache
+
+            with torch.no_grad():
+                return hf(ids, past_key_values=DynamicCache(config=hf.config), use_cache=True, logits_to_keep=1).logits
+
+        return run_ours, {"transformers eager": run_hf}
+
+    return make
+
+
+def _decode(context: int, chunk: int = 1024):
+    def make(device: torch.device):
+        from transformers import DynamicCache
+
+        ours, hf = model_for("bench-v4"), hf_for("bench-v4")
+        ids = torch.randint(0, BENCH_V4.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+        cache, pkv = ours.new_cache(), DynamicCache(config=hf.config)
+        with torch.no_grad():
+            for i in range(0, context, chunk):  # chunked prefill keeps transformers' masks small
+                ours(ids[:, i:i + chunk], cache=cache, last_only=True)
+                hf(ids[:, i:i + chunk], past_key_values=pkv, use_cache=True, logits_to_keep=1)
+        step = ids[:, -1:]
+
+        def run_ours():
+            with torch.no_grad():
+                return ours(step, cache=cache)
+
+        def run_hf():
+            with torch.no_grad():
+                return hf(step, past_key_values=pkv, use_cache=True).logits
+
+        return run_ours, {"transformers eager": run_hf}
+
+    return make
+
+
+SPEED = [
+    SpeedCase("model_prefill", "bench-v4/4k", _prefill(4096)),
+    SpeedCase("model_decode", "bench-v4/16k-context", _decode(16384)),
+    SpeedCase("model_prefill", "bench-v4/256", _prefill(256), quick=True),
+]

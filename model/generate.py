@@ -1,0 +1,208 @@
+"""Prefill + decode with the model's KV cache (sliding rows, compressed entries, compressor and
+indexer state), greedy or sampled, for a batch of prompts of any lengths; and `v4hal generate`.
+
+Prompts of different lengths: the attention ops take no padding mask (V4's compressor windows are
+tied to absolute positions, so left-padding would leak pad tokens into compressed entries), so
+prompts are grouped by length and each group shares one batched cache; groups decode in turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from v4hal.model.config import PRESETS, ModelArgs, human, load_args
+
+
+@dataclass
+class Sampling:
+    """temperature 0 = greedy (argmax); else softmax(logits / temperature) restricted to the
+    top_k most likely tokens (0 = all) and to the smallest set whose mass reaches top_p."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]                  # generated ids per prompt (prompt order)
+    logits: list[torch.Tensor] = field(default_factory=list)  # per prompt [steps, vocab], if kept
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_steps: int = 0                    # batched decode forwards
+    decode_seconds: float = 0.0
+    cache_bytes: int = 0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_ms_per_step(self) -> float:
+        return 1e3 * self.decode_seconds / self.decode_steps if self.decode_steps else 0.0
+
+
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits `[B, V]` -> token ids `[B]`."""
+    if s.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / s.temperature
+    if s.top_k:
+        kth = logits.topk(min(s.top_k, logits.shape[-1]), -1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        mass = sorted_logits.softmax(-1).cumsum(-1)
+        drop = mass - sorted_logits.softmax(-1) >= s.top_p  # keep the token that crosses top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+             eos_token_id: int | None = None, keep_logits: bool = False) -> GenerationResult:
+    """Generate up to `max_new_tokens` after each prompt; a sequence stops at `eos_token_id`."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    vocab = model.args.vocab_size
+    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"generate: token ids must be in [0, {vocab}), got {bad[:5]}")
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(sampling.seed)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        groups[len(p)].append(i)
+    res = GenerationResult(tokens=[[] for _ in prompts], logits=[None] * len(prompts))
+    for _, members in sorted(groups.items()):
+        ids = torch.tensor([prompts[i] for i in members], device=device)
+        cache = model.new_cache()
+        t0 = time.perf_counter()
+        logits = model(ids, cache=cache, last_only=True)[:, -1]
+        res.prefill_seconds += time.perf_counter() - t0
+        res.prefill_tokens += ids.numel()
+        done = torch.zeros(len(members), dtype=torch.bool, device=device)
+        kept = [[] for _ in members]
+        for step in range(max_new_tokens):
+            nxt = sample(logits, sampling, gen)
+            for j, i in enumerate(members):
+                if not done[j]:
+                    res.tokens[i].append(int(nxt[j]))
+                    if keep_logits:
+                        kept[j].append(logits[j])
+            if eos_token_id is not None:
+                done |= nxt == eos_token_id
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            t0 = time.perf_counter()
+            logits = model(nxt.unsqueeze(1), cache=cache)[:, -1]
+            res.decode_seconds += time.perf_counter() - t0
+            res.decode_steps += 1
+        res.cache_bytes += cache.nbytes()
+        if keep_logits:
+            for j, i in enumerate(members):
+                res.logits[i] = torch.stack(kept[j])
+    return res
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="config.json of a checkpoint (or its directory); needs --weights")
+    src.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration with random weights (demo)")
+    p.add_argument("--weights", help="directory of safetensors shards (HF or DeepSeek naming, FP8/FP4 kept quantized)")
+    p.add_argument("--prompt-ids", default="", help="comma-separated token ids; ';' separates prompts of a batch")
+    p.add_argument("--prompt", help="text, tokenized with the tokenizer in --weights")
+    p.add_argument("--prompt-len", type=int, default=24, help="random prompt length when no prompt is given")
+    p.add_argument("--batch", type=int, default=2, help="random prompts when no prompt is given (lengths differ)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the config's)")
+    p.add_argument("--backend", help="V4HAL_BACKEND for this run (auto, cpu, cpu_fast, cuda, ascend, mindspore)")
+    p.add_argument("--dequantize", action="store_true", help="dequantize FP8/FP4 weights on load")
+
+
+def _prompts(ns: argparse.Namespace, args: ModelArgs) -> tuple[list[list[int]], object]:
+    tokenizer = None
+    if ns.prompt:
+        if not ns.weights:
+            raise SystemExit("v4hal generate: --prompt needs --weights holding a tokenizer")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(ns.weights)
+        return [tokenizer(ns.prompt)["input_ids"]], tokenizer
+    if ns.prompt_ids:
+        return [[int(t) for t in part.split(",") if t.strip()] for part in ns.prompt_ids.split(";")], None
+    g = torch.Generator().manual_seed(ns.seed)
+    return [torch.randint(0, args.vocab_size, (max(1, ns.prompt_len - 3 * i),), generator=g).tolist()
+            for i in range(ns.batch)], None
+
+
+def main(ns: argparse.Namespace) -> int:
+    from v4hal.backends import registry
+    from v4hal.model.loader import load_checkpoint
+    from v4hal.model.model import build
+
+    if ns.backend:
+        registry.configure(backend=ns.backend)
+    if ns.config and not ns.weights:
+        print("v4hal generate: error: --config needs --weights DIR")
+        return 2
+    args = load_args(ns.config, ns.preset)
+    dtype = getattr(torch, ns.dtype) if ns.dtype else None
+    counts = args.parameter_counts()
+    t0 = time.perf_counter()
+    model = build(args, dtype)
+    if ns.weights:
+        report = load_checkpoint(model, ns.weights, args, keep_quantized=not ns.dequantize)
+        how = f"weights from {ns.weights}: {report.summary()}"
+    else:
+        model.init_random(ns.seed)
+        how = f"random weights (seed {ns.seed})"
+    build_s = time.perf_counter() - t0
+    kinds = ", ".join(f"{n}x {k}" for k, n in sorted(_count(args.layer_types).items()))
+    print(f"model: {ns.preset or ns.config} ({args.model_type}), {human(counts['total'])} parameters, "
+          f"{human(counts['active'])} active; {args.num_hidden_layers} layers: {kinds}; "
+          f"{args.num_hash_layers} hash-routed; dtype {next(model.parameters()).dtype}")
+    print(f"built in {build_s:.2f} s with {how}")
+    print(f"backend: {registry.preferred_backend()} (V4HAL_BACKEND={registry.settings().backend})")
+    prompts, tokenizer = _prompts(ns, args)
+    sampling = Sampling(ns.temperature, ns.top_k, ns.top_p, ns.seed)
+    res = generate(model, prompts, ns.max_new_tokens, sampling, eos_token_id=None if not ns.prompt else _eos(args))
+    for i, (p, out) in enumerate(zip(prompts, res.tokens)):
+        print(f"[{i}] prompt ({len(p)} tokens): {p if len(p) <= 32 else p[:16] + ['...'] + p[-8:]}")
+        print(f"[{i}] generated: {out}")
+        if tokenizer is not None:
+            print(f"[{i}] text: {tokenizer.decode(out)}")
+    mode = "greedy" if ns.temperature <= 0 else f"sampled (T={ns.temperature}, top_k={ns.top_k}, top_p={ns.top_p})"
+    print(f"{mode}; prefill {res.prefill_tokens} tokens in {res.prefill_seconds * 1e3:.1f} ms "
+          f"({res.prefill_tokens_per_s:.0f} tokens/s); decode {res.decode_steps} steps, "
+          f"{res.decode_ms_per_step:.2f} ms/step; KV cache {res.cache_bytes / 2**10:.1f} KiB")
+    fell = registry.fallbacks()
+    if fell:
+        print("ops that fell back to cpu: " + ", ".join(f"{op} ({c.reason})" for op, c in fell.items()))
+    return 0
+
+
+def _count(items: list[str]) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for x in items:
+        out[x] += 1
+    return dict(out)
+
+
+def _eos(args: ModelArgs) -> int | None:
+    e = args.eos_token_id
+    return e[0] if isinstance(e, list) else e

@@ -1,0 +1,206 @@
+"""DeepSeek-V4 / V3.2 / V3 causal LM built from v4hal modules, under transformers' tensor names.
+
+    args = ModelArgs.from_json("ckpt/config.json")        # or config.preset("tiny")
+    model = DeepseekForCausalLM(args)                      # device="meta" builds shapes only
+    load_checkpoint(model, "ckpt", args)                   # model.loader
+    cache = model.new_cache()
+    logits = model(input_ids, cache=cache)                 # prefill [B, S] -> [B, S, vocab]
+    logits = model(next_ids, cache=cache)                  # decode, positions continue the cache
+
+V4 keeps `hc_mult` residual streams per token, mixed around every sub-layer by mHC
+(`model.hyper`) and collapsed by `hc_head` before the final norm; V3 / V3.2 keep one residual.
+The first V3 / V3.2 layers (`mlp_layer_types == "dense"`) have a plain SwiGLU MLP; the rest, and
+every V4 layer, a routed MoE with shared experts (`model.moe`), hash-routed in V4's `hash_moe`
+layers. The MTP layer of a checkpoint is not built (the loader skips its tensors).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from v4hal.model.attention import RMSNorm, V4Attention, V4AttentionConfig, V32Attention, V32AttentionConfig, Linear
+from v4hal.model.config import ModelArgs
+from v4hal.model.hyper import HyperConnection, HyperHead, expand_streams
+from v4hal.model.moe import MLP, MoE
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
+
+
+class ModelCache:
+    """Everything decode needs: one attention cache per layer (sliding rows, compressed entries,
+    compressor and indexer state for V4; latents and indexer keys for V3.2) and the token count."""
+
+    def __init__(self, layers: list):
+        self.layers = layers
+        self.length = 0
+
+    def nbytes(self) -> int:
+        def size(obj) -> int:
+            if isinstance(obj, torch.Tensor):
+                return obj.numel() * obj.element_size()
+            return sum(size(v) for v in vars(obj).values()) if hasattr(obj, "__dict__") else 0
+
+        return sum(size(layer) for layer in self.layers)
+
+
+class KeepAllIndexer(nn.Module):
+    """V3 is V3.2 without DSA. `V32Attention` with this parameter-free indexer is exactly V3's MLA:
+    every token scores zero, and top-k with k = max_position_embeddings keeps every causal one.
+    (Costs a one-head, rope-width score per (query, key); an attention with no indexer would not.)"""
+
+    def __init__(self, rope_dim: int):
+        super().__init__()
+        self.rope_dim = rope_dim
+
+    def wq_b(self, q_res: torch.Tensor) -> torch.Tensor:
+        return q_res.new_zeros(*q_res.shape[:-1], self.rope_dim)
+
+    def wk(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.rope_dim)
+
+    def k_norm(self, k: torch.Tensor) -> torch.Tensor:
+        return k
+
+    def weights_proj(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], 1)
+
+
+def _mlp(args: ModelArgs, idx: int) -> nn.Module:
+    """V3/V3.2's first layers: a dense SwiGLU MLP; every other layer: routed + shared experts,
+    hash-routed on V4's `hash_moe` layers, clamped SwiGLU (swiglu_limit) on V4."""
+    if not args.is_moe_layer(idx):
+        return MLP(args.hidden_size, args.intermediate_size, None, dtype=torch.float32)
+    return MoE(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts, args.n_shared_experts,
+               args.num_experts_per_tok, scoring_func=args.scoring_func, n_group=args.n_group,
+               topk_group=args.topk_group, routed_scaling_factor=args.routed_scaling_factor,
+               norm_topk_prob=args.norm_topk_prob, swiglu_limit=args.swiglu_limit if args.is_v4 else None,
+               hash_vocab_size=args.vocab_size if args.mlp_layer_types[idx] == "hash_moe" else None,
+               dtype=torch.float32)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, idx: int):
+        super().__init__()
+        self.v4 = args.is_v4
+        if self.v4:
+            self.self_attn = V4Attention(V4AttentionConfig.from_hf(args, idx))
+        elif args.is_v32:
+            self.self_attn = V32Attention(V32AttentionConfig.from_hf(args, idx))
+        else:
+            c = dataclasses.replace(V32AttentionConfig.from_hf(args, idx), index_heads=1,
+                                    index_dim=args.qk_rope_head_dim, index_topk=args.max_position_embeddings)
+            self.self_attn = V32Attention(c)
+            self.self_attn.indexer = KeepAllIndexer(args.qk_rope_head_dim)
+        self.mlp = _mlp(args, idx)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        if self.v4:
+            hc = dict(hidden_size=args.hidden_size, hc_mult=args.hc_mult, sinkhorn_iters=args.hc_sinkhorn_iters,
+                      hc_eps=args.hc_eps, norm_eps=args.rms_norm_eps)
+            self.attn_hc = HyperConnection(**hc)
+            self.ffn_hc = HyperConnection(**hc)
+
+    def _mlp(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x, input_ids) if isinstance(self.mlp, MoE) else self.mlp(x)
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        if not self.v4:
+            h = h + self.self_attn(self.input_layernorm(h), positions, cache)
+            return h + self._mlp(self.post_attention_layernorm(h), input_ids)
+        x, post, comb = self.attn_hc(h)
+        h = self.attn_hc.expand(self.self_attn(self.input_layernorm(x), positions, cache), h, post, comb)
+        x, post, comb = self.ffn_hc(h)
+        return self.ffn_hc.expand(self._mlp(self.post_attention_layernorm(x), input_ids), h, post, comb)
+
+
+class Backbone(nn.Module):
+    """transformers' `Deepseek*Model`: embeddings, decoder layers, (hc_head,) final norm."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        if args.is_v4:
+            self.hc_head = HyperHead(args.hidden_size, args.hc_mult, args.hc_eps, args.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        if self.args.is_v4:
+            h = expand_streams(h, self.args.hc_mult)
+        for layer, cache in zip(self.layers, caches):
+            h = layer(h, positions, input_ids, cache)
+        if self.args.is_v4:
+            h = self.hc_head(h)
+        return self.norm(h)
+
+
+class DeepseekForCausalLM(nn.Module):
+    """The whole model; state_dict keys are those of transformers' `Deepseek{V4,V32,V3}ForCausalLM`."""
+
+    def __init__(self, args: ModelArgs, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+        super().__init__()
+        self.args = args
+        with torch.device(device or "cpu"):
+            self.model = Backbone(args)
+            self.lm_head = Linear(args.hidden_size, args.vocab_size)
+        self.to(dtype or DTYPES.get(args.torch_dtype, torch.float32))
+        self._keep_float32()
+
+    def _keep_float32(self) -> None:
+        """Parameters transformers keeps in float32 whatever the model dtype (mHC, sinks, position
+        biases, router bias)."""
+        for name, p in self.named_parameters():
+            if any(k in name for k in ("_hc.", "hc_head.", "sinks", "position_bias")):
+                p.data = p.data.float()
+        for name, b in self.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.data = b.data.float()
+
+    def new_cache(self) -> ModelCache:
+        return ModelCache([layer.self_attn.new_cache() for layer in self.model.layers])
+
+    def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids `[B, S]` -> logits `[B, S, vocab]` (`[B, 1, vocab]` with last_only), float32.
+        With a cache, the tokens continue it (positions cache.length ...); without, a one-shot
+        forward from position 0."""
+        start = 0 if cache is None else cache.length
+        b, s = input_ids.shape
+        positions = torch.arange(start, start + s, device=input_ids.device).unsqueeze(0).expand(b, s)
+        caches = cache.layers if cache is not None else [None] * len(self.model.layers)
+        h = self.model(input_ids, positions, caches)
+        if cache is not None:
+            cache.length += s
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h).float()
+
+    def init_random(self, seed: int = 0, std: float = 0.02) -> "DeepseekForCausalLM":
+        """transformers' initialisation (normal weights, unit norms, zero biases / sinks / position
+        biases, unit mHC scales), for demos and tests without a checkpoint."""
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in sorted(self.named_parameters()):
+                leaf = name.rsplit(".", 1)[-1]
+                if "norm" in name.rsplit(".", 2)[-2] or leaf in ("scale", "hc_scale"):
+                    p.fill_(1.0)
+                elif leaf in ("sinks", "position_bias", "bias", "base", "hc_base"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
+            for name, buf in self.named_buffers():
+                if name.endswith("tid2eid"):  # k distinct experts per token id
+                    order = torch.rand(buf.shape[0], self.args.n_routed_experts, generator=g).argsort(-1)
+                    buf.copy_(order[:, : buf.shape[1]])
+        return self
+
+
+def build(args: ModelArgs, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> DeepseekForCausalLM:
+    return DeepseekForCausalLM(args, dtype, device).eval()
+
