@@ -12,7 +12,8 @@ Use:
     the cache (row b = cache.length + arange(S)); cache: the layer's cache, filled/extended in
     place, or None for a one-shot prefill. Returns [B, S, hidden] in hidden_states' dtype.
     V32Attention / V32AttentionConfig have the same interface (weights named as
-    transformers' DeepseekV32Attention, with its `indexer` submodule).
+    transformers' DeepseekV32Attention, with its `indexer` submodule; index_heads=0 builds it
+    without indexer, attending every causal token: V3's MLA).
 
 Linear layers are `Linear` modules calling `ops.linear`, so FP8 (`weight_scale_inv` 128x128 block
 scales), FP4 and int8 weights load as they come. Norms call `ops.rms_norm`/`ops.layer_norm`.
@@ -392,7 +393,8 @@ class V32Attention(nn.Module):
         self.kv_a_layernorm = RMSNorm(c.kv_lora, 1e-6)
         self.kv_b_proj = Linear(c.kv_lora, c.heads * (c.nope_dim + c.v_dim))
         self.o_proj = Linear(c.heads * c.v_dim, c.hidden, bias=c.bias)
-        self.indexer = V32Indexer(c)
+        # index_heads = 0: no DSA, every causal token is attended (V3's MLA).
+        self.indexer = V32Indexer(c) if c.index_heads else None
 
     def new_cache(self) -> V32Cache:
         return V32Cache()
@@ -414,12 +416,7 @@ class V32Attention(nn.Module):
         k_rope = ops.apply_rope(lat[..., c.kv_lora:], cos, sin)
         cache.latent = _concat(cache.latent, torch.cat([self.kv_a_layernorm(lat[..., :c.kv_lora]), k_rope], -1))
 
-        ix = self.indexer
-        qi = _rope_head(ix.wq_b(q_res).view(b, s, c.index_heads, c.index_dim), cos.unsqueeze(2), sin.unsqueeze(2), c.rope_dim)
-        ki = _rope_head(ix.k_norm(ix.wk(x)), cos, sin, c.rope_dim)
-        cache.index_keys = _concat(cache.index_keys, ki)
-        picked = ops.indexer_select(qi, cache.index_keys, ix.weights_proj(x), (c.index_dim * c.index_heads) ** -0.5,
-                                    c.index_topk, positions, 1)
+        picked = self._select(x, q_res, positions, cos, sin, cache)
 
         # Absorb W_uk into the query and apply W_uv after attention over the latents.
         wkv = self.kv_b_proj.dense_weight(x.dtype).view(c.heads, c.nope_dim + c.v_dim, c.kv_lora)
@@ -428,3 +425,17 @@ class V32Attention(nn.Module):
         o = torch.einsum("bshc,hvc->bshv", o_lat, wkv[:, c.nope_dim:])
         cache.length += s
         return self.o_proj(o.reshape(b, s, -1))
+
+    def _select(self, x, q_res, positions, cos, sin, cache) -> torch.Tensor:
+        c, ix = self.c, self.indexer
+        b, s, _ = x.shape
+        if ix is None:
+            t = cache.latent.shape[1]
+            ent = torch.arange(t, device=x.device).view(1, 1, t)
+            return torch.where(ent <= positions.unsqueeze(-1), ent, -1).to(torch.int32)
+        qi = _rope_head(ix.wq_b(q_res).view(b, s, c.index_heads, c.index_dim), cos.unsqueeze(2), sin.unsqueeze(2),
+                        c.rope_dim)
+        ki = _rope_head(ix.k_norm(ix.wk(x)), cos, sin, c.rope_dim)
+        cache.index_keys = _concat(cache.index_keys, ki)
+        return ops.indexer_select(qi, cache.index_keys, ix.weights_proj(x), (c.index_dim * c.index_heads) ** -0.5,
+                                  c.index_topk, positions, 1)

@@ -71,6 +71,39 @@ def test_v32_layer_matches_transformers_prefill_and_decode(backend):
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6, msg=lambda m: f"step {i}: {m}")
 
 
+def test_v32_layer_without_indexer_is_v3_mla():
+    """index_heads=0 drops DSA: every causal token is attended, as transformers' DeepseekV3Attention."""
+    import dataclasses
+
+    from transformers import DeepseekV3Config
+    from transformers.cache_utils import DynamicCache
+    from transformers.masking_utils import create_causal_mask
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+
+    from v4hal.model.attention import V32Attention, V32AttentionConfig
+
+    kw = {k: v for k, v in TINY_V32.items() if not k.startswith("index")}
+    cfg = DeepseekV3Config(num_hidden_layers=1, **kw)
+    cfg._attn_implementation = "eager"
+    ref = DeepseekV3Attention(cfg, 0).double()
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.25)
+    ours = V32Attention(dataclasses.replace(V32AttentionConfig.from_hf(cfg), index_heads=0))
+    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    rot, rcache, cache = DeepseekV3RotaryEmbedding(cfg), DynamicCache(config=cfg), ours.new_cache()
+    x = torch.randn(1, 9, cfg.hidden_size, generator=g, dtype=torch.float64)
+    for lo, hi in ((0, 7), (7, 8), (8, 9)):
+        xs, pos = x[:, lo:hi], _pos(1, hi - lo, lo)
+        mask = create_causal_mask(config=cfg, inputs_embeds=xs, attention_mask=None, past_key_values=rcache,
+                                  position_ids=pos)
+        with torch.no_grad():
+            want = ref(xs, rot(xs, pos), mask, past_key_values=rcache)[0]
+            got = ours(xs, pos, cache)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_layers_hold_the_official_tensor_names():
     cfg = v4_config("compressed_sparse_attention", **TINY_V4)
     ours, ref, _ = v4_pair("compressed_sparse_attention", cfg)
