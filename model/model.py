@@ -46,28 +46,6 @@ class ModelCache:
         return sum(size(layer) for layer in self.layers)
 
 
-class KeepAllIndexer(nn.Module):
-    """V3 is V3.2 without DSA. `V32Attention` with this parameter-free indexer is exactly V3's MLA:
-    every token scores zero, and top-k with k = max_position_embeddings keeps every causal one.
-    (Costs a one-head, rope-width score per (query, key); an attention with no indexer would not.)"""
-
-    def __init__(self, rope_dim: int):
-        super().__init__()
-        self.rope_dim = rope_dim
-
-    def wq_b(self, q_res: torch.Tensor) -> torch.Tensor:
-        return q_res.new_zeros(*q_res.shape[:-1], self.rope_dim)
-
-    def wk(self, x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(*x.shape[:-1], self.rope_dim)
-
-    def k_norm(self, k: torch.Tensor) -> torch.Tensor:
-        return k
-
-    def weights_proj(self, x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(*x.shape[:-1], 1)
-
-
 def _mlp(args: ModelArgs, idx: int) -> nn.Module:
     """V3/V3.2's first layers: a dense SwiGLU MLP; every other layer: routed + shared experts,
     hash-routed on V4's `hash_moe` layers, clamped SwiGLU (swiglu_limit) on V4."""
@@ -87,13 +65,9 @@ class DecoderLayer(nn.Module):
         self.v4 = args.is_v4
         if self.v4:
             self.self_attn = V4Attention(V4AttentionConfig.from_hf(args, idx))
-        elif args.is_v32:
-            self.self_attn = V32Attention(V32AttentionConfig.from_hf(args, idx))
-        else:
-            c = dataclasses.replace(V32AttentionConfig.from_hf(args, idx), index_heads=1,
-                                    index_dim=args.qk_rope_head_dim, index_topk=args.max_position_embeddings)
-            self.self_attn = V32Attention(c)
-            self.self_attn.indexer = KeepAllIndexer(args.qk_rope_head_dim)
+        else:  # V3 is V3.2 without DSA: no indexer, every causal token attended
+            c = V32AttentionConfig.from_hf(args, idx)
+            self.self_attn = V32Attention(c if args.is_v32 else dataclasses.replace(c, index_heads=0))
         self.mlp = _mlp(args, idx)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
