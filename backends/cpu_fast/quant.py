@@ -29,6 +29,8 @@ _CHUNK_ELEMENTS = 1 << 19
 # Up to this many activation rows the GEMM is memory-bound (decode): it streams the weight once in
 # float32 chunks; above, the weight is dequantized to BF16 once and one BF16 GEMM runs (prefill).
 _DECODE_ROWS = 16
+# Weight elements per BF16 slab of the prefill GEMM (8 MiB of BF16).
+_GEMM_SLAB_ELEMENTS = 1 << 22
 
 
 def _e4m3_as_f32(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -76,11 +78,15 @@ def dequantize_fp8(q, scale, block, out_dtype):
     q2 = q.reshape(-1, q.shape[-1])
     out = _dequant_rows(q2, _row_scales(scale, block[0], q2.shape[0]), block[1],
                         torch.empty(q2.shape, dtype=out_dtype))
-    # The bit trick reads the NaN codes (S.1111.111) as +-480; restore them.
-    nan_codes = (q2.view(torch.uint8) & 0x7F) == 0x7F
-    if bool(nan_codes.any()):
-        out.masked_fill_(nan_codes, float("nan"))
+    if _has_nan_codes(q2):  # the bit trick reads them as +-480; put the NaN back
+        out.masked_fill_((q2.view(torch.uint8) & 0x7F) == 0x7F, float("nan"))
     return out.reshape(q.shape)
+
+
+def _has_nan_codes(q: torch.Tensor) -> bool:
+    """Any e4m3fn NaN (0x7F or 0xFF)? They are the largest int8 and uint8 values, so two max
+    reductions (a fraction of a millisecond per 16 MB) answer it without building a mask."""
+    return int(q.view(torch.uint8).max()) == 0xFF or int(q.view(torch.int8).max()) == 0x7F
 
 
 def fp8_matmul(a, a_scale, b, b_scale, out_dtype):
@@ -95,8 +101,26 @@ def fp8_matmul(a, a_scale, b, b_scale, out_dtype):
         y = _fp8_gemv(act, b, b_scale)
     else:
         act = dequantize_fp8(a2, a_scale.reshape(-1, a_scale.shape[-1]), ACT_BLOCK, torch.bfloat16)
-        y = F.linear(act, dequantize_fp8(b, b_scale, WEIGHT_BLOCK, torch.bfloat16))
+        y = _fp8_gemm(act, b, b_scale)
     return y.reshape(*a.shape[:-1], b.shape[0]).to(out_dtype)
+
+
+def _fp8_gemm(act, b, b_scale):
+    """Compute-bound case: BF16 GEMMs over slabs of the weight, each dequantized to BF16 just
+    before use (DeepSeek's weight_dequant: product in float32, one rounding to BF16). Slabs keep
+    the BF16 copy small enough to be reused from the allocator instead of faulting in a fresh
+    full-size weight on every call."""
+    n, k = b.shape
+    rows = max(1, _GEMM_SLAB_ELEMENTS // (WEIGHT_BLOCK[0] * k)) * WEIGHT_BLOCK[0]
+    if rows >= n:
+        return F.linear(act, dequantize_fp8(b, b_scale, WEIGHT_BLOCK, torch.bfloat16))
+    out = torch.empty(act.shape[0], n, dtype=torch.bfloat16)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        w = dequantize_fp8(b[start:stop], b_scale[start // WEIGHT_BLOCK[0]: -(-stop // WEIGHT_BLOCK[0])],
+                           WEIGHT_BLOCK, torch.bfloat16)
+        out[:, start:stop] = F.linear(act, w)
+    return out
 
 
 def _fp8_gemv(act, b, b_scale):
