@@ -159,23 +159,26 @@ def quantize_fp8(x, block, scale_fmt):
     return q.flatten(-2), scale
 
 
-_E2M1_TABLE = torch.tensor(ref.E2M1_VALUES + tuple(-v for v in ref.E2M1_VALUES), dtype=torch.float32)
-
-
-def _fp4_pairs_table() -> torch.Tensor:
-    """byte -> (value of low nibble, value of high nibble): 256 x 2 float32."""
+def _fp4_pair_bits() -> torch.Tensor:
+    """byte -> the BF16 bit patterns of its two e2m1 values packed in one int32: the low nibble's
+    value in the low half, so viewing the gathered int32s as BF16 lays the elements out in order
+    (little-endian). e2m1 values are exact in BF16."""
+    table = torch.tensor(ref.E2M1_VALUES + tuple(-v for v in ref.E2M1_VALUES), dtype=torch.bfloat16)
+    bits = table.view(torch.int16).to(torch.int32) & 0xFFFF
     codes = torch.arange(256)
-    return torch.stack((_E2M1_TABLE[codes & 0xF], _E2M1_TABLE[codes >> 4]), dim=-1)
+    return bits[codes & 0xF] | (bits[codes >> 4] << 16)
 
 
-_FP4_PAIRS = _fp4_pairs_table()
+_FP4_PAIR_BITS = _fp4_pair_bits()
 
 
 def _fp4_weight(packed, scale, dtype):
-    values = F.embedding(packed.long(), _FP4_PAIRS).flatten(-2)  # [N, K]
-    s = ref.fp4_scale_values(scale, torch.float32)
-    n, k = values.shape
-    return (values.view(n, -1, FP4_BLOCK) * s[:, : k // FP4_BLOCK].unsqueeze(-1)).view(n, k).to(dtype)
+    n, k = packed.shape[0], 2 * packed.shape[1]
+    # One int32 gather per byte yields both BF16 values; the ue8m0 scales are powers of two, so
+    # the BF16 multiply is exact and the result equals the float32 dequantization.
+    values = _FP4_PAIR_BITS.index_select(0, packed.reshape(-1).to(torch.int32)).view(torch.bfloat16)
+    s = ref.fp4_scale_values(scale, torch.float32)[:, : k // FP4_BLOCK].to(torch.bfloat16)
+    return (values.view(n, -1, FP4_BLOCK) * s.unsqueeze(-1)).view(n, k).to(dtype)
 
 
 def dequantize_fp4(packed, scale, out_dtype):
