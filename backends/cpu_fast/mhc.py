@@ -3,8 +3,8 @@
 Where the time goes at V4 sizes is the streams themselves (T x n x D): hc_pre reads them once for
 the projection and the RMS factor (the factor is applied to the (2+n)*n mixes instead of the n*D
 inputs, and the sum of squares is a fused norm reduction, so no normalised copy is built) and once
-more for the weighted collapse (a batched [1 x n] @ [n x D] product). hc_post is one batched
-`comb^T @ x` with the post-weighted output added in place. Sinkhorn runs on the whole batch at
+more for the weighted collapse. The per-token n x n mixes are applied as n fused multiply-adds
+over all tokens (`addcmul_`), not as batched matmuls, which torch runs on CPU as T tiny GEMMs. Sinkhorn runs on the whole batch at
 once, laid out `[n, n, T]`, with in-place divisions. The code is device-agnostic torch; the cuda backend reuses it.
 """
 
@@ -36,8 +36,13 @@ def _mixes(xf, fn, norm_eps):
     return (flat @ fn.to(xf.dtype).T).mul_(inv_rms)
 
 
-def _collapse(xf, pre, dtype):
-    return torch.matmul(pre.unsqueeze(-2), xf).squeeze(-2).to(dtype)
+def _collapse(x, pre, dtype):
+    """sum_i pre_i x_i as n fused multiply-adds over [T, D] (a batched [1 x n] @ [n x D] product
+    runs as T tiny GEMMs on CPU, one parallel region each)."""
+    acc = pre[..., 0:1] * x[..., 0, :]
+    for i in range(1, x.shape[-2]):
+        acc.addcmul_(pre[..., i:i + 1], x[..., i, :])
+    return acc.to(dtype)
 
 
 def hc_pre_logits(x, fn, scale, base, norm_eps, hc_eps):
@@ -60,8 +65,10 @@ def hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters):
 
 def hc_post(out, x, post, comb):
     cd = _compute_dtype(x)
-    mixed = torch.matmul(comb.to(cd).transpose(-1, -2), x.to(cd))
-    mixed.addcmul_(post.to(cd).unsqueeze(-1), out.unsqueeze(-2))
+    mixed = post.to(cd).unsqueeze(-1) * out.unsqueeze(-2)
+    comb = comb.to(cd)
+    for i in range(x.shape[-2]):  # new_j += comb[i, j] * x_i, for all j at once
+        mixed.addcmul_(comb[..., i, :].unsqueeze(-1), x[..., i, :].unsqueeze(-2))
     return mixed.to(x.dtype)
 
 
