@@ -18,7 +18,8 @@ def sort_by_expert(topk_ids, num_experts, capacity):
     cut to `capacity` rows per expert; `counts` are the rows each expert keeps."""
     flat = topk_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add rather than bincount: same counts, and it has a Meta kernel (Ascend dry runs).
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     if capacity is not None:
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
