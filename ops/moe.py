@@ -244,8 +244,9 @@ def swiglu(gate_up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
     """`silu(gate) * up` with gate = first half of the last dim, up = second half.
 
     With `limit` (DeepSeek-V4's swiglu_limit): gate clamped to <= limit, up to [-limit, limit]
-    before the product (transformers' DeepseekV4Experts / DeepseekV4MLP). Computed in float32
-    (float64 for float64 input), returned in gate_up's dtype: `[..., 2I] -> [..., I]`.
+    before the product (transformers' DeepseekV4Experts / DeepseekV4MLP). The reference computes
+    in float32 (float64 for float64 input); fast backends may keep BF16 intermediates, as
+    transformers does. Returned in gate_up's dtype: `[..., 2I] -> [..., I]`.
     """
     op = "swiglu"
     _check.tensor(op, "gate_up", gate_up, dtypes=FLOAT_IN, ndim=range(1, 9), nonempty=False)
