@@ -168,6 +168,20 @@ def test_fast_path_equals_reference_in_float64(n, d, tokens, seed):
                                    ref_head, rtol=1e-12, atol=1e-12)
 
 
+def test_fast_path_over_several_token_blocks_equals_reference():
+    """130 tokens: two full cpu_fast blocks of 64 and a ragged one, with a batch axis."""
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x, out = r(2, 65, 4, 16), r(2, 65, 16)
+    fn, scale, base, head_fn = r(24, 64), r(3), r(24), r(4, 64)
+    results = {}
+    for backend in ("cpu", "cpu_fast"):
+        with registry.forced(backend):
+            pre = ops.hc_pre(x, fn, scale, base)
+            results[backend] = (*pre, ops.hc_post(out, x, pre[1], pre[2]), ops.hc_head(x, head_fn, scale[:1], base[:4]))
+    torch.testing.assert_close(results["cpu_fast"], results["cpu"], rtol=1e-12, atol=1e-12)
+
+
 # A stand-in for torch_npu's three mHC kernels, written from their documentation (the wheel's
 # _op_plugin_docs.py and CANN's aclnnMhcPre / aclnnMhcSinkhorn / aclnnMhcPost pages): keyword-only
 # parameters and dtype rules as documented, so a wrong call fails here as it would on the NPU.

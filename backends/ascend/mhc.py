@@ -45,19 +45,19 @@ def hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters):
         h_in, post, comb_logits = npu().npu_mhc_pre(x, fn.float(), scale.float(), base.float(), gamma=None,
                                                     norm_eps=norm_eps, hc_eps=hc_eps, out_flag=0)[:3]
     else:
-        h_in, post, comb_logits = batched.hc_pre_logits(x, fn, scale, base, norm_eps, hc_eps)
+        h_in, post, comb_logits = batched.hc_pre_logits(x, fn, scale, base, norm_eps, hc_eps, block=None)
     return h_in, post, sinkhorn(comb_logits, iters, hc_eps)
 
 
 def hc_post(out, x, post, comb):
     if not _fused(x) or out.dtype != x.dtype:
-        return batched.hc_post(out, x, post, comb)
+        return batched.hc_post(out, x, post, comb, block=None)
     return npu().npu_mhc_post(x, comb.float(), out, post.float())
 
 
 def hc_head(x, fn, scale, base, norm_eps, hc_eps):
     if not _fused(x):
-        return batched.hc_head(x, fn, scale, base, norm_eps, hc_eps)
+        return batched.hc_head(x, fn, scale, base, norm_eps, hc_eps, block=None)
     # pre+post mode of npu_mhc_pre with all-zero post rows: h_in is exactly the head's collapse.
     phi = torch.cat([fn.float(), fn.new_zeros(fn.shape, dtype=torch.float32)])
     alpha = torch.cat([scale.float(), scale.new_ones(1, dtype=torch.float32)])

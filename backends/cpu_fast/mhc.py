@@ -1,18 +1,29 @@
-"""Fast mHC on CPU: every token at once, no Python loop over tokens.
+"""Fast mHC on CPU: batched over tokens, no Python loop per token.
 
-Where the time goes at V4 sizes is the streams themselves (T x n x D): hc_pre reads them once for
-the projection and the RMS factor (the factor is applied to the (2+n)*n mixes instead of the n*D
-inputs, and the sum of squares is a fused norm reduction, so no normalised copy is built) and once
-more for the weighted collapse. The per-token n x n mixes are applied as n fused multiply-adds
-over all tokens (`addcmul_`), not as batched matmuls, which torch runs on CPU as T tiny GEMMs. Sinkhorn runs on the whole batch at
-once, laid out `[n, n, T]`, with in-place divisions. The code is device-agnostic torch; the cuda backend reuses it.
+At V4 sizes the time is memory traffic over the streams (T x n x D). Everything mHC does to a
+token depends on that token alone, so the streams are processed in blocks of `CPU_BLOCK` tokens:
+a block is widened to float32 once and, while it is in cache, projected (the RMS factor is
+applied to the (2+n)*n mixes, not to the n*D inputs, so no normalised copy is built) and
+collapsed; hc_post likewise builds each block's new streams in cache. The per-token n x n mixes
+are n fused multiply-adds (`addcmul_`) over a block, not batched matmuls (torch runs those on CPU
+as one tiny GEMM per token). Sinkhorn runs on all tokens at once, laid out `[n, n, T]`.
+
+The code is device-agnostic torch: the cuda backend (and Ascend where its fused kernels do not
+apply) runs it with `block=None`, all tokens in one pass, which suits devices that pay per launch.
 """
 
 import torch
 
+CPU_BLOCK = 64  # tokens per block: 64 x 4 x 4096 float32 = 4 MiB, cache-resident on a server CPU
+
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _blocks(tokens: int, block: int | None):
+    step = tokens if block is None else block
+    return [slice(s, min(s + step, tokens)) for s in range(0, tokens, max(step, 1))]
 
 
 def sinkhorn(logits, iters, eps):
@@ -28,52 +39,66 @@ def sinkhorn(logits, iters, eps):
     return m.permute(2, 0, 1).reshape(logits.shape)
 
 
-def _mixes(xf, fn, norm_eps):
-    """(flat @ fn.T) * rsqrt(mean(flat**2) + eps), flat = xf viewed as [T, n*D]."""
-    flat = xf.flatten(-2)
-    inv_rms = torch.rsqrt(torch.linalg.vector_norm(flat, dim=-1, keepdim=True).square_()
-                          .div_(flat.shape[-1]).add_(norm_eps))
-    return (flat @ fn.to(xf.dtype).T).mul_(inv_rms)
+def _collapse(xf, pre):
+    """sum_i pre_i x_i over one block, as n fused multiply-adds."""
+    acc = pre[:, 0:1] * xf[:, 0]
+    for i in range(1, xf.shape[1]):
+        acc.addcmul_(pre[:, i:i + 1], xf[:, i])
+    return acc
 
 
-def _collapse(x, pre, dtype):
-    """sum_i pre_i x_i as n fused multiply-adds over [T, D] (a batched [1 x n] @ [n x D] product
-    runs as T tiny GEMMs on CPU, one parallel region each)."""
-    acc = pre[..., 0:1] * x[..., 0, :]
-    for i in range(1, x.shape[-2]):
-        acc.addcmul_(pre[..., i:i + 1], x[..., i, :])
-    return acc.to(dtype)
+def _project(x, fn, scale, base, norm_eps, hc_eps, block):
+    """Per token: mixes = (flat @ fn.T) * rsqrt(mean(flat**2) + eps) and the collapse with
+    pre = sigmoid(mixes[:n] * scale[0] + base[:n]) + hc_eps. Returns (layer_input, mixes)."""
+    cd = _compute_dtype(x)
+    n, d = x.shape[-2:]
+    xs = x.reshape(-1, n, d)
+    fn_t = fn.to(cd).T
+    scale, base = scale.to(cd), base.to(cd)
+    mixes = torch.empty(xs.shape[0], fn.shape[0], dtype=cd, device=x.device)
+    layer_input = torch.empty(xs.shape[0], d, dtype=x.dtype, device=x.device)
+    for b in _blocks(xs.shape[0], block):
+        xf = xs[b].to(cd)
+        flat = xf.view(xf.shape[0], n * d)
+        inv_rms = torch.rsqrt(torch.linalg.vector_norm(flat, dim=-1, keepdim=True).square_()
+                              .div_(n * d).add_(norm_eps))
+        m = torch.mm(flat, fn_t).mul_(inv_rms)
+        mixes[b] = m
+        pre = torch.sigmoid(m[:, :n] * scale[0] + base[:n]).add_(hc_eps)
+        layer_input[b] = _collapse(xf, pre)
+    return layer_input.reshape(*x.shape[:-2], d), mixes.reshape(*x.shape[:-2], fn.shape[0])
 
 
-def hc_pre_logits(x, fn, scale, base, norm_eps, hc_eps):
+def hc_pre_logits(x, fn, scale, base, norm_eps, hc_eps, block=CPU_BLOCK):
     """hc_pre up to the Sinkhorn: (layer_input, post, comb logits), the split `npu_mhc_pre` makes."""
     n = x.shape[-2]
-    cd = _compute_dtype(x)
-    xf = x.to(cd)
-    mixes = _mixes(xf, fn, norm_eps)
+    layer_input, mixes = _project(x, fn, scale, base, norm_eps, hc_eps, block)
+    cd = mixes.dtype
     scale, base = scale.to(cd), base.to(cd)
-    pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]).add_(hc_eps)
     post = torch.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n]).mul_(2)
     logits = (mixes[..., 2 * n:] * scale[2] + base[2 * n:]).unflatten(-1, (n, n))
-    return _collapse(xf, pre, x.dtype), post, logits
+    return layer_input, post, logits
 
 
-def hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters):
-    layer_input, post, logits = hc_pre_logits(x, fn, scale, base, norm_eps, hc_eps)
+def hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters, block=CPU_BLOCK):
+    layer_input, post, logits = hc_pre_logits(x, fn, scale, base, norm_eps, hc_eps, block)
     return layer_input, post, sinkhorn(logits, iters, hc_eps)
 
 
-def hc_post(out, x, post, comb):
+def hc_post(out, x, post, comb, block=CPU_BLOCK):
     cd = _compute_dtype(x)
-    mixed = post.to(cd).unsqueeze(-1) * out.unsqueeze(-2)
-    comb = comb.to(cd)
-    for i in range(x.shape[-2]):  # new_j += comb[i, j] * x_i, for all j at once
-        mixed.addcmul_(comb[..., i, :].unsqueeze(-1), x[..., i, :].unsqueeze(-2))
-    return mixed.to(x.dtype)
+    n, d = x.shape[-2:]
+    xs, outs = x.reshape(-1, n, d), out.reshape(-1, 1, d)
+    posts, combs = post.to(cd).reshape(-1, n, 1), comb.to(cd).reshape(-1, n, n)
+    new = torch.empty_like(xs)
+    for b in _blocks(xs.shape[0], block):
+        xf = xs[b].to(cd)
+        mixed = posts[b] * outs[b].to(cd)
+        for i in range(n):  # new_j += comb[i, j] * x_i, for every j at once
+            mixed.addcmul_(combs[b, i].unsqueeze(-1), xf[:, i:i + 1])
+        new[b] = mixed
+    return new.reshape(x.shape)
 
 
-def hc_head(x, fn, scale, base, norm_eps, hc_eps):
-    cd = _compute_dtype(x)
-    xf = x.to(cd)
-    pre = torch.sigmoid(_mixes(xf, fn, norm_eps) * scale.to(cd) + base.to(cd)).add_(hc_eps)
-    return _collapse(xf, pre, x.dtype)
+def hc_head(x, fn, scale, base, norm_eps, hc_eps, block=CPU_BLOCK):
+    return _project(x, fn, scale, base, norm_eps, hc_eps, block)[0]
