@@ -64,7 +64,7 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None 
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
              eos_token_id: int | None = None, keep_logits: bool = False) -> GenerationResult:
     """Generate up to `max_new_tokens` after each prompt; a sequence stops at `eos_token_id`."""
