@@ -105,22 +105,25 @@ def fp8_matmul(a, a_scale, b, b_scale, out_dtype):
     return y.reshape(*a.shape[:-1], b.shape[0]).to(out_dtype)
 
 
-def _fp8_gemm(act, b, b_scale):
-    """Compute-bound case: BF16 GEMMs over slabs of the weight, each dequantized to BF16 just
-    before use (DeepSeek's weight_dequant: product in float32, one rounding to BF16). Slabs keep
-    the BF16 copy small enough to be reused from the allocator instead of faulting in a fresh
-    full-size weight on every call."""
-    n, k = b.shape
+def _slab_gemm(act, n, k, weight_rows):
+    """Compute-bound case: BF16 GEMMs over slabs of the weight, `weight_rows(start, stop)`
+    dequantizing each slab to BF16 just before use. Slabs keep the BF16 copy small enough to be
+    reused from the allocator instead of faulting in a fresh full-size weight on every call."""
     rows = max(1, _GEMM_SLAB_ELEMENTS // (WEIGHT_BLOCK[0] * k)) * WEIGHT_BLOCK[0]
     if rows >= n:
-        return F.linear(act, dequantize_fp8(b, b_scale, WEIGHT_BLOCK, torch.bfloat16))
-    out = torch.empty(act.shape[0], n, dtype=torch.bfloat16)
+        return F.linear(act, weight_rows(0, n))
+    out = torch.empty(*act.shape[:-1], n, dtype=torch.bfloat16)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
-        w = dequantize_fp8(b[start:stop], b_scale[start // WEIGHT_BLOCK[0]: -(-stop // WEIGHT_BLOCK[0])],
-                           WEIGHT_BLOCK, torch.bfloat16)
-        out[:, start:stop] = F.linear(act, w)
+        out[..., start:stop] = F.linear(act, weight_rows(start, stop))
     return out
+
+
+def _fp8_gemm(act, b, b_scale):
+    """DeepSeek's weight_dequant (product in float32, one rounding to BF16) slab by slab."""
+    bm = WEIGHT_BLOCK[0]
+    return _slab_gemm(act, b.shape[0], b.shape[1], lambda start, stop: dequantize_fp8(
+        b[start:stop], b_scale[start // bm: -(-stop // bm)], WEIGHT_BLOCK, torch.bfloat16))
 
 
 def _fp8_gemv(act, b, b_scale):
@@ -192,11 +195,10 @@ def fp4_matmul(a, b, b_scale, a_scale, out_dtype):
     if out_dtype == torch.float64 or a.dtype == torch.float64 or k % FP4_BLOCK or (
             a_scale is not None and a_scale.dtype == torch.float64):
         return ref.fp4_matmul(a, b, b_scale, a_scale, out_dtype)
-    act = a.float()
-    if a_scale is not None:
-        act = act * _expand_last(a_scale, ACT_BLOCK[1], k)
+    act = a.bfloat16() if a_scale is None else dequantize_fp8(a, a_scale, ACT_BLOCK, torch.bfloat16)
     # e2m1 values times a power of two are exact in BF16, so only the activation rounds.
-    y = F.linear(act.bfloat16(), _fp4_weight(b, b_scale, torch.bfloat16))
+    y = _slab_gemm(act, b.shape[0], k, lambda start, stop: _fp4_weight(b[start:stop], b_scale[start:stop],
+                                                                      torch.bfloat16))
     return y.to(out_dtype)
 
 
