@@ -10,8 +10,8 @@ every run (posix_fadvise DONTNEED, so reads come from the disk):
      `save_file`s the result (DeepSeek's fp8_cast_bf16 pattern). Loading the whole checkpoint at
      once would need input + output (~3x the source) in RAM, beyond this machine's per-process
      budget, so the shard is the naive unit.
-Reports GB/s of input, the share of the disk's read speed, and peak RSS (ru_maxrss) of each
-process against the largest tensor. Deletes everything it wrote.
+Reports GB/s of input, the share of the disk's read speed, and peak RSS of each process
+(VmHWM; ru_maxrss would include the parent's memory at fork) against the largest tensor. Deletes everything it wrote.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 NAIVE = r"""
-import resource, sys, json, glob, os
+import sys, json, glob, os
 import torch
 from safetensors.torch import load_file, save_file
 from v4hal.ops import quant
@@ -52,14 +52,14 @@ for path in sorted(glob.glob(os.path.join(src, "*.safetensors"))):
             out[stem + "weight_offset"] = torch.zeros_like(s.unsqueeze(1))
     save_file(out, os.path.join(dst, os.path.basename(path)))
     del tensors, out
-print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+print(json.dumps({"peak_rss_kb": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])}))
 """
 
 STREAMING = r"""
-import resource, sys, json
+import sys, json
 from v4hal.cli import main
 rc = main(sys.argv[1:])
-print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "rc": rc}))
+print(json.dumps({"peak_rss_kb": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]), "rc": rc}))
 """
 
 HIDDEN, VOCAB = 7168, 16384
@@ -128,7 +128,7 @@ def timed(cmd: list[str], root: Path) -> tuple[float, int]:
     start = time.perf_counter()
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     seconds = time.perf_counter() - start
-    return seconds, json.loads(out.stdout.strip().splitlines()[-1])["maxrss_kb"] * 1024
+    return seconds, json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_kb"] * 1024
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,6 +72,9 @@ def _run(args) -> int:
     if args.to in ("mindspore", "hf"):
         from v4hal.conversion import mindspore as msconv
 
+        if args.mp != 1:
+            raise ValueError("--mp reshards safetensors targets; convert to MindSpore after resharding")
+
         p = msconv.plan(args.source, args.to, args.ms_format, args.ms_names)
     else:
         from v4hal.conversion.io import Source
@@ -82,7 +85,9 @@ def _run(args) -> int:
     if args.dry_run:
         for line in p.describe():
             print(line)
-        print(f"total: {p.output_bytes() / 1e9:.3f} GB of shards from {sum(p.source.files.values()) / 1e9:.3f} GB of input")
+        need, free = p.output_bytes(), planning.free_bytes(args.dest)
+        print(f"total: {need / 1e9:.3f} GB of shards from {sum(p.source.files.values()) / 1e9:.3f} GB of input; "
+              f"{free / 1e9:.1f} GB free at the destination" + ("" if need <= free else " (NOT ENOUGH)"))
         return 0
     manifest = planning.run(p, args.dest, progress=not args.no_progress, restart=args.restart)
     print(f"wrote {len(manifest['outputs'])} files to {args.dest}; manifest: {args.dest}/{planning.MANIFEST}")

@@ -199,24 +199,28 @@ class HashingReader:
 
     def _advance_to(self, offset: int) -> None:
         while self.pos < offset:
-            self._consume(min(READ_CHUNK, offset - self.pos))
+            self._consume(bytearray(min(READ_CHUNK, offset - self.pos)))
 
-    def _consume(self, n: int) -> bytes:
-        data = os.pread(self.fd, n, self.pos)
-        if len(data) != n:
-            raise CheckpointError(self.path, f"truncated at byte {self.pos + len(data)}")
-        self.hash.update(data)
-        self.pos += n
+    def _consume(self, buf: bytearray) -> None:
+        """Fill `buf` from the current position (one copy: disk -> buf), hashing it."""
+        view, got = memoryview(buf), 0
+        while got < len(buf):
+            k = os.preadv(self.fd, [view[got:]], self.pos + got)
+            if k <= 0:
+                raise CheckpointError(self.path, f"truncated at byte {self.pos + got}")
+            got += k
+        self.hash.update(view)
+        self.pos += got
         if self.progress:
-            self.progress(n)
-        return data
+            self.progress(got)
 
     def rows(self, info: TensorInfo, row0: int, row1: int) -> torch.Tensor:
         offset = info.start + row0 * info.row_bytes
         if offset < self.pos:
             return read_rows(info, row0, row1, self.fd)
         self._advance_to(offset)
-        data = bytearray(self._consume((row1 - row0) * info.row_bytes))
+        data = bytearray((row1 - row0) * info.row_bytes)
+        self._consume(data)
         t = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
         return t.view(info.dtype).reshape((row1 - row0, *info.shape[1:]) if info.shape else ())
 

@@ -168,8 +168,9 @@ def run_job(job: Job, src: Source, reader, emit) -> None:
     scale = reader.companion(src.tensors[job.scale]) if job.scale else None
     step = chunk_rows(job)
     sides: list[list[torch.Tensor]] = [[] for _ in job.outputs[1:]]
+    out_dtype = torch.bfloat16 if job.encode == "bf16" else torch.float32
     for r0 in range(0, rows, step):
-        x = formats.decode_rows(job.decode, reader.rows(info, r0, min(rows, r0 + step)), scale, r0)
+        x = formats.decode_rows(job.decode, reader.rows(info, r0, min(rows, r0 + step)), scale, r0, out_dtype)
         main, *rest = formats.encode_rows(job.encode, x, job.extra)
         emit(0, r0, main)
         for acc, piece in zip(sides, rest):
@@ -237,11 +238,17 @@ def _unit_done(dst: Path, unit: Unit, record: dict | None) -> bool:
                for name, meta in record["outputs"].items())
 
 
+def free_bytes(dst: str | os.PathLike) -> int:
+    probe = Path(dst).resolve()
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
 def check_space(dst: Path, needed: int) -> None:
-    probe = dst if dst.exists() else dst.parent
-    free = shutil.disk_usage(probe).free
+    free = free_bytes(dst)
     if needed > free:
-        raise ConversionError(f"not enough free disk at {probe}: the conversion needs {needed / 1e9:.2f} GB more, "
+        raise ConversionError(f"not enough free disk at {dst}: the conversion needs {needed / 1e9:.2f} GB more, "
                               f"{free / 1e9:.2f} GB are free")
 
 
