@@ -180,3 +180,48 @@ def test_meta_build_of_a_real_config_and_load_into_meta(tmp_path):
     assert not any(t.is_meta for t in meta.state_dict().values())
     with safe_open(str(next(d.glob("*.safetensors"))), "pt") as f:
         torch.testing.assert_close(meta.state_dict()["model.norm.weight"], f.get_tensor("model.norm.weight"))
+
+
+PEAK_SCRIPT = r"""
+import resource, sys, torch
+from v4hal.model.config import ModelArgs
+from v4hal.model.loader import load_checkpoint
+from v4hal.model.model import build
+args = ModelArgs.from_json(sys.argv[1])
+model = build(args)
+def hwm():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
+before = rss()
+load_checkpoint(model, sys.argv[1], args)
+print(hwm() - before, sum(t.numel() * t.element_size() for t in model.state_dict().values()))
+"""
+
+
+def test_streaming_load_peak_memory_is_near_the_model_size(tmp_path):
+    """~70 MB of weights over 8 shards: the resident peak grows by well under twice that (the
+    weights' values do not matter here, so the model is saved as built, uninitialised)."""
+    import subprocess
+    import sys
+
+    from v4hal.bench.cases_model import BENCH_V4
+
+    args = BENCH_V4.replace(vocab_size=16384)
+    model = build(args)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    del model
+    names = sorted(state)
+    per = -(-len(names) // 8)
+    weight_map = {}
+    for i in range(8):
+        fname = f"model-{i:05d}.safetensors"
+        save_file({k: state[k] for k in names[i * per:(i + 1) * per]}, tmp_path / fname)
+        weight_map.update({k: fname for k in names[i * per:(i + 1) * per]})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "config.json").write_text(json.dumps(args.to_dict()))
+    del state
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path)], capture_output=True, text=True, check=True)
+    growth, size = map(int, out.stdout.split())
+    assert size > 60e6
+    assert growth < 1.5 * size, (growth, size)
