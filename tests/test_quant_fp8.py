@@ -241,3 +241,19 @@ def test_prefill_path_of_cpu_fast_stays_close(m, k_blocks, tail, seed):
         y = ops.fp8_matmul(qa, sa, qb, sb, out_dtype=torch.float32).double()
     assert float(1 - 2 * (y * expected).sum() / ((y * y).sum() + (expected * expected).sum())) < 1e-5
     assert math.isfinite(float(y.sum()))
+
+
+@pytest.mark.parametrize("log_scale", [-30, 0, 20, 60])
+@pytest.mark.parametrize("m", [2, 40])
+def test_cpu_fast_handles_extreme_scales(log_scale, m):
+    # cpu_fast reads e4m3 bits as float32 * 2**-120 and puts the 2**120 back on scales or the
+    # output; found by the property test: scales >= 2**8 once overflowed float32 to inf.
+    g = torch.Generator().manual_seed(5)
+    qa, sa = ops.quantize_fp8(torch.randn(m, 300, generator=g) * 448, (1, 128))
+    qb, sb = ops.quantize_fp8(torch.randn(50, 300, generator=g) * 448 * 2.0 ** log_scale, (128, 128))
+    expected = exact_fp8_matmul(qa, sa, qb, sb)
+    with registry.forced("cpu_fast"):
+        y = ops.fp8_matmul(qa, sa, qb, sb, out_dtype=torch.float32).double()
+        d = ops.dequantize_fp8(qb, sb, (128, 128), out_dtype=torch.float32)
+    assert torch.equal(d, ref.dequantize_fp8(qb, sb, (128, 128), torch.float32))
+    assert float((y - expected).norm() / expected.norm()) < 1e-2

@@ -23,7 +23,9 @@ from v4hal.backends.cpu import quant as ref
 from v4hal.ops.quant import ACT_BLOCK, FP4_BLOCK, FP8_MAX, INT8_MAX, WEIGHT_BLOCK
 
 _E4M3_F32_MASK = -2014314496  # 0x87F00000 as int32: sign bit + the 7 exponent/mantissa bits
-_E4M3_F32_UNBIAS = 2.0 ** 120  # e4m3 value = reinterpreted float32 * 2**120
+# e4m3 value = reinterpreted float32 * 2**120, applied as two halves where one factor of 2**120
+# on a scale would overflow float32 (scales >= 2**8, or activation x scale products >= 2**8).
+_HALF_UNBIAS = 2.0 ** 60
 # Elements dequantized per chunk: 2 MiB of float32, so a chunk is still in cache when it is used.
 _CHUNK_ELEMENTS = 1 << 19
 # Up to this many activation rows the GEMM is memory-bound (decode): it streams the weight once in
@@ -50,8 +52,13 @@ def _expand_last(scale: torch.Tensor, block: int, length: int) -> torch.Tensor:
 
 
 def _dequant_rows(q: torch.Tensor, row_scale: torch.Tensor, bk: int, out: torch.Tensor) -> torch.Tensor:
-    """out[r, k] = q[r, k] * row_scale[r, k // bk] for a 2-d e4m3 `q`, chunk by chunk.
-    row_scale must already carry the 2**120 of `_e4m3_as_f32`."""
+    """out[r, k] = q[r, k] * row_scale[r, k // bk] for a 2-d e4m3 `q`, chunk by chunk."""
+    if bool((row_scale >= 2.0 ** 7).any()):  # row_scale * 2**120 would overflow: two steps
+        return _dequant_chunks(q, row_scale * _HALF_UNBIAS, bk, out).mul_(_HALF_UNBIAS)
+    return _dequant_chunks(q, row_scale * (_HALF_UNBIAS * _HALF_UNBIAS), bk, out)
+
+
+def _dequant_chunks(q, row_scale, bk, out):
     rows, k = q.shape
     step = _chunk_rows(k)
     buf = torch.empty(min(step, rows), k, dtype=torch.int32)
@@ -67,8 +74,8 @@ def _dequant_rows(q: torch.Tensor, row_scale: torch.Tensor, bk: int, out: torch.
 
 
 def _row_scales(scale: torch.Tensor, bm: int, rows: int) -> torch.Tensor:
-    """One row of block scales per row of the tensor, times 2**120 (small: rows x ceil(K/bk))."""
-    s = scale.reshape(-1, scale.shape[-1]).float() * _E4M3_F32_UNBIAS
+    """One row of block scales per row of the tensor (small: rows x ceil(K/bk))."""
+    s = scale.reshape(-1, scale.shape[-1]).float()
     return s.repeat_interleave(bm, dim=0)[:rows] if bm > 1 else s
 
 
@@ -129,10 +136,13 @@ def _fp8_gemm(act, b, b_scale):
 def _fp8_gemv(act, b, b_scale):
     """Memory-bound case: stream the weight once in float32 chunks of whole 128-row scale blocks.
     Each block's scales go on the (tiny) activation instead of the weight, so the weight only
-    sees the three integer passes of `_e4m3_as_f32` before the GEMM reads it from cache."""
+    sees the three integer passes of `_e4m3_as_f32` before the GEMM reads it from cache. Half of
+    the 2**120 goes on the activation, half on the (small) output, so neither can overflow."""
     n, k = b.shape
     bm, bk = WEIGHT_BLOCK
-    col_scale = _expand_last(b_scale.float() * _E4M3_F32_UNBIAS, bk, k)  # [Nb, K]
+    # Huge weight scales (>= 2**7) take all of the 2**120 on the output instead.
+    act_part = _HALF_UNBIAS if bool((b_scale < 2.0 ** 7).all()) else 1.0
+    col_scale = _expand_last(b_scale.float() * act_part, bk, k)  # [Nb, K]
     out = torch.empty(act.shape[0], n, dtype=torch.float32)
     rows = max(1, _CHUNK_ELEMENTS // (bm * k)) * bm
     buf = torch.empty(min(rows, n), k, dtype=torch.int32)
@@ -146,7 +156,8 @@ def _fp8_gemv(act, b, b_scale):
             out[:, start: start + g * bm] = part.permute(1, 0, 2).reshape(act.shape[0], g * bm)
         if tail:
             torch.mm(scaled[g], w[g * bm:].T, out=out[:, start + g * bm: stop])
-    return out
+    out.mul_(_HALF_UNBIAS)
+    return out if act_part != 1.0 else out.mul_(_HALF_UNBIAS)
 
 
 def quantize_fp8(x, block, scale_fmt):
