@@ -2,10 +2,11 @@
 
 Inputs go to float32 (float64 stays float64): MindSpore's CPU MatMul has no BF16 kernel. The
 permutation sorts unique keys `expert * (T * k) + position`, so it is stable whatever sort
-MindSpore uses; expert GEMMs run one matmul per expert over its rows. MXFP4 experts are decoded
-here (nibbles through the e2m1 table, times the ue8m0 block scales) and int8 W8A8 experts
-quantize activations per token as the reference does. FP8 experts are refused: their
-activations must be rounded to e4m3, a dtype MindSpore's CPU build does not have."""
+MindSpore uses; expert GEMMs run one matmul per expert over its rows. Quantized experts are
+decoded here: MXFP4 nibbles through the e2m1 table times the ue8m0 block scales; int8 W8A8 with
+activations quantized per token; FP8 with activations quantized per 1x128 block and rounded to
+the e4m3 grid by arithmetic (MindSpore's CPU build has no float8 dtype), as DeepSeek's act_quant
+does."""
 
 import torch
 
@@ -14,7 +15,7 @@ from v4hal.backends.cpu.moe import moe_forward  # noqa: F401  (the composition o
 from v4hal.backends.mindspore import ms, to_ms, to_torch
 from v4hal.backends.mindspore.mhc import mops
 from v4hal.ops.moe import MoeDispatch
-from v4hal.ops.quant import FP4_BLOCK, INT8_MAX
+from v4hal.ops.quant import ACT_BLOCK, FP4_BLOCK, FP8_MAX, INT8_MAX, WEIGHT_BLOCK
 
 RENORM_EPS = 1e-20
 
@@ -127,8 +128,36 @@ def _expert_gemm(x, weight, scale, fmt, cd):
         # Integer products summed exactly: float64 holds every int8 dot product of these sizes.
         acc = ops.matmul(xq.astype(ms().float64), ops.transpose(_float(weight, ms().float64), (1, 0)))
         return (acc.astype(cd) * x_scale) * ops.expand_dims(_float(scale, cd), 0)
-    raise NotImplementedError("mindspore grouped_matmul: FP8 experts need e4m3 activation rounding, "
-                              "which MindSpore's CPU build lacks; run FP8 experts on cpu/cuda/ascend")
+    return ops.matmul(_fp8_activations(x, cd), ops.transpose(_fp8_weight(weight, scale, cd), (1, 0)))
+
+
+def _round_e4m3(v, cd):
+    """Round to the nearest float8_e4m3fn value (|v| <= 448): 3 mantissa bits, so the spacing
+    is 2^(exponent - 3), down to the subnormal step 2^-9."""
+    ops = mops()
+    magnitude = ops.abs(v)
+    exponent = ops.floor(ops.log2(ops.clamp(magnitude, min=2.0 ** -9)))
+    step = ops.pow(ms().Tensor(2.0, cd), ops.clamp(exponent, min=-6.0) - 3)
+    return ops.sign(v) * ops.round(magnitude / step) * step
+
+
+def _fp8_activations(x, cd):
+    """DeepSeek's act_quant round trip: 1x128 blocks, scale = max(amax, 1e-4) / 448, e4m3 values."""
+    ops = mops()
+    rows, k = x.shape
+    pad = -k % ACT_BLOCK[1]
+    blocks = ops.reshape(ops.pad(x, (0, pad)), (rows, -1, ACT_BLOCK[1]))
+    scale = ops.clamp(ops.amax(ops.abs(blocks), -1, keepdims=True), min=1e-4) / FP8_MAX
+    q = _round_e4m3(ops.clamp(blocks / scale, -FP8_MAX, FP8_MAX), cd)
+    return ops.reshape(q * scale, (rows, -1))[:, :k]
+
+
+def _fp8_weight(weight, scale, cd):
+    ops = mops()
+    n, k = weight.shape
+    bn, bk = WEIGHT_BLOCK
+    expanded = ops.repeat_interleave(ops.repeat_interleave(_float(scale, cd), bn, 0), bk, 1)[:n, :k]
+    return _float(weight, cd) * expanded
 
 
 def grouped_matmul(x, weight, group_offsets, scale, fmt):
