@@ -46,17 +46,17 @@ class ModelCache:
         return sum(size(layer) for layer in self.layers)
 
 
-def _mlp(args: ModelArgs, idx: int) -> nn.Module:
+def _mlp(args: ModelArgs, idx: int, dtype: torch.dtype) -> nn.Module:
     """V3/V3.2's first layers: a dense SwiGLU MLP; every other layer: routed + shared experts,
     hash-routed on V4's `hash_moe` layers, clamped SwiGLU (swiglu_limit) on V4."""
     if not args.is_moe_layer(idx):
-        return MLP(args.hidden_size, args.intermediate_size, None, dtype=torch.float32)
+        return MLP(args.hidden_size, args.intermediate_size, None, dtype=dtype)
     return MoE(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts, args.n_shared_experts,
                args.num_experts_per_tok, scoring_func=args.scoring_func, n_group=args.n_group,
                topk_group=args.topk_group, routed_scaling_factor=args.routed_scaling_factor,
                norm_topk_prob=args.norm_topk_prob, swiglu_limit=args.swiglu_limit if args.is_v4 else None,
                hash_vocab_size=args.vocab_size if args.mlp_layer_types[idx] == "hash_moe" else None,
-               dtype=torch.float32)
+               dtype=dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -68,7 +68,7 @@ class DecoderLayer(nn.Module):
         else:  # V3 is V3.2 without DSA: no indexer, every causal token attended
             c = V32AttentionConfig.from_hf(args, idx)
             self.self_attn = V32Attention(c if args.is_v32 else dataclasses.replace(c, index_heads=0))
-        self.mlp = _mlp(args, idx)
+        self.mlp = _mlp(args, idx, torch.get_default_dtype())
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         if self.v4:
@@ -120,10 +120,15 @@ class DeepseekForCausalLM(nn.Module):
     def __init__(self, args: ModelArgs, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
         super().__init__()
         self.args = args
-        with torch.device(device or "cpu"):
-            self.model = Backbone(args)
-            self.lm_head = Linear(args.hidden_size, args.vocab_size)
-        self.to(dtype or DTYPES.get(args.torch_dtype, torch.float32))
+        # Built directly in the compute dtype: a real-size model never exists in float32 first.
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype or DTYPES.get(args.torch_dtype, torch.float32))
+        try:
+            with torch.device(device or "cpu"):
+                self.model = Backbone(args)
+                self.lm_head = Linear(args.hidden_size, args.vocab_size)
+        finally:
+            torch.set_default_dtype(previous)
         self._keep_float32()
 
     def _keep_float32(self) -> None:
