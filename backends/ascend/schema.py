@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import difflib
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -126,7 +127,10 @@ def schemas() -> dict[str, tuple[Schema, ...]]:
 def docs() -> dict[str, str]:
     """op name -> its doc text (the `_add_torch_npu_docstr(name, text)` calls of the docs file)."""
     out = {}
-    for node in ast.walk(ast.parse(wheel.docs_source())):
+    with warnings.catch_warnings():  # the docs' strings hold LaTeX: invalid escape sequences
+        warnings.simplefilter("ignore")
+        tree = ast.parse(wheel.docs_source())
+    for node in ast.walk(tree):
         if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "_add_torch_npu_docstr"
                 and len(node.args) == 2 and all(isinstance(a, ast.Constant) for a in node.args)):
             out[node.args[0].value] = node.args[1].value
@@ -165,9 +169,9 @@ def param_docs(op: str) -> dict[str, str]:
 # 支持输入torch.int8、torch.bfloat16 / 支持0/3 / 支持{"rint", "floor"} / 取值范围为0 / 取值为0和1.
 _LIST_PHRASE = re.compile(r"(当前仅支持取值|当前仅支持传入|当前只支持取|当前只支持传入|当前只支持|当前仅支持|仅支持取值|"
                           r"仅支持传入|仅支持|支持传入|当前支持取|当前支持|支持取值为|支持取值|支持输入|取值为|"
-                          r"取值范围为(?=\s*-?\d)|支持(?=\s*[{\d-]))(.*)")
+                          r"取值范围为(?=\s*-?\d)|支持(?=\s*[{\d-])|支持(?=[A-Z][A-Z0-9_]*[、和/]))(.*)")
 # Clauses describing a range or a divisibility rule are constraints, not enumerations.
-_NOT_A_LIST = re.compile(r"倍数|不能|大于|小于|超过|不超|\d\s*-\s*\d|\[|维")
+_NOT_A_LIST = re.compile(r"倍数|不能|大于|小于|超过|不超|\d\s*-\s*\d|\[|维|[<>=≤≥~]")
 _TOKEN = re.compile(r"torch_npu\.\w+(?:\(\d+\))?|torch\.\w+|-?\d+(?:\.\d+)?|[A-Za-z_][A-Za-z0-9_]*")
 _NAME_EDGE = "A-Za-z0-9_."
 # Lines qualified by a product we do not target (Atlas inference cards = 310P, Atlas training =
@@ -239,11 +243,14 @@ def allowed_values(op: str, param: str) -> set | None:
     lines = [line for line in body.splitlines() if not _OTHER_CHIP.search(line) or _OUR_CHIP.search(line)]
     for clause in re.split(r"[。，；;]|\. |\n", "\n".join(lines)):
         m = _LIST_PHRASE.search(clause)
-        if m is None or _NOT_A_LIST.search(m.group(2)) or re.search(r"(最大|最多|最小|至少)$", clause[:m.start()]):
+        if m is None or re.search(r"(最大|最多|最小|至少)$", clause[:m.start()]):
             continue
-        tokens = _TOKEN.findall(m.group(2))
+        phrase = re.split(r"（|\((?!\d)", m.group(2))[0]  # a parenthesis starts prose, not values
+        if _NOT_A_LIST.search(phrase) or re.match(r"\s*[A-Za-z_][A-Za-z0-9_]*\s*为", phrase):
+            continue  # a range, or 仅支持split_item为0或1 / 仅支持Q_S为1~16: a rule about something else
+        tokens = _TOKEN.findall(phrase)
         if tokens and tokens[0] in others:
-            continue  # 仅支持split_item为0或1: a rule about another parameter
+            continue
         if dtype_like and any(t.startswith("torch") for t in tokens):
             tokens = [t for t in tokens if t.startswith("torch")]  # the codes in prose are not dtypes
         values = {v for v in (_literal_of_token(t, spec.base) for t in tokens) if v is not ... and v is not None}
