@@ -257,3 +257,19 @@ def test_cpu_fast_handles_extreme_scales(log_scale, m):
         d = ops.dequantize_fp8(qb, sb, (128, 128), out_dtype=torch.float32)
     assert torch.equal(d, ref.dequantize_fp8(qb, sb, (128, 128), torch.float32))
     assert float((y - expected).norm() / expected.norm()) < 1e-2
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 256, 512), (64, 4096, 7168), (3, 128, 640), (2, 1536, 7168)])
+def test_scaled_mm_arguments_pass_torch_layout_checks(m, n, k):
+    """cuda code path exercised on CPU: the sm90 branch's scales have the values and strides
+    cuBLAS wants, and torch's own checks of F.scaled_mm (its Meta kernel) accept the call."""
+    g = torch.Generator().manual_seed(6)
+    a_scale, b_scale = torch.rand(m, k // 128, generator=g), torch.rand(n // 128, k // 128, generator=g)
+    sa, sb = cuda_quant.blockwise_scales(a_scale, b_scale, m, k)
+    l4 = -(-(k // 128) // 4) * 4
+    assert torch.equal(sa, a_scale) and sa.stride() == (1, m)
+    assert sb.shape == (l4, n // 128) and sb.stride() == (1, l4) and torch.equal(sb[: k // 128], b_scale.t())
+    meta = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
+    y = cuda_quant._scaled_mm_blockwise(meta(m, k, dtype=torch.float8_e4m3fn), meta(m, k // 128),
+                                        meta(n, k, dtype=torch.float8_e4m3fn), meta(n // 128, k // 128), torch.bfloat16)
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16

@@ -40,12 +40,22 @@ def _use_scaled_mm(a2, b, out_dtype) -> bool:
             and blockwise_scaled_mm(a2.device.index or 0)[0])
 
 
-def _scaled_mm_blockwise(a2, a_scale, b, b_scale, out_dtype):
-    k = a2.shape[1]
+def blockwise_scales(a_scale, b_scale, m: int, k: int):
+    """The scale layouts cuBLAS wants: `[M, K/128]` with strides `(1, M)`, and the weight scale
+    transposed and padded to `[round_up(K/128, 4), N/128]` with strides `(1, L4)`. Built with
+    explicit strides: `.t().contiguous().t()` keeps row-major strides when a dim has size 1
+    (M = 1 at decode), which the layout check rejects."""
     kb = k // 128
     l4 = -(-kb // 4) * 4
-    sa = a_scale.float().t().contiguous().t()  # [M, Kb], strides (1, M)
-    sb = F.pad(b_scale.float(), (0, l4 - kb)).t()  # [L4, Nb], strides (1, L4)
+    sa = torch.empty_strided((m, kb), (1, m), dtype=torch.float32, device=a_scale.device)
+    sa.copy_(a_scale)
+    sb = torch.zeros((b_scale.shape[0], l4), dtype=torch.float32, device=b_scale.device).t()
+    sb[:kb].copy_(b_scale.t())
+    return sa, sb
+
+
+def _scaled_mm_blockwise(a2, a_scale, b, b_scale, out_dtype):
+    sa, sb = blockwise_scales(a_scale, b_scale, a2.shape[0], a2.shape[1])
     return F.scaled_mm(a2.contiguous(), b.t(), sa, F.ScalingType.BlockWise1x128,
                        sb, F.ScalingType.BlockWise128x128, output_dtype=out_dtype)
 
