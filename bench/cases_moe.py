@@ -306,3 +306,64 @@ SPEED = [
     SpeedCase("moe_dispatch", "v4-flash-E32-T512", _permute_speed(512, 32, "moe_dispatch")),
     SpeedCase("moe_combine", "v4-flash-E32-T512", _permute_speed(512, 32, "moe_combine")),
 ]
+
+
+def breakdown(tokens: int = 512, experts: int = 32, rounds: int = 5) -> dict[str, float]:
+    """Median milliseconds of each step of the BF16 layer at V4-Flash widths on cpu_fast, with
+    transformers' block, all timed in interleaved rounds in one process (robust to machine load).
+    `python -m v4hal.bench.cases_moe` prints it with the routing + permutation + combine share."""
+    import statistics
+    import time
+
+    from v4hal.backends import registry
+
+    cfg, block = _v4_block(experts, "cpu")
+    x = randn(torch.Generator().manual_seed(1), 1, tokens, cfg.hidden_size, dtype=torch.bfloat16)
+    flat = x.view(-1, cfg.hidden_size)
+    gate, sh = block.gate, block.shared_experts
+    ew = ops.ExpertWeights(block.experts.gate_up_proj, block.experts.down_proj)
+    shared = ops.SharedExpertWeights(sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight)
+    topk, limit, scale = cfg.num_experts_per_tok, cfg.swiglu_limit, cfg.routed_scaling_factor
+    with torch.no_grad(), registry.forced("cpu_fast"):
+        def route():
+            return ops.moe_route(x, gate.weight, topk, "sqrtsoftplus", gate.e_score_correction_bias,
+                                 routed_scaling_factor=scale)
+
+        w, ids = route()
+        d = ops.moe_dispatch(flat, ids, experts)
+        h = ops.grouped_matmul(d.permuted, ew.gate_up, d.offsets)
+        a = ops.swiglu(h, limit)
+        y = ops.grouped_matmul(a, ew.down, d.offsets)
+        steps = {
+            "moe_forward": lambda: ops.moe_forward(x, gate.weight, ew, topk, scoring="sqrtsoftplus",
+                                                   bias=gate.e_score_correction_bias, routed_scaling_factor=scale,
+                                                   swiglu_limit=limit, shared=shared),
+            "transformers": lambda: block(x),
+            "route": route,
+            "dispatch": lambda: ops.moe_dispatch(flat, ids, experts),
+            "up_gemm": lambda: ops.grouped_matmul(d.permuted, ew.gate_up, d.offsets),
+            "swiglu": lambda: ops.swiglu(h, limit),
+            "down_gemm": lambda: ops.grouped_matmul(a, ew.down, d.offsets),
+            "combine": lambda: ops.moe_combine(y, w, d),
+        }
+        samples: dict[str, list[float]] = {name: [] for name in steps}
+        for fn in steps.values():
+            fn()
+        for _ in range(rounds):
+            for name, fn in steps.items():
+                start = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
+
+
+if __name__ == "__main__":
+    from v4hal.bench.machine import describe
+
+    ms = breakdown()
+    for name, value in ms.items():
+        print(f"{name:14s} {value:10.1f} ms")
+    overhead = ms["route"] + ms["dispatch"] + ms["combine"]
+    print(f"route + dispatch + combine: {overhead:.1f} ms = {overhead / ms['moe_forward']:.1%} of moe_forward")
+    print(f"moe_forward speedup over transformers' DeepseekV4SparseMoeBlock: {ms['transformers'] / ms['moe_forward']:.2f}x")
+    print(describe(torch.device("cpu")))

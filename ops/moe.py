@@ -260,8 +260,7 @@ def swiglu(gate_up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
 def moe_combine(expert_out: torch.Tensor, topk_weights: torch.Tensor, state: MoeDispatch) -> torch.Tensor:
     """Undo `moe_dispatch`: `out[t] = sum_j topk_weights[t, j] * expert_out[row_of_slot[t, j]]`
     over the choices that were not dropped, accumulated in float32 (float64 if expert_out is),
-    returned in expert_out's dtype (fast backends may round the weights to that dtype first, as
-    transformers does). expert_out: `[R, H]`; topk_weights: float `[T, k]`."""
+    returned in expert_out's dtype. expert_out: `[R, H]`; topk_weights: float `[T, k]`."""
     op = "moe_combine"
     _check.tensor(op, "expert_out", expert_out, dtypes=FLOAT_IN, ndim=2, nonempty=False)
     _check.tensor(op, "topk_weights", topk_weights, dtypes=FLOAT_IN, ndim=2)

@@ -68,11 +68,15 @@ def swiglu(gate_up, limit):
 
 
 def moe_combine(expert_out, topk_weights, state):
-    # A gather into token-major [T, k, H] and one batched weighted sum: no scatter-add, whose
-    # atomics-free CPU kernel is the slow part of transformers' combine. Products accumulate in
-    # float32 inside the GEMM.
+    # A gather into token-major [T, k, H] and a batched weighted sum: no scatter-add, whose CPU
+    # kernel is the slow part of transformers' combine. The GEMM accumulates in float32; for BF16
+    # rows the float32 weights enter as a BF16 pair (hi + lo) so they are not rounded to 8 bits.
     t, k = state.row_of_slot.shape
     rows = state.row_of_slot.reshape(-1)
-    weights = torch.where(rows.view(t, k) >= 0, topk_weights, 0).to(expert_out.dtype)
+    weights = torch.where(rows.view(t, k) >= 0, topk_weights, 0).unsqueeze(1)
     gathered = expert_out[rows.clamp(min=0)].view(t, k, -1)
-    return torch.bmm(weights.unsqueeze(1), gathered).squeeze(1)
+    hi = weights.to(expert_out.dtype)
+    if hi.dtype == weights.dtype:
+        return torch.bmm(hi, gathered).squeeze(1)
+    lo = (weights - hi.to(weights.dtype)).to(expert_out.dtype)
+    return torch.baddbmm(torch.bmm(lo, gathered), hi, gathered).squeeze(1)
