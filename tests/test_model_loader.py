@@ -95,6 +95,29 @@ def test_fp8_checkpoint_kept_quantized_or_dequantized(name, suffix, tmp_path):
     assert diff < 2e-2, float(diff)
 
 
+def test_fp8_experts_stay_quantized_in_the_fused_layout(tmp_path):
+    """Per-expert FP8 gate/up/down matrices (V3 naming) stack into `gate_up_proj` `[E, 2I, H]`
+    e4m3 with `gate_up_proj_scale` `[E, 2I/128, H/128]`, and run quantized."""
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    make_pair("v3-wide", d)
+    ref, fmt = _quantize_dir(d, ".weight_scale_inv", shards=2)
+    args = ModelArgs.from_json(d)
+    q = build(args)
+    load_checkpoint(q, d, args)
+    experts = q.model.layers[1].mlp.experts
+    assert experts.gate_up_proj.dtype == torch.float8_e4m3fn and tuple(experts.gate_up_proj_scale.shape) == (8, 2, 1)
+    assert experts.down_proj.dtype == torch.float8_e4m3fn and tuple(experts.down_proj_scale.shape) == (8, 1, 1)
+    gate = ref["model.layers.1.mlp.experts.3.gate_proj.weight"]
+    torch.testing.assert_close(ops.dequantize_fp8(experts.gate_up_proj[3], experts.gate_up_proj_scale[3],
+                                                  out_dtype=torch.float32)[:128], gate, rtol=0, atol=0)
+    dense = _dense_twin(d, args, ref, tmp_path)
+    ids = torch.randint(0, args.vocab_size, (2, 15), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = q(ids), dense(ids)
+    assert 1 - 2 * (a * b).sum() / (a.square().sum() + b.square().sum()) < 2e-2
+
+
 def test_fp4_experts_load(tmp_path):
     d = tmp_path / "ckpt"
     d.mkdir()

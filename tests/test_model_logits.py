@@ -29,13 +29,15 @@ MLA = dict(model_type="deepseek_v3", vocab_size=256, hidden_size=64, intermediat
            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32,
                             "beta_slow": 1, "original_max_position_embeddings": 256, "mscale": 1.0,
                             "mscale_all_dim": 1.0})
-V32 = {**MLA, "index_n_heads": 2, "index_head_dim": 16, "index_topk": 6}
+V32 = {**MLA, "index_n_heads": 8, "index_head_dim": 16, "index_topk": 6}
+V3_WIDE = {**MLA, "hidden_size": 128, "moe_intermediate_size": 128, "intermediate_size": 128}  # whole FP8 blocks
 
 CONFIGS = {
     "v4-mixed": ("deepseek_v4", V4_MIXED),
     "v4-all-csa-hash": ("deepseek_v4", V4_ALL_CSA),
     "v32-groups-dsa": ("deepseek_v32", V32),
     "v3-groups": ("deepseek_v3", MLA),
+    "v3-wide": ("deepseek_v3", V3_WIDE),
 }
 TOL = dict(rtol=1e-4, atol=1e-4)
 
