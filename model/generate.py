@@ -179,6 +179,8 @@ def main(ns: argparse.Namespace) -> int:
     print(f"built in {build_s:.2f} s with {how}")
     print(f"backend: {registry.preferred_backend()} (V4HAL_BACKEND={registry.settings().backend})")
     prompts, tokenizer = _prompts(ns, args)
+    with torch.inference_mode():  # first calls resolve backends and warm kernels: keep them out of the timing
+        model(torch.tensor([prompts[0][:1]]), cache=model.new_cache())
     sampling = Sampling(ns.temperature, ns.top_k, ns.top_p, ns.seed)
     res = generate(model, prompts, ns.max_new_tokens, sampling, eos_token_id=None if not ns.prompt else _eos(args))
     for i, (p, out) in enumerate(zip(prompts, res.tokens)):
@@ -190,6 +192,10 @@ def main(ns: argparse.Namespace) -> int:
     print(f"{mode}; prefill {res.prefill_tokens} tokens in {res.prefill_seconds * 1e3:.1f} ms "
           f"({res.prefill_tokens_per_s:.0f} tokens/s); decode {res.decode_steps} steps, "
           f"{res.decode_ms_per_step:.2f} ms/step; KV cache {res.cache_bytes / 2**10:.1f} KiB")
+    by_backend: dict[str, list[str]] = defaultdict(list)
+    for op, choice in sorted(registry._choices.items()):
+        by_backend[choice.backend].append(op)
+    print("ops ran on: " + "; ".join(f"{b}: {', '.join(ops)}" for b, ops in by_backend.items()))
     fell = registry.fallbacks()
     if fell:
         print("ops that fell back to cpu: " + ", ".join(f"{op} ({c.reason})" for op, c in fell.items()))
