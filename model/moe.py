@@ -23,6 +23,8 @@ Build it with plain numbers (the model builder passes its config's fields):
     MoE(7168, 2048, 256, 1, 8, scoring_func="sigmoid", n_group=8, topk_group=4,
         routed_scaling_factor=2.5)                           # V3.2
 
+From a parsed config: `MoE.from_config(model_args, layer_index)`.
+
 Quantized experts: `set_expert_weights(gate_up, down, gate_up_scale, down_scale)` swaps in FP8 /
 FP4 / int8 tensors (the checkpoint loader fills the same `*_scale` slots); `grouped_matmul` runs
 them through the quant contracts. Expert parallelism: pass `ep_group` (a torch.distributed
@@ -128,6 +130,21 @@ class MoE(nn.Module):
         self.experts = Experts(n_local, hidden_size, moe_intermediate_size, dtype, device)
         self.shared_experts = (MLP(hidden_size, moe_intermediate_size * n_shared_experts, self.swiglu_limit, dtype, device)
                                if n_shared_experts else None)
+
+    @classmethod
+    def from_config(cls, args, layer: int, device=None, ep_group=None) -> "MoE":
+        """Layer `layer` of a `model.config.ModelArgs`: V4 layers always renormalize and clamp
+        with swiglu_limit, its `hash_moe` layers route by `tid2eid`; V3 / V3.2 follow
+        `norm_topk_prob` and keep the correction bias of `topk_method="noaux_tc"`."""
+        v4 = args.is_v4
+        is_hash = v4 and args.mlp_layer_types[layer] == "hash_moe"
+        return cls(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts, args.n_shared_experts,
+                   args.num_experts_per_tok, scoring_func=args.scoring_func, n_group=args.n_group,
+                   topk_group=args.topk_group, routed_scaling_factor=args.routed_scaling_factor,
+                   norm_topk_prob=v4 or args.norm_topk_prob, swiglu_limit=args.swiglu_limit if v4 else None,
+                   hash_vocab_size=args.vocab_size if is_hash else None,
+                   correction_bias=v4 or args.topk_method == "noaux_tc",
+                   dtype=getattr(torch, args.torch_dtype), device=device, ep_group=ep_group)
 
     def set_expert_weights(self, gate_up: torch.Tensor, down: torch.Tensor, gate_up_scale: torch.Tensor | None = None,
                            down_scale: torch.Tensor | None = None) -> None:

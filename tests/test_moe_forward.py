@@ -189,3 +189,18 @@ def test_module_runs_every_registered_backend_choice_here():
         with registry.forced(backend):
             torch.testing.assert_close(moe(x), ref, rtol=1e-5, atol=1e-6)
     assert F.cosine_similarity(ref.flatten(), moe(x).flatten(), dim=0) > 0.999
+
+
+def test_from_config_reads_model_args():
+    from v4hal.model import config
+
+    v4 = config.preset("tiny")
+    hash_layer = next(i for i, t in enumerate(v4.mlp_layer_types) if t == "hash_moe")
+    topk_layer = next(i for i, t in enumerate(v4.mlp_layer_types) if t == "moe")
+    h, t = MoE.from_config(v4, hash_layer, device="meta"), MoE.from_config(v4, topk_layer, device="meta")
+    assert h.is_hash and tuple(h.gate.tid2eid.shape) == (v4.vocab_size, v4.num_experts_per_tok)
+    assert not t.is_hash and t.gate.e_score_correction_bias.dtype == torch.float32
+    assert t.swiglu_limit == v4.swiglu_limit and t.norm_topk_prob
+    v32 = MoE.from_config(config.preset("v3.2"), 5, device="meta")
+    assert (v32.n_group, v32.topk_group, v32.swiglu_limit, v32.scoring_func) == (8, 4, None, "sigmoid")
+    assert tuple(v32.experts.gate_up_proj.shape) == (256, 2 * 2048, 7168)
