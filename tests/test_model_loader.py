@@ -15,7 +15,7 @@ from v4hal.model.config import ModelArgs, preset
 from v4hal.model.loader import LoadError, canonical_name, load_checkpoint
 from v4hal.model.model import build
 
-from test_model_logits import TOL, make_pair
+from test_model_logits import make_pair
 
 
 def _quantizable(name: str, t: torch.Tensor) -> bool:
