@@ -187,8 +187,7 @@ class _Loader:
             return
         module, attr = slot
         target = getattr(module, attr)
-        if _logical_shape(tensor) != tuple(target.shape) and not (tensor.dtype in QUANT_DTYPES and scale is not None
-                                                               and _logical_shape(tensor) == tuple(target.shape)):
+        if _logical_shape(tensor) != tuple(target.shape):
             self.errors.append(f"{name}: checkpoint shape {tuple(_logical_shape(tensor))}, model expects {tuple(target.shape)}")
             return
         self.report.formats[ops.weight_format(tensor, scale) if scale is not None else "dense"] += 1
@@ -248,7 +247,6 @@ class _Loader:
                 tensor = _dequantize(tensor, scale, target.dtype)
                 self.report.dequantized += 1
             self._copy(module, attr, target, tensor, (e, slice(row0, row0 + half)))
-            target = getattr(module, attr)
         self.pieces_needed[fused] = n_exp * (1 if proj == "down_proj" else 2)
         self.filled.setdefault(fused, set()).add((e, proj))
 

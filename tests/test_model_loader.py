@@ -206,7 +206,7 @@ def test_meta_build_of_a_real_config_and_load_into_meta(tmp_path):
 
 
 PEAK_SCRIPT = r"""
-import resource, sys, torch
+import sys
 from v4hal.model.config import ModelArgs
 from v4hal.model.loader import load_checkpoint
 from v4hal.model.model import build
