@@ -21,10 +21,19 @@ def probe() -> tuple[bool, str]:
 
 
 def ms():
-    """The mindspore module, imported on first use only."""
+    """The mindspore module, imported on first use only.
+
+    MindSpore 2.10's NumPy-1.x extension leaves one error pending when it meets NumPy 2 ("numpy.core
+    .multiarray failed to import"): the first PyNative op after import raises SystemError and every
+    later one works. One throwaway op here absorbs it, so no backend module has to."""
     global _ms
     if _ms is None:
-        _ms = importlib.import_module("mindspore")
+        module = importlib.import_module("mindspore")
+        try:
+            module.ops.reshape(module.Tensor([0.0]), (1,))
+        except SystemError:
+            pass
+        _ms = module
     return _ms
 
 

@@ -24,20 +24,9 @@ from v4hal.backends.mindspore import ms, to_ms, to_torch
 from v4hal.ops.quant import ACT_BLOCK, FP4_BLOCK, FP4_MAX, FP8_MAX, INT8_MAX, WEIGHT_BLOCK
 
 AMAX_FLOOR = 1e-4
-_primed = False
 
 
 def _ops():
-    """mindspore.ops, after swallowing the one error MindSpore 2.10 leaves pending when its
-    NumPy-1.x extension meets NumPy 2: the first PyNative op after import raises SystemError,
-    later ones work. (mhc.py does the same; worth one shared helper in the package.)"""
-    global _primed
-    if not _primed:
-        try:
-            ms().ops.reshape(ms().Tensor([0.0]), (1,))
-        except SystemError:
-            pass
-        _primed = True
     return ms().ops
 
 
