@@ -53,7 +53,22 @@ def report() -> dict:
         backends[b] = entry
     s = registry.settings()
     return {"settings": {"backend": s.backend, "op_backends": s.op_backends, "fallback": s.fallback},
-            "versions": package_versions(), "backends": backends, "ops": registry.explain()}
+            "versions": package_versions(), "backends": backends, "ops": registry.explain(),
+            "ascend_chip_paths": ascend_chip_paths()}
+
+
+def ascend_chip_paths() -> dict[str, str]:
+    """Per op, how the ascend backend runs it on each chip generation (A2/A3 have no FP8 units);
+    read from the family modules' `chip_path`, which needs no NPU."""
+    import importlib
+
+    out = {}
+    for op, spec in registry.ops().items():
+        module = importlib.import_module(f"v4hal.backends.ascend.{spec.family}")
+        chip_path = getattr(module, "chip_path", None)
+        if chip_path is not None and hasattr(module, op):
+            out[op] = "; ".join(chip_path(op, chip) for chip in ("A2", "A3", "A5"))
+    return out
 
 
 def format_text(rep: dict) -> str:
@@ -74,6 +89,8 @@ def format_text(rep: dict) -> str:
         for b, why in row["backends"].items():
             if why != "ok" and b != row["backend"] and rep["backends"][b]["usable"]:
                 lines.append(f"  {'':18s}    {b}: {why}")
+    lines += ["", "ascend, per chip (A2 = 910B, A3 = 910C, A5 = 950):"]
+    lines += [f"  {op:18s} {path}" for op, path in rep["ascend_chip_paths"].items()]
     return "\n".join(lines)
 
 

@@ -4,8 +4,11 @@ On this CPU it is a second opinion for parity; where MindSpore has an Ascend or 
 there. Torch tensors cross the boundary through numpy (bfloat16 through float32, exactly).
 """
 
+import contextlib
 import importlib
 import importlib.util
+import os
+import sys
 
 import numpy as np
 import torch
@@ -28,13 +31,27 @@ def ms():
     later one works. One throwaway op here absorbs it, so no backend module has to."""
     global _ms
     if _ms is None:
-        module = importlib.import_module("mindspore")
-        try:
-            module.ops.reshape(module.Tensor([0.0]), (1,))
-        except SystemError:
-            pass
+        with _quiet_stderr():  # the same mismatch prints a 40-line NumPy traceback that is not ours
+            module = importlib.import_module("mindspore")
+            try:
+                module.ops.reshape(module.Tensor([0.0]), (1,))
+            except SystemError:
+                pass
         _ms = module
     return _ms
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def device() -> torch.device:
