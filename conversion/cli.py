@@ -1,4 +1,4 @@
-"""`v4hal convert`: run | verify | onnx.
+"""`v4hal convert`: run | verify.
 
   v4hal convert run --to bf16 SRC DST            FP8/FP4 -> BF16 (Ascend A2/A3, transformers)
   v4hal convert run --to fp8 [--scale-fmt ue8m0] SRC DST
@@ -8,7 +8,6 @@
   v4hal convert run --to mindspore SRC DST       MindSpore .ckpt (or --ms-format safetensors)
   v4hal convert run --to hf SRC DST              a MindSpore conversion back to HF safetensors
   v4hal convert verify DST [--source SRC]
-  v4hal convert onnx --config tiny WEIGHTS OUT.onnx
 Every run accepts --dry-run (list outputs and disk needed, write nothing).
 """
 
@@ -46,12 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ver.add_argument("dest", metavar="DST")
     ver.add_argument("--source", metavar="SRC", help="also decode every tensor of both and compare")
     ver.add_argument("--no-hash", action="store_true", help="skip sha256 (sizes and headers only)")
-    onnx = sub.add_parser("onnx", help="export a model built from a config + weights to ONNX")
-    onnx.add_argument("weights", metavar="WEIGHTS", help="checkpoint directory (HF names) or 'random'")
-    onnx.add_argument("output", metavar="OUT.onnx")
-    onnx.add_argument("--config", default="tiny", help="a model preset name or a config.json path")
-    onnx.add_argument("--seq-len", type=int, default=8)
-    onnx.add_argument("--check", action="store_true", help="run it in onnxruntime and compare logits with our model")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -59,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
     from v4hal.conversion.plan import ConversionError
 
     try:
-        return {"run": _run, "verify": _verify, "onnx": _onnx}[args.convert_command](args)
+        return {"run": _run, "verify": _verify}[args.convert_command](args)
     except (CheckpointError, ConversionError, ValueError) as exc:
         print(f"v4hal convert: error: {exc}", file=sys.stderr)
         return EXIT_REFUSED if isinstance(exc, ConversionError) else EXIT_PROBLEM
@@ -103,8 +96,3 @@ def _verify(args) -> int:
     print("ok" if not problems else f"{len(problems)} problem(s)")
     return 0 if not problems else EXIT_PROBLEM
 
-
-def _onnx(args) -> int:
-    from v4hal.conversion import onnx_export
-
-    return onnx_export.main(args)
