@@ -78,9 +78,10 @@ def _decode_cache(ours, ctx: int, dtype):
 
 
 def measure_decode(ctx: int, dtype, steps: int = 5) -> dict:
-    """Median decode-step time at context `ctx`, split into the sparse attention call, the
-    indexer's selection and the rest (projections, compressor), plus the dense peer: plain
-    SDPA over every cached row (window + all compressed entries)."""
+    """Median decode-step CPU time (process time: robust to a loaded machine, one thread) at
+    context `ctx`, split into the sparse attention call, the indexer's selection and the rest
+    (projections, compressor, cache appends), plus the dense peer: plain SDPA over every cached
+    row (window + all compressed entries)."""
     import copy  # noqa: PLC0415
 
     import torch.nn.functional as F  # noqa: PLC0415
@@ -94,9 +95,9 @@ def measure_decode(ctx: int, dtype, steps: int = 5) -> dict:
 
     def timed(name):
         def call(*a, **k):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             out = originals[name](*a, **k)
-            spent[name] += time.perf_counter() - t0
+            spent[name] += time.process_time() - t0
             return out
         return call
 
@@ -111,9 +112,9 @@ def measure_decode(ctx: int, dtype, steps: int = 5) -> dict:
                 cache = copy.copy(base_cache)
                 for k in spent:
                     spent[k] = 0.0
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 ours(x, pos, cache)
-                total = time.perf_counter() - t0
+                total = time.process_time() - t0
                 if i:  # the first step warms up
                     rows.append((total, spent["sparse_attention"], spent["indexer_select"]))
     finally:
@@ -125,9 +126,9 @@ def measure_decode(ctx: int, dtype, steps: int = 5) -> dict:
     kv = torch.cat([base_cache.raw, base_cache.compressed], 1).unsqueeze(1).expand(-1, ours.c.heads, -1, -1)
     dense = []
     for _ in range(steps + 1):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         F.scaled_dot_product_attention(q, kv, kv)
-        dense.append(time.perf_counter() - t0)
+        dense.append(time.process_time() - t0)
     return {"ctx": ctx, "step_s": total, "attention_s": attn, "indexer_s": index, "rest_s": total - attn - index,
             "dense_sdpa_s": sorted(dense[1:])[len(dense[1:]) // 2], "compressed_entries": base_cache.compressed.shape[1]}
 
@@ -148,9 +149,9 @@ def plot_prefill(rows: list[dict], path: Path) -> None:
     for impl, style in (("v4hal", "o-"), ("transformers", "s-"), ("transformers (extrapolated)", "s--")):
         pts = sorted((r for r in rows if r["impl"] == impl), key=lambda r: r["seq"])
         if pts:
-            ax_t.plot([p["seq"] for p in pts], [p["seconds"] for p in pts], style, label=impl)
+            ax_t.plot([p["seq"] for p in pts], [p["cpu_seconds"] for p in pts], style, label=impl)
             ax_m.plot([p["seq"] for p in pts], [p["peak_mb"] for p in pts], style, label=impl)
-    for ax, what in ((ax_t, "prefill time (s)"), (ax_m, "peak working memory (MiB)")):
+    for ax, what in ((ax_t, "prefill CPU time (s, one thread)"), (ax_m, "peak working memory (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context length (tokens)")
@@ -171,7 +172,7 @@ def extrapolate(rows: list[dict], targets: list[int]) -> list[dict]:
     basis = torch.stack([torch.ones_like(s), s, s * s], 1)
     t = torch.tensor([float(x) for x in targets], dtype=torch.float64)
     out = [{"impl": "transformers (extrapolated)", "seq": x} for x in targets]
-    for key in ("seconds", "peak_mb"):
+    for key in ("cpu_seconds", "peak_mb"):
         coef = torch.linalg.lstsq(basis, torch.tensor([p[key] for p in pts], dtype=torch.float64).unsqueeze(1)).solution
         for row, v in zip(out, (torch.stack([torch.ones_like(t), t, t * t], 1) @ coef).flatten().tolist()):
             row[key] = v
@@ -179,7 +180,8 @@ def extrapolate(rows: list[dict], targets: list[int]) -> list[dict]:
 
 
 def replot(out: Path, targets: list[int]) -> list[dict]:
-    """Redo the extrapolation and the plot from attention_prefill.json (measured rows kept)."""
+    """Redo the extrapolation and the plot from attention_prefill.json (measured rows kept; the
+    plot and the fit use CPU time, which a loaded machine distorts far less than wall time)."""
     rows = [r for r in json.loads((out / "attention_prefill.json").read_text()) if "extrapolated" not in r["impl"]]
     rows += extrapolate(rows, targets)
     (out / "attention_prefill.json").write_text(json.dumps(rows, indent=1))
