@@ -4,7 +4,8 @@ Writes a synthetic DeepSeek-V3-shaped FP8 checkpoint (random e4m3 codes, fp32 12
 V3 HF names) to a scratch directory, then, with the source evicted from the page cache before
 every run (posix_fadvise DONTNEED, so reads come from the disk):
   1. the disk's sequential read speed (16 MiB reads of every shard);
-  2. `v4hal convert run --to bf16` and `--to w8a8` (streaming), each in a fresh process;
+  2. `v4hal convert run --to bf16` and `--to w8a8` (streaming), each in a fresh process, with and
+     without `--no-fsync` (the naive peer never fsyncs: its output may still sit in the page cache);
   3. the same peer in the same run: a naive script that loads each whole shard with
      `safetensors.torch.load_file`, converts every tensor with the same v4hal.ops math, and
      `save_file`s the result (DeepSeek's fp8_cast_bf16 pattern). Loading the whole checkpoint at
@@ -146,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         disk = disk_read(src)
         rows = []
         for target in ("bf16", "w8a8"):
-            runs = {"v4hal convert (streaming)": [sys.executable, "-c", STREAMING, "convert", "run", "--to", target,
-                                                  "--no-progress", str(src), str(work / "out")],
+            stream = [sys.executable, "-c", STREAMING, "convert", "run", "--to", target, "--no-progress", str(src), str(work / "out")]
+            runs = {"v4hal convert (streaming)": stream,
+                    "v4hal convert (streaming, --no-fsync)": stream + ["--no-fsync"],
                     "naive (whole shard, load_file/save_file)": [sys.executable, "-c", NAIVE, str(src), str(work / "out"), target]}
             best: dict[str, tuple[float, int]] = {}
             for _ in range(args.repeats):  # interleaved, best of each: the machine is shared and noisy

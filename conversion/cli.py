@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--dry-run", action="store_true", help="list what would be written and the disk it needs")
     run.add_argument("--restart", action="store_true", help="discard another conversion's partial output in DST")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--no-fsync", action="store_true", help="do not fsync each shard before its rename (faster; "
+                     "a killed process still resumes safely, a power cut may not)")
     ver = sub.add_parser("verify", help="check an output against its manifest (and its source)")
     ver.add_argument("dest", metavar="DST")
     ver.add_argument("--source", metavar="SRC", help="also decode every tensor of both and compare")
@@ -82,6 +84,7 @@ def _run(args) -> int:
         print(f"total: {need / 1e9:.3f} GB of shards from {sum(p.source.files.values()) / 1e9:.3f} GB of input; "
               f"{free / 1e9:.1f} GB free at the destination" + ("" if need <= free else " (NOT ENOUGH)"))
         return 0
+    p.fsync = not args.no_fsync
     manifest = planning.run(p, args.dest, progress=not args.no_progress, restart=args.restart)
     print(f"wrote {len(manifest['outputs'])} files to {args.dest}; manifest: {args.dest}/{planning.MANIFEST}")
     return 0

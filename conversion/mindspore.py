@@ -143,7 +143,7 @@ class ToMindSpore(Plan):
         return Path(source_file).stem + (".ckpt" if self.ms_format == "ckpt" else ".safetensors")
 
     def make_writer(self, path: Path, specs: list[OutSpec]):
-        return CkptWriter(path, specs) if self.ms_format == "ckpt" else ShardWriter(path, specs, {"format": "ms"})
+        return CkptWriter(path, specs) if self.ms_format == "ckpt" else ShardWriter(path, specs, {"format": "ms"}, self.fsync)
 
     def small_outputs(self) -> list[str]:
         return [p.name for p in self.source.extra_files()] + [SIDECAR, MANIFEST]

@@ -96,8 +96,10 @@ class Plan:
             files.append(OutFile(f"model{r}-mp{mp}-{i + 1:05d}-of-{n:05d}.safetensors", specs, r))
         return files
 
+    fsync = True
+
     def make_writer(self, path: Path, specs: list[OutSpec]):
-        return ShardWriter(path, specs, {"format": "pt"})
+        return ShardWriter(path, specs, {"format": "pt"}, self.fsync)
 
     def make_reader(self, unit: Unit, progress):
         return HashingReader(str(self.source.dir / unit.source_file), progress)
