@@ -251,10 +251,22 @@ class V4Attention(nn.Module):
         c, w, s = self.c, self.o_a_proj.weight, self.o_a_proj.weight_scale_inv
         groups = o.reshape(*o.shape[:2], c.o_groups, -1)
         rows = w.shape[0] // c.o_groups
-        srows = None if s is None else s.shape[0] // c.o_groups
-        parts = [ops.linear(groups[:, :, g], w[g * rows:(g + 1) * rows],
-                            None if s is None else s[g * srows:(g + 1) * srows]) for g in range(c.o_groups)]
+        block = ops.WEIGHT_BLOCK[0]
+        if s is not None and rows % block and block % rows:
+            # A group's rows straddle two 128-row scale blocks: no per-group scale slice exists,
+            # so the groups run on the exactly dequantized weight.
+            w, s = ops.dequantize_fp8(w, s, ops.WEIGHT_BLOCK, o.dtype), None
+        parts = [ops.linear(groups[:, :, g], w[g * rows:(g + 1) * rows], self._group_scale(s, g, rows, block))
+                 for g in range(c.o_groups)]
         return self.o_b_proj(torch.cat(parts, dim=-1))
+
+    @staticmethod
+    def _group_scale(s: torch.Tensor | None, g: int, rows: int, block: int) -> torch.Tensor | None:
+        """The 128x128 block scales covering rows [g*rows, (g+1)*rows) of the FP8 weight."""
+        if s is None:
+            return None
+        first = g * rows // block
+        return s[first:first + -(-rows // block)]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: V4Cache | None = None) -> torch.Tensor:
         cache = cache if cache is not None else V4Cache()
