@@ -321,15 +321,20 @@ def _zeros_on_cpu(value):
     if isinstance(value, torch.Tensor):
         return torch.zeros(value.shape, dtype=value.dtype)
     if isinstance(value, (list, tuple)):
-        return type(value)(_zeros_on_cpu(v) for v in value)
+        return _rebuild(value, [_zeros_on_cpu(v) for v in value])
     return value
+
+
+def _rebuild(container, items: list):
+    """A list or tuple (named tuples included) of the same type holding `items`."""
+    return type(container)(*items) if hasattr(container, "_fields") else type(container)(items)
 
 
 def _on_meta(value):
     if isinstance(value, torch.Tensor):
         return value if value.device.type == "meta" else value.to("meta")
     if isinstance(value, (list, tuple)):
-        return type(value)(_on_meta(v) for v in value)
+        return _rebuild(value, [_on_meta(v) for v in value])
     if isinstance(value, dict):
         return {k: _on_meta(v) for k, v in value.items()}
     return value
@@ -384,7 +389,7 @@ class Unchecked(Exception):
 _NEEDS_VALUES = re.compile(r"cannot be called on meta tensors|Cannot copy out of meta tensor|data-dependent|"
                            r"data-independent")
 # Above this input size a case that reads values is left unchecked rather than run on real tensors.
-REAL_INPUT_BUDGET = 128 * 2**20
+REAL_INPUT_BUDGET = 32 * 2**20
 
 
 def _zeros_note(exc: BaseException) -> str:
