@@ -8,22 +8,10 @@ import torch
 
 from v4hal.backends.mindspore import ms, to_ms, to_torch
 
-_primed = False
-
-
 def mops():
-    """`mindspore.ops`, after absorbing the one-off error MindSpore 2.10 leaves pending when its
-    NumPy-1.x extension meets NumPy 2 ("numpy.core.multiarray failed to import"): the first
-    PyNative op after import raises SystemError, every later one works."""
-    global _primed
-    ops = ms().ops
-    if not _primed:
-        try:
-            ops.reshape(ms().Tensor([0.0]), (1,))
-        except SystemError:
-            pass
-        _primed = True
-    return ops
+    """`mindspore.ops` (other mindspore backend modules import this accessor; the NumPy-2 import
+    quirk it once worked around is now absorbed in `ms()`)."""
+    return ms().ops
 
 
 def _cd(x: torch.Tensor):
@@ -31,12 +19,11 @@ def _cd(x: torch.Tensor):
 
 
 def _t(t: torch.Tensor, cd):
-    mops()
     return to_ms(t).astype(cd)
 
 
 def _sinkhorn(m, iters, eps):
-    ops = mops()
+    ops = ms().ops
     m = ops.softmax(m, -1) + eps
     m = m / (ops.sum(m, -2, keepdim=True) + eps)
     for _ in range(iters - 1):
@@ -47,7 +34,7 @@ def _sinkhorn(m, iters, eps):
 
 def _mixes(xs, fn, norm_eps):
     """xs: [T, n, D] mindspore -> (flat @ fn^T) * rsqrt(mean(flat^2) + eps): [T, rows]."""
-    ops = mops()
+    ops = ms().ops
     flat = ops.reshape(xs, (xs.shape[0], xs.shape[1] * xs.shape[2]))
     inv_rms = ops.rsqrt(ops.mean(flat * flat, -1, keep_dims=True) + norm_eps)
     return ops.matmul(flat, ops.transpose(fn, (1, 0))) * inv_rms
@@ -55,7 +42,7 @@ def _mixes(xs, fn, norm_eps):
 
 def _collapse(xs, pre):
     """sum_i pre_i x_i: [T, 1, n] @ [T, n, D]."""
-    ops = mops()
+    ops = ms().ops
     return ops.squeeze(ops.bmm(ops.expand_dims(pre, 1), xs), 1)
 
 
@@ -66,7 +53,7 @@ def sinkhorn(logits, iters, eps):
 
 
 def hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters):
-    ops = mops()
+    ops = ms().ops
     cd = _cd(x)
     lead, (n, d) = x.shape[:-2], x.shape[-2:]
     xs = _t(x.reshape(-1, n, d), cd)
@@ -82,7 +69,7 @@ def hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters):
 
 
 def hc_post(out, x, post, comb):
-    ops = mops()
+    ops = ms().ops
     cd = _cd(x)
     lead, (n, d) = x.shape[:-2], x.shape[-2:]
     xs = _t(x.reshape(-1, n, d), cd)
@@ -94,7 +81,7 @@ def hc_post(out, x, post, comb):
 
 
 def hc_head(x, fn, scale, base, norm_eps, hc_eps):
-    ops = mops()
+    ops = ms().ops
     cd = _cd(x)
     lead, (n, d) = x.shape[:-2], x.shape[-2:]
     xs = _t(x.reshape(-1, n, d), cd)
