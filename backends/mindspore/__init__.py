@@ -54,6 +54,11 @@ def _quiet_stderr():
         os.close(saved)
 
 
+def mops():
+    """`mindspore.ops` (MindSpore imported on first use)."""
+    return ms().ops
+
+
 def device() -> torch.device:
     return torch.device("cpu")
 

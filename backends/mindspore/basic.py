@@ -4,8 +4,7 @@ go through the quant contracts, i.e. this backend's own FP8 / MXFP4 / int8 imple
 import torch
 
 from v4hal.backends.cpu import basic as composite
-from v4hal.backends.mindspore import ms, to_ms, to_torch
-from v4hal.backends.mindspore.quant import _ops
+from v4hal.backends.mindspore import mops, to_ms, to_torch
 
 
 def _compute(t: torch.Tensor):
@@ -13,7 +12,7 @@ def _compute(t: torch.Tensor):
 
 
 def rms_norm(x, weight, eps):
-    o = _ops()
+    o = mops()
     xs = _compute(x)
     y = xs * o.rsqrt((xs * xs).mean(axis=-1, keep_dims=True) + eps)
     if weight is not None:
@@ -25,7 +24,7 @@ def linear(x, weight, scale, bias, fmt):
     if fmt != "dense":
         return composite.linear(x, weight, scale, bias, fmt)
     xs = _compute(x)
-    y = _ops().matmul(xs, _compute(weight).astype(xs.dtype).T)
+    y = mops().matmul(xs, _compute(weight).astype(xs.dtype).T)
     if bias is not None:
         y = y + _compute(bias).astype(xs.dtype)
     return to_torch(y, x.dtype)

@@ -8,11 +8,6 @@ import torch
 
 from v4hal.backends.mindspore import ms, to_ms, to_torch
 
-def mops():
-    """`mindspore.ops` (other mindspore backend modules import this accessor; the NumPy-2 import
-    quirk it once worked around is now absorbed in `ms()`)."""
-    return ms().ops
-
 
 def _cd(x: torch.Tensor):
     return ms().float64 if x.dtype == torch.float64 else ms().float32

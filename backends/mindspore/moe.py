@@ -12,8 +12,7 @@ import torch
 
 from v4hal.backends.cpu.quant import E2M1_VALUES
 from v4hal.backends.cpu.moe import moe_forward  # noqa: F401  (the composition of the contracts)
-from v4hal.backends.mindspore import ms, to_ms, to_torch
-from v4hal.backends.mindspore.mhc import mops
+from v4hal.backends.mindspore import mops, ms, to_ms, to_torch
 from v4hal.ops.moe import MoeDispatch
 from v4hal.ops.quant import ACT_BLOCK, FP4_BLOCK, FP8_MAX, INT8_MAX, WEIGHT_BLOCK
 
@@ -25,12 +24,10 @@ def _cd(t: torch.Tensor):
 
 
 def _float(t: torch.Tensor, cd):
-    mops()
     return to_ms(t).astype(cd)
 
 
 def _int(t: torch.Tensor):
-    mops()
     return to_ms(t.long())
 
 

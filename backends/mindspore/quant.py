@@ -20,14 +20,10 @@ Arithmetic runs in float32 (MindSpore's CPU kernels); float64 outputs are float3
 
 import torch
 
-from v4hal.backends.mindspore import ms, to_ms, to_torch
+from v4hal.backends.mindspore import mops, ms, to_ms, to_torch
 from v4hal.ops.quant import ACT_BLOCK, FP4_BLOCK, FP4_MAX, FP8_MAX, INT8_MAX, WEIGHT_BLOCK
 
 AMAX_FLOOR = 1e-4
-
-
-def _ops():
-    return ms().ops
 
 
 def _f32(x):
@@ -35,17 +31,17 @@ def _f32(x):
 
 
 def _idiv(x, n: int):
-    return _ops().floor_divide(x, ms().Tensor(n, x.dtype))
+    return mops().floor_divide(x, ms().Tensor(n, x.dtype))
 
 
 def _pow2(e):
     """2**e for an integer-valued float32 tensor, exactly."""
-    return _ops().pow(ms().Tensor(2.0, ms().float32), e)
+    return mops().pow(ms().Tensor(2.0, ms().float32), e)
 
 
 def _floor_log2(a):
     """floor(log2(a)) for a > 0, exact."""
-    o = _ops()
+    o = mops()
     e = o.floor(o.log2(a))
     e = o.where(_pow2(e) > a, e - 1, e)
     return o.where(_pow2(e + 1) <= a, e + 1, e)
@@ -53,7 +49,7 @@ def _floor_log2(a):
 
 def _ceil_log2(a):
     """ceil(log2(a)) for a > 0, exact."""
-    o = _ops()
+    o = mops()
     e = o.ceil(o.log2(a))
     e = o.where(_pow2(e - 1) >= a, e - 1, e)
     return o.where(_pow2(e) < a, e + 1, e)
@@ -65,7 +61,7 @@ def _bytes_in(q: torch.Tensor):
 
 
 def decode_e4m3(b):
-    o = _ops()
+    o = mops()
     sign = 1 - 2 * _f32(_idiv(b, 128))
     e = _f32(_idiv(b, 8) % 16)
     m = _f32(b % 8)
@@ -76,7 +72,7 @@ def decode_e4m3(b):
 
 def encode_e4m3(x):
     """float32 with |x| <= 448 -> int32 byte values of the nearest e4m3 (ties to even)."""
-    o = _ops()
+    o = mops()
     a = o.abs(x)
     e = o.maximum(_floor_log2(o.maximum(a, ms().Tensor(2.0 ** -10, ms().float32))), ms().Tensor(-6.0))
     n = o.round(a / _pow2(e - 3))  # MindSpore's Round is half-to-even
@@ -89,13 +85,13 @@ def _blocks(x, bm, bk):
     rows, cols = x.shape
     pad_r, pad_c = -rows % bm, -cols % bk
     if pad_r or pad_c:
-        x = _ops().pad(x, (0, pad_c, 0, pad_r))
+        x = mops().pad(x, (0, pad_c, 0, pad_r))
     return x.reshape((rows + pad_r) // bm, bm, (cols + pad_c) // bk, bk)
 
 
 def _expand(scale, bm, bk, rows, cols):
     """Repeat a [R/bm, C/bk] block scale over its elements, cropped to [rows, cols]."""
-    o = _ops()
+    o = mops()
     s = o.repeat_interleave(scale, bk, 1)[:, :cols]
     return o.repeat_interleave(s, bm, 0)[:rows] if bm > 1 else s
 
@@ -108,11 +104,11 @@ def quantize_fp8(x, block, scale_fmt):
     bm, bk = block
     xs = _f32(to_ms(_two_d(x).float()))
     rows, cols = xs.shape
-    amax = _ops().abs(_blocks(xs, bm, bk)).amax(axis=(1, 3))
-    scale = _ops().maximum(amax, ms().Tensor(AMAX_FLOOR, ms().float32)) / FP8_MAX
+    amax = mops().abs(_blocks(xs, bm, bk)).amax(axis=(1, 3))
+    scale = mops().maximum(amax, ms().Tensor(AMAX_FLOOR, ms().float32)) / FP8_MAX
     if scale_fmt == "ue8m0":
         scale = _pow2(_ceil_log2(scale))
-    scaled = _ops().clamp(xs / _expand(scale, bm, bk, rows, cols), -FP8_MAX, FP8_MAX)
+    scaled = mops().clamp(xs / _expand(scale, bm, bk, rows, cols), -FP8_MAX, FP8_MAX)
     q = to_torch(encode_e4m3(scaled).astype(ms().uint8)).view(torch.float8_e4m3fn).reshape(x.shape)
     s = to_torch(scale, torch.float32)
     return q, s.reshape(*x.shape[:-1], -1) if bm == 1 else s
@@ -131,12 +127,12 @@ def dequantize_fp8(q, scale, block, out_dtype):
 
 def fp8_matmul(a, a_scale, b, b_scale, out_dtype):
     # Per-K-block scaling of the raw products equals scaling the operands: one float32 GEMM.
-    y = _ops().matmul(_dequant(a, a_scale, ACT_BLOCK), _dequant(b, b_scale, WEIGHT_BLOCK).T)
+    y = mops().matmul(_dequant(a, a_scale, ACT_BLOCK), _dequant(b, b_scale, WEIGHT_BLOCK).T)
     return to_torch(y, out_dtype).reshape(*a.shape[:-1], b.shape[0])
 
 
 def decode_e2m1(codes):
-    o = _ops()
+    o = mops()
     magnitude_code = codes % 8
     e = _f32(_idiv(magnitude_code, 2))
     m = _f32(magnitude_code % 2)
@@ -151,7 +147,7 @@ def _fp4_scales(scale: torch.Tensor):
 
 
 def _dequant_fp4(packed, scale):
-    o = _ops()
+    o = mops()
     p = to_ms(packed).astype(ms().int32)
     codes = o.stack((p % 16, _idiv(p, 16)), axis=-1).reshape(p.shape[0], -1)
     values = decode_e2m1(codes)
@@ -163,7 +159,7 @@ def dequantize_fp4(packed, scale, out_dtype):
 
 
 def quantize_fp4(w):
-    o = _ops()
+    o = mops()
     ws = _f32(to_ms(w.float()))
     n, k = ws.shape
     amax = o.abs(ws.reshape(n, k // FP4_BLOCK, FP4_BLOCK)).amax(axis=-1)
@@ -180,12 +176,12 @@ def quantize_fp4(w):
 
 def fp4_matmul(a, b, b_scale, a_scale, out_dtype):
     act = _dequant(a, a_scale, ACT_BLOCK) if a_scale is not None else _f32(to_ms(_two_d(a).float()))
-    y = _ops().matmul(act, _dequant_fp4(b, b_scale).T)
+    y = mops().matmul(act, _dequant_fp4(b, b_scale).T)
     return to_torch(y, out_dtype).reshape(*a.shape[:-1], b.shape[0])
 
 
 def quantize_int8(x):
-    o = _ops()
+    o = mops()
     xs = _f32(to_ms(_two_d(x).float()))
     scale = o.maximum(o.abs(xs).amax(axis=-1), ms().Tensor(1e-8, ms().float32)) / INT8_MAX
     q = o.clamp(o.round(xs / scale.reshape(-1, 1)), -INT8_MAX, INT8_MAX).astype(ms().int8)
@@ -193,7 +189,7 @@ def quantize_int8(x):
 
 
 def int8_matmul(a, a_scale, b, b_scale, out_dtype):
-    o = _ops()
+    o = mops()
     # int8 x int8 products summed in float64 are exact (|sum| < 2**53), as int32 accumulation is.
     acc = o.matmul(to_ms(_two_d(a)).astype(ms().float64), to_ms(b).astype(ms().float64).T)
     # The epilogue runs in float32 like the reference's, in float64 when a scale is float64.
