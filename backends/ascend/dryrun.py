@@ -98,9 +98,8 @@ def _runtime_stubs(v: Vendor) -> dict[str, types.ModuleType]:
     root.npu = npu_pkg
     err = types.ModuleType("torch_npu.utils._error_code")
 
-    class ErrCode:  # the real one is an Enum whose members only feed error-message text
-        def __init_subclass__(cls):
-            pass
+    class ErrCode:
+        """The real one is an Enum whose members only feed error-message text."""
 
     for member in ("SUCCESS", "PARAM", "TYPE", "VALUE", "PTR", "INTERNAL", "MEMORY", "NOT_SUPPORT",
                    "NOT_FOUND", "UNAVAIL", "SYSCALL", "TIMEOUT", "PERMISSION", "ACL", "HCCL", "GE", "EXCEPT"):
