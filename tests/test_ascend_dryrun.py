@@ -163,3 +163,10 @@ def test_report_lists_every_contract_and_the_version_matrix():
         assert f"| `{op}` |" in text
     row = next(line for line in text.splitlines() if line.startswith("| `hc_post` |"))
     assert "torch ops on the NPU" in row.split("|")[3] and "`npu_mhc_post`" in row.split("|")[4]
+
+
+def test_speed_cases_run_on_the_device_they_are_built_for():
+    results = dryrun.run_speed_cases(("A2", "A5"), select="fp8_matmul/M8-N4096")
+    assert [r.status for r in results] == ["pass", "pass"]
+    a2, a5 = results
+    assert a2.vendor_ops == [] and a5.vendor_ops == ["npu_quant_matmul"]

@@ -648,6 +648,40 @@ def run_model(name: str, chip: str, batch: int = 1, tokens: int = 16) -> Result:
         return result("fail" if problems else "pass", "; ".join(dict.fromkeys(problems)))
 
 
+def run_speed_case(case, chip: str) -> Result:
+    """What `v4hal bench --backend ascend` does with a speed case, dry: build it for the device
+    (here `meta`) and run v4hal's function once under the ascend backend. It fails where the
+    case builds its operands off the device or a vendor kernel rejects a call (peers are plain
+    torch and are not run)."""
+    start = time.perf_counter()
+    with install(chip) as session:
+        def result(status: str, note: str, warnings=()) -> Result:
+            return Result(f"bench/{case.id}", f"bench:{case.op}", chip, status, note, list(session.calls),
+                          list(warnings), time.perf_counter() - start)
+
+        try:
+            with registry.forced("ascend"):
+                fn, _ = case.make(ascend.device())
+                fn()
+        except VendorRejected as exc:
+            return result("fail", f"vendor Meta kernel: {exc}")
+        except registry.BackendError as exc:
+            return result("fallback", str(exc))
+        except Exception as exc:
+            if _NEEDS_VALUES.search(str(exc)):
+                return result("unchecked", f"reads tensor values at {_first_value_read(exc)}")
+            return result("fail", f"our code on meta: {type(exc).__name__}: {_oneline(exc)[:300]}")
+        problems = [p for c in session.calls for p in c.problems if not p.startswith(WARNING_PREFIX)]
+        warnings = [p for c in session.calls for p in c.problems if p.startswith(WARNING_PREFIX)]
+        return result("fail" if problems else "pass", "; ".join(dict.fromkeys(problems)), dict.fromkeys(warnings))
+
+
+def run_speed_cases(chips=ascend.CHIPS, select: str | None = None) -> list[Result]:
+    from v4hal.bench.cases import speed_cases
+
+    return [run_speed_case(c, chip) for c in speed_cases(select=select) for chip in chips]
+
+
 # ------------------------------------------------------------------------------- report and CLI
 
 def _cell(results: list[Result]) -> str:
@@ -707,6 +741,12 @@ def format_markdown(results: list[Result], findings: list, sites: list, command:
     for op in sorted(ops, key=lambda o: (ops[o].family, o)):
         cells = [_cell([r for r in results if r.op == op and r.chip == chip]) for chip in chips]
         lines.append(f"| `{op}` | {ops[op].family} | " + " | ".join(cells) + " |")
+    benches = [r for r in results if r.op.startswith("bench:")]
+    if benches:
+        lines += ["", "## Speed cases (what `v4hal bench --backend ascend` runs)", "",
+                  "| case | chip | status | vendor ops | note |", "|---|---|---|---|---|"]
+        lines += [f"| {r.case} | {r.chip} | {r.status} | {', '.join(r.vendor_ops) or '-'} | {r.note or '-'} |"
+                  for r in benches]
     models = [r for r in results if r.op == "model"]
     if models:
         lines += ["", "## Full model forward", "", "| model | chip | status | vendor ops | note |", "|---|---|---|---|---|"]
@@ -760,6 +800,8 @@ def add_arguments(p) -> None:
     p.add_argument("--model", nargs="*", choices=MODEL_PRESETS + SMALL_MODELS, metavar="MODEL",
                    help="also dry-run full model forwards (default: "
                         f"{', '.join(MODEL_PRESETS + SMALL_MODELS)})")
+    p.add_argument("--bench", action="store_true",
+                   help="also dry-run every speed case (what `v4hal bench --backend ascend` runs)")
     p.add_argument("--report", type=Path, help="write the op x chip Markdown report here, e.g. docs/ascend-ops.md")
 
 
@@ -774,6 +816,8 @@ def main(args) -> int:
     results = run_cases(chips, select=args.op, quick=args.quick)
     if args.model is not None:
         results += [run_model(m, chip) for m in (args.model or MODEL_PRESETS + SMALL_MODELS) for chip in chips]
+    if args.bench:
+        results += run_speed_cases(chips, select=args.op)
     print(format_terminal(results))
     failed = sum(r.status == "fail" for r in results)
     print(f"dryrun: {sum(r.status == 'pass' for r in results)} passed, {failed} failed, "
