@@ -1,4 +1,4 @@
-"""`v4hal convert`: run | verify.
+"""`v4hal convert`: run | verify | onnx.
 
   v4hal convert run --to bf16 SRC DST            FP8/FP4 -> BF16 (Ascend A2/A3, transformers)
   v4hal convert run --to fp8 [--scale-fmt ue8m0] SRC DST
@@ -8,6 +8,8 @@
   v4hal convert run --to mindspore SRC DST       MindSpore .ckpt (or --ms-format safetensors)
   v4hal convert run --to hf SRC DST              a MindSpore conversion back to HF safetensors
   v4hal convert verify DST [--source SRC]
+  v4hal convert onnx --preset tiny [--seq 16] OUT.onnx            ONNX graph of our model, checked in onnxruntime
+  v4hal convert onnx --config CFG --weights DIR OUT.onnx
 Every run accepts --dry-run (list outputs and disk needed, write nothing).
 """
 
@@ -47,15 +49,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ver.add_argument("dest", metavar="DST")
     ver.add_argument("--source", metavar="SRC", help="also decode every tensor of both and compare")
     ver.add_argument("--no-hash", action="store_true", help="skip sha256 (sizes and headers only)")
+    onx = sub.add_parser("onnx", help="export a fixed-shape prefill of our model to ONNX "
+                         "(refused unless onnxruntime reproduces its logits)")
+    src = onx.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="a model preset (e.g. tiny)")
+    src.add_argument("--config", help="a config.json or its directory")
+    onx.add_argument("--weights", default="random", help="checkpoint directory (dequantized on load), or 'random'")
+    onx.add_argument("--seq", type=int, default=16, help="sequence length the graph is fixed to (default 16)")
+    onx.add_argument("--batch", type=int, default=1, help="batch size the graph is fixed to (default 1)")
+    onx.add_argument("--seed", type=int, default=0, help="seed of random weights and of the check inputs")
+    onx.add_argument("output", metavar="OUT.onnx")
 
 
 def main(args: argparse.Namespace) -> int:
     from v4hal.conversion.io import CheckpointError
+    from v4hal.conversion.onnx_export import OnnxExportError
     from v4hal.conversion.plan import ConversionError
+    from v4hal.model.loader import LoadError
 
     try:
-        return {"run": _run, "verify": _verify}[args.convert_command](args)
-    except (CheckpointError, ConversionError, ValueError) as exc:
+        return {"run": _run, "verify": _verify, "onnx": _onnx}[args.convert_command](args)
+    except (CheckpointError, ConversionError, OnnxExportError, LoadError, ValueError) as exc:
         print(f"v4hal convert: error: {exc}", file=sys.stderr)
         return EXIT_REFUSED if isinstance(exc, ConversionError) else EXIT_PROBLEM
 
@@ -88,6 +102,12 @@ def _run(args) -> int:
     manifest = planning.run(p, args.dest, progress=not args.no_progress, restart=args.restart)
     print(f"wrote {len(manifest['outputs'])} files to {args.dest}; manifest: {args.dest}/{planning.MANIFEST}")
     return 0
+
+
+def _onnx(args) -> int:
+    from v4hal.conversion import onnx_export
+
+    return onnx_export.main(args)
 
 
 def _verify(args) -> int:

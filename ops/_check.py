@@ -74,7 +74,17 @@ def choice(op: str, arg: str, value: object, allowed: Iterable[object]) -> None:
         raise OpInputError(op, arg, f"one of {allowed}", repr(value))
 
 
+def traced_int(value: object) -> object:
+    """A size read under `torch.jit.trace` (the ONNX exporter) arrives as a 0-d integer tensor;
+    give it back as the int it holds so contracts check it like any int. Anything else unchanged."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_floating_point \
+            and value.dtype != torch.bool:
+        return int(value)
+    return value
+
+
 def positive_int(op: str, arg: str, value: object) -> int:
+    value = traced_int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise OpInputError(op, arg, "a positive int", repr(value))
     return value

@@ -227,7 +227,8 @@ def window_indices(positions: torch.Tensor, window: int, start: int) -> torch.Te
     reaches before `start`). Index arithmetic only, nothing to dispatch."""
     op = "window_indices"
     _check.tensor(op, "positions", positions, dtypes=INDEX, ndim=2)
-    _check.positive_int(op, "window", window)
+    window = _check.positive_int(op, "window", window)
+    start = _check.traced_int(start)
     if not isinstance(start, int) or start < 0:
         raise _check.OpInputError(op, "start", "a non-negative int", repr(start))
     if positions.numel() and int(positions.min()) < start:

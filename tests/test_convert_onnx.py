@@ -1,0 +1,117 @@
+"""ONNX export of v4hal's model (`v4hal convert onnx`): onnx.checker, onnxruntime logits against our
+model on inputs the trace never saw, refusal when they disagree, bad inputs."""
+
+import json
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from convert_util import cli
+from safetensors.torch import save_file
+
+from v4hal.conversion import onnx_export
+from v4hal.model.moe import MoE
+
+# DESIGN.md: assert_close per dtype, atol scaled by the reduction length (float32 logits after a
+# few layers of 64-wide GEMMs); the exporter's own gate is tighter still (1e-4).
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+# A small V3.2 (MLA + DSA, a dense first layer, sigmoid routing; no group-limited routing, which
+# the tracer cannot record: see docs/conversion.md). 16 indexer heads: with very few,
+# ReLU leaves tied zero scores and top-k may legitimately pick other entries in onnxruntime.
+SMALL_V32 = dict(model_type="deepseek_v32", vocab_size=256, hidden_size=64, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32,
+                 qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, intermediate_size=64,
+                 moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
+                 scoring_func="sigmoid",
+                 routed_scaling_factor=2.5, first_k_dense_replace=1, index_topk=8, index_n_heads=16,
+                 index_head_dim=16, max_position_embeddings=4096, torch_dtype="float32")
+
+
+def ort_logits(path, ids):
+    # Our own onnxruntime call rather than the module's, so the test does not trust the code it tests.
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(["logits"], {"input_ids": ids.numpy()})[0])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny preset exported for [2, 40] (40 tokens cross its window, both compression ratios
+    and the indexer's top-4, so routing and selection really vary with the input)."""
+    model, args = onnx_export.build_model(preset="tiny", seed=3)
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    checks = onnx_export.export(model, args.vocab_size, path, seq_len=40, batch=2)
+    return model, args, path, checks
+
+
+def test_tiny_export_passes_checker_and_matches_on_a_fresh_input(tiny):
+    model, args, path, checks = tiny
+    onnx.checker.check_model(str(path), full_check=True)
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["input_ids"]
+    assert [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim] == [2, 40, args.vocab_size]
+    assert len(checks) == 1 + onnx_export.FRESH_INPUTS and all(c.ok for c in checks)
+    ids = torch.randint(0, args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1234))
+    with torch.no_grad():
+        ref = model(ids)
+    got = ort_logits(path, ids)
+    torch.testing.assert_close(got, ref, **TOL)
+    # The input really changes the routing: experts chosen for the two batches differ from the trace's.
+    assert not torch.equal(got, ort_logits(path, onnx_export.random_ids(args.vocab_size, 2, 40, 0)))
+
+
+def test_dense_experts_equal_the_model_and_are_undone(tiny):
+    model, args, _, _ = tiny
+    ids = onnx_export.random_ids(args.vocab_size, 1, 24, 77)
+    with torch.no_grad():
+        ref = model(ids)
+        with onnx_export._export_mode(model):
+            assert all("forward" in vars(m) for m in model.modules() if isinstance(m, MoE))
+            dense = model(ids)
+        assert not any("forward" in vars(m) for m in model.modules() if isinstance(m, MoE))
+    torch.testing.assert_close(dense, ref, **TOL)
+
+
+def test_small_config_with_weights_through_the_cli(tmp_path):
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(SMALL_V32))
+    model, args = onnx_export.build_model(config=str(src / "config.json"), seed=5)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, src / "model.safetensors")
+    out = tmp_path / "small.onnx"
+    assert cli("onnx", "--config", src, "--weights", src, "--seq", 24, out) == 0
+    ids = torch.randint(0, args.vocab_size, (1, 24), generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        ref = model(ids)
+    torch.testing.assert_close(ort_logits(out, ids), ref, **TOL)
+
+
+def test_refuses_to_write_a_model_that_disagrees(tiny, tmp_path, monkeypatch):
+    model, args, _, _ = tiny
+    real = onnx_export.reference_logits
+    # Our model "changes" after the trace: from the second comparison on (a fresh input) it differs.
+    calls = []
+
+    def drifting(m, ids):
+        calls.append(1)
+        return real(m, ids) + (0.01 if len(calls) > 1 else 0.0)
+
+    monkeypatch.setattr(onnx_export, "reference_logits", drifting)
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(onnx_export.OnnxExportError, match="fresh input 1: .*FAILS"):
+        onnx_export.export(model, args.vocab_size, out, seq_len=8, fresh_inputs=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_inputs(tiny, tmp_path, capsys):
+    _, args, path, _ = tiny
+    # The graph is fixed to its traced shape: onnxruntime rejects another sequence length.
+    with pytest.raises(Exception, match="input_ids"):
+        ort_logits(path, torch.zeros(2, 41, dtype=torch.int64))
+    with pytest.raises(ValueError, match="seq_len must be a positive int, got 0"):
+        onnx_export.export(None, args.vocab_size, tmp_path / "x.onnx", seq_len=0)
+    assert cli("onnx", "--preset", "nope", tmp_path / "x.onnx") == 1
+    assert "preset" in capsys.readouterr().err
+    assert cli("onnx", "--preset", "tiny", "--weights", tmp_path / "missing", tmp_path / "x.onnx") == 1
+    assert not (tmp_path / "x.onnx").exists()
