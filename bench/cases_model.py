@@ -84,28 +84,29 @@ def checkpoint(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def model_for(name: str, dtype: torch.dtype = torch.float32):
-    """Our model on `checkpoint(name)`'s weights, computing in `dtype`."""
+def model_for(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Our model on `checkpoint(name)`'s weights, computing in `dtype` on `device`."""
     from v4hal.model.loader import load_checkpoint
     from v4hal.model.model import build
 
     args = ModelArgs.from_json(checkpoint(name))
     model = build(args, dtype)
     load_checkpoint(model, checkpoint(name), args)
-    return model
+    return model.to(device)
 
 
-def hf_for(name: str):
+def hf_for(name: str, device: str = "cpu"):
     import transformers as T
 
-    return getattr(T, HF_CLASSES[CONFIGS[name].model_type][1]).from_pretrained(checkpoint(name), dtype=torch.float32).eval()
+    hf_cls = getattr(T, HF_CLASSES[CONFIGS[name].model_type][1])
+    return hf_cls.from_pretrained(checkpoint(name), dtype=torch.float32).eval().to(device)
 
 
 def _logits(name: str):
     def run(ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        model = model_for(name, dtype)
+        model = model_for(name, dtype, str(ids.device))
         with torch.no_grad():
-            return model(ids.cpu()).to(ids.device)
+            return model(ids)
 
     return run
 
@@ -130,8 +131,8 @@ PARITY = [
 
 def _prefill(tokens: int):
     def make(device: torch.device):
-        ours, hf = model_for("bench-v4"), hf_for("bench-v4")
-        ids = torch.randint(0, BENCH_V4.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+        ours, hf = model_for("bench-v4", device=str(device)), hf_for("bench-v4", str(device))
+        ids = torch.randint(0, BENCH_V4.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
 
         def run_ours():
             with torch.no_grad():
@@ -152,8 +153,8 @@ def _decode(context: int, chunk: int = 1024):
     def make(device: torch.device):
         from transformers import DynamicCache
 
-        ours, hf = model_for("bench-v4"), hf_for("bench-v4")
-        ids = torch.randint(0, BENCH_V4.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+        ours, hf = model_for("bench-v4", device=str(device)), hf_for("bench-v4", str(device))
+        ids = torch.randint(0, BENCH_V4.vocab_size, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
         cache, pkv = ours.new_cache(), DynamicCache(config=hf.config)
         with torch.no_grad():
             for i in range(0, context, chunk):  # chunked prefill keeps transformers' masks small

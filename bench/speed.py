@@ -52,6 +52,8 @@ def run_case(case: SpeedCase, backend: str, repeats: int, machine_limits: dict) 
             ours = _stats(time_fn(fn, device, repeats=repeats))
         except registry.BackendError as exc:
             return {**row, "status": "unavailable", "note": str(exc)}
+        except Exception as exc:  # one broken case is reported; the other cases still run
+            return {**row, "status": "fail", "note": f"{type(exc).__name__}: {exc}"}
         row.update(ours, status="ok")
         t = ours["median_s"]
         if case.flops:
@@ -157,12 +159,16 @@ def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="small cases only")
     p.add_argument("--select", help="only cases whose id contains this text")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--threads", type=int, help="torch CPU threads (on a loaded machine 1 measures the ops, "
+                   "not OpenMP threads waiting on each other)")
     p.add_argument("--out", type=Path, default=Path("out"), help="folder for bench.json / .md / .png")
 
 
 def main(args) -> int:
     import sys
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     report = run(args.backend, quick=args.quick, select=args.select, repeats=args.repeats)
     print(format_terminal(report))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -171,4 +177,7 @@ def main(args) -> int:
     (args.out / "bench.md").write_text(format_markdown(report, command))
     png = plot(report, args.out / "bench.png")
     print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.md'}" + (f", {png}" if png else ""))
-    return 0 if any(r.get("status") == "ok" for r in report["rows"]) else 1
+    failed = [r["case"] for r in report["rows"] if r.get("status") == "fail"]
+    if failed:
+        print(f"bench: {len(failed)} case(s) failed: {', '.join(failed)}")
+    return 0 if not failed and any(r.get("status") == "ok" for r in report["rows"]) else 1
