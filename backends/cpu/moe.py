@@ -35,7 +35,7 @@ def group_limited_choice(choice: torch.Tensor, n_group: int, topk_group: int, ha
     else:
         group_score = groups.amax(-1)
     kept = group_score.topk(topk_group, dim=-1).indices
-    keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, kept, True)
+    keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, kept, torch.ones_like(kept, dtype=torch.bool))
     return choice.masked_fill(~keep.unsqueeze(-1).expand_as(groups).flatten(-2), float("-inf"))
 
 
