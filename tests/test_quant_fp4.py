@@ -9,8 +9,8 @@ from hypothesis import given, settings, strategies as st
 from v4hal import ops
 from v4hal.backends import registry
 from v4hal.backends.cpu import quant as ref
-from v4hal.backends.cuda import quant as cuda_quant
 from v4hal.ops._check import OpInputError
+from quant_util import CPU_IMPLS, run_impl
 
 BACKENDS = ["cpu", "cpu_fast", "mindspore"]
 
@@ -114,13 +114,6 @@ def test_bad_input_names_op_and_argument(call, arg):
     assert f"argument '{arg}'" in str(err.value)
 
 
-def run(name, op, *args):
-    if name == "cuda-on-cpu":
-        return getattr(cuda_quant, op)(*args)
-    with registry.forced(name):
-        return getattr(ops, op)(*args)
-
-
 @settings(max_examples=8, deadline=None)
 @given(n=st.integers(1, 64), k_blocks=st.integers(1, 4), m=st.integers(1, 6), log_scale=st.integers(-10, 10),
        seed=st.integers(0, 2 ** 16))
@@ -131,12 +124,12 @@ def test_every_backend_matches_the_reference(n, k_blocks, m, log_scale, seed):
     packed, scale = ref.quantize_fp4(w)
     x = torch.randn(m, k, generator=g)
     expected = x.double() @ ref.dequantize_fp4(packed, scale, torch.float64).T
-    for name in ("cpu_fast", "mindspore", "cuda-on-cpu"):
+    for name in CPU_IMPLS:
         if name != "cuda-on-cpu":
-            p2, s2 = run(name, "quantize_fp4", w)
+            p2, s2 = run_impl(name, "quantize_fp4", w)
             assert torch.equal(p2, packed) and torch.equal(s2, scale), name
-        d = run(name, "dequantize_fp4", packed, scale, torch.float32)
+        d = run_impl(name, "dequantize_fp4", packed, scale, torch.float32)
         assert torch.equal(d, ref.dequantize_fp4(packed, scale, torch.float32)), name
-        y = run(name, "fp4_matmul", x, packed, scale, None, torch.float32).double()
+        y = run_impl(name, "fp4_matmul", x, packed, scale, None, torch.float32).double()
         bound = 1e-2 * (x.double().abs() @ ref.dequantize_fp4(packed, scale, torch.float64).abs().T) + 1e-30
         assert bool(((y - expected).abs() <= bound).all()), name

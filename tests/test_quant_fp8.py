@@ -15,6 +15,7 @@ from v4hal.backends import registry
 from v4hal.backends.cpu import quant as ref
 from v4hal.backends.cuda import quant as cuda_quant
 from v4hal.ops._check import OpInputError
+from quant_util import CPU_IMPLS, run_impl
 
 BACKENDS = ["cpu", "cpu_fast", "mindspore"]
 
@@ -191,16 +192,6 @@ def test_scaled_mm_blockwise_on_gpu():
 
 
 # ------------------------------------------------------------------------------------- properties
-
-CPU_IMPLS = {"cpu_fast": None, "mindspore": None, "cuda-on-cpu": cuda_quant}
-
-
-def run_impl(name, op, *args):
-    if name == "cuda-on-cpu":
-        return getattr(cuda_quant, op)(*args)
-    with registry.forced(name):
-        return getattr(ops, op)(*args)
-
 
 @settings(max_examples=8, deadline=None)
 @given(m=st.integers(1, 16), n=st.integers(1, 200), k=st.integers(1, 300), log_scale=st.integers(-12, 8),

@@ -9,8 +9,8 @@ from hypothesis import given, settings, strategies as st
 from v4hal import ops
 from v4hal.backends import registry
 from v4hal.backends.cpu import quant as ref
-from v4hal.backends.cuda import quant as cuda_quant
 from v4hal.ops._check import OpInputError
+from quant_util import CPU_IMPLS, run_impl
 
 BACKENDS = ["cpu", "cpu_fast", "mindspore"]
 
@@ -68,13 +68,6 @@ def test_bad_input_names_op_and_argument(call, arg):
     assert f"argument '{arg}'" in str(err.value)
 
 
-def run(name, op, *args):
-    if name == "cuda-on-cpu":
-        return getattr(cuda_quant, op)(*args)
-    with registry.forced(name):
-        return getattr(ops, op)(*args)
-
-
 @settings(max_examples=8, deadline=None)
 @given(m=st.integers(1, 24), n=st.integers(1, 64), k=st.integers(1, 600), log_scale=st.integers(-8, 8),
        seed=st.integers(0, 2 ** 16))
@@ -84,9 +77,9 @@ def test_every_backend_matches_the_reference(m, n, k, log_scale, seed):
     qa, sa = ref.quantize_int8(x)
     qb, sb = ref.quantize_int8(torch.randn(n, k, generator=g))
     expected = (qa.long() @ qb.long().T).double() * sa.double().unsqueeze(-1) * sb.double()
-    for name in ("cpu_fast", "mindspore", "cuda-on-cpu"):
-        q2, s2 = run(name, "quantize_int8", x)
+    for name in CPU_IMPLS:
+        q2, s2 = run_impl(name, "quantize_int8", x)
         assert torch.equal(s2, sa), name
         assert float((q2 != qa).double().mean()) <= 1e-3 and int((q2.int() - qa.int()).abs().max()) <= 1, name
-        y = run(name, "int8_matmul", qa, sa, qb, sb, torch.float32).double()
+        y = run_impl(name, "int8_matmul", qa, sa, qb, sb, torch.float32).double()
         assert torch.allclose(y, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item() + 1e-30), name
