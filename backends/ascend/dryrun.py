@@ -391,6 +391,17 @@ _NEEDS_VALUES = re.compile(r"cannot be called on meta tensors|Cannot copy out of
 REAL_INPUT_BUDGET = 32 * 2**20
 
 
+def _verdict(exc: BaseException, real: bool, calls: list, where_read: str = "") -> tuple[str, str] | None:
+    """How an exception ends one dry-run attempt: ("unchecked" | "fail", note), or None for a
+    value read on Meta tensors, which is worth another attempt on real tensors."""
+    if real and calls:
+        return "unchecked", _zeros_note(exc)
+    if real or not _NEEDS_VALUES.search(str(exc)):
+        where = "real CPU tensors" if real else "meta"
+        return "fail", f"our code on {where}: {type(exc).__name__}: {_oneline(exc)[:400]}{where_read}"
+    return None
+
+
 def _zeros_note(exc: BaseException) -> str:
     """Why a real-tensor run stopped after vendor ops answered zeros: the code after them checks
     or uses values, which zeros do not satisfy; every vendor call up to there was accepted."""
@@ -443,11 +454,9 @@ def run_case(case, chip: str, want=None) -> Result:
             except VendorRejected as exc:
                 return result("fail", f"vendor Meta kernel: {exc}")
             except Exception as exc:
-                if real and session.calls:
-                    return result("unchecked", _zeros_note(exc))
-                if real or not _NEEDS_VALUES.search(str(exc)):
-                    where = "real CPU tensors" if real else "meta"
-                    return result("fail", f"our code on {where}: {type(exc).__name__}: {_oneline(exc)[:400]}")
+                verdict = _verdict(exc, real, session.calls)
+                if verdict is not None:
+                    return result(*verdict)
                 warnings.append(f"reads tensor values ({_oneline(exc)[:60]}...): a host sync on an NPU")
                 if _nbytes(inputs) > REAL_INPUT_BUDGET:
                     return result("unchecked", f"reads tensor values and its inputs "
@@ -628,12 +637,9 @@ def run_model(name: str, chip: str, batch: int = 1, tokens: int = 16) -> Result:
             except VendorRejected as exc:
                 return result("fail", f"vendor Meta kernel: {exc}")
             except Exception as exc:
-                if real and session.calls:
-                    return result("unchecked", _zeros_note(exc))
-                if real or not _NEEDS_VALUES.search(str(exc)):
-                    where = "real CPU tensors" if real else "meta"
-                    return result("fail", f"our code on {where}: {type(exc).__name__}: {_oneline(exc)[:400]} "
-                                          f"at {_first_value_read(exc)}")
+                verdict = _verdict(exc, real, session.calls, f" at {_first_value_read(exc)}")
+                if verdict is not None:
+                    return result(*verdict)
                 warnings.append(f"reads tensor values at {_first_value_read(exc)}: a host sync on an NPU")
                 if name not in SMALL_MODELS:
                     return result("unchecked", f"the forward reads tensor values (first at "
