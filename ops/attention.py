@@ -155,6 +155,28 @@ def kv_compress(kv: torch.Tensor, gate: torch.Tensor, position_bias: torch.Tenso
     return entries, rest
 
 
+def _scale(op: str, scale: object) -> None:
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise _check.OpInputError(op, "scale", "a positive finite float", repr(scale))
+
+
+def _query_kv(op: str, q: torch.Tensor, kv: torch.Tensor) -> tuple[int, int, int, int]:
+    """Checks q `[B, S, H, D]` against a shared KV `[B, N, D]`; returns q's shape."""
+    _check.tensor(op, "q", q, dtypes=FLOATS, ndim=4)
+    _check.tensor(op, "kv", kv, dtypes=FLOATS, ndim=3)
+    b, s, h, d = q.shape
+    if kv.shape[0] != b:
+        raise _check.OpInputError(op, "kv", f"batch {b} (as q), layout [B, N, D]", _check.describe(kv))
+    _check.equal(op, "kv", kv.shape[2], d, "head dim (last dim) = last dim of q")
+    return b, s, h, d
+
+
+def _sink(op: str, sink: torch.Tensor | None, heads: int) -> None:
+    if sink is not None:
+        _check.tensor(op, "sink", sink, dtypes=FLOATS, ndim=1)
+        _check.shape(op, "sink", sink, (heads,), "one logit per query head")
+
+
 def _indexer_inputs(op: str, q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, scale: float) -> None:
     _check.tensor(op, "q", q, dtypes=FLOATS, ndim=4)
     _check.tensor(op, "k", k, dtypes=FLOATS, ndim=3)
@@ -163,8 +185,7 @@ def _indexer_inputs(op: str, q: torch.Tensor, k: torch.Tensor, weights: torch.Te
     if k.shape[0] != b or k.shape[2] != d:
         raise _check.OpInputError(op, "k", f"shape [{b}, T, {d}] (batch and head dim of q)", _check.describe(k))
     _check.shape(op, "weights", weights, (b, s, h), "[B, S, index heads] of q")
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise _check.OpInputError(op, "scale", "a positive finite float", repr(scale))
+    _scale(op, scale)
     _check.same_device(op, q=q, k=k, weights=weights)
 
 
@@ -255,13 +276,8 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, s
     float32/64 (-inf for an empty row without sink).
     """
     op = "sparse_attention"
-    _check.tensor(op, "q", q, dtypes=FLOATS, ndim=4)
-    _check.tensor(op, "kv", kv, dtypes=FLOATS, ndim=3)
+    b, s, h, d = _query_kv(op, q, kv)
     _check.tensor(op, "indices", indices, dtypes=INDEX, ndim=3)
-    b, s, h, d = q.shape
-    if kv.shape[0] != b:
-        raise _check.OpInputError(op, "kv", f"batch {b} (as q), layout [B, N, D]", _check.describe(kv))
-    _check.equal(op, "kv", kv.shape[2], d, "head dim (last dim) = last dim of q")
     if tuple(indices.shape[:2]) != (b, s):
         raise _check.OpInputError(op, "indices", f"shape [{b}, {s}, K] ([B, S] of q)", _check.describe(indices))
     n = kv.shape[1]
@@ -270,11 +286,8 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, s
         if lo < -1 or hi >= n:
             raise _check.OpInputError(op, "indices", f"values in [-1, {n - 1}] (-1 = none; kv has {n} rows)",
                                       f"values in [{lo}, {hi}]")
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise _check.OpInputError(op, "scale", "a positive finite float", repr(scale))
-    if sink is not None:
-        _check.tensor(op, "sink", sink, dtypes=FLOATS, ndim=1)
-        _check.shape(op, "sink", sink, (h,), "one logit per query head")
+    _scale(op, scale)
+    _sink(op, sink, h)
     v_dim = d if v_dim is None else v_dim
     _check.positive_int(op, "v_dim", v_dim)
     if v_dim > d:
@@ -295,20 +308,12 @@ def window_attention(q: torch.Tensor, kv: torch.Tensor, window: int, scale: floa
     sink=sink)` with value = key; the sink and LSE as there.
     """
     op = "window_attention"
-    _check.tensor(op, "q", q, dtypes=FLOATS, ndim=4)
-    _check.tensor(op, "kv", kv, dtypes=FLOATS, ndim=3)
-    b, s, h, d = q.shape
-    if kv.shape[0] != b:
-        raise _check.OpInputError(op, "kv", f"batch {b} (as q), layout [B, N, D]", _check.describe(kv))
-    _check.equal(op, "kv", kv.shape[2], d, "head dim (last dim) = last dim of q")
+    b, s, h, d = _query_kv(op, q, kv)
     if kv.shape[1] < s:
         raise _check.OpInputError(op, "kv", f"at least the {s} rows of the queries themselves", _check.describe(kv))
     _check.positive_int(op, "window", window)
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise _check.OpInputError(op, "scale", "a positive finite float", repr(scale))
-    if sink is not None:
-        _check.tensor(op, "sink", sink, dtypes=FLOATS, ndim=1)
-        _check.shape(op, "sink", sink, (h,), "one logit per query head")
+    _scale(op, scale)
+    _sink(op, sink, h)
     _check.same_device(op, q=q, kv=kv)
     out, lse = dispatch(op)(q, kv, window, float(scale), sink)
     return (out, lse) if return_lse else out
