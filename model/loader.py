@@ -7,6 +7,9 @@ Accepted namings (mixed freely, per tensor):
   (`mlp.experts.17.gate_proj.weight`) and FP8 weights beside `...weight_scale_inv`.
 - DeepSeek's own V4 naming (`layers.3.attn.wq_a.weight`, `layers.3.ffn.experts.17.w1.weight`,
   `hc_head_fn`, `embed.weight`, `head.weight`, ...) with `...scale` beside FP8 / FP4 weights.
+- msmodelslim's W8A8 dynamic layout (what `v4hal convert run --to w8a8` writes), in either naming:
+  int8 `P.weight` with per-output-channel `P.weight_scale` `[N, 1]` and `P.weight_offset` `[N, 1]`,
+  and `quant_model_description.json` naming each tensor's quant type (see `_Description`).
 
 Quantized weights (FP8 e4m3 + 128x128 block scales, MXFP4 packed + 1x32 ue8m0 scales, int8 +
 per-row scales) stay quantized where the target is a `Linear` (or a fused expert tensor with a
@@ -33,7 +36,14 @@ from v4hal import ops
 from v4hal.model.config import ModelArgs
 
 QUANT_DTYPES = (torch.float8_e4m3fn, torch.uint8, torch.int8)
-SCALE_SUFFIXES = (".weight_scale_inv", ".scale")
+SCALE_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".scale")
+OFFSET_SUFFIX = ".weight_offset"
+DESCRIPTION = "quant_model_description.json"
+W8A8_DYNAMIC, FLOAT = "W8A8_DYNAMIC", "FLOAT"
+# Targets the model reads other than through `ops.linear`: absorbed MLA multiplies by
+# `kv_b_proj.dense_weight()` and V4 slices `o_a_proj`'s scale per head group in 128-row FP8 blocks;
+# neither knows per-row int8 scales (model/attention.py), so int8 weights there load dequantized.
+_INT8_AS_FLOAT = re.compile(r"\.(kv_b_proj|o_a_proj)\.weight$")
 
 # DeepSeek's own V4 names -> HF names, applied to a key without its optional `model.` prefix
 # (transformers itself writes V4 checkpoints in these names, under `model.`).
@@ -107,9 +117,12 @@ def checkpoint_files(directory: str | Path) -> list[Path]:
 
 def canonical_name(key: str, v4: bool) -> str:
     """A checkpoint key in HF naming: DeepSeek's V4 names translated (V3 / V3.2 publish HF names
-    already), V3's `weight_scale_inv` spelled `scale`, `model.` prefixed except for `lm_head`."""
-    if key.endswith(".weight_scale_inv"):
-        key = key[: -len(".weight_scale_inv")] + ".scale"
+    already), V3's `weight_scale_inv` and msmodelslim's `weight_scale` (both multiply the stored
+    codes) spelled `scale`, `model.` prefixed except for `lm_head`."""
+    for suffix in (".weight_scale_inv", ".weight_scale"):
+        if key.endswith(suffix):
+            key = key[: -len(suffix)] + ".scale"
+            break
     body = key[len("model."):] if key.startswith("model.") else key
     if v4:
         for pattern, repl in _V4_RENAMES:
@@ -165,6 +178,53 @@ def _dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tor
     return (q.float() * scale.float().reshape(-1, 1)).to(dtype)
 
 
+class _Description:
+    """msmodelslim's `quant_model_description.json` (`{"model_quant_type": T, key: type, ...}`), when
+    the checkpoint has one. Only W8A8_DYNAMIC (int8 `weight` + float `weight_scale` /
+    `weight_offset`) and FLOAT (stored as is, so never int8) are read; other msmodelslim types
+    (static W8A8 with `deq_scale`, W4A8, W8A16, ...) need tensors and math this loader lacks."""
+
+    FLOATS = ("F64", "F32", "F16", "BF16")
+
+    def __init__(self, directory: Path):
+        path = directory / DESCRIPTION
+        self.types: dict[str, str] | None = None
+        self.seen: set[str] = set()
+        if not path.exists():
+            return
+        try:
+            raw = json.loads(path.read_text())
+        except ValueError as e:
+            raise LoadError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise LoadError(f"{path}: expected an object of tensor name -> quant type")
+        other = {k: v for k, v in raw.items() if v not in (W8A8_DYNAMIC, FLOAT)}
+        if other:
+            shown = ", ".join(f"{k}: {v!r}" for k, v in list(other.items())[:5])
+            raise LoadError(f"{path}: only {W8A8_DYNAMIC} and {FLOAT} quantization can be loaded; "
+                            f"{len(other)} entr(ies) name another type ({shown}{' ...' if len(other) > 5 else ''})")
+        self.types = {k: v for k, v in raw.items() if k != "model_quant_type"}
+
+    def check(self, key: str, dtype: str) -> str | None:
+        """Why the stored tensor `key` (safetensors dtype string) contradicts the description."""
+        if self.types is None:
+            return None
+        self.seen.add(key)
+        kind = self.types.get(key)
+        if kind is None:
+            return f"{key}: not named in {DESCRIPTION}"
+        if kind == FLOAT and dtype == "I8":
+            return f"{key}: {DESCRIPTION} says {FLOAT} but it is stored as int8"
+        if kind == W8A8_DYNAMIC and key.endswith(".weight") and dtype != "I8":
+            return f"{key}: {DESCRIPTION} says {W8A8_DYNAMIC} but it is stored as {dtype}, not int8"
+        if kind == W8A8_DYNAMIC and key.endswith((".weight_scale", OFFSET_SUFFIX)) and dtype not in self.FLOATS:
+            return f"{key}: {DESCRIPTION} says {W8A8_DYNAMIC} but this scale / offset is stored as {dtype}, not float"
+        return None
+
+    def absent(self) -> list[str]:
+        return [] if self.types is None else sorted(set(self.types) - self.seen)
+
+
 class _Loader:
     def __init__(self, model: nn.Module, args: ModelArgs, keep_quantized: bool):
         self.model, self.args, self.keep = model, args, keep_quantized
@@ -173,10 +233,18 @@ class _Loader:
         self.pieces_needed: dict[str, int] = {}
         self.errors: list[str] = []
         self.unexpected: list[str] = []
+        self.rejected: list[str] = []  # tensors present and shaped right but not loadable as they are
+        self.quantized: set[str] = set()  # weights that came with a scale
         self.report = LoadReport()
 
     # One logical tensor: a float tensor, or a quantized weight with its scale.
     def put(self, name: str, tensor: torch.Tensor, scale: torch.Tensor | None) -> None:
+        if scale is not None:
+            self.quantized.add(name)
+            if tensor.dtype == torch.int8:
+                scale = self._row_scale(name, tensor, scale)
+                if scale is None:
+                    return
         m = _PER_EXPERT.match(name)
         if m is not None:
             self._put_expert(m, name, tensor, scale)
@@ -191,7 +259,8 @@ class _Loader:
             self.errors.append(f"{name}: checkpoint shape {tuple(_logical_shape(tensor))}, model expects {tuple(target.shape)}")
             return
         self.report.formats[ops.weight_format(tensor, scale) if scale is not None else "dense"] += 1
-        if scale is not None and self.keep and attr == "weight" and _install_quantized(module, tensor, scale):
+        runnable = tensor.dtype != torch.int8 or not _INT8_AS_FLOAT.search(name)
+        if scale is not None and self.keep and attr == "weight" and runnable and _install_quantized(module, tensor, scale):
             pass
         else:
             if scale is not None:
@@ -199,6 +268,16 @@ class _Loader:
                 self.report.dequantized += 1
             self._copy(module, attr, target, tensor)
         self.filled[name] = {None}
+
+    def _row_scale(self, name: str, tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+        """An int8 weight's per-output-channel scale as the `[N]` float32 vector `ops.linear` and
+        `ops.moe_forward` take (msmodelslim stores `[N, 1]`, in any float dtype)."""
+        n = tensor.shape[0]
+        if tensor.dim() != 2 or tuple(scale.shape) not in ((n,), (n, 1)):
+            self.errors.append(f"{name}: int8 weight {list(tensor.shape)} needs one scale per output row "
+                               f"([{n}] or [{n}, 1]); its scale is {list(scale.shape)}")
+            return None
+        return scale.reshape(n).float()
 
     def _copy(self, module: nn.Module, attr: str, target: torch.Tensor, tensor: torch.Tensor, index=None) -> None:
         if target.is_meta:  # a model built on the meta device gets real storage as it loads
@@ -235,7 +314,7 @@ class _Loader:
             if qt.dtype != tensor.dtype:  # first quantized expert: swap in quantized storage
                 qt = torch.empty((n_exp, rows, tensor.shape[1]), dtype=tensor.dtype)
                 srows = scale.shape[0] * (rows // half)
-                setattr(module, scale_attr, torch.empty((n_exp, srows, scale.shape[1]), dtype=scale.dtype))
+                setattr(module, scale_attr, torch.empty((n_exp, srows, *scale.shape[1:]), dtype=scale.dtype))
                 module._parameters[attr] = nn.Parameter(qt, requires_grad=False)
             s = getattr(module, scale_attr)
             with torch.no_grad():
@@ -271,6 +350,8 @@ class _Loader:
                             + ", ".join(self.unexpected[:20]) + (" ..." if len(self.unexpected) > 20 else ""))
         if self.errors:
             problems.append(f"{len(self.errors)} mis-shaped tensor(s): " + "; ".join(self.errors[:20]))
+        if self.rejected:
+            problems.append(f"{len(self.rejected)} rejected tensor(s): " + "; ".join(self.rejected[:20]))
         if problems:
             raise LoadError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
 
@@ -278,23 +359,40 @@ class _Loader:
 def load_checkpoint(model: nn.Module, directory: str | Path, args: ModelArgs, *, keep_quantized: bool = True) -> LoadReport:
     """Fill `model`'s parameters and buffers from the safetensors shards in `directory`.
 
-    Raises LoadError naming every missing, unexpected and mis-shaped tensor."""
+    msmodelslim W8A8 weights run as int8 (per-token activation quantization, `int8_matmul`) when
+    kept quantized. Their `weight_offset` must be zero: W8A8 dynamic is symmetric and so is
+    `int8_matmul`, so a non-zero offset means another scheme and is rejected, naming the tensor,
+    rather than dropped or applied in one mode only. With `quant_model_description.json` present,
+    every tensor must be named there and stored as its type says.
+
+    Raises LoadError naming every missing, unexpected, mis-shaped and rejected tensor."""
     start = time.perf_counter()
     loader = _Loader(model, args, keep_quantized)
     files = checkpoint_files(directory)
+    description = _Description(Path(directory))
     pending_w: dict[str, torch.Tensor] = {}  # quantized weights whose scale is in a later shard
     pending_s: dict[str, torch.Tensor] = {}
+    offsets: dict[str, str] = {}  # weight name -> its (all-zero) weight_offset key
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
-                name = canonical_name(key, args.is_v4)
+                if (why := description.check(key, f.get_slice(key).get_dtype())) is not None:
+                    loader.rejected.append(why)
+                offset = key.endswith(OFFSET_SUFFIX)
+                name = canonical_name(key[: -len("_offset")] if offset else key, args.is_v4)
                 if _is_mtp(name, args):
                     loader.report.skipped.append(key)
                     continue
                 tensor = f.get_tensor(key)
                 loader.report.bytes_read += tensor.numel() * tensor.element_size()
                 loader.report.tensors += 1
-                if _is_quant_scale(model, name):
+                if offset:
+                    offsets[name] = key
+                    if tensor.count_nonzero():
+                        loader.rejected.append(
+                            f"{key}: non-zero weight offset (max |offset| {tensor.float().abs().max().item():g}); "
+                            "W8A8 dynamic weights are symmetric and int8_matmul has no offset term")
+                elif _is_quant_scale(model, name):
                     base = name[: -len(".scale")] + ".weight"
                     if base in pending_w:
                         loader.put(base, pending_w.pop(base), tensor)
@@ -310,9 +408,11 @@ def load_checkpoint(model: nn.Module, directory: str | Path, args: ModelArgs, *,
         loader.report.files += 1
     for name in pending_w:
         loader.errors.append(f"{name}: quantized ({pending_w[name].dtype}) but no scale tensor "
-                             f"({name[:-7]}.scale or .weight_scale_inv) in the checkpoint")
+                             f"({name[:-7]}.scale, .weight_scale_inv or .weight_scale) in the checkpoint")
     for name in pending_s:
         loader.unexpected.append(name[: -len(".weight")] + ".scale")
+    loader.unexpected += [key for name, key in offsets.items() if name not in loader.quantized and name not in pending_w]
+    loader.rejected += [f"{key}: named in {DESCRIPTION} but not in the checkpoint" for key in description.absent()]
     loader.finish()
     loader.report.seconds = time.perf_counter() - start
     return loader.report
