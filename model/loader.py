@@ -207,8 +207,6 @@ class _Description:
 
     def check(self, key: str, dtype: str) -> str | None:
         """Why the stored tensor `key` (safetensors dtype string) contradicts the description."""
-        if self.types is None:
-            return None
         self.seen.add(key)
         kind = self.types.get(key)
         if kind is None:
@@ -376,7 +374,7 @@ def load_checkpoint(model: nn.Module, directory: str | Path, args: ModelArgs, *,
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
-                if (why := description.check(key, f.get_slice(key).get_dtype())) is not None:
+                if description.types is not None and (why := description.check(key, f.get_slice(key).get_dtype())):
                     loader.rejected.append(why)
                 offset = key.endswith(OFFSET_SUFFIX)
                 name = canonical_name(key[: -len("_offset")] if offset else key, args.is_v4)

@@ -145,6 +145,28 @@ def _fused(name: str) -> str:
     return f"{m.group('prefix')}.{'down_proj' if m.group('proj') == 'down_proj' else 'gate_up_proj'}"
 
 
+def test_shards_in_any_order(converted, tmp_path):
+    """Scales and offsets in other shards than their weights, before or after them (with an index)."""
+    _, w8 = converted("v4")
+    split = tmp_path / "split"
+    shutil.copytree(w8, split)
+    tensors = load_file(str(split / "model.safetensors"))
+    (split / "model.safetensors").unlink()
+    names = sorted(tensors, reverse=True)  # `P.weight_scale` and `P.weight_offset` before `P.weight`
+    weight_map = {}
+    for i in range(3):
+        fname = f"model-{i + 1:05d}-of-00003.safetensors"
+        part = names[i::3]
+        save_file({k: tensors[k] for k in part}, str(split / fname))
+        weight_map.update(dict.fromkeys(part, fname))
+    (split / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for keep in (True, False):
+        one, args, _ = loaded(w8, keep)
+        three, _, report = loaded(split, keep)
+        assert report.files == 3
+        assert torch.equal(logits(three, args), logits(one, args))
+
+
 @pytest.mark.parametrize("kind", ["v3", "v4"])
 def test_kept_quantized_weights_stay_int8_in_memory(converted, kind):
     _, w8 = converted(kind)
