@@ -11,10 +11,18 @@ what the runtime would compute: decode = `dequantize_fp8` / `dequantize_fp4`, en
 `quantize_fp8` (128x128, fp32 or ue8m0 scales; 1x32 ue8m0 for MXFP8) / `quantize_int8`.
 Transforms work on row chunks (multiples of 128 rows), so memory stays bounded by the chunk,
 not the tensor.
+
+Two hot paths are computed here rather than by the contracts, bit for bit the same values
+(tests/test_convert_fast.py compares them with the contracts on every e4m3 code): FP8 -> BF16 /
+float32 decode and float32 -> int8 per-channel encode. They work through each chunk in pieces of
+a few hundred KB (cache-resident, reused scratch) on one thread: the conversion's other CPU work,
+sha256 of input and output, runs on background threads (see io.py), and on a small shared
+machine a second OpenMP thread only contends with them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -31,6 +39,13 @@ TARGETS = ("bf16", "fp8", "w8a8", "mxfp8", "copy")
 W8A8_TYPE = "W8A8_DYNAMIC"
 FLOAT_TYPE = "FLOAT"
 MX_BLOCK = 32
+# An e4m3 byte `s eeee mmm`, sign-extended to int32, shifted left by 20 and masked with
+# 0x87F00000, is the float32 `s 0000eeee mmm0...`: the e4m3 value times 2**-120, exactly, for
+# zeros, subnormals (they land on float32 subnormals) and normals alike. The 2**120 goes into
+# the scale, so q * scale is formed exactly as float32(q) * scale, rounded once.
+_E4M3_AS_F32 = -2014314496  # 0x87F00000 as int32
+_UNBIAS = 2.0 ** 120
+_SUB_ELEMENTS = 1 << 18     # elements per piece: 1 MiB of int32 / float32 scratch
 
 
 @dataclass(frozen=True)
@@ -151,35 +166,109 @@ def _job(name, info, scale, kind, opts, keep, scale_name) -> Job:
     raise ValueError(f"unknown target {t!r}; valid: {', '.join(TARGETS)}")
 
 
+@contextlib.contextmanager
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def decode_rows(kind: str, q: torch.Tensor, scale: torch.Tensor | None, row0: int,
                 out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Values of rows [row0, row0 + len(q)) of a stored weight (row0 a multiple of 128): the
     float32 product, rounded to `out_dtype` (BF16 straight away saves a pass for the BF16 target,
     with the same bits: the product is formed in float32 either way)."""
-    if kind == "plain":
-        return q.to(out_dtype)
-    if kind == "fp8":
-        b = quant.WEIGHT_BLOCK[0]
-        s = scale[row0 // b: math.ceil((row0 + q.shape[0]) / b)]
-        return quant.dequantize_fp8(q, s, quant.WEIGHT_BLOCK, out_dtype=out_dtype)
-    if kind == "fp4":
-        return quant.dequantize_fp4(q.view(torch.uint8), scale[row0: row0 + q.shape[0]], out_dtype=out_dtype)
+    with _one_thread():
+        if kind == "plain":
+            return q.to(out_dtype)
+        if kind == "fp8":
+            b = quant.WEIGHT_BLOCK[0]
+            s = scale[row0 // b: math.ceil((row0 + q.shape[0]) / b)]
+            if _fast_fp8(q, s, out_dtype):
+                return _dequant_fp8(q, s, out_dtype)
+            return quant.dequantize_fp8(q, s, quant.WEIGHT_BLOCK, out_dtype=out_dtype)
+        if kind == "fp4":
+            return quant.dequantize_fp4(q.view(torch.uint8), scale[row0: row0 + q.shape[0]], out_dtype=out_dtype)
     raise ValueError(kind)
+
+
+def _fast_fp8(q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """The bit trick applies: float32 scales of the right shape, every one finite and small
+    enough that scale * 2**120 stays finite. Anything else goes to the contract (which also
+    reports bad shapes)."""
+    return (q.dtype == torch.float8_e4m3fn and q.dim() == 2 and s.dtype == torch.float32
+            and out_dtype in (torch.float32, torch.bfloat16)
+            and tuple(s.shape) == quant.scale_shape(tuple(q.shape), quant.WEIGHT_BLOCK)
+            and bool((s.abs() < 2.0 ** 8).all()))
+
+
+def _piece_rows(k: int) -> int:
+    """Rows per piece: a power of two, so pieces never straddle a 128-row scale block."""
+    return max(1, min(quant.WEIGHT_BLOCK[0], 1 << max(0, (_SUB_ELEMENTS // max(k, 1)).bit_length() - 1)))
+
+
+def _dequant_fp8(q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    rows, k = q.shape
+    out = torch.empty(rows, k, dtype=out_dtype)
+    bm, bk = quant.WEIGHT_BLOCK
+    col_scale = (s * _UNBIAS).repeat_interleave(bk, dim=1)[:, :k]  # exact: a power of two
+    step = _piece_rows(k)
+    work = torch.empty(min(step, rows), k, dtype=torch.int32)
+    codes = q.view(torch.int8)
+    for r in range(0, rows, step):
+        n = min(step, rows - r)
+        w = work[:n]
+        w.copy_(codes[r:r + n])
+        w.bitwise_left_shift_(20).bitwise_and_(_E4M3_AS_F32)
+        v = w.view(torch.float32)
+        if out_dtype == torch.float32:
+            torch.mul(v, col_scale[r // bm], out=out[r:r + n])
+        else:
+            out[r:r + n].copy_(v.mul_(col_scale[r // bm]))
+    # NaN codes S.1111.111 come out of the bit trick as +-480 * scale: put the NaN back. They are
+    # the largest int8 and uint8 values, so two reductions find them without building a mask.
+    if int(codes.max()) == 0x7F or int(q.view(torch.uint8).max()) == 0xFF:
+        out.masked_fill_((q.view(torch.uint8) & 0x7F) == 0x7F, float("nan"))
+    return out
+
+
+def _quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quant.quantize_int8 of a 2-d float32 x, piece by piece with the same float32 operations
+    (scale = max(amax, 1e-8) / 127, q = round(x / scale) clamped to +-127); NaN / Inf go to the
+    contract, which rejects them."""
+    rows, k = x.shape
+    q = torch.empty(rows, k, dtype=torch.int8)
+    scale = torch.empty(rows, dtype=torch.float32)
+    step = max(1, _SUB_ELEMENTS // max(k, 1))
+    work = torch.empty(min(step, rows), k, dtype=torch.float32)
+    for r in range(0, rows, step):
+        n = min(step, rows - r)
+        w, s = work[:n], scale[r:r + n]
+        torch.amax(torch.abs(x[r:r + n], out=w), dim=-1, out=s)
+        if not bool(torch.isfinite(s).all()):
+            return quant.quantize_int8(x)
+        s.clamp_min_(1e-8).div_(quant.INT8_MAX)
+        torch.div(x[r:r + n], s.unsqueeze(-1), out=w)
+        q[r:r + n].copy_(w.round_().clamp_(-quant.INT8_MAX, quant.INT8_MAX))
+    return q, scale
 
 
 def encode_rows(encode: str, x: torch.Tensor, extra: dict) -> list[torch.Tensor]:
     """Target pieces for a row chunk: [main, *side pieces] (side pieces concatenate along dim 0)."""
-    if encode == "bf16":
-        return [x]  # decoded straight to BF16
-    if encode == "fp8":
-        q, s = quant.quantize_fp8(x, quant.WEIGHT_BLOCK, extra["scale_fmt"])
-        return [q, s]
-    if encode == "int8":
-        q, s = quant.quantize_int8(x)
-        s = s.unsqueeze(1)
-        return [q, s, torch.zeros_like(s)]
-    if encode == "mxfp8":
-        q, s = quant.quantize_fp8(x, (1, MX_BLOCK), "ue8m0")
-        return [q, s.to(torch.float8_e8m0fnu)]  # exact: s is a power of two
+    with _one_thread():
+        if encode == "bf16":
+            return [x]  # decoded straight to BF16
+        if encode == "fp8":
+            q, s = quant.quantize_fp8(x, quant.WEIGHT_BLOCK, extra["scale_fmt"])
+            return [q, s]
+        if encode == "int8":
+            q, s = _quantize_int8(x) if x.dtype == torch.float32 and x.dim() == 2 else quant.quantize_int8(x)
+            s = s.unsqueeze(1)
+            return [q, s, torch.zeros_like(s)]
+        if encode == "mxfp8":
+            q, s = quant.quantize_fp8(x, (1, MX_BLOCK), "ue8m0")
+            return [q, s.to(torch.float8_e8m0fnu)]  # exact: s is a power of two
     raise ValueError(encode)
-

@@ -3,15 +3,23 @@ validated without touching data, tensors are read row-chunk by row-chunk, output
 written sequentially under a temporary name (hashing as they go) and renamed when complete.
 
 No pickle anywhere: safetensors is a JSON header plus raw little-endian bytes.
+
+Throughput: sha256 of the source and of every output costs more CPU than the conversion math
+(hashlib runs ~2 GB/s per core), so hashing and writing run on background threads (hashlib,
+file writes and torch kernels all release the GIL) while the caller reads and computes the next
+chunk. Each background stage is one thread, so bytes are hashed and written in order, and it
+holds at most a few chunks, so memory stays bounded.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +35,9 @@ DTYPES = {
 CODES = {v: k for k, v in DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
-READ_CHUNK = 64 * 2**20
+READ_CHUNK = 16 * 2**20  # below glibc's 32 MiB mmap threshold, so buffers are reused, not page-faulted afresh
+READ_AHEAD = 64 * 2**20  # asked of the kernel past each read, so the disk works while we compute
+WRITE_BEHIND = 64 * 2**20  # start writeback every this many bytes, so close()'s fsync finds little left
 
 
 class CheckpointError(RuntimeError):
@@ -185,10 +195,45 @@ def sha256_file(path: str | os.PathLike, progress=None) -> str:
     return h.hexdigest()
 
 
+class Background:
+    """One worker thread running submitted calls in submission order. At most `depth` calls wait
+    behind the running one (submit blocks beyond that), which bounds the buffers they hold; a
+    failed call's exception is raised by a later submit or by drain."""
+
+    def __init__(self, name: str, depth: int = 2):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._pending: collections.deque = collections.deque()
+        self._depth = depth
+
+    def submit(self, fn, *args) -> None:
+        self._pending.append(self._pool.submit(fn, *args))
+        while self._pending and (len(self._pending) > self._depth or self._pending[0].done()):
+            self._pending.popleft().result()
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self, cancel: bool = False) -> None:
+        """Stop the thread; cancel=True drops queued calls (the running one still completes)."""
+        self._pool.shutdown(wait=True, cancel_futures=cancel)
+        if not cancel:
+            self.drain()
+        self._pending.clear()
+
+
+def _buffer(n: int) -> tuple[torch.Tensor, memoryview]:
+    """An uninitialised byte buffer (torch.empty: no zero fill, unlike bytearray) and a writable view."""
+    t = torch.empty(n, dtype=torch.uint8)
+    return t, memoryview(t.numpy())
+
+
 class HashingReader:
-    """Reads one source file front to back, hashing every byte, so the source sha256 in the
-    manifest costs no second pass. Reads that are not at the current position (a scale that
-    sits earlier in the file) go through `read_rows` and do not disturb the hash."""
+    """Reads one source file front to back, hashing every byte (in a background thread, in
+    order), so the source sha256 in the manifest costs no second pass and little wall time.
+    Reads that are not at the current position (a scale that sits earlier in the file) go
+    through `read_rows` and do not disturb the hash. Tensors returned by `rows` are read-only:
+    the hashing thread may still be reading their bytes."""
 
     def __init__(self, path: str, progress=None):
         self.path = path
@@ -196,32 +241,34 @@ class HashingReader:
         self.pos = 0
         self.hash = hashlib.sha256()
         self.progress = progress
+        self._hasher = Background("v4hal-hash-in", depth=3)
 
     def _advance_to(self, offset: int) -> None:
         while self.pos < offset:
-            self._consume(bytearray(min(READ_CHUNK, offset - self.pos)))
+            self._consume(min(READ_CHUNK, offset - self.pos))
 
-    def _consume(self, buf: bytearray) -> None:
-        """Fill `buf` from the current position (one copy: disk -> buf), hashing it."""
-        view, got = memoryview(buf), 0
-        while got < len(buf):
+    def _consume(self, n: int) -> torch.Tensor:
+        """The next n bytes of the file (one copy: disk -> buffer), queued for hashing."""
+        buf, view = _buffer(n)
+        got = 0
+        while got < n:
             k = os.preadv(self.fd, [view[got:]], self.pos + got)
             if k <= 0:
                 raise CheckpointError(self.path, f"truncated at byte {self.pos + got}")
             got += k
-        self.hash.update(view)
-        self.pos += got
+        self._hasher.submit(self.hash.update, view)
+        self.pos += n
+        os.posix_fadvise(self.fd, self.pos, READ_AHEAD, os.POSIX_FADV_WILLNEED)
         if self.progress:
-            self.progress(got)
+            self.progress(n)
+        return buf
 
     def rows(self, info: TensorInfo, row0: int, row1: int) -> torch.Tensor:
         offset = info.start + row0 * info.row_bytes
         if offset < self.pos:
             return read_rows(info, row0, row1, self.fd)
         self._advance_to(offset)
-        data = bytearray((row1 - row0) * info.row_bytes)
-        self._consume(data)
-        t = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        t = self._consume((row1 - row0) * info.row_bytes)
         return t.view(info.dtype).reshape((row1 - row0, *info.shape[1:]) if info.shape else ())
 
     def companion(self, info: TensorInfo) -> torch.Tensor:
@@ -230,6 +277,7 @@ class HashingReader:
 
     def finish(self) -> str:
         self._advance_to(os.fstat(self.fd).st_size)
+        self._hasher.close()
         os.close(self.fd)
         return self.hash.hexdigest()
 
@@ -271,23 +319,44 @@ def partial_name(path: Path) -> Path:
 class ShardWriter:
     """Writes one safetensors file sequentially to a temporary name; `close` checks every
     declared byte arrived, fsyncs (unless told not to: a killed process loses nothing the kernel
-    already holds, only a power cut does) and renames it into place. Returns sha256 and size."""
+    already holds, only a power cut does) and renames it into place. Returns sha256 and size.
+
+    Writing and hashing run on two background threads. Writeback of each WRITE_BEHIND bytes is
+    started as soon as they are written (posix_fadvise DONTNEED starts it without waiting), so
+    the disk writes while the conversion computes: the final fsync, which still comes before
+    the rename, has little left to wait for, and (with or without fsync) writes are not
+    throttled to the disk's pace once the kernel's dirty-page limit is reached."""
 
     def __init__(self, path: Path, specs: list[OutSpec], metadata: dict[str, str] | None = None, fsync: bool = True):
         self.path, self.specs, self.fsync = path, specs, fsync
         self.tmp = partial_name(path)
-        self.f = open(self.tmp, "wb")
+        self.f = open(self.tmp, "wb", buffering=0)
         self.hash = hashlib.sha256()
         self.expected = file_size(specs, metadata)
-        self.written = 0
+        self.written = 0   # bytes handed over (caller's thread)
+        self._flushed = 0  # bytes in the file, and how far writeback was started (writer thread)
+        self._kicked = 0
+        self._writer = Background("v4hal-write")
+        self._hasher = Background("v4hal-hash-out")
         self._write(header_bytes(specs, metadata))
 
     def _write(self, data) -> None:
-        self.f.write(data)
-        self.hash.update(data)
+        """Queue `data` (bytes or a memoryview the caller no longer modifies)."""
         self.written += len(data)
+        self._writer.submit(self._put, data)
+        self._hasher.submit(self.hash.update, data)
+
+    def _put(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[self.f.write(view):]  # a raw file may write less than asked
+        self._flushed += len(data)
+        if self._flushed - self._kicked >= WRITE_BEHIND:
+            os.posix_fadvise(self.f.fileno(), self._kicked, self._flushed - self._kicked, os.POSIX_FADV_DONTNEED)
+            self._kicked = self._flushed
 
     def write(self, t: torch.Tensor) -> None:
+        """Append `t`'s bytes; `t` must not be modified afterwards (it is written in the background)."""
         t = t.contiguous()
         self._write(memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else b"")
 
@@ -295,10 +364,15 @@ class ShardWriter:
         self._write(data)
 
     def close(self) -> tuple[str, int]:
+        try:
+            self._writer.close()
+            self._hasher.close()
+        except BaseException:
+            self.abort()
+            raise
         if self.written != self.expected:
             self.f.close()
             raise RuntimeError(f"internal: {self.path.name} got {self.written} bytes, planned {self.expected}")
-        self.f.flush()
         if self.fsync:
             os.fsync(self.f.fileno())
         self.f.close()
@@ -306,9 +380,10 @@ class ShardWriter:
         return self.hash.hexdigest(), self.written
 
     def abort(self) -> None:
-        if not self.f.closed:
-            self.f.close()
-            self.tmp.unlink(missing_ok=True)
+        self._writer.close(cancel=True)
+        self._hasher.close(cancel=True)
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)  # gone already if close() renamed it
 
 
 def write_atomic(path: Path, data: bytes) -> tuple[str, int]:

@@ -1,0 +1,204 @@
+"""The converter's fast paths (conversion/formats.py, conversion/io.py) against what they replace:
+the FP8 decode and int8 encode must give the quant contracts' bits exactly (every e4m3 code,
+subnormal products, NaN codes, ragged shapes), and the background reader / writer must hash and
+write exactly the bytes a plain sequential pass would, failing loudly and leaving no file."""
+
+import hashlib
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from v4hal.backends import registry
+from v4hal.conversion import formats, io
+from v4hal.ops import quant
+from v4hal.ops._check import OpInputError
+
+
+def deepseek_dequant(q: torch.Tensor, s: torch.Tensor, out_dtype) -> torch.Tensor:
+    """float32(e4m3) * fp32 block scale, rounded once to out_dtype (DeepSeek's weight_dequant)."""
+    n, k = q.shape
+    full = s.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
+    return (q.to(torch.float32) * full).to(out_dtype)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit, except that any NaN equals any NaN (payloads are not part of the contract)."""
+    nan = a.isnan()
+    if not torch.equal(nan, b.isnan()):
+        return False
+    ints = {torch.bfloat16: torch.int16, torch.float32: torch.int32}[a.dtype]
+    return torch.equal(a[~nan].view(ints), b[~nan].view(ints))
+
+
+def every_code(n: int, k: int, gen) -> torch.Tensor:
+    codes = torch.randint(0, 256, (n, k), dtype=torch.uint8, generator=gen)
+    m = min(256, n * k)
+    codes.view(-1)[:m] = torch.arange(m, dtype=torch.uint8)
+    return codes.view(torch.float8_e4m3fn)
+
+
+def spread_scales(n: int, k: int, gen) -> torch.Tensor:
+    """Scales from 2**-40 (products far below float32's normal range) to just under 2**8,
+    with a zero and a negative one."""
+    shape = (math.ceil(n / 128), math.ceil(k / 128))
+    s = torch.rand(shape, generator=gen) * torch.exp2(torch.randint(-40, 8, shape, generator=gen).float())
+    s.view(-1)[0] = 0.0
+    s.view(-1)[-1] *= -1
+    return s
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(256, 384), (300, 200), (129, 7), (1, 1)])
+def test_fp8_decode_is_bit_exact_on_every_code(shape, out_dtype):
+    gen = torch.Generator().manual_seed(shape[0])
+    q, s = every_code(*shape, gen), spread_scales(*shape, gen)
+    got = formats.decode_rows("fp8", q, s, 0, out_dtype)
+    assert got.dtype == out_dtype and got.shape == shape
+    assert same_bits(got, deepseek_dequant(q, s, out_dtype))
+    with registry.forced("cpu"):  # the reference contract
+        assert same_bits(got, quant.dequantize_fp8(q, s, out_dtype=out_dtype))
+    nan_codes = (q.view(torch.uint8) & 0x7F) == 0x7F
+    assert bool(got[nan_codes].isnan().all()) and not bool(got[~nan_codes].isnan().any())
+
+
+def test_fp8_decode_of_a_later_row_chunk_uses_its_block_rows():
+    gen = torch.Generator().manual_seed(1)
+    q, s = every_code(640, 300, gen), spread_scales(640, 300, gen)
+    whole = deepseek_dequant(q, s, torch.bfloat16)
+    assert same_bits(formats.decode_rows("fp8", q[256:512], s, 256, torch.bfloat16), whole[256:512])
+    assert same_bits(formats.decode_rows("fp8", q[512:], s, 512, torch.bfloat16), whole[512:])
+
+
+def test_subnormal_codes_and_products_are_exact():
+    codes = torch.tensor([[0x00, 0x80, 0x01, 0x81, 0x07, 0x87, 0x08, 0x7E, 0xFE]], dtype=torch.uint8)
+    q = codes.view(torch.float8_e4m3fn)
+    expect = torch.tensor([0.0, -0.0, 2.0**-9, -(2.0**-9), 7 * 2.0**-9, -7 * 2.0**-9, 2.0**-6, 448.0, -448.0])
+    for scale, out_dtype in [(1.0, torch.float32), (2.0**-120, torch.float32), (2.0**-130, torch.bfloat16)]:
+        got = formats.decode_rows("fp8", q, torch.tensor([[scale]]), 0, out_dtype)
+        assert same_bits(got[0], (expect * scale).to(out_dtype))  # expect * scale is exact in float32
+    assert torch.equal(formats.decode_rows("fp8", q[:, :2], torch.ones(1, 1), 0).view(torch.int32),
+                       torch.tensor([[0, -2**31]], dtype=torch.int32))  # +0 and -0 keep their sign
+
+
+def test_scales_out_of_the_fast_range_go_to_the_contract():
+    gen = torch.Generator().manual_seed(2)
+    q = every_code(128, 256, gen)
+    for s in (torch.tensor([[300.0, 1.0]]), torch.tensor([[float("inf"), 1.0]]), torch.tensor([[float("nan"), 1.0]])):
+        assert same_bits(formats.decode_rows("fp8", q, s, 0, torch.bfloat16), deepseek_dequant(q, s, torch.bfloat16))
+    with pytest.raises(OpInputError, match="dequantize_fp8.*scale"):  # a wrong scale shape still names op and argument
+        formats.decode_rows("fp8", q, torch.ones(1, 3), 0, torch.bfloat16)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 300), k=st.integers(1, 300), seed=st.integers(0, 2**16), bf16=st.booleans())
+def test_fp8_decode_matches_the_reference_for_any_shape(n, k, seed, bf16):
+    gen = torch.Generator().manual_seed(seed)
+    q, s = every_code(n, k, gen), spread_scales(n, k, gen)
+    out_dtype = torch.bfloat16 if bf16 else torch.float32
+    assert same_bits(formats.decode_rows("fp8", q, s, 0, out_dtype), deepseek_dequant(q, s, out_dtype))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cpu_fast"])
+@pytest.mark.parametrize("shape", [(300, 7168), (5, 3), (1, 1)])
+def test_int8_encode_equals_the_contract(backend, shape):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=gen) * torch.exp2(torch.randint(-20, 20, (shape[0], 1), generator=gen).float())
+    x[0] = 0.0  # an all-zero row: scale clamps to 1e-8 / 127
+    if shape[1] >= 4:  # amax 127 makes the scale exactly 1: x / scale lands on .5, which rounds to even
+        x[-1] = x[-1].clamp(-1, 1)
+        x[-1, :4] = torch.tensor([127.0, 2.5, 3.5, -2.5])
+    q, s, off = formats.encode_rows("int8", x, {})
+    with registry.forced(backend):
+        q_ref, s_ref = quant.quantize_int8(x)
+    assert q.dtype == torch.int8 and torch.equal(q, q_ref)
+    assert torch.equal(s, s_ref.unsqueeze(1)) and torch.equal(off, torch.zeros_like(off))
+    if shape[1] >= 4:
+        assert q[-1, :4].tolist() == [127, 2, 4, -2]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_int8_encode_rejects_non_finite_values_like_the_contract(bad):
+    x = torch.randn(600, 700)
+    x[450, 3] = bad
+    with pytest.raises(OpInputError, match="quantize_int8.*x"):
+        formats.encode_rows("int8", x, {})
+
+
+def test_fp8_decode_restores_the_callers_thread_count():
+    before = torch.get_num_threads()
+    formats.decode_rows("fp8", torch.zeros(4, 4, dtype=torch.float8_e4m3fn), torch.ones(1, 1), 0)
+    assert torch.get_num_threads() == before
+
+
+def test_hashing_reader_hashes_every_byte_in_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "READ_CHUNK", 1000)  # many gap reads through the background hasher
+    gen = torch.Generator().manual_seed(4)
+    from safetensors.torch import save_file
+
+    tensors = {f"t{i}": torch.randn(50 + i, 33, generator=gen) for i in range(6)}
+    save_file(tensors, str(tmp_path / "a.safetensors"))
+    infos, _, _ = io.read_header(tmp_path / "a.safetensors")
+    reader = io.HashingReader(str(tmp_path / "a.safetensors"))
+    for name in ("t1", "t3"):  # skipping t0, t2 and everything after t3: the hash must still cover them
+        info = infos[name]
+        got = torch.cat([reader.rows(info, r, min(r + 7, info.shape[0])) for r in range(0, info.shape[0], 7)])
+        assert torch.equal(got, tensors[name])
+    assert reader.finish() == hashlib.sha256((tmp_path / "a.safetensors").read_bytes()).hexdigest()
+
+
+def test_hashing_reader_names_a_file_truncated_under_it(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.randn(64, 64)}, str(tmp_path / "a.safetensors"))
+    infos, _, _ = io.read_header(tmp_path / "a.safetensors")
+    reader = io.HashingReader(str(tmp_path / "a.safetensors"))
+    os.truncate(tmp_path / "a.safetensors", infos["w"].start + 100)
+    with pytest.raises(io.CheckpointError, match="a.safetensors.*truncated"):
+        reader.rows(infos["w"], 0, 64)
+
+
+def test_shard_writer_writes_and_hashes_exactly_the_bytes_given(tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "WRITE_BEHIND", 4096)  # exercise the writeback kicks on a small file
+    gen = torch.Generator().manual_seed(5)
+    parts = [torch.randn(100, 37, generator=gen).bfloat16(), torch.randint(-128, 127, (3000,), dtype=torch.int8, generator=gen)]
+    specs = [io.OutSpec("a", torch.bfloat16, (100, 37)), io.OutSpec("b", torch.int8, (3000,))]
+    for fsync in (True, False):
+        path = tmp_path / f"out{fsync}.safetensors"
+        w = io.ShardWriter(path, specs, {"format": "pt"}, fsync=fsync)
+        w.write(parts[0][:40])
+        w.write(parts[0][40:].t().contiguous().t())  # a non-contiguous piece is written in row order
+        w.write(parts[1])
+        sha, size = w.close()
+        data = path.read_bytes()
+        assert size == len(data) and sha == hashlib.sha256(data).hexdigest()
+        assert data == io.header_bytes(specs, {"format": "pt"}) + b"".join(p.contiguous().view(torch.uint8).numpy().tobytes() for p in parts)
+        assert not io.partial_name(path).exists()
+
+
+def test_a_failing_background_write_surfaces_and_leaves_no_file(tmp_path, monkeypatch):
+    specs = [io.OutSpec("a", torch.float32, (1000,))]
+    w = io.ShardWriter(tmp_path / "x.safetensors", specs)
+
+    def broken(data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(w, "_put", broken)
+    with pytest.raises(OSError, match="No space left"):
+        for _ in range(20):  # the failure is raised by a later write or by close
+            w.write(torch.zeros(50))
+        w.close()
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_close_refuses_a_short_file(tmp_path):
+    w = io.ShardWriter(tmp_path / "x.safetensors", [io.OutSpec("a", torch.float32, (10,))])
+    w.write(torch.zeros(5))
+    with pytest.raises(RuntimeError, match="got .* planned"):
+        w.close()
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
