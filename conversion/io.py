@@ -14,6 +14,7 @@ holds at most a few chunks, so memory stays bounded.
 from __future__ import annotations
 
 import collections
+import ctypes
 import hashlib
 import json
 import math
@@ -222,6 +223,37 @@ class Background:
         self._pending.clear()
 
 
+def _sync_file_range():
+    """libc's sync_file_range (Linux), or None."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SFR_WRITE, _SFR_WAIT_ALL = 2, 1 | 2 | 4  # SYNC_FILE_RANGE_WRITE; WAIT_BEFORE | WRITE | WAIT_AFTER
+
+
+def _write_behind(fd: int, start: int, end: int, settled: int) -> None:
+    """Start writeback of [start, end) without waiting; wait for the window before it,
+    [settled, start), to reach the disk and drop it from the page cache. Output nobody reads
+    back then never piles up as dirty or cached pages: with them, each write costs the kernel
+    several times more CPU and is eventually throttled to the disk's pace anyway. This is not a
+    durability guarantee (no metadata); close() still fsyncs."""
+    if _SYNC_FILE_RANGE is None:
+        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)  # starts writeback of dirty pages
+        return
+    for lo, hi, flags in ((start, end, _SFR_WRITE), (settled, start, _SFR_WAIT_ALL)):
+        if hi > lo and _SYNC_FILE_RANGE(fd, lo, hi - lo, flags) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    if start > settled:
+        os.posix_fadvise(fd, settled, start - settled, os.POSIX_FADV_DONTNEED)
+
+
 def _buffer(n: int) -> tuple[torch.Tensor, memoryview]:
     """An uninitialised byte buffer (torch.empty: no zero fill, unlike bytearray) and a writable view."""
     t = torch.empty(n, dtype=torch.uint8)
@@ -322,10 +354,9 @@ class ShardWriter:
     already holds, only a power cut does) and renames it into place. Returns sha256 and size.
 
     Writing and hashing run on two background threads. Writeback of each WRITE_BEHIND bytes is
-    started as soon as they are written (posix_fadvise DONTNEED starts it without waiting), so
-    the disk writes while the conversion computes: the final fsync, which still comes before
-    the rename, has little left to wait for, and (with or without fsync) writes are not
-    throttled to the disk's pace once the kernel's dirty-page limit is reached."""
+    started as soon as they are written (`_write_behind`), so the disk writes while the
+    conversion computes and the final fsync, which still comes before the rename, has little
+    left to wait for."""
 
     def __init__(self, path: Path, specs: list[OutSpec], metadata: dict[str, str] | None = None, fsync: bool = True):
         self.path, self.specs, self.fsync = path, specs, fsync
@@ -334,8 +365,9 @@ class ShardWriter:
         self.hash = hashlib.sha256()
         self.expected = file_size(specs, metadata)
         self.written = 0   # bytes handed over (caller's thread)
-        self._flushed = 0  # bytes in the file, and how far writeback was started (writer thread)
-        self._kicked = 0
+        self._flushed = 0  # writer thread: bytes in the file,
+        self._kicked = 0   # how far writeback was started,
+        self._settled = 0  # and how far it is known complete
         self._writer = Background("v4hal-write")
         self._hasher = Background("v4hal-hash-out")
         self._write(header_bytes(specs, metadata))
@@ -352,8 +384,8 @@ class ShardWriter:
             view = view[self.f.write(view):]  # a raw file may write less than asked
         self._flushed += len(data)
         if self._flushed - self._kicked >= WRITE_BEHIND:
-            os.posix_fadvise(self.f.fileno(), self._kicked, self._flushed - self._kicked, os.POSIX_FADV_DONTNEED)
-            self._kicked = self._flushed
+            _write_behind(self.f.fileno(), self._kicked, self._flushed, self._settled)
+            self._settled, self._kicked = self._kicked, self._flushed
 
     def write(self, t: torch.Tensor) -> None:
         """Append `t`'s bytes; `t` must not be modified afterwards (it is written in the background)."""
