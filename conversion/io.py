@@ -254,6 +254,29 @@ def _write_behind(fd: int, start: int, end: int, settled: int) -> None:
         os.posix_fadvise(fd, settled, start - settled, os.POSIX_FADV_DONTNEED)
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
+_malloc_tuned = False
+
+
+def _reuse_freed_chunks() -> None:
+    """A conversion allocates chunk buffers of up to ~32 MiB thousands of times, two or three
+    alive at once. glibc serves allocations above its (adaptive, at most 32 MiB) mmap threshold
+    with fresh mmaps and, once a few are alive, often with fresh heap pages: each one is then
+    page-faulted afresh, which costs more than decoding it. Raising the threshold to 64 MiB and
+    keeping up to 128 MiB of freed heap lets the buffers be reused. Called once, by the first
+    HashingReader (so only conversions run with it); a no-op where mallopt does not exist."""
+    global _malloc_tuned
+    if _malloc_tuned:
+        return
+    _malloc_tuned = True
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 64 * 2**20)
+    mallopt(_M_TRIM_THRESHOLD, 128 * 2**20)
+
+
 def _buffer(n: int) -> tuple[torch.Tensor, memoryview]:
     """An uninitialised byte buffer (torch.empty: no zero fill, unlike bytearray) and a writable view."""
     t = torch.empty(n, dtype=torch.uint8)
@@ -268,6 +291,7 @@ class HashingReader:
     the hashing thread may still be reading their bytes."""
 
     def __init__(self, path: str, progress=None):
+        _reuse_freed_chunks()
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
         self.pos = 0
