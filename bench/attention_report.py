@@ -57,6 +57,7 @@ def _decode_cache(ours, ctx: int, dtype):
     """The cache a CSA layer holds after `ctx - 1` tokens (random contents): the decode step at
     position ctx - 1 closes a window, so compressor and indexer both emit an entry."""
     from v4hal import ops  # noqa: PLC0415
+    from v4hal.model.attention import Rows  # noqa: PLC0415
 
     c, g = ours.c, torch.Generator().manual_seed(1)
     t = (ctx - 1) // c.ratio
@@ -68,8 +69,8 @@ def _decode_cache(ours, ctx: int, dtype):
     cache = ours.new_cache()
     cache.length = ctx - 1
     cache.raw = r(1, c.window - 1, c.head_dim)
-    cache.compressed = r(1, t, c.head_dim)
-    cache.index_keys = r(1, t, c.index_dim)
+    cache.compressed = Rows(r(1, t, c.head_dim))
+    cache.index_keys = Rows(r(1, t, c.index_dim))
     cache.comp_state = ops.CompressState(r(1, open_tokens, 2 * c.head_dim), r(1, open_tokens, 2 * c.head_dim),
                                          r(1, c.ratio, c.head_dim), r(1, c.ratio, c.head_dim), t)
     cache.index_state = ops.CompressState(r(1, open_tokens, 2 * c.index_dim), r(1, open_tokens, 2 * c.index_dim),

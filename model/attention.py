@@ -138,9 +138,9 @@ class V4Cache:
     def __init__(self):
         self.length = 0            # tokens seen
         self.raw = None            # [B, <= window-1, head_dim] roped KV of the latest tokens
-        self.compressed = None     # [B, T, head_dim] roped compressed entries
+        self.compressed = Rows()   # [B, T, head_dim] roped compressed entries
         self.comp_state = None     # ops.CompressState of the compressor
-        self.index_keys = None     # [B, T, index_dim] (CSA)
+        self.index_keys = Rows()   # [B, T, index_dim] (CSA)
         self.index_state = None
 
 
@@ -194,6 +194,42 @@ class V4CompressorWithIndexer(V4Compressor):
 
 def _concat(old, new):
     return new if old is None else torch.cat([old, new], dim=1)
+
+
+class Rows:
+    """A cache tensor `[B, T, D]` that grows along T into spare capacity, so a decode step copies
+    its new rows, not the whole cache (a 16k-token CSA layer holds 4096 entries). `tensor` is
+    the filled part; `followed_by` lends the spare capacity to rows needed for one step only."""
+
+    def __init__(self, rows: torch.Tensor | None = None):
+        self._buf, self._len = rows, 0 if rows is None else rows.shape[1]
+
+    def __len__(self) -> int:
+        return self._len
+
+    @property
+    def tensor(self) -> torch.Tensor | None:
+        return None if self._buf is None else self._buf[:, :self._len]
+
+    def _reserve(self, like: torch.Tensor, rows: int) -> None:
+        if self._buf is None or rows > self._buf.shape[1]:
+            # Geometric growth: every row is copied a bounded number of times overall.
+            grown = like.new_empty(like.shape[0], rows + rows // 4 + 64, like.shape[2])
+            if self._len:
+                grown[:, :self._len] = self._buf[:, :self._len]
+            self._buf = grown
+
+    def append(self, new: torch.Tensor) -> None:
+        if new.shape[1]:
+            self._reserve(new, self._len + new.shape[1])
+            self._buf[:, self._len:self._len + new.shape[1]] = new
+            self._len += new.shape[1]
+
+    def followed_by(self, tail: torch.Tensor) -> torch.Tensor:
+        """`[rows | tail]` along T; the tail is overwritten by the next append."""
+        self._reserve(tail, self._len + tail.shape[1])
+        self._buf[:, self._len:self._len + tail.shape[1]] = tail
+        return self._buf[:, :self._len + tail.shape[1]]
 
 
 def _check_call(layer: str, x: torch.Tensor, positions: torch.Tensor, cache) -> None:
@@ -306,15 +342,16 @@ class V4Attention(nn.Module):
         raw_start = cache.length - (raw.shape[1] - x.shape[1])
         indices = ops.window_indices(positions, c.window, raw_start)
         new, cache.comp_state = self.compressor.entries(x, cache.comp_state, c.rope_compress)
-        cache.compressed = _concat(cache.compressed, new)
-        t = cache.compressed.shape[1]
+        cache.compressed.append(new)
+        t = len(cache.compressed)
         if t == 0:
             if c.csa:  # keep the indexer's compressor state in step with the main one
                 self._indexer(x, q_res, positions, cache)
             return ops.sparse_attention(q, raw, indices, scale, sink=self.sinks)
         picked = self._indexer(x, q_res, positions, cache) if c.csa else self._all_visible(positions, t)
-        indices = torch.cat([indices, torch.where(picked >= 0, picked + raw.shape[1], -1)], dim=-1)
-        rows = torch.cat([raw, cache.compressed], dim=1)
+        # Rows are [compressed entries | window rows], built in the cache's spare capacity.
+        indices = torch.cat([torch.where(indices >= 0, indices + t, -1), picked], dim=-1)
+        rows = cache.compressed.followed_by(raw)
         return ops.sparse_attention(q, rows, indices, scale, sink=self.sinks)
 
     def _all_visible(self, positions: torch.Tensor, t: int) -> torch.Tensor:
@@ -326,15 +363,15 @@ class V4Attention(nn.Module):
     def _indexer(self, x, q_res, positions, cache) -> torch.Tensor | None:
         c, ix = self.c, self.compressor.indexer
         new, cache.index_state = ix.entries(x, cache.index_state, c.rope_compress)
-        cache.index_keys = _concat(cache.index_keys, new)
-        if cache.index_keys.shape[1] == 0:
+        cache.index_keys.append(new)
+        if not len(cache.index_keys):
             return None
         b, s, _ = x.shape
         cos, sin = c.rope_compress.cos_sin(positions, x.dtype)
         qi = ix.q_b_proj(q_res).view(b, s, ix.heads, ix.dim)
         qi = _rope_tail(qi, cos.unsqueeze(2), sin.unsqueeze(2), c.rope_dim)
         weights = ix.scorer.weights_proj(x)
-        return ops.indexer_select(qi, cache.index_keys, weights, (ix.dim * ix.heads) ** -0.5, ix.topk,
+        return ops.indexer_select(qi, cache.index_keys.tensor, weights, (ix.dim * ix.heads) ** -0.5, ix.topk,
                                   positions, c.ratio)
 
 
@@ -375,8 +412,8 @@ class V32AttentionConfig:
 class V32Cache:
     def __init__(self):
         self.length = 0
-        self.latent = None      # [B, T, kv_lora + rope_dim]: normed latent | roped shared key
-        self.index_keys = None  # [B, T, index_dim]
+        self.latent = Rows()      # [B, T, kv_lora + rope_dim]: normed latent | roped shared key
+        self.index_keys = Rows()  # [B, T, index_dim]
 
 
 class V32Indexer(nn.Module):
@@ -428,14 +465,14 @@ class V32Attention(nn.Module):
         q_rope = ops.apply_rope(q[..., c.nope_dim:], cos.unsqueeze(2), sin.unsqueeze(2))
         lat = self.kv_a_proj_with_mqa(x)
         k_rope = ops.apply_rope(lat[..., c.kv_lora:], cos, sin)
-        cache.latent = _concat(cache.latent, torch.cat([self.kv_a_layernorm(lat[..., :c.kv_lora]), k_rope], -1))
+        cache.latent.append(torch.cat([self.kv_a_layernorm(lat[..., :c.kv_lora]), k_rope], -1))
 
         picked = self._select(x, q_res, positions, cos, sin, cache)
 
         # Absorb W_uk into the query and apply W_uv after attention over the latents.
         wkv = self.kv_b_proj.dense_weight(x.dtype).view(c.heads, c.nope_dim + c.v_dim, c.kv_lora)
         q_lat = torch.einsum("bshn,hnc->bshc", q[..., :c.nope_dim], wkv[:, :c.nope_dim])
-        o_lat = ops.sparse_attention(torch.cat([q_lat, q_rope], -1), cache.latent, picked, c.scale, v_dim=c.kv_lora)
+        o_lat = ops.sparse_attention(torch.cat([q_lat, q_rope], -1), cache.latent.tensor, picked, c.scale, v_dim=c.kv_lora)
         o = torch.einsum("bshc,hvc->bshv", o_lat, wkv[:, c.nope_dim:])
         cache.length += s
         return self.o_proj(o.reshape(b, s, -1))
@@ -444,12 +481,12 @@ class V32Attention(nn.Module):
         c, ix = self.c, self.indexer
         b, s, _ = x.shape
         if ix is None:
-            t = cache.latent.shape[1]
+            t = len(cache.latent)
             ent = torch.arange(t, device=x.device).view(1, 1, t)
             return torch.where(ent <= positions.unsqueeze(-1), ent, -1).to(torch.int32)
         qi = _rope_head(ix.wq_b(q_res).view(b, s, c.index_heads, c.index_dim), cos.unsqueeze(2), sin.unsqueeze(2),
                         c.rope_dim)
         ki = _rope_head(ix.k_norm(ix.wk(x)), cos, sin, c.rope_dim)
-        cache.index_keys = _concat(cache.index_keys, ki)
-        return ops.indexer_select(qi, cache.index_keys, ix.weights_proj(x), (c.index_dim * c.index_heads) ** -0.5,
+        cache.index_keys.append(ki)
+        return ops.indexer_select(qi, cache.index_keys.tensor, ix.weights_proj(x), (c.index_dim * c.index_heads) ** -0.5,
                                   c.index_topk, positions, 1)

@@ -9,6 +9,7 @@ with attention_factor forced to 1). V3.2 has one table (YaRN factor 40, mscale =
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -76,9 +77,15 @@ class Rope:
         """cos and sin `[*positions.shape, dim/2]` (times attention_factor), for `ops.apply_rope`.
         Angles are formed in float32 as the reference implementations do, so long positions
         round the same way."""
-        inv = self.inv_freq().to(torch.float32).to(positions.device)
+        inv = _float32_inv_freq(self, positions.device)
         angles = positions.to(torch.float32).unsqueeze(-1) * inv
         return (angles.cos() * self.attention_factor).to(dtype), (angles.sin() * self.attention_factor).to(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _float32_inv_freq(rope: Rope, device: torch.device) -> torch.Tensor:
+    # Built once per table and device: decode asks for cos/sin several times a step.
+    return rope.inv_freq().to(torch.float32).to(device)
 
 
 def softmax_scale(head_dim: int, params: dict | None) -> float:

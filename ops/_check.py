@@ -50,6 +50,13 @@ def shape(op: str, arg: str, t: torch.Tensor, expected: tuple[int, ...], why: st
         raise OpInputError(op, arg, f"shape {tuple(expected)}{note}", describe(t))
 
 
+def broadcastable(op: str, arg: str, t: torch.Tensor, target: tuple[int, ...]) -> None:
+    """`t` broadcasts against `target` without growing it (pure shape logic: called per decode
+    step, where `torch.broadcast_shapes` costs more than the op it guards)."""
+    if t.dim() > len(target) or any(a != 1 and a != b for a, b in zip(reversed(t.shape), reversed(target))):
+        raise OpInputError(op, arg, f"a shape broadcastable to {tuple(target)}", describe(t))
+
+
 def equal(op: str, arg: str, got: int, expected: int, what: str) -> None:
     if got != expected:
         raise OpInputError(op, arg, f"{what} = {expected}", got)

@@ -58,11 +58,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     for name, t in (("cos", cos), ("sin", sin)):
         _check.tensor(op, name, t, dtypes=FLOATS)
         _check.equal(op, name, t.shape[-1], half, "last dim = half the last dim of x")
-        try:
-            torch.broadcast_shapes(t.shape, x.shape[:-1] + (half,))
-        except RuntimeError:
-            raise _check.OpInputError(op, name, f"a shape broadcastable to {tuple(x.shape[:-1]) + (half,)}",
-                                      _check.describe(t)) from None
+        _check.broadcastable(op, name, t, (*x.shape[:-1], half))
     return dispatch(op)(x, cos, sin, bool(interleaved))
 
 

@@ -12,6 +12,7 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Hyper
 from v4hal import ops
 from v4hal.backends import ascend, registry
 from v4hal.backends.ascend import mhc as ascend_mhc
+from v4hal.backends.cpu_fast import mhc as fast_mhc
 from v4hal.backends.cuda import mhc as cuda_mhc
 from v4hal.model.hyper import HyperConnection, HyperHead, expand_streams
 from v4hal.ops._check import OpInputError
@@ -180,6 +181,26 @@ def test_fast_path_over_several_token_blocks_equals_reference():
             pre = ops.hc_pre(x, fn, scale, base)
             results[backend] = (*pre, ops.hc_post(out, x, pre[1], pre[2]), ops.hc_head(x, head_fn, scale[:1], base[:4]))
     torch.testing.assert_close(results["cpu_fast"], results["cpu"], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("lead", [(1, 1), (2, 1), (1, 4), (1, 5)])
+def test_decode_sized_scalar_path_equals_reference_in_float32(lead):
+    """A few tokens take cpu_fast's Python-float path (5 tokens take the tensor path): float32
+    results within float32 rounding of the reference, same shapes and dtypes."""
+    g = torch.Generator().manual_seed(sum(lead))
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    x, out = r(*lead, 4, 32), r(*lead, 32)
+    fn, scale, base, head_fn = r(24, 128), r(3).abs() + 0.5, r(24), r(4, 128)
+    assert fast_mhc._few(x) == (lead[0] * lead[1] <= fast_mhc.SCALAR_TOKENS)
+    results = {}
+    for backend in ("cpu", "cpu_fast"):
+        with registry.forced(backend):
+            pre = ops.hc_pre(x, fn, scale, base)
+            results[backend] = (*pre, ops.hc_post(out, x, pre[1], pre[2]), ops.hc_head(x, head_fn, scale[:1], base[:4]),
+                                ops.sinkhorn(pre[2].log()))
+    for fast, ref in zip(results["cpu_fast"], results["cpu"]):
+        assert fast.dtype == ref.dtype == torch.float32
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
 
 
 # A stand-in for torch_npu's three mHC kernels, written from their documentation (the wheel's

@@ -12,6 +12,8 @@ The code is device-agnostic torch: the cuda backend (and Ascend where its fused 
 apply) runs it with `block=None`, all tokens in one pass, which suits devices that pay per launch.
 """
 
+import math
+
 import torch
 
 CPU_BLOCK = 64  # tokens per block: 64 x 4 x 4096 float32 = 4 MiB, cache-resident on a server CPU
@@ -26,7 +28,97 @@ def _blocks(tokens: int, block: int | None):
     return [slice(s, min(s + step, tokens)) for s in range(0, tokens, max(step, 1))]
 
 
+SCALAR_TOKENS = 4  # at most this many matrices (decode) take the scalar path
+
+
+def _few(t):
+    """Decode-sized input (`[..., a, b]` per token, a few tokens, on the CPU). Its mixes are a few
+    dozen numbers per token, and the ~40 tensor ops of a Sinkhorn (plus ~30 around it) cost a few
+    microseconds each; on Python floats (double precision, rounded once) the same math costs
+    about a fifth of that (docs/model.md, decode)."""
+    return t.device.type == "cpu" and t.numel() <= SCALAR_TOKENS * t.shape[-1] * t.shape[-2]
+
+
+def _sinkhorn_rows(logits, iters, eps):
+    """One n x n matrix given as Python rows -> the Sinkhorn projection, as Python rows."""
+    m = []
+    for r in logits:
+        top = max(r)
+        e = [math.exp(v - top) for v in r]
+        total = sum(e)
+        m.append([v / total + eps for v in e])
+    n = len(m)
+    for it in range(2 * iters - 1):
+        if it % 2:
+            for r in m:
+                total = sum(r) + eps
+                r[:] = [v / total for v in r]
+        else:
+            for j in range(n):
+                total = sum(r[j] for r in m) + eps
+                for r in m:
+                    r[j] /= total
+    return m
+
+
+def _sigmoid(v):
+    return 1.0 / (1.0 + math.exp(-v)) if v >= 0 else math.exp(v) / (1.0 + math.exp(v))
+
+
+def _mixes_few(x, fn):
+    """(streams as [T, n, D] in the compute dtype, per-token mixes as Python lists)."""
+    cd = _compute_dtype(x)
+    n, d = x.shape[-2:]
+    xf = x.reshape(-1, n, d)
+    xf = xf if xf.dtype == cd else xf.to(cd)
+    flat = xf.view(xf.shape[0], n * d)
+    raw = torch.mm(flat, (fn if fn.dtype == cd else fn.to(cd)).T).tolist()
+    norms = torch.linalg.vector_norm(flat, dim=-1).tolist()
+    return xf, raw, norms
+
+
+def _pre_few(x, fn, scale, base, norm_eps, hc_eps):
+    """The projection for a few tokens: (streams [T, n, D], pre [T][n], mixes [T][rows of fn],
+    scale and base as lists)."""
+    n, d = x.shape[-2:]
+    xf, raw, norms = _mixes_few(x, fn)
+    s, b = scale.tolist(), base.tolist()
+    mixes, pres = [], []
+    for row, norm in zip(raw, norms):
+        inv = 1.0 / math.sqrt(norm * norm / (n * d) + norm_eps)
+        m = [v * inv for v in row]
+        mixes.append(m)
+        pres.append([_sigmoid(m[i] * s[0] + b[i]) + hc_eps for i in range(n)])
+    return xf, pres, mixes, s, b
+
+
+def _collapse_few(x, xf, pres):
+    pre = torch.tensor(pres, dtype=xf.dtype).unsqueeze(1)
+    return torch.bmm(pre, xf).reshape(*x.shape[:-2], x.shape[-1]).to(x.dtype)
+
+
+def _hc_pre_few(x, fn, scale, base, norm_eps, hc_eps, iters):
+    n = x.shape[-2]
+    xf, pres, mixes, s, b = _pre_few(x, fn, scale, base, norm_eps, hc_eps)
+    posts, combs = [], []
+    for m in mixes:
+        posts.append([2.0 * _sigmoid(m[n + i] * s[1] + b[n + i]) for i in range(n)])
+        logits = [[m[2 * n + i * n + j] * s[2] + b[2 * n + i * n + j] for j in range(n)] for i in range(n)]
+        combs.append(_sinkhorn_rows(logits, iters, hc_eps))
+    lead = x.shape[:-2]
+    return (_collapse_few(x, xf, pres), torch.tensor(posts, dtype=xf.dtype).reshape(*lead, n),
+            torch.tensor(combs, dtype=xf.dtype).reshape(*lead, n, n))
+
+
+def _sinkhorn_few(logits, iters, eps):
+    n = logits.shape[-1]
+    out = [_sinkhorn_rows(m, iters, eps) for m in logits.reshape(-1, n, n).tolist()]
+    return torch.tensor(out, dtype=logits.dtype).reshape(logits.shape)
+
+
 def sinkhorn(logits, iters, eps):
+    if _few(logits):
+        return _sinkhorn_few(logits, iters, eps)
     # Token axis last ([n, n, T]): every row/column sum is then a sum of n contiguous
     # T-vectors instead of a strided reduction over tiny n x n blocks, about 100x faster on CPU
     # at T = 2048 (docs/mhc.md).
@@ -81,6 +173,8 @@ def hc_pre_logits(x, fn, scale, base, norm_eps, hc_eps, block=CPU_BLOCK):
 
 
 def hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters, block=CPU_BLOCK):
+    if block is not None and _few(x):
+        return _hc_pre_few(x, fn, scale, base, norm_eps, hc_eps, iters)
     layer_input, post, logits = hc_pre_logits(x, fn, scale, base, norm_eps, hc_eps, block)
     return layer_input, post, sinkhorn(logits, iters, hc_eps)
 
@@ -88,6 +182,11 @@ def hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters, block=CPU_BLOCK):
 def hc_post(out, x, post, comb, block=CPU_BLOCK):
     cd = _compute_dtype(x)
     n, d = x.shape[-2:]
+    if block is not None and _few(x):  # one small batched GEMM: new = post * out + comb^T x
+        xs = x.reshape(-1, n, d)
+        mixed = post.reshape(-1, n, 1).to(cd) * out.reshape(-1, 1, d).to(cd)
+        new = torch.baddbmm(mixed, comb.reshape(-1, n, n).to(cd).transpose(1, 2), xs.to(cd))
+        return new.to(x.dtype).reshape(x.shape)
     xs, outs = x.reshape(-1, n, d), out.reshape(-1, 1, d)
     posts, combs = post.to(cd).reshape(-1, n, 1), comb.to(cd).reshape(-1, n, n)
     new = torch.empty_like(xs)
@@ -101,4 +200,7 @@ def hc_post(out, x, post, comb, block=CPU_BLOCK):
 
 
 def hc_head(x, fn, scale, base, norm_eps, hc_eps, block=CPU_BLOCK):
+    if block is not None and _few(x):
+        xf, pres, _, _, _ = _pre_few(x, fn, scale, base, norm_eps, hc_eps)
+        return _collapse_few(x, xf, pres)
     return _project(x, fn, scale, base, norm_eps, hc_eps, block)[0]
