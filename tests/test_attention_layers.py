@@ -12,6 +12,7 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import apply_rotary_po
 from v4hal import ops
 from v4hal.backends import registry
 from v4hal.bench.attention_layers import TINY_V4, TINY_V32, ref_cache, v4_config, v4_pair, v32_pair
+from v4hal.model.attention import Rows
 from v4hal.model.rope import Rope
 
 V4_TYPES = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"]
@@ -173,3 +174,23 @@ def test_layer_bad_input_names_the_problem():
     o32, _, _ = v32_pair(DeepseekV32Config(num_hidden_layers=1, **TINY_V32))
     with pytest.raises(ValueError, match="V32Attention: positions must continue the cache"):
         o32(torch.randn(1, 1, 64), _pos(1, 1, 3), o32.new_cache())
+
+
+def test_cache_rows_grow_without_losing_or_moving_rows():
+    """`Rows` (compressed entries, latents, indexer keys) equals concatenating every append,
+    across capacity growth, and `followed_by` lends spare rows without committing them."""
+    rows, appended = Rows(), []
+    g = torch.Generator().manual_seed(0)
+    for n in [0, 3, 1, 0, 1, 200, 1, 1, 97, 1]:
+        new = torch.randn(2, n, 5, generator=g)
+        rows.append(new)
+        appended.append(new)
+        tail = torch.randn(2, 7, 5, generator=g)
+        both = rows.followed_by(tail)
+        expected = torch.cat(appended, dim=1)
+        assert len(rows) == expected.shape[1]
+        torch.testing.assert_close(both, torch.cat([expected, tail], dim=1), rtol=0, atol=0)
+        torch.testing.assert_close(rows.tensor, expected, rtol=0, atol=0)
+    start = Rows(torch.ones(1, 4, 2))
+    start.append(torch.zeros(1, 1, 2))
+    assert start.tensor.tolist() == [[[1, 1]] * 4 + [[0, 0]]]
