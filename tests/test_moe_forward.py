@@ -86,6 +86,21 @@ def test_backends_match_reference(backend, hash_layer):
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("hash_layer", [False, True], ids=["topk", "hash"])
+@pytest.mark.parametrize("tokens", [1, 2, 3])
+def test_decode_sized_fast_path_matches_reference(tokens, hash_layer):
+    """Up to FEW_ROWS (token, expert) pairs cpu_fast runs each chosen expert directly (3 tokens x
+    top-3 is past it and takes the sorted path); float64 and bf16 against the reference."""
+    for dtype, tol in ((torch.float64, 1e-12), (torch.bfloat16, 1.6e-2)):
+        x, gate, experts, kw = _forward_args(torch.Generator().manual_seed(tokens), dtype=dtype, hash_layer=hash_layer,
+                                             tokens=tokens)
+        ref = ops.moe_forward(x, gate, experts, 3, **kw)
+        with registry.forced("cpu_fast"):
+            out = ops.moe_forward(x, gate, experts, 3, **kw)
+        assert out.dtype == dtype and out.shape == x.shape
+        torch.testing.assert_close(out.double(), ref.double(), rtol=tol, atol=tol)
+
+
 def test_cuda_forward_code_path_exercised_on_cpu():
     # The cuda module's own functions, called directly on CPU BF16 tensors (torch._grouped_mm runs).
     x, gate, experts, kw = _forward_args(torch.Generator().manual_seed(12), dtype=torch.bfloat16, tokens=64)

@@ -3,12 +3,16 @@ rows move with one `index_select`, and each expert runs one GEMM over its contig
 into the output buffer. Nothing loops over tokens. Written device-agnostically: the cuda backend
 runs these same functions on the GPU.
 
-Routing (already batched in the reference) and `moe_forward` (the composition of the contracts)
-are inherited from `cpu`; quantized expert GEMMs go through the reference's per-expert
-`ops.linear`, i.e. through the quant family's own fast paths."""
+Routing (already batched in the reference) is inherited from `cpu`, and so is `moe_forward` (the
+composition of the contracts) except for decode: a few tokens on the CPU run each chosen expert
+as two matrix-vector products, without the sort / permute / combine machinery whose ~40 small ops
+cost more than those products at decode. Quantized expert GEMMs go through the reference's
+per-expert `ops.linear`, i.e. through the quant family's own fast paths."""
 
 import torch
+import torch.nn.functional as F
 
+from v4hal import ops
 from v4hal.backends.cpu import moe as reference
 from v4hal.ops.moe import MoeDispatch
 
@@ -80,3 +84,30 @@ def moe_combine(expert_out, topk_weights, state):
         return torch.bmm(hi, gathered).squeeze(1)
     lo = (weights - hi.to(weights.dtype)).to(expert_out.dtype)
     return torch.baddbmm(torch.bmm(lo, gathered), hi, gathered).squeeze(1)
+
+
+FEW_ROWS = 8  # (token, expert) pairs up to which moe_forward takes the decode path
+
+
+def moe_forward(hidden, gate_weight, experts, topk, scoring, bias, n_group, topk_group, renormalize,
+                routed_scaling_factor, input_ids, tid2eid, swiglu_limit, shared):
+    x = hidden.reshape(-1, hidden.shape[-1])
+    if (x.device.type != "cpu" or x.shape[0] * topk > FEW_ROWS or experts.gate_up_scale is not None
+            or not experts.gate_up.is_floating_point()):
+        return reference.moe_forward(hidden, gate_weight, experts, topk, scoring, bias, n_group, topk_group,
+                                     renormalize, routed_scaling_factor, input_ids, tid2eid, swiglu_limit, shared)
+    weights, ids = ops.moe_route(hidden, gate_weight, topk, scoring, bias, n_group, topk_group,
+                                 renormalize, routed_scaling_factor, input_ids, tid2eid)
+    rows = []
+    for t, chosen in enumerate(ids.tolist()):
+        for e in chosen:
+            gate_up, down = experts.gate_up[e], experts.down[e]
+            if gate_up.dtype != x.dtype:
+                gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)
+            rows.append(F.linear(swiglu(F.linear(x[t:t + 1], gate_up), swiglu_limit), down))
+    cd = reference.compute_dtype(x)
+    expert_out = torch.cat(rows).view(x.shape[0], topk, -1).to(cd)
+    out = torch.bmm(weights.to(cd).unsqueeze(1), expert_out).squeeze(1).to(x.dtype)
+    if shared is not None:
+        out = out + reference.shared_expert(x, shared, swiglu_limit)
+    return out.reshape(hidden.shape)
