@@ -3,14 +3,19 @@
 Writes a synthetic DeepSeek-V3-shaped FP8 checkpoint (random e4m3 codes, fp32 128x128 scales,
 V3 HF names) to a scratch directory, then, with the source evicted from the page cache before
 every run (posix_fadvise DONTNEED, so reads come from the disk):
-  1. the disk's sequential read speed (16 MiB reads of every shard);
+  1. the disk's sequential read speed (16 MiB reads of every shard), its sequential write speed
+     (16 MiB writes of as many bytes, writeback started behind them as the converter does, then
+     fsync) and sha256's speed on one core (hashlib; it bounds the converter, which hashes every
+     input and output byte);
   2. `v4hal convert run --to bf16` and `--to w8a8` (streaming), each in a fresh process, with and
      without `--no-fsync` (the naive peer never fsyncs: its output may still sit in the page cache);
   3. the same peer in the same run: a naive script that loads each whole shard with
      `safetensors.torch.load_file`, converts every tensor with the same v4hal.ops math, and
      `save_file`s the result (DeepSeek's fp8_cast_bf16 pattern). Loading the whole checkpoint at
      once would need input + output (~3x the source) in RAM, beyond this machine's per-process
-     budget, so the shard is the naive unit.
+     budget, so the shard is the naive unit;
+  4. a stage breakdown: one more conversion of each target in a fresh process with the converter's
+     stages wrapped in timers (CPU seconds each thread spent in each stage, per GB of input).
 Reports GB/s of input, the share of the disk's read speed, and peak RSS of each process
 (VmHWM; ru_maxrss would include the parent's memory at fork) against the largest tensor. Deletes everything it wrote.
 """
@@ -18,6 +23,7 @@ Reports GB/s of input, the share of the disk's read speed, and peak RSS of each 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -27,11 +33,14 @@ import time
 from pathlib import Path
 
 NAIVE = r"""
-import sys, json, glob, os
+import sys, json, glob, os, time
 import torch
 from safetensors.torch import load_file, save_file
 from v4hal.ops import quant
 src, dst, target = sys.argv[1:4]
+if len(sys.argv) > 4:
+    torch.set_num_threads(int(sys.argv[4]))
+start = time.perf_counter()
 os.makedirs(dst, exist_ok=True)
 for path in sorted(glob.glob(os.path.join(src, "*.safetensors"))):
     tensors = load_file(path)
@@ -53,14 +62,55 @@ for path in sorted(glob.glob(os.path.join(src, "*.safetensors"))):
             out[stem + "weight_offset"] = torch.zeros_like(s.unsqueeze(1))
     save_file(out, os.path.join(dst, os.path.basename(path)))
     del tensors, out
-print(json.dumps({"peak_rss_kb": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])}))
+print(json.dumps({"peak_rss_kb": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]),
+                  "convert_s": time.perf_counter() - start}))
 """
 
 STREAMING = r"""
-import sys, json
+import sys, json, time
+import torch
 from v4hal.cli import main
+start = time.perf_counter()
 rc = main(sys.argv[1:])
-print(json.dumps({"peak_rss_kb": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]), "rc": rc}))
+print(json.dumps({"peak_rss_kb": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]), "rc": rc,
+                  "convert_s": time.perf_counter() - start}))
+"""
+
+# Runs one conversion with its stages wrapped in per-thread CPU timers (time.thread_time), so the
+# figures are what each stage costs, not how long it waited for a core on a shared machine.
+STAGES = r"""
+import sys, json, time, threading, collections
+from pathlib import Path
+from v4hal.conversion import formats, io, plan
+from v4hal.conversion.formats import Options
+src, dst, target = sys.argv[1:4]
+cpu, wall, lock = collections.defaultdict(float), collections.defaultdict(float), threading.Lock()
+def timed(stage, fn):
+    def run(*args, **kwargs):
+        c, w = time.thread_time(), time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            with lock:
+                cpu[stage] += time.thread_time() - c
+                wall[stage] += time.perf_counter() - w
+    return run
+BACKGROUND = {"v4hal-hash-in": "sha256 of the source (thread)", "v4hal-hash-out": "sha256 of the output (thread)"}
+submit = io.Background.submit
+def submit_timed(self, fn, *args):
+    stage = BACKGROUND.get(self._pool._thread_name_prefix)
+    return timed("main: waiting for a full queue", submit)(self, timed(stage, fn) if stage else fn, *args)
+io.Background.submit = submit_timed
+io.HashingReader._consume = timed("read: preadv + read-ahead hint (main)", io.HashingReader._consume)
+io.ShardWriter._put = timed("write + write-behind (thread)", io.ShardWriter._put)
+io.ShardWriter.close = timed("close: drain, fsync, rename (main)", io.ShardWriter.close)
+formats.decode_rows = timed("decode FP8 (main)", formats.decode_rows)
+formats.encode_rows = timed("encode (main)", formats.encode_rows)
+p = plan.Plan(io.Source(src), Options(target=target))
+start, cpu0 = time.perf_counter(), time.process_time()
+plan.run(p, dst, progress=False)
+seconds, process_cpu = time.perf_counter() - start, time.process_time() - cpu0
+print(json.dumps({"seconds": seconds, "process_cpu": process_cpu, "cpu": cpu, "wall": wall}))
 """
 
 HIDDEN, VOCAB = 7168, 16384
@@ -123,13 +173,52 @@ def disk_read(root: Path) -> float:
     return total / (time.perf_counter() - start) / 1e9
 
 
-def timed(cmd: list[str], root: Path) -> tuple[float, int]:
+def disk_write(root: Path, nbytes: int) -> float:
+    """Sequential write speed with fsync, written the way ShardWriter writes (16 MiB blocks,
+    writeback started behind them)."""
+    from v4hal.conversion import io
+
+    block, path = os.urandom(16 * 2**20), root / "write-test"
+    start = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        done = kicked = settled = 0
+        while done < nbytes:
+            done += f.write(block)
+            if done - kicked >= io.WRITE_BEHIND:
+                io._write_behind(f.fileno(), kicked, done, settled)
+                settled, kicked = kicked, done
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return done / seconds / 1e9
+
+
+def sha256_speed() -> float:
+    data = os.urandom(64 * 2**20)
+    hashlib.sha256(data)
+    start = time.perf_counter()
+    for _ in range(4):
+        hashlib.sha256(data)
+    return 4 * len(data) / (time.perf_counter() - start) / 1e9
+
+
+def stage_breakdown(src: Path, dst: Path, target: str) -> dict:
+    os.sync()
+    evict(src)
+    out = subprocess.run([sys.executable, "-c", STAGES, str(src), str(dst), target], check=True, capture_output=True, text=True)
+    shutil.rmtree(dst)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def timed(cmd: list[str], root: Path) -> tuple[float, float, int]:
+    """(process wall seconds, seconds after imports, peak RSS bytes)."""
     os.sync()
     evict(root)
     start = time.perf_counter()
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     seconds = time.perf_counter() - start
-    return seconds, json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_kb"] * 1024
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return seconds, result["convert_s"], result["peak_rss_kb"] * 1024
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,30 +234,49 @@ def main(argv: list[str] | None = None) -> int:
         largest = synthesize(src, args.layers)
         size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
         disk = disk_read(src)
+        disk_w = disk_write(work, size)
+        sha = sha256_speed()
         rows = []
         for target in ("bf16", "w8a8"):
             stream = [sys.executable, "-c", STREAMING, "convert", "run", "--to", target, "--no-progress", str(src), str(work / "out")]
             runs = {"v4hal convert (streaming)": stream,
                     "v4hal convert (streaming, --no-fsync)": stream + ["--no-fsync"],
-                    "naive (whole shard, load_file/save_file)": [sys.executable, "-c", NAIVE, str(src), str(work / "out"), target]}
-            best: dict[str, tuple[float, int]] = {}
+                    "naive (whole shard, load_file/save_file)": [sys.executable, "-c", NAIVE, str(src), str(work / "out"), target],
+                    "naive, 1 torch thread": [sys.executable, "-c", NAIVE, str(src), str(work / "out"), target, "1"]}
+            best: dict[str, tuple[float, float, int]] = {}
             for _ in range(args.repeats):  # interleaved, best of each: the machine is shared and noisy
                 for how, cmd in runs.items():
-                    seconds, rss = timed(cmd, src)
+                    run = timed(cmd, src)
                     shutil.rmtree(work / "out")
-                    best[how] = min(best.get(how, (seconds, rss)), (seconds, rss))
-            for how, (seconds, rss) in best.items():
-                rows.append({"target": target, "how": how, "seconds": seconds, "gbps": size / seconds / 1e9, "rss": rss})
+                    best[how] = min(best.get(how, run), run)
+            for how, (seconds, convert_s, rss) in best.items():
+                rows.append({"target": target, "how": how, "seconds": seconds, "gbps": size / seconds / 1e9,
+                             "gbps_convert": size / convert_s / 1e9, "rss": rss})
+        stages = {target: stage_breakdown(src, work / "out", target) for target in ("bf16", "w8a8")}
         from v4hal.bench.machine import describe
 
-        print(f"machine: {describe()}")
+        print(f"machine: {describe()}; load average {os.getloadavg()[0]:.1f}")
         print(f"source: {size / 1e9:.2f} GB in {args.layers} shards, largest tensor {largest / 1e6:.0f} MB; best of {args.repeats}; "
-              f"disk sequential read (cold): {disk:.3f} GB/s\n")
-        print("| conversion | how | time (s) | GB/s of input | share of disk read | peak RSS (GB) | RSS / largest tensor |")
-        print("|---|---|---|---|---|---|---|")
+              f"disk sequential read (cold): {disk:.3f} GB/s; sequential write (fsync'd): {disk_w:.3f} GB/s; "
+              f"sha256: {sha:.2f} GB/s per core\n")
+        out_per_in = {"bf16": 2.0, "w8a8": 1.0}  # output bytes per input byte (FP8 weights dominate)
+        print("| conversion | how | process time (s) | GB/s of input | GB/s after start-up | share of disk read | "
+              "output rate / disk write | peak RSS (GB) | RSS / largest tensor |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| FP8 -> {r['target'].upper()} | {r['how']} | {r['seconds']:.1f} | {r['gbps']:.3f} | "
-                  f"{r['gbps'] / disk:.0%} | {r['rss'] / 1e9:.2f} | {r['rss'] / largest:.1f}x |")
+            print(f"| FP8 -> {r['target'].upper()} | {r['how']} | {r['seconds']:.1f} | {r['gbps']:.3f} | {r['gbps_convert']:.3f} | "
+                  f"{r['gbps'] / disk:.0%} | {r['gbps'] * out_per_in[r['target']] / disk_w:.0%} | {r['rss'] / 1e9:.2f} | {r['rss'] / largest:.1f}x |")
+        cores = os.cpu_count() or 1
+        print(f"\nhashing bound: every input byte and every output byte is hashed once; at {sha:.2f} GB/s per core on "
+              f"{cores} cores, with nothing else to do: FP8 -> BF16 (3 bytes hashed per input byte) "
+              f"{cores * sha / 3:.2f} GB/s, FP8 -> W8A8 (2) {cores * sha / 2:.2f} GB/s of input")
+        for target, st in stages.items():
+            print(f"\nstages, FP8 -> {target.upper()} (fsync'd; {size / st['seconds'] / 1e9:.3f} GB/s in this instrumented run; "
+                  f"process CPU {st['process_cpu'] / st['seconds']:.2f} cores on average, {st['process_cpu'] / size * 1e9:.2f} CPU s per GB):")
+            print("| stage | CPU s per GB of input | wall s per GB of input |")
+            print("|---|---|---|")
+            for stage, c in sorted(st["cpu"].items(), key=lambda kv: -kv[1]):
+                print(f"| {stage} | {c / size * 1e9:.2f} | {st['wall'][stage] / size * 1e9:.2f} |")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
