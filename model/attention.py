@@ -53,10 +53,8 @@ class Linear(nn.Module):
         return ops.linear(x, self.weight, self.weight_scale_inv, self.bias)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight as a float matrix (dequantized if FP8), for absorbed-MLA algebra."""
-        if self.weight.dtype == torch.float8_e4m3fn:
-            return ops.dequantize_fp8(self.weight, self.weight_scale_inv, out_dtype=dtype)
-        return self.weight.to(dtype)
+        """The weight as a float matrix (dequantized if quantized), for absorbed-MLA algebra."""
+        return ops.dequantize_weight(self.weight, self.weight_scale_inv, dtype)
 
 
 class RMSNorm(nn.Module):
@@ -289,7 +287,8 @@ class V4Attention(nn.Module):
         c, w, s = self.c, self.o_a_proj.weight, self.o_a_proj.weight_scale_inv
         groups = o.reshape(*o.shape[:2], c.o_groups, -1)
         rows = w.shape[0] // c.o_groups
-        block = ops.WEIGHT_BLOCK[0]
+        # FP8 scales cover 128-row blocks; int8 and FP4 scales are per row.
+        block = ops.WEIGHT_BLOCK[0] if w.dtype == torch.float8_e4m3fn else 1
         if s is not None and rows % block and block % rows:
             # A group's rows straddle two 128-row scale blocks: no per-group scale slice exists,
             # so the groups run on the exactly dequantized weight.
@@ -300,7 +299,8 @@ class V4Attention(nn.Module):
 
     @staticmethod
     def _group_scale(s: torch.Tensor | None, g: int, rows: int, block: int) -> torch.Tensor | None:
-        """The 128x128 block scales covering rows [g*rows, (g+1)*rows) of the FP8 weight."""
+        """The scales covering rows [g*rows, (g+1)*rows) of a quantized weight whose scales
+        each cover `block` rows (128 for FP8, 1 for int8 / FP4)."""
         if s is None:
             return None
         first = g * rows // block

@@ -40,11 +40,6 @@ SCALE_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".scale")
 OFFSET_SUFFIX = ".weight_offset"
 DESCRIPTION = "quant_model_description.json"
 W8A8_DYNAMIC, FLOAT = "W8A8_DYNAMIC", "FLOAT"
-# Targets the model reads other than through `ops.linear`: absorbed MLA multiplies by
-# `kv_b_proj.dense_weight()` and V4 slices `o_a_proj`'s scale per head group in 128-row FP8 blocks;
-# neither knows per-row int8 scales (model/attention.py), so int8 weights there load dequantized.
-_INT8_AS_FLOAT = re.compile(r"\.(kv_b_proj|o_a_proj)\.weight$")
-
 # DeepSeek's own V4 names -> HF names, applied to a key without its optional `model.` prefix
 # (transformers itself writes V4 checkpoints in these names, under `model.`).
 _V4_RENAMES = [
@@ -170,14 +165,6 @@ def _install_quantized(module: nn.Module, weight: torch.Tensor, scale: torch.Ten
     return True
 
 
-def _dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if q.dtype == torch.float8_e4m3fn:
-        return ops.dequantize_fp8(q, scale.float(), out_dtype=dtype)
-    if q.dtype == torch.uint8:
-        return ops.dequantize_fp4(q, scale, out_dtype=dtype)
-    return (q.float() * scale.float().reshape(-1, 1)).to(dtype)
-
-
 class _Description:
     """msmodelslim's `quant_model_description.json` (`{"model_quant_type": T, key: type, ...}`), when
     the checkpoint has one. Only W8A8_DYNAMIC (int8 `weight` + float `weight_scale` /
@@ -257,12 +244,11 @@ class _Loader:
             self.errors.append(f"{name}: checkpoint shape {tuple(_logical_shape(tensor))}, model expects {tuple(target.shape)}")
             return
         self.report.formats[ops.weight_format(tensor, scale) if scale is not None else "dense"] += 1
-        runnable = tensor.dtype != torch.int8 or not _INT8_AS_FLOAT.search(name)
-        if scale is not None and self.keep and attr == "weight" and runnable and _install_quantized(module, tensor, scale):
+        if scale is not None and self.keep and attr == "weight" and _install_quantized(module, tensor, scale):
             pass
         else:
             if scale is not None:
-                tensor = _dequantize(tensor, scale, target.dtype)
+                tensor = ops.dequantize_weight(tensor, scale, target.dtype)
                 self.report.dequantized += 1
             self._copy(module, attr, target, tensor)
         self.filled[name] = {None}
@@ -321,7 +307,7 @@ class _Loader:
                 s[e, s0: s0 + scale.shape[0]].copy_(scale)
         else:
             if scale is not None:
-                tensor = _dequantize(tensor, scale, target.dtype)
+                tensor = ops.dequantize_weight(tensor, scale, target.dtype)
                 self.report.dequantized += 1
             self._copy(module, attr, target, tensor, (e, slice(row0, row0 + half)))
         self.pieces_needed[fused] = n_exp * (1 if proj == "down_proj" else 2)

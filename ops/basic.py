@@ -7,10 +7,10 @@ import math
 import torch
 
 from v4hal.backends.registry import dispatch, register_op
-from v4hal.ops import _check
+from v4hal.ops import _check, quant
 from v4hal.ops.quant import FP4_BLOCK, FLOAT_IN, WEIGHT_BLOCK
 
-__all__ = ["rms_norm", "linear", "weight_format"]
+__all__ = ["rms_norm", "linear", "weight_format", "dequantize_weight"]
 
 FAMILY = "basic"
 for _op in ("rms_norm", "linear"):
@@ -37,6 +37,21 @@ def weight_format(weight: torch.Tensor, scale: torch.Tensor | None) -> str:
     if weight.dtype in FLOAT_IN:
         return "dense"
     return {torch.float8_e4m3fn: "fp8", torch.uint8: "fp4", torch.int8: "int8"}.get(weight.dtype, "?")
+
+
+def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """A `linear` weight of any format as a float `[N, K]` matrix in out_dtype: FP8 and FP4 through
+    their dequantize contracts, int8 as `q * scale[n]`, a float weight cast. For code that needs
+    the matrix itself (absorbed MLA) and for loading into float slots."""
+    fmt = weight_format(weight, scale)
+    if fmt == "fp8":
+        return quant.dequantize_fp8(weight, scale.float(), out_dtype=out_dtype)
+    if fmt == "fp4":
+        return quant.dequantize_fp4(weight, scale, out_dtype=out_dtype)
+    if fmt == "int8":
+        cd = torch.float64 if out_dtype == torch.float64 else torch.float32
+        return (weight.to(cd) * scale.to(cd).reshape(-1, 1)).to(out_dtype)
+    return weight.to(out_dtype)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,

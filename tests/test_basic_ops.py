@@ -54,6 +54,14 @@ def _weights(fmt, n, k, g):
     return q, s, q.double() * s.double().unsqueeze(-1)
 
 
+@pytest.mark.parametrize("fmt", ["dense", "fp8", "fp4", "int8"])
+def test_dequantize_weight_every_format(fmt):
+    """The matrix absorbed MLA multiplies by: the exact dequantization of each format."""
+    weight, scale, w = _weights(fmt, 200, 256, torch.Generator().manual_seed(2))
+    assert torch.equal(ops.dequantize_weight(weight, scale, torch.float64), w)
+    assert ops.dequantize_weight(weight, scale, torch.bfloat16).dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fmt", ["dense", "fp8", "fp4", "int8"])
 def test_linear_every_weight_format(backend, fmt):

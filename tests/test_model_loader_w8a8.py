@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from convert_util import cli, save_hf
 from v4hal.model.config import ModelArgs
-from v4hal.model.loader import LoadError, _INT8_AS_FLOAT, _PER_EXPERT, canonical_name, load_checkpoint
+from v4hal.model.loader import LoadError, _PER_EXPERT, canonical_name, load_checkpoint
 from v4hal.model.model import build
 
 DESC = "quant_model_description.json"
@@ -97,8 +97,7 @@ def test_w8a8_logits_within_int8_budget_of_the_float_source(converted, kind):
     n_quant = len(w8a8_weights(w8))
     kept, _, report = loaded(w8, keep=True)
     assert report.formats["int8"] == n_quant
-    # only the targets the model reads outside ops.linear (MLA's kv_b_proj, V4's grouped o_a_proj)
-    assert report.dequantized == args.num_hidden_layers
+    assert report.dequantized == 0  # MLA's kv_b_proj and V4's grouped o_a_proj stay int8 too
     got_kept = logits(kept, args)
     deq, _, report = loaded(w8, keep=False)
     assert report.dequantized == n_quant
@@ -185,9 +184,6 @@ def test_kept_quantized_weights_stay_int8_in_memory(converted, kind):
             assert torch.equal(fused[e, rows], q) and torch.equal(scales[e, rows], s.squeeze(1)), key
         else:
             linear = model.get_submodule(name[: -len(".weight")])
-            if _INT8_AS_FLOAT.search(name):
-                assert linear.weight.dtype == torch.bfloat16 and linear.weight_scale_inv is None, key
-                continue
             assert linear.weight.dtype == torch.int8 and torch.equal(linear.weight, q), key
             assert linear.weight_scale_inv.shape == (q.shape[0],) and torch.equal(linear.weight_scale_inv, s.squeeze(1)), key
         int8_bytes += q.numel()
