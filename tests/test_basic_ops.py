@@ -123,3 +123,15 @@ def test_rms_norm_every_backend_matches_the_reference(rows, d, log_scale, dtype,
         assert y.dtype == dtype
         tol = 1.6e-2 if dtype == torch.bfloat16 else 1e-5
         assert torch.allclose(y.double(), expected, rtol=tol, atol=tol * 1e-3), name
+
+
+def test_finite_check_decides_by_sum_then_exactly():
+    """`_check.finite` reads one sum; a finite tensor whose sum overflows still passes, and NaN,
+    Inf and an Inf pair that sums to NaN are all refused with their count."""
+    from v4hal.ops import _check
+
+    _check.finite("op", "x", torch.tensor([3e38, 3e38, -1.0]))
+    _check.finite("op", "x", torch.tensor([3e38, 3e38], dtype=torch.bfloat16))
+    for bad, count in (([1.0, float("nan")], 1), ([float("inf"), 2.0], 1), ([float("inf"), float("-inf")], 2)):
+        with pytest.raises(OpInputError, match=f"{count} NaN/Inf"):
+            _check.finite("op", "x", torch.tensor(bad))

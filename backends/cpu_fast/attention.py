@@ -11,6 +11,7 @@ import torch
 
 from v4hal.backends.cpu import attention as reference
 from v4hal.backends.cpu.attention import _cd
+from v4hal.backends.cpu_fast import cast
 
 _CHUNK_ELEMS = 1 << 23  # ~32 MiB of float32 temporaries per chunk
 
@@ -25,7 +26,7 @@ def apply_rope(x, cos, sin, interleaved):
     if not interleaved or x.dtype not in (torch.float32, torch.float64):
         return reference.apply_rope(x, cos, sin, interleaved)
     pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
-    turn = torch.complex(cos.to(x.dtype), sin.to(x.dtype))
+    turn = torch.complex(cast(cos, x.dtype), cast(sin, x.dtype))
     return torch.view_as_real(pairs * turn).flatten(-2)
 
 

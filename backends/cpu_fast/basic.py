@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from v4hal.backends.cpu import basic as ref
+from v4hal.backends.cpu_fast import cast
 
 
 def rms_norm(x, weight, eps):
@@ -12,11 +13,11 @@ def rms_norm(x, weight, eps):
         return ref.rms_norm(x, weight, eps)
     # F.rms_norm runs one fused kernel; in float32 it matches the contract's float32 math and
     # its single cast back at the end.
-    w = None if weight is None else weight.float()
-    return F.rms_norm(x.float(), (x.shape[-1],), w, eps).to(x.dtype)
+    w = None if weight is None else cast(weight, torch.float32)
+    return cast(F.rms_norm(cast(x, torch.float32), (x.shape[-1],), w, eps), x.dtype)
 
 
 def linear(x, weight, scale, bias, fmt):
     if fmt == "dense":
-        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return F.linear(x, cast(weight, x.dtype), None if bias is None else cast(bias, x.dtype))
     return ref.linear(x, weight, scale, bias, fmt)

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from v4hal.backends.cpu_fast import cast
+
 CPU_BLOCK = 64  # tokens per block: 64 x 4 x 4096 float32 = 4 MiB, cache-resident on a server CPU
 
 
@@ -70,9 +72,9 @@ def _mixes_few(x, fn):
     cd = _compute_dtype(x)
     n, d = x.shape[-2:]
     xf = x.reshape(-1, n, d)
-    xf = xf if xf.dtype == cd else xf.to(cd)
+    xf = cast(xf, cd)
     flat = xf.view(xf.shape[0], n * d)
-    raw = torch.mm(flat, (fn if fn.dtype == cd else fn.to(cd)).T).tolist()
+    raw = torch.mm(flat, cast(fn, cd).T).tolist()
     norms = torch.linalg.vector_norm(flat, dim=-1).tolist()
     return xf, raw, norms
 
@@ -94,7 +96,7 @@ def _pre_few(x, fn, scale, base, norm_eps, hc_eps):
 
 def _collapse_few(x, xf, pres):
     pre = torch.tensor(pres, dtype=xf.dtype).unsqueeze(1)
-    return torch.bmm(pre, xf).reshape(*x.shape[:-2], x.shape[-1]).to(x.dtype)
+    return cast(torch.bmm(pre, xf).reshape(*x.shape[:-2], x.shape[-1]), x.dtype)
 
 
 def _hc_pre_few(x, fn, scale, base, norm_eps, hc_eps, iters):
@@ -184,9 +186,9 @@ def hc_post(out, x, post, comb, block=CPU_BLOCK):
     n, d = x.shape[-2:]
     if block is not None and _few(x):  # one small batched GEMM: new = post * out + comb^T x
         xs = x.reshape(-1, n, d)
-        mixed = post.reshape(-1, n, 1).to(cd) * out.reshape(-1, 1, d).to(cd)
-        new = torch.baddbmm(mixed, comb.reshape(-1, n, n).to(cd).transpose(1, 2), xs.to(cd))
-        return new.to(x.dtype).reshape(x.shape)
+        mixed = cast(post.reshape(-1, n, 1), cd) * cast(out.reshape(-1, 1, d), cd)
+        new = torch.baddbmm(mixed, cast(comb.reshape(-1, n, n), cd).transpose(1, 2), cast(xs, cd))
+        return cast(new, x.dtype).reshape(x.shape)
     xs, outs = x.reshape(-1, n, d), out.reshape(-1, 1, d)
     posts, combs = post.to(cd).reshape(-1, n, 1), comb.to(cd).reshape(-1, n, n)
     new = torch.empty_like(xs)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from v4hal import ops
 from v4hal.backends.cpu import moe as reference
+from v4hal.backends.cpu_fast import cast
 from v4hal.ops.moe import MoeDispatch
 
 
@@ -102,12 +103,10 @@ def moe_forward(hidden, gate_weight, experts, topk, scoring, bias, n_group, topk
     for t, chosen in enumerate(ids.tolist()):
         for e in chosen:
             gate_up, down = experts.gate_up[e], experts.down[e]
-            if gate_up.dtype != x.dtype:
-                gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)
-            rows.append(F.linear(swiglu(F.linear(x[t:t + 1], gate_up), swiglu_limit), down))
+            rows.append(F.linear(swiglu(F.linear(x[t:t + 1], cast(gate_up, x.dtype)), swiglu_limit), cast(down, x.dtype)))
     cd = reference.compute_dtype(x)
-    expert_out = torch.cat(rows).view(x.shape[0], topk, -1).to(cd)
-    out = torch.bmm(weights.to(cd).unsqueeze(1), expert_out).squeeze(1).to(x.dtype)
+    expert_out = cast(torch.cat(rows).view(x.shape[0], topk, -1), cd)
+    out = cast(torch.bmm(cast(weights, cd).unsqueeze(1), expert_out).squeeze(1), x.dtype)
     if shared is not None:
         out = out + reference.shared_expert(x, shared, swiglu_limit)
     return out.reshape(hidden.shape)
