@@ -161,14 +161,17 @@ def test_hashing_reader_names_a_file_truncated_under_it(tmp_path):
         reader.rows(infos["w"], 0, 64)
 
 
-def test_shard_writer_writes_and_hashes_exactly_the_bytes_given(tmp_path, monkeypatch):
-    monkeypatch.setattr(io, "WRITE_BEHIND", 4096)  # exercise the writeback kicks on a small file
+@pytest.mark.parametrize("direct", [True, False])
+def test_shard_writer_writes_and_hashes_exactly_the_bytes_given(tmp_path, monkeypatch, direct):
+    monkeypatch.setattr(io, "WRITE_BEHIND", 4096)  # exercise the writeback kicks on a small file,
+    monkeypatch.setattr(io, "STAGE", 2 * io.ALIGN)  # and O_DIRECT's full-stage writes and padded tail
     gen = torch.Generator().manual_seed(5)
     parts = [torch.randn(100, 37, generator=gen).bfloat16(), torch.randint(-128, 127, (3000,), dtype=torch.int8, generator=gen)]
     specs = [io.OutSpec("a", torch.bfloat16, (100, 37)), io.OutSpec("b", torch.int8, (3000,))]
     for fsync in (True, False):
         path = tmp_path / f"out{fsync}.safetensors"
-        w = io.ShardWriter(path, specs, {"format": "pt"}, fsync=fsync)
+        w = io.ShardWriter(path, specs, {"format": "pt"}, fsync=fsync, direct=direct)
+        assert direct or not w.direct
         w.write(parts[0][:40])
         w.write(parts[0][40:].t().contiguous().t())  # a non-contiguous piece is written in row order
         w.write(parts[1])
