@@ -237,8 +237,8 @@ def _check_call(layer: str, x: torch.Tensor, positions: torch.Tensor, cache) -> 
         raise ValueError(f"{layer}: positions must be [B, S] = {tuple(x.shape[:2])}, got {tuple(positions.shape)}")
     if positions.device.type == "meta":  # shapes only (the Ascend dry run): no values to check
         return
-    want = cache.length + torch.arange(x.shape[1], device=positions.device)
-    if not bool((positions == want).all()):
+    want = list(range(cache.length, cache.length + x.shape[1]))
+    if any(row != want for row in positions.tolist()):
         raise ValueError(f"{layer}: positions must continue the cache, which holds {cache.length} token(s) "
                          f"(expected {cache.length}..{cache.length + x.shape[1] - 1}, got first position "
                          f"{int(positions[0, 0])}); pass the cache the earlier tokens filled")

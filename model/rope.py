@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -76,10 +77,23 @@ class Rope:
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin `[*positions.shape, dim/2]` (times attention_factor), for `ops.apply_rope`.
         Angles are formed in float32 as the reference implementations do, so long positions
-        round the same way."""
+        round the same way. Every layer of a step asks with the same positions tensor: the last
+        answer per table is reused while that tensor is alive and unmodified."""
+        key = (None if positions.is_inference() else positions._version, dtype)  # inference tensors have no version
+        last = _LAST_TABLES.get(self)
+        if last is not None and last[0]() is positions and last[1] == key:
+            return last[2]
         inv = _float32_inv_freq(self, positions.device)
         angles = positions.to(torch.float32).unsqueeze(-1) * inv
-        return (angles.cos() * self.attention_factor).to(dtype), (angles.sin() * self.attention_factor).to(dtype)
+        cos, sin = angles.cos(), angles.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        tables = cos.to(dtype), sin.to(dtype)
+        _LAST_TABLES[self] = (weakref.ref(positions), key, tables)
+        return tables
+
+
+_LAST_TABLES: dict[Rope, tuple] = {}
 
 
 @functools.lru_cache(maxsize=64)

@@ -194,3 +194,14 @@ def test_cache_rows_grow_without_losing_or_moving_rows():
     start = Rows(torch.ones(1, 4, 2))
     start.append(torch.zeros(1, 1, 2))
     assert start.tensor.tolist() == [[[1, 1]] * 4 + [[0, 0]]]
+
+
+def test_rope_tables_reused_only_for_the_same_unmodified_positions():
+    rope = Rope(16, 10000.0)
+    p = torch.arange(6).unsqueeze(0)
+    first = rope.cos_sin(p)
+    assert rope.cos_sin(p) is first  # every layer of a step asks again
+    p.add_(5)  # modified in place: recomputed
+    fresh = Rope(16, 10000.0).cos_sin(torch.arange(5, 11).unsqueeze(0))
+    torch.testing.assert_close(rope.cos_sin(p), fresh, rtol=0, atol=0)
+    assert rope.cos_sin(p, torch.float64)[0].dtype == torch.float64
