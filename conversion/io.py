@@ -224,17 +224,23 @@ class Background:
         self._pending.clear()
 
 
-def _sync_file_range():
-    """libc's sync_file_range (Linux), or None."""
+def _libc(name: str):
+    """A libc function by name, or None (not Linux / glibc)."""
     try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError, TypeError):
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return fn
 
 
-_SYNC_FILE_RANGE = _sync_file_range()
+def _advise(fd: int, offset: int, length: int, advice_name: str) -> None:
+    """posix_fadvise where the OS has it (a hint: skipping it changes speed, not results)."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, length, getattr(os, advice_name))
+
+
+_SYNC_FILE_RANGE = _libc("sync_file_range")
+if _SYNC_FILE_RANGE is not None:
+    _SYNC_FILE_RANGE.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _SFR_WRITE, _SFR_WAIT_ALL = 2, 1 | 2 | 4  # SYNC_FILE_RANGE_WRITE; WAIT_BEFORE | WRITE | WAIT_AFTER
 
 
@@ -245,14 +251,14 @@ def _write_behind(fd: int, start: int, end: int, settled: int) -> None:
     several times more CPU and is eventually throttled to the disk's pace anyway. This is not a
     durability guarantee (no metadata); close() still fsyncs."""
     if _SYNC_FILE_RANGE is None:
-        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)  # starts writeback of dirty pages
+        _advise(fd, start, end - start, "POSIX_FADV_DONTNEED")  # starts writeback of dirty pages
         return
     for lo, hi, flags in ((start, end, _SFR_WRITE), (settled, start, _SFR_WAIT_ALL)):
         if hi > lo and _SYNC_FILE_RANGE(fd, lo, hi - lo, flags) != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
     if start > settled:
-        os.posix_fadvise(fd, settled, start - settled, os.POSIX_FADV_DONTNEED)
+        _advise(fd, settled, start - settled, "POSIX_FADV_DONTNEED")
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
@@ -270,9 +276,8 @@ def _reuse_freed_chunks() -> None:
     if _malloc_tuned:
         return
     _malloc_tuned = True
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc("mallopt")
+    if mallopt is None:
         return
     mallopt(_M_MMAP_THRESHOLD, 64 * 2**20)
     mallopt(_M_TRIM_THRESHOLD, 128 * 2**20)
@@ -315,7 +320,7 @@ class HashingReader:
             got += k
         self._hasher.submit(self.hash.update, view)
         self.pos += n
-        os.posix_fadvise(self.fd, self.pos, READ_AHEAD, os.POSIX_FADV_WILLNEED)
+        _advise(self.fd, self.pos, READ_AHEAD, "POSIX_FADV_WILLNEED")
         if self.progress:
             self.progress(n)
         return buf

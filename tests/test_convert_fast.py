@@ -161,10 +161,12 @@ def test_hashing_reader_names_a_file_truncated_under_it(tmp_path):
         reader.rows(infos["w"], 0, 64)
 
 
-@pytest.mark.parametrize("direct", [True, False])
-def test_shard_writer_writes_and_hashes_exactly_the_bytes_given(tmp_path, monkeypatch, direct):
+@pytest.mark.parametrize("direct, sync_file_range", [(True, True), (False, True), (False, False)])
+def test_shard_writer_writes_and_hashes_exactly_the_bytes_given(tmp_path, monkeypatch, direct, sync_file_range):
     monkeypatch.setattr(io, "WRITE_BEHIND", 4096)  # exercise the writeback kicks on a small file,
     monkeypatch.setattr(io, "STAGE", 2 * io.ALIGN)  # and O_DIRECT's full-stage writes and padded tail
+    if not sync_file_range:  # the fallback where libc lacks it
+        monkeypatch.setattr(io, "_SYNC_FILE_RANGE", None)
     gen = torch.Generator().manual_seed(5)
     parts = [torch.randn(100, 37, generator=gen).bfloat16(), torch.randint(-128, 127, (3000,), dtype=torch.int8, generator=gen)]
     specs = [io.OutSpec("a", torch.bfloat16, (100, 37)), io.OutSpec("b", torch.int8, (3000,))]
