@@ -224,6 +224,11 @@ class _Loader:
 
     # One logical tensor: a float tensor, or a quantized weight with its scale.
     def put(self, name: str, tensor: torch.Tensor, scale: torch.Tensor | None) -> None:
+        if tensor.dtype == torch.float8_e4m3fn:
+            nan_codes = int(((tensor.view(torch.uint8) & 0x7F) == 0x7F).sum())
+            if nan_codes:  # read once here: the fast CPU kernels decode the NaN code as +-480
+                self.rejected.append(f"{name}: {nan_codes} e4m3 NaN code(s) (0x7f/0xff) in an FP8 weight")
+                return
         if scale is not None:
             self.quantized.add(name)
             if tensor.dtype == torch.int8:

@@ -248,3 +248,16 @@ def test_streaming_load_peak_memory_is_near_the_model_size(tmp_path):
     growth, size = map(int, out.stdout.split())
     assert size > 60e6
     assert growth < 1.5 * size, (growth, size)
+
+
+def test_fp8_weight_with_a_nan_code_is_refused_by_name(tmp_path):
+    """e4m3 has no Inf; 0x7f / 0xff are NaN, which the fast CPU decode would read as +-480."""
+    d, path, tensors, args = _saved(tmp_path)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    q, s = ops.quantize_fp8(tensors[name].float(), (128, 128))
+    codes = q.view(torch.uint8).clone()
+    codes[0, :3] = torch.tensor([0x7F, 0xFF, 0x7E], dtype=torch.uint8)  # two NaNs and 448
+    tensors[name], tensors[name + "_scale_inv"] = codes.view(torch.float8_e4m3fn), s
+    save_file(tensors, path)
+    with pytest.raises(LoadError, match=f"{name}: 2 e4m3 NaN code"):
+        load_checkpoint(build(args), d, args)
