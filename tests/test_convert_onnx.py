@@ -61,6 +61,18 @@ def test_tiny_export_passes_checker_and_matches_on_a_fresh_input(tiny):
     assert not torch.equal(got, ort_logits(path, onnx_export.random_ids(args.vocab_size, 2, 40, 0)))
 
 
+def test_decode_sized_export_does_not_freeze_the_fast_paths(tmp_path):
+    """One sequence of 3 tokens is what cpu_fast's decode shortcuts (Python-float mHC, per-expert
+    MoE, complex RoPE) take eagerly; under the tracer they must not, or the graph would hold the
+    example's numbers (the exporter's own fresh-input check would then refuse to write it)."""
+    model, args = onnx_export.build_model(preset="tiny", seed=4)
+    path = tmp_path / "short.onnx"
+    assert all(c.ok for c in onnx_export.export(model, args.vocab_size, path, seq_len=3, batch=1))
+    ids = torch.randint(0, args.vocab_size, (1, 3), generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        torch.testing.assert_close(ort_logits(path, ids), model(ids), **TOL)
+
+
 def test_dense_experts_equal_the_model_and_are_undone(tiny):
     model, args, _, _ = tiny
     ids = onnx_export.random_ids(args.vocab_size, 1, 24, 77)

@@ -10,6 +10,13 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def eager_on_cpu(t: torch.Tensor) -> bool:
+    """Whether a decode shortcut may leave tensor ops (Python floats, per-expert loops, complex
+    views): only on CPU tensors, and never under `torch.jit.trace` (the ONNX exporter), which
+    would freeze Python values into the graph or meet ops ONNX lacks."""
+    return t.device.type == "cpu" and not torch.jit.is_tracing()
+
+
 def probe() -> tuple[bool, str]:
     return True, ""
 

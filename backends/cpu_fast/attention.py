@@ -11,7 +11,7 @@ import torch
 
 from v4hal.backends.cpu import attention as reference
 from v4hal.backends.cpu.attention import _cd
-from v4hal.backends.cpu_fast import cast
+from v4hal.backends.cpu_fast import cast, eager_on_cpu
 
 _CHUNK_ELEMS = 1 << 23  # ~32 MiB of float32 temporaries per chunk
 
@@ -23,7 +23,7 @@ def _chunk(per_query: int, elems: int) -> int:
 def apply_rope(x, cos, sin, interleaved):
     # Interleaved pairs are complex numbers: one complex multiply instead of ~14 real ops
     # (what decode pays per call; DeepSeek's own inference code rotates the same way).
-    if not interleaved or x.dtype not in (torch.float32, torch.float64):
+    if not interleaved or x.dtype not in (torch.float32, torch.float64) or not eager_on_cpu(x):
         return reference.apply_rope(x, cos, sin, interleaved)
     pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
     turn = torch.complex(cast(cos, x.dtype), cast(sin, x.dtype))

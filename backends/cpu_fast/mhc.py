@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from v4hal.backends.cpu_fast import cast
+from v4hal.backends.cpu_fast import cast, eager_on_cpu
 
 CPU_BLOCK = 64  # tokens per block: 64 x 4 x 4096 float32 = 4 MiB, cache-resident on a server CPU
 
@@ -38,7 +38,7 @@ def _few(t):
     dozen numbers per token, and the ~40 tensor ops of a Sinkhorn (plus ~30 around it) cost a few
     microseconds each; on Python floats (double precision, rounded once) the same math costs
     about a fifth of that (docs/model.md, decode)."""
-    return t.device.type == "cpu" and t.numel() <= SCALAR_TOKENS * t.shape[-1] * t.shape[-2]
+    return eager_on_cpu(t) and t.numel() <= SCALAR_TOKENS * t.shape[-1] * t.shape[-2]
 
 
 def _sinkhorn_rows(logits, iters, eps):

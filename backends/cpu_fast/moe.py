@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from v4hal import ops
 from v4hal.backends.cpu import moe as reference
-from v4hal.backends.cpu_fast import cast
+from v4hal.backends.cpu_fast import cast, eager_on_cpu
 from v4hal.ops.moe import MoeDispatch
 
 
@@ -93,7 +93,7 @@ FEW_ROWS = 8  # (token, expert) pairs up to which moe_forward takes the decode p
 def moe_forward(hidden, gate_weight, experts, topk, scoring, bias, n_group, topk_group, renormalize,
                 routed_scaling_factor, input_ids, tid2eid, swiglu_limit, shared):
     x = hidden.reshape(-1, hidden.shape[-1])
-    if (x.device.type != "cpu" or x.shape[0] * topk > FEW_ROWS or experts.gate_up_scale is not None
+    if (not eager_on_cpu(x) or x.shape[0] * topk > FEW_ROWS or experts.gate_up_scale is not None
             or not experts.gate_up.is_floating_point()):
         return reference.moe_forward(hidden, gate_weight, experts, topk, scoring, bias, n_group, topk_group,
                                      renormalize, routed_scaling_factor, input_ids, tid2eid, swiglu_limit, shared)
