@@ -178,5 +178,7 @@ def _decode(context: int, chunk: int = 1024):
 SPEED = [
     SpeedCase("model_prefill", "bench-v4/4k", _prefill(4096)),
     SpeedCase("model_decode", "bench-v4/16k-context", _decode(16384)),
+    # Near the config's 64k position limit: where attending only the selected entries pays off.
+    SpeedCase("model_decode", "bench-v4/60k-context", _decode(61440)),
     SpeedCase("model_prefill", "bench-v4/256", _prefill(256), quick=True),
 ]
