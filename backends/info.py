@@ -52,7 +52,8 @@ def report() -> dict:
             entry["versions"] = registry.backend_module(b).versions()
         backends[b] = entry
     s = registry.settings()
-    return {"settings": {"backend": s.backend, "op_backends": s.op_backends, "fallback": s.fallback},
+    return {"settings": {"backend": s.backend, "op_backends": s.op_backends, "fallback": s.fallback,
+                         "checks": s.checks},
             "versions": package_versions(), "backends": backends, "ops": registry.explain(),
             "ascend_chip_paths": ascend_chip_paths()}
 
@@ -74,7 +75,7 @@ def ascend_chip_paths() -> dict[str, str]:
 def format_text(rep: dict) -> str:
     s = rep["settings"]
     lines = [f"V4HAL_BACKEND={s['backend']}  V4HAL_OP_BACKENDS={','.join(f'{k}={v}' for k, v in s['op_backends'].items()) or '-'}"
-             f"  V4HAL_FALLBACK={s['fallback'] or '-'}", "",
+             f"  V4HAL_FALLBACK={s['fallback'] or '-'}  V4HAL_CHECKS={s['checks']}", "",
              "versions: " + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()), "", "backends:"]
     for name, b in rep["backends"].items():
         detail = ", ".join(f"{k} {v}" for k, v in b.get("versions", {}).items()) if b["usable"] else b["reason"]

@@ -10,6 +10,9 @@ Environment:
   V4HAL_OP_BACKENDS  per-op overrides, e.g. "fp8_matmul=cpu,moe_dispatch=ascend"
   V4HAL_FALLBACK     cpu: run an op on the cpu reference when the requested backend cannot
                      (recorded, and shown in every parity and bench report)
+  V4HAL_CHECKS       full | shapes (default full). `shapes` skips the argument checks that read
+                     tensor values (NaN/Inf, index and position ranges): on an NPU or GPU each is a
+                     host synchronisation, which a tested serving loop may not want to pay
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ BACKENDS = ("cpu", "cpu_fast", "cuda", "ascend", "mindspore")
 # `auto` takes, per op, the first usable backend in this order that implements the op.
 AUTO_ORDER = ("ascend", "cuda", "cpu_fast", "cpu")
 FALLBACKS = ("cpu",)
+CHECKS = ("full", "shapes")
 # A backend listed here runs its parent's implementation of any op it has no own version of
 # (cpu_fast is "the reference, made fast where it pays"); `explain` says which ops inherit.
 INHERITS = {"cpu_fast": "cpu"}
@@ -54,6 +58,7 @@ class Settings:
     backend: str = "auto"
     op_backends: dict[str, str] = field(default_factory=dict)
     fallback: str | None = None
+    checks: str = "full"
 
 
 _OPS: dict[str, OpSpec] = {}
@@ -98,11 +103,14 @@ def settings_from_env(env: dict[str, str] | None = None) -> Settings:
     fallback = env.get("V4HAL_FALLBACK", "").strip() or None
     if fallback is not None and fallback not in FALLBACKS:
         raise BackendError(f"V4HAL_FALLBACK: expected one of {', '.join(FALLBACKS)}, got {fallback!r}")
-    return Settings(backend, overrides, fallback)
+    checks = env.get("V4HAL_CHECKS", "").strip() or "full"
+    if checks not in CHECKS:
+        raise BackendError(f"V4HAL_CHECKS: expected one of {', '.join(CHECKS)}, got {checks!r}")
+    return Settings(backend, overrides, fallback, checks)
 
 
 def configure(backend: str | None = None, op_backends: dict[str, str] | None = None,
-              fallback: str | None = None) -> None:
+              fallback: str | None = None, checks: str | None = None) -> None:
     """Programmatic twin of the environment variables; clears cached choices."""
     global _settings
     s = settings_from_env()
@@ -113,6 +121,10 @@ def configure(backend: str | None = None, op_backends: dict[str, str] | None = N
                          for o, b in op_backends.items()}
     if fallback is not None:
         s.fallback = fallback or None
+    if checks is not None:
+        if checks not in CHECKS:
+            raise BackendError(f"configure(checks): expected one of {', '.join(CHECKS)}, got {checks!r}")
+        s.checks = checks
     reset()
     _settings = s
 

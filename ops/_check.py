@@ -8,6 +8,8 @@ from typing import Collection, Iterable
 
 import torch
 
+from v4hal.backends import registry
+
 
 class OpInputError(ValueError):
     """Bad input to a v4hal op. Attributes: op, arg, expected, got."""
@@ -61,6 +63,12 @@ def equal(op: str, arg: str, got: int, expected: int, what: str) -> None:
         raise OpInputError(op, arg, f"{what} = {expected}", got)
 
 
+def reads(t: torch.Tensor) -> bool:
+    """Whether a check may read `t`'s values: never on the meta device (shapes only: the Ascend dry
+    run), nor under V4HAL_CHECKS=shapes (each read is a host synchronisation on an NPU or GPU)."""
+    return t.device.type != "meta" and registry.settings().checks == "full"
+
+
 def all_finite(t: torch.Tensor) -> bool:
     # A NaN/Inf element makes the sum non-finite, so one reduction and one read decide the usual
     # case (this runs on every decode step); a finite tensor whose sum overflows gets the exact test.
@@ -69,14 +77,14 @@ def all_finite(t: torch.Tensor) -> bool:
 
 def finite(op: str, arg: str, t: torch.Tensor) -> None:
     """Reject NaN/Inf: a quantizer or scale fed one would silently poison a whole block."""
-    if t.is_floating_point() and t.device.type != "meta" and not all_finite(t):
+    if t.is_floating_point() and reads(t) and not all_finite(t):
         bad = (~torch.isfinite(t)).sum().item()
         raise OpInputError(op, arg, "finite values", f"{bad} NaN/Inf element(s) in {describe(t)}")
 
 
 def positive(op: str, arg: str, t: torch.Tensor) -> None:
     finite(op, arg, t)
-    if t.device.type != "meta" and not bool((t > 0).all()):
+    if reads(t) and not bool((t > 0).all()):
         raise OpInputError(op, arg, "strictly positive values", f"{int((t <= 0).sum())} value(s) <= 0")
 
 

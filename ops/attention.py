@@ -248,7 +248,7 @@ def window_indices(positions: torch.Tensor, window: int, start: int) -> torch.Te
     start = _check.traced_int(start)
     if not isinstance(start, int) or start < 0:
         raise _check.OpInputError(op, "start", "a non-negative int", repr(start))
-    if positions.numel() and positions.device.type != "meta" and int(positions.min()) < start:
+    if positions.numel() and _check.reads(positions) and int(positions.min()) < start:
         raise _check.OpInputError(op, "positions", f"positions >= start = {start}", int(positions.min()))
     rows = positions.unsqueeze(-1) - start - (window - 1) + torch.arange(window, device=positions.device)
     return torch.where(rows >= 0, rows, -1).to(torch.int32)
@@ -277,7 +277,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, s
     if tuple(indices.shape[:2]) != (b, s):
         raise _check.OpInputError(op, "indices", f"shape [{b}, {s}, K] ([B, S] of q)", _check.describe(indices))
     n = kv.shape[1]
-    if indices.device.type != "meta":
+    if _check.reads(indices):
         lo, hi = int(indices.min()), int(indices.max())
         if lo < -1 or hi >= n:
             raise _check.OpInputError(op, "indices", f"values in [-1, {n - 1}] (-1 = none; kv has {n} rows)",

@@ -91,7 +91,7 @@ def expert_format(weight: torch.Tensor) -> str:
 
 
 def _ids_in_range(op: str, arg: str, ids: torch.Tensor, upper: int, what: str) -> None:
-    if ids.device.type != "meta" and ids.numel():
+    if ids.numel() and _check.reads(ids):
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= upper:
             raise _check.OpInputError(op, arg, f"values in [0, {upper}) ({what})", f"values in [{lo}, {hi}]")
@@ -213,7 +213,7 @@ def _check_expert_weight(op: str, arg: str, weight: torch.Tensor, scale: torch.T
 def _check_offsets(op: str, offsets: torch.Tensor, n_experts: int, rows: int) -> None:
     _check.tensor(op, "group_offsets", offsets, dtypes=INDEX_DTYPES, ndim=1)
     _check.shape(op, "group_offsets", offsets, (n_experts + 1,), "one more than the number of experts")
-    if offsets.device.type != "meta":
+    if _check.reads(offsets):
         first, last = int(offsets[0]), int(offsets[-1])
         if first != 0 or last != rows or bool((offsets[1:] < offsets[:-1]).any()):
             raise _check.OpInputError(op, "group_offsets", f"non-decreasing, from 0 to the {rows} rows of x",

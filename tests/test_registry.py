@@ -8,6 +8,7 @@ import torch
 
 from v4hal import ops
 from v4hal.backends import registry
+from v4hal.ops._check import OpInputError
 
 
 def test_auto_prefers_fast_cpu_path_on_a_bare_machine():
@@ -35,6 +36,7 @@ def test_per_op_override_beats_the_global_backend(monkeypatch):
     ("V4HAL_OP_BACKENDS", "fp8_matmul", "expected op=backend, got 'fp8_matmul'"),
     ("V4HAL_OP_BACKENDS", "fp8_matmul=gpu", "unknown backend 'gpu'"),
     ("V4HAL_FALLBACK", "mindspore", "V4HAL_FALLBACK: expected one of cpu, got 'mindspore'"),
+    ("V4HAL_CHECKS", "none", "V4HAL_CHECKS: expected one of full, shapes, got 'none'"),
 ])
 def test_bad_settings_list_the_valid_names(monkeypatch, var, value, needle):
     monkeypatch.setenv(var, value)
@@ -128,3 +130,27 @@ def _fp8_args():
     a, a_s = ops.quantize_fp8(torch.randn(2, 256, generator=g))
     b, b_s = ops.quantize_fp8(torch.randn(128, 256, generator=g), (128, 128))
     return a, a_s, b, b_s
+
+
+def test_checks_shapes_skips_only_the_checks_that_read_values(monkeypatch):
+    """V4HAL_CHECKS=shapes: a NaN mix or an out-of-range expert id is no longer looked for (no host
+    read), while dtype and shape errors still are; `full` (the default) refuses both values."""
+    x, post, comb = torch.ones(1, 2, 3), torch.tensor([[float("nan"), 1.0]]), torch.eye(2).unsqueeze(0)
+    ids = torch.tensor([[0, 9]])
+    with pytest.raises(OpInputError, match="'post' expected finite values"):
+        ops.hc_post(torch.ones(1, 3), x, post, comb)
+    with pytest.raises(OpInputError, match="topk_ids"):
+        ops.moe_dispatch(torch.ones(1, 4), ids, 4)
+    monkeypatch.setenv("V4HAL_CHECKS", "shapes")
+    registry.reset()
+    assert registry.settings().checks == "shapes"
+    assert torch.isnan(ops.hc_post(torch.ones(1, 3), x, post, comb)).any()
+    with pytest.raises(OpInputError, match="'comb' expected shape"):
+        ops.hc_post(torch.ones(1, 3), x, post, comb[:, :1])
+    with pytest.raises(OpInputError, match="dtype"):
+        ops.hc_post(torch.ones(1, 3), x, post.long(), comb)
+    registry.configure(checks="full")
+    with pytest.raises(OpInputError, match="finite values"):
+        ops.hc_post(torch.ones(1, 3), x, post, comb)
+    with pytest.raises(registry.BackendError, match="configure\\(checks\\)"):
+        registry.configure(checks="off")
