@@ -150,6 +150,16 @@ def _is_quant_scale(model: nn.Module, name: str) -> bool:
     return slot is None or getattr(*slot) is None
 
 
+def _packed_fp4_as_int8(weight: torch.Tensor, scale: torch.Tensor | None) -> bool:
+    """DeepSeek V4 ships its MXFP4 experts as int8 bytes (two e2m1 values each) beside a
+    `[N, K/32]` ue8m0 scale; a W8A8 int8 weight has one float scale per row. Told apart by the
+    scale: its e8m0 / byte dtype, or more than one column."""
+    if weight.dtype != torch.int8 or scale is None or weight.dim() != 2:
+        return False
+    return scale.dtype in (torch.float8_e8m0fnu, torch.uint8) or (
+        scale.dim() == 2 and scale.shape[1] > 1 and scale.shape[1] == -(-2 * weight.shape[1] // ops.FP4_BLOCK))
+
+
 def _logical_shape(t: torch.Tensor) -> tuple[int, ...]:
     """Shape of the matrix a stored tensor stands for (packed FP4 holds two values per byte)."""
     return (*t.shape[:-1], t.shape[-1] * 2) if t.dtype == torch.uint8 else tuple(t.shape)
@@ -224,6 +234,8 @@ class _Loader:
 
     # One logical tensor: a float tensor, or a quantized weight with its scale.
     def put(self, name: str, tensor: torch.Tensor, scale: torch.Tensor | None) -> None:
+        if _packed_fp4_as_int8(tensor, scale):
+            tensor = tensor.view(torch.uint8)
         if tensor.dtype == torch.float8_e4m3fn:
             nan_codes = int(((tensor.view(torch.uint8) & 0x7F) == 0x7F).sum())
             if nan_codes:  # read once here: the fast CPU kernels decode the NaN code as +-480

@@ -26,7 +26,8 @@ def _quantizable(name: str, t: torch.Tensor) -> bool:
     return t.dim() == 2 and name.endswith(".weight") and not any(k in name for k in skip)
 
 
-def _quantize_dir(d, suffix: str, shards: int = 1, fp4_experts: bool = False) -> tuple[dict, dict]:
+def _quantize_dir(d, suffix: str, shards: int = 1, fp4_experts: bool = False,
+                  fp4_storage: torch.dtype = torch.uint8) -> tuple[dict, dict]:
     """Rewrite the checkpoint in `d` with FP8 weights (or MXFP4 routed experts only), split over
     `shards` files with an index; returns (dequantized reference tensors, formats by name)."""
     path = next(d.glob("*.safetensors"))
@@ -36,8 +37,10 @@ def _quantize_dir(d, suffix: str, shards: int = 1, fp4_experts: bool = False) ->
     for name, t in tensors.items():
         if fp4_experts and ".experts." in name and t.dim() == 2:
             q, s = ops.quantize_fp4(t)
-            out[name], out[name[:-len("weight")] + suffix.lstrip(".")] = q, s
             ref[name], fmt[name] = ops.dequantize_fp4(q, s, out_dtype=torch.float32), "fp4"
+            if fp4_storage == torch.int8:  # as DeepSeek ships V4: int8 bytes, ue8m0 scales (exact: powers of 2)
+                q, s = q.view(torch.int8), s.to(torch.float8_e8m0fnu)
+            out[name], out[name[:-len("weight")] + suffix.lstrip(".")] = q, s
         elif _quantizable(name, t) and not fp4_experts:
             q, s = ops.quantize_fp8(t, (128, 128))
             out[name], out[name[:-len("weight")] + suffix.lstrip(".")] = q, s
@@ -118,16 +121,21 @@ def test_fp8_experts_stay_quantized_in_the_fused_layout(tmp_path):
     assert 1 - 2 * (a * b).sum() / (a.square().sum() + b.square().sum()) < 2e-2
 
 
-def test_fp4_experts_load(tmp_path):
+@pytest.mark.parametrize("storage", [torch.uint8, torch.int8], ids=["uint8", "int8-as-deepseek-ships"])
+def test_fp4_experts_load(tmp_path, storage):
+    """MXFP4 experts, packed in uint8 or (as DeepSeek's V4 checkpoints store them) in int8 bytes
+    beside ue8m0 scales: the int8 ones are FP4, not W8A8."""
     d = tmp_path / "ckpt"
     d.mkdir()
     make_pair("v4-mixed", d)
-    ref, fmt = _quantize_dir(d, ".scale", fp4_experts=True)
+    ref, fmt = _quantize_dir(d, ".scale", fp4_experts=True, fp4_storage=storage)
     assert "fp4" in fmt.values()
     args = ModelArgs.from_json(d)
     dense = _dense_twin(d, args, ref, tmp_path)
     q = build(args)
-    load_checkpoint(q, d, args)
+    report = load_checkpoint(q, d, args)
+    assert report.formats["fp4"] == sum(f == "fp4" for f in fmt.values()) and not report.formats["int8"]
+    assert any(p.dtype == torch.uint8 for n, p in q.state_dict().items() if "experts" in n)
     ids = torch.randint(0, args.vocab_size, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(q(ids), dense(ids), rtol=2e-3, atol=2e-3)
