@@ -236,6 +236,8 @@ class _Loader:
     def put(self, name: str, tensor: torch.Tensor, scale: torch.Tensor | None) -> None:
         if _packed_fp4_as_int8(tensor, scale):
             tensor = tensor.view(torch.uint8)
+        elif tensor.dtype == torch.float8_e4m3fn and scale is not None and scale.dtype == torch.float8_e8m0fnu:
+            scale = scale.float()  # V4's ue8m0 block scales; exact (powers of two), what fp8_matmul takes
         if tensor.dtype == torch.float8_e4m3fn:
             nan_codes = int(((tensor.view(torch.uint8) & 0x7F) == 0x7F).sum())
             if nan_codes:  # read once here: the fast CPU kernels decode the NaN code as +-480

@@ -27,7 +27,7 @@ def _quantizable(name: str, t: torch.Tensor) -> bool:
 
 
 def _quantize_dir(d, suffix: str, shards: int = 1, fp4_experts: bool = False,
-                  fp4_storage: torch.dtype = torch.uint8) -> tuple[dict, dict]:
+                  fp4_storage: torch.dtype = torch.uint8, ue8m0: bool = False) -> tuple[dict, dict]:
     """Rewrite the checkpoint in `d` with FP8 weights (or MXFP4 routed experts only), split over
     `shards` files with an index; returns (dequantized reference tensors, formats by name)."""
     path = next(d.glob("*.safetensors"))
@@ -42,9 +42,9 @@ def _quantize_dir(d, suffix: str, shards: int = 1, fp4_experts: bool = False,
                 q, s = q.view(torch.int8), s.to(torch.float8_e8m0fnu)
             out[name], out[name[:-len("weight")] + suffix.lstrip(".")] = q, s
         elif _quantizable(name, t) and not fp4_experts:
-            q, s = ops.quantize_fp8(t, (128, 128))
-            out[name], out[name[:-len("weight")] + suffix.lstrip(".")] = q, s
+            q, s = ops.quantize_fp8(t, (128, 128), scale_fmt="ue8m0" if ue8m0 else "fp32")
             ref[name], fmt[name] = ops.dequantize_fp8(q, s, out_dtype=torch.float32), "fp8"
+            out[name], out[name[:-len("weight")] + suffix.lstrip(".")] = q, s.to(torch.float8_e8m0fnu) if ue8m0 else s
         else:
             out[name] = ref[name] = t
     names = sorted(out)  # weights sort before their `weight_scale_inv`; `.scale` sorts before `.weight`
@@ -69,12 +69,14 @@ def _dense_twin(d, args, ref, tmp_path):
     return m
 
 
-@pytest.mark.parametrize("name,suffix", [("v32-groups-dsa", "weight_scale_inv"), ("v4-mixed", "scale")])
-def test_fp8_checkpoint_kept_quantized_or_dequantized(name, suffix, tmp_path):
+@pytest.mark.parametrize("name,suffix,ue8m0", [("v32-groups-dsa", "weight_scale_inv", False), ("v4-mixed", "scale", False),
+                                               ("v4-mixed", "scale", True)], ids=["v32", "v4", "v4-e8m0-scales"])
+def test_fp8_checkpoint_kept_quantized_or_dequantized(name, suffix, ue8m0, tmp_path):
+    """FP8 weights with fp32 scales, or with float8_e8m0fnu ones as V4 ships them (scale_fmt ue8m0)."""
     d = tmp_path / "ckpt"
     d.mkdir()
     _, _ = make_pair(name, d)
-    ref, fmt = _quantize_dir(d, "." + suffix, shards=3)
+    ref, fmt = _quantize_dir(d, "." + suffix, shards=3, ue8m0=ue8m0)
     assert "fp8" in fmt.values()
     args = ModelArgs.from_json(d)
     ids = torch.randint(0, args.vocab_size, (2, 19), generator=torch.Generator().manual_seed(0))
