@@ -205,3 +205,13 @@ def test_rope_tables_reused_only_for_the_same_unmodified_positions():
     fresh = Rope(16, 10000.0).cos_sin(torch.arange(5, 11).unsqueeze(0))
     torch.testing.assert_close(rope.cos_sin(p), fresh, rtol=0, atol=0)
     assert rope.cos_sin(p, torch.float64)[0].dtype == torch.float64
+
+
+def test_attention_report_decode_point_runs_on_a_prefilled_cache():
+    """The decode benchmark (`python -m v4hal.bench.attention_report decode`) on a small context:
+    it builds a CSA cache of the context's size and times steps on fresh copies of its rows."""
+    from v4hal.bench import attention_report
+
+    point = attention_report.measure_decode(600, torch.float32, steps=1)
+    assert point["compressed_entries"] == 599 // 4
+    assert point["step_s"] > 0 and point["attention_s"] > 0 and point["dense_sdpa_s"] > 0
