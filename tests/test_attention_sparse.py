@@ -65,6 +65,22 @@ def test_implementations_agree_with_the_reference(impl, mla):
     torch.testing.assert_close(lse, ref_lse)
 
 
+@pytest.mark.parametrize("mla", [False, True])
+def test_cpu_fast_all_rows_and_gathered_forms_agree(mla, monkeypatch):
+    """cpu_fast scores every row with two GEMMs when the KV rows are few per pick (a prompt) and
+    gathers the picked rows otherwise (decode); both equal the reference, with -1 holes,
+    duplicated picks, rows without any entry, a sink and v_dim < D, also in tiny query chunks."""
+    g = torch.Generator().manual_seed(3)
+    q, kv, idx, scale, sink, v_dim = _random_case(g, s=6, n=9, k=11, d=12, v_dim=8 if mla else None, sink=not mla)
+    idx[0, 0] = -1
+    idx[1, 2, :4] = 5
+    ref = ref_impl.sparse_attention(q, kv, idx, scale, sink, v_dim)
+    for factor in (0, 100):  # gathered only / all rows only
+        monkeypatch.setattr(fast_impl, "DENSE_ROWS_PER_PICK", factor)
+        for chunk in (fast_impl._CHUNK_ELEMS, 1):
+            torch.testing.assert_close(fast_impl.sparse_attention(q, kv, idx, scale, sink, v_dim, chunk), ref)
+
+
 def test_cuda_path_chunks_queries_without_changing_results():
     g = torch.Generator().manual_seed(1)
     args = _random_case(g, s=9)

@@ -1,10 +1,12 @@
 """Fast sparse attention in plain torch: work in query chunks, gather only the selected KV rows.
 
-Attention never forms a [queries x all keys] matrix: per query it touches its K gathered rows
-(O(top-k + window) time and memory). The indexer forms scores for one chunk of queries at a
-time (O(compressed length) per query) and keeps only the top-k. Chunks are sized so a chunk's
-temporaries stay around `_CHUNK_ELEMS` floats whatever the context length. The code is device-agnostic: the cuda backend runs it with
-bigger chunks.
+Over a long cache attention never forms a [queries x all keys] matrix: per query it touches its K
+gathered rows (O(top-k + window) time and memory). Only when the cache has at most
+`DENSE_ROWS_PER_PICK` rows per pick (a short prompt's prefill) does it score every row, because
+two large GEMMs then cost less than one tiny GEMM per query. The indexer forms scores for one
+chunk of queries at a time (O(compressed length) per query) and keeps only the top-k. Chunks are
+sized so a chunk's temporaries stay around `_CHUNK_ELEMS` floats whatever the context length. The
+code is device-agnostic: the cuda backend runs it with bigger chunks.
 """
 
 import torch
@@ -83,21 +85,43 @@ def indexer_select(q, k, weights, scale, topk, positions, ratio, chunk_elems=_CH
     return out
 
 
+DENSE_ROWS_PER_PICK = 4  # score every KV row (two GEMMs) when the rows are at most this many per pick
+
+
+def _gathered(qc, kvb, idx, scale, v_dim, cd):
+    """Logits over the picked rows from a gathered copy of them, and the weighted sum of their
+    values: O(picks) work, the choice when the cache is long (decode)."""
+    rows = kvb.index_select(0, idx.clamp(min=0).flatten()).view(*idx.shape, kvb.shape[-1]).to(cd)  # [Sc, K, D]
+    logits = torch.bmm(qc, rows.transpose(1, 2)) * scale  # [Sc, H, K]
+    return logits, lambda p: torch.bmm(p, rows[..., :v_dim])
+
+
+def _all_rows(qc, kvb, idx, scale, v_dim, cd):
+    """The same logits read out of one GEMM over every row, and the weighted sum as a second GEMM
+    after scattering the weights back (duplicates add up): when the cache is short (a prompt's
+    prefill), two large GEMMs beat one tiny GEMM per query."""
+    kvc = kvb.to(cd)
+    every = torch.matmul(qc, kvc.T)  # [Sc, H, N]
+    picks = idx.clamp(min=0).unsqueeze(1).expand(-1, qc.shape[1], -1)
+    logits = every.gather(-1, picks) * scale
+    return logits, lambda p: torch.matmul(torch.zeros_like(every).scatter_add_(-1, picks, p), kvc[:, :v_dim])
+
+
 def sparse_attention(q, kv, indices, scale, sink, v_dim, chunk_elems=_CHUNK_ELEMS):
     cd = _cd(q)
     b, s, h, d = q.shape
-    kk = indices.shape[-1]
+    n, kk = kv.shape[1], indices.shape[-1]
     out = torch.empty(b, s, h, v_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, s, h, dtype=cd, device=q.device)
     sink_col = None if sink is None else sink.to(cd).view(1, h, 1)
-    step = _chunk(kk * (d + h), chunk_elems)
+    dense = s > 1 and n <= DENSE_ROWS_PER_PICK * kk
+    attend = _all_rows if dense else _gathered
+    step = _chunk(2 * h * n + kk * h if dense else kk * (d + h), chunk_elems)
     for bi in range(b):
         for lo in range(0, s, step):
             idx = indices[bi, lo:lo + step].long()
-            valid = idx >= 0
-            rows = kv[bi].index_select(0, idx.clamp(min=0).flatten()).view(*idx.shape, d).to(cd)  # [Sc, K, D]
-            logits = torch.bmm(q[bi, lo:lo + step].to(cd), rows.transpose(1, 2)) * scale  # [Sc, H, K]
-            logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
+            logits, weighted_sum = attend(q[bi, lo:lo + step].to(cd), kv[bi], idx, scale, v_dim, cd)
+            logits = logits.masked_fill(~(idx >= 0).unsqueeze(1), float("-inf"))
             m = logits.amax(-1, keepdim=True)
             if sink_col is not None:
                 m = torch.maximum(m, sink_col)
@@ -106,7 +130,7 @@ def sparse_attention(q, kv, indices, scale, sink, v_dim, chunk_elems=_CHUNK_ELEM
             denom = p.sum(-1, keepdim=True)
             if sink_col is not None:
                 denom = denom + torch.exp(sink_col - m)
-            o = torch.bmm(p, rows[..., :v_dim]) / torch.where(denom > 0, denom, 1.0)
+            o = weighted_sum(p) / torch.where(denom > 0, denom, 1.0)
             out[bi, lo:lo + step] = o.to(q.dtype)
             lse[bi, lo:lo + step] = (torch.log(denom) + m).squeeze(-1)
     return out, lse
