@@ -200,8 +200,8 @@ class Rows:
     its new rows, not the whole cache (a 16k-token CSA layer holds 4096 entries). `tensor` is
     the filled part; `followed_by` lends the spare capacity to rows needed for one step only."""
 
-    def __init__(self, rows: torch.Tensor | None = None):
-        self._buf, self._len = rows, 0 if rows is None else rows.shape[1]
+    def __init__(self):
+        self._buf, self._len = None, 0
 
     def __len__(self) -> int:
         return self._len

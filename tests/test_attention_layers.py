@@ -191,7 +191,9 @@ def test_cache_rows_grow_without_losing_or_moving_rows():
         assert len(rows) == expected.shape[1]
         torch.testing.assert_close(both, torch.cat([expected, tail], dim=1), rtol=0, atol=0)
         torch.testing.assert_close(rows.tensor, expected, rtol=0, atol=0)
-    start = Rows(torch.ones(1, 4, 2))
+    start = Rows()
+    assert start.tensor is None and len(start) == 0
+    start.append(torch.ones(1, 4, 2))
     start.append(torch.zeros(1, 1, 2))
     assert start.tensor.tolist() == [[[1, 1]] * 4 + [[0, 0]]]
 

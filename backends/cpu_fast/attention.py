@@ -99,12 +99,12 @@ def _gathered(qc, kvb, idx, scale, v_dim, cd):
 def _all_rows(qc, kvb, idx, scale, v_dim, cd):
     """The same logits read out of one GEMM over every row, and the weighted sum as a second GEMM
     after scattering the weights back (duplicates add up): when the cache is short (a prompt's
-    prefill), two large GEMMs beat one tiny GEMM per query."""
-    kvc = kvb.to(cd)
-    every = torch.matmul(qc, kvc.T)  # [Sc, H, N]
+    prefill), two large GEMMs beat one tiny GEMM per query. kvb comes widened to the compute
+    dtype already (once per batch row, not per query chunk)."""
+    every = torch.matmul(qc, kvb.T)  # [Sc, H, N]
     picks = idx.clamp(min=0).unsqueeze(1).expand(-1, qc.shape[1], -1)
     logits = every.gather(-1, picks) * scale
-    return logits, lambda p: torch.matmul(torch.zeros_like(every).scatter_add_(-1, picks, p), kvc[:, :v_dim])
+    return logits, lambda p: torch.matmul(torch.zeros_like(every).scatter_add_(-1, picks, p), kvb[:, :v_dim])
 
 
 def sparse_attention(q, kv, indices, scale, sink, v_dim, chunk_elems=_CHUNK_ELEMS):
@@ -118,9 +118,10 @@ def sparse_attention(q, kv, indices, scale, sink, v_dim, chunk_elems=_CHUNK_ELEM
     attend = _all_rows if dense else _gathered
     step = _chunk(2 * h * n + kk * h if dense else kk * (d + h), chunk_elems)
     for bi in range(b):
+        kvb = cast(kv[bi], cd) if dense else kv[bi]  # every row is read per chunk: widen them once
         for lo in range(0, s, step):
             idx = indices[bi, lo:lo + step].long()
-            logits, weighted_sum = attend(q[bi, lo:lo + step].to(cd), kv[bi], idx, scale, v_dim, cd)
+            logits, weighted_sum = attend(q[bi, lo:lo + step].to(cd), kvb, idx, scale, v_dim, cd)
             logits = logits.masked_fill(~(idx >= 0).unsqueeze(1), float("-inf"))
             m = logits.amax(-1, keepdim=True)
             if sink_col is not None:
