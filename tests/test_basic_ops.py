@@ -135,3 +135,64 @@ def test_finite_check_decides_by_sum_then_exactly():
     for bad, count in (([1.0, float("nan")], 1), ([float("inf"), 2.0], 1), ([float("inf"), float("-inf")], 2)):
         with pytest.raises(OpInputError, match=f"{count} NaN/Inf"):
             _check.finite("op", "x", torch.tensor(bad))
+
+
+# cpu_fast's float32 product picks a kernel per call (backends/cpu_fast/basic.py); every choice
+# must give the same product.
+DENSE_CASES = {
+    "one row, GEMV": ((1, 1, 512), (384, 512)),
+    "one row, weight above the GEMV limit": ((1, 1, 1024), (1100, 1024)),
+    "many rows": ((2, 37, 256), (300, 256)),
+    "no rows": ((0, 256), (64, 256)),
+}
+
+
+@pytest.mark.parametrize("kernels", ["picked", "without oneDNN"])
+@pytest.mark.parametrize("case", DENSE_CASES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_fast_dense_linear_every_kernel_matches_float64(case, kernels, bias, monkeypatch):
+    from v4hal.backends.cpu_fast import basic as fast
+
+    if kernels == "without oneDNN":
+        monkeypatch.setattr(fast, "_ONEDNN", None)
+    x_shape, w_shape = DENSE_CASES[case]
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(*x_shape, generator=g), torch.randn(*w_shape, generator=g) * 0.05
+    b = torch.randn(w_shape[0], generator=g) if bias else None
+    y = fast.dense_linear(x, w, b)
+    expected = x.double() @ w.double().T + (0 if b is None else b.double())
+    assert y.dtype == torch.float32 and y.shape == expected.shape
+    assert torch.allclose(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_fast_dense_linear_non_contiguous_operands():
+    from v4hal.backends.cpu_fast import basic as fast
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 64, 40, generator=g)[:, ::2].transpose(1, 2)  # [3, 40, 32], strided
+    w = torch.randn(32, 48, generator=g).T                             # [48, 32], transposed
+    assert torch.allclose(fast.dense_linear(x, w).double(), x.double() @ w.double().T, rtol=1e-5, atol=1e-5)
+    one = x[:1, :1]
+    assert torch.allclose(fast.dense_linear(one, w).double(), one.double() @ w.double().T, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_fast_dense_linear_keeps_autograd_and_traces_to_plain_linear():
+    """Gradients need F.linear (neither fast kernel has a backward), and a torch.jit.trace (the
+    ONNX exporter) must record aten::linear, not a oneDNN op ONNX lacks."""
+    from v4hal.backends.cpu_fast import basic as fast
+
+    x = torch.randn(4, 16, requires_grad=True)
+    w = torch.randn(8, 16)
+    fast.dense_linear(x, w).sum().backward()
+    assert torch.allclose(x.grad, w.sum(0).expand(4, 16))
+    graph = str(torch.jit.trace(lambda t: fast.dense_linear(t, w), torch.randn(5, 16)).graph)
+    assert "aten::linear" in graph and "mkldnn" not in graph
+
+
+def test_cpu_fast_info_names_the_float32_kernel(monkeypatch):
+    from v4hal.backends import cpu_fast
+    from v4hal.backends.cpu_fast import basic as fast
+
+    assert cpu_fast.versions()["float32 linear"] == fast.kernel()
+    monkeypatch.setattr(fast, "_ONEDNN", None)
+    assert cpu_fast.versions()["float32 linear"].startswith("torch (MKL)")

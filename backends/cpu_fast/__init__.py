@@ -26,4 +26,6 @@ def device() -> torch.device:
 
 
 def versions() -> dict[str, str]:
-    return {"torch": torch.__version__, "threads": str(torch.get_num_threads())}
+    from v4hal.backends.cpu_fast.basic import kernel
+
+    return {"torch": torch.__version__, "threads": str(torch.get_num_threads()), "float32 linear": kernel()}

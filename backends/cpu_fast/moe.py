@@ -10,11 +10,11 @@ cost more than those products at decode. Quantized expert GEMMs go through the r
 per-expert `ops.linear`, i.e. through the quant family's own fast paths."""
 
 import torch
-import torch.nn.functional as F
 
 from v4hal import ops
 from v4hal.backends.cpu import moe as reference
 from v4hal.backends.cpu_fast import cast, eager_on_cpu
+from v4hal.backends.cpu_fast.basic import dense_linear
 from v4hal.ops.moe import MoeDispatch
 
 
@@ -54,11 +54,10 @@ def grouped_matmul(x, weight, group_offsets, scale, fmt):
     out = x.new_empty(x.shape[0], weight.shape[1])
     bounds = group_offsets.tolist()
     w = weight if weight.dtype == x.dtype else weight.to(x.dtype)
-    with torch.no_grad():  # inference path: writing GEMMs into `out` slices has no autograd
-        for e in range(weight.shape[0]):
-            start, end = bounds[e], bounds[e + 1]
-            if end > start:
-                torch.mm(x[start:end], w[e].T, out=out[start:end])
+    for e in range(weight.shape[0]):
+        start, end = bounds[e], bounds[e + 1]
+        if end > start:
+            out[start:end] = dense_linear(x[start:end], w[e])
     return out
 
 
@@ -103,7 +102,8 @@ def moe_forward(hidden, gate_weight, experts, topk, scoring, bias, n_group, topk
     for t, chosen in enumerate(ids.tolist()):
         for e in chosen:
             gate_up, down = experts.gate_up[e], experts.down[e]
-            rows.append(F.linear(swiglu(F.linear(x[t:t + 1], cast(gate_up, x.dtype)), swiglu_limit), cast(down, x.dtype)))
+            rows.append(dense_linear(swiglu(dense_linear(x[t:t + 1], cast(gate_up, x.dtype)), swiglu_limit),
+                                     cast(down, x.dtype)))
     cd = reference.compute_dtype(x)
     expert_out = cast(torch.cat(rows).view(x.shape[0], topk, -1), cd)
     out = cast(torch.bmm(cast(weights, cd).unsqueeze(1), expert_out).squeeze(1), x.dtype)
