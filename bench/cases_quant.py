@@ -313,9 +313,21 @@ def _linear_speed(m: int, n: int, k: int):
     return make
 
 
-def _gemm(name, op, make, m, n, k, weight_bytes_per_element, quick):
+def _dense_linear_speed(m: int, n: int, k: int):
+    """float32 `ops.linear` (cpu_fast: ATen GEMV / oneDNN, backends/cpu_fast/basic.py) against
+    torch's own F.linear (MKL on a CPU build)."""
+    def make(device: torch.device):
+        g = torch.Generator().manual_seed(0)
+        x, w = randn(g, m, k).to(device), randn(g, n, k, scale=0.05).to(device)
+        return (lambda: ops.linear(x, w)), {"F.linear f32": lambda: F.linear(x, w)}
+
+    return make
+
+
+def _gemm(name, op, make, m, n, k, weight_bytes_per_element, quick, act_bytes=1, out_bytes=2):
     return SpeedCase(op, name, make, flops=2 * m * n * k,
-                     bytes=m * k + math.ceil(n * k * weight_bytes_per_element) + 2 * m * n, quick=quick)
+                     bytes=act_bytes * m * k + math.ceil(n * k * weight_bytes_per_element) + out_bytes * m * n,
+                     quick=quick)
 
 
 SPEED = [_gemm(f"M{m}-N{n}-K{k}", "fp8_matmul", _fp8_speed(m, n, k), m, n, k, 1, m <= 8 and n == 4096)
@@ -327,3 +339,6 @@ SPEED += [_gemm(f"M{m}-N{n}-K{k}", "int8_matmul", _int8_speed(m, n, k), m, n, k,
           for m, n, k in [(8, 4096, 4096), (2048, 4096, 4096)]]
 SPEED += [_gemm(f"fp8-M{m}-N{n}-K{k}", "linear", _linear_speed(m, n, k), m, n, k, 1, m <= 8)
           for m, n, k in [(1, 4096, 4096), (2048, 4096, 4096)]]
+SPEED += [_gemm(f"f32-M{m}-N{n}-K{k}", "linear", _dense_linear_speed(m, n, k), m, n, k, 4, m == 1 and n * k < 2 ** 20,
+                act_bytes=4, out_bytes=4)
+          for m, n, k in [(1, 1536, 512), (1, 4096, 4096), (512, 1536, 512), (2048, 4096, 4096)]]
