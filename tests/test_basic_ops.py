@@ -143,6 +143,7 @@ DENSE_CASES = {
     "one row, GEMV": ((1, 1, 512), (384, 512)),
     "one row, weight above the GEMV limit": ((1, 1, 1024), (1100, 1024)),
     "many rows": ((2, 37, 256), (300, 256)),
+    "many rows, 4-D x": ((2, 3, 4, 96), (40, 96)),
     "no rows": ((0, 256), (64, 256)),
 }
 
