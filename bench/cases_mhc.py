@@ -183,21 +183,6 @@ def _v4_flash_module(build, experts: int):
     return module, cfg
 
 
-def _interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call, the callables taking turns (one warm-up each), so a load change on a
-    shared machine hits all of them alike."""
-    import time
-
-    samples = {k: [] for k in fns}
-    for r in range(repeats + 1):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if r:
-                samples[name].append(time.perf_counter() - start)
-    return samples
-
-
 def layer_share(tokens: int = 2048, experts: int = 8, repeats: int = 3) -> dict:
     """Seconds per V4-Flash layer on this machine, measured in one run: our two mHC sites
     (hc_pre + hc_post around attention and around the MoE, cpu_fast), transformers' two sites,
@@ -211,6 +196,7 @@ def layer_share(tokens: int = 2048, experts: int = 8, repeats: int = 3) -> dict:
     from transformers.models.deepseek_v4 import modeling_deepseek_v4 as tm
 
     from v4hal.backends import registry
+    from v4hal.bench.speed import interleaved
 
     d, n = SHAPES["v4-flash"]["hidden"], SHAPES["v4-flash"]["hc"]
     cpu = torch.device("cpu")
@@ -235,19 +221,19 @@ def layer_share(tokens: int = 2048, experts: int = 8, repeats: int = 3) -> dict:
         return s
 
     with registry.forced("cpu_fast"):
-        samples = _interleaved({"mhc x2 (v4hal cpu_fast)": ours, "mhc x2 (transformers)": theirs}, repeats * 2)
+        samples = interleaved({"mhc x2 (v4hal cpu_fast)": ours, "mhc x2 (transformers)": theirs}, repeats * 2)
     del ref_a, ref_f, ours_a, ours_f
     x = randn(g, 1, tokens, d, dtype=torch.bfloat16)
     attn, cfg = _v4_flash_module(lambda c: tm.DeepseekV4Attention(c, c.layer_types.index("compressed_sparse_attention")), experts)
     pos = torch.arange(tokens).unsqueeze(0)
     rope = tm.DeepseekV4RotaryEmbedding(cfg)
     pe = {k: rope(x, pos, layer_type=k) for k in ("main", "compress")}
-    samples.update(_interleaved({"attention (CSA layer)": torch.no_grad()(lambda: attn(x, pe, pos, None))}, repeats))
+    samples.update(interleaved({"attention (CSA layer)": torch.no_grad()(lambda: attn(x, pe, pos, None))}, repeats))
     del attn, pe
     gc.collect()
     moe_name = f"MoE (top-6 of {experts} experts + shared)"
     moe, cfg = _v4_flash_module(lambda c: tm.DeepseekV4SparseMoeBlock(c, c.mlp_layer_types.index("moe")), experts)
-    samples.update(_interleaved({moe_name: torch.no_grad()(lambda: moe(x))}, repeats))
+    samples.update(interleaved({moe_name: torch.no_grad()(lambda: moe(x))}, repeats))
     best = {k: min(v) for k, v in samples.items()}
     median = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
     layer = best["attention (CSA layer)"] + best[moe_name]

@@ -313,9 +313,9 @@ def breakdown(tokens: int = 512, experts: int = 32, rounds: int = 5) -> dict[str
     transformers' block, all timed in interleaved rounds in one process (robust to machine load).
     `python -m v4hal.bench.cases_moe` prints it with the routing + permutation + combine share."""
     import statistics
-    import time
 
     from v4hal.backends import registry
+    from v4hal.bench.speed import interleaved
 
     cfg, block = _v4_block(experts, "cpu")
     x = randn(torch.Generator().manual_seed(1), 1, tokens, cfg.hidden_size, dtype=torch.bfloat16)
@@ -346,14 +346,7 @@ def breakdown(tokens: int = 512, experts: int = 32, rounds: int = 5) -> dict[str
             "down_gemm": lambda: ops.grouped_matmul(a, ew.down, d.offsets),
             "combine": lambda: ops.moe_combine(y, w, d),
         }
-        samples: dict[str, list[float]] = {name: [] for name in steps}
-        for fn in steps.values():
-            fn()
-        for _ in range(rounds):
-            for name, fn in steps.items():
-                start = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - start)
+        samples = interleaved(steps, rounds)
     return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
 
 

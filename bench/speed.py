@@ -37,6 +37,19 @@ def time_fn(fn, device: torch.device, warmup: int = 2, repeats: int = 10, budget
     return samples
 
 
+def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each named callable, `repeats` samples each, the callables taking
+    turns (after one warm-up round), so a load change on a shared machine hits all of them alike."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(repeats + 1):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if r:
+                samples[name].append(time.perf_counter() - start)
+    return samples
+
+
 def _stats(samples: list[float]) -> dict[str, float]:
     s = sorted(samples)
     pick = lambda q: s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]  # noqa: E731
