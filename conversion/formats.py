@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from v4hal.backends.cpu_fast.quant import e4m3_as_f32, restore_nan_codes
 from v4hal.conversion.io import CheckpointError, OutSpec, TensorInfo
 from v4hal.ops import quant
 
@@ -39,11 +40,8 @@ TARGETS = ("bf16", "fp8", "w8a8", "mxfp8", "copy")
 W8A8_TYPE = "W8A8_DYNAMIC"
 FLOAT_TYPE = "FLOAT"
 MX_BLOCK = 32
-# An e4m3 byte `s eeee mmm`, sign-extended to int32, shifted left by 20 and masked with
-# 0x87F00000, is the float32 `s 0000eeee mmm0...`: the e4m3 value times 2**-120, exactly, for
-# zeros, subnormals (they land on float32 subnormals) and normals alike. The 2**120 goes into
-# the scale, so q * scale is formed exactly as float32(q) * scale, rounded once.
-_E4M3_AS_F32 = -2014314496  # 0x87F00000 as int32
+# cpu_fast's e4m3 bit trick reads the codes as float32 times 2**-120; the 2**120 goes into the
+# scale, so q * scale is formed exactly as float32(q) * scale, rounded once.
 _UNBIAS = 2.0 ** 120
 _SUB_ELEMENTS = 1 << 18     # elements per piece: 1 MiB of int32 / float32 scratch
 
@@ -217,22 +215,14 @@ def _dequant_fp8(q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype) -> to
     col_scale = (s * _UNBIAS).repeat_interleave(bk, dim=1)[:, :k]  # exact: a power of two
     step = _piece_rows(k)
     work = torch.empty(min(step, rows), k, dtype=torch.int32)
-    codes = q.view(torch.int8)
     for r in range(0, rows, step):
         n = min(step, rows - r)
-        w = work[:n]
-        w.copy_(codes[r:r + n])
-        w.bitwise_left_shift_(20).bitwise_and_(_E4M3_AS_F32)
-        v = w.view(torch.float32)
+        v = e4m3_as_f32(q[r:r + n], work[:n])
         if out_dtype == torch.float32:
             torch.mul(v, col_scale[r // bm], out=out[r:r + n])
         else:
             out[r:r + n].copy_(v.mul_(col_scale[r // bm]))
-    # NaN codes S.1111.111 come out of the bit trick as +-480 * scale: put the NaN back. They are
-    # the largest int8 and uint8 values, so two reductions find them without building a mask.
-    if int(codes.max()) == 0x7F or int(q.view(torch.uint8).max()) == 0xFF:
-        out.masked_fill_((q.view(torch.uint8) & 0x7F) == 0x7F, float("nan"))
-    return out
+    return restore_nan_codes(q, out)
 
 
 def _quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,11 @@ import torch.nn.functional as F
 from v4hal.backends.cpu import quant as ref
 from v4hal.ops.quant import ACT_BLOCK, FP4_BLOCK, FP8_MAX, INT8_MAX, WEIGHT_BLOCK
 
-_E4M3_F32_MASK = -2014314496  # 0x87F00000 as int32: sign bit + the 7 exponent/mantissa bits
+# An e4m3 byte `s eeee mmm`, sign-extended to int32, shifted left by 20 and masked with
+# 0x87F00000 (sign bit + the 7 exponent/mantissa bits), is the float32 `s 0000eeee mmm0...`: the
+# e4m3 value times 2**-120, exactly, for zeros, subnormals (they land on float32 subnormals) and
+# normals alike.
+_E4M3_F32_MASK = -2014314496  # 0x87F00000 as int32
 # e4m3 value = reinterpreted float32 * 2**120, applied as two halves where one factor of 2**120
 # on a scale would overflow float32 (scales >= 2**8, or activation x scale products >= 2**8).
 _HALF_UNBIAS = 2.0 ** 60
@@ -35,8 +39,9 @@ _DECODE_ROWS = 16
 _GEMM_SLAB_ELEMENTS = 1 << 22
 
 
-def _e4m3_as_f32(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """float32 view of `q` (e4m3) times 2**-120, computed in `out` (int32, same shape)."""
+def e4m3_as_f32(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """float32 view of `q` (e4m3) times 2**-120, computed in `out` (int32, same shape). NaN codes
+    come out as +-480 * 2**-120: see `restore_nan_codes`."""
     out.copy_(q.view(torch.int8))
     out.mul_(1 << 20)  # |q| <= 127 so this never overflows int32
     out.bitwise_and_(_E4M3_F32_MASK)
@@ -64,7 +69,7 @@ def _dequant_chunks(q, row_scale, bk, out):
     buf = torch.empty(min(step, rows), k, dtype=torch.int32)
     for start in range(0, rows, step):
         stop = min(start + step, rows)
-        w = _e4m3_as_f32(q[start:stop], buf[: stop - start])
+        w = e4m3_as_f32(q[start:stop], buf[: stop - start])
         if k % bk == 0:
             torch.mul(w.view(stop - start, -1, bk), row_scale[start:stop].unsqueeze(-1),
                       out=out[start:stop].view(stop - start, -1, bk))
@@ -85,15 +90,16 @@ def dequantize_fp8(q, scale, block, out_dtype):
     q2 = q.reshape(-1, q.shape[-1])
     out = _dequant_rows(q2, _row_scales(scale, block[0], q2.shape[0]), block[1],
                         torch.empty(q2.shape, dtype=out_dtype))
-    if _has_nan_codes(q2):  # the bit trick reads them as +-480; put the NaN back
-        out.masked_fill_((q2.view(torch.uint8) & 0x7F) == 0x7F, float("nan"))
-    return out.reshape(q.shape)
+    return restore_nan_codes(q2, out).reshape(q.shape)
 
 
-def _has_nan_codes(q: torch.Tensor) -> bool:
-    """Any e4m3fn NaN (0x7F or 0xFF)? They are the largest int8 and uint8 values, so two max
-    reductions (a fraction of a millisecond per 16 MB) answer it without building a mask."""
-    return int(q.view(torch.uint8).max()) == 0xFF or int(q.view(torch.int8).max()) == 0x7F
+def restore_nan_codes(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Put NaN where `q` (e4m3fn) holds its NaN code S.1111.111, which `e4m3_as_f32` reads as
+    +-480. The codes are the largest int8 and uint8 values, so two max reductions (a fraction of a
+    millisecond per 16 MB) rule them out before any mask is built."""
+    if int(q.view(torch.uint8).max()) == 0xFF or int(q.view(torch.int8).max()) == 0x7F:
+        out.masked_fill_((q.view(torch.uint8) & 0x7F) == 0x7F, float("nan"))
+    return out
 
 
 def fp8_matmul(a, a_scale, b, b_scale, out_dtype):
@@ -136,7 +142,7 @@ def _fp8_gemm(act, b, b_scale):
 def _fp8_gemv(act, b, b_scale):
     """Memory-bound case: stream the weight once in float32 chunks of whole 128-row scale blocks.
     Each block's scales go on the (tiny) activation instead of the weight, so the weight only
-    sees the three integer passes of `_e4m3_as_f32` before the GEMM reads it from cache. Half of
+    sees the three integer passes of `e4m3_as_f32` before the GEMM reads it from cache. Half of
     the 2**120 goes on the activation, half on the (small) output, so neither can overflow."""
     n, k = b.shape
     bm, bk = WEIGHT_BLOCK
@@ -148,7 +154,7 @@ def _fp8_gemv(act, b, b_scale):
     buf = torch.empty(min(rows, n), k, dtype=torch.int32)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
-        w = _e4m3_as_f32(b[start:stop], buf[: stop - start])
+        w = e4m3_as_f32(b[start:stop], buf[: stop - start])
         g, tail = divmod(stop - start, bm)
         scaled = act.unsqueeze(0) * col_scale[start // bm: start // bm + g + (tail > 0)].unsqueeze(1)
         if g:
