@@ -53,7 +53,7 @@ def grouped_matmul(x, weight, group_offsets, scale, fmt):
         return reference.grouped_matmul(x, weight, group_offsets, scale, fmt)
     out = x.new_empty(x.shape[0], weight.shape[1])
     bounds = group_offsets.tolist()
-    w = weight if weight.dtype == x.dtype else weight.to(x.dtype)
+    w = cast(weight, x.dtype)
     for e in range(weight.shape[0]):
         start, end = bounds[e], bounds[e + 1]
         if end > start:

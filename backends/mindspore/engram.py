@@ -6,7 +6,7 @@ version) comes back, since tables are large and lookups frequent."""
 
 import torch
 
-from v4hal.backends.mindspore import ms, to_ms, to_torch
+from v4hal.backends.mindspore import mops, ms, to_ms, to_torch
 
 _table_cache: dict = {}
 
@@ -16,7 +16,7 @@ CHUNK_BITS = 16
 
 def _chunks(mix):
     """A non-negative int64 tensor as four 16-bit digits, most significant first."""
-    ops = ms().ops
+    ops = mops()
     mask = ms().Tensor((1 << CHUNK_BITS) - 1, ms().int64)
     return [ops.bitwise_and(ops.bitwise_right_shift(mix, ms().Tensor(shift, ms().int64)), mask)
             for shift in (48, 32, 16, 0)]
@@ -26,7 +26,7 @@ def _remainder(chunks, size):
     """`mix mod size` by Horner over 16-bit digits. MindSpore 2.10's int64 remainder/floor_mod on
     CPU go through float64 and return wrong residues for values above 2**53 (the XOR mixes reach
     2**62); every intermediate here stays below 2**53."""
-    ops = ms().ops
+    ops = mops()
     p, base = ms().Tensor(size, ms().int64), ms().Tensor(1 << CHUNK_BITS, ms().int64)
     r = ops.zeros_like(chunks[0])
     for digit in chunks:
@@ -35,7 +35,7 @@ def _remainder(chunks, size):
 
 
 def engram_hash(token_ids, compress, multipliers, primes, pad_id, prefix):
-    ops = ms().ops
+    ops = mops()
     ids = token_ids.long() if prefix is None else torch.cat([prefix.long(), token_ids.long()], 1)
     batch, length = ids.shape
     comp = to_ms(compress)
@@ -66,7 +66,7 @@ def _ms_table(table):
 
 
 def engram_lookup(hashes, table, offsets, device):
-    ops = ms().ops
+    ops = mops()
     heads, d = hashes.shape[-1], table.shape[1]
     rows = to_ms((hashes.cpu() + offsets.cpu()).reshape(-1))
     out = ops.gather(_ms_table(table), rows, 0)
@@ -74,7 +74,7 @@ def engram_lookup(hashes, table, offsets, device):
 
 
 def engram_gate(hidden, key, value, key_norm, query_norm, eps, inv_sqrt_d):
-    ops = ms().ops
+    ops = mops()
     cd = ms().float64 if hidden.dtype == torch.float64 else ms().float32
     h, k = to_ms(hidden).astype(cd), to_ms(key).astype(cd)
     v = ops.expand_dims(to_ms(value).astype(cd), -2)

@@ -6,7 +6,7 @@ are batched matmuls over the stream axis; Sinkhorn runs on the whole [T, n, n] b
 
 import torch
 
-from v4hal.backends.mindspore import ms, to_ms, to_torch
+from v4hal.backends.mindspore import mops, ms, to_ms, to_torch
 
 
 def _cd(x: torch.Tensor):
@@ -18,7 +18,7 @@ def _t(t: torch.Tensor, cd):
 
 
 def _sinkhorn(m, iters, eps):
-    ops = ms().ops
+    ops = mops()
     m = ops.softmax(m, -1) + eps
     m = m / (ops.sum(m, -2, keepdim=True) + eps)
     for _ in range(iters - 1):
@@ -29,7 +29,7 @@ def _sinkhorn(m, iters, eps):
 
 def _mixes(xs, fn, norm_eps):
     """xs: [T, n, D] mindspore -> (flat @ fn^T) * rsqrt(mean(flat^2) + eps): [T, rows]."""
-    ops = ms().ops
+    ops = mops()
     flat = ops.reshape(xs, (xs.shape[0], xs.shape[1] * xs.shape[2]))
     inv_rms = ops.rsqrt(ops.mean(flat * flat, -1, keep_dims=True) + norm_eps)
     return ops.matmul(flat, ops.transpose(fn, (1, 0))) * inv_rms
@@ -37,7 +37,7 @@ def _mixes(xs, fn, norm_eps):
 
 def _collapse(xs, pre):
     """sum_i pre_i x_i: [T, 1, n] @ [T, n, D]."""
-    ops = ms().ops
+    ops = mops()
     return ops.squeeze(ops.bmm(ops.expand_dims(pre, 1), xs), 1)
 
 
@@ -48,7 +48,7 @@ def sinkhorn(logits, iters, eps):
 
 
 def hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters):
-    ops = ms().ops
+    ops = mops()
     cd = _cd(x)
     lead, (n, d) = x.shape[:-2], x.shape[-2:]
     xs = _t(x.reshape(-1, n, d), cd)
@@ -64,7 +64,7 @@ def hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters):
 
 
 def hc_post(out, x, post, comb):
-    ops = ms().ops
+    ops = mops()
     cd = _cd(x)
     lead, (n, d) = x.shape[:-2], x.shape[-2:]
     xs = _t(x.reshape(-1, n, d), cd)
@@ -76,7 +76,7 @@ def hc_post(out, x, post, comb):
 
 
 def hc_head(x, fn, scale, base, norm_eps, hc_eps):
-    ops = ms().ops
+    ops = mops()
     cd = _cd(x)
     lead, (n, d) = x.shape[:-2], x.shape[-2:]
     xs = _t(x.reshape(-1, n, d), cd)
