@@ -49,6 +49,16 @@ def test_scales_are_per_token_and_per_channel(backend):
     assert y.tolist() == [[8.0, 80.0, 800.0], [16.0, 160.0, 1600.0]]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_input_feature(backend):
+    # K = 1 with several output channels: torch 2.13's CPU _int_mm answers garbage there.
+    a = torch.tensor([[5], [-2]], dtype=torch.int8)
+    b = torch.tensor([[3], [-7], [127]], dtype=torch.int8)
+    with registry.forced(backend):
+        y = ops.int8_matmul(a, torch.ones(2), b, torch.ones(3), out_dtype=torch.float32)
+    assert y.tolist() == [[15.0, -35.0, 635.0], [-6.0, 14.0, -254.0]]
+
+
 @pytest.mark.parametrize("call, arg", [
     (lambda: ops.quantize_int8(torch.ones(3, 4, dtype=torch.int32)), "x"),
     (lambda: ops.quantize_int8(torch.tensor([[1.0, float("inf")]])), "x"),

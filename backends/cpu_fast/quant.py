@@ -229,10 +229,11 @@ def quantize_int8(x):
 
 
 def int8_matmul(a, a_scale, b, b_scale, out_dtype):
-    if out_dtype == torch.float64 or a_scale.dtype == torch.float64 or b_scale.dtype == torch.float64:
+    k = a.shape[-1]
+    # torch 2.13's CPU _int_mm returns garbage for K = 1 (any M, N > 1); found by hypothesis.
+    if out_dtype == torch.float64 or a_scale.dtype == torch.float64 or b_scale.dtype == torch.float64 or k == 1:
         return ref.int8_matmul(a, a_scale, b, b_scale, out_dtype)
     # torch._int_mm is oneDNN's int8 GEMM with exact int32 accumulation, as the contract asks.
-    k = a.shape[-1]
     acc = torch._int_mm(a.reshape(-1, k), b.T)
     y = acc.float() * a_scale.reshape(-1, 1).float() * b_scale.float()
     return y.reshape(*a.shape[:-1], b.shape[0]).to(out_dtype)
