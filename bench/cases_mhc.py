@@ -183,24 +183,13 @@ def _v4_flash_module(build, experts: int):
     return module, cfg
 
 
-def layer_share(tokens: int = 2048, experts: int = 8, repeats: int = 3) -> dict:
-    """Seconds per V4-Flash layer on this machine, measured in one run: our two mHC sites
-    (hc_pre + hc_post around attention and around the MoE, cpu_fast), transformers' two sites,
-    transformers' DeepseekV4Attention (a compressed-sparse-attention layer, eager) and
-    DeepseekV4SparseMoeBlock (top-6 of `experts` routed experts + the shared one: the real 256 do
-    not fit this machine; per-token work is the same, each expert sees more tokens) on bf16
-    weights. Reported: min and median per callable; the share is ours / (attention + MoE), on
-    the minima (the least disturbed runs on a shared machine)."""
-    import gc
-
-    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as tm
-
+def _time_mhc_sites(g: torch.Generator, tokens: int, repeats: int) -> dict:
+    """Our two mHC sites of a layer (cpu_fast) and transformers' two, timed in turns."""
     from v4hal.backends import registry
     from v4hal.bench.speed import interleaved
 
     d, n = SHAPES["v4-flash"]["hidden"], SHAPES["v4-flash"]["hc"]
     cpu = torch.device("cpu")
-    g = torch.Generator().manual_seed(0)
     streams = _streams(g, tokens, n, d).unsqueeze(0)
     out = randn(g, 1, tokens, d, dtype=torch.bfloat16)
     (ref_a, ours_a), (ref_f, ours_f) = transformers_hc(d, n, cpu), transformers_hc(d, n, cpu)
@@ -221,19 +210,49 @@ def layer_share(tokens: int = 2048, experts: int = 8, repeats: int = 3) -> dict:
         return s
 
     with registry.forced("cpu_fast"):
-        samples = interleaved({"mhc x2 (v4hal cpu_fast)": ours, "mhc x2 (transformers)": theirs}, repeats * 2)
-    del ref_a, ref_f, ours_a, ours_f
-    x = randn(g, 1, tokens, d, dtype=torch.bfloat16)
+        return interleaved({"mhc x2 (v4hal cpu_fast)": ours, "mhc x2 (transformers)": theirs}, repeats * 2)
+
+
+def _time_attention(x: torch.Tensor, experts: int, repeats: int) -> dict:
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as tm
+
+    from v4hal.bench.speed import interleaved
+
     attn, cfg = _v4_flash_module(lambda c: tm.DeepseekV4Attention(c, c.layer_types.index("compressed_sparse_attention")), experts)
-    pos = torch.arange(tokens).unsqueeze(0)
+    pos = torch.arange(x.shape[1]).unsqueeze(0)
     rope = tm.DeepseekV4RotaryEmbedding(cfg)
     pe = {k: rope(x, pos, layer_type=k) for k in ("main", "compress")}
-    samples.update(interleaved({"attention (CSA layer)": torch.no_grad()(lambda: attn(x, pe, pos, None))}, repeats))
-    del attn, pe
+    return interleaved({"attention (CSA layer)": torch.no_grad()(lambda: attn(x, pe, pos, None))}, repeats)
+
+
+def _time_moe(x: torch.Tensor, experts: int, repeats: int, name: str) -> dict:
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as tm
+
+    from v4hal.bench.speed import interleaved
+
+    moe, _ = _v4_flash_module(lambda c: tm.DeepseekV4SparseMoeBlock(c, c.mlp_layer_types.index("moe")), experts)
+    return interleaved({name: torch.no_grad()(lambda: moe(x))}, repeats)
+
+
+def layer_share(tokens: int = 2048, experts: int = 8, repeats: int = 3) -> dict:
+    """Seconds per V4-Flash layer on this machine, measured in one run: our two mHC sites
+    (hc_pre + hc_post around attention and around the MoE, cpu_fast), transformers' two sites,
+    transformers' DeepseekV4Attention (a compressed-sparse-attention layer, eager) and
+    DeepseekV4SparseMoeBlock (top-6 of `experts` routed experts + the shared one: the real 256 do
+    not fit this machine; per-token work is the same, each expert sees more tokens) on bf16
+    weights. Reported: min and median per callable; the share is ours / (attention + MoE), on
+    the minima (the least disturbed runs on a shared machine)."""
+    import gc
+
+    d = SHAPES["v4-flash"]["hidden"]
+    g = torch.Generator().manual_seed(0)
+    # One helper per group: each one's modules are freed when it returns, before the next builds.
+    samples = _time_mhc_sites(g, tokens, repeats)
+    x = randn(g, 1, tokens, d, dtype=torch.bfloat16)
+    samples.update(_time_attention(x, experts, repeats))
     gc.collect()
     moe_name = f"MoE (top-6 of {experts} experts + shared)"
-    moe, cfg = _v4_flash_module(lambda c: tm.DeepseekV4SparseMoeBlock(c, c.mlp_layer_types.index("moe")), experts)
-    samples.update(interleaved({moe_name: torch.no_grad()(lambda: moe(x))}, repeats))
+    samples.update(_time_moe(x, experts, repeats, moe_name))
     best = {k: min(v) for k, v in samples.items()}
     median = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
     layer = best["attention (CSA layer)"] + best[moe_name]
