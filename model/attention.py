@@ -42,16 +42,19 @@ def _get(cfg, name, default=None):
 
 class Linear(nn.Module):
     """`ops.linear` with the weight (and, for quantized checkpoints, `weight_scale_inv`) under
-    HF's names. Set `weight` / `weight_scale_inv` by loading a state dict or assigning."""
+    HF's names. Set `weight` / `weight_scale_inv` by loading a state dict or assigning;
+    `act_scale_fmt` ("fp32" or "ue8m0") is how an FP8 weight's activations are scaled (the whole
+    model sets it from its config's `quantization_config.scale_fmt`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.weight_scale_inv = None
+        self.act_scale_fmt = "fp32"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.weight_scale_inv, self.bias)
+        return ops.linear(x, self.weight, self.weight_scale_inv, self.bias, self.act_scale_fmt)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight as a float matrix (dequantized if quantized), for absorbed-MLA algebra."""
@@ -294,7 +297,8 @@ class V4Attention(nn.Module):
             # A group's rows straddle two 128-row scale blocks: no per-group scale slice exists,
             # so the groups run on the exactly dequantized weight.
             w, s = ops.dequantize_fp8(w, s, ops.WEIGHT_BLOCK, o.dtype), None
-        parts = [ops.linear(groups[:, :, g], w[g * rows:(g + 1) * rows], self._group_scale(s, g, rows, block))
+        parts = [ops.linear(groups[:, :, g], w[g * rows:(g + 1) * rows], self._group_scale(s, g, rows, block),
+                            act_scale_fmt=self.o_a_proj.act_scale_fmt)
                  for g in range(c.o_groups)]
         return self.o_b_proj(torch.cat(parts, dim=-1))
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from v4hal.ops.quant import SCALE_FMTS
+
 V4_LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
 RATIO_TO_LAYER_TYPE = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
 MODEL_TYPES = ("deepseek_v4", "deepseek_v32", "deepseek_v3")
@@ -130,6 +132,9 @@ class ModelArgs:
             raise ConfigError(f"n_group: must divide n_routed_experts={self.n_routed_experts}, got {self.n_group}")
         if self.is_v4 and (self.num_attention_heads * self.head_dim) % self.o_groups:
             raise ConfigError(f"o_groups: must divide num_attention_heads*head_dim, got {self.o_groups}")
+        scale_fmt = (self.quantization_config or {}).get("scale_fmt")
+        if scale_fmt not in (None, *SCALE_FMTS):
+            raise ConfigError(f"quantization_config.scale_fmt: expected one of {SCALE_FMTS} (or absent), got {scale_fmt!r}")
 
     # -- what kind of model ------------------------------------------------------------------
     @property
@@ -178,6 +183,12 @@ class ModelArgs:
         """'fp8' for DeepSeek block-FP8 checkpoints, None for float ones."""
         q = self.quantization_config or {}
         return q.get("quant_method") if q else None
+
+    @property
+    def act_scale_fmt(self) -> str:
+        """How FP8 linears scale their activations: "ue8m0" (powers of two) where the checkpoint's
+        quantization_config says `scale_fmt: ue8m0`, as DeepSeek's inference reads it; else "fp32"."""
+        return (self.quantization_config or {}).get("scale_fmt") or "fp32"
 
     @property
     def expert_dtype(self) -> str | None:
@@ -378,7 +389,8 @@ def _v32() -> ModelArgs:
                      rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
                                       "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
                                       "mscale": 1.0, "mscale_all_dim": 1.0},
-                     quantization_config=dict(FP8_BLOCK))
+                     # DeepSeek's V3.2 configs (HF config.json, inference/config_671B_v3.2.json) say ue8m0.
+                     quantization_config={**FP8_BLOCK, "scale_fmt": "ue8m0"})
 
 
 def _tiny() -> ModelArgs:

@@ -49,7 +49,7 @@ def expert_range(n_experts: int, world: int, rank: int) -> tuple[int, int]:
 def shard_experts(experts: ExpertWeights, world: int, rank: int) -> ExpertWeights:
     """This rank's slice of the stacked expert weights (and their scales)."""
     start, end = expert_range(experts.gate_up.shape[0], world, rank)
-    return ExpertWeights(*(None if t is None else t[start:end] for t in experts))
+    return ExpertWeights(*(t[start:end] if isinstance(t, torch.Tensor) else t for t in experts))
 
 
 def _exchange(rows: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
@@ -91,8 +91,9 @@ def moe_forward_ep(hidden: torch.Tensor, gate_weight: torch.Tensor, local_expert
     order = torch.argsort(row_expert, stable=True)
     counts = recv_counts.sum(0)
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    up = ops.grouped_matmul(received[order], local_experts.gate_up, offsets, local_experts.gate_up_scale)
-    down = ops.grouped_matmul(ops.swiglu(up, swiglu_limit), local_experts.down, offsets, local_experts.down_scale)
+    fmt = local_experts.act_scale_fmt
+    up = ops.grouped_matmul(received[order], local_experts.gate_up, offsets, local_experts.gate_up_scale, fmt)
+    down = ops.grouped_matmul(ops.swiglu(up, swiglu_limit), local_experts.down, offsets, local_experts.down_scale, fmt)
     results = torch.empty_like(down)
     results[order] = down
 

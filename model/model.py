@@ -24,7 +24,7 @@ from torch import nn
 from v4hal.model.attention import RMSNorm, V4Attention, V4AttentionConfig, V32Attention, V32AttentionConfig, Linear
 from v4hal.model.config import ModelArgs
 from v4hal.model.hyper import HyperConnection, HyperHead, expand_streams
-from v4hal.model.moe import MLP, MoE
+from v4hal.model.moe import MLP, MoE, set_act_scale_fmt
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
 
@@ -130,6 +130,7 @@ class DeepseekForCausalLM(nn.Module):
         finally:
             torch.set_default_dtype(previous)
         self._keep_float32()
+        set_act_scale_fmt(self, args.act_scale_fmt)
 
     def _keep_float32(self) -> None:
         """Parameters transformers keeps in float32 whatever the model dtype (mHC, sinks, position

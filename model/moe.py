@@ -55,7 +55,8 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """Stacked routed experts; the `*_scale` slots stay None for float weights."""
+    """Stacked routed experts; the `*_scale` slots stay None for float weights; `act_scale_fmt`
+    as `model.attention.Linear`'s."""
 
     def __init__(self, n_experts: int, hidden_size: int, intermediate: int, dtype: torch.dtype, device=None):
         super().__init__()
@@ -65,9 +66,19 @@ class Experts(nn.Module):
                                       requires_grad=False)
         self.register_buffer("gate_up_proj_scale", None)
         self.register_buffer("down_proj_scale", None)
+        self.act_scale_fmt = "fp32"
 
     def weights(self) -> ExpertWeights:
-        return ExpertWeights(self.gate_up_proj, self.down_proj, self.gate_up_proj_scale, self.down_proj_scale)
+        return ExpertWeights(self.gate_up_proj, self.down_proj, self.gate_up_proj_scale, self.down_proj_scale,
+                             self.act_scale_fmt)
+
+
+def set_act_scale_fmt(module: nn.Module, fmt: str) -> None:
+    """Every FP8 product under `module` (`Linear` layers, stacked `Experts`) scales its
+    activations in `fmt` ("fp32" or "ue8m0", `ModelArgs.act_scale_fmt`)."""
+    for m in module.modules():
+        if isinstance(m, (Linear, Experts)):
+            m.act_scale_fmt = fmt
 
 
 class MLP(nn.Module):
@@ -86,7 +97,7 @@ class MLP(nn.Module):
     def weights(self) -> SharedExpertWeights:
         return SharedExpertWeights(self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
                                    self.gate_proj.weight_scale_inv, self.up_proj.weight_scale_inv,
-                                   self.down_proj.weight_scale_inv)
+                                   self.down_proj.weight_scale_inv, self.gate_proj.act_scale_fmt)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
@@ -135,16 +146,19 @@ class MoE(nn.Module):
     def from_config(cls, args, layer: int, device=None, ep_group=None) -> "MoE":
         """Layer `layer` of a `model.config.ModelArgs`: V4 layers always renormalize and clamp
         with swiglu_limit, its `hash_moe` layers route by `tid2eid`; V3 / V3.2 follow
-        `norm_topk_prob` and keep the correction bias of `topk_method="noaux_tc"`."""
+        `norm_topk_prob` and keep the correction bias of `topk_method="noaux_tc"`; FP8 experts
+        scale activations as `args.act_scale_fmt` says."""
         v4 = args.is_v4
         is_hash = v4 and args.mlp_layer_types[layer] == "hash_moe"
-        return cls(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts, args.n_shared_experts,
-                   args.num_experts_per_tok, scoring_func=args.scoring_func, n_group=args.n_group,
-                   topk_group=args.topk_group, routed_scaling_factor=args.routed_scaling_factor,
-                   norm_topk_prob=v4 or args.norm_topk_prob, swiglu_limit=args.swiglu_limit if v4 else None,
-                   hash_vocab_size=args.vocab_size if is_hash else None,
-                   correction_bias=v4 or args.topk_method == "noaux_tc",
-                   dtype=getattr(torch, args.torch_dtype), device=device, ep_group=ep_group)
+        moe = cls(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts, args.n_shared_experts,
+                  args.num_experts_per_tok, scoring_func=args.scoring_func, n_group=args.n_group,
+                  topk_group=args.topk_group, routed_scaling_factor=args.routed_scaling_factor,
+                  norm_topk_prob=v4 or args.norm_topk_prob, swiglu_limit=args.swiglu_limit if v4 else None,
+                  hash_vocab_size=args.vocab_size if is_hash else None,
+                  correction_bias=v4 or args.topk_method == "noaux_tc",
+                  dtype=getattr(torch, args.torch_dtype), device=device, ep_group=ep_group)
+        set_act_scale_fmt(moe, args.act_scale_fmt)
+        return moe
 
     def set_expert_weights(self, gate_up: torch.Tensor, down: torch.Tensor, gate_up_scale: torch.Tensor | None = None,
                            down_scale: torch.Tensor | None = None) -> None:

@@ -55,16 +55,20 @@ def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor | None, out_dtyp
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
+           bias: torch.Tensor | None = None, act_scale_fmt: str = "fp32") -> torch.Tensor:
     """`y = x @ W.T (+ bias)` for every weight format a DeepSeek checkpoint ships.
 
     weight `[N, K]` (fp4: `[N, K/2]` packed), format chosen by dtype (see `weight_format`):
     dense -> plain GEMM in x's dtype; fp8 -> activations quantized per 1x128 block then
     `fp8_matmul` (DeepSeek's act_quant + fp8_gemm); fp4 -> `fp4_matmul` with float activations;
     int8 -> activations quantized per token then `int8_matmul`. Returns `[..., N]` in x's dtype.
+    act_scale_fmt: the FP8 activation scales, "fp32" or "ue8m0" (rounded up to powers of two, as
+    DeepSeek's inference does for checkpoints whose config says `scale_fmt: ue8m0`); other
+    formats take no activation scales and ignore it.
     """
     op = "linear"
     _check.tensor(op, "x", x, dtypes=FLOAT_IN, ndim=range(1, 9))
+    _check.choice(op, "act_scale_fmt", act_scale_fmt, quant.SCALE_FMTS)
     fmt = weight_format(_check.tensor(op, "weight", weight, ndim=2), scale)
     if fmt == "?":
         raise _check.OpInputError(op, "weight", "dtype float, float8_e4m3fn, uint8 (fp4) or int8", _check.describe(weight))
@@ -82,4 +86,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     if bias is not None:
         _check.tensor(op, "bias", bias, dtypes=FLOAT_IN, ndim=1)
         _check.equal(op, "bias", bias.shape[0], n, "length = output features")
-    return dispatch(op)(x, weight, scale, bias, fmt)
+    return dispatch(op)(x, weight, scale, bias, fmt, act_scale_fmt)

@@ -25,7 +25,7 @@ import torch
 
 from v4hal.backends.registry import dispatch, register_op
 from v4hal.ops import _check
-from v4hal.ops.quant import FLOAT_IN, FP4_BLOCK, WEIGHT_BLOCK
+from v4hal.ops.quant import FLOAT_IN, FP4_BLOCK, SCALE_FMTS, WEIGHT_BLOCK
 
 __all__ = ["SCORING_FUNCS", "MoeDispatch", "ExpertWeights", "SharedExpertWeights", "expert_format",
            "moe_route", "moe_dispatch", "grouped_matmul", "swiglu", "moe_combine", "moe_forward"]
@@ -63,17 +63,20 @@ class MoeDispatch(NamedTuple):
 
 
 class ExpertWeights(NamedTuple):
-    """Routed experts in transformers' fused layout; scales only for quantized weights."""
+    """Routed experts in transformers' fused layout; scales only for quantized weights;
+    act_scale_fmt: FP8 activation scales, "fp32" or "ue8m0" (see `v4hal.ops.linear`)."""
 
     gate_up: torch.Tensor
     down: torch.Tensor
     gate_up_scale: torch.Tensor | None = None
     down_scale: torch.Tensor | None = None
+    act_scale_fmt: str = "fp32"
 
 
 class SharedExpertWeights(NamedTuple):
     """Shared expert(s) as nn.Linear weights `[I_s, H]`, `[I_s, H]`, `[H, I_s]`, any
-    `v4hal.ops.linear` format (scales only for quantized weights)."""
+    `v4hal.ops.linear` format (scales only for quantized weights; act_scale_fmt as in
+    `ExpertWeights`)."""
 
     gate: torch.Tensor
     up: torch.Tensor
@@ -81,6 +84,7 @@ class SharedExpertWeights(NamedTuple):
     gate_scale: torch.Tensor | None = None
     up_scale: torch.Tensor | None = None
     down_scale: torch.Tensor | None = None
+    act_scale_fmt: str = "fp32"
 
 
 def expert_format(weight: torch.Tensor) -> str:
@@ -222,22 +226,24 @@ def _check_offsets(op: str, offsets: torch.Tensor, n_experts: int, rows: int) ->
 
 
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_offsets: torch.Tensor,
-                   scale: torch.Tensor | None = None) -> torch.Tensor:
+                   scale: torch.Tensor | None = None, act_scale_fmt: str = "fp32") -> torch.Tensor:
     """One GEMM per expert over its contiguous rows: `y[o_e:o_(e+1)] = x[o_e:o_(e+1)] @ W_e.T`.
 
     x: float `[R, K]`; weight: `[E, N, K]` stacked experts (fp4: `[E, N, K/2]` packed) in any
     `v4hal.ops.linear` format, with `scale` `[E, ...]` = that format's per-expert scale stacked
     (fp8 `[E, ceil(N/128), ceil(K/128)]`, fp4 `[E, N, K/32]`, int8 `[E, N]`). Each expert's
-    product is exactly `v4hal.ops.linear(x_e, W_e, scale_e)` (FP8: activations quantized per 1x128
-    block; int8: per token; FP4: weight-only). group_offsets: int `[E + 1]`, non-decreasing from 0
-    to R. Returns `[R, N]` in x's dtype.
+    product is exactly `v4hal.ops.linear(x_e, W_e, scale_e, act_scale_fmt=act_scale_fmt)` (FP8:
+    activations quantized per 1x128 block, scales in act_scale_fmt; int8: per token; FP4:
+    weight-only). group_offsets: int `[E + 1]`, non-decreasing from 0 to R. Returns `[R, N]` in
+    x's dtype.
     """
     op = "grouped_matmul"
     _check.tensor(op, "x", x, dtypes=FLOAT_IN, ndim=2, nonempty=False)
+    _check.choice(op, "act_scale_fmt", act_scale_fmt, SCALE_FMTS)
     fmt, _, _ = _check_expert_weight(op, "weight", weight, scale, x.shape[1])
     _check_offsets(op, group_offsets, weight.shape[0], x.shape[0])
     _check.same_device(op, x=x, weight=weight, group_offsets=group_offsets, scale=scale)
-    return dispatch(op)(x, weight, group_offsets, scale, fmt)
+    return dispatch(op)(x, weight, group_offsets, scale, fmt, act_scale_fmt)
 
 
 def swiglu(gate_up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
@@ -300,8 +306,11 @@ def moe_forward(hidden: torch.Tensor, gate_weight: torch.Tensor, experts: Expert
     _check.equal(op, "down", experts.down.shape[0], n_experts, "expert count = that of gate_up")
     _check.tensor(op, "gate_weight", gate_weight, dtypes=FLOAT_IN, ndim=2)
     _check.equal(op, "gate_weight", gate_weight.shape[0], n_experts, "rows = number of experts")
+    _check.choice(op, "experts.act_scale_fmt", experts.act_scale_fmt, SCALE_FMTS)
     if shared is not None and not isinstance(shared, SharedExpertWeights):
         raise _check.OpInputError(op, "shared", "a SharedExpertWeights or None", _check.describe(shared))
+    if shared is not None:
+        _check.choice(op, "shared.act_scale_fmt", shared.act_scale_fmt, SCALE_FMTS)
     if swiglu_limit is not None and not (isinstance(swiglu_limit, (int, float)) and swiglu_limit > 0):
         raise _check.OpInputError(op, "swiglu_limit", "None or a positive float", repr(swiglu_limit))
     # Routing arguments are validated by moe_route itself, which every backend's forward calls.

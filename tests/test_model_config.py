@@ -80,6 +80,11 @@ def test_preset_parameter_counts_match_published_totals(name, total, active):
     assert abs(c["active"] - active) / active < 0.07, c["active"]
 
 
+def test_released_presets_scale_fp8_activations_in_ue8m0_and_tiny_in_fp32():
+    assert {name: preset(name).act_scale_fmt for name in ("v4-flash", "v4-pro", "v3.2", "tiny")} == \
+        {"v4-flash": "ue8m0", "v4-pro": "ue8m0", "v3.2": "ue8m0", "tiny": "fp32"}
+
+
 def test_projection_preset_is_about_a_trillion_with_top16():
     a = preset("v4-1t")
     assert a.num_experts_per_tok == 16
@@ -90,7 +95,9 @@ def test_projection_preset_is_about_a_trillion_with_top16():
                                      ({"model_type": "deepseek_v4", "num_hidden_layers": 2, "layer_types": ["full"] * 2}, "layer_types"),
                                      ({"model_type": "deepseek_v4", "num_hidden_layers": 3, "mlp_layer_types": ["moe"]}, "mlp_layer_types"),
                                      ({"model_type": "deepseek_v4", "num_hidden_layers": 2, "compress_ratios": [0, 7]}, "compress_ratios"),
-                                     ({"model_type": "deepseek_v32", "n_routed_experts": 10, "n_group": 3}, "n_group")])
+                                     ({"model_type": "deepseek_v32", "n_routed_experts": 10, "n_group": 3}, "n_group"),
+                                     ({"model_type": "deepseek_v32", "quantization_config": {"scale_fmt": "e8m0"}},
+                                      "quantization_config.scale_fmt")])
 def test_bad_configs_name_the_key(bad, msg, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(bad))
     with pytest.raises(ConfigError, match=msg):

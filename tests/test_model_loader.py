@@ -100,6 +100,42 @@ def test_fp8_checkpoint_kept_quantized_or_dequantized(name, suffix, ue8m0, tmp_p
     assert diff < 2e-2, float(diff)
 
 
+def test_config_scale_fmt_ue8m0_scales_every_fp8_activation_as_deepseek_does(tmp_path, monkeypatch):
+    """A checkpoint whose config says `quantization_config.scale_fmt: ue8m0` (DeepSeek's V3.2 and V4)
+    runs every FP8 product with power-of-two activation scales; one without it keeps fp32 scales."""
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    make_pair("v4-mixed", d)
+    ref, _ = _quantize_dir(d, ".scale", ue8m0=True)
+    dense = _dense_twin(d, ModelArgs.from_json(d), ref, tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    asked = []
+    quantize = ops.quant.quantize_fp8
+
+    def spy(t, block=ops.ACT_BLOCK, scale_fmt="fp32"):
+        asked.append(scale_fmt)
+        return quantize(t, block, scale_fmt)
+
+    ids = torch.randint(0, config["vocab_size"], (2, 19), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for fmt in ("fp32", "ue8m0"):
+        quant = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "scale_fmt": fmt}
+        (d / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
+        args = ModelArgs.from_json(d)
+        assert args.act_scale_fmt == fmt
+        model = build(args)
+        load_checkpoint(model, d, args)
+        asked.clear()
+        with monkeypatch.context() as m, torch.no_grad():
+            m.setattr(ops.quant, "quantize_fp8", spy)
+            logits[fmt] = model(ids)
+        assert len(asked) >= 10 and set(asked) == {fmt}
+        b = dense(ids)
+        diff = 1 - 2 * (logits[fmt] * b).sum() / (logits[fmt].square().sum() + b.square().sum())
+        assert diff < 2e-2, float(diff)
+    assert not torch.allclose(logits["fp32"], logits["ue8m0"], rtol=1e-4, atol=1e-4)
+
+
 def test_fp8_experts_stay_quantized_in_the_fused_layout(tmp_path):
     """Per-expert FP8 gate/up/down matrices (V3 naming) stack into `gate_up_proj` `[E, 2I, H]`
     e4m3 with `gate_up_proj_scale` `[E, 2I/128, H/128]`, and run quantized."""

@@ -108,7 +108,7 @@ def test_grouped_matmul_dense_with_empty_experts(backend):
 def test_cuda_grouped_matmul_code_path_exercised_on_cpu():
     x, w, offsets = _groups([16, 0, 7, 9], k=32, n=48, dtype=torch.bfloat16)
     assert cuda_moe.grouped_mm_usable(x, w)  # so torch._grouped_mm itself runs here
-    out = cuda_moe.grouped_matmul(x, w, offsets, None, "dense")
+    out = cuda_moe.grouped_matmul(x, w, offsets, None, "dense", "fp32")
     torch.testing.assert_close(out.double(), _per_expert(x.double(), w.double(), offsets), rtol=1.6e-2, atol=1e-2)
     d = cuda_moe.moe_dispatch(x, torch.randint(0, 4, (x.shape[0], 2)), 4, None)
     torch.testing.assert_close(d.permuted, x[d.token_index])
@@ -144,6 +144,22 @@ def test_grouped_matmul_quantized_equals_per_expert_linear(fmt, backend):
     # and close to the float weights they came from
     ref = _per_expert(x, w, offsets)
     assert F.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cpu_fast", "mindspore"])
+def test_grouped_matmul_fp8_ue8m0_equals_per_expert_linear(backend):
+    x, w, offsets = _groups([4, 0, 6], k=256, n=32, dtype=torch.float32)
+    q, s = _quantized("fp8", w)
+    out = run(backend, ops.grouped_matmul, x, q, offsets, s, "ue8m0")
+    bounds = offsets.tolist()
+    expected = torch.cat([ops.linear(x[a:b], q[e], s[e], act_scale_fmt="ue8m0")
+                          for e, (a, b) in enumerate(zip(bounds, bounds[1:])) if b > a])
+    fp32 = run(backend, ops.grouped_matmul, x, q, offsets, s)
+    if backend == "mindspore":  # e4m3 rounding by arithmetic: ties may round apart
+        assert 1 - F.cosine_similarity(out.flatten(), expected.flatten(), dim=0) < 1e-5
+    else:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, fp32, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["cpu_fast", "mindspore"])
@@ -182,6 +198,7 @@ def test_bad_inputs():
     _raises("grouped_matmul", "group_offsets", ops.grouped_matmul, x, w, torch.tensor([0, 1, 2]))
     _raises("grouped_matmul", "weight", ops.grouped_matmul, x, torch.randn(3, 5, 7), torch.tensor([0, 1, 2, 4]))
     _raises("grouped_matmul", "scale", ops.grouped_matmul, x, w.to(torch.float8_e4m3fn), torch.tensor([0, 1, 2, 4]))
+    _raises("grouped_matmul", "act_scale_fmt", ops.grouped_matmul, x, w, torch.tensor([0, 1, 2, 4]), None, "pow2")
     _raises("grouped_matmul", "scale", ops.grouped_matmul, x, w, torch.tensor([0, 1, 2, 4]), torch.ones(3))
     _raises("grouped_matmul", "weight", ops.grouped_matmul, x, w.to(torch.int32), torch.tensor([0, 1, 2, 4]))
     _raises("swiglu", "gate_up", ops.swiglu, torch.randn(2, 5))

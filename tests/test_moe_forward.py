@@ -106,8 +106,8 @@ def test_cuda_forward_code_path_exercised_on_cpu():
     x, gate, experts, kw = _forward_args(torch.Generator().manual_seed(12), dtype=torch.bfloat16, tokens=64)
     w, ids = cuda_moe.moe_route(x, gate, 3, "sqrtsoftplus", kw["bias"], 1, 1, True, 1.5, None, None)
     d = cuda_moe.moe_dispatch(x, ids, 12, None)
-    up = cuda_moe.grouped_matmul(d.permuted, experts.gate_up, d.offsets, None, "dense")
-    y = cuda_moe.grouped_matmul(cuda_moe.swiglu(up, 0.8), experts.down, d.offsets, None, "dense")
+    up = cuda_moe.grouped_matmul(d.permuted, experts.gate_up, d.offsets, None, "dense", "fp32")
+    y = cuda_moe.grouped_matmul(cuda_moe.swiglu(up, 0.8), experts.down, d.offsets, None, "dense", "fp32")
     out = cuda_moe.moe_combine(y, w, d)
     kw.pop("shared")
     with registry.forced("cpu"):
@@ -171,6 +171,49 @@ def test_quantized_experts_in_module(fmt):
         assert float(diff) < 1e-3, float(diff)
 
 
+def _fp8_layer(scale_fmt):
+    """A MoE layer whose routed and shared experts are FP8, activations scaled in scale_fmt."""
+    torch.manual_seed(3)
+    moe = MoE(128, 128, 8, 1, 2, scoring_func="sigmoid", n_group=2, topk_group=1, dtype=torch.float32)
+    _randomize(moe, seed=3, std=0.1)
+    gu, dn = moe.experts.gate_up_proj.data.clone(), moe.experts.down_proj.data.clone()
+    (qg, sg), (qd, sd) = _stack_quantized("fp8", gu), _stack_quantized("fp8", dn)
+    moe.set_expert_weights(qg, qd, sg, sd)
+    moe.experts.act_scale_fmt = scale_fmt
+    for lin in (moe.shared_experts.gate_proj, moe.shared_experts.up_proj, moe.shared_experts.down_proj):
+        lin.weight, lin.weight_scale_inv = (torch.nn.Parameter(t, requires_grad=False) if t.dtype != torch.float32 else t
+                                            for t in ops.quantize_fp8(lin.weight.data, (128, 128)))
+        lin.act_scale_fmt = scale_fmt
+    return moe
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cpu_fast", "mindspore"])
+def test_fp8_layer_scales_every_activation_as_told(backend, monkeypatch):
+    x = torch.randn(2, 6, 128, generator=torch.Generator().manual_seed(8))
+    asked = []
+    quantize = ops.quant.quantize_fp8
+
+    def spy(t, block=ops.ACT_BLOCK, scale_fmt="fp32"):
+        asked.append(scale_fmt)
+        return quantize(t, block, scale_fmt)
+
+    out = {}
+    for fmt in ("fp32", "ue8m0"):
+        moe = _fp8_layer(fmt)
+        with registry.forced("cpu"):
+            expected = moe(x)
+        asked.clear()
+        with monkeypatch.context() as m, registry.forced(backend):
+            m.setattr(ops.quant, "quantize_fp8", spy)
+            out[fmt] = moe(x)
+        assert asked and set(asked) == {fmt}  # shared expert's three products (+ the routed ones off mindspore)
+        if backend == "mindspore":  # its routed experts round to e4m3 by arithmetic: ties may round apart
+            assert 1 - F.cosine_similarity(out[fmt].flatten(), expected.flatten(), dim=0) < 1e-6
+        else:
+            torch.testing.assert_close(out[fmt], expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out["fp32"], out["ue8m0"], rtol=1e-4, atol=1e-5)
+
+
 def test_bad_inputs():
     x, gate, experts, kw = _forward_args(torch.Generator().manual_seed(14))
     cases = [("gate_up", dict(experts=ops.ExpertWeights(experts.gate_up[:, :, :40], experts.down))),
@@ -179,6 +222,8 @@ def test_bad_inputs():
              ("gate_weight", dict(gate_weight=gate[:5])),
              ("gate_up_scale", dict(experts=ops.ExpertWeights(experts.gate_up.to(torch.float8_e4m3fn), experts.down))),
              ("experts", dict(experts=(experts.gate_up, experts.down))),
+             ("experts.act_scale_fmt", dict(experts=experts._replace(act_scale_fmt="ue8"))),
+             ("shared.act_scale_fmt", dict(shared=kw["shared"]._replace(act_scale_fmt=None))),
              ("swiglu_limit", dict(swiglu_limit=-2.0))]
     for arg, change in cases:
         args = dict(hidden=x, gate_weight=gate, experts=experts, topk=3, **kw)
@@ -219,3 +264,5 @@ def test_from_config_reads_model_args():
     v32 = MoE.from_config(config.preset("v3.2"), 5, device="meta")
     assert (v32.n_group, v32.topk_group, v32.swiglu_limit, v32.scoring_func) == (8, 4, None, "sigmoid")
     assert tuple(v32.experts.gate_up_proj.shape) == (256, 2 * 2048, 7168)
+    assert v32.experts.weights().act_scale_fmt == v32.shared_experts.weights().act_scale_fmt == "ue8m0"
+    assert t.experts.weights().act_scale_fmt == "fp32"

@@ -17,5 +17,5 @@ def rms_norm(x, weight, eps):
     return npu().npu_rms_norm(x, weight.to(x.dtype), epsilon=eps)[0]
 
 
-def linear(x, weight, scale, bias, fmt):
-    return torch_path.linear(x, weight, scale, bias, fmt)
+def linear(x, weight, scale, bias, fmt, act_scale_fmt):
+    return torch_path.linear(x, weight, scale, bias, fmt, act_scale_fmt)

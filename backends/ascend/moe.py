@@ -83,9 +83,9 @@ def moe_dispatch(hidden, topk_ids, num_experts, capacity):
     return MoeDispatch(permuted, counts, offsets, flat_position // k, row_of_slot.view(t, k))
 
 
-def grouped_matmul(x, weight, group_offsets, scale, fmt):
+def grouped_matmul(x, weight, group_offsets, scale, fmt, act_scale_fmt):
     if fmt not in ("dense", "int8") or x.shape[0] == 0:
-        return reference.grouped_matmul(x, weight, group_offsets, scale, fmt)
+        return reference.grouped_matmul(x, weight, group_offsets, scale, fmt, act_scale_fmt)
     ends = group_offsets[1:].long()
     if fmt == "dense":
         return npu().npu_grouped_matmul([x], [weight.to(x.dtype).transpose(1, 2)], group_list=ends,

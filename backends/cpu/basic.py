@@ -15,11 +15,11 @@ def rms_norm(x, weight, eps):
     return y.to(x.dtype)
 
 
-def linear(x, weight, scale, bias, fmt):
+def linear(x, weight, scale, bias, fmt, act_scale_fmt):
     if fmt == "dense":
         y = x @ weight.to(x.dtype).T
     elif fmt == "fp8":
-        a, a_scale = quant.quantize_fp8(x, quant.ACT_BLOCK)
+        a, a_scale = quant.quantize_fp8(x, quant.ACT_BLOCK, act_scale_fmt)
         y = quant.fp8_matmul(a, a_scale, weight, scale, out_dtype=x.dtype)
     elif fmt == "fp4":
         y = quant.fp4_matmul(x, weight, scale, out_dtype=x.dtype)

@@ -75,13 +75,14 @@ def moe_dispatch(hidden, topk_ids, num_experts, capacity):
     return MoeDispatch(hidden[token_index], counts, offsets, token_index, row_of_slot)
 
 
-def grouped_matmul(x, weight, group_offsets, scale, fmt):
+def grouped_matmul(x, weight, group_offsets, scale, fmt, act_scale_fmt):
     out = x.new_empty(x.shape[0], weight.shape[1])
     bounds = group_offsets.tolist()
     for e in range(weight.shape[0]):
         start, end = bounds[e], bounds[e + 1]
         if end > start:
-            out[start:end] = ops.linear(x[start:end], weight[e], None if scale is None else scale[e])
+            out[start:end] = ops.linear(x[start:end], weight[e], None if scale is None else scale[e],
+                                        act_scale_fmt=act_scale_fmt)
     return out
 
 
@@ -104,9 +105,11 @@ def moe_combine(expert_out, topk_weights, state):
 
 
 def shared_expert(x, shared, swiglu_limit):
-    gate = ops.linear(x, shared.gate, shared.gate_scale)
-    up = ops.linear(x, shared.up, shared.up_scale)
-    return ops.linear(ops.swiglu(torch.cat([gate, up], dim=-1), swiglu_limit), shared.down, shared.down_scale)
+    fmt = shared.act_scale_fmt
+    gate = ops.linear(x, shared.gate, shared.gate_scale, act_scale_fmt=fmt)
+    up = ops.linear(x, shared.up, shared.up_scale, act_scale_fmt=fmt)
+    return ops.linear(ops.swiglu(torch.cat([gate, up], dim=-1), swiglu_limit), shared.down, shared.down_scale,
+                      act_scale_fmt=fmt)
 
 
 def moe_forward(hidden, gate_weight, experts, topk, scoring, bias, n_group, topk_group, renormalize,
@@ -115,8 +118,9 @@ def moe_forward(hidden, gate_weight, experts, topk, scoring, bias, n_group, topk
     weights, ids = ops.moe_route(hidden, gate_weight, topk, scoring, bias, n_group, topk_group,
                                  renormalize, routed_scaling_factor, input_ids, tid2eid)
     state = ops.moe_dispatch(x, ids, experts.gate_up.shape[0])
-    h = ops.grouped_matmul(state.permuted, experts.gate_up, state.offsets, experts.gate_up_scale)
-    y = ops.grouped_matmul(ops.swiglu(h, swiglu_limit), experts.down, state.offsets, experts.down_scale)
+    fmt = experts.act_scale_fmt
+    h = ops.grouped_matmul(state.permuted, experts.gate_up, state.offsets, experts.gate_up_scale, fmt)
+    y = ops.grouped_matmul(ops.swiglu(h, swiglu_limit), experts.down, state.offsets, experts.down_scale, fmt)
     out = ops.moe_combine(y, weights, state)
     if shared is not None:
         out = out + shared_expert(x, shared, swiglu_limit)

@@ -64,7 +64,7 @@ def rms_norm(x, weight, eps):
     return cast(F.rms_norm(cast(x, torch.float32), (x.shape[-1],), w, eps), x.dtype)
 
 
-def linear(x, weight, scale, bias, fmt):
+def linear(x, weight, scale, bias, fmt, act_scale_fmt):
     if fmt == "dense":
         return dense_linear(x, cast(weight, x.dtype), None if bias is None else cast(bias, x.dtype))
-    return ref.linear(x, weight, scale, bias, fmt)
+    return ref.linear(x, weight, scale, bias, fmt, act_scale_fmt)

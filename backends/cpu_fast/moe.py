@@ -48,9 +48,9 @@ def moe_dispatch(hidden, topk_ids, num_experts, capacity):
     return dispatch_state(hidden, topk_ids, order, counts)
 
 
-def grouped_matmul(x, weight, group_offsets, scale, fmt):
+def grouped_matmul(x, weight, group_offsets, scale, fmt, act_scale_fmt):
     if fmt != "dense":
-        return reference.grouped_matmul(x, weight, group_offsets, scale, fmt)
+        return reference.grouped_matmul(x, weight, group_offsets, scale, fmt, act_scale_fmt)
     out = x.new_empty(x.shape[0], weight.shape[1])
     bounds = group_offsets.tolist()
     w = cast(weight, x.dtype)

@@ -26,8 +26,8 @@ def grouped_mm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-def grouped_matmul(x, weight, group_offsets, scale, fmt):
+def grouped_matmul(x, weight, group_offsets, scale, fmt, act_scale_fmt):
     if fmt == "dense" and x.shape[0] and grouped_mm_usable(x, weight):
         # offs are the groups' end rows (int32); transposing the [E, N, K] stack gives [E, K, N].
         return torch._grouped_mm(x, weight.transpose(1, 2), offs=group_offsets[1:].to(torch.int32))
-    return fast.grouped_matmul(x, weight, group_offsets, scale, fmt)
+    return fast.grouped_matmul(x, weight, group_offsets, scale, fmt, act_scale_fmt)

@@ -20,9 +20,9 @@ def rms_norm(x, weight, eps):
     return to_torch(y, x.dtype)
 
 
-def linear(x, weight, scale, bias, fmt):
+def linear(x, weight, scale, bias, fmt, act_scale_fmt):
     if fmt != "dense":
-        return composite.linear(x, weight, scale, bias, fmt)
+        return composite.linear(x, weight, scale, bias, fmt, act_scale_fmt)
     xs = _compute(x)
     y = mops().matmul(xs, _compute(weight).astype(xs.dtype).T)
     if bias is not None:

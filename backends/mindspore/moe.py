@@ -4,7 +4,7 @@ Inputs go to float32 (float64 stays float64): MindSpore's CPU MatMul has no BF16
 permutation sorts unique keys `expert * (T * k) + position`, so it is stable whatever sort
 MindSpore uses; expert GEMMs run one matmul per expert over its rows. Quantized experts are
 decoded here: MXFP4 nibbles through the e2m1 table times the ue8m0 block scales; int8 W8A8 with
-activations quantized per token; FP8 with activations quantized per 1x128 block and rounded to
+activations quantized per token; FP8 with activations quantized per 1x128 block (fp32 or ue8m0 scales) and rounded to
 the e4m3 grid by arithmetic (MindSpore's CPU build has no float8 dtype), as DeepSeek's act_quant
 does."""
 
@@ -13,6 +13,7 @@ import torch
 from v4hal.backends.cpu.quant import E2M1_VALUES
 from v4hal.backends.cpu.moe import moe_forward  # noqa: F401  (the composition of the contracts)
 from v4hal.backends.mindspore import mops, ms, to_ms, to_torch
+from v4hal.backends.mindspore.quant import ceil_log2, pow2
 from v4hal.ops.moe import MoeDispatch
 from v4hal.ops.quant import ACT_BLOCK, FP4_BLOCK, FP8_MAX, INT8_MAX, WEIGHT_BLOCK
 
@@ -112,7 +113,7 @@ def _decode_fp4(packed, scale, cd):
     return values * ops.repeat_interleave(block_scale, FP4_BLOCK, 1)[:, : values.shape[1]]
 
 
-def _expert_gemm(x, weight, scale, fmt, cd):
+def _expert_gemm(x, weight, scale, fmt, act_scale_fmt, cd):
     """x: mindspore [rows, K] in cd; weight / scale: one expert's torch tensors."""
     ops = mops()
     if fmt == "dense":
@@ -125,7 +126,7 @@ def _expert_gemm(x, weight, scale, fmt, cd):
         # Integer products summed exactly: float64 holds every int8 dot product of these sizes.
         acc = ops.matmul(xq.astype(ms().float64), ops.transpose(_float(weight, ms().float64), (1, 0)))
         return (acc.astype(cd) * x_scale) * ops.expand_dims(_float(scale, cd), 0)
-    return ops.matmul(_fp8_activations(x, cd), ops.transpose(_fp8_weight(weight, scale, cd), (1, 0)))
+    return ops.matmul(_fp8_activations(x, act_scale_fmt, cd), ops.transpose(_fp8_weight(weight, scale, cd), (1, 0)))
 
 
 def _round_e4m3(v, cd):
@@ -138,13 +139,16 @@ def _round_e4m3(v, cd):
     return ops.sign(v) * ops.round(magnitude / step) * step
 
 
-def _fp8_activations(x, cd):
-    """DeepSeek's act_quant round trip: 1x128 blocks, scale = max(amax, 1e-4) / 448, e4m3 values."""
+def _fp8_activations(x, scale_fmt, cd):
+    """DeepSeek's act_quant round trip: 1x128 blocks, scale = max(amax, 1e-4) / 448 (rounded up to
+    a power of two for ue8m0), e4m3 values."""
     ops = mops()
     rows, k = x.shape
     pad = -k % ACT_BLOCK[1]
     blocks = ops.reshape(ops.pad(x, (0, pad)), (rows, -1, ACT_BLOCK[1]))
     scale = ops.clamp(ops.amax(ops.abs(blocks), -1, keepdims=True), min=1e-4) / FP8_MAX
+    if scale_fmt == "ue8m0":
+        scale = pow2(ceil_log2(scale))
     q = _round_e4m3(ops.clamp(blocks / scale, -FP8_MAX, FP8_MAX), cd)
     return ops.reshape(q * scale, (rows, -1))[:, :k]
 
@@ -157,7 +161,7 @@ def _fp8_weight(weight, scale, cd):
     return _float(weight, cd) * expanded
 
 
-def grouped_matmul(x, weight, group_offsets, scale, fmt):
+def grouped_matmul(x, weight, group_offsets, scale, fmt, act_scale_fmt):
     ops = mops()
     cd = _cd(x)
     xm = _float(x, cd)
@@ -166,7 +170,7 @@ def grouped_matmul(x, weight, group_offsets, scale, fmt):
     for e in range(weight.shape[0]):
         start, end = bounds[e], bounds[e + 1]
         if end > start:
-            parts.append(_expert_gemm(xm[start:end], weight[e], None if scale is None else scale[e], fmt, cd))
+            parts.append(_expert_gemm(xm[start:end], weight[e], None if scale is None else scale[e], fmt, act_scale_fmt, cd))
     if not parts:
         return x.new_zeros(0, weight.shape[1])
     return to_torch(ops.cat(parts, 0), x.dtype)

@@ -34,25 +34,25 @@ def _idiv(x, n: int):
     return mops().floor_divide(x, ms().Tensor(n, x.dtype))
 
 
-def _pow2(e):
-    """2**e for an integer-valued float32 tensor, exactly."""
-    return mops().pow(ms().Tensor(2.0, ms().float32), e)
+def pow2(e):
+    """2**e for an integer-valued float32 / float64 tensor, exactly, in e's dtype."""
+    return mops().pow(ms().Tensor(2.0, e.dtype), e)
 
 
 def _floor_log2(a):
     """floor(log2(a)) for a > 0, exact."""
     o = mops()
     e = o.floor(o.log2(a))
-    e = o.where(_pow2(e) > a, e - 1, e)
-    return o.where(_pow2(e + 1) <= a, e + 1, e)
+    e = o.where(pow2(e) > a, e - 1, e)
+    return o.where(pow2(e + 1) <= a, e + 1, e)
 
 
-def _ceil_log2(a):
-    """ceil(log2(a)) for a > 0, exact."""
+def ceil_log2(a):
+    """ceil(log2(a)) for a > 0, exact (float32 or float64)."""
     o = mops()
     e = o.ceil(o.log2(a))
-    e = o.where(_pow2(e - 1) >= a, e - 1, e)
-    return o.where(_pow2(e) < a, e + 1, e)
+    e = o.where(pow2(e - 1) >= a, e - 1, e)
+    return o.where(pow2(e) < a, e + 1, e)
 
 
 def _bytes_in(q: torch.Tensor):
@@ -65,7 +65,7 @@ def decode_e4m3(b):
     sign = 1 - 2 * _f32(_idiv(b, 128))
     e = _f32(_idiv(b, 8) % 16)
     m = _f32(b % 8)
-    magnitude = o.where(e > 0, (8 + m) * _pow2(e - 10), m * 2.0 ** -9)
+    magnitude = o.where(e > 0, (8 + m) * pow2(e - 10), m * 2.0 ** -9)
     nan = ms().Tensor(float("nan"), ms().float32)
     return o.where(b % 128 == 127, nan, sign * magnitude)  # S.1111.111 is e4m3fn's NaN
 
@@ -75,7 +75,7 @@ def encode_e4m3(x):
     o = mops()
     a = o.abs(x)
     e = o.maximum(_floor_log2(o.maximum(a, ms().Tensor(2.0 ** -10, ms().float32))), ms().Tensor(-6.0))
-    n = o.round(a / _pow2(e - 3))  # MindSpore's Round is half-to-even
+    n = o.round(a / pow2(e - 3))  # MindSpore's Round is half-to-even
     byte = (8 * e + 48 + n).astype(ms().int32)
     return o.where(x < 0, byte + 128, byte)
 
@@ -107,7 +107,7 @@ def quantize_fp8(x, block, scale_fmt):
     amax = mops().abs(_blocks(xs, bm, bk)).amax(axis=(1, 3))
     scale = mops().maximum(amax, ms().Tensor(AMAX_FLOOR, ms().float32)) / FP8_MAX
     if scale_fmt == "ue8m0":
-        scale = _pow2(_ceil_log2(scale))
+        scale = pow2(ceil_log2(scale))
     scaled = mops().clamp(xs / _expand(scale, bm, bk, rows, cols), -FP8_MAX, FP8_MAX)
     q = to_torch(encode_e4m3(scaled).astype(ms().uint8)).view(torch.float8_e4m3fn).reshape(x.shape)
     s = to_torch(scale, torch.float32)
@@ -136,13 +136,13 @@ def decode_e2m1(codes):
     magnitude_code = codes % 8
     e = _f32(_idiv(magnitude_code, 2))
     m = _f32(magnitude_code % 2)
-    magnitude = o.where(e > 0, (2 + m) * _pow2(e - 2), m * 0.5)
+    magnitude = o.where(e > 0, (2 + m) * pow2(e - 2), m * 0.5)
     return o.where(codes >= 8, -magnitude, magnitude)
 
 
 def _fp4_scales(scale: torch.Tensor):
     if scale.dtype in (torch.uint8, torch.float8_e8m0fnu):
-        return _pow2(_f32(_bytes_in(scale)) - 127)
+        return pow2(_f32(_bytes_in(scale)) - 127)
     return _f32(to_ms(scale.float()))
 
 
@@ -163,11 +163,11 @@ def quantize_fp4(w):
     ws = _f32(to_ms(w.float()))
     n, k = ws.shape
     amax = o.abs(ws.reshape(n, k // FP4_BLOCK, FP4_BLOCK)).amax(axis=-1)
-    scale = _pow2(_ceil_log2(o.maximum(amax, ms().Tensor(AMAX_FLOOR, ms().float32)) / FP4_MAX))
+    scale = pow2(ceil_log2(o.maximum(amax, ms().Tensor(AMAX_FLOOR, ms().float32)) / FP4_MAX))
     scaled = ws / o.repeat_interleave(scale, FP4_BLOCK, 1)
     a = o.minimum(o.abs(scaled), ms().Tensor(FP4_MAX, ms().float32))
     e = o.maximum(_floor_log2(o.maximum(a, ms().Tensor(0.125, ms().float32))), ms().Tensor(0.0))
-    code = (2 * e + o.round(a / _pow2(e - 1))).astype(ms().int32)
+    code = (2 * e + o.round(a / pow2(e - 1))).astype(ms().int32)
     code = o.where((scaled < 0) & (code > 0), code + 8, code)  # no negative zero
     pairs = code.reshape(n, k // 2, 2)
     packed = pairs[:, :, 0] + 16 * pairs[:, :, 1]
