@@ -410,7 +410,8 @@ def _open_direct(path: Path) -> int | None:
 class ShardWriter:
     """Writes one safetensors file sequentially to a temporary name; `close` checks every
     declared byte arrived, fsyncs (unless told not to: a killed process loses nothing the kernel
-    already holds, only a power cut does) and renames it into place. Returns sha256 and size.
+    already holds, only a power cut does) and renames it into place. Returns sha256 (None with
+    `hashed=False`, for timing the disk alone) and size.
 
     Writing and hashing run on two background threads. Where the filesystem allows, the file is
     written with O_DIRECT: bytes are gathered in an aligned STAGE-byte buffer and go from it to
@@ -422,7 +423,7 @@ class ShardWriter:
     left to wait for."""
 
     def __init__(self, path: Path, specs: list[OutSpec], metadata: dict[str, str] | None = None, fsync: bool = True,
-                 direct: bool = True):
+                 direct: bool = True, hashed: bool = True):
         self.path, self.specs, self.fsync = path, specs, fsync
         self.tmp = partial_name(path)
         self.fd = _open_direct(self.tmp) if direct else None
@@ -431,7 +432,7 @@ class ShardWriter:
             self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         else:
             self._stage = _aligned(STAGE)
-        self.hash = hashlib.sha256()
+        self.hash = hashlib.sha256() if hashed else None
         self.expected = file_size(specs, metadata)
         self.written = 0   # bytes handed over (caller's thread)
         self._filled = 0   # writer thread: bytes in the stage buffer (O_DIRECT),
@@ -439,7 +440,7 @@ class ShardWriter:
         self._kicked = 0   # how far writeback was started (page cache),
         self._settled = 0  # and how far it is known complete
         self._writer = Background("v4hal-write")
-        self._hasher = Background("v4hal-hash-out")
+        self._hasher = Background("v4hal-hash-out") if hashed else None
         self._write(header_bytes(specs, metadata))
 
     @property
@@ -450,7 +451,8 @@ class ShardWriter:
         """Queue `data` (bytes or a memoryview the caller no longer modifies)."""
         self.written += len(data)
         self._writer.submit(self._put, data)
-        self._hasher.submit(self.hash.update, data)
+        if self._hasher is not None:
+            self._hasher.submit(self.hash.update, data)
 
     def _pwrite(self, view: memoryview) -> None:
         while view:
@@ -482,10 +484,11 @@ class ShardWriter:
     def write_bytes(self, data) -> None:
         self._write(data)
 
-    def close(self) -> tuple[str, int]:
+    def close(self) -> tuple[str | None, int]:
         try:
             self._writer.close()
-            self._hasher.close()
+            if self._hasher is not None:
+                self._hasher.close()
             if self.written != self.expected:
                 raise RuntimeError(f"internal: {self.path.name} got {self.written} bytes, planned {self.expected}")
             if self.direct and self._filled:
@@ -499,11 +502,12 @@ class ShardWriter:
         os.close(self.fd)
         self.fd = None
         os.replace(self.tmp, self.path)
-        return self.hash.hexdigest(), self.written
+        return None if self.hash is None else self.hash.hexdigest(), self.written
 
     def abort(self) -> None:
         self._writer.close(cancel=True)
-        self._hasher.close(cancel=True)
+        if self._hasher is not None:
+            self._hasher.close(cancel=True)
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None

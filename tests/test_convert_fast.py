@@ -184,6 +184,21 @@ def test_shard_writer_writes_and_hashes_exactly_the_bytes_given(tmp_path, monkey
         assert not io.partial_name(path).exists()
 
 
+def test_unhashed_writer_and_the_disk_benchmark_write_the_same_bytes(tmp_path, monkeypatch):
+    from v4hal.conversion.benchmark import disk_write
+
+    monkeypatch.setattr(io, "STAGE", 2 * io.ALIGN)
+    specs = [io.OutSpec("a", torch.int8, (3 * io.ALIGN + 5,))]
+    part = torch.randint(-128, 127, (3 * io.ALIGN + 5,), dtype=torch.int8, generator=torch.Generator().manual_seed(2))
+    w = io.ShardWriter(tmp_path / "x.safetensors", specs, hashed=False)
+    w.write(part)
+    sha, size = w.close()
+    data = (tmp_path / "x.safetensors").read_bytes()
+    assert sha is None and size == len(data) and data == io.header_bytes(specs) + part.numpy().tobytes()
+    assert disk_write(tmp_path, 5 * io.ALIGN + 7) > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]  # the benchmark cleans up
+
+
 def test_a_failing_background_write_surfaces_and_leaves_no_file(tmp_path, monkeypatch):
     specs = [io.OutSpec("a", torch.float32, (1000,))]
     w = io.ShardWriter(tmp_path / "x.safetensors", specs)
