@@ -124,6 +124,22 @@ def test_round_trip_error_is_within_half_an_e4m3_step():
     assert bool(((back - x.double()).abs() <= 2.0 ** -4 * x.double().abs() + s.double().repeat_interleave(128, -1) * 2.0 ** -10).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mindspore_e4m3_rounding_equals_the_hardware_cast_on_every_code_and_midpoint(dtype):
+    """MindSpore's round_e4m3 (its MoE path rounds activations with it, in float32 or float64)
+    against torch's float8_e4m3fn cast: every finite code, the midpoints between neighbours (ties
+    to even) and a point on either side of each midpoint."""
+    from v4hal.backends.mindspore import to_ms, to_torch
+    from v4hal.backends.mindspore.quant import round_e4m3
+
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).double()
+    values = codes[codes.isfinite()].unique()  # sorted, +-0 once
+    mids = (values[1:] + values[:-1]) / 2
+    x = torch.cat([values, mids, mids * (1 + 2.0 ** -20), mids * (1 - 2.0 ** -20)]).to(dtype)
+    got = to_torch(round_e4m3(to_ms(x)), torch.float64)
+    assert torch.equal(got, x.to(torch.float8_e4m3fn).double())
+
+
 # ---------------------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("call, arg", [

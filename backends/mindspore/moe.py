@@ -13,7 +13,7 @@ import torch
 from v4hal.backends.cpu.quant import E2M1_VALUES
 from v4hal.backends.cpu.moe import moe_forward  # noqa: F401  (the composition of the contracts)
 from v4hal.backends.mindspore import mops, ms, to_ms, to_torch
-from v4hal.backends.mindspore.quant import ceil_log2, pow2
+from v4hal.backends.mindspore.quant import ceil_log2, pow2, round_e4m3
 from v4hal.ops.moe import MoeDispatch
 from v4hal.ops.quant import ACT_BLOCK, FP4_BLOCK, FP8_MAX, INT8_MAX, WEIGHT_BLOCK
 
@@ -129,16 +129,6 @@ def _expert_gemm(x, weight, scale, fmt, act_scale_fmt, cd):
     return ops.matmul(_fp8_activations(x, act_scale_fmt, cd), ops.transpose(_fp8_weight(weight, scale, cd), (1, 0)))
 
 
-def _round_e4m3(v, cd):
-    """Round to the nearest float8_e4m3fn value (|v| <= 448): 3 mantissa bits, so the spacing
-    is 2^(exponent - 3), down to the subnormal step 2^-9."""
-    ops = mops()
-    magnitude = ops.abs(v)
-    exponent = ops.floor(ops.log2(ops.clamp(magnitude, min=2.0 ** -9)))
-    step = ops.pow(ms().Tensor(2.0, cd), ops.clamp(exponent, min=-6.0) - 3)
-    return ops.sign(v) * ops.round(magnitude / step) * step
-
-
 def _fp8_activations(x, scale_fmt, cd):
     """DeepSeek's act_quant round trip: 1x128 blocks, scale = max(amax, 1e-4) / 448 (rounded up to
     a power of two for ue8m0), e4m3 values."""
@@ -149,7 +139,7 @@ def _fp8_activations(x, scale_fmt, cd):
     scale = ops.clamp(ops.amax(ops.abs(blocks), -1, keepdims=True), min=1e-4) / FP8_MAX
     if scale_fmt == "ue8m0":
         scale = pow2(ceil_log2(scale))
-    q = _round_e4m3(ops.clamp(blocks / scale, -FP8_MAX, FP8_MAX), cd)
+    q = round_e4m3(ops.clamp(blocks / scale, -FP8_MAX, FP8_MAX))
     return ops.reshape(q * scale, (rows, -1))[:, :k]
 
 

@@ -70,11 +70,24 @@ def decode_e4m3(b):
     return o.where(b % 128 == 127, nan, sign * magnitude)  # S.1111.111 is e4m3fn's NaN
 
 
+def _e4m3_binade(a):
+    """Exponent E of the e4m3 binade holding a >= 0 (subnormals share E = -6), in a's dtype."""
+    o = mops()
+    return o.maximum(_floor_log2(o.maximum(a, ms().Tensor(2.0 ** -10, a.dtype))), ms().Tensor(-6.0, a.dtype))
+
+
+def round_e4m3(x):
+    """float32 / float64 with |x| <= 448 -> the nearest e4m3 value (ties to even), in x's dtype."""
+    o = mops()
+    step = pow2(_e4m3_binade(o.abs(x)) - 3)
+    return o.round(x / step) * step  # MindSpore's Round is half-to-even, symmetric about zero
+
+
 def encode_e4m3(x):
     """float32 with |x| <= 448 -> int32 byte values of the nearest e4m3 (ties to even)."""
     o = mops()
     a = o.abs(x)
-    e = o.maximum(_floor_log2(o.maximum(a, ms().Tensor(2.0 ** -10, ms().float32))), ms().Tensor(-6.0))
+    e = _e4m3_binade(a)
     n = o.round(a / pow2(e - 3))  # MindSpore's Round is half-to-even
     byte = (8 * e + 48 + n).astype(ms().int32)
     return o.where(x < 0, byte + 128, byte)
