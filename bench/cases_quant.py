@@ -244,13 +244,14 @@ def _linear_inputs(m, n, k, fmt, bias=False):
         w = randn(g, n, k, scale=0.05)
         if fmt == "dense":
             weight, scale = w.bfloat16(), None
-        elif fmt == "fp8":
+        elif fmt.startswith("fp8"):
             weight, scale = ops.quantize_fp8(w, (128, 128))
         elif fmt == "fp4":
             weight, scale = ops.quantize_fp4(w)
         else:
             weight, scale = ops.quantize_int8(w)
-        return dict(x=x, weight=weight, scale=scale, bias=randn(g, n, dtype=torch.bfloat16) if bias else None)
+        return dict(x=x, weight=weight, scale=scale, bias=randn(g, n, dtype=torch.bfloat16) if bias else None,
+                    act_scale_fmt="ue8m0" if fmt == "fp8-ue8m0" else "fp32")
 
     return make
 
@@ -261,7 +262,7 @@ LINEAR_SHAPES = [("small", 4, 96, 256, True), ("ragged", 3, 136, 320, True),
 PARITY += [Case("linear", f"{name}-{fmt}", ops.linear, _linear_inputs(m, n, k, fmt, bias=(name == "ragged")),
                 GEMM, quick=quick,
                 reference_inputs=_fp4_reference_inputs if fmt == "fp4" else None)
-           for name, m, n, k, quick in LINEAR_SHAPES for fmt in ("dense", "fp8", "fp4", "int8")
+           for name, m, n, k, quick in LINEAR_SHAPES for fmt in ("dense", "fp8", "fp8-ue8m0", "fp4", "int8")
            if not (fmt == "fp4" and k % 32)]
 
 
