@@ -13,7 +13,7 @@ import torch
 from v4hal.backends.cpu.quant import E2M1_VALUES
 from v4hal.backends.cpu.moe import moe_forward  # noqa: F401  (the composition of the contracts)
 from v4hal.backends.mindspore import mops, ms, to_ms, to_torch
-from v4hal.backends.mindspore.quant import ceil_log2, pow2, round_e4m3
+from v4hal.backends.mindspore.quant import bytes_in, ceil_log2, decode_e4m3, expand_blocks, pow2, round_e4m3
 from v4hal.ops.moe import MoeDispatch
 from v4hal.ops.quant import ACT_BLOCK, FP4_BLOCK, FP8_MAX, INT8_MAX, WEIGHT_BLOCK
 
@@ -144,11 +144,9 @@ def _fp8_activations(x, scale_fmt, cd):
 
 
 def _fp8_weight(weight, scale, cd):
-    ops = mops()
+    # e4m3 values decode exactly in float32 from their bytes; the block scales multiply in cd.
     n, k = weight.shape
-    bn, bk = WEIGHT_BLOCK
-    expanded = ops.repeat_interleave(ops.repeat_interleave(_float(scale, cd), bn, 0), bk, 1)[:n, :k]
-    return _float(weight, cd) * expanded
+    return decode_e4m3(bytes_in(weight)).astype(cd) * expand_blocks(_float(scale, cd), *WEIGHT_BLOCK, n, k)
 
 
 def grouped_matmul(x, weight, group_offsets, scale, fmt, act_scale_fmt):

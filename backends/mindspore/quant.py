@@ -55,7 +55,7 @@ def ceil_log2(a):
     return o.where(pow2(e) < a, e + 1, e)
 
 
-def _bytes_in(q: torch.Tensor):
+def bytes_in(q: torch.Tensor):
     """A torch e4m3 / e8m0 / uint8 tensor as MindSpore int32 byte values."""
     return to_ms(q.view(torch.uint8) if q.dtype != torch.uint8 else q).astype(ms().int32)
 
@@ -102,7 +102,7 @@ def _blocks(x, bm, bk):
     return x.reshape((rows + pad_r) // bm, bm, (cols + pad_c) // bk, bk)
 
 
-def _expand(scale, bm, bk, rows, cols):
+def expand_blocks(scale, bm, bk, rows, cols):
     """Repeat a [R/bm, C/bk] block scale over its elements, cropped to [rows, cols]."""
     o = mops()
     s = o.repeat_interleave(scale, bk, 1)[:, :cols]
@@ -121,17 +121,17 @@ def quantize_fp8(x, block, scale_fmt):
     scale = mops().maximum(amax, ms().Tensor(AMAX_FLOOR, ms().float32)) / FP8_MAX
     if scale_fmt == "ue8m0":
         scale = pow2(ceil_log2(scale))
-    scaled = mops().clamp(xs / _expand(scale, bm, bk, rows, cols), -FP8_MAX, FP8_MAX)
+    scaled = mops().clamp(xs / expand_blocks(scale, bm, bk, rows, cols), -FP8_MAX, FP8_MAX)
     q = to_torch(encode_e4m3(scaled).astype(ms().uint8)).view(torch.float8_e4m3fn).reshape(x.shape)
     s = to_torch(scale, torch.float32)
     return q, s.reshape(*x.shape[:-1], -1) if bm == 1 else s
 
 
 def _dequant(q, scale, block):
-    b = _bytes_in(_two_d(q))
+    b = bytes_in(_two_d(q))
     rows, cols = b.shape
     s = _f32(to_ms(_two_d(scale).float()))
-    return decode_e4m3(b) * _expand(s, block[0], block[1], rows, cols)
+    return decode_e4m3(b) * expand_blocks(s, block[0], block[1], rows, cols)
 
 
 def dequantize_fp8(q, scale, block, out_dtype):
@@ -155,7 +155,7 @@ def decode_e2m1(codes):
 
 def _fp4_scales(scale: torch.Tensor):
     if scale.dtype in (torch.uint8, torch.float8_e8m0fnu):
-        return pow2(_f32(_bytes_in(scale)) - 127)
+        return pow2(_f32(bytes_in(scale)) - 127)
     return _f32(to_ms(scale.float()))
 
 
