@@ -4,9 +4,9 @@ Inputs go to float32 (float64 stays float64): MindSpore's CPU MatMul has no BF16
 permutation sorts unique keys `expert * (T * k) + position`, so it is stable whatever sort
 MindSpore uses; expert GEMMs run one matmul per expert over its rows. Quantized experts are
 decoded here: MXFP4 nibbles through the e2m1 table times the ue8m0 block scales; int8 W8A8 with
-activations quantized per token; FP8 with activations quantized per 1x128 block (fp32 or ue8m0 scales) and rounded to
-the e4m3 grid by arithmetic (MindSpore's CPU build has no float8 dtype), as DeepSeek's act_quant
-does."""
+activations quantized per token; FP8 weights decoded from their bytes, activations quantized per
+1x128 block (fp32 or ue8m0 scales) and rounded to the e4m3 grid by arithmetic (MindSpore's CPU
+build has no float8 dtype), as DeepSeek's act_quant does."""
 
 import torch
 
@@ -158,7 +158,8 @@ def grouped_matmul(x, weight, group_offsets, scale, fmt, act_scale_fmt):
     for e in range(weight.shape[0]):
         start, end = bounds[e], bounds[e + 1]
         if end > start:
-            parts.append(_expert_gemm(xm[start:end], weight[e], None if scale is None else scale[e], fmt, act_scale_fmt, cd))
+            parts.append(_expert_gemm(xm[start:end], weight[e], None if scale is None else scale[e], fmt,
+                                      act_scale_fmt, cd))
     if not parts:
         return x.new_zeros(0, weight.shape[1])
     return to_torch(ops.cat(parts, 0), x.dtype)
