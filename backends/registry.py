@@ -84,6 +84,12 @@ def _check_backend_name(name: str, what: str) -> str:
     return name
 
 
+def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> str:
+    if value not in allowed:
+        raise BackendError(f"{what}: expected one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
 def _check_op_name(name: str, what: str) -> str:
     known = ops()
     if name not in known:
@@ -101,11 +107,9 @@ def settings_from_env(env: dict[str, str] | None = None) -> Settings:
         op, be = (s.strip() for s in item.split("=", 1))
         overrides[_check_op_name(op, "V4HAL_OP_BACKENDS")] = _check_backend_name(be, "V4HAL_OP_BACKENDS")
     fallback = env.get("V4HAL_FALLBACK", "").strip() or None
-    if fallback is not None and fallback not in FALLBACKS:
-        raise BackendError(f"V4HAL_FALLBACK: expected one of {', '.join(FALLBACKS)}, got {fallback!r}")
-    checks = env.get("V4HAL_CHECKS", "").strip() or "full"
-    if checks not in CHECKS:
-        raise BackendError(f"V4HAL_CHECKS: expected one of {', '.join(CHECKS)}, got {checks!r}")
+    if fallback is not None:
+        _check_choice(fallback, FALLBACKS, "V4HAL_FALLBACK")
+    checks = _check_choice(env.get("V4HAL_CHECKS", "").strip() or "full", CHECKS, "V4HAL_CHECKS")
     return Settings(backend, overrides, fallback, checks)
 
 
@@ -120,11 +124,9 @@ def configure(backend: str | None = None, op_backends: dict[str, str] | None = N
         s.op_backends = {_check_op_name(o, "configure(op_backends)"): _check_backend_name(b, "configure")
                          for o, b in op_backends.items()}
     if fallback is not None:
-        s.fallback = fallback or None
+        s.fallback = _check_choice(fallback, FALLBACKS, "configure(fallback)") if fallback else None
     if checks is not None:
-        if checks not in CHECKS:
-            raise BackendError(f"configure(checks): expected one of {', '.join(CHECKS)}, got {checks!r}")
-        s.checks = checks
+        s.checks = _check_choice(checks, CHECKS, "configure(checks)")
     reset()
     _settings = s
 

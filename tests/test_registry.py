@@ -82,6 +82,10 @@ def test_configure_is_the_programmatic_twin_of_the_env_vars():
     assert registry.choose("rms_norm").backend == "cpu"
     with pytest.raises(registry.BackendError, match="unknown op"):
         registry.configure(op_backends={"nope": "cpu"})
+    with pytest.raises(registry.BackendError, match=r"configure\(fallback\): expected one of cpu, got 'mindspore'"):
+        registry.configure(fallback="mindspore")
+    registry.configure(fallback="cpu")
+    assert registry.settings().fallback == "cpu"
 
 
 def test_cpu_fast_inherits_the_reference_for_ops_without_a_fast_path(monkeypatch):
