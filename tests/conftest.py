@@ -11,3 +11,19 @@ def _fresh_registry(monkeypatch):
     registry.reset()
     yield
     registry.reset()
+
+
+@pytest.fixture
+def fp8_scale_fmts(monkeypatch):
+    """The `scale_fmt` of every `v4hal.ops.quant.quantize_fp8` call while the test runs (the path
+    every backend's FP8 linear takes to quantize activations); clear it before the calls judged."""
+    from v4hal import ops
+
+    asked, quantize = [], ops.quant.quantize_fp8
+
+    def spy(x, block=ops.ACT_BLOCK, scale_fmt="fp32"):
+        asked.append(scale_fmt)
+        return quantize(x, block, scale_fmt)
+
+    monkeypatch.setattr(ops.quant, "quantize_fp8", spy)
+    return asked

@@ -181,32 +181,24 @@ def _fp8_layer(scale_fmt):
     moe.set_expert_weights(qg, qd, sg, sd)
     moe.experts.act_scale_fmt = scale_fmt
     for lin in (moe.shared_experts.gate_proj, moe.shared_experts.up_proj, moe.shared_experts.down_proj):
-        lin.weight, lin.weight_scale_inv = (torch.nn.Parameter(t, requires_grad=False) if t.dtype != torch.float32 else t
-                                            for t in ops.quantize_fp8(lin.weight.data, (128, 128)))
+        q, s = ops.quantize_fp8(lin.weight.data, (128, 128))
+        lin.weight, lin.weight_scale_inv = torch.nn.Parameter(q, requires_grad=False), s
         lin.act_scale_fmt = scale_fmt
     return moe
 
 
 @pytest.mark.parametrize("backend", ["cpu", "cpu_fast", "mindspore"])
-def test_fp8_layer_scales_every_activation_as_told(backend, monkeypatch):
+def test_fp8_layer_scales_every_activation_as_told(backend, fp8_scale_fmts):
     x = torch.randn(2, 6, 128, generator=torch.Generator().manual_seed(8))
-    asked = []
-    quantize = ops.quant.quantize_fp8
-
-    def spy(t, block=ops.ACT_BLOCK, scale_fmt="fp32"):
-        asked.append(scale_fmt)
-        return quantize(t, block, scale_fmt)
-
     out = {}
     for fmt in ("fp32", "ue8m0"):
         moe = _fp8_layer(fmt)
         with registry.forced("cpu"):
             expected = moe(x)
-        asked.clear()
-        with monkeypatch.context() as m, registry.forced(backend):
-            m.setattr(ops.quant, "quantize_fp8", spy)
+        fp8_scale_fmts.clear()
+        with registry.forced(backend):
             out[fmt] = moe(x)
-        assert asked and set(asked) == {fmt}  # shared expert's three products (+ the routed ones off mindspore)
+        assert fp8_scale_fmts and set(fp8_scale_fmts) == {fmt}  # shared expert's three products (+ the routed ones off mindspore)
         if backend == "mindspore":  # its routed experts round to e4m3 by arithmetic: ties may round apart
             assert 1 - F.cosine_similarity(out[fmt].flatten(), expected.flatten(), dim=0) < 1e-6
         else:
