@@ -159,7 +159,8 @@ def _decode(context: int, chunk: int = 1024):
         ours = model_for("bench-v4", device=str(device))
         hf = hf_for("bench-v4", str(device)) if with_peer else None
         ids = torch.randint(0, BENCH_V4.vocab_size, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
-        cache, pkv = ours.new_cache(), DynamicCache(config=hf.config) if with_peer else None
+        cache = ours.new_cache()
+        pkv = DynamicCache(config=hf.config) if with_peer else None
         with torch.no_grad():
             for i in range(0, context, chunk):  # chunked prefill keeps transformers' masks small
                 ours(ids[:, i:i + chunk], cache=cache, last_only=True)
@@ -175,7 +176,8 @@ def _decode(context: int, chunk: int = 1024):
             with torch.no_grad():
                 return hf(step, past_key_values=pkv, use_cache=True).logits
 
-        return run_ours, {"transformers eager": run_hf} if with_peer else {}
+        peers = {"transformers eager": run_hf} if with_peer else {}
+        return run_ours, peers
 
     return make
 
