@@ -96,3 +96,19 @@ def test_model_parity_cases_pass_on_cpu_fast(case):
     rows = {r["backend"]: r for r in run_case(case, ["cpu", "cpu_fast"])}
     assert rows["cpu"]["status"] == "pass", rows["cpu"]["note"]
     assert rows["cpu_fast"]["status"] == "pass", rows["cpu_fast"]["note"]
+
+
+def test_decode_ceiling_step_runs_and_writes_its_caches_at_the_position():
+    """`python -m v4hal.bench.decode_ceiling` (an estimate, not the model): its static step runs on
+    bench-v4's weights, gives vocabulary logits, and writes one row of each cache, at the step's
+    position."""
+    from v4hal.bench import decode_ceiling
+    from v4hal.bench.cases_model import BENCH_V4, model_for
+
+    step = decode_ceiling.StaticStep(model_for("bench-v4"), 1024)
+    keys = step.layers[1][1]["keys"]
+    before = keys.clone()
+    with torch.no_grad():
+        logits = step(torch.tensor(7), torch.tensor(1029))
+    assert logits.shape == (BENCH_V4.vocab_size,) and bool(torch.isfinite(logits).all())
+    assert (keys != before).any(-1).nonzero().flatten().tolist() == [1029 // 4 % keys.shape[0]]
