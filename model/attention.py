@@ -146,6 +146,52 @@ class V4Cache:
         self.index_state = None
 
 
+@dataclass
+class StaticWindow:
+    """A compressor's open window at a fixed size: token p sits in slot p % ratio of kv / gate
+    `[B, ratio, C]`. The overlapping compressor also keeps the last closed window's series a and
+    its biased gate `[B, ratio, C/2]` (gate -inf before any window closed: weight 0, which is
+    what `kv_compress` gives the very first window)."""
+
+    kv: torch.Tensor
+    gate: torch.Tensor
+    prev_kv: torch.Tensor | None = None
+    prev_gate: torch.Tensor | None = None
+
+    @classmethod
+    def from_state(cls, state, b: int, ratio: int, channels: int, overlap: bool, like: torch.Tensor) -> "StaticWindow":
+        """From a `kv_compress` state (None: nothing seen yet)."""
+        win = cls(like.new_zeros(b, ratio, channels), like.new_zeros(b, ratio, channels))
+        if overlap:
+            d = channels // 2
+            win.prev_kv = like.new_zeros(b, ratio, d)
+            win.prev_gate = like.new_full((b, ratio, d), float("-inf"))
+        if state is not None:
+            n = state.kv.shape[1]
+            win.kv[:, :n], win.gate[:, :n] = state.kv, state.gate
+            if overlap and state.prev_kv is not None:
+                win.prev_kv.copy_(state.prev_kv)
+                win.prev_gate.copy_(state.prev_gate)
+        return win
+
+
+class StaticV4Cache:
+    """A V4 layer's decode state in fixed-size buffers (`V4Attention.static_cache`), so one decode
+    step has the same shapes at every position and compiles to one graph. `rows` `[B, E + window,
+    head_dim]` holds the compressed-entry slots (entry e in row e, E = ceil(capacity / ratio), 0
+    for sliding layers) followed by the sliding window as a ring (position p in row E + p % window);
+    slots not written yet are never indexed. The compressors' open windows are `StaticWindow`s."""
+
+    def __init__(self, rows, entries: int, comp=None, index_keys=None, index_comp=None):
+        self.rows, self.entries, self.comp = rows, entries, comp
+        self.index_keys, self.index_comp = index_keys, index_comp
+
+
+def _write_if(buf: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, cond: torch.Tensor) -> None:
+    """`buf[:, index] = rows` where `cond` (a bool scalar tensor), in place, at fixed shapes."""
+    buf.index_copy_(1, index, torch.where(cond, rows, buf.index_select(1, index)))
+
+
 class V4Compressor(nn.Module):
     """Weights of transformers' DeepseekV4{CSA,HCA}Compressor (and of the indexer's own
     compressor): kv_proj, gate_proj, position_bias, kv_norm."""
@@ -169,6 +215,28 @@ class V4Compressor(nn.Module):
             cos, sin = rope.cos_sin(pos, out.dtype)
             out = _rope_tail(out, cos, sin, 2 * cos.shape[-1])
         return out, state
+
+    def static_entry(self, x, win: StaticWindow, position: torch.Tensor, rope: Rope):
+        """Decode at fixed shapes: writes token `position` (a `[1]` tensor) into `win` and returns
+        (the roped entry of its window as if the window closed now `[B, 1, dim]`, the entry index
+        `[1]`, whether the window closes at this token: a bool scalar tensor)."""
+        r = self.ratio
+        slot = position % r
+        win.kv.index_copy_(1, slot, self.kv_proj(x))
+        win.gate.index_copy_(1, slot, self.gate_proj(x))
+        state = ops.CompressState(win.kv[:, :0], win.gate[:, :0], win.prev_kv, win.prev_gate) if self.overlap else None
+        entry, _ = ops.kv_compress(win.kv, win.gate, self.position_bias, self.kv_norm.weight, r,
+                                   overlap=self.overlap, eps=self.kv_norm.eps, state=state)
+        index = position // r
+        closes = ((position + 1) % r == 0).squeeze(0)
+        cos, sin = rope.cos_sin(index * r, entry.dtype)
+        entry = _rope_tail(entry, cos, sin, 2 * cos.shape[-1])
+        if self.overlap:  # a closing window's series a is the previous window of the next entry
+            d = win.prev_kv.shape[-1]
+            biased = win.gate[..., :d] + self.position_bias[:, :d].to(win.gate.dtype)
+            win.prev_kv.copy_(torch.where(closes, win.kv[..., :d], win.prev_kv))
+            win.prev_gate.copy_(torch.where(closes, biased, win.prev_gate))
+        return entry, index, closes
 
 
 class _Scorer(nn.Module):
@@ -248,6 +316,14 @@ def _check_call(layer: str, x: torch.Tensor, positions: torch.Tensor, cache) -> 
                          f"{int(positions[0, 0])}); pass the cache the earlier tokens filled")
 
 
+def _check_static_call(layer: str, x: torch.Tensor, positions: torch.Tensor) -> None:
+    if x.dim() != 3 or x.shape[1] != 1:
+        raise ValueError(f"{layer}: a static cache decodes one token per sequence: hidden_states must be "
+                         f"[B, 1, hidden], got shape {tuple(x.shape)}")
+    if tuple(positions.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"{layer}: positions must be [B, 1] = {tuple(x.shape[:2])}, got {tuple(positions.shape)}")
+
+
 def _chunked(step, x: torch.Tensor, positions: torch.Tensor, cache, chunk: int) -> torch.Tensor:
     """Long prefills run `chunk` queries at a time through the cache: same result, and the
     per-query temporaries (q of every head, gathered rows) stay bounded."""
@@ -286,6 +362,32 @@ class V4Attention(nn.Module):
     def new_cache(self) -> V4Cache:
         return V4Cache()
 
+    def static_cache(self, cache: V4Cache, batch: int, capacity: int, like: torch.Tensor) -> StaticV4Cache:
+        """`cache` (filled by earlier calls, or empty) moved into fixed-size buffers holding up to
+        `capacity` tokens; `like` gives dtype and device."""
+        c = self.c
+        entries = -(-capacity // c.ratio) if c.ratio else 0
+        rows = like.new_zeros(batch, entries + c.window, c.head_dim)
+        if len(cache.compressed):
+            rows[:, :len(cache.compressed)] = cache.compressed.tensor
+        if cache.raw is not None:
+            first = cache.length - cache.raw.shape[1]
+            slots = entries + torch.arange(first, cache.length, device=rows.device) % c.window
+            rows[:, slots] = cache.raw
+        out = StaticV4Cache(rows, entries)
+        if self.compressor is not None:
+            comp = self.compressor
+            out.comp = StaticWindow.from_state(cache.comp_state, batch, c.ratio, comp.kv_proj.weight.shape[0],
+                                               comp.overlap, like)
+        if c.csa:
+            ix = self.compressor.indexer
+            out.index_keys = like.new_zeros(batch, entries, ix.dim)
+            if len(cache.index_keys):
+                out.index_keys[:, :len(cache.index_keys)] = cache.index_keys.tensor
+            out.index_comp = StaticWindow.from_state(cache.index_state, batch, c.ratio, ix.kv_proj.weight.shape[0],
+                                                     True, like)
+        return out
+
     def _o_proj(self, o: torch.Tensor) -> torch.Tensor:
         """Grouped low-rank output projection: each head group has its own block of o_a_proj."""
         c, w, s = self.c, self.o_a_proj.weight, self.o_a_proj.weight_scale_inv
@@ -313,32 +415,64 @@ class V4Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: V4Cache | None = None) -> torch.Tensor:
         cache = cache if cache is not None else V4Cache()
+        if isinstance(cache, StaticV4Cache):
+            return self._static_step(x, positions, cache)
         _check_call("V4Attention", x, positions, cache)
         return _chunked(self._step, x, positions, cache, self.prefill_chunk)
 
-    def _step(self, x: torch.Tensor, positions: torch.Tensor, cache: V4Cache) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, positions: torch.Tensor):
+        """(q [B, S, H, D], the query LoRA residual, this step's KV rows [B, S, D], cos, sin)."""
         c = self.c
         b, s, _ = x.shape
         rope = c.rope_main if c.ratio == 0 else c.rope_compress
         cos, sin = rope.cos_sin(positions, x.dtype)
-
         q_res = self.q_a_norm(self.q_a_proj(x))
         q = ops.rms_norm(self.q_b_proj(q_res).view(b, s, c.heads, c.head_dim), None, c.eps)
         q = _rope_tail(q, cos.unsqueeze(2), sin.unsqueeze(2), c.rope_dim)
         kv = _rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin, c.rope_dim)
+        return q, q_res, kv, cos, sin
 
+    def _output(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # K = V carries RoPE on its tail: rotate the output's tail back to the query position.
+        o = _rope_tail(o, cos.unsqueeze(2), -sin.unsqueeze(2), self.c.rope_dim)
+        return self._o_proj(o.reshape(*o.shape[:2], -1))
+
+    def _step(self, x: torch.Tensor, positions: torch.Tensor, cache: V4Cache) -> torch.Tensor:
+        c = self.c
+        q, q_res, kv, cos, sin = self._project(x, positions)
         raw = _concat(cache.raw, kv)
         scale = c.head_dim ** -0.5
         if self.compressor is None:
             o = ops.window_attention(q, raw, c.window, scale, sink=self.sinks)
         else:
             o = self._sparse(x, q, q_res, raw, positions, cache, scale)
-        # K = V carries RoPE on its tail: rotate the output's tail back to the query position.
-        o = _rope_tail(o, cos.unsqueeze(2), -sin.unsqueeze(2), c.rope_dim)
-
         cache.raw = raw[:, -(c.window - 1):] if c.window > 1 else raw[:, :0]
-        cache.length += s
-        return self._o_proj(o.reshape(b, s, -1))
+        cache.length += x.shape[1]
+        return self._output(o, cos, sin)
+
+    def _static_step(self, x: torch.Tensor, positions: torch.Tensor, cache: StaticV4Cache) -> torch.Tensor:
+        """One decode token per sequence (`S = 1`, the same position in every row) at fixed shapes."""
+        c = self.c
+        _check_static_call("V4Attention", x, positions)
+        q, q_res, kv, cos, sin = self._project(x, positions)
+        position = positions[0]
+        cache.rows.index_copy_(1, cache.entries + position % c.window, kv)
+        ring = torch.arange(c.window, device=x.device)
+        # Before the ring wraps, slots beyond the position are unwritten.
+        indices = torch.where(ring <= position, cache.entries + ring, -1).expand(x.shape[0], 1, c.window)
+        if self.compressor is not None:
+            entry, index, closes = self.compressor.static_entry(x, cache.comp, position, c.rope_compress)
+            _write_if(cache.rows, index, entry, closes)
+            if c.csa:
+                key, index, closes = self.compressor.indexer.static_entry(x, cache.index_comp, position,
+                                                                          c.rope_compress)
+                _write_if(cache.index_keys, index, key, closes)
+                picked = self._select(x, q_res, positions, cache.index_keys)
+            else:
+                picked = self._all_visible(positions, cache.entries)
+            indices = torch.cat([picked, indices.to(picked.dtype)], dim=-1)
+        o = ops.sparse_attention(q, cache.rows, indices, c.head_dim ** -0.5, sink=self.sinks)
+        return self._output(o, cos, sin)
 
     def _sparse(self, x, q, q_res, raw, positions, cache, scale) -> torch.Tensor:
         """CSA / HCA: the window and the picked compressed entries as one index list over
@@ -371,13 +505,18 @@ class V4Attention(nn.Module):
         cache.index_keys.append(new)
         if not len(cache.index_keys):
             return None
+        return self._select(x, q_res, positions, cache.index_keys.tensor)
+
+    def _select(self, x, q_res, positions, keys: torch.Tensor) -> torch.Tensor:
+        """The indexer's picks among `keys` `[B, T, index_dim]` (entries a query may not see yet,
+        including unwritten static slots, come back -1)."""
+        c, ix = self.c, self.compressor.indexer
         b, s, _ = x.shape
         cos, sin = c.rope_compress.cos_sin(positions, x.dtype)
         qi = ix.q_b_proj(q_res).view(b, s, ix.heads, ix.dim)
         qi = _rope_tail(qi, cos.unsqueeze(2), sin.unsqueeze(2), c.rope_dim)
         weights = ix.scorer.weights_proj(x)
-        return ops.indexer_select(qi, cache.index_keys.tensor, weights, (ix.dim * ix.heads) ** -0.5, ix.topk,
-                                  positions, c.ratio)
+        return ops.indexer_select(qi, keys, weights, (ix.dim * ix.heads) ** -0.5, ix.topk, positions, c.ratio)
 
 
 # ------------------------------------------------------------------------------------- V3.2
@@ -421,6 +560,15 @@ class V32Cache:
         self.index_keys = Rows()  # [B, T, index_dim]
 
 
+@dataclass
+class StaticV32Cache:
+    """A V3.2 / V3 layer's decode state in fixed-size buffers (`V32Attention.static_cache`):
+    position p's latent (and indexer key) in row p; rows not written yet are never indexed."""
+
+    latent: torch.Tensor                # [B, capacity, kv_lora + rope_dim]
+    index_keys: torch.Tensor | None     # [B, capacity, index_dim] (V3.2)
+
+
 class V32Indexer(nn.Module):
     def __init__(self, c: V32AttentionConfig):
         super().__init__()
@@ -455,43 +603,86 @@ class V32Attention(nn.Module):
     def new_cache(self) -> V32Cache:
         return V32Cache()
 
+    def static_cache(self, cache: V32Cache, batch: int, capacity: int, like: torch.Tensor) -> StaticV32Cache:
+        """`cache` moved into fixed-size buffers holding up to `capacity` tokens (see V4Attention)."""
+        c = self.c
+        out = StaticV32Cache(like.new_zeros(batch, capacity, c.kv_lora + c.rope_dim),
+                             like.new_zeros(batch, capacity, c.index_dim) if self.indexer is not None else None)
+        if len(cache.latent):
+            out.latent[:, :len(cache.latent)] = cache.latent.tensor
+        if out.index_keys is not None and len(cache.index_keys):
+            out.index_keys[:, :len(cache.index_keys)] = cache.index_keys.tensor
+        return out
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: V32Cache | None = None) -> torch.Tensor:
         cache = cache if cache is not None else V32Cache()
+        if isinstance(cache, StaticV32Cache):
+            return self._static_step(x, positions, cache)
         _check_call("V32Attention", x, positions, cache)
         return _chunked(self._step, x, positions, cache, self.prefill_chunk)
 
-    def _step(self, x: torch.Tensor, positions: torch.Tensor, cache: V32Cache) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, positions: torch.Tensor):
+        """(q [B, S, H, nope + rope] with its rope part rotated, the query LoRA residual, this
+        step's latent rows [B, S, kv_lora + rope], cos, sin)."""
         c = self.c
         b, s, _ = x.shape
         cos, sin = c.rope.cos_sin(positions, x.dtype)
-
         q_res = self.q_a_layernorm(self.q_a_proj(x))
         q = self.q_b_proj(q_res).view(b, s, c.heads, c.nope_dim + c.rope_dim)
-        q_rope = ops.apply_rope(q[..., c.nope_dim:], cos.unsqueeze(2), sin.unsqueeze(2))
+        q = torch.cat([q[..., :c.nope_dim], ops.apply_rope(q[..., c.nope_dim:], cos.unsqueeze(2), sin.unsqueeze(2))], -1)
         lat = self.kv_a_proj_with_mqa(x)
         k_rope = ops.apply_rope(lat[..., c.kv_lora:], cos, sin)
-        cache.latent.append(torch.cat([self.kv_a_layernorm(lat[..., :c.kv_lora]), k_rope], -1))
+        return q, q_res, torch.cat([self.kv_a_layernorm(lat[..., :c.kv_lora]), k_rope], -1), cos, sin
 
-        picked = self._select(x, q_res, positions, cos, sin, cache)
-
+    def _attend(self, q: torch.Tensor, latent: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
         # Absorb W_uk into the query and apply W_uv after attention over the latents.
-        wkv = self.kv_b_proj.dense_weight(x.dtype).view(c.heads, c.nope_dim + c.v_dim, c.kv_lora)
+        c = self.c
+        wkv = self.kv_b_proj.dense_weight(q.dtype).view(c.heads, c.nope_dim + c.v_dim, c.kv_lora)
         q_lat = torch.einsum("bshn,hnc->bshc", q[..., :c.nope_dim], wkv[:, :c.nope_dim])
-        o_lat = ops.sparse_attention(torch.cat([q_lat, q_rope], -1), cache.latent.tensor, picked, c.scale, v_dim=c.kv_lora)
+        o_lat = ops.sparse_attention(torch.cat([q_lat, q[..., c.nope_dim:]], -1), latent, picked, c.scale,
+                                     v_dim=c.kv_lora)
         o = torch.einsum("bshc,hvc->bshv", o_lat, wkv[:, c.nope_dim:])
-        cache.length += s
-        return self.o_proj(o.reshape(b, s, -1))
+        return self.o_proj(o.reshape(*o.shape[:2], -1))
 
-    def _select(self, x, q_res, positions, cos, sin, cache) -> torch.Tensor:
+    def _step(self, x: torch.Tensor, positions: torch.Tensor, cache: V32Cache) -> torch.Tensor:
+        q, q_res, row, cos, sin = self._project(x, positions)
+        cache.latent.append(row)
+        if self.indexer is None:
+            picked = self._causal(positions, len(cache.latent))
+        else:
+            cache.index_keys.append(self._index_key(x, cos, sin))
+            picked = self._select(x, q_res, positions, cos, sin, cache.index_keys.tensor)
+        cache.length += x.shape[1]
+        return self._attend(q, cache.latent.tensor, picked)
+
+    def _static_step(self, x: torch.Tensor, positions: torch.Tensor, cache: StaticV32Cache) -> torch.Tensor:
+        """One decode token per sequence (`S = 1`, the same position in every row) at fixed shapes."""
+        _check_static_call("V32Attention", x, positions)
+        q, q_res, row, cos, sin = self._project(x, positions)
+        position = positions[0]
+        cache.latent.index_copy_(1, position, row)
+        if self.indexer is None:
+            picked = self._causal(positions, cache.latent.shape[1])
+        else:
+            cache.index_keys.index_copy_(1, position, self._index_key(x, cos, sin))
+            picked = self._select(x, q_res, positions, cos, sin, cache.index_keys)
+        return self._attend(q, cache.latent, picked)
+
+    @staticmethod
+    def _causal(positions: torch.Tensor, t: int) -> torch.Tensor:
+        """V3 (no indexer): every cached token up to the query's position."""
+        ent = torch.arange(t, device=positions.device).view(1, 1, t)
+        return torch.where(ent <= positions.unsqueeze(-1), ent, -1).to(torch.int32)
+
+    def _index_key(self, x, cos, sin) -> torch.Tensor:
+        ix = self.indexer
+        return _rope_head(ix.k_norm(ix.wk(x)), cos, sin, self.c.rope_dim)
+
+    def _select(self, x, q_res, positions, cos, sin, keys: torch.Tensor) -> torch.Tensor:
+        """DSA's picks among `keys` `[B, T, index_dim]` (future and unwritten rows come back -1)."""
         c, ix = self.c, self.indexer
         b, s, _ = x.shape
-        if ix is None:
-            t = len(cache.latent)
-            ent = torch.arange(t, device=x.device).view(1, 1, t)
-            return torch.where(ent <= positions.unsqueeze(-1), ent, -1).to(torch.int32)
         qi = _rope_head(ix.wq_b(q_res).view(b, s, c.index_heads, c.index_dim), cos.unsqueeze(2), sin.unsqueeze(2),
                         c.rope_dim)
-        ki = _rope_head(ix.k_norm(ix.wk(x)), cos, sin, c.rope_dim)
-        cache.index_keys.append(ki)
-        return ops.indexer_select(qi, cache.index_keys.tensor, ix.weights_proj(x), (c.index_dim * c.index_heads) ** -0.5,
+        return ops.indexer_select(qi, keys, ix.weights_proj(x), (c.index_dim * c.index_heads) ** -0.5,
                                   c.index_topk, positions, 1)

@@ -36,6 +36,7 @@ class ModelCache:
     def __init__(self, layers: list):
         self.layers = layers
         self.length = 0
+        self.batch = 0   # sequences, set by the first call
 
     def nbytes(self) -> int:
         def size(obj) -> int:
@@ -157,6 +158,7 @@ class DeepseekForCausalLM(nn.Module):
         h = self.model(input_ids, positions, caches)
         if cache is not None:
             cache.length += s
+            cache.batch = b
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h).float()
