@@ -12,10 +12,12 @@ import argparse
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from v4hal.model.config import PRESETS, ModelArgs, human, load_args
+from v4hal.model.static import StaticDecoder
 
 
 @dataclass
@@ -37,6 +39,7 @@ class GenerationResult:
     prefill_seconds: float = 0.0
     decode_steps: int = 0                    # batched decode forwards
     decode_seconds: float = 0.0
+    compile_seconds: float = 0.0             # compiled decode: first steps (they compile), not in decode_*
     cache_bytes: int = 0
 
     @property
@@ -66,8 +69,10 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None 
 
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-             eos_token_id: int | None = None, keep_logits: bool = False) -> GenerationResult:
-    """Generate up to `max_new_tokens` after each prompt; a sequence stops at `eos_token_id`."""
+             eos_token_id: int | None = None, keep_logits: bool = False, compile: bool = False) -> GenerationResult:
+    """Generate up to `max_new_tokens` after each prompt; a sequence stops at `eos_token_id`.
+    compile: decode with `StaticDecoder` (fixed shapes, one compiled graph per step; its first
+    step per prompt group compiles and is timed apart, in compile_seconds)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     if max_new_tokens < 1:
@@ -89,6 +94,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sam
         logits = model(ids, cache=cache, last_only=True)[:, -1]
         res.prefill_seconds += time.perf_counter() - t0
         res.prefill_tokens += ids.numel()
+        decode = partial(model, cache=cache)
+        if compile:
+            decode = StaticDecoder(model, cache, capacity=ids.shape[1] + max_new_tokens)
         done = torch.zeros(len(members), dtype=torch.bool, device=device)
         kept = [[] for _ in members]
         for step in range(max_new_tokens):
@@ -103,10 +111,13 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sam
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
             t0 = time.perf_counter()
-            logits = model(nxt.unsqueeze(1), cache=cache)[:, -1]
-            res.decode_seconds += time.perf_counter() - t0
-            res.decode_steps += 1
-        res.cache_bytes += cache.nbytes()
+            logits = decode(nxt.unsqueeze(1))[:, -1]
+            if compile and step == 0:
+                res.compile_seconds += time.perf_counter() - t0
+            else:
+                res.decode_seconds += time.perf_counter() - t0
+                res.decode_steps += 1
+        res.cache_bytes += (decode.cache if compile else cache).nbytes()
         if keep_logits:
             for j, i in enumerate(members):
                 res.logits[i] = torch.stack(kept[j])
@@ -132,6 +143,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the config's)")
     p.add_argument("--backend", help="V4HAL_BACKEND for this run (auto, cpu, cpu_fast, cuda, ascend, mindspore)")
     p.add_argument("--dequantize", action="store_true", help="dequantize FP8/FP4 weights on load")
+    p.add_argument("--compile", action="store_true",
+                   help="decode at fixed shapes, each step one torch.compile graph (first step compiles)")
 
 
 def _prompts(ns: argparse.Namespace, args: ModelArgs) -> tuple[list[list[int]], object]:
@@ -182,7 +195,8 @@ def main(ns: argparse.Namespace) -> int:
     with torch.inference_mode():  # first calls resolve backends and warm kernels: keep them out of the timing
         model(torch.tensor([prompts[0][:1]]), cache=model.new_cache())
     sampling = Sampling(ns.temperature, ns.top_k, ns.top_p, ns.seed)
-    res = generate(model, prompts, ns.max_new_tokens, sampling, eos_token_id=None if not ns.prompt else _eos(args))
+    res = generate(model, prompts, ns.max_new_tokens, sampling, eos_token_id=None if not ns.prompt else _eos(args),
+                   compile=ns.compile)
     for i, (p, out) in enumerate(zip(prompts, res.tokens)):
         print(f"[{i}] prompt ({len(p)} tokens): {p if len(p) <= 32 else p[:16] + ['...'] + p[-8:]}")
         print(f"[{i}] generated: {out}")
@@ -192,6 +206,8 @@ def main(ns: argparse.Namespace) -> int:
     print(f"{mode}; prefill {res.prefill_tokens} tokens in {res.prefill_seconds * 1e3:.1f} ms "
           f"({res.prefill_tokens_per_s:.0f} tokens/s); decode {res.decode_steps} steps, "
           f"{res.decode_ms_per_step:.2f} ms/step; KV cache {res.cache_bytes / 2**10:.1f} KiB")
+    if ns.compile:
+        print(f"compiled decode: first steps (compiling) took {res.compile_seconds:.1f} s, not counted above")
     by_backend: dict[str, list[str]] = defaultdict(list)
     for op, choice in sorted(registry._choices.items()):
         by_backend[choice.backend].append(op)

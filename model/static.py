@@ -19,17 +19,22 @@ backend whose ops dynamo can trace (cpu and cpu_fast are tested); the first call
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from v4hal.model.model import DeepseekForCausalLM, ModelCache
+from v4hal.ops._check import reads
 
 
 def _step(model: DeepseekForCausalLM, ids: torch.Tensor, positions: torch.Tensor, layers: list) -> torch.Tensor:
     return model.lm_head(model.model(ids, positions, layers)).float()
 
 
-# Shapes are fixed by construction: dynamic=False keeps the graph free of symbolic sizes.
-_compiled_step = torch.compile(_step, dynamic=False)
+@functools.cache
+def compiled_step():
+    # Shapes are fixed by construction: dynamic=False keeps the graph free of symbolic sizes.
+    return torch.compile(_step, dynamic=False)
 
 
 class StaticDecoder:
@@ -42,27 +47,34 @@ class StaticDecoder:
             raise ValueError("StaticDecoder: the cache is empty; prefill at least one token first")
         if capacity <= cache.length:
             raise ValueError(f"StaticDecoder: capacity must exceed the {cache.length} cached token(s), got {capacity}")
-        self.model, self.capacity, self.length, self.batch = model, capacity, cache.length, cache.batch
+        self.model, self.capacity, self.batch = model, capacity, cache.batch
         like = model.model.embed_tokens.weight
         with torch.no_grad():
-            self.layers = [layer.self_attn.static_cache(c, cache.batch, capacity, like)
-                           for layer, c in zip(model.model.layers, cache.layers)]
-        self._step = _compiled_step if compile else _step
+            self.cache = ModelCache([layer.self_attn.static_cache(c, cache.batch, capacity, like)
+                                     for layer, c in zip(model.model.layers, cache.layers)])
+        self.cache.length, self.cache.batch = cache.length, cache.batch
+        self._step = compiled_step() if compile else _step
+
+    @property
+    def length(self) -> int:
+        """Tokens the sequences hold so far (prompt included)."""
+        return self.cache.length
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """ids `[B, 1]` (the batch of the prefill) -> logits `[B, 1, vocab]` float32."""
         if ids.dim() != 2 or tuple(ids.shape) != (self.batch, 1):
             raise ValueError(f"StaticDecoder: ids must be [{self.batch}, 1] (one token per sequence of the "
                              f"prefill's batch), got shape {tuple(ids.shape)}")
-        if self.length >= self.capacity:
+        if self.cache.length >= self.capacity:
             raise ValueError(f"StaticDecoder: the cache is full ({self.capacity} tokens, the capacity it "
                              "was built with); build the decoder with a larger capacity")
         vocab = self.model.args.vocab_size
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= vocab:  # checked here: a compiled gather would not
-            raise ValueError(f"StaticDecoder: token ids must be in [0, {vocab}), got values in [{lo}, {hi}]")
-        positions = torch.full_like(ids, self.length)
+        if reads(ids):  # checked here: a compiled gather would not
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= vocab:
+                raise ValueError(f"StaticDecoder: token ids must be in [0, {vocab}), got values in [{lo}, {hi}]")
+        positions = torch.full_like(ids, self.cache.length)
         with torch.no_grad():
-            logits = self._step(self.model, ids, positions, self.layers)
-        self.length += 1
+            logits = self._step(self.model, ids, positions, self.cache.layers)
+        self.cache.length += 1
         return logits

@@ -1,0 +1,108 @@
+"""Fixed-shape decode (`model.static.StaticDecoder`): every step against transformers and against
+the eager cache, from prefills that end before, on and after window and compression boundaries;
+the bad-input errors. The compiled step's tests are at the end."""
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from test_model_logits import CONFIGS, TOL, make_pair
+from v4hal.bench.cases_model import TINY_V32
+from v4hal.model.config import preset
+from v4hal.model.generate import Sampling, generate
+from v4hal.model.model import build
+from v4hal.model.static import StaticDecoder
+
+V4_TINY = preset("tiny")  # window 8; CSA ratio 4, index_topk 4; HCA ratio 8
+EAGER_TWINS = {"v4-tiny": V4_TINY, "v32": TINY_V32, "v3": dataclasses.replace(TINY_V32, model_type="deepseek_v3")}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_every_static_step_matches_transformers(name, tmp_path):
+    hf, ours = make_pair(name, tmp_path)
+    ids = torch.randint(0, ours.args.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
+    prompt = 13
+    with torch.no_grad():
+        cache, pkv = ours.new_cache(), DynamicCache(config=hf.config)
+        ours(ids[:, :prompt], cache=cache)
+        hf(ids[:, :prompt], past_key_values=pkv, use_cache=True)
+        decoder = StaticDecoder(ours, cache, capacity=ids.shape[1], compile=False)
+        for i in range(prompt, ids.shape[1]):
+            step = ids[:, i:i + 1]
+            torch.testing.assert_close(decoder(step), hf(step, past_key_values=pkv, use_cache=True).logits,
+                                       **TOL, msg=lambda m: f"static decode step at position {i}: {m}")
+    assert decoder.length == ids.shape[1]
+
+
+def _eager_and_static(args, prompt: int, total: int, compile: bool = False):
+    """(eager logits, static logits) `[steps, B, vocab]` decoding tokens prompt..total-1."""
+    model = build(args, dtype=torch.float64).init_random(0)
+    ids = torch.randint(0, args.vocab_size, (2, total), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(ids[:, :prompt], cache=cache, last_only=True)
+        decoder = StaticDecoder(model, cache, capacity=total, compile=compile)
+        eager, static = [], []
+        for i in range(prompt, total):
+            eager.append(model(ids[:, i:i + 1], cache=cache)[:, 0])
+            static.append(decoder(ids[:, i:i + 1])[:, 0])
+    return torch.stack(eager), torch.stack(static)
+
+
+# Prefills ending inside the first window, right before / on a CSA window, on an HCA window, and
+# past the sliding window (the ring has wrapped).
+@pytest.mark.parametrize("prompt", [1, 3, 4, 8, 11])
+@pytest.mark.parametrize("name", list(EAGER_TWINS))
+def test_static_steps_equal_eager_steps_in_float64(name, prompt):
+    eager, static = _eager_and_static(EAGER_TWINS[name], prompt, total=30)
+    torch.testing.assert_close(static, eager, rtol=1e-12, atol=1e-12)
+
+
+def test_indexer_keeps_fewer_entries_than_the_static_slots():
+    # 30 tokens / ratio 4 = 7 closed windows against index_topk 2: the picks must be the eager ones,
+    # among written slots only.
+    args = dataclasses.replace(V4_TINY, index_topk=2)
+    eager, static = _eager_and_static(args, prompt=5, total=30)
+    torch.testing.assert_close(static, eager, rtol=1e-12, atol=1e-12)
+
+
+def test_generate_with_compile_flag_gives_the_eager_tokens(monkeypatch):
+    # The flag's wiring, with the step left eager (the compiled step has its own tests below).
+    import v4hal.model.static as static
+
+    monkeypatch.setattr(static, "compiled_step", lambda: static._step)
+    model = build(V4_TINY).init_random(0)
+    prompts = [[5, 9, 2, 7, 1, 3, 8], [4, 4, 6]]
+    eager = generate(model, prompts, 9, Sampling(temperature=0.0))
+    fixed = generate(model, prompts, 9, Sampling(temperature=0.0), compile=True)
+    assert fixed.tokens == eager.tokens
+    assert fixed.decode_steps == eager.decode_steps - len(prompts)  # each group's first step compiles
+    assert fixed.compile_seconds > 0
+
+
+def _decoder(prompt: int = 5, capacity: int = 8) -> StaticDecoder:
+    model = build(V4_TINY).init_random(0)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(torch.arange(prompt).view(1, prompt), cache=cache)
+    return StaticDecoder(model, cache, capacity=capacity, compile=False)
+
+
+def test_bad_input_is_named():
+    model = build(V4_TINY).init_random(0)
+    with pytest.raises(ValueError, match="cache is empty"):
+        StaticDecoder(model, model.new_cache(), capacity=8, compile=False)
+    with pytest.raises(ValueError, match="capacity must exceed the 5 cached"):
+        _decoder(prompt=5, capacity=5)
+    decoder = _decoder()
+    with pytest.raises(ValueError, match=r"ids must be \[1, 1\].*got shape \(2, 1\)"):
+        decoder(torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 512\), got values in \[600, 600\]"):
+        decoder(torch.full((1, 1), 600))
+    for _ in range(3):
+        decoder(torch.zeros(1, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="cache is full \\(8 tokens"):
+        decoder(torch.zeros(1, 1, dtype=torch.long))
+    assert decoder.length == 8
