@@ -1,5 +1,6 @@
 """Whole-model cases: parity of final logits between backends on tiny V4 / V3.2 configs (quick),
-and speed of prefill (4k tokens) and decode (one step at 16k context) against transformers'
+and speed of prefill (4k tokens) and decode (one step at 16k and 60k context; eager, and
+compiled at fixed shapes by `model.static.StaticDecoder`) against transformers'
 DeepseekV4ForCausalLM holding the same weights, on the small `BENCH_V4` config.
 
 The models are built once per (config, dtype) from a fixed seed: the parity harness passes only
@@ -149,9 +150,13 @@ def _prefill(tokens: int):
     return make
 
 
-def _decode(context: int, chunk: int = 1024):
+def _decode(context: int, compiled: bool = False, chunk: int = 1024):
+    """One decode step after a `context`-token prefill. compiled: ours is `StaticDecoder` (its
+    first call, in the warm-up, compiles), and our eager step is a peer too."""
     def make(device: torch.device):
         from transformers import DynamicCache
+
+        from v4hal.model.static import StaticDecoder
 
         # The Ascend dry run builds cases on the meta device and never runs peers; transformers'
         # float32 grouped-GEMM experts have no meta kernel, so its cache is not filled there.
@@ -168,7 +173,7 @@ def _decode(context: int, chunk: int = 1024):
                     hf(ids[:, i:i + chunk], past_key_values=pkv, use_cache=True, logits_to_keep=1)
         step = ids[:, -1:]
 
-        def run_ours():
+        def run_eager():
             with torch.no_grad():
                 return ours(step, cache=cache)
 
@@ -177,7 +182,13 @@ def _decode(context: int, chunk: int = 1024):
                 return hf(step, past_key_values=pkv, use_cache=True).logits
 
         peers = {"transformers eager": run_hf} if with_peer else {}
-        return run_ours, peers
+        if not compiled:
+            return run_eager, peers
+        # Room for every timed call (warm-up, repeats, and the peers' turns do not decode here).
+        decoder = StaticDecoder(ours, cache, capacity=context + 2048, compile=device.type != "meta")
+        if with_peer:
+            peers["v4hal eager"] = run_eager
+        return (lambda: decoder(step)), peers
 
     return make
 
@@ -185,7 +196,9 @@ def _decode(context: int, chunk: int = 1024):
 SPEED = [
     SpeedCase("model_prefill", "bench-v4/4k", _prefill(4096)),
     SpeedCase("model_decode", "bench-v4/16k-context", _decode(16384)),
+    SpeedCase("model_decode", "bench-v4/16k-context/compiled", _decode(16384, compiled=True)),
     # Near the config's 64k position limit: where attending only the selected entries pays off.
     SpeedCase("model_decode", "bench-v4/60k-context", _decode(61440)),
+    SpeedCase("model_decode", "bench-v4/60k-context/compiled", _decode(61440, compiled=True)),
     SpeedCase("model_prefill", "bench-v4/256", _prefill(256), quick=True),
 ]
