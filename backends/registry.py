@@ -23,6 +23,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
+from torch.compiler import is_compiling as _is_compiling
+
 BACKENDS = ("cpu", "cpu_fast", "cuda", "ascend", "mindspore")
 # `auto` takes, per op, the first usable backend in this order that implements the op.
 AUTO_ORDER = ("ascend", "cuda", "cpu_fast", "cpu")
@@ -251,7 +253,30 @@ def preferred_backend() -> str:
 
 
 def dispatch(op: str) -> Callable:
-    return choose(op).fn
+    # Runs a few hundred times a decode step: the cached choice without a call to `choose`.
+    if _is_compiling():
+        _choose_all_untraced(op)
+    choice = _choices.get(op)
+    return (choice if choice is not None else choose(op)).fn
+
+
+def _choose_all_untraced(op: str) -> bool:
+    """Under torch.compile: choose every op not chosen yet, for real rather than traced (choosing
+    imports backend modules, which dynamo cannot follow). All ops at once, because a trace keeps
+    seeing `_choices` as it was when the trace first read it; `op`'s own error is raised here."""
+    for other in ops():
+        if other not in _choices and other != op:
+            try:
+                choose(other)
+            except BackendError:
+                pass  # raised where that op is used, if it is
+    choose(op)
+    return True
+
+
+# What `torch.compiler.assume_constant_result` sets (dynamo then calls the function at trace time
+# and keeps its result), set directly: the decorator would import torch._dynamo (~0.8 s) with v4hal.
+_choose_all_untraced._dynamo_marked_constant = True
 
 
 def fallbacks() -> dict[str, Choice]:
