@@ -7,6 +7,7 @@ import math
 from typing import Collection, Iterable
 
 import torch
+from torch.compiler import is_compiling
 
 from v4hal.backends import registry
 
@@ -65,8 +66,9 @@ def equal(op: str, arg: str, got: int, expected: int, what: str) -> None:
 
 def reads(t: torch.Tensor) -> bool:
     """Whether a check may read `t`'s values: never on the meta device (shapes only: the Ascend dry
-    run), nor under V4HAL_CHECKS=shapes (each read is a host synchronisation on an NPU or GPU)."""
-    return t.device.type != "meta" and registry.settings().checks == "full"
+    run), nor under V4HAL_CHECKS=shapes (each read is a host synchronisation on an NPU or GPU),
+    nor under `torch.compile` (a value read in Python ends the graph)."""
+    return t.device.type != "meta" and not is_compiling() and registry.settings().checks == "full"
 
 
 def all_finite(t: torch.Tensor) -> bool:

@@ -2,6 +2,7 @@
 loops over tokens) and checked against the `cpu` reference by the parity harness."""
 
 import torch
+from torch.compiler import is_compiling
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -13,8 +14,9 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def eager_on_cpu(t: torch.Tensor) -> bool:
     """Whether a decode shortcut may leave tensor ops (Python floats, per-expert loops, complex
     views): only on CPU tensors, and never under `torch.jit.trace` (the ONNX exporter), which
-    would freeze Python values into the graph or meet ops ONNX lacks."""
-    return t.device.type == "cpu" and not torch.jit.is_tracing()
+    would freeze Python values into the graph or meet ops ONNX lacks, nor under `torch.compile`
+    (values read in Python break the graph; the tensor paths are what inductor fuses)."""
+    return t.device.type == "cpu" and not torch.jit.is_tracing() and not is_compiling()
 
 
 def probe() -> tuple[bool, str]:
