@@ -78,19 +78,25 @@ class Rope:
         """cos and sin `[*positions.shape, dim/2]` (times attention_factor), for `ops.apply_rope`.
         Angles are formed in float32 as the reference implementations do, so long positions
         round the same way. Every layer of a step asks with the same positions tensor: the last
-        answer per table is reused while that tensor is alive and unmodified."""
+        answer per table is reused while that tensor is alive and unmodified (not under
+        torch.compile, whose graph cannot consult a Python-side memo; there the tables are a few
+        elementwise ops the compiler fuses)."""
+        if torch.compiler.is_compiling():  # the lru_cache is Python state too: the graph folds this
+            return self._tables(positions, dtype, _float32_inv_freq.__wrapped__(self, positions.device))
         key = (None if positions.is_inference() else positions._version, dtype)  # inference tensors have no version
         last = _LAST_TABLES.get(self)
         if last is not None and last[0]() is positions and last[1] == key:
             return last[2]
-        inv = _float32_inv_freq(self, positions.device)
+        tables = self._tables(positions, dtype, _float32_inv_freq(self, positions.device))
+        _LAST_TABLES[self] = (weakref.ref(positions), key, tables)
+        return tables
+
+    def _tables(self, positions: torch.Tensor, dtype: torch.dtype, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.to(torch.float32).unsqueeze(-1) * inv
         cos, sin = angles.cos(), angles.sin()
         if self.attention_factor != 1.0:
             cos, sin = cos * self.attention_factor, sin * self.attention_factor
-        tables = cos.to(dtype), sin.to(dtype)
-        _LAST_TABLES[self] = (weakref.ref(positions), key, tables)
-        return tables
+        return cos.to(dtype), sin.to(dtype)
 
 
 _LAST_TABLES: dict[Rope, tuple] = {}
