@@ -66,15 +66,13 @@ def _visible(positions, ratio, t, shape, device):
 
 
 def indexer_topk(scores, k, positions, ratio):
-    b, s, t = scores.shape
-    out = torch.full((b, s, k), -1, dtype=torch.int32)
-    visible = _visible(positions, ratio, t, scores.shape, scores.device)
-    for bi in range(b):
-        for si in range(s):
-            cand = visible[bi, si].nonzero().flatten()
-            order = torch.argsort(scores[bi, si, cand], descending=True, stable=True)[:k]
-            out[bi, si, : len(order)] = cand[order].to(torch.int32)
-    return out
+    visible = _visible(positions, ratio, scores.shape[-1], scores.shape, scores.device)
+    # The visible entries are a prefix (t < limit): hidden ones masked to -inf sort after every
+    # visible one (a stable sort keeps index order among ties), then slots past the visible
+    # count become -1. No shape depends on the data, so torch.compile traces it whole.
+    order = torch.argsort(scores.masked_fill(~visible, float("-inf")), dim=-1, descending=True, stable=True)[..., :k]
+    seen = torch.arange(k, device=scores.device) < visible.sum(-1, keepdim=True)
+    return torch.where(seen, order, -1).to(torch.int32)
 
 
 def indexer_select(q, k, weights, scale, topk, positions, ratio):
