@@ -112,16 +112,36 @@ def shared_expert(x, shared, swiglu_limit):
                       act_scale_fmt=fmt)
 
 
+def gathered_experts(x, experts, weights, ids, swiglu_limit):
+    """`sum_j weights[t, j] * down_e @ swiglu(gate_up_e @ x[t])`, e = ids[t, j], for float experts
+    as gathers of the chosen experts' rows and reductions against the token, in float32 (float64
+    for float64 input), cast to x's dtype once. No shape depends on the routing."""
+    cd = compute_dtype(x)
+    gate_up = (experts.gate_up[ids].to(cd) * x.to(cd)[:, None, None, :]).sum(-1)  # [T, k, 2I]
+    act = swiglu(gate_up, swiglu_limit)
+    down = (experts.down[ids].to(cd) * act.unsqueeze(-2)).sum(-1)  # [T, k, H]
+    return (weights.to(cd).unsqueeze(-1) * down).sum(1).to(x.dtype)
+
+
 def moe_forward(hidden, gate_weight, experts, topk, scoring, bias, n_group, topk_group, renormalize,
                 routed_scaling_factor, input_ids, tid2eid, swiglu_limit, shared):
     x = hidden.reshape(-1, hidden.shape[-1])
     weights, ids = ops.moe_route(hidden, gate_weight, topk, scoring, bias, n_group, topk_group,
                                  renormalize, routed_scaling_factor, input_ids, tid2eid)
-    state = ops.moe_dispatch(x, ids, experts.gate_up.shape[0])
-    fmt = experts.act_scale_fmt
-    h = ops.grouped_matmul(state.permuted, experts.gate_up, state.offsets, experts.gate_up_scale, fmt)
-    y = ops.grouped_matmul(ops.swiglu(h, swiglu_limit), experts.down, state.offsets, experts.down_scale, fmt)
-    out = ops.moe_combine(y, weights, state)
+    if (torch.compiler.is_compiling() and experts.gate_up_scale is None and experts.gate_up.is_floating_point()
+            and ids.numel() <= experts.gate_up.shape[0]):
+        # The dispatch's row counts depend on the routing, which a compiled graph cannot hold;
+        # gathers feeding reductions can, and the compiler fuses each pair, so no expert weight
+        # is copied. They read one expert per (token, choice), where the dispatch reads each
+        # chosen expert once: the same at decode, far more for a prompt, so only while the pairs
+        # are at most the experts. Quantized experts keep the dispatch (the graph breaks there).
+        out = gathered_experts(x, experts, weights, ids, swiglu_limit)
+    else:
+        state = ops.moe_dispatch(x, ids, experts.gate_up.shape[0])
+        fmt = experts.act_scale_fmt
+        h = ops.grouped_matmul(state.permuted, experts.gate_up, state.offsets, experts.gate_up_scale, fmt)
+        y = ops.grouped_matmul(ops.swiglu(h, swiglu_limit), experts.down, state.offsets, experts.down_scale, fmt)
+        out = ops.moe_combine(y, weights, state)
     if shared is not None:
         out = out + shared_expert(x, shared, swiglu_limit)
     return out.reshape(hidden.shape)
