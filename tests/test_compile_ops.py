@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from compile_util import data_dependent
 from v4hal import ops
 from v4hal.backends import registry
 from v4hal.bench.cases_model import TINY_V32
@@ -41,21 +42,6 @@ def _randn(*shape, seed=0, scale=1.0, dtype=torch.float32):
     return (torch.randn(*shape, generator=_g(seed)) * scale).to(dtype)
 
 
-def _data_dependent(gm):
-    """Nodes of a dynamo graph whose value or shape depends on tensor data. Under torch 2.13,
-    fullgraph=True captures `.tolist()`, `.item()` and `nonzero` as unbacked symbols instead of
-    breaking the graph, so one graph alone proves little; with dynamic=False every size is
-    static, hence any symbol in a node's value is such a capture."""
-    def symbolic(v):
-        if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-            return True
-        if isinstance(v, torch.Tensor):
-            return any(isinstance(s, torch.SymInt) for s in v.shape)
-        return isinstance(v, (tuple, list)) and any(symbolic(e) for e in v)
-
-    return [n.format_node() for n in gm.graph.nodes if symbolic(n.meta.get("example_value"))]
-
-
 def _compiled_and_eager(fn, *args, backend, fullgraph=True):
     """fn's results compiled (first, from a registry with nothing chosen yet) and eager. With
     fullgraph: one graph, nothing in it data-dependent."""
@@ -69,7 +55,7 @@ def _compiled_and_eager(fn, *args, backend, fullgraph=True):
         got = torch.compile(fn, backend=record, fullgraph=fullgraph, dynamic=False)(*args)
         want = fn(*args)
     if fullgraph:
-        assert len(graphs) == 1 and not _data_dependent(graphs[0]), _data_dependent(graphs[0])
+        assert len(graphs) == 1 and not data_dependent(graphs[0]), data_dependent(graphs[0])
     return got, want
 
 
@@ -257,5 +243,5 @@ def test_tiny_decoder_layers_decode_step(backend, name):
             sites = [f"{r.user_stack[-1].filename}:{r.user_stack[-1].lineno} {r.reason.splitlines()[0]}"
                      for r in explain.break_reasons if r.user_stack]
             assert not [site for site in sites if any(part in site for part in NO_BREAKS_IN)], sites
-            assert not [n for gm in explain.graphs for n in _data_dependent(gm)]
+            assert not [n for gm in explain.graphs for n in data_dependent(gm)]
             h = want

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from compile_util import data_dependent
 from test_model_logits import CONFIGS, TOL, make_pair
 from v4hal.bench.cases_model import TINY_V32
 from v4hal.model.config import preset
@@ -36,9 +37,9 @@ def test_every_static_step_matches_transformers(name, tmp_path):
     assert decoder.length == ids.shape[1]
 
 
-def _eager_and_static(args, prompt: int, total: int, compile: bool = False):
+def _eager_and_static(args, prompt: int, total: int, compile: bool = False, dtype=torch.float64):
     """(eager logits, static logits) `[steps, B, vocab]` decoding tokens prompt..total-1."""
-    model = build(args, dtype=torch.float64).init_random(0)
+    model = build(args, dtype=dtype).init_random(0)
     ids = torch.randint(0, args.vocab_size, (2, total), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         cache = model.new_cache()
@@ -106,3 +107,38 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="cache is full \\(8 tokens"):
         decoder(torch.zeros(1, 1, dtype=torch.long))
     assert decoder.length == 8
+
+
+# -- compiled ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(EAGER_TWINS))
+def test_the_whole_step_traces_as_one_graph(name, monkeypatch):
+    # dynamo alone, fullgraph: a graph break anywhere in a layer, op or backend fails here, and so
+    # does a value read captured as an unbacked symbol (what fullgraph makes of `.tolist()`).
+    import v4hal.model.static as static
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    traced = torch.compile(static._step, backend=record, fullgraph=True, dynamic=False)
+    monkeypatch.setattr(static, "compiled_step", lambda: traced)
+    eager, compiled = _eager_and_static(EAGER_TWINS[name], prompt=6, total=14, compile=True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
+    # 8 steps over new positions, one graph: nothing that changes per step is baked into it.
+    assert len(graphs) == 1
+    assert not data_dependent(graphs[0])
+    torch._dynamo.reset()
+
+
+def test_inductor_compiled_steps_match_eager_steps():
+    # The real thing (inductor's generated C++), once: compiling takes ~30-60 s on a 2-core CPU.
+    # float32 at float32 rounding: the compiled RoPE tables' cos / sin (formed in float32, as
+    # the reference implementations do) round differently from eager's.
+    torch._dynamo.reset()
+    eager, compiled = _eager_and_static(V4_TINY, prompt=6, total=20, compile=True, dtype=torch.float32)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
