@@ -11,6 +11,7 @@ from transformers import DynamicCache
 from compile_util import data_dependent
 from test_model_logits import CONFIGS, TOL, make_pair
 from v4hal.bench.cases_model import TINY_V32
+from v4hal.cli import main as cli
 from v4hal.model.config import preset
 from v4hal.model.generate import Sampling, generate
 from v4hal.model.model import build
@@ -142,3 +143,18 @@ def test_inductor_compiled_steps_match_eager_steps():
     eager, compiled = _eager_and_static(V4_TINY, prompt=6, total=20, compile=True, dtype=torch.float32)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_cli_compile_flag_decodes_through_the_static_decoder(monkeypatch, capsys):
+    import v4hal.model.static as static
+
+    calls = []
+    monkeypatch.setattr(static, "compiled_step", lambda: lambda *a: calls.append(1) or static._step(*a))
+    argv = ["generate", "--preset", "tiny", "--max-new-tokens", "5", "--batch", "2"]
+    assert cli(argv) == 0
+    eager = [line for line in capsys.readouterr().out.splitlines() if "generated:" in line]
+    assert cli(argv + ["--compile"]) == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if "generated:" in line] == eager
+    assert "compiled decode: first steps (compiling) took" in out
+    assert len(calls) == 2 * 4  # two prompt groups, 4 decode steps each
