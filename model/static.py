@@ -6,7 +6,7 @@
     logits = decoder(next_ids)                                       # [B, 1] -> [B, 1, vocab]
 
 Why: at decode a small model's step is ~1,400 small ops, and their per-op cost, not memory
-traffic, sets the time (docs/model.md, "Why decode misses 2x at 16k"). `torch.compile` fuses them
+traffic, sets the time (docs/model.md, "Why eager decode stays near 1.25x"). `torch.compile` fuses them
 only if nothing changes shape from one step to the next, so the decoder moves the prefill's cache
 into fixed-capacity buffers (`V4Attention.static_cache`, `V32Attention.static_cache`): the
 sliding window becomes a ring, compressed entries and indexer keys get a slot each in advance,

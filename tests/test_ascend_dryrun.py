@@ -177,12 +177,15 @@ def test_speed_cases_run_on_the_device_they_are_built_for():
     assert a2.vendor_ops == [] and a5.vendor_ops == ["npu_quant_matmul"]
 
 
-def test_model_decode_case_builds_on_meta_without_running_its_transformers_peer():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_model_decode_case_builds_on_meta_without_running_its_transformers_peer(compiled):
     """The decode case fills a cache before timing; on meta it fills only ours (transformers'
-    float32 grouped-GEMM experts have no meta kernel) and the step itself reaches the vendor ops."""
+    float32 grouped-GEMM experts have no meta kernel) and the step itself reaches the vendor ops.
+    The compiled case runs its fixed-shape step uncompiled there."""
     from v4hal.bench.cases import SpeedCase
     from v4hal.bench.cases_model import _decode
 
-    result = dryrun.run_speed_case(SpeedCase("model_decode", "bench-v4/300-context", _decode(300, chunk=128)), "A2")
+    case = SpeedCase("model_decode", "bench-v4/300-context", _decode(300, compiled=compiled, chunk=128))
+    result = dryrun.run_speed_case(case, "A2")
     assert result.status == "pass", result.note
     assert "npu_moe_gating_top_k" in result.vendor_ops
