@@ -322,6 +322,9 @@ def _check_static_call(layer: str, x: torch.Tensor, positions: torch.Tensor) -> 
                          f"[B, 1, hidden], got shape {tuple(x.shape)}")
     if tuple(positions.shape) != tuple(x.shape[:2]):
         raise ValueError(f"{layer}: positions must be [B, 1] = {tuple(x.shape[:2])}, got {tuple(positions.shape)}")
+    if reads(positions) and bool((positions != positions[0]).any()):
+        raise ValueError(f"{layer}: a static cache decodes every sequence at the same position, got positions "
+                         f"{positions.flatten().tolist()}")
 
 
 def _chunked(step, x: torch.Tensor, positions: torch.Tensor, cache, chunk: int) -> torch.Tensor:

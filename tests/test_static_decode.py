@@ -103,6 +103,13 @@ def test_bad_input_is_named():
         decoder(torch.zeros(2, 1, dtype=torch.long))
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 512\), got values in \[600, 600\]"):
         decoder(torch.full((1, 1), 600))
+    layer = decoder.model.model.layers[1]
+    x = torch.zeros(2, 1, V4_TINY.hidden_size)
+    cache = layer.self_attn.static_cache(layer.self_attn.new_cache(), 2, 8, x)
+    with pytest.raises(ValueError, match=r"same position, got positions \[3, 4\]"):
+        layer.self_attn(x, torch.tensor([[3], [4]]), cache)
+    with pytest.raises(ValueError, match=r"decodes one token per sequence.*got shape \(2, 2, 64\)"):
+        layer.self_attn(torch.zeros(2, 2, 64), torch.tensor([[3, 4], [3, 4]]), cache)
     for _ in range(3):
         decoder(torch.zeros(1, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="cache is full \\(8 tokens"):
@@ -158,3 +165,30 @@ def test_cli_compile_flag_decodes_through_the_static_decoder(monkeypatch, capsys
     assert [line for line in out.splitlines() if "generated:" in line] == eager
     assert "compiled decode: first steps (compiling) took" in out
     assert len(calls) == 2 * 4  # two prompt groups, 4 decode steps each
+
+
+def test_fp8_weights_kept_quantized_compile_with_graph_breaks_and_stay_right(tmp_path, monkeypatch):
+    # FP8 products read their scales' values (graph breaks); the step must still equal eager decode.
+    import v4hal.model.static as static
+    from test_model_loader import _quantize_dir
+    from v4hal.model.config import ModelArgs
+    from v4hal.model.loader import load_checkpoint
+
+    make_pair("v4-mixed", tmp_path)
+    _quantize_dir(tmp_path, ".scale")
+    args = ModelArgs.from_json(tmp_path)
+    model = build(args)
+    load_checkpoint(model, tmp_path, args)
+    assert any(p.dtype == torch.float8_e4m3fn for p in model.state_dict().values())
+    torch._dynamo.reset()
+    traced = torch.compile(static._step, backend="eager", dynamic=False)
+    monkeypatch.setattr(static, "compiled_step", lambda: traced)
+    ids = torch.randint(0, args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(ids[:, :9], cache=cache)
+        decoder = StaticDecoder(model, cache, capacity=24)
+        for i in range(9, 24):
+            torch.testing.assert_close(decoder(ids[:, i:i + 1]), model(ids[:, i:i + 1], cache=cache),
+                                       rtol=1e-5, atol=1e-5, msg=lambda m: f"position {i}: {m}")
+    torch._dynamo.reset()
