@@ -79,6 +79,23 @@ def test_linear_and_norms(backend, dtype):
     _assert_same(step, x, backend=backend, tol=F32 if dtype == torch.float32 else EXACT)
 
 
+def test_one_row_float32_product_compiles_to_a_reduction():
+    # cpu_fast's compiled one-row product is a multiply-and-sum that inductor fuses into one pass
+    # over the weight, not an MKL GEMV call (docs/model.md: 4.0 -> 2.4 ms for bench-v4's step).
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x, w, bias = _randn(1, 1, 64), _randn(48, 64, seed=1, scale=0.1), _randn(48, seed=2)
+    with registry.forced("cpu_fast"), torch.no_grad():
+        got = torch.compile(lambda x: ops.linear(x, w, None, bias), backend=record, fullgraph=True, dynamic=False)(x)
+    calls = [str(n.target) for n in graphs[0].graph.nodes if n.op in ("call_function", "call_method")]
+    assert "sum" in " ".join(calls) and not any("linear" in c or "mm" in c for c in calls), calls
+    torch.testing.assert_close(got, x @ w.T + bias, **F32)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fp8_linear_may_break_the_graph_but_stays_right(backend):
     x = _randn(2, 1, 256)

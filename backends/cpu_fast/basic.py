@@ -7,12 +7,15 @@ thread) and its matrix-vector product reads the weight at ~15 GB/s on one thread
 on two (docs/model.md, "Speed on this CPU"). `dense_linear` picks per call:
   - one row (decode), weight up to GEMV_ELEMENTS: multiply by the broadcast row and sum each
     weight row (ATen's vectorised kernels, parallel over threads; the product stays cache-sized);
+    under torch.compile any one-row product, which inductor turns into one fused reduction;
   - otherwise oneDNN's linear when this torch build has it (chosen once, at import);
-  - F.linear where neither applies (other dtypes, autograd, tracing for ONNX).
+  - F.linear where neither applies (other dtypes, autograd, tracing for ONNX, several rows
+    under torch.compile, where inductor picks the GEMM).
 """
 
 import torch
 import torch.nn.functional as F
+from torch.compiler import is_compiling
 
 from v4hal.backends.cpu import basic as ref
 from v4hal.backends.cpu_fast import cast, eager_on_cpu
@@ -37,15 +40,19 @@ _ONEDNN = _probe_onednn()
 
 def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ w.T (+ bias)` for float weights already in x's dtype."""
+    compiled = is_compiling()
     fast = (x.dtype == torch.float32 and w.dtype == torch.float32 and w.dim() == 2 and x.dim() >= 2
-            and eager_on_cpu(x) and w.device.type == "cpu"
+            and (eager_on_cpu(x) or compiled and x.device.type == "cpu") and w.device.type == "cpu"
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
     if not fast:
         return F.linear(x, w, bias)
-    if x.numel() == x.shape[-1] and w.numel() <= GEMV_ELEMENTS:
+    # One row as multiply-and-sum: eager, ATen's kernels stream the weight faster than MKL's GEMV
+    # (up to a 4 MiB product buffer); compiled, inductor fuses it into one reduction over the
+    # weight (no buffer), which also beats the MKL call inductor would make for a matmul.
+    if x.numel() == x.shape[-1] and (compiled or w.numel() <= GEMV_ELEMENTS):
         y = (w * x.reshape(1, -1)).sum(-1).view(*x.shape[:-1], w.shape[0])
         return y if bias is None else y + bias
-    if _ONEDNN is not None and x.numel():
+    if _ONEDNN is not None and x.numel() and not compiled:
         return _ONEDNN(x, w.contiguous(), bias, "none", [], "")
     return F.linear(x, w, bias)
 
