@@ -62,6 +62,13 @@ def test_static_steps_equal_eager_steps_in_float64(name, prompt):
     torch.testing.assert_close(static, eager, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", list(EAGER_TWINS))
+def test_static_steps_equal_eager_steps_in_bfloat16(name):
+    # bf16 buffers: the compressor windows, the biased gates and the -inf start keep the model dtype.
+    eager, static = _eager_and_static(EAGER_TWINS[name], prompt=6, total=20, dtype=torch.bfloat16)
+    torch.testing.assert_close(static.float(), eager.float(), rtol=1.6e-2, atol=1e-2)
+
+
 def test_indexer_keeps_fewer_entries_than_the_static_slots():
     # 30 tokens / ratio 4 = 7 closed windows against index_topk 2: the picks must be the eager ones,
     # among written slots only.
