@@ -8,7 +8,7 @@ attention, window attention, routed experts as a gather-and-reduce, the head), b
 semantics: cache writes are fixed-size `index_copy_`s into random caches and the compressors are
 a gated pool over a fixed window. Its outputs mean nothing; its time is a floor for the model's
 own fixed-shape compiled step, `model.static.StaticDecoder` (docs/model.md, "Why eager decode
-stays near 1.25x": 2.4 ms here against StaticDecoder's 4.3-4.4 ms at 16k).
+stays near 1.25x": 2.4 ms here against StaticDecoder's 3.0-3.1 ms at 16k).
 
     python -m v4hal.bench.decode_ceiling [--context 16384] [--threads 1]
 
