@@ -94,9 +94,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sam
         logits = model(ids, cache=cache, last_only=True)[:, -1]
         res.prefill_seconds += time.perf_counter() - t0
         res.prefill_tokens += ids.numel()
-        decode = partial(model, cache=cache)
-        if compile:
-            decode = StaticDecoder(model, cache, capacity=ids.shape[1] + max_new_tokens)
+        decode = (StaticDecoder(model, cache, capacity=ids.shape[1] + max_new_tokens) if compile
+                  else partial(model, cache=cache))
         done = torch.zeros(len(members), dtype=torch.bool, device=device)
         kept = [[] for _ in members]
         for step in range(max_new_tokens):

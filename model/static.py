@@ -47,7 +47,7 @@ class StaticDecoder:
             raise ValueError("StaticDecoder: the cache is empty; prefill at least one token first")
         if capacity <= cache.length:
             raise ValueError(f"StaticDecoder: capacity must exceed the {cache.length} cached token(s), got {capacity}")
-        self.model, self.capacity, self.batch = model, capacity, cache.batch
+        self.model, self.capacity = model, capacity
         like = model.model.embed_tokens.weight
         with torch.no_grad():
             self.cache = ModelCache([layer.self_attn.static_cache(c, cache.batch, capacity, like)
@@ -62,8 +62,8 @@ class StaticDecoder:
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """ids `[B, 1]` (the batch of the prefill) -> logits `[B, 1, vocab]` float32."""
-        if ids.dim() != 2 or tuple(ids.shape) != (self.batch, 1):
-            raise ValueError(f"StaticDecoder: ids must be [{self.batch}, 1] (one token per sequence of the "
+        if tuple(ids.shape) != (self.cache.batch, 1):
+            raise ValueError(f"StaticDecoder: ids must be [{self.cache.batch}, 1] (one token per sequence of the "
                              f"prefill's batch), got shape {tuple(ids.shape)}")
         if self.cache.length >= self.capacity:
             raise ValueError(f"StaticDecoder: the cache is full ({self.capacity} tokens, the capacity it "
