@@ -625,25 +625,24 @@ class V32Attention(nn.Module):
         return _chunked(self._step, x, positions, cache, self.prefill_chunk)
 
     def _project(self, x: torch.Tensor, positions: torch.Tensor):
-        """(q [B, S, H, nope + rope] with its rope part rotated, the query LoRA residual, this
+        """((q_nope [B, S, H, nope], roped q_rope [B, S, H, rope]), the query LoRA residual, this
         step's latent rows [B, S, kv_lora + rope], cos, sin)."""
         c = self.c
         b, s, _ = x.shape
         cos, sin = c.rope.cos_sin(positions, x.dtype)
         q_res = self.q_a_layernorm(self.q_a_proj(x))
         q = self.q_b_proj(q_res).view(b, s, c.heads, c.nope_dim + c.rope_dim)
-        q = torch.cat([q[..., :c.nope_dim], ops.apply_rope(q[..., c.nope_dim:], cos.unsqueeze(2), sin.unsqueeze(2))], -1)
+        q_rope = ops.apply_rope(q[..., c.nope_dim:], cos.unsqueeze(2), sin.unsqueeze(2))
         lat = self.kv_a_proj_with_mqa(x)
         k_rope = ops.apply_rope(lat[..., c.kv_lora:], cos, sin)
-        return q, q_res, torch.cat([self.kv_a_layernorm(lat[..., :c.kv_lora]), k_rope], -1), cos, sin
+        return (q[..., :c.nope_dim], q_rope), q_res, torch.cat([self.kv_a_layernorm(lat[..., :c.kv_lora]), k_rope], -1), cos, sin
 
-    def _attend(self, q: torch.Tensor, latent: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q: tuple[torch.Tensor, torch.Tensor], latent: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
         # Absorb W_uk into the query and apply W_uv after attention over the latents.
-        c = self.c
-        wkv = self.kv_b_proj.dense_weight(q.dtype).view(c.heads, c.nope_dim + c.v_dim, c.kv_lora)
-        q_lat = torch.einsum("bshn,hnc->bshc", q[..., :c.nope_dim], wkv[:, :c.nope_dim])
-        o_lat = ops.sparse_attention(torch.cat([q_lat, q[..., c.nope_dim:]], -1), latent, picked, c.scale,
-                                     v_dim=c.kv_lora)
+        c, (q_nope, q_rope) = self.c, q
+        wkv = self.kv_b_proj.dense_weight(q_nope.dtype).view(c.heads, c.nope_dim + c.v_dim, c.kv_lora)
+        q_lat = torch.einsum("bshn,hnc->bshc", q_nope, wkv[:, :c.nope_dim])
+        o_lat = ops.sparse_attention(torch.cat([q_lat, q_rope], -1), latent, picked, c.scale, v_dim=c.kv_lora)
         o = torch.einsum("bshc,hvc->bshv", o_lat, wkv[:, c.nope_dim:])
         return self.o_proj(o.reshape(*o.shape[:2], -1))
 
