@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -66,6 +67,26 @@ class TensorInfo:
         return self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
 
 
+def confined(folder: str | os.PathLike, name: str | os.PathLike, regular: bool = True) -> Path:
+    """`folder / name` with every symlink resolved, refused (CheckpointError) unless it stays inside
+    `folder`: names read from a journal, manifest, index or sidecar, and symlinked files, must not
+    reach other files. With `regular`, it must also exist and be a regular file (opening a FIFO
+    or device would hang or read forever). The one check every path the converter, loader and
+    verify read or delete goes through."""
+    root = Path(folder).resolve()
+    path = (root / name).resolve()
+    if path == root or not path.is_relative_to(root):
+        raise CheckpointError(root / name, f"leads to {path}, outside {root}; refused (files must stay inside their folder)")
+    if regular:
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            raise CheckpointError(root / name, "missing") from None
+        if not stat.S_ISREG(mode):
+            raise CheckpointError(root / name, "not a regular file (a FIFO, device, socket or directory); refused")
+    return path
+
+
 def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -108,23 +129,29 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
         if data_start + end > size:
             raise CheckpointError(path, f"truncated: tensor ends at byte {data_start + end} but the file has {size}", name)
         tensors.append(TensorInfo(name, path, dtype, shape, data_start + begin, end - begin))
-    tensors.sort(key=lambda t: t.start)
+    tensors.sort(key=lambda t: (t.start, t.nbytes))
+    for before, after in zip(tensors, tensors[1:]):
+        if after.start < before.start + before.nbytes:
+            raise CheckpointError(path, f"its bytes overlap tensor '{before.name}' (header data_offsets alias the same data)", after.name)
     return {t.name: t for t in tensors}, metadata, size
 
 
 class Source:
     """A safetensors checkpoint (a directory with or without an index json, or one file), opened
-    read-only. `tensors` lists every tensor in (file, offset) order."""
+    read-only. `tensors` lists every tensor in (file, offset) order. `only` picks some of a
+    directory's shards (one rank of a resharded output); the index json is then not checked."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, only: list[str] | None = None):
         self.path = Path(path).resolve()
-        if self.path.is_file():
-            self.dir, files = self.path.parent, [self.path.name]
-        else:
+        if self.path.is_dir():
             self.dir = self.path
-            files = sorted(p.name for p in self.path.glob("*.safetensors"))
+            files = sorted(only if only is not None else (p.name for p in self.path.glob("*.safetensors")))
+        else:
+            self.dir, files = self.path.parent, [self.path.name]
         if not files:
             raise CheckpointError(self.path, "no .safetensors files found")
+        for name in files:
+            confined(self.dir, name)
         self.files: dict[str, int] = {}
         self.tensors: dict[str, TensorInfo] = {}
         for name in files:
@@ -135,7 +162,7 @@ class Source:
                     raise CheckpointError(self.dir / name, f"duplicate: also in {Path(self.tensors[t.name].file).name}", t.name)
                 self.tensors[t.name] = t
         index = self.dir / INDEX_NAME
-        if self.path.is_dir() and index.exists():
+        if self.path.is_dir() and index.exists() and only is None:
             self._check_index(index)
 
     def _check_index(self, index: Path) -> None:
@@ -161,8 +188,17 @@ class Source:
 
     def extra_files(self) -> list[Path]:
         """Small non-weight files (config, tokenizer) that travel with the checkpoint."""
-        return sorted(p for p in self.dir.iterdir() if p.is_file() and p.suffix in (".json", ".model", ".txt", ".py", ".jinja")
-                      and p.name != INDEX_NAME and not p.name.startswith(("v4hal-", ".v4hal")))
+        return small_files(self.dir, lambda p: p.suffix in (".json", ".model", ".txt", ".py", ".jinja")
+                           and p.name != INDEX_NAME and not p.name.startswith(("v4hal-", ".v4hal")))
+
+
+def small_files(folder: Path, wanted) -> list[Path]:
+    """The files in `folder` that `wanted(path)` picks, sorted; a picked symlink leading outside
+    the folder is refused (`confined`), non-regular entries are not files and never picked."""
+    files = sorted(p for p in folder.iterdir() if wanted(p) and p.is_file())
+    for p in files:
+        confined(folder, p.name)
+    return files
 
 
 def read_rows(info: TensorInfo, row0: int = 0, row1: int | None = None, fd: int | None = None) -> torch.Tensor:
@@ -378,6 +414,14 @@ def partial_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
+def create_new(path: Path, flags: int = 0, mode: int = 0o666) -> int:
+    """A fresh file for writing: whatever sat at `path` (a stale file, a planted symlink) is
+    removed first and O_EXCL makes sure nothing is followed. `mode` is narrowed by the umask,
+    so passing a source file's mode never widens who may read the copy."""
+    path.unlink(missing_ok=True)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | flags, mode & 0o777)
+
+
 ALIGN = 4096          # O_DIRECT: offsets, lengths and buffer addresses are multiples of this
 STAGE = 8 * 2**20     # O_DIRECT: bytes gathered before each write
 
@@ -388,14 +432,14 @@ def _aligned(n: int) -> tuple[numpy.ndarray, memoryview]:
     return a, memoryview(a)
 
 
-def _open_direct(path: Path) -> int | None:
+def _open_direct(path: Path, mode: int) -> int | None:
     """`path` created for O_DIRECT writes, after a probe write (some filesystems accept the flag
     and refuse the writes); None where the OS or filesystem does not do direct I/O."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
         return None
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o666)
+        fd = create_new(path, flag, mode)
     except OSError:
         return None
     try:
@@ -423,13 +467,13 @@ class ShardWriter:
     left to wait for."""
 
     def __init__(self, path: Path, specs: list[OutSpec], metadata: dict[str, str] | None = None, fsync: bool = True,
-                 direct: bool = True, hashed: bool = True):
+                 direct: bool = True, hashed: bool = True, mode: int = 0o666):
         self.path, self.specs, self.fsync = path, specs, fsync
         self.tmp = partial_name(path)
-        self.fd = _open_direct(self.tmp) if direct else None
+        self.fd = _open_direct(self.tmp, mode) if direct else None
         self._stage = None
         if self.fd is None:
-            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            self.fd = create_new(self.tmp, mode=mode)
         else:
             self._stage = _aligned(STAGE)
         self.hash = hashlib.sha256() if hashed else None
@@ -514,9 +558,9 @@ class ShardWriter:
         self.tmp.unlink(missing_ok=True)  # gone already if close() renamed it
 
 
-def write_atomic(path: Path, data: bytes) -> tuple[str, int]:
+def write_atomic(path: Path, data: bytes, mode: int = 0o666) -> tuple[str, int]:
     tmp = partial_name(path)
-    with open(tmp, "wb") as f:
+    with os.fdopen(create_new(tmp, mode=mode), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

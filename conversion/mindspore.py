@@ -28,8 +28,8 @@ import torch
 
 from v4hal.conversion import formats
 from v4hal.conversion.formats import Job, Options
-from v4hal.conversion.io import (CODES, DTYPES, CheckpointError, OutSpec, ShardWriter, TensorInfo, nbytes_of, partial_name,
-                                 read_header, sha256_file)
+from v4hal.conversion.io import (CODES, DTYPES, CheckpointError, OutSpec, ShardWriter, TensorInfo, confined, nbytes_of,
+                                 partial_name, read_header, sha256_file, small_files)
 from v4hal.conversion.plan import MANIFEST, Plan, _record, write_json_atomic
 
 SIDECAR = "v4hal-mindspore.json"
@@ -83,8 +83,8 @@ class CkptWriter:
     """Gathers one shard's tensors (raw bytes, in spec order) and writes them with
     `mindspore.save_checkpoint` on close, to a temporary name renamed into place."""
 
-    def __init__(self, path: Path, specs: list[OutSpec]):
-        self.path, self.specs = path, specs
+    def __init__(self, path: Path, specs: list[OutSpec], mode: int):
+        self.path, self.specs, self.mode = path, specs, mode
         self.buffers = [bytearray() for _ in specs]
         self.current = 0
 
@@ -103,6 +103,7 @@ class CkptWriter:
             items.append({"name": spec.name, "data": to_ms_tensor(t)})
         tmp = partial_name(self.path).with_suffix(".partial.ckpt")  # save_checkpoint insists on .ckpt
         _ms().save_checkpoint(items, str(tmp))
+        os.chmod(tmp, os.stat(tmp).st_mode & self.mode & 0o777)  # never more readable than the source
         os.replace(tmp, self.path)
         self.buffers = []
         return sha256_file(self.path), self.path.stat().st_size
@@ -142,8 +143,10 @@ class ToMindSpore(Plan):
     def out_name(self, source_file: str) -> str:
         return Path(source_file).stem + (".ckpt" if self.ms_format == "ckpt" else ".safetensors")
 
-    def make_writer(self, path: Path, specs: list[OutSpec]):
-        return CkptWriter(path, specs) if self.ms_format == "ckpt" else ShardWriter(path, specs, {"format": "ms"}, self.fsync)
+    def make_writer(self, path: Path, specs: list[OutSpec], mode: int):
+        if self.ms_format == "ckpt":
+            return CkptWriter(path, specs, mode)
+        return ShardWriter(path, specs, {"format": "ms"}, self.fsync, mode=mode)
 
     def small_outputs(self) -> list[str]:
         return [p.name for p in self.source.extra_files()] + [SIDECAR, MANIFEST]
@@ -175,6 +178,7 @@ class MindSporeSource:
         headers: dict[str, dict[str, TensorInfo]] = {}
         for position, t in enumerate(self.sidecar["tensors"]):
             file = self.dir / t["file"]
+            confined(self.dir, t["file"])
             self.files.setdefault(t["file"], file.stat().st_size)
             dtype, shape = DTYPES[t["dtype"]], tuple(t["shape"])
             start = position
@@ -189,8 +193,8 @@ class MindSporeSource:
             self.ms_names[t["hf_name"]] = t["name"]
 
     def extra_files(self) -> list[Path]:
-        return sorted(p for p in self.dir.iterdir() if p.is_file() and p.suffix == ".json"
-                      and p.name not in (SIDECAR, MANIFEST) and not p.name.startswith("."))
+        return small_files(self.dir, lambda p: p.suffix == ".json" and p.name not in (SIDECAR, MANIFEST)
+                           and not p.name.startswith("."))
 
 
 class MsReader:
