@@ -16,10 +16,14 @@ Every run accepts --dry-run (list outputs and disk needed, write nothing).
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
+# The whole CLI's exit codes: 0 success; 1 a check ran and found failures; 2 bad input or a refused
+# request (argparse's usage errors too); 3 not enough resources (disk, memory).
 EXIT_PROBLEM = 1
-EXIT_REFUSED = 3
+EXIT_REFUSED = 2
+EXIT_RESOURCES = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="mindspore: rename to MindSpore-style names (see docs/conversion.md) or keep HF names")
     run.add_argument("--dry-run", action="store_true", help="list what would be written and the disk it needs")
     run.add_argument("--restart", action="store_true", help="discard another conversion's partial output in DST")
+    run.add_argument("--overwrite", action="store_true", help="write into a DST holding files v4hal did not write, "
+                     "replacing those of the same names")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--no-fsync", action="store_true", help="do not fsync each shard before its rename (faster; "
                      "a killed process still resumes safely, a power cut may not)")
@@ -64,14 +70,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from v4hal.conversion.io import CheckpointError
     from v4hal.conversion.onnx_export import OnnxExportError
-    from v4hal.conversion.plan import ConversionError
+    from v4hal.conversion.plan import ConversionError, NotEnoughSpace
     from v4hal.model.loader import LoadError
 
     try:
         return {"run": _run, "verify": _verify, "onnx": _onnx}[args.convert_command](args)
-    except (CheckpointError, ConversionError, OnnxExportError, LoadError, ValueError) as exc:
-        print(f"v4hal convert: error: {exc}", file=sys.stderr)
-        return EXIT_REFUSED if isinstance(exc, ConversionError) else EXIT_PROBLEM
+    except (CheckpointError, ConversionError, OnnxExportError, LoadError, ValueError, OSError, MemoryError) as exc:
+        print(f"v4hal convert: error: {exc or type(exc).__name__}", file=sys.stderr)
+        if isinstance(exc, (NotEnoughSpace, MemoryError)) or getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            return EXIT_RESOURCES
+        return EXIT_PROBLEM if isinstance(exc, OnnxExportError) else EXIT_REFUSED  # onnxruntime disagreed: a failed check
 
 
 def _run(args) -> int:
@@ -99,7 +107,7 @@ def _run(args) -> int:
               f"{free / 1e9:.1f} GB free at the destination" + ("" if need <= free else " (NOT ENOUGH)"))
         return 0
     p.fsync = not args.no_fsync
-    manifest = planning.run(p, args.dest, progress=not args.no_progress, restart=args.restart)
+    manifest = planning.run(p, args.dest, progress=not args.no_progress, restart=args.restart, overwrite=args.overwrite)
     print(f"wrote {len(manifest['outputs'])} files to {args.dest}; manifest: {args.dest}/{planning.MANIFEST}")
     return 0
 

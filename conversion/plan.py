@@ -13,11 +13,14 @@ written, each atomically.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
 import os
 import shutil
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,17 +29,22 @@ import torch
 
 from v4hal.conversion import formats, reshard
 from v4hal.conversion.formats import Job, Options
-from v4hal.conversion.io import (INDEX_NAME, HashingReader, OutSpec, ShardWriter, Source, file_size,
-                                 write_atomic, write_json_atomic)
+from v4hal.conversion.io import (INDEX_NAME, CheckpointError, HashingReader, OutSpec, ShardWriter, Source, confined,
+                                 file_size, sha256_file, write_atomic, write_json_atomic)
 
 MANIFEST = "v4hal-manifest.json"
 PROGRESS = ".v4hal-progress.json"
+LOCK = ".v4hal-lock"
 DESCRIPTION = "quant_model_description.json"
 CHUNK_BYTES = 32 * 2**20  # target size of one row chunk of float32 work
 
 
 class ConversionError(RuntimeError):
-    pass
+    """A refused request: the output folder is someone else's, locked, or holds another conversion."""
+
+
+class NotEnoughSpace(ConversionError):
+    """The destination lacks the disk the conversion needs."""
 
 
 @dataclass
@@ -98,8 +106,8 @@ class Plan:
 
     fsync = True
 
-    def make_writer(self, path: Path, specs: list[OutSpec]):
-        return ShardWriter(path, specs, {"format": "pt"}, self.fsync)
+    def make_writer(self, path: Path, specs: list[OutSpec], mode: int):
+        return ShardWriter(path, specs, {"format": "pt"}, self.fsync, mode=mode)
 
     def make_reader(self, unit: Unit, progress):
         return HashingReader(str(self.source.dir / unit.source_file), progress)
@@ -183,7 +191,8 @@ def run_job(job: Job, src: Source, reader, emit) -> None:
 
 def process_unit(plan: Plan, unit: Unit, dst: Path, progress) -> dict:
     src, mp = plan.source, plan.opts.mp
-    writers = [plan.make_writer(dst / f.name, f.specs) for f in unit.files]
+    mode = os.stat(plan.source.dir / unit.source_file).st_mode  # outputs no more readable than their source
+    writers = [plan.make_writer(dst / f.name, f.specs, mode) for f in unit.files]
     reader = plan.make_reader(unit, progress)
     try:
         for job in unit.jobs:
@@ -204,16 +213,78 @@ def process_unit(plan: Plan, unit: Unit, dst: Path, progress) -> dict:
     return {"source_sha256": source_sha, "outputs": outputs}
 
 
-def _discard(dst: Path) -> None:
-    """--restart: remove what an earlier conversion (finished or not) wrote, so none of it survives."""
+def _written_names(dst: Path) -> set[str]:
+    """Every file the journal and manifest in `dst` say v4hal wrote there."""
     names = set()
-    if (dst / PROGRESS).exists():
-        for rec in json.loads((dst / PROGRESS).read_text())["units"].values():
-            names.update(rec["outputs"])
-    if (dst / MANIFEST).exists():
-        names.update(json.loads((dst / MANIFEST).read_text())["outputs"])
-    for name in names | {MANIFEST, PROGRESS}:
-        (dst / name).unlink(missing_ok=True)
+    try:
+        if (dst / PROGRESS).exists():
+            for rec in json.loads((dst / PROGRESS).read_text())["units"].values():
+                names.update(rec["outputs"])
+        if (dst / MANIFEST).exists():
+            names.update(json.loads((dst / MANIFEST).read_text())["outputs"])
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise ConversionError(f"{dst}: unreadable {PROGRESS} / {MANIFEST} ({exc!r}); remove the folder by hand") from None
+    return names
+
+
+def _discard(dst: Path) -> None:
+    """--restart: remove what an earlier conversion (finished or not) wrote, so none of it survives.
+    Only names inside `dst` are removed: a journal or manifest naming another file is refused."""
+    names = _written_names(dst) | {MANIFEST, PROGRESS}
+    try:
+        paths = [confined(dst, name, regular=False) for name in names]
+    except CheckpointError as exc:
+        raise ConversionError(f"--restart refused: {exc}") from None
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def _is_scratch(name: str) -> bool:
+    """v4hal's own leftovers: the lock, partial files of a killed run."""
+    return name == LOCK or (name.startswith(".") and ".partial" in name)
+
+
+def _check_owner(dst: Path, overwrite: bool) -> None:
+    """A folder holding files but no v4hal journal or manifest belongs to someone else: refused,
+    so nothing v4hal did not write is ever replaced, unless the user says --overwrite."""
+    if overwrite or (dst / PROGRESS).exists() or (dst / MANIFEST).exists():
+        return
+    foreign = sorted(p.name for p in dst.iterdir() if not _is_scratch(p.name))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise ConversionError(f"{dst} holds files v4hal did not write ({shown}); choose an empty or new folder, "
+                              f"or pass --overwrite to replace files of the same names")
+
+
+@contextlib.contextmanager
+def output_lock(dst: Path):
+    """Hold `dst/.v4hal-lock` (flock, so a dead holder's lock is released by the kernel) for a
+    run; another run into the same folder is refused at once, naming the holder. The file holds
+    the holder's pid and host, and is removed on release; a lock file removed by its holder
+    between our open and flock is retried, so two runs never both hold one."""
+    path = dst / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "a process that is starting"
+            os.close(fd)
+            raise ConversionError(f"{dst} is locked by another conversion ({holder}); "
+                                  f"wait for it to finish or choose another folder") from None
+        try:
+            if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        yield
+    finally:
+        os.unlink(path)
+        os.close(fd)
 
 
 def _load_journal(dst: Path, plan_id: str, restart: bool) -> dict:
@@ -233,11 +304,19 @@ def _load_journal(dst: Path, plan_id: str, restart: bool) -> dict:
     return {"plan": plan_id, "units": {}}
 
 
-def _unit_done(dst: Path, unit: Unit, record: dict | None) -> bool:
+def _unit_done(dst: Path, record: dict | None) -> bool:
+    """A journaled unit is skipped only if each of its outputs still has the size and sha256 the
+    journal recorded when it was written (a size alone misses a file changed in place)."""
     if not record:
         return False
-    return all((dst / name).exists() and (dst / name).stat().st_size == meta["size"]
-               for name, meta in record["outputs"].items())
+    for name, meta in record["outputs"].items():
+        try:
+            path = confined(dst, name)
+        except CheckpointError:
+            return False
+        if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
+            return False
+    return True
 
 
 def free_bytes(dst: str | os.PathLike) -> int:
@@ -250,37 +329,35 @@ def free_bytes(dst: str | os.PathLike) -> int:
 def check_space(dst: Path, needed: int) -> None:
     free = free_bytes(dst)
     if needed > free:
-        raise ConversionError(f"not enough free disk at {dst}: the conversion needs {needed / 1e9:.2f} GB more, "
+        raise NotEnoughSpace(f"not enough free disk at {dst}: the conversion needs {needed / 1e9:.2f} GB more, "
                               f"{free / 1e9:.2f} GB are free")
 
 
-def run(plan: Plan, dst: str | os.PathLike, progress: bool = True, restart: bool = False) -> dict:
+def run(plan: Plan, dst: str | os.PathLike, progress: bool = True, restart: bool = False, overwrite: bool = False) -> dict:
     dst = Path(dst).resolve()
     if dst == plan.source.dir:
         raise ConversionError("the destination must differ from the source (inputs are never modified)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
+    dst.mkdir(parents=True, exist_ok=True)
+    with output_lock(dst):
+        _check_owner(dst, overwrite)
         journal = _load_journal(dst, plan.plan_id, restart)
-    else:
-        journal = {"plan": plan.plan_id, "units": {}}
-    if journal.get("complete"):
-        return json.loads((dst / MANIFEST).read_text())
-    todo = [u for u in plan.units if not _unit_done(dst, u, journal["units"].get(str(u.index)))]
-    check_space(dst, sum(f.size for u in todo for f in u.files))
-    dst.mkdir(exist_ok=True)
-    for stale in dst.glob(".*.partial*"):
-        stale.unlink()
-    from tqdm import tqdm
+        if journal.get("complete"):
+            return json.loads((dst / MANIFEST).read_text())
+        todo = [u for u in plan.units if not _unit_done(dst, journal["units"].get(str(u.index)))]
+        check_space(dst, sum(f.size for u in todo for f in u.files))
+        for stale in dst.glob(".*.partial*"):
+            stale.unlink()
+        from tqdm import tqdm
 
-    bar = tqdm(total=sum(u.source_size for u in todo), unit="B", unit_scale=True, unit_divisor=1024,
-               desc=f"convert -> {plan.opts.target}", disable=not progress, file=sys.stderr)
-    for unit in todo:
-        journal["units"][str(unit.index)] = process_unit(plan, unit, dst, bar.update)
-        write_json_atomic(dst / PROGRESS, journal)
-    bar.close()
-    manifest = finish(plan, dst, journal)
-    (dst / PROGRESS).unlink(missing_ok=True)
-    return manifest
+        bar = tqdm(total=sum(u.source_size for u in todo), unit="B", unit_scale=True, unit_divisor=1024,
+                   desc=f"convert -> {plan.opts.target}", disable=not progress, file=sys.stderr)
+        for unit in todo:
+            journal["units"][str(unit.index)] = process_unit(plan, unit, dst, bar.update)
+            write_json_atomic(dst / PROGRESS, journal)
+        bar.close()
+        manifest = finish(plan, dst, journal)
+        (dst / PROGRESS).unlink(missing_ok=True)
+        return manifest
 
 
 def finish(plan: Plan, dst: Path, journal: dict) -> dict:
@@ -295,7 +372,7 @@ def finish(plan: Plan, dst: Path, journal: dict) -> dict:
         data = extra.read_bytes()
         if extra.name == "config.json":
             data = plan.config(json.loads(data))
-        outputs[extra.name] = _record(write_atomic(dst / extra.name, data))
+        outputs[extra.name] = _record(write_atomic(dst / extra.name, data, extra.stat().st_mode))
     outputs.update(plan.write_small(dst))
     manifest = {
         "format": "v4hal-conversion/1",

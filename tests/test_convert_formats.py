@@ -178,7 +178,7 @@ def test_reshard_splits_experts_by_index_and_linears_by_parallel_dim(tmp_path):
         index = json.loads((tmp_path / "out" / f"model{r}-mp2.safetensors.index.json").read_text())
         assert set(index["weight_map"]) == set(ranks[r])
     # a rank's share of an FP8 weight must hold whole 128-row blocks
-    assert cli("run", "--to", "copy", "--mp", "8", "--no-progress", tmp_path / "src", tmp_path / "bad") == 1
+    assert cli("run", "--to", "copy", "--mp", "8", "--no-progress", tmp_path / "src", tmp_path / "bad") == 2
 
 
 def test_dry_run_lists_outputs_and_writes_nothing(tmp_path, capsys):
@@ -203,7 +203,7 @@ def test_corrupt_truncated_and_mismatched_inputs_are_named(tmp_path, capsys):
     shard = tmp_path / "src" / "model-00002-of-00002.safetensors"
     data = shard.read_bytes()
     shard.write_bytes(data[:-100])
-    assert cli("run", "--to", "bf16", "--no-progress", tmp_path / "src", tmp_path / "out") == 1
+    assert cli("run", "--to", "bf16", "--no-progress", tmp_path / "src", tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert "model-00002-of-00002.safetensors" in err and "truncated" in err and "tensor '" in err
     shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + data[24:])
@@ -239,7 +239,7 @@ def test_scale_shape_mismatch_is_reported(tmp_path, capsys):
     q, _ = random_fp8(256, 256, gen)
     write_shards(tmp_path / "src", [{"model.layers.0.mlp.down_proj.weight": q,
                                      "model.layers.0.mlp.down_proj.weight_scale_inv": torch.ones(3, 2)}])
-    assert cli("run", "--to", "bf16", "--no-progress", tmp_path / "src", tmp_path / "out") == 1
+    assert cli("run", "--to", "bf16", "--no-progress", tmp_path / "src", tmp_path / "out") == 2
     assert "model.layers.0.mlp.down_proj.weight_scale_inv" in capsys.readouterr().err
 
 

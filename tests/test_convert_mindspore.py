@@ -88,5 +88,5 @@ def test_hf_names_option_keeps_names(tmp_path):
 
 def test_to_hf_needs_a_mindspore_conversion(tmp_path, capsys):
     fp8_checkpoint(tmp_path / "src")
-    assert cli("run", "--to", "hf", "--no-progress", tmp_path / "src", tmp_path / "out") == 1
+    assert cli("run", "--to", "hf", "--no-progress", tmp_path / "src", tmp_path / "out") == 2
     assert "v4hal-mindspore.json" in capsys.readouterr().err

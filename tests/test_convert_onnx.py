@@ -123,7 +123,7 @@ def test_bad_inputs(tiny, tmp_path, capsys):
         ort_logits(path, torch.zeros(2, 41, dtype=torch.int64))
     with pytest.raises(ValueError, match="seq_len must be a positive int, got 0"):
         onnx_export.export(None, args.vocab_size, tmp_path / "x.onnx", seq_len=0)
-    assert cli("onnx", "--preset", "nope", tmp_path / "x.onnx") == 1
+    assert cli("onnx", "--preset", "nope", tmp_path / "x.onnx") == 2
     assert "preset" in capsys.readouterr().err
-    assert cli("onnx", "--preset", "tiny", "--weights", tmp_path / "missing", tmp_path / "x.onnx") == 1
+    assert cli("onnx", "--preset", "tiny", "--weights", tmp_path / "missing", tmp_path / "x.onnx") == 2
     assert not (tmp_path / "x.onnx").exists()
