@@ -1,5 +1,6 @@
 """Re-check a converted checkpoint: every file against the manifest (present, size, sha256, a
-parseable safetensors header), and optionally every tensor against the source by decoding both
+parseable safetensors header), the manifest against the folder (every file present and every
+tensor stored is listed: an emptied or trimmed manifest is a failure), and optionally every tensor against the source by decoding both
 sides to float32 row chunk by row chunk:
 
 - raw copies must be byte-identical; BF16 must equal the source decoded then rounded to BF16;
@@ -17,8 +18,8 @@ from pathlib import Path
 import torch
 
 from v4hal.conversion import formats
-from v4hal.conversion.io import CheckpointError, Source, read_header, read_rows, sha256_file
-from v4hal.conversion.plan import CHUNK_BYTES, MANIFEST
+from v4hal.conversion.io import CheckpointError, Source, confined, read_header, read_rows, sha256_file
+from v4hal.conversion.plan import CHUNK_BYTES, MANIFEST, _is_scratch
 from v4hal.ops import quant
 
 
@@ -29,21 +30,26 @@ def verify(dst: str | Path, source: str | Path | None = None, check_hash: bool =
         manifest = json.loads((dst / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         return [f"{dst / MANIFEST}: cannot read the manifest ({exc}); the conversion did not finish"]
-    problems = []
+    problems = [f"{dst / name}: present but not listed in the manifest's outputs"
+                for name in sorted(p.name for p in dst.iterdir())
+                if name != MANIFEST and not _is_scratch(name) and name not in manifest["outputs"]]
+    listed = {name for t in manifest["tensors"].values() for name in t["outputs"]}
     for name, meta in manifest["outputs"].items():
-        path = dst / name
-        if not path.exists():
-            problems.append(f"{path}: missing")
+        try:
+            path = confined(dst, name)
+        except CheckpointError as exc:
+            problems.append(str(exc))
             continue
         if path.stat().st_size != meta["size"]:
             problems.append(f"{path}: size {path.stat().st_size}, manifest says {meta['size']}")
             continue
         if name.endswith(".safetensors"):
             try:
-                read_header(path)
+                stored = read_header(path)[0]
             except CheckpointError as exc:
                 problems.append(str(exc))
                 continue
+            problems += [f"{path}, tensor '{t}': not listed in the manifest's tensors" for t in stored if t not in listed]
         if check_hash and sha256_file(path, progress) != meta["sha256"]:
             problems.append(f"{path}: sha256 differs from the manifest (corrupt or modified)")
     if source is None or problems:
@@ -51,19 +57,26 @@ def verify(dst: str | Path, source: str | Path | None = None, check_hash: bool =
     if manifest["options"]["target"] in ("mindspore", "hf"):
         return compare_renamed(source, dst)
     src = Source(source)
+    problems += [f"{src.dir / name}: source shard not listed in the manifest's sources"
+                 for name in src.files if name not in manifest["sources"]]
     for name, meta in manifest["sources"].items():
         if name not in src.files:
             problems.append(f"{src.dir / name}: source shard missing")
         elif check_hash and sha256_file(src.dir / name, progress) != meta["sha256"]:
             problems.append(f"{src.dir / name}: source shard differs from the one converted (sha256)")
-    out = Source(dst)
-    for main, t in manifest["tensors"].items():
-        if t["split"] and t["split"][0] != "all":
-            continue  # resharded pieces: checked by the manifest hashes only
-        try:
-            problems += compare(src, out, t)
-        except CheckpointError as exc:
-            problems.append(str(exc))
+    mp = manifest["options"].get("mp", 1)
+    shards = sorted(n for n in manifest["outputs"] if n.endswith(".safetensors"))
+    # Each rank holds its own copy of every replicated tensor: compare each rank's files alone.
+    ranks = [shards] if mp == 1 else [[n for n in shards if n.startswith(f"model{r}-mp{mp}-")] for r in range(mp)]
+    for files in ranks:
+        out = Source(dst, files)
+        for t in manifest["tensors"].values():
+            if t["split"] and t["split"][0] != "all":
+                continue  # resharded pieces: checked by the manifest hashes only
+            try:
+                problems += compare(src, out, t)
+            except CheckpointError as exc:
+                problems.append(str(exc))
     return problems
 
 
