@@ -33,9 +33,11 @@ from safetensors import safe_open
 from torch import nn
 
 from v4hal import ops
+from v4hal.conversion.io import CheckpointError, confined
 from v4hal.model.config import ModelArgs
 
 QUANT_DTYPES = (torch.float8_e4m3fn, torch.uint8, torch.int8)
+MX_BLOCK = (1, 32)  # OCP microscaling blocks, as MXFP4's (ops.FP4_BLOCK) and MXFP8's
 SCALE_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".scale")
 OFFSET_SUFFIX = ".weight_offset"
 DESCRIPTION = "quant_model_description.json"
@@ -93,21 +95,31 @@ class LoadReport:
                 f"{len(self.skipped)} MTP tensors skipped; {self.bytes_read / 2**20:.1f} MiB in {self.seconds:.2f} s")
 
 
+def _inside(directory: Path, name: str) -> Path:
+    """`directory / name` if it is a regular file inside `directory` after resolving symlinks
+    (see `conversion.io.confined`); else LoadError."""
+    try:
+        confined(directory, name)
+    except CheckpointError as exc:
+        raise LoadError(f"weights: {exc}") from None
+    return directory / name
+
+
 def checkpoint_files(directory: str | Path) -> list[Path]:
     d = Path(directory)
     if not d.is_dir():
         raise LoadError(f"weights: {d} is not a directory")
     index = d / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        names = sorted(set(json.loads(_inside(d, index.name).read_text())["weight_map"].values()))
         missing = [n for n in names if not (d / n).exists()]
         if missing:
             raise LoadError(f"weights: {index.name} names shards that are absent: {missing}")
-        return [d / n for n in names]
-    files = sorted(d.glob("*.safetensors"))
-    if not files:
-        raise LoadError(f"weights: no *.safetensors file in {d}")
-    return files
+    else:
+        names = sorted(p.name for p in d.glob("*.safetensors"))
+        if not names:
+            raise LoadError(f"weights: no *.safetensors file in {d}")
+    return [_inside(d, n) for n in names]
 
 
 def canonical_name(key: str, v4: bool) -> str:
@@ -160,6 +172,15 @@ def _packed_fp4_as_int8(weight: torch.Tensor, scale: torch.Tensor | None) -> boo
         scale.dim() == 2 and scale.shape[1] > 1 and scale.shape[1] == -(-2 * weight.shape[1] // ops.FP4_BLOCK))
 
 
+def _is_mxfp8(weight: torch.Tensor, scale: torch.Tensor | None) -> bool:
+    """MXFP8 (`v4hal convert run --to mxfp8`): e4m3 `[N, K]` with one ue8m0 scale per 1x32 block,
+    `[N, K/32]`, where DeepSeek's FP8 has one per 128x128 block. (For N = 1 and K <= 32 both
+    layouts are one scale over the whole matrix: either reading is exact.)"""
+    return (scale is not None and weight.dim() == 2 and scale.dim() == 2
+            and tuple(scale.shape) == ops.scale_shape(tuple(weight.shape), MX_BLOCK)
+            and tuple(scale.shape) != ops.scale_shape(tuple(weight.shape), ops.WEIGHT_BLOCK))
+
+
 def _logical_shape(t: torch.Tensor) -> tuple[int, ...]:
     """Shape of the matrix a stored tensor stands for (packed FP4 holds two values per byte)."""
     return (*t.shape[:-1], t.shape[-1] * 2) if t.dtype == torch.uint8 else tuple(t.shape)
@@ -189,6 +210,7 @@ class _Description:
         self.seen: set[str] = set()
         if not path.exists():
             return
+        _inside(directory, DESCRIPTION)
         try:
             raw = json.loads(path.read_text())
         except ValueError as e:
@@ -243,6 +265,9 @@ class _Loader:
             if nan_codes:  # read once here: the fast CPU kernels decode the NaN code as +-480
                 self.rejected.append(f"{name}: {nan_codes} e4m3 NaN code(s) (0x7f/0xff) in an FP8 weight")
                 return
+            if _is_mxfp8(tensor, scale):  # no kernel here runs 1x32 FP8 blocks: dequantized once, now
+                tensor, scale = ops.dequantize_fp8(tensor, scale.float(), MX_BLOCK, torch.float32), None
+                self.report.dequantized += 1
         if scale is not None:
             self.quantized.add(name)
             if tensor.dtype == torch.int8:
@@ -259,6 +284,8 @@ class _Loader:
             return
         module, attr = slot
         target = getattr(module, attr)
+        if scale is None and self._wrong_kind(name, tensor, target):
+            return
         if _logical_shape(tensor) != tuple(target.shape):
             self.errors.append(f"{name}: checkpoint shape {tuple(_logical_shape(tensor))}, model expects {tuple(target.shape)}")
             return
@@ -271,6 +298,14 @@ class _Loader:
                 self.report.dequantized += 1
             self._copy(module, attr, target, tensor)
         self.filled[name] = {None}
+
+    def _wrong_kind(self, name: str, tensor: torch.Tensor, target: torch.Tensor) -> bool:
+        """A tensor without a scale is copied as is, so an integer one into a float slot (or the
+        reverse) would be silently converted: rejected instead."""
+        if tensor.dtype.is_floating_point == target.dtype.is_floating_point:
+            return False
+        self.rejected.append(f"{name}: stored as {tensor.dtype} without a scale, the model holds {target.dtype}")
+        return True
 
     def _row_scale(self, name: str, tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
         """An int8 weight's per-output-channel scale as the `[N]` float32 vector `ops.linear` and
@@ -301,6 +336,8 @@ class _Loader:
             return
         module, attr = slot
         target = getattr(module, attr)
+        if scale is None and self._wrong_kind(name, tensor, target):
+            return
         n_exp, rows = target.shape[0], target.shape[1]
         half = rows // 2 if proj != "down_proj" else rows
         expect = (half, target.shape[2]) if target.dtype not in QUANT_DTYPES else None
@@ -376,9 +413,14 @@ def load_checkpoint(model: nn.Module, directory: str | Path, args: ModelArgs, *,
     pending_w: dict[str, torch.Tensor] = {}  # quantized weights whose scale is in a later shard
     pending_s: dict[str, torch.Tensor] = {}
     offsets: dict[str, str] = {}  # weight name -> its (all-zero) weight_offset key
+    shard_of: dict[str, str] = {}
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
+                if key in shard_of:
+                    loader.rejected.append(f"{key}: stored twice, in {shard_of[key]} and {path.name}")
+                    continue
+                shard_of[key] = path.name
                 if description.types is not None and (why := description.check(key, f.get_slice(key).get_dtype())):
                     loader.rejected.append(why)
                 offset = key.endswith(OFFSET_SUFFIX)
