@@ -16,6 +16,9 @@ per-row scales) stay quantized where the target is a `Linear` (or a fused expert
 `<name>_scale` slot) and `keep_quantized` is on; otherwise they are dequantized once, on load.
 Shards are memory-mapped and copied tensor by tensor into the model's (untouched, lazily
 allocated) storage, so the peak resident memory is near the model's size, not twice it.
+MXFP8 weights (e4m3 + 1x32 ue8m0 scales, `convert run --to mxfp8`) are always dequantized on load.
+Every shard must be a regular file inside the checkpoint folder (symlinks resolved); a tensor
+stored twice, or an integer tensor without a scale for a float slot, is rejected.
 The MTP layers (`model.layers.{N}` for N >= num_hidden_layers, `mtp.*`) are skipped.
 """
 
