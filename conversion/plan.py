@@ -239,7 +239,7 @@ def _discard(dst: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _is_scratch(name: str) -> bool:
+def is_scratch(name: str) -> bool:
     """v4hal's own leftovers: the lock, partial files of a killed run."""
     return name == LOCK or (name.startswith(".") and ".partial" in name)
 
@@ -249,7 +249,7 @@ def _check_owner(dst: Path, overwrite: bool) -> None:
     so nothing v4hal did not write is ever replaced, unless the user says --overwrite."""
     if overwrite or (dst / PROGRESS).exists() or (dst / MANIFEST).exists():
         return
-    foreign = sorted(p.name for p in dst.iterdir() if not _is_scratch(p.name))
+    foreign = sorted(p.name for p in dst.iterdir() if not is_scratch(p.name))
     if foreign:
         shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
         raise ConversionError(f"{dst} holds files v4hal did not write ({shown}); choose an empty or new folder, "

@@ -1,7 +1,7 @@
 """Re-check a converted checkpoint: every file against the manifest (present, size, sha256, a
 parseable safetensors header), the manifest against the folder (every file present and every
-tensor stored is listed: an emptied or trimmed manifest is a failure), and optionally every tensor against the source by decoding both
-sides to float32 row chunk by row chunk:
+tensor stored is listed: an emptied or trimmed manifest is a failure), and optionally every
+tensor against the source by decoding both sides to float32 row chunk by row chunk:
 
 - raw copies must be byte-identical; BF16 must equal the source decoded then rounded to BF16;
 - FP8 / MXFP8 must lie within half an e4m3 step of the source: |y - x| <= 2^-4 |x| + 2^-10 s
@@ -19,7 +19,7 @@ import torch
 
 from v4hal.conversion import formats
 from v4hal.conversion.io import CheckpointError, Source, confined, read_header, read_rows, sha256_file
-from v4hal.conversion.plan import CHUNK_BYTES, MANIFEST, _is_scratch
+from v4hal.conversion.plan import CHUNK_BYTES, MANIFEST, is_scratch
 from v4hal.ops import quant
 
 
@@ -32,7 +32,7 @@ def verify(dst: str | Path, source: str | Path | None = None, check_hash: bool =
         return [f"{dst / MANIFEST}: cannot read the manifest ({exc}); the conversion did not finish"]
     problems = [f"{dst / name}: present but not listed in the manifest's outputs"
                 for name in sorted(p.name for p in dst.iterdir())
-                if name != MANIFEST and not _is_scratch(name) and name not in manifest["outputs"]]
+                if name != MANIFEST and not is_scratch(name) and name not in manifest["outputs"]]
     listed = {name for t in manifest["tensors"].values() for name in t["outputs"]}
     for name, meta in manifest["outputs"].items():
         try:

@@ -221,7 +221,7 @@ def test_tensors_aliasing_the_same_bytes_are_refused(tmp_path, capsys):
     assert "overlap" in err and "'b'" in err and "'a'" in err
 
 
-def _tiny(tmp_path):
+def _tiny():
     args = ModelArgs.from_dict({"model_type": "deepseek_v3", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1,
                                 "num_attention_heads": 2, "intermediate_size": 64, "q_lora_rank": 16, "kv_lora_rank": 16,
                                 "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "max_position_embeddings": 64})
@@ -229,7 +229,7 @@ def _tiny(tmp_path):
 
 
 def test_loader_rejects_an_integer_weight_and_a_tensor_stored_twice(tmp_path):
-    args, tensors = _tiny(tmp_path)
+    args, tensors = _tiny()
     weight = next(k for k, v in tensors.items() if k.endswith("o_proj.weight"))
     d = tmp_path / "int"
     d.mkdir()
