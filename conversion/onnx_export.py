@@ -134,6 +134,10 @@ def _export_mode(model):
         m.forward = types.MethodType(_dense_moe_forward, m)
     try:
         with registry.forced(BACKEND):
+            # Choosing an op imports its backend modules; do it for every op before the trace,
+            # which would record any tensor work an import does (a table, a probe) into its graph.
+            for op in registry.ops():
+                registry.choose(op)
             yield
     finally:
         for m in moes:

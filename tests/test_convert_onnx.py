@@ -2,6 +2,8 @@
 model on inputs the trace never saw, refusal when they disagree, bad inputs."""
 
 import json
+import subprocess
+import sys
 
 import onnx
 import onnxruntime as ort
@@ -71,6 +73,48 @@ def test_decode_sized_export_does_not_freeze_the_fast_paths(tmp_path):
     ids = torch.randint(0, args.vocab_size, (1, 3), generator=torch.Generator().manual_seed(99))
     with torch.no_grad():
         torch.testing.assert_close(ort_logits(path, ids), model(ids), **TOL)
+
+
+def fresh_python(*args):
+    """Run in a new interpreter, where no backend module is imported yet (the suite hides import
+    order: an earlier test has usually imported them all)."""
+    run = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def test_readme_command_exports_in_a_fresh_interpreter(tmp_path):
+    """The README's command. Its first dispatches once imported backend modules inside the trace,
+    and cpu_fast's import-time oneDNN probe broke the trace (a JIT internal assert)."""
+    out = tmp_path / "tiny.onnx"
+    stdout = fresh_python("-m", "v4hal.cli", "convert", "onnx", "--preset", "tiny", "--seq", 40, out)
+    assert f"wrote {out}" in stdout and "onnx.checker ok" in stdout
+    assert [d.dim_value for d in onnx.load(str(out)).graph.output[0].type.tensor_type.shape.dim] == [1, 40, 512]
+
+
+def test_importing_cpu_fast_linear_inside_a_trace_records_nothing():
+    """What an op's first dispatch does inside torch.jit.trace: the import must leave the graph as
+    it was (no tensor work at import; cpu_fast's oneDNN probe runs at the first eager product)."""
+    code = ("import torch\n"
+            "def f(x):\n"
+            "    import v4hal.backends.cpu_fast.basic\n"
+            "    return x * 2\n"
+            "graph = torch.jit.trace(f, (torch.ones(3),), check_trace=False).graph\n"
+            "print(sorted(n.kind() for n in graph.nodes()))\n")
+    assert fresh_python("-c", code).strip() == "['aten::mul', 'prim::Constant']"
+
+
+def test_export_mode_imports_every_backend_module_before_the_trace():
+    """Any module imported inside the trace could record its import-time tensor work (cpu_fast's
+    quant tables do) into the graph, so the export mode imports them all first, even families
+    the tiny model never dispatches to."""
+    code = ("import sys\n"
+            "from v4hal.conversion import onnx_export\n"
+            "model, _ = onnx_export.build_model(preset='tiny')\n"
+            "with onnx_export._export_mode(model):\n"
+            "    print(sorted(m for m in sys.modules if m.startswith('v4hal.backends.cpu_fast.')))\n")
+    assert fresh_python("-c", code).strip() == str([f"v4hal.backends.cpu_fast.{family}" for family in
+                                                    ("attention", "basic", "engram", "mhc", "moe", "quant")])
 
 
 def test_dense_experts_equal_the_model_and_are_undone(tiny):

@@ -8,7 +8,7 @@ on two (docs/model.md, "Speed on this CPU"). `dense_linear` picks per call:
   - one row (decode), weight up to GEMV_ELEMENTS: multiply by the broadcast row and sum each
     weight row (ATen's vectorised kernels, parallel over threads; the product stays cache-sized);
     under torch.compile any one-row product, which inductor turns into one fused reduction;
-  - otherwise oneDNN's linear when this torch build has it (chosen once, at import);
+  - otherwise oneDNN's linear when this torch build has it (probed once, at the first such call);
   - F.linear where neither applies (other dtypes, autograd, tracing for ONNX, several rows
     under torch.compile, where inductor picks the GEMM).
 """
@@ -28,14 +28,25 @@ def _probe_onednn():
     F.linear on a small product; None otherwise."""
     try:
         op = torch.ops.mkldnn._linear_pointwise
-        x, w = torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), torch.eye(5, 8)
-        ok = torch.equal(op(x, w, None, "none", [], ""), x[:, :5])
+        x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0), device="cpu", dtype=torch.float32)
+        ok = torch.equal(op(x, torch.eye(5, 8, device="cpu", dtype=torch.float32), None, "none", [], ""), x[:, :5])
     except (AttributeError, RuntimeError):
         return None
     return op if ok else None
 
 
-_ONEDNN = _probe_onednn()
+_UNPROBED = object()
+_ONEDNN = _UNPROBED
+
+
+def _onednn():
+    """The probed oneDNN linear or None, probed at the first eager product rather than at import:
+    the registry imports this module at an op's first dispatch, which may be inside a
+    torch.jit.trace (the ONNX exporter), whose graph would record the probe's ops and break."""
+    global _ONEDNN
+    if _ONEDNN is _UNPROBED:
+        _ONEDNN = _probe_onednn()
+    return _ONEDNN
 
 
 def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,14 +63,15 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = N
     if x.numel() == x.shape[-1] and (compiled or w.numel() <= GEMV_ELEMENTS):
         y = (w * x.reshape(1, -1)).sum(-1).view(*x.shape[:-1], w.shape[0])
         return y if bias is None else y + bias
-    if _ONEDNN is not None and x.numel() and not compiled:
-        return _ONEDNN(x, w.contiguous(), bias, "none", [], "")
+    onednn = None if compiled or not x.numel() else _onednn()
+    if onednn is not None:
+        return onednn(x, w.contiguous(), bias, "none", [], "")
     return F.linear(x, w, bias)
 
 
 def kernel() -> str:
     """What float32 products run on, for `v4hal info`."""
-    return "oneDNN + ATen GEMV" if _ONEDNN is not None else "torch (MKL) + ATen GEMV"
+    return "oneDNN + ATen GEMV" if _onednn() is not None else "torch (MKL) + ATen GEMV"
 
 
 def rms_norm(x, weight, eps):
