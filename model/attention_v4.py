@@ -22,9 +22,6 @@ def _rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: 
     return torch.cat([x[..., :-rope_dim], ops.apply_rope(x[..., -rope_dim:], cos, sin)], dim=-1)
 
 
-LAYER_RATIOS = {"sliding_attention": 0, "compressed_sparse_attention": "csa", "heavily_compressed_attention": "hca"}
-
-
 @dataclass(frozen=True)
 class V4AttentionConfig:
     """One V4 attention layer. ratio: 0 = sliding only, else the compression ratio (4 = CSA with
