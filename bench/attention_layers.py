@@ -13,7 +13,8 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Attention, DeepseekV4RotaryEmbedding
 from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32Attention, DeepseekV32RotaryEmbedding
 
-from v4hal.model.attention import V4Attention, V4AttentionConfig, V32Attention, V32AttentionConfig
+from v4hal.model.attention_v4 import V4Attention, V4AttentionConfig
+from v4hal.model.attention_v32 import V32Attention, V32AttentionConfig
 
 # Small but complete: every branch (window wraps, CSA overlap, HCA, YaRN) is reached in a few
 # dozen tokens. Index heads are many enough that exact score ties (all heads relu'd to 0) are rare,

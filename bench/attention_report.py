@@ -56,7 +56,7 @@ def measure_prefill(impl: str, seq: int, dtype) -> dict:
 def _with_spare_rows(rows: torch.Tensor):
     """A cache `Rows` holding `rows` with the spare capacity a decoding cache has, so the timed
     step appends in place (as in a real decode) instead of paying a one-off regrowth."""
-    from v4hal.model.attention import Rows  # noqa: PLC0415
+    from v4hal.model.cache import Rows  # noqa: PLC0415
 
     out = Rows()
     out.append(rows)

@@ -1,7 +1,7 @@
 """Parity and speed cases for the sparse-attention family: small quick cases, and the real
 V4-Flash / V4-Pro / V3.2 shapes (heads, head dims, index heads, top-k, ratios) for prefill (many
 queries) and decode (one query against a long cache). Top-k outputs are judged tie-aware
-(DESIGN.md): a differing index passes only if its reference score is within tolerance of the
+(docs/parity.md): a differing index passes only if its reference score is within tolerance of the
 k-th best reference score."""
 
 from __future__ import annotations

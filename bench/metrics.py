@@ -1,4 +1,4 @@
-"""Parity metrics (DESIGN.md): cosine, max abs/rel error, RMSE, the share of elements within 1/1000
+"""Parity metrics (docs/parity.md): cosine, max abs/rel error, RMSE, the share of elements within 1/1000
 and 1/100 relative error (msprobe's "dual thousandth"), and DeepGEMM's FP8 diff. All in float64."""
 
 from __future__ import annotations

@@ -191,7 +191,7 @@ def _logical_shape(t: torch.Tensor) -> tuple[int, ...]:
 
 def _install_quantized(module: nn.Module, weight: torch.Tensor, scale: torch.Tensor) -> bool:
     """Put a quantized weight and its scale into a linear module that can run it (one with a
-    `weight_scale_inv` slot, as `model.attention.Linear`); False if the module holds only floats."""
+    `weight_scale_inv` slot, as `model.layers.Linear`); False if the module holds only floats."""
     if not hasattr(module, "weight_scale_inv"):
         return False
     module.weight = nn.Parameter(weight, requires_grad=False)

@@ -21,9 +21,11 @@ import dataclasses
 import torch
 from torch import nn
 
-from v4hal.model.attention import RMSNorm, V4Attention, V4AttentionConfig, V32Attention, V32AttentionConfig, Linear
+from v4hal.model.attention_v4 import V4Attention, V4AttentionConfig
+from v4hal.model.attention_v32 import V32Attention, V32AttentionConfig
 from v4hal.model.config import ModelArgs
 from v4hal.model.hyper import HyperConnection, HyperHead, expand_streams
+from v4hal.model.layers import Linear, RMSNorm
 from v4hal.model.moe import MLP, MoE, set_act_scale_fmt
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16, "float64": torch.float64}

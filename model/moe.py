@@ -39,7 +39,7 @@ from torch import nn
 
 from v4hal import ops
 from v4hal.model.expert_parallel import expert_range, moe_forward_ep
-from v4hal.model.attention import Linear
+from v4hal.model.layers import Linear
 from v4hal.ops.moe import SCORING_FUNCS, ExpertWeights, SharedExpertWeights
 
 
@@ -56,7 +56,7 @@ class Router(nn.Module):
 
 class Experts(nn.Module):
     """Stacked routed experts; the `*_scale` slots stay None for float weights; `act_scale_fmt`
-    as `model.attention.Linear`'s."""
+    as `model.layers.Linear`'s."""
 
     def __init__(self, n_experts: int, hidden_size: int, intermediate: int, dtype: torch.dtype, device=None):
         super().__init__()

@@ -2,7 +2,7 @@
 attention over gathered entries with a sliding window and a per-head sink (V4), or MLA in its
 absorbed form (V3.2's DSA).
 
-How the pieces compose (see model/attention.py):
+How the pieces compose (see model/attention_v4.py, model/attention_v32.py):
 - `kv_compress` pools windows of `ratio` projected tokens into one KV entry (softmax gate with a
   learned per-slot bias, then RMSNorm). The caller applies RoPE to the entries at their window's
   first position (`apply_rope`), because V4 and V3.2 lay RoPE out differently.

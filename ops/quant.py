@@ -1,6 +1,6 @@
 """Quantized matmul family: DeepSeek's FP8 block scaling, MXFP4 experts, int8 W8A8.
 
-Formats (DeepSeek V3/V3.2/V4 checkpoints, see docs/design.md):
+Formats (DeepSeek V3/V3.2/V4 checkpoints, see docs/quant.md):
 - FP8: `float8_e4m3fn` values with one fp32 scale per block, `x ~= q * scale`. Activations use
   1x128 blocks (one scale per 128 consecutive elements of the last dim), weights 128x128 blocks
   (scale shape `[ceil(N/128), ceil(K/128)]`). scale = max(amax, 1e-4) / 448; with

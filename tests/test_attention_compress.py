@@ -15,7 +15,7 @@ from v4hal.backends.cpu import attention as ref_impl
 from v4hal.backends.cuda import attention as cuda_impl
 from v4hal.backends.mindspore import attention as ms_impl
 from v4hal.bench.attention_layers import TINY_V4, v4_config, v4_pair
-from v4hal.model.attention import V4Compressor
+from v4hal.model.attention_v4 import V4Compressor
 from v4hal.ops._check import OpInputError
 
 D64 = torch.float64

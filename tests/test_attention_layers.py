@@ -12,7 +12,7 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import apply_rotary_po
 from v4hal import ops
 from v4hal.backends import registry
 from v4hal.bench.attention_layers import TINY_V4, TINY_V32, ref_cache, v4_config, v4_pair, v32_pair
-from v4hal.model.attention import Rows
+from v4hal.model.cache import Rows
 from v4hal.model.rope import Rope
 
 V4_TYPES = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"]
@@ -81,7 +81,7 @@ def test_v32_layer_without_indexer_is_v3_mla():
     from transformers.masking_utils import create_causal_mask
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
 
-    from v4hal.model.attention import V32Attention, V32AttentionConfig
+    from v4hal.model.attention_v32 import V32Attention, V32AttentionConfig
 
     kw = {k: v for k, v in TINY_V32.items() if not k.startswith("index")}
     cfg = DeepseekV3Config(num_hidden_layers=1, **kw)

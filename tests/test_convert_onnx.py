@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from v4hal.conversion import onnx_export
 from v4hal.model.moe import MoE
 
-# DESIGN.md: assert_close per dtype, atol scaled by the reduction length (float32 logits after a
+# docs/parity.md: assert_close per dtype, atol scaled by the reduction length (float32 logits after a
 # few layers of 64-wide GEMMs); the exporter's own gate is tighter still (1e-4).
 TOL = dict(rtol=1e-4, atol=1e-4)
 
