@@ -84,10 +84,41 @@ def finite(op: str, arg: str, t: torch.Tensor) -> None:
         raise OpInputError(op, arg, "finite values", f"{bad} NaN/Inf element(s) in {describe(t)}")
 
 
-def positive(op: str, arg: str, t: torch.Tensor) -> None:
-    finite(op, arg, t)
-    if reads(t) and not bool((t > 0).all()):
-        raise OpInputError(op, arg, "strictly positive values", f"{int((t <= 0).sum())} value(s) <= 0")
+EXPONENT_BYTES = (torch.uint8, torch.float8_e8m0fnu)  # ue8m0 scales as biased exponents; 0xFF is NaN
+
+
+def _bounds(t: torch.Tensor) -> torch.Tensor:
+    """[min, max] of a scale tensor as float64 on its device, NaN where the tensor holds one."""
+    if t.dtype in EXPONENT_BYTES:
+        top = t.view(torch.uint8).amax().double()
+        return torch.stack((top.new_zeros(()), torch.where(top == 0xFF, math.nan, top)))
+    values = t.detach()
+    if values.is_floating_point() and values.element_size() == 1:  # float8 kinds have no min/max kernel
+        values = values.float()
+    return torch.stack(torch.aminmax(values)).double()
+
+
+def scales(op: str, **named: torch.Tensor | None) -> None:
+    """Reject quantization scales holding NaN, Inf or negative values (an e8m0/uint8 exponent byte
+    0xFF is e8m0's NaN): every one would silently poison its whole block. Zero is allowed (an
+    all-zero block or channel from another quantizer). One min/max pass per tensor and a single
+    host read for all of them; None, empty tensors and tensors `reads` excludes are skipped."""
+    given = {arg: t for arg, t in named.items() if t is not None and t.numel() and reads(t)}
+    if not given:
+        return
+    parts = [_bounds(t) for t in given.values()]
+    bounds = torch.stack([p.to(parts[0].device) for p in parts]).tolist()
+    for (arg, t), (low, high) in zip(given.items(), bounds):
+        if not (low >= 0 and math.isfinite(high)):
+            raise OpInputError(op, arg, "finite, non-negative scales", _scale_faults(t))
+
+
+def _scale_faults(t: torch.Tensor) -> str:
+    if t.dtype in EXPONENT_BYTES:
+        return f"{int((t.view(torch.uint8) == 0xFF).sum())} exponent byte(s) 0xFF (NaN) in {describe(t)}"
+    v = t.detach().double()
+    counts = {"NaN": int(v.isnan().sum()), "Inf": int(v.isinf().sum()), "negative": int((v < 0).sum())}
+    return ", ".join(f"{n} {what}" for what, n in counts.items() if n) + f" value(s) in {describe(t)}"
 
 
 def choice(op: str, arg: str, value: object, allowed: Iterable[object]) -> None:

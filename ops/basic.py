@@ -83,6 +83,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
             raise _check.OpInputError(op, "scale", f"a scale tensor of shape {expected_scale} for a {fmt} weight", "None")
         _check.tensor(op, "scale", scale)
         _check.shape(op, "scale", scale, expected_scale, f"{fmt} weight [{n}, {k}]")
+        _check.scales(op, scale=scale)
     if bias is not None:
         _check.tensor(op, "bias", bias, dtypes=FLOAT_IN, ndim=1)
         _check.equal(op, "bias", bias.shape[0], n, "length = output features")

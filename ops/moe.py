@@ -243,6 +243,10 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_offsets: torch.T
     fmt, _, _ = _check_expert_weight(op, "weight", weight, scale, x.shape[1])
     _check_offsets(op, group_offsets, weight.shape[0], x.shape[0])
     _check.same_device(op, x=x, weight=weight, group_offsets=group_offsets, scale=scale)
+    if scale is not None and _check.reads(group_offsets):
+        # Only the experts that get rows: a decode step uses a few of them, and a pass over every
+        # expert's scales would read more than the products themselves.
+        _check.scales(op, scale=scale[group_offsets[1:] > group_offsets[:-1]])
     return dispatch(op)(x, weight, group_offsets, scale, fmt, act_scale_fmt)
 
 

@@ -22,7 +22,7 @@ import torch
 from v4hal.backends.registry import dispatch, register_op
 from v4hal.ops import _check
 
-__all__ = ["FP8_MAX", "FP4_MAX", "INT8_MAX", "ACT_BLOCK", "WEIGHT_BLOCK", "FP4_BLOCK",
+__all__ = ["FP8_MAX", "FP4_MAX", "INT8_MAX", "ACT_BLOCK", "WEIGHT_BLOCK", "FP4_BLOCK", "INT32_EXACT_K",
            "quantize_fp8", "dequantize_fp8", "fp8_matmul",
            "quantize_fp4", "dequantize_fp4", "fp4_matmul",
            "quantize_int8", "int8_matmul", "scale_shape"]
@@ -38,6 +38,9 @@ INT8_MAX = 127.0
 ACT_BLOCK = (1, 128)
 WEIGHT_BLOCK = (128, 128)
 FP4_BLOCK = 32
+# The longest K whose int8 x int8 sum cannot overflow int32 (|q| <= 128): longer products are
+# summed in K pieces of at most this length (or in a wider type) by every backend.
+INT32_EXACT_K = (2**31 - 1) // (128 * 128)
 SCALE_FMTS = ("fp32", "ue8m0")
 FLOAT_IN = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -87,6 +90,7 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] 
     _check.shape(op, "scale", scale, scale_shape(tuple(q.shape), block), f"q {tuple(q.shape)} in {block} blocks")
     _check.choice(op, "out_dtype", out_dtype, OUT_DTYPES)
     _check.same_device(op, q=q, scale=scale)
+    _check.scales(op, scale=scale)
     return dispatch(op)(q, scale, block, out_dtype)
 
 
@@ -109,6 +113,7 @@ def fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale:
     _check.shape(op, "b_scale", b_scale, scale_shape(tuple(b.shape), WEIGHT_BLOCK), "128x128 blocks of b")
     _check.choice(op, "out_dtype", out_dtype, OUT_DTYPES)
     _check.same_device(op, a=a, a_scale=a_scale, b=b, b_scale=b_scale)
+    _check.scales(op, a_scale=a_scale, b_scale=b_scale)
     return dispatch(op)(a, a_scale, b, b_scale, out_dtype)
 
 
@@ -132,6 +137,7 @@ def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor,
     op = "dequantize_fp4"
     _check_fp4_weight(op, packed, scale)
     _check.choice(op, "out_dtype", out_dtype, OUT_DTYPES)
+    _check.scales(op, scale=scale)
     return dispatch(op)(packed, scale, out_dtype)
 
 
@@ -153,7 +159,8 @@ def fp4_matmul(a: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, a_scale:
         _check.shape(op, "a_scale", a_scale, scale_shape(tuple(a.shape), ACT_BLOCK), "1x128 blocks of a")
     _check.equal(op, "b", 2 * b.shape[1], a.shape[-1], "K (2 x packed columns of b) = last dim of a")
     _check.choice(op, "out_dtype", out_dtype, OUT_DTYPES)
-    _check.same_device(op, a=a, b=b, b_scale=b_scale)
+    _check.same_device(op, a=a, b=b, b_scale=b_scale, a_scale=a_scale)
+    _check.scales(op, b_scale=b_scale, a_scale=a_scale)
     return dispatch(op)(a, b, b_scale, a_scale, out_dtype)
 
 
@@ -177,7 +184,9 @@ def quantize_int8(x: torch.Tensor):
 
 def int8_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                 out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """`y = (a @ b.T) * a_scale[..., None] * b_scale` with exact int32 accumulation.
+    """`y = (a @ b.T) * a_scale[..., None] * b_scale` with exact integer accumulation (int32 sums
+    over K pieces of at most `INT32_EXACT_K`, so no K can overflow; the cuda and Ascend float32
+    fallbacks round like a float32 epilogue instead).
 
     a: int8 `[..., K]`, a_scale fp32 `a.shape[:-1]`; b: int8 `[N, K]`, b_scale fp32 `[N]`.
     """
@@ -191,4 +200,5 @@ def int8_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     _check.shape(op, "b_scale", b_scale, (b.shape[0],), "one scale per output channel of b")
     _check.choice(op, "out_dtype", out_dtype, OUT_DTYPES)
     _check.same_device(op, a=a, a_scale=a_scale, b=b, b_scale=b_scale)
+    _check.scales(op, a_scale=a_scale, b_scale=b_scale)
     return dispatch(op)(a, a_scale, b, b_scale, out_dtype)

@@ -29,7 +29,7 @@ from v4hal.backends import ascend
 from v4hal.backends.ascend import npu
 from v4hal.backends.cpu import quant as ref
 from v4hal.backends.cuda import quant as torch_path
-from v4hal.ops.quant import ACT_BLOCK, WEIGHT_BLOCK
+from v4hal.ops.quant import ACT_BLOCK, INT32_EXACT_K, WEIGHT_BLOCK
 
 FP8_CHIPS = ("A5",)
 NPU_OUT = (torch.bfloat16, torch.float16)  # what npu_quant_matmul writes with scales applied
@@ -51,7 +51,7 @@ PATHS = {
     "fp4_matmul": {"*": "MXFP4 weight dequantized to BF16 by table lookup, then one BF16 matmul"},
     "quantize_int8": {"*": "npu_dynamic_quant (per token, bf16/fp16 input); torch ops otherwise"},
     "int8_matmul": {"*": "npu_quant_matmul int8 x int8, per-channel scale + pertoken_scale, "
-                         "output_dtype bf16/fp16; float32 matmul for float32/float64 outputs"},
+                         "output_dtype bf16/fp16; float32 matmul for float32/float64 outputs and K > 131071"},
 }
 
 
@@ -145,7 +145,8 @@ def quantize_int8(x):
 
 def int8_matmul(a, a_scale, b, b_scale, out_dtype):
     k = a.shape[-1]
-    if out_dtype not in NPU_OUT:
+    # npu_quant_matmul accumulates in int32, which a longer K could overflow.
+    if out_dtype not in NPU_OUT or k > INT32_EXACT_K:
         return torch_path.int8_matmul(a, a_scale, b, b_scale, out_dtype)
     y = npu().npu_quant_matmul(a.reshape(-1, k), b.t(), b_scale.float(),
                                pertoken_scale=a_scale.reshape(-1).float(), output_dtype=out_dtype)

@@ -134,5 +134,5 @@ def quantize_int8(x):
 
 def int8_matmul(a, a_scale, b, b_scale, out_dtype):
     cd = _compute_dtype(a_scale, b_scale)
-    acc = a.to(torch.int32) @ b.to(torch.int32).T
+    acc = a.to(torch.int64) @ b.to(torch.int64).T  # exact for any K (int32 overflows past INT32_EXACT_K)
     return (acc.to(cd) * a_scale.to(cd).unsqueeze(-1) * b_scale.to(cd)).to(out_dtype)

@@ -20,15 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from v4hal.backends.cpu import quant as ref
-from v4hal.ops.quant import ACT_BLOCK, FP4_BLOCK, FP8_MAX, INT8_MAX, WEIGHT_BLOCK
+from v4hal.ops.quant import ACT_BLOCK, FP4_BLOCK, FP8_MAX, INT8_MAX, INT32_EXACT_K, WEIGHT_BLOCK
 
 # An e4m3 byte `s eeee mmm`, sign-extended to int32, shifted left by 20 and masked with
 # 0x87F00000 (sign bit + the 7 exponent/mantissa bits), is the float32 `s 0000eeee mmm0...`: the
 # e4m3 value times 2**-120, exactly, for zeros, subnormals (they land on float32 subnormals) and
 # normals alike.
 _E4M3_F32_MASK = -2014314496  # 0x87F00000 as int32
-# e4m3 value = reinterpreted float32 * 2**120, applied as two halves where one factor of 2**120
-# on a scale would overflow float32 (scales >= 2**8, or activation x scale products >= 2**8).
+# e4m3 value = reinterpreted float32 * 2**120, applied as two halves in the decode GEMV where one
+# factor of 2**120 on a scale would overflow float32 (activation x scale products >= 2**8).
 _HALF_UNBIAS = 2.0 ** 60
 # Elements dequantized per chunk: 2 MiB of float32, so a chunk is still in cache when it is used.
 _CHUNK_ELEMENTS = 1 << 19
@@ -58,18 +58,22 @@ def _expand_last(scale: torch.Tensor, block: int, length: int) -> torch.Tensor:
 
 def _dequant_rows(q: torch.Tensor, row_scale: torch.Tensor, bk: int, out: torch.Tensor) -> torch.Tensor:
     """out[r, k] = q[r, k] * row_scale[r, k // bk] for a 2-d e4m3 `q`, chunk by chunk."""
-    if bool((row_scale >= 2.0 ** 7).any()):  # row_scale * 2**120 would overflow: two steps
-        return _dequant_chunks(q, row_scale * _HALF_UNBIAS, bk, out).mul_(_HALF_UNBIAS)
+    if bool((row_scale >= 2.0 ** 7).any()):
+        # row_scale * 2**120 would overflow float32: each chunk (still in cache) is brought back
+        # to its e4m3 values instead, exactly, and meets the plain scales as in the reference.
+        return _dequant_chunks(q, row_scale, bk, out, unbias=True)
     return _dequant_chunks(q, row_scale * (_HALF_UNBIAS * _HALF_UNBIAS), bk, out)
 
 
-def _dequant_chunks(q, row_scale, bk, out):
+def _dequant_chunks(q, row_scale, bk, out, unbias=False):
     rows, k = q.shape
     step = _chunk_rows(k)
     buf = torch.empty(min(step, rows), k, dtype=torch.int32)
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         w = e4m3_as_f32(q[start:stop], buf[: stop - start])
+        if unbias:
+            w.mul_(_HALF_UNBIAS * _HALF_UNBIAS)
         if k % bk == 0:
             torch.mul(w.view(stop - start, -1, bk), row_scale[start:stop].unsqueeze(-1),
                       out=out[start:stop].view(stop - start, -1, bk))
@@ -233,7 +237,19 @@ def int8_matmul(a, a_scale, b, b_scale, out_dtype):
     # torch 2.13's CPU _int_mm returns garbage for K = 1 (any M, N > 1); found by hypothesis.
     if out_dtype == torch.float64 or a_scale.dtype == torch.float64 or b_scale.dtype == torch.float64 or k == 1:
         return ref.int8_matmul(a, a_scale, b, b_scale, out_dtype)
-    # torch._int_mm is oneDNN's int8 GEMM with exact int32 accumulation, as the contract asks.
-    acc = torch._int_mm(a.reshape(-1, k), b.T)
+    acc = _exact_int_mm(a.reshape(-1, k), b)
     y = acc.float() * a_scale.reshape(-1, 1).float() * b_scale.float()
     return y.reshape(*a.shape[:-1], b.shape[0]).to(out_dtype)
+
+
+def _exact_int_mm(a2, b):
+    """`a2 @ b.T` exactly. torch._int_mm (oneDNN's int8 GEMM, int32 accumulation) wants dense
+    operands (an expanded activation has stride 0) and overflows past INT32_EXACT_K, so longer K
+    runs as equal pieces (none of length 1, see above) summed in int64."""
+    k = a2.shape[1]
+    pieces = -(-k // INT32_EXACT_K)
+    if pieces == 1:
+        return torch._int_mm(a2.contiguous(), b.contiguous().T)
+    step = -(-k // pieces)
+    return sum(torch._int_mm(a2[:, s:s + step].contiguous(), b[:, s:s + step].contiguous().T).long()
+               for s in range(0, k, step))

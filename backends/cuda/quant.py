@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from v4hal.backends.cpu import quant as ref
 from v4hal.backends.cpu_fast.quant import quantize_fp8, quantize_int8  # noqa: F401  (vectorised, any device)
-from v4hal.ops.quant import ACT_BLOCK, FP4_BLOCK, WEIGHT_BLOCK
+from v4hal.ops.quant import ACT_BLOCK, FP4_BLOCK, INT32_EXACT_K, WEIGHT_BLOCK
 
 SCALED_MM_OUT = (torch.bfloat16, torch.float32, torch.float16)
 
@@ -107,11 +107,12 @@ def quantize_fp4(w):
 def int8_matmul(a, a_scale, b, b_scale, out_dtype):
     k = a.shape[-1]
     a2 = a.reshape(-1, k)
-    if a2.is_cuda and a2.shape[0] > 16 and k % 8 == 0 and b.shape[0] % 8 == 0:
-        acc = torch._int_mm(a2, b.t()).float()  # cuBLAS int8 GEMM, int32 accumulation
+    if a2.is_cuda and a2.shape[0] > 16 and k % 8 == 0 and b.shape[0] % 8 == 0 and k <= INT32_EXACT_K:
+        # cuBLAS int8 GEMM, int32 accumulation (dense operands: an expanded activation has stride 0)
+        acc = torch._int_mm(a2.contiguous(), b.contiguous().t()).float()
     else:
         # int8 products are exact in float32; sums stay exact up to 2**24 (K*127*127 < 2**24 for
-        # K <= 1040) and round like the float32 epilogue beyond that.
+        # K <= 1040) and round like the float32 epilogue beyond that, without overflowing.
         acc = a2.float() @ b.float().T
     y = acc * a_scale.reshape(-1, 1).float() * b_scale.float()
     return y.reshape(*a.shape[:-1], b.shape[0]).to(out_dtype)
