@@ -23,10 +23,17 @@ def _chunk(per_query: int, elems: int) -> int:
     return max(1, elems // max(1, per_query))
 
 
+def _pairs_viewable_as_complex(x):
+    """view_as_complex needs unit-stride channel pairs at an even offset and even strides
+    elsewhere (a slice of a head's channels qualifies; a transposed or stepped view may not)."""
+    return x.stride(-1) == 1 and x.storage_offset() % 2 == 0 and all(st % 2 == 0 for st in x.stride()[:-1])
+
+
 def apply_rope(x, cos, sin, interleaved):
     # Interleaved pairs are complex numbers: one complex multiply instead of ~14 real ops
     # (what decode pays per call; DeepSeek's own inference code rotates the same way).
-    if not interleaved or x.dtype not in (torch.float32, torch.float64) or not eager_on_cpu(x):
+    if not interleaved or x.dtype not in (torch.float32, torch.float64) or not eager_on_cpu(x) \
+            or not _pairs_viewable_as_complex(x):
         return reference.apply_rope(x, cos, sin, interleaved)
     pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
     turn = torch.complex(cast(cos, x.dtype), cast(sin, x.dtype))
