@@ -351,6 +351,8 @@ def test_other_bad_input():
         ops.hc_pre(torch.randn(4, D), ours.fn, ours.scale, ours.base)
     with pytest.raises(OpInputError, match=r"hc_pre: argument 'hc_eps' expected a positive float"):
         ops.hc_pre(torch.randn(2, 4, D), ours.fn, ours.scale, ours.base, hc_eps=-1.0)
+    with pytest.raises(OpInputError, match=r"hc_pre: argument 'iters' expected at most 100, got 1000000000"):
+        ops.hc_pre(torch.randn(2, 4, D), ours.fn, ours.scale, ours.base, iters=10**9)
     with pytest.raises(OpInputError, match=r"hc_pre: argument 'scale' expected shape \(3,\)"):
         ops.hc_pre(torch.randn(2, 4, D), ours.fn, torch.ones(1), ours.base)
     with pytest.raises(OpInputError, match=r"hc_post: argument 'out' expected shape \(2, 64\)"):
