@@ -16,11 +16,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from v4hal.ops.mhc import MAX_SINKHORN_ITERS
 from v4hal.ops.quant import SCALE_FMTS
 
 V4_LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
 RATIO_TO_LAYER_TYPE = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
 MODEL_TYPES = ("deepseek_v4", "deepseek_v32", "deepseek_v3")
+
+# Allowed [low, high] of the numeric fields. The highs are far past any released model; they
+# stop a typo (`hc_sinkhorn_iters: 1e9`, a 2**40 vocabulary) before it hangs or exhausts memory.
+_BIG = 1 << 24
+INT_BOUNDS = {
+    "vocab_size": (1, _BIG), "hidden_size": (1, 1 << 17), "num_hidden_layers": (1, 1024),
+    "num_attention_heads": (1, 4096), "num_key_value_heads": (1, 4096), "head_dim": (1, 1 << 14),
+    "q_lora_rank": (1, 1 << 17), "kv_lora_rank": (1, 1 << 17), "qk_nope_head_dim": (0, 1 << 14),
+    "qk_rope_head_dim": (0, 1 << 14), "v_head_dim": (1, 1 << 14), "intermediate_size": (1, 1 << 20),
+    "moe_intermediate_size": (1, 1 << 20), "n_routed_experts": (1, 1 << 16), "n_shared_experts": (0, 64),
+    "num_experts_per_tok": (1, 1 << 16), "n_group": (1, 1 << 16), "topk_group": (1, 1 << 16),
+    "first_k_dense_replace": (0, 1024), "sliding_window": (1, _BIG), "o_groups": (1, 4096),
+    "o_lora_rank": (1, 1 << 17), "hc_mult": (1, 64), "hc_sinkhorn_iters": (1, MAX_SINKHORN_ITERS),
+    "index_n_heads": (1, 4096), "index_head_dim": (1, 1 << 14), "index_topk": (1, _BIG),
+    "max_position_embeddings": (1, 1 << 30), "num_nextn_predict_layers": (0, 64),
+}
+# Finite and > 0; the epsilons also below 1.
+POSITIVE_FLOATS = ("routed_scaling_factor", "swiglu_limit", "rope_theta", "compress_rope_theta")
+EPSILONS = ("hc_eps", "rms_norm_eps")
 
 
 class ConfigError(ValueError):
@@ -90,6 +110,7 @@ class ModelArgs:
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
             raise ConfigError(f"model_type: expected one of {MODEL_TYPES}, got {self.model_type!r}")
+        self._check_numbers()
         n = self.num_hidden_layers
         if self.is_v4:
             if self.compress_rates is None:
@@ -135,6 +156,20 @@ class ModelArgs:
         scale_fmt = (self.quantization_config or {}).get("scale_fmt")
         if scale_fmt not in (None, *SCALE_FMTS):
             raise ConfigError(f"quantization_config.scale_fmt: expected one of {SCALE_FMTS} (or absent), got {scale_fmt!r}")
+
+    def _check_numbers(self) -> None:
+        for name, (low, high) in INT_BOUNDS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name}: expected an int in [{low}, {high}], got {value!r}")
+            if not low <= value <= high:
+                raise ConfigError(f"{name}: expected an int in [{low}, {high}], got {value}")
+        for name in POSITIVE_FLOATS + EPSILONS:
+            value = getattr(self, name)
+            high = 1 if name in EPSILONS else math.inf
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < high:
+                bound = "a float in (0, 1)" if name in EPSILONS else "a finite float > 0"
+                raise ConfigError(f"{name}: expected {bound}, got {value!r}")
 
     # -- what kind of model ------------------------------------------------------------------
     @property

@@ -211,10 +211,16 @@ def indexer_topk(scores: torch.Tensor, k: int, positions: torch.Tensor | None = 
     entry visible). Entry t pools tokens [t*ratio, (t+1)*ratio): a query at position p may see it
     only once the window is closed, t < (p + 1) // ratio (ratio=1: plain causality, V3.2).
     Returns `[B, S, k]` int32: entry indices in descending score order (ties in any order), then -1
-    for each slot beyond the entries the query may see. k must be in [1, T].
+    for each slot beyond the entries the query may see. k must be in [1, T]. A NaN score has no
+    rank, so NaN anywhere in scores is refused (with V4HAL_CHECKS=shapes, which reads no values,
+    the indices chosen around a NaN are unspecified).
     """
     op = "indexer_topk"
     _check.tensor(op, "scores", scores, dtypes=FLOATS, ndim=3)
+    if _check.reads(scores) and bool(scores.isnan().any()):
+        raise _check.OpInputError(op, "scores", "no NaN (a NaN score has no rank; look for NaN/Inf in the "
+                                  "indexer's q, k or weights)", f"{int(scores.isnan().sum())} NaN score(s) in "
+                                  f"{_check.describe(scores)}")
     _check.positive_int(op, "k", k)
     if k > scores.shape[-1]:
         raise _check.OpInputError(op, "k", f"at most the {scores.shape[-1]} entries scored (last dim of scores)", k)
@@ -228,9 +234,12 @@ def indexer_select(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, scal
     """`indexer_topk(indexer_scores(q, k, weights, scale), min(topk, T), positions, ratio)` fused:
     fast backends never hold the whole `[S, T]` score matrix (cpu_fast works in query chunks;
     Ascend maps plain causal selection onto `npu_lightning_indexer`). Returns `[B, S, min(topk, T)]`
-    int32 with -1 for slots not visible yet (see indexer_topk)."""
+    int32 with -1 for slots not visible yet (see indexer_topk). NaN/Inf in q, k or weights is
+    refused, as the NaN scores it makes are by indexer_topk."""
     op = "indexer_select"
     _indexer_inputs(op, q, k, weights, scale)
+    for name, t in (("q", q), ("k", k), ("weights", weights)):
+        _check.finite(op, name, t)
     _check.positive_int(op, "topk", topk)
     _check.positive_int(op, "ratio", ratio)
     _positions(op, positions, q.shape[0], q.shape[1])

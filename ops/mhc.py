@@ -31,7 +31,11 @@ import torch
 from v4hal.backends.registry import dispatch, register_op
 from v4hal.ops import _check
 
-__all__ = ["hc_pre", "hc_post", "hc_head", "sinkhorn", "hc_mix_width"]
+__all__ = ["hc_pre", "hc_post", "hc_head", "sinkhorn", "hc_mix_width", "MAX_SINKHORN_ITERS"]
+
+# Ascend's npu_mhc_sinkhorn takes at most 100 iterations; DeepSeek's configs use 20. One bound on
+# every backend, so a config asking for 1e9 fails at once instead of running for hours.
+MAX_SINKHORN_ITERS = 100
 
 FAMILY = "mhc"
 for _op in ("hc_pre", "hc_post", "hc_head", "sinkhorn"):
@@ -57,6 +61,8 @@ def _eps(op: str, arg: str, value: object) -> float:
 
 def _iters(op: str, value: object) -> int:
     _check.positive_int(op, "iters", value)
+    if value > MAX_SINKHORN_ITERS:
+        raise _check.OpInputError(op, "iters", f"at most {MAX_SINKHORN_ITERS}", repr(value))
     return value
 
 

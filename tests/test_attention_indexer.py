@@ -108,6 +108,41 @@ def test_select_clamps_topk_to_entries_and_runs_on_every_backend():
         assert torch.equal(outs[backend], outs["cpu"])
 
 
+@pytest.mark.parametrize("backend", ["cpu", "cpu_fast", "mindspore"])
+def test_nan_scores_are_refused_by_every_backend(backend):
+    """A NaN score has no rank (backends used to pick different indices among all-NaN scores):
+    indexer_topk refuses it, and indexer_select refuses the NaN/Inf inputs that make one."""
+    scores = torch.randn(1, 2, 6)
+    scores[0, 1] = float("nan")
+    q, k, w = torch.randn(1, 2, 3, 4), torch.randn(1, 5, 4), torch.randn(1, 2, 3)
+    with registry.forced(backend):
+        with pytest.raises(OpInputError, match=r"indexer_topk: argument 'scores' expected no NaN .* got 6 NaN"):
+            ops.indexer_topk(scores, 3)
+        with pytest.raises(OpInputError, match="indexer_topk: argument 'scores'"):
+            ops.indexer_topk(scores, 3, torch.tensor([[1, 5]]), 1)
+        for name, bad in (("q", q.clone()), ("k", k.clone()), ("weights", w.clone())):
+            bad.view(-1)[0] = float("nan") if name != "weights" else float("inf")
+            args = {"q": q, "k": k, "weights": w, name: bad}
+            with pytest.raises(OpInputError, match=f"indexer_select: argument '{name}' expected finite values"):
+                ops.indexer_select(args["q"], args["k"], args["weights"], 0.5, 3)
+
+
+@pytest.mark.parametrize("backend", ["cpu_fast", "mindspore"])
+def test_scores_propagate_nan_like_the_reference(backend):
+    """NaN in a query head or a key row gives NaN scores where the reference has them (MindSpore's
+    relu used to turn them into 0)."""
+    g = torch.Generator().manual_seed(4)
+    q, k, w = torch.randn(1, 3, 2, 4, generator=g), torch.randn(1, 5, 4, generator=g), torch.randn(1, 3, 2, generator=g)
+    q[0, 0, 1, 2] = float("nan")
+    k[0, 3, 0] = float("nan")
+    with registry.forced("cpu"):
+        ref = ops.indexer_scores(q, k, w, 0.5)
+    with registry.forced(backend):
+        out = ops.indexer_scores(q, k, w, 0.5)
+    assert ref.isnan().sum() == 5 + 2  # query 0's row, and entry 3 for the other two queries
+    torch.testing.assert_close(out, ref, equal_nan=True)
+
+
 def _raises(fn, op, arg):
     with pytest.raises(OpInputError) as e:
         fn()

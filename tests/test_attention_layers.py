@@ -217,3 +217,23 @@ def test_attention_report_decode_point_runs_on_a_prefilled_cache():
     point = attention_report.measure_decode(600, torch.float32, steps=1)
     assert point["compressed_entries"] == 599 // 4
     assert point["step_s"] > 0 and point["attention_s"] > 0 and point["dense_sdpa_s"] > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["transposed", "stepped", "odd_offset"])
+def test_apply_rope_takes_non_contiguous_inputs(backend, layout):
+    g = torch.Generator().manual_seed(6)
+    ang = torch.rand(2, 4, 8, generator=g) * 6
+    cos, sin = ang.cos().unsqueeze(1), ang.sin().unsqueeze(1)
+    if layout == "transposed":  # [B, H, S, D] seen from a [B, S, H, D] buffer
+        x = torch.randn(2, 4, 3, 16, generator=g).transpose(1, 2)
+    elif layout == "stepped":  # every other channel pair of a wider buffer
+        x = torch.randn(2, 3, 4, 33, generator=g)[..., :32:2]
+    else:  # the rope slice starts one element into the row
+        x = torch.randn(2, 3, 4, 17, generator=g)[..., 1:]
+    registry.configure(op_backends={"apply_rope": backend})
+    try:
+        ours = ops.apply_rope(x, cos, sin, interleaved=True)
+    finally:
+        registry.configure()
+    torch.testing.assert_close(ours, apply_rotary_pos_emb(x.contiguous(), ang.cos(), ang.sin()))

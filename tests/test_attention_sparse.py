@@ -81,6 +81,31 @@ def test_cpu_fast_all_rows_and_gathered_forms_agree(mla, monkeypatch):
             torch.testing.assert_close(fast_impl.sparse_attention(q, kv, idx, scale, sink, v_dim, chunk), ref)
 
 
+IMPLS_ALL = [ref_impl, fast_impl, cuda_impl, ms_impl]
+IMPL_IDS = ["cpu", "cpu_fast", "cuda code path exercised on CPU", "mindspore"]
+
+
+@pytest.mark.parametrize("impl", IMPLS_ALL, ids=IMPL_IDS)
+@pytest.mark.parametrize("s,n", [(1, 40), (6, 9)], ids=["decode (gathered rows)", "prompt (rows few per pick)"])
+def test_rows_no_query_picks_do_not_reach_the_result(impl, s, n):
+    """NaN / Inf in KV rows that no index names (row 0 among them, which -1 slots must not read)
+    change nothing: the result equals the one over a cache where those rows are finite."""
+    g = torch.Generator().manual_seed(7)
+    q, kv, idx, scale, sink, v_dim = _random_case(g, s=s, n=n, k=5, d=12, v_dim=8)
+    idx = torch.where(idx > 0, idx.remainder(n - 3) + 1, -1)  # rows 1 .. n-3 only
+    idx[:, :, 1] = -1
+    clean_out, clean_lse = ref_impl.sparse_attention(q, kv, idx, scale, sink, v_dim)
+    bad = kv.clone()
+    bad[:, 0], bad[0, n - 2, 3], bad[1, n - 1, 0] = float("nan"), float("inf"), float("-inf")
+    out, lse = impl.sparse_attention(q, bad, idx, scale, sink, v_dim)
+    torch.testing.assert_close(out, clean_out)
+    torch.testing.assert_close(lse, clean_lse)
+    window_clean = impl.window_attention(q, kv, 3, scale, sink)
+    bad = kv.clone()
+    bad[:, : n - s - 2] = float("nan")  # older than every query's window of 3
+    torch.testing.assert_close(impl.window_attention(q, bad, 3, scale, sink), window_clean)
+
+
 def test_cuda_path_chunks_queries_without_changing_results():
     g = torch.Generator().manual_seed(1)
     args = _random_case(g, s=9)

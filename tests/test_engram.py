@@ -2,6 +2,7 @@
 and runs; lookups through a host-resident table with prefetch equal to inline ones; the Engram
 layer against a direct torch derivation of the demo's forward; bad input."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -118,6 +119,25 @@ def test_lookup_concatenates_heads_by_hand(backend):
     assert out.tolist() == [[[4, 5, 6, 7, 16, 17], [0, 1, 12, 13, 18, 19]]]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lookup_reads_the_table_it_is_given_not_one_seen_before_at_that_address(backend):
+    """Same data pointer, shape and dtype, different rows: a transposed view, a strided view, and
+    a new tensor over a buffer rewritten outside torch (what a freed table's address reused by the
+    next allocation looks like). Each lookup must return the rows of the table passed."""
+    buffer = np.arange(36, dtype=np.float32).reshape(6, 6)
+    table = torch.from_numpy(buffer)
+    offsets, hashes = torch.tensor([0]), torch.arange(6).view(1, 6, 1)
+    with registry.forced(backend):
+        for view in (table, table.t(), table.as_strided((6, 6), (1, 6)), table.as_strided((6, 3), (6, 2))):
+            assert torch.equal(ops.engram_lookup(hashes, view, offsets)[0], view), view.stride()
+        ops.engram_lookup(hashes, table, offsets)
+        buffer[:] = -buffer
+        fresh = torch.from_numpy(buffer)  # same address, shape, strides and version as `table`
+        assert torch.equal(ops.engram_lookup(hashes, fresh, offsets)[0], fresh)
+        table[2, 3] = 100.0  # an in-place write through torch
+        assert ops.engram_lookup(hashes, table, offsets)[0, 2, 3] == 100.0
+
+
 def _layer(seed=0, d=32, n=4, embed=16, heads=4):
     torch.manual_seed(seed)
     compress = torch.randint(0, 300, (1000,))
@@ -222,6 +242,25 @@ def test_gate_by_hand(backend):
         out = ops.engram_gate(q, key, value, w, w, 1e-12)
     g = torch.sigmoid(torch.tensor([2.0, -2.0], dtype=torch.float64).sign() * torch.tensor(2.0, dtype=torch.float64).sqrt())
     torch.testing.assert_close(out[0, :, 0], g.unsqueeze(-1) * value[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gate_propagates_nan_like_the_reference(backend):
+    """A NaN in one stream's hidden state or key makes that stream's gate NaN (and only it) on
+    every backend: none may turn it into a finite gate."""
+    g = torch.Generator().manual_seed(3)
+    hidden, key = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 8, generator=g)
+    value, w = torch.randn(2, 8, generator=g), torch.ones(4, 8)
+    hidden[0, 1, 2] = float("nan")
+    key[1, 3, 0] = float("nan")
+    with registry.forced("cpu"):
+        ref = ops.engram_gate(hidden, key, value, w, w)
+    with registry.forced(backend):
+        out = ops.engram_gate(hidden, key, value, w, w)
+    expected_nan = torch.zeros(2, 4, 8, dtype=torch.bool)
+    expected_nan[0, 1], expected_nan[1, 3] = True, True
+    assert torch.equal(ref.isnan(), expected_nan)
+    torch.testing.assert_close(out, ref, equal_nan=True)
 
 
 def test_token_ids_outside_the_vocabulary():

@@ -280,6 +280,41 @@ def test_ascend_takes_the_torch_path_where_the_kernels_do_not_apply(fake_a5, mon
     assert fake_a5.calls == ["npu_mhc_sinkhorn"]
 
 
+def _not_contiguous(t, kind):
+    """The same values in a non-contiguous layout: every axis reversed in memory, or every other
+    element of a twice-as-wide buffer along the last axis."""
+    if kind == "transposed":
+        return t.permute(*reversed(range(t.dim()))).contiguous().permute(*reversed(range(t.dim())))
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+@pytest.mark.parametrize("kind", ["transposed", "stepped"])
+@pytest.mark.parametrize("tokens", [2, 70], ids=["decode-sized", "blocks"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs_give_the_contiguous_result(backend, tokens, kind):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(tokens, N, D, generator=g)
+    fn, base = torch.randn(24, N * D, generator=g) * 0.1, torch.randn(24, generator=g) * 0.5
+    scale, head_fn = torch.rand(3, generator=g) + 0.5, torch.randn(N, N * D, generator=g) * 0.1
+    out = torch.randn(tokens, D, generator=g)
+    odd = {name: _not_contiguous(t, kind) for name, t in dict(x=x, fn=fn, base=base, head_fn=head_fn, out=out).items()}
+    assert not odd["x"].is_contiguous()
+    with registry.forced(backend):
+        want = ops.hc_pre(x, fn, scale, base)
+        got = ops.hc_pre(odd["x"], odd["fn"], scale, odd["base"])
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+        post, comb = want[1], want[2]
+        torch.testing.assert_close(ops.hc_post(odd["out"], odd["x"], _not_contiguous(post, kind),
+                                               _not_contiguous(comb, kind)), ops.hc_post(out, x, post, comb))
+        torch.testing.assert_close(ops.hc_head(odd["x"], odd["head_fn"], scale[:1], odd["base"][:N]),
+                                   ops.hc_head(x, head_fn, scale[:1], base[:N]))
+        logits = torch.randn(tokens, N, N, generator=g)
+        torch.testing.assert_close(ops.sinkhorn(_not_contiguous(logits, kind)), ops.sinkhorn(logits))
+
+
 def test_stream_count_mismatch():
     _, ours = _pair()
     with pytest.raises(OpInputError, match=r"hc_pre: argument 'fn' expected 192 columns .*stream count"):
@@ -316,6 +351,8 @@ def test_other_bad_input():
         ops.hc_pre(torch.randn(4, D), ours.fn, ours.scale, ours.base)
     with pytest.raises(OpInputError, match=r"hc_pre: argument 'hc_eps' expected a positive float"):
         ops.hc_pre(torch.randn(2, 4, D), ours.fn, ours.scale, ours.base, hc_eps=-1.0)
+    with pytest.raises(OpInputError, match=r"hc_pre: argument 'iters' expected at most 100, got 1000000000"):
+        ops.hc_pre(torch.randn(2, 4, D), ours.fn, ours.scale, ours.base, iters=10**9)
     with pytest.raises(OpInputError, match=r"hc_pre: argument 'scale' expected shape \(3,\)"):
         ops.hc_pre(torch.randn(2, 4, D), ours.fn, torch.ones(1), ours.base)
     with pytest.raises(OpInputError, match=r"hc_post: argument 'out' expected shape \(2, 64\)"):

@@ -97,7 +97,17 @@ def test_projection_preset_is_about_a_trillion_with_top16():
                                      ({"model_type": "deepseek_v4", "num_hidden_layers": 2, "compress_ratios": [0, 7]}, "compress_ratios"),
                                      ({"model_type": "deepseek_v32", "n_routed_experts": 10, "n_group": 3}, "n_group"),
                                      ({"model_type": "deepseek_v32", "quantization_config": {"scale_fmt": "e8m0"}},
-                                      "quantization_config.scale_fmt")])
+                                      "quantization_config.scale_fmt"),
+                                     ({"model_type": "deepseek_v4", "hc_sinkhorn_iters": 1e9},
+                                      r"hc_sinkhorn_iters: expected an int in \[1, 100\], got 1000000000.0"),
+                                     ({"model_type": "deepseek_v4", "hc_sinkhorn_iters": 101}, "hc_sinkhorn_iters"),
+                                     ({"model_type": "deepseek_v4", "hidden_size": 0}, "hidden_size"),
+                                     ({"model_type": "deepseek_v4", "vocab_size": 1 << 40}, "vocab_size"),
+                                     ({"model_type": "deepseek_v4", "num_hidden_layers": "4"}, "num_hidden_layers"),
+                                     ({"model_type": "deepseek_v4", "rms_norm_eps": 0}, r"rms_norm_eps: expected a float in \(0, 1\)"),
+                                     ({"model_type": "deepseek_v4", "hc_eps": float("nan")}, "hc_eps"),
+                                     ({"model_type": "deepseek_v4", "rope_theta": float("inf")}, "rope_theta"),
+                                     ({"model_type": "deepseek_v3", "routed_scaling_factor": -2.5}, "routed_scaling_factor")])
 def test_bad_configs_name_the_key(bad, msg, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(bad))
     with pytest.raises(ConfigError, match=msg):

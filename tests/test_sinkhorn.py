@@ -89,5 +89,7 @@ def test_bad_inputs_name_op_and_argument():
         ops.sinkhorn(bad)
     with pytest.raises(OpInputError, match=r"sinkhorn: argument 'iters' expected a positive int"):
         ops.sinkhorn(torch.zeros(4, 4), iters=0)
+    with pytest.raises(OpInputError, match=r"sinkhorn: argument 'iters' expected at most 100, got 1000000000"):
+        ops.sinkhorn(torch.zeros(4, 4), iters=10**9)
     with pytest.raises(OpInputError, match=r"sinkhorn: argument 'logits' expected dtype float32 or float64"):
         ops.sinkhorn(torch.zeros(4, 4, dtype=torch.bfloat16))

@@ -1,5 +1,5 @@
-"""Reference sparse-attention family: straight from the formulas, dense masks, float32 (float64
-when given float64)."""
+"""Reference sparse-attention family: straight from the formulas (attention over each query's
+gathered rows, the indexer with dense masks), float32 (float64 when given float64)."""
 
 import torch
 
@@ -82,32 +82,32 @@ def indexer_select(q, k, weights, scale, topk, positions, ratio):
 def sparse_attention(q, kv, indices, scale, sink, v_dim):
     cd = _cd(q)
     b, s, h, _ = q.shape
-    n = kv.shape[1]
-    # Dense formulation: count how often each kv row is selected (duplicates count twice).
-    counts = torch.zeros(b, s, n + 1, dtype=cd)
-    counts.scatter_add_(-1, torch.where(indices >= 0, indices.long(), n), torch.ones(indices.shape, dtype=cd))
-    counts = counts[..., :n].unsqueeze(2)  # [B, S, 1, N]
-    logits = scale * torch.einsum("bshd,bnd->bshn", q.to(cd), kv.to(cd))
-    logits = torch.where(counts > 0, logits, float("-inf"))
+    valid = indices >= 0  # [B, S, K]
+    # Each query's own rows (duplicates twice); empty slots read zeros, so no row outside its list
+    # (NaN or Inf included) can reach its sums.
+    rows = kv[torch.arange(b, device=kv.device).view(b, 1, 1), indices.long().clamp(min=0)].to(cd)  # [B, S, K, D]
+    rows = torch.where(valid.unsqueeze(-1), rows, 0.0)
+    logits = scale * torch.einsum("bshd,bskd->bshk", q.to(cd), rows)
+    logits = torch.where(valid.unsqueeze(2), logits, float("-inf"))
     m = logits.amax(-1, keepdim=True)
     if sink is not None:
         m = torch.maximum(m, sink.to(cd).view(1, 1, h, 1))
     m = torch.where(torch.isfinite(m), m, 0.0)
-    p = counts * torch.exp(logits - m)
+    p = torch.exp(logits - m)
     denom = p.sum(-1, keepdim=True)
     if sink is not None:
         denom = denom + torch.exp(sink.to(cd).view(1, 1, h, 1) - m)
-    out = torch.einsum("bshn,bnd->bshd", p, kv[..., :v_dim].to(cd)) / torch.where(denom > 0, denom, 1.0)
+    out = torch.einsum("bshk,bskd->bshd", p, rows[..., :v_dim]) / torch.where(denom > 0, denom, 1.0)
     lse = (torch.log(denom) + m).squeeze(-1)
     return out.to(q.dtype), lse
 
 
+def window_indices_for(b, s, n, window, device):
+    """Rows each of the last s queries of an n-row KV sees: [B, S, window], -1 before row 0."""
+    rows = torch.arange(n - s, n, device=device).view(s, 1) - (window - 1) + torch.arange(window, device=device)
+    return torch.where(rows >= 0, rows, -1).expand(b, s, window)
+
+
 def window_attention(q, kv, window, scale, sink):
-    b, s, h, _ = q.shape
-    n = kv.shape[1]
-    rows = torch.arange(n - s, n).view(s, 1)
-    cols = torch.arange(n).view(1, n)
-    band = (cols <= rows) & (cols > rows - window)  # [S, N]
-    # As sparse_attention with each visible row selected once.
-    indices = torch.where(band, cols, -1).expand(b, s, n)
-    return sparse_attention(q, kv, indices, scale, sink, kv.shape[-1])
+    idx = window_indices_for(q.shape[0], q.shape[1], kv.shape[1], window, q.device)
+    return sparse_attention(q, kv, idx, scale, sink, kv.shape[-1])

@@ -2,14 +2,15 @@
 
 Over a long cache attention never forms a [queries x all keys] matrix: per query it touches its K
 gathered rows (O(top-k + window) time and memory). Only when the cache has at most
-`DENSE_ROWS_PER_PICK` rows per pick (a short prompt's prefill) does it score every row, because
-two large GEMMs then cost less than one tiny GEMM per query. The indexer forms scores for one
-chunk of queries at a time (O(compressed length) per query) and keeps only the top-k. Chunks are
-sized so a chunk's temporaries stay around `_CHUNK_ELEMS` floats whatever the context length. The
-code is device-agnostic: the cuda backend runs it with bigger chunks.
+`DENSE_ROWS_PER_PICK` rows per pick (a short prompt's prefill) and holds no NaN/Inf does it score
+every row, because two large GEMMs then cost less than one tiny GEMM per query. The indexer forms
+scores for one chunk of queries at a time (O(compressed length) per query) and keeps only the
+top-k. Chunks are sized so a chunk's temporaries stay around `_CHUNK_ELEMS` floats whatever the
+context length. The code is device-agnostic: the cuda backend runs it with bigger chunks.
 """
 
 import torch
+from torch.compiler import is_compiling
 
 from v4hal.backends.cpu import attention as reference
 from v4hal.backends.cpu.attention import _cd
@@ -22,10 +23,17 @@ def _chunk(per_query: int, elems: int) -> int:
     return max(1, elems // max(1, per_query))
 
 
+def _pairs_viewable_as_complex(x):
+    """view_as_complex needs unit-stride channel pairs at an even offset and even strides
+    elsewhere (a slice of a head's channels qualifies; a transposed or stepped view may not)."""
+    return x.stride(-1) == 1 and x.storage_offset() % 2 == 0 and all(st % 2 == 0 for st in x.stride()[:-1])
+
+
 def apply_rope(x, cos, sin, interleaved):
     # Interleaved pairs are complex numbers: one complex multiply instead of ~14 real ops
     # (what decode pays per call; DeepSeek's own inference code rotates the same way).
-    if not interleaved or x.dtype not in (torch.float32, torch.float64) or not eager_on_cpu(x):
+    if not interleaved or x.dtype not in (torch.float32, torch.float64) or not eager_on_cpu(x) \
+            or not _pairs_viewable_as_complex(x):
         return reference.apply_rope(x, cos, sin, interleaved)
     pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
     turn = torch.complex(cast(cos, x.dtype), cast(sin, x.dtype))
@@ -92,6 +100,7 @@ def _gathered(qc, kvb, idx, scale, v_dim, cd):
     """Logits over the picked rows from a gathered copy of them, and the weighted sum of their
     values: O(picks) work, the choice when the cache is long (decode)."""
     rows = kvb.index_select(0, idx.clamp(min=0).flatten()).view(*idx.shape, kvb.shape[-1]).to(cd)  # [Sc, K, D]
+    rows = rows.masked_fill(~(idx >= 0).unsqueeze(-1), 0.0)  # empty slots read row 0: keep its NaN/Inf out
     logits = torch.bmm(qc, rows.transpose(1, 2)) * scale  # [Sc, H, K]
     return logits, lambda p: torch.bmm(p, rows[..., :v_dim])
 
@@ -107,6 +116,14 @@ def _all_rows(qc, kvb, idx, scale, v_dim, cd):
     return logits, lambda p: torch.matmul(torch.zeros_like(every).scatter_add_(-1, picks, p), kvb[:, :v_dim])
 
 
+def _all_finite_in_eager(kv):
+    """Whether the all-rows form may run: its weighted sum multiplies each query's zero weights
+    by every row, and 0 * NaN (or Inf) is NaN, so a bad row the query never picked would leak into
+    its output. Read only in eager mode (a value read ends a compiled or traced graph); there
+    the gathered form, which reads no other row, runs."""
+    return not torch.jit.is_tracing() and not is_compiling() and bool(torch.isfinite(kv).all())
+
+
 def sparse_attention(q, kv, indices, scale, sink, v_dim, chunk_elems=_CHUNK_ELEMS):
     cd = _cd(q)
     b, s, h, d = q.shape
@@ -114,7 +131,7 @@ def sparse_attention(q, kv, indices, scale, sink, v_dim, chunk_elems=_CHUNK_ELEM
     out = torch.empty(b, s, h, v_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, s, h, dtype=cd, device=q.device)
     sink_col = None if sink is None else sink.to(cd).view(1, h, 1)
-    dense = s > 1 and n <= DENSE_ROWS_PER_PICK * kk
+    dense = s > 1 and n <= DENSE_ROWS_PER_PICK * kk and _all_finite_in_eager(kv)
     attend = _all_rows if dense else _gathered
     step = _chunk(2 * h * n + kk * h if dense else kk * (d + h), chunk_elems)
     for bi in range(b):
@@ -137,12 +154,6 @@ def sparse_attention(q, kv, indices, scale, sink, v_dim, chunk_elems=_CHUNK_ELEM
     return out, lse
 
 
-def window_indices_for(b, s, n, window, device):
-    """Rows each of the last s queries of an n-row KV sees: [B, S, window], -1 before row 0."""
-    rows = torch.arange(n - s, n, device=device).view(s, 1) - (window - 1) + torch.arange(window, device=device)
-    return torch.where(rows >= 0, rows, -1).expand(b, s, window)
-
-
 def window_attention(q, kv, window, scale, sink, chunk_elems=_CHUNK_ELEMS):
-    idx = window_indices_for(q.shape[0], q.shape[1], kv.shape[1], window, q.device)
+    idx = reference.window_indices_for(q.shape[0], q.shape[1], kv.shape[1], window, q.device)
     return sparse_attention(q, kv, idx, scale, sink, kv.shape[-1], chunk_elems)

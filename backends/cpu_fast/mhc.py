@@ -73,7 +73,7 @@ def _mixes_few(x, fn):
     n, d = x.shape[-2:]
     xf = x.reshape(-1, n, d)
     xf = cast(xf, cd)
-    flat = xf.view(xf.shape[0], n * d)
+    flat = xf.reshape(xf.shape[0], n * d)  # a copy only for streams that are not contiguous
     raw = torch.mm(flat, cast(fn, cd).T).tolist()
     norms = torch.linalg.vector_norm(flat, dim=-1).tolist()
     return xf, raw, norms
@@ -153,7 +153,7 @@ def _project(x, fn, scale, base, norm_eps, hc_eps, block):
     layer_input = torch.empty(xs.shape[0], d, dtype=x.dtype, device=x.device)
     for b in _blocks(xs.shape[0], block):
         xf = xs[b].to(cd)
-        flat = xf.view(xf.shape[0], n * d)
+        flat = xf.reshape(xf.shape[0], n * d)  # a copy only for streams that are not contiguous
         inv_rms = torch.rsqrt(torch.linalg.vector_norm(flat, dim=-1, keepdim=True).square_()
                               .div_(n * d).add_(norm_eps))
         m = torch.mm(flat, fn_t).mul_(inv_rms)

@@ -59,6 +59,12 @@ def mops():
     return ms().ops
 
 
+def keep_nan(out, x):
+    """`out` with x's NaNs put back. MindSpore's relu, clamp, maximum and sign turn NaN into a
+    number where torch keeps it; every op that uses them passes its input's NaNs on like torch."""
+    return mops().where(mops().isnan(x), x, out)
+
+
 def device() -> torch.device:
     return torch.device("cpu")
 

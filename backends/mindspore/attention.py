@@ -6,7 +6,7 @@ entries with -inf before `ops.topk`."""
 import numpy as np
 import torch
 
-from v4hal.backends.mindspore import mops, ms, to_ms, to_torch
+from v4hal.backends.mindspore import keep_nan, mops, ms, to_ms, to_torch
 
 
 def _cd(x: torch.Tensor):
@@ -67,7 +67,8 @@ def _scores(q, k, weights, scale, cd):
     ops = mops()
     b, s, h, d = q.shape
     qs = ops.reshape(_t(q, cd), (b, s * h, d))
-    dots = ops.relu(ops.bmm(qs, ops.transpose(_t(k, cd), (0, 2, 1))))  # [B, S*H, T]
+    dots = ops.bmm(qs, ops.transpose(_t(k, cd), (0, 2, 1)))  # [B, S*H, T]
+    dots = keep_nan(ops.relu(dots), dots)
     dots = ops.reshape(dots, (b, s, h, -1))
     return ops.sum(dots * ops.expand_dims(_t(weights, cd), -1), 2) * scale
 
@@ -115,6 +116,8 @@ def sparse_attention(q, kv, indices, scale, sink, v_dim):
     outs, lses = [], []
     for bi in range(b):
         rows = ops.reshape(ops.gather(kvs[bi], ops.reshape(idx[bi], (-1,)), 0), (s, kk, d))  # [S, K, D]
+        # Empty slots read row 0: zero them so a NaN/Inf there stays out of the weighted sum.
+        rows = ops.where(ops.expand_dims(valid[bi], -1), rows, ops.zeros_like(rows))
         logits = ops.bmm(qs[bi], ops.transpose(rows, (0, 2, 1))) * scale  # [S, H, K]
         logits = ops.where(ops.expand_dims(valid[bi], 1), logits, ops.full_like(logits, float("-inf")))
         m = ops.amax(logits, -1, True)

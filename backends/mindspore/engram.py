@@ -1,14 +1,18 @@
 """Engram in MindSpore: int64 n-gram hashing with mindspore bitwise ops, one gather over the
 shared table, the stream gate with mindspore math; torch tensors converted at the boundary.
 
-A table is converted to MindSpore once and kept while the same torch tensor (same storage and
-version) comes back, since tables are large and lookups frequent."""
+A table is converted to MindSpore once and kept while the same torch tensor object comes back
+unmodified, since tables are large and lookups frequent."""
+
+import weakref
 
 import torch
 
-from v4hal.backends.mindspore import mops, ms, to_ms, to_torch
+from v4hal.backends.mindspore import keep_nan, mops, ms, to_ms, to_torch
 
-_table_cache: dict = {}
+# (weak reference to the torch table, its layout, the MindSpore copy), replaced as one tuple so a
+# prefetch thread and the caller never see half of an entry.
+_cached_table: tuple | None = None
 
 
 CHUNK_BITS = 16
@@ -57,12 +61,27 @@ def engram_hash(token_ids, compress, multipliers, primes, pad_id, prefix):
     return out[:, length - token_ids.shape[1]:].to(token_ids.device)
 
 
+def _layout(table):
+    # The version counts in-place writes (shared by every view of the storage); pointer, strides
+    # and offset catch `set_` and in-place re-striding of the same object.
+    return (table.data_ptr(), tuple(table.shape), table.stride(), table.storage_offset(), table.dtype,
+            table._version)
+
+
 def _ms_table(table):
-    key = (table.data_ptr(), tuple(table.shape), table.dtype, table._version)
-    if key not in _table_cache:
-        _table_cache.clear()
-        _table_cache[key] = to_ms(table)
-    return _table_cache[key]
+    # Keyed on the tensor object itself (a weak reference, so a freed table's address taken by a
+    # new one, or another view of the same memory, never hits), and dropped when it dies.
+    global _cached_table
+    entry = _cached_table
+    if entry is None or entry[0]() is not table or entry[1] != _layout(table):
+        entry = _cached_table = (weakref.ref(table, _forget), _layout(table), to_ms(table))
+    return entry[2]
+
+
+def _forget(ref):
+    global _cached_table
+    if _cached_table is not None and _cached_table[0] is ref:
+        _cached_table = None
 
 
 def engram_lookup(hashes, table, offsets, device):
@@ -83,5 +102,5 @@ def engram_gate(hidden, key, value, key_norm, query_norm, eps, inv_sqrt_d):
         return x * ops.rsqrt(ops.mean(x * x, -1, keep_dims=True) + eps) * to_ms(w).astype(cd)
 
     g = ops.sum(normed(k, key_norm) * normed(h, query_norm), -1) * inv_sqrt_d
-    g = ops.sigmoid(ops.sign(g) * ops.sqrt(ops.clamp(ops.abs(g), min=1e-6)))
+    g = keep_nan(ops.sigmoid(ops.sign(g) * ops.sqrt(ops.clamp(ops.abs(g), min=1e-6))), g)
     return to_torch(ops.expand_dims(g, -1) * v, hidden.dtype).to(hidden.device)
