@@ -64,7 +64,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        return _run(argv)
+        code = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+        return code
     except BrokenPipeError:
         # The reader went away (`v4hal info | head`): Python's recipe, so the interpreter's own
         # flush at exit does not raise again; 141 = 128 + SIGPIPE, as a shell reports it.
