@@ -72,6 +72,17 @@ def ascend_chip_paths() -> dict[str, str]:
     return out
 
 
+def why_not(row: dict, backend: str, why: str, usable: bool) -> str:
+    """Why `backend` does not run `row`'s op: what it lacks, or what the selection preferred."""
+    if why != "ok":
+        return why if usable else f"unusable here: {why}"
+    if row["requested"] != "auto":
+        return f"could run it; {row['requested']} was asked for (V4HAL_BACKEND / V4HAL_OP_BACKENDS)"
+    if backend not in registry.AUTO_ORDER:
+        return f"could run it; auto never picks {backend} (ask for it: V4HAL_BACKEND={backend})"
+    return f"could run it; auto prefers {row['backend']} (order: {', '.join(registry.AUTO_ORDER)})"
+
+
 def format_text(rep: dict) -> str:
     s = rep["settings"]
     lines = [f"V4HAL_BACKEND={s['backend']}  V4HAL_OP_BACKENDS={','.join(f'{k}={v}' for k, v in s['op_backends'].items()) or '-'}"
@@ -88,8 +99,8 @@ def format_text(rep: dict) -> str:
         chosen = row["backend"] + (f" (fell back from {row['requested']})" if row["fell_back"] else "")
         lines.append(f"  {row['op']:18s} -> {chosen}")
         for b, why in row["backends"].items():
-            if why != "ok" and b != row["backend"] and rep["backends"][b]["usable"]:
-                lines.append(f"  {'':18s}    {b}: {why}")
+            if b != row["backend"]:
+                lines.append(f"  {'':18s}    {b}: {why_not(row, b, why, rep['backends'][b]['usable'])}")
     lines += ["", "ascend, per chip (A2 = 910B, A3 = 910C, A5 = 950):"]
     lines += [f"  {op:18s} {path}" for op, path in rep["ascend_chip_paths"].items()]
     return "\n".join(lines)

@@ -192,12 +192,18 @@ def add_arguments(p) -> None:
 
 def main(args) -> int:
     from v4hal.bench.machine import describe
+    from v4hal.cli import BAD_INPUT, CHECK_FAILED, OK, error
 
+    if not parity_cases(quick=args.quick, select=args.select):
+        return error("parity", f"--select {args.select!r}: no {'quick ' if args.quick else ''}parity case id contains it")
+    for backend in args.backend or []:
+        usable, why = registry.probe(backend)
+        if not usable:
+            return error("parity", f"--backend {backend}: requested but unavailable here: {why}")
     report = run(args.backend, quick=args.quick, select=args.select, seed=args.seed)
     print(format_terminal(report))
     for path in write(report, args.out, describe()):
         print(f"wrote {path}")
-    if not report["rows"]:
-        print("parity: no case matched")
-        return 2
-    return 1 if report["failed"] else 0
+    if not report["passed"] + report["failed"]:  # every row unavailable: nothing was checked
+        return error("parity", "no case ran on any backend (see the table's notes)", BAD_INPUT)
+    return CHECK_FAILED if report["failed"] else OK

@@ -9,7 +9,9 @@ Output: a terminal table, bench.json, bench.md and bench.png.
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -83,6 +85,27 @@ def run_case(case: SpeedCase, backend: str, repeats: int, machine_limits: dict) 
     return row
 
 
+def oversubscription_warning(threads: int, cores: int, load: float) -> str | None:
+    """Why CPU timings from `threads` torch threads on `cores` cores, with a 1-minute load
+    average of `load` (other processes' runnable threads), are not to be trusted, or None.
+    OpenMP threads spin-wait on each other at every parallel region: with fewer free cores than
+    threads, each op waits on a descheduled thread and the figures come out 10-40x off."""
+    if threads > cores:
+        return (f"torch uses {threads} threads on {cores} cores: the timings measure threads waiting on each "
+                f"other, not the ops; rerun with --threads 1 (or --threads {cores})")
+    if threads > 1 and load + threads > cores + 0.5:
+        return (f"the machine is loaded (1-minute load average {load:.1f} on {cores} cores) and torch uses "
+                f"{threads} threads: the timings can be 10-40x off; rerun with --threads 1")
+    return None
+
+
+def cpu_oversubscription() -> str | None:
+    """oversubscription_warning for this process and machine, now."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return oversubscription_warning(torch.get_num_threads(), cores, load)
+
+
 def run(backends: list[str] | None = None, quick: bool = False, select: str | None = None,
         repeats: int = 10, progress: bool = True) -> dict:
     backends = backends or [registry.preferred_backend()]
@@ -97,7 +120,7 @@ def run(backends: list[str] | None = None, quick: bool = False, select: str | No
         cases = speed_cases(quick=quick, select=select)
         for case in tqdm(cases, desc=f"bench {backend}", unit="case", disable=not progress):
             rows.append(run_case(case, backend, repeats, machines[backend]["limits"]))
-    return {"machines": machines, "rows": rows,
+    return {"machines": machines, "rows": rows, "warnings": [],
             "fallbacks": {op: c.reason for op, c in registry.fallbacks().items()}}
 
 
@@ -134,6 +157,7 @@ def format_markdown(report: dict, command: str) -> str:
                      f"bandwidth, {lim['bf16_tflops']:.2f} BF16 / {lim['fp32_tflops']:.2f} FP32 TFLOP/s")
     if report["fallbacks"]:
         lines.append(f"- ops that fell back to cpu: {', '.join(sorted(report['fallbacks']))}")
+    lines += [f"- **warning**: {w}" for w in report["warnings"]]
     lines += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(_fmt_row(r)) + " |" for r in report["rows"]]
     return "\n".join(lines) + "\n"
@@ -167,22 +191,35 @@ def plot(report: dict, path: Path) -> Path | None:
 
 
 def add_arguments(p) -> None:
+    from v4hal.cli import at_least
+
     p.add_argument("--backend", action="append", choices=registry.BACKENDS,
                    help="backend to time (repeatable; default: what auto picks on this machine)")
     p.add_argument("--quick", action="store_true", help="small cases only")
     p.add_argument("--select", help="only cases whose id contains this text")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--threads", type=int, help="torch CPU threads (on a loaded machine 1 measures the ops, "
+    p.add_argument("--repeats", type=at_least(1), default=10)
+    p.add_argument("--threads", type=at_least(1), help="torch CPU threads (on a loaded machine 1 measures the ops, "
                    "not OpenMP threads waiting on each other)")
     p.add_argument("--out", type=Path, default=Path("out"), help="folder for bench.json / .md / .png")
 
 
 def main(args) -> int:
-    import sys
+    from v4hal.cli import CHECK_FAILED, OK, error
 
+    if not speed_cases(quick=args.quick, select=args.select):
+        return error("bench", f"--select {args.select!r}: no {'quick ' if args.quick else ''}speed case id contains it")
+    for backend in args.backend or []:
+        usable, why = registry.probe(backend)
+        if not usable:
+            return error("bench", f"--backend {backend}: requested but unavailable here: {why}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = run(args.backend, quick=args.quick, select=args.select, repeats=args.repeats)
+    backends = args.backend or [registry.preferred_backend()]
+    warning = cpu_oversubscription() if any(registry.backend_module(b).device().type == "cpu" for b in backends) else None
+    if warning:
+        print(f"v4hal bench: warning: {warning}", file=sys.stderr)
+    report = run(backends, quick=args.quick, select=args.select, repeats=args.repeats)
+    report["warnings"] += [warning] if warning else []
     print(format_terminal(report))
     args.out.mkdir(parents=True, exist_ok=True)
     command = "v4hal " + " ".join(sys.argv[1:])
@@ -193,4 +230,7 @@ def main(args) -> int:
     failed = [r["case"] for r in report["rows"] if r.get("status") == "fail"]
     if failed:
         print(f"bench: {len(failed)} case(s) failed: {', '.join(failed)}")
-    return 0 if not failed and any(r.get("status") == "ok" for r in report["rows"]) else 1
+        return CHECK_FAILED
+    if not any(r.get("status") == "ok" for r in report["rows"]):
+        return error("bench", "no case ran on any backend (see the table's notes)")
+    return OK

@@ -9,10 +9,12 @@ prompts are grouped by length and each group shares one batched cache; groups de
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -126,18 +128,20 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sam
 # -- CLI -------------------------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from v4hal.cli import at_least
+
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="config.json of a checkpoint (or its directory); needs --weights")
     src.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration with random weights (demo)")
     p.add_argument("--weights", help="directory of safetensors shards (HF or DeepSeek naming, FP8/FP4 kept quantized)")
     p.add_argument("--prompt-ids", default="", help="comma-separated token ids; ';' separates prompts of a batch")
     p.add_argument("--prompt", help="text, tokenized with the tokenizer in --weights")
-    p.add_argument("--prompt-len", type=int, default=24, help="random prompt length when no prompt is given")
-    p.add_argument("--batch", type=int, default=2, help="random prompts when no prompt is given (lengths differ)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--prompt-len", type=at_least(1), default=24, help="random prompt length when no prompt is given")
+    p.add_argument("--batch", type=at_least(1), default=2, help="random prompts when no prompt is given (lengths differ)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=16)
+    p.add_argument("--temperature", type=at_least(0.0, float), default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=at_least(0), default=0, help="0 = all tokens")
+    p.add_argument("--top-p", type=_probability, default=1.0, help="in (0, 1]; 1 = all tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the config's)")
     p.add_argument("--backend", help="V4HAL_BACKEND for this run (auto, cpu, cpu_fast, cuda, ascend, mindspore)")
@@ -146,17 +150,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode at fixed shapes, each step one torch.compile graph (first step compiles)")
 
 
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def parse_prompt_ids(text: str, vocab_size: int) -> list[list[int]]:
+    """'0,42;7' -> [[0, 42], [7]]; ValueError naming --prompt-ids, what it expects and what came."""
+    expected = f"comma-separated token ids in [0, {vocab_size}), ';' between prompts"
+    prompts = []
+    for part in text.split(";"):
+        try:
+            ids = [int(t) for t in part.split(",") if t.strip()]
+        except ValueError:
+            raise ValueError(f"--prompt-ids: expected {expected}, got {text!r}") from None
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if not ids or bad:
+            raise ValueError(f"--prompt-ids: expected {expected}, got {text!r}"
+                             + (f" ({bad[:5]} out of range)" if bad else " (an empty prompt)"))
+        prompts.append(ids)
+    return prompts
+
+
 def _prompts(ns: argparse.Namespace, args: ModelArgs) -> tuple[list[list[int]], object]:
     tokenizer = None
     if ns.prompt:
         if not ns.weights:
-            raise SystemExit("v4hal generate: --prompt needs --weights holding a tokenizer")
+            raise ValueError("--prompt: needs --weights DIR holding a tokenizer")
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(ns.weights)
         return [tokenizer(ns.prompt)["input_ids"]], tokenizer
     if ns.prompt_ids:
-        return [[int(t) for t in part.split(",") if t.strip()] for part in ns.prompt_ids.split(";")], None
+        return parse_prompt_ids(ns.prompt_ids, args.vocab_size), None
     g = torch.Generator().manual_seed(ns.seed)
     return [torch.randint(0, args.vocab_size, (max(1, ns.prompt_len - 3 * i),), generator=g).tolist()
             for i in range(ns.batch)], None
@@ -164,21 +195,37 @@ def _prompts(ns: argparse.Namespace, args: ModelArgs) -> tuple[list[list[int]], 
 
 def main(ns: argparse.Namespace) -> int:
     from v4hal.backends import registry
-    from v4hal.model.loader import load_checkpoint
-    from v4hal.model.model import build
+    from v4hal.cli import NO_RESOURCES, error
+    from v4hal.model.config import ConfigError
+    from v4hal.model.loader import LoadError, load_checkpoint
+    from v4hal.model.model import DTYPES, build
+    from v4hal.model.plan import memory_shortfall
 
     if ns.backend:
         registry.configure(backend=ns.backend)
     if ns.config and not ns.weights:
-        print("v4hal generate: error: --config needs --weights DIR")
-        return 2
-    args = load_args(ns.config, ns.preset)
+        return error("generate", "--config needs --weights DIR (a folder of safetensors shards)")
+    if ns.weights and not Path(ns.weights).is_dir():
+        return error("generate", f"--weights: expected a folder of safetensors shards, got {ns.weights!r} "
+                                 f"({'not a folder' if Path(ns.weights).exists() else 'no such path'})")
+    try:
+        args = load_args(ns.config, ns.preset)
+        prompts, tokenizer = _prompts(ns, args)
+    except (ConfigError, ValueError) as exc:
+        return error("generate", str(exc))
     dtype = getattr(torch, ns.dtype) if ns.dtype else None
+    if not ns.weights:
+        shortfall = memory_shortfall(args, (dtype or DTYPES.get(args.torch_dtype, torch.float32)).itemsize)
+        if shortfall:
+            return error("generate", f"--preset {ns.preset}: {shortfall}", NO_RESOURCES)
     counts = args.parameter_counts()
     t0 = time.perf_counter()
     model = build(args, dtype)
     if ns.weights:
-        report = load_checkpoint(model, ns.weights, args, keep_quantized=not ns.dequantize)
+        try:
+            report = load_checkpoint(model, ns.weights, args, keep_quantized=not ns.dequantize)
+        except LoadError as exc:
+            return error("generate", f"--weights {ns.weights}: {exc}")
         how = f"weights from {ns.weights}: {report.summary()}"
     else:
         model.init_random(ns.seed)
@@ -190,10 +237,11 @@ def main(ns: argparse.Namespace) -> int:
           f"{args.num_hash_layers} hash-routed; dtype {next(model.parameters()).dtype}")
     print(f"built in {build_s:.2f} s with {how}")
     print(f"backend: {registry.preferred_backend()} (V4HAL_BACKEND={registry.settings().backend})")
-    prompts, tokenizer = _prompts(ns, args)
     with torch.inference_mode():  # first calls resolve backends and warm kernels: keep them out of the timing
         model(torch.tensor([prompts[0][:1]]), cache=model.new_cache())
     sampling = Sampling(ns.temperature, ns.top_k, ns.top_p, ns.seed)
+    if ns.compile:  # otherwise a minute or more passes without a word
+        print("compiling the decode step (first step; can take a minute)…", file=sys.stderr, flush=True)
     res = generate(model, prompts, ns.max_new_tokens, sampling, eos_token_id=None if not ns.prompt else _eos(args),
                    compile=ns.compile)
     for i, (p, out) in enumerate(zip(prompts, res.tokens)):

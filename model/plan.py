@@ -14,6 +14,7 @@ head, FP32 norms / mHC / sinks / biases. `--weights bf16` or `int8` plans a conv
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
 from v4hal.model.config import PRESETS, PROJECTED, ModelArgs, human, load_args
@@ -119,6 +120,38 @@ def plan(args: ModelArgs, lay: Layout, context: int, batch: int = 1, chunk: int 
             "total": total, "layout": lay, "context": context, "batch": batch, "chunk": min(chunk, context)}
 
 
+def random_model_bytes(args: ModelArgs, dtype_bytes: int) -> float:
+    """Memory of a model built with random weights (every matrix dense at `dtype_bytes` per element),
+    on one device: what `generate --preset` and `checkpoint` would allocate."""
+    return sum(weight_bytes(args, Layout(), "bf16").values()) * dtype_bytes / BYTES["bf16"]
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (MemAvailable), or free pages where
+    /proc/meminfo is absent; None if neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_shortfall(args: ModelArgs, dtype_bytes: int) -> str | None:
+    """Why a random-weights model of `args` cannot be built here (both numbers), or None if it fits."""
+    need, have = random_model_bytes(args, dtype_bytes), available_memory()
+    if have is None or need <= have:
+        return None
+    return (f"a random-weights model of this size needs about {need / 2 ** 30:.1f} GiB "
+            f"({dtype_bytes}-byte weights, per `v4hal plan`) but only {have / 2 ** 30:.1f} GiB of memory is "
+            f"available; try --preset tiny, or plan it with `v4hal plan`")
+
+
 def gib(x: float) -> str:
     return f"{x / 2 ** 30:9.2f} GiB"
 
@@ -141,25 +174,28 @@ def format_plan(name: str, args: ModelArgs, p: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from v4hal.cli import at_least
+
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration")
     src.add_argument("--config", help="a config.json (or a checkpoint directory holding one)")
     p.add_argument("--context", type=parse_count, default=parse_count("128k"), help="tokens per sequence (e.g. 1M)")
-    p.add_argument("--batch", type=int, default=1, help="sequences in flight")
+    p.add_argument("--batch", type=at_least(1), default=1, help="sequences in flight")
     p.add_argument("--chunk", type=parse_count, default=4096, help="prefill chunk (tokens per forward)")
     for flag in ("tp", "ep", "pp", "dp"):
-        p.add_argument(f"--{flag}", type=int, default=1)
+        p.add_argument(f"--{flag}", type=at_least(1), default=1)
     p.add_argument("--weights", choices=["auto", "bf16", "fp8", "int8", "fp4"], default="auto",
                    help="weight format (auto: the checkpoint's own)")
     p.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16")
 
 
 def main(ns: argparse.Namespace) -> int:
-    args = load_args(ns.config, ns.preset)
+    from v4hal.cli import error
+
     try:
+        args = load_args(ns.config, ns.preset)
         p = plan(args, Layout(ns.tp, ns.ep, ns.pp, ns.dp), ns.context, ns.batch, ns.chunk, ns.weights, ns.kv_dtype)
-    except ValueError as exc:
-        print(f"v4hal plan: error: {exc}")
-        return 2
+    except ValueError as exc:  # ConfigError is one too
+        return error("plan", str(exc))
     print(format_plan(ns.preset or ns.config, args, p))
     return 0

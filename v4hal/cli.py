@@ -1,27 +1,56 @@
 """The `v4hal` command. Each subcommand lives in the module that owns its work and exposes
 `add_arguments(parser)` and `main(args) -> exit code`; modules are imported only when their
-subcommand runs, so `v4hal info` stays fast."""
+subcommand runs, so `v4hal info` stays fast.
+
+Exit codes (docs/cli.md): 0 success; 1 a check ran and found failures; 2 bad input or a refused
+request; 3 not enough resources (memory, disk)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+OK, CHECK_FAILED, BAD_INPUT, NO_RESOURCES = 0, 1, 2, 3
 
 COMMANDS = {
     "info": ("v4hal.backends.info", "per op: the chosen backend and why each other one was not; versions, devices"),
     "parity": ("v4hal.bench.parity", "compare every backend with the float64 cpu reference"),
     "bench": ("v4hal.bench.speed", "time ops against same-run peers; JSON, Markdown and a plot"),
-    "generate": ("v4hal.model.generate", "prefill + decode a DeepSeek checkpoint (or the tiny preset with random weights)"),
+    "generate": ("v4hal.model.generate", "prefill + decode a DeepSeek checkpoint (or a preset with random weights)"),
+    "checkpoint": ("v4hal.model.save", "save a preset's random-weights model as a Hugging Face checkpoint"),
     "plan": ("v4hal.model.plan", "weight, KV-cache and activation memory per device for a model, context and layout"),
     "convert": ("v4hal.conversion.cli", "convert checkpoints between formats and frameworks (streaming, resumable, verified)"),
     "dryrun": ("v4hal.backends.ascend.dryrun", "check the ascend backend without an NPU: schema check + Meta dry run against the pinned torch-npu"),
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="v4hal", description="DeepSeek-V4-class models on Ascend, NVIDIA and CPU")
+def error(command: str, message: str, code: int = BAD_INPUT) -> int:
+    """Print `v4hal COMMAND: error: MESSAGE` on stderr and return `code`, for `return error(...)`."""
+    print(f"v4hal {command}: error: {message}", file=sys.stderr)
+    return code
+
+
+def at_least(minimum: int | float, kind=int):
+    """An argparse `type` accepting numbers >= minimum, so `--batch 0` is a usage error naming the flag."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} "
+                                             f">= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser with the subcommand named in `argv` (all of them for help) fully defined."""
+    parser = argparse.ArgumentParser(prog="v4hal", description="DeepSeek-V4-class models on Ascend, NVIDIA and CPU",
+                                     epilog="exit codes: 0 success, 1 a check found failures, 2 bad input or a "
+                                            "refused request, 3 not enough memory or disk (docs/cli.md)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -29,15 +58,34 @@ def main(argv: list[str] | None = None) -> int:
         # Only the chosen subcommand's module is imported (help for all imports them all).
         if not argv or name == argv[0] or argv[0] in ("-h", "--help"):
             importlib.import_module(module).add_arguments(p)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`v4hal info | head`): Python's recipe, so the interpreter's own
+        # flush at exit does not raise again; 141 = 128 + SIGPIPE, as a shell reports it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _run(argv: list[str]) -> int:
+    try:
+        args = build_parser(argv).parse_args(argv)
+    except SystemExit as exc:  # argparse: --help exits 0, a usage error exits 2
+        return int(exc.code or 0)
     from v4hal.backends.registry import BackendError
     from v4hal.ops._check import OpInputError
 
     try:
         return importlib.import_module(args.module).main(args)
     except (BackendError, OpInputError) as exc:
-        print(f"v4hal {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return error(args.command, str(exc))
 
 
 if __name__ == "__main__":

@@ -814,6 +814,14 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     import sys
 
+    from v4hal.bench.cases import parity_cases, speed_cases
+    from v4hal.cli import error
+
+    if args.op is not None and not (parity_cases(quick=args.quick, select=args.op)
+                                    or (not args.quick and any(args.op in c.id for c in _gap_cases()))
+                                    or (args.bench and speed_cases(select=args.op))):
+        return error("dryrun", f"--op {args.op!r}: no {'quick ' if args.quick else ''}parity case"
+                               f"{' or speed case' if args.bench else ''} id contains it")
     chips = tuple(args.chip or ascend.CHIPS)
     sites, findings = schema.check()
     print(f"schema check: {len(sites)} npu() call sites in backends/ascend, {len(findings)} findings")
