@@ -194,13 +194,13 @@ def decode_rows(kind: str, q: torch.Tensor, scale: torch.Tensor | None, row0: in
 
 
 def _fast_fp8(q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype) -> bool:
-    """The bit trick applies: float32 scales of the right shape, every one finite and small
-    enough that scale * 2**120 stays finite. Anything else goes to the contract (which also
-    reports bad shapes)."""
+    """The bit trick applies: float32 scales of the right shape, every one non-negative, finite and
+    small enough that scale * 2**120 stays finite. Anything else goes to the contract, which also
+    refuses what no checkpoint should hold (NaN, Inf or negative scales, bad shapes)."""
     return (q.dtype == torch.float8_e4m3fn and q.dim() == 2 and s.dtype == torch.float32
             and out_dtype in (torch.float32, torch.bfloat16)
             and tuple(s.shape) == quant.scale_shape(tuple(q.shape), quant.WEIGHT_BLOCK)
-            and bool((s.abs() < 2.0 ** 8).all()))
+            and bool(((s >= 0) & (s < 2.0 ** 8)).all()))
 
 
 def _piece_rows(k: int) -> int:

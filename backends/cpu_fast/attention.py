@@ -119,9 +119,11 @@ def _all_rows(qc, kvb, idx, scale, v_dim, cd):
 def _all_finite_in_eager(kv):
     """Whether the all-rows form may run: its weighted sum multiplies each query's zero weights
     by every row, and 0 * NaN (or Inf) is NaN, so a bad row the query never picked would leak into
-    its output. Read only in eager mode (a value read ends a compiled or traced graph); there
-    the gathered form, which reads no other row, runs."""
-    return not torch.jit.is_tracing() and not is_compiling() and bool(torch.isfinite(kv).all())
+    its output. Read only in eager mode on a device with values (a value read ends a compiled or
+    traced graph; meta tensors, the Ascend dry run, have none); elsewhere the gathered form, which
+    reads no other row, runs."""
+    return (kv.device.type != "meta" and not torch.jit.is_tracing() and not is_compiling()
+            and bool(torch.isfinite(kv).all()))
 
 
 def sparse_attention(q, kv, indices, scale, sink, v_dim, chunk_elems=_CHUNK_ELEMS):
