@@ -83,7 +83,8 @@ def run_case(case: Case, backends: list[str], seed: int = 0) -> list[dict]:
                 passed, _ = False, notes.append(f"{name}: missing")
                 continue
             ok, note = judge(out[name], r, tol)
-            row["outputs"][name] = {**metrics(out[name], r), "passed": ok, "tolerance": tol.kind}
+            comparable = out[name].shape == r.shape  # a wrong shape fails in judge, with no metrics
+            row["outputs"][name] = {**(metrics(out[name], r) if comparable else {}), "passed": ok, "tolerance": tol.kind}
             passed &= ok
             if note:
                 notes.append(f"{name}: {note}")

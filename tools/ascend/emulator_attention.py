@@ -1,9 +1,10 @@
 """Emulated attention kernels: `npu_lightning_indexer`, `npu_sparse_flash_attention`,
 `npu_fused_infer_attention_score_v2` (BSND layout, contiguous KV: what the backend passes).
 
-Precision (our reading, docs/ascend.md): Q.K^T on the cube from half inputs accumulates in float32;
-softmax in float32; the probabilities are rounded to the value dtype for the second cube matmul
-(the cube takes fp16/bf16 operands), accumulated in float32, then rounded to the output dtype.
+Precision (our reading, docs/ascend.md): Q.K^T from half inputs accumulates in float32; softmax and
+the probabilities' product with V stay in float32 (FIA's inner_precise=0 is documented as the
+high-precision mode; the backend never asks for the high-performance one); the output is rounded
+to the output dtype once.
 Paged KV (PA_BSND + block_table), TND packing and per-batch actual lengths are not emulated.
 """
 
@@ -31,13 +32,13 @@ def _bsnd_only(name, layouts, **unsupported_args):
 
 
 def _half_inputs(name, **tensors):
-    first = None
+    """bf16/fp16, contiguous, 4-D (BSND), all of one dtype."""
+    dtypes = {t.dtype for t in tensors.values()}
     for arg, t in tensors.items():
         dtype_in(name, arg, t, HALF)
         contiguous(name, arg, t)
         dims_in(name, arg, t, (4,))
-        require(first is None or t.dtype == first.dtype, name, f"{arg} dtype {t.dtype} differs from query's {first and first.dtype}")
-        first = first if first is not None else t
+    require(len(dtypes) == 1, name, f"{', '.join(tensors)} must share one dtype, got {sorted(map(str, dtypes))}")
 
 
 def _causal_limit(s1: int, s2: int, mode: int) -> torch.Tensor | None:
@@ -104,9 +105,10 @@ def _softmax_rows(logits, valid, sink=None):
 
 
 def _attend(p, row_sum, value_rows, out_dtype):
-    """(p / sum) rounded to the value dtype, times the value rows, accumulated in float32."""
+    """(p / sum) times the value rows in float32 (inner_precise=0, the documented high-precision
+    default), rounded to the output dtype."""
     denom = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
-    probs = (p / denom.unsqueeze(-1)).to(value_rows.dtype)
+    probs = p / denom.unsqueeze(-1)
     return torch.einsum("...k,...kd->...d", f32(probs), f32(value_rows)).to(out_dtype)
 
 
@@ -174,7 +176,7 @@ def npu_sparse_flash_attention(chip, query, key, value, sparse_indices, scale_va
     out = _attend(p, row_sum, rows.unsqueeze(2), query.dtype)
     if not return_softmax_lse:
         return out, torch.zeros(0), torch.zeros(0)
-    return out, row_max.permute(0, 2, 1).unsqueeze(1).contiguous(), row_sum.permute(0, 2, 1).unsqueeze(1).contiguous()
+    return out, row_max.unsqueeze(1), row_sum.unsqueeze(1)  # [B, KV_N=1, S1, N1]
 
 
 def _check_mask(name, mask, mode):
@@ -241,7 +243,7 @@ def npu_fused_infer_attention_score_v2(chip, query, key, value, *, atten_mask=No
     v_rows = value.repeat_interleave(group, dim=2)
     logits = torch.einsum("bshd,bthd->bhst", f32(query), f32(k_rows)) * softmax_scale
     p, row_max, row_sum = _softmax_rows(logits, valid)
-    out = _attend(p, row_sum, v_rows.transpose(1, 2), query.dtype).transpose(1, 2).contiguous()
+    out = _attend(p, row_sum, v_rows.transpose(1, 2).unsqueeze(2), query.dtype).transpose(1, 2).contiguous()
     if not return_softmax_lse:
         return out, torch.zeros(1)
     return out, (row_max + torch.log(row_sum)).unsqueeze(-1)
