@@ -47,7 +47,7 @@ def report() -> dict:
     backends = {}
     for b in registry.BACKENDS:
         usable, why = registry.probe(b)
-        entry = {"usable": usable, "reason": why}
+        entry = {"usable": usable, "reason": why, "label": registry.label(b) if usable else b}
         if usable:
             entry["versions"] = registry.backend_module(b).versions()
         backends[b] = entry
@@ -90,7 +90,7 @@ def format_text(rep: dict) -> str:
              "versions: " + ", ".join(f"{k} {v}" for k, v in rep["versions"].items()), "", "backends:"]
     for name, b in rep["backends"].items():
         detail = ", ".join(f"{k} {v}" for k, v in b.get("versions", {}).items()) if b["usable"] else b["reason"]
-        lines.append(f"  {name:10s} {'usable' if b['usable'] else 'unusable':9s} {detail}")
+        lines.append(f"  {b['label']:10s} {'usable' if b['usable'] else 'unusable':9s} {detail}")
     lines += ["", "ops:"]
     for row in rep["ops"]:
         if row["backend"] is None:

@@ -221,6 +221,8 @@ def choose(op: str) -> Choice:
         reasons = []
         for backend in AUTO_ORDER:
             fn, why = implementation(op, backend)
+            if fn is not None and _explicit_only(backend):
+                fn, why = None, f"{label(backend)} runs only when asked for (V4HAL_BACKEND={backend})"
             if fn is not None:
                 choice = Choice(op, backend, fn, "auto", reason="; ".join(reasons))
                 break
@@ -249,7 +251,17 @@ def preferred_backend() -> str:
     """V4HAL_BACKEND if set to a backend, else the first usable backend in AUTO_ORDER."""
     if settings().backend != "auto":
         return settings().backend
-    return next(b for b in AUTO_ORDER if probe(b)[0])
+    return next(b for b in AUTO_ORDER if probe(b)[0] and not _explicit_only(b))
+
+
+def _explicit_only(backend: str) -> bool:
+    """A backend standing in for hardware (the emulated ascend) that `auto` must never pick."""
+    return getattr(backend_module(backend), "explicit_only", lambda: False)()
+
+
+def label(backend: str) -> str:
+    """The backend's name as reports show it, e.g. "ascend (emulated A3)"."""
+    return getattr(backend_module(backend), "label", lambda: backend)()
 
 
 def dispatch(op: str) -> Callable:

@@ -137,16 +137,16 @@ def _sparse_inputs(b, s, n, h, d, k, sink=True, v_dim=None, dtype=torch.float32,
     return make
 
 
-def _window_inputs(b, s, n, h, d, window, dtype=torch.float32):
+def _window_inputs(b, s, n, h, d, window, dtype=torch.float32, sink=True):
     def make(g):
         return dict(q=randn(g, b, s, h, d, dtype=dtype), kv=randn(g, b, n, d, dtype=dtype), window=window,
-                    scale=d ** -0.5, sink=randn(g, h).to(dtype), return_lse=True)
+                    scale=d ** -0.5, sink=randn(g, h).to(dtype) if sink else None, return_lse=True)
     return make
 
 
-def _window_case(name, b, s, n, h, d, window, quick=False, dtype=torch.float32):
+def _window_case(name, b, s, n, h, d, window, quick=False, dtype=torch.float32, sink=True):
     red = window * d
-    return Case("window_attention", name, ops.window_attention, _window_inputs(b, s, n, h, d, window, dtype),
+    return Case("window_attention", name, ops.window_attention, _window_inputs(b, s, n, h, d, window, dtype, sink),
                 {"out0": _tol(dtype, red), "out1": _tol(torch.float32, red)}, quick=quick)
 
 
@@ -168,6 +168,10 @@ MLA_D = V32["kv_lora"] + V32["rope_dim"]
 PARITY = [
     _window_case("small", 2, 5, 9, 3, 8, 4, quick=True),
     _window_case("small/decode", 1, 1, 3, 2, 8, 4, quick=True),
+    # bf16: the dtype vendor attention kernels take (float32 runs their torch fallbacks).
+    _window_case("small-bf16", 2, 5, 9, 3, 16, 4, quick=True, dtype=torch.bfloat16),
+    _window_case("small-bf16/no-sink", 2, 5, 9, 3, 16, 4, quick=True, dtype=torch.bfloat16, sink=False),
+    _window_case("small-bf16/no-sink-decode", 1, 1, 7, 2, 16, 4, quick=True, dtype=torch.bfloat16, sink=False),
     _window_case("v4-flash/prefill", 1, 256, 256 + 127, V4F["heads"], V4F["head_dim"], V4F["window"]),
     _window_case("v4-flash/decode-bf16", 2, 1, 128, V4F["heads"], V4F["head_dim"], V4F["window"], dtype=torch.bfloat16),
     _window_case("v4-pro/prefill-bf16", 1, 64, 64 + 127, V4P["heads"], V4P["head_dim"], V4P["window"],
@@ -197,6 +201,7 @@ PARITY = [
          check=_topk_check),
     _select_case("small/csa", 2, 9, 6, 4, 16, 3, 4, quick=True),
     _select_case("small/dsa", 1, 7, 11, 4, 16, 5, 1, quick=True),
+    _select_case("small/dsa-bf16", 1, 7, 11, 4, 16, 5, 1, quick=True, dtype=torch.bfloat16),
     _select_case("v4-flash/prefill", 1, 64, 2048, V4F["index_heads"], V4F["index_dim"], V4F["index_topk"], 4),
     _select_case("v4-flash/decode-32k", 1, 1, 8192, V4F["index_heads"], V4F["index_dim"], V4F["index_topk"], 4),
     _select_case("v4-pro/decode-32k", 1, 1, 8192, V4P["index_heads"], V4P["index_dim"], V4P["index_topk"], 4),
@@ -207,6 +212,8 @@ PARITY = [
     _sparse_case("small/mqa-sink", 2, 5, 11, 3, 16, 6, quick=True),
     _sparse_case("small/mla", 1, 4, 9, 2, 24, 5, quick=True, sink=False, v_dim=16),
     _sparse_case("small/empty-rows", 1, 3, 4, 2, 8, 3, quick=True, holes=0.7),
+    _sparse_case("small/mqa-sink-bf16", 2, 5, 11, 3, 16, 6, quick=True, dtype=torch.bfloat16),
+    _sparse_case("small/mla-bf16", 1, 4, 9, 2, 24, 5, quick=True, sink=False, v_dim=16, dtype=torch.bfloat16),
     _sparse_case("v4-flash/prefill", 1, 32, 4096, V4F["heads"], V4F["head_dim"], V4F["index_topk"] + V4F["window"]),
     _sparse_case("v4-flash/decode", 2, 1, 8192 + 128, V4F["heads"], V4F["head_dim"], V4F["index_topk"] + V4F["window"]),
     _sparse_case("v4-flash/decode-bf16", 1, 1, 8192 + 128, V4F["heads"], V4F["head_dim"],

@@ -7,8 +7,13 @@ units, so FP8 contracts take the int8 W8A8 or BF16-dequant path there (see `chip
 Without an NPU, `v4hal dryrun --backend ascend` (see dryrun.py) runs this backend on Meta tensors
 against the pinned torch-npu wheel's schemas and Meta kernels: while it runs, `npu()` is a shim
 over those kernels, `probe()` reports usable, `device()` is `meta` and `chip()` the chip chosen.
+
+With `V4HAL_ASCEND_EMULATE=A2|A3|A5`, `npu()` answers from the numerics emulator of the vendor ops
+(v4hal.tools.ascend.emulator) on CPU tensors: parity then runs this backend's code numerically. It
+is used only when asked for (`auto` never picks it) and reports label it "ascend (emulated A3)".
 """
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -21,9 +26,30 @@ _npu = None
 _dry_run = None
 
 
+def emulated_chip() -> str | None:
+    """The chip V4HAL_ASCEND_EMULATE asks the emulator to stand in for, None when unset."""
+    if _dry_run is not None:
+        return None
+    from v4hal.tools.ascend.emulator import requested_chip
+
+    return requested_chip()
+
+
+def explicit_only() -> bool:
+    """The emulated backend runs only when asked for by name (the registry's auto skips it)."""
+    return emulated_chip() is not None
+
+
+def label() -> str:
+    emulated = emulated_chip()
+    return f"ascend (emulated {emulated})" if emulated else "ascend"
+
+
 def probe() -> tuple[bool, str]:
     if _dry_run is not None:
         return True, f"Meta dry run for {_dry_run.chip}: torch-npu schemas and Meta kernels, no NPU"
+    if emulated_chip():
+        return True, f"emulated {emulated_chip()}: CPU emulator of the documented npu_* ops, not a device"
     if importlib.util.find_spec("torch_npu") is None:
         return False, "torch_npu is not installed (needs an Ascend machine with CANN)"
     try:
@@ -40,12 +66,24 @@ def npu():
     global _npu
     if _dry_run is not None:
         return _dry_run.shim
+    emulated = emulated_chip()
+    if emulated:
+        return _emulator(emulated)
     if _npu is None:
         _npu = importlib.import_module("torch_npu")
     return _npu
 
 
+@functools.lru_cache(maxsize=None)
+def _emulator(emulated: str):
+    from v4hal.tools.ascend.emulator import Emulator
+
+    return Emulator(emulated)
+
+
 def device() -> torch.device:
+    if emulated_chip():
+        return torch.device("cpu")
     return torch.device("meta" if _dry_run is not None else "npu")
 
 
@@ -53,7 +91,7 @@ def chip() -> str:
     """A2, A3 or A5, from V4HAL_ASCEND_CHIP or the SoC name CANN reports."""
     if _dry_run is not None:
         return _dry_run.chip
-    forced = os.environ.get("V4HAL_ASCEND_CHIP", "").strip().upper()
+    forced = emulated_chip() or os.environ.get("V4HAL_ASCEND_CHIP", "").strip().upper()
     if forced:
         if forced not in CHIPS:
             raise ValueError(f"V4HAL_ASCEND_CHIP: expected one of {', '.join(CHIPS)}, got {forced!r}")
@@ -78,6 +116,8 @@ def versions() -> dict[str, str]:
 
         return {"torch": torch.__version__, "torch_npu": f"{wheel.TORCH_NPU_VERSION} (Meta dry run)",
                 "cann": f"{wheel.CANN_VERSION} (pinned)", "chip": _dry_run.chip}
+    if emulated_chip():
+        return {"torch": torch.__version__, "torch_npu": "none (emulated)", "chip": f"{emulated_chip()} (emulated)"}
     out = {"torch": torch.__version__, "torch_npu": getattr(npu(), "__version__", "?")}
     cann = os.environ.get("ASCEND_TOOLKIT_HOME") or os.environ.get("ASCEND_HOME_PATH")
     if cann:

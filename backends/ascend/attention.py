@@ -2,13 +2,13 @@
 
 - `npu_lightning_indexer(query, key, weights, *, ..., layout_query, layout_key, sparse_count,
   sparse_mode)`: query `[B, S1, N1, D]`, key `[B, S2, N2=1, D]`, weights `[B, S1, N1]`, bf16/fp16;
-  returns int32 indices `[B, S1, N2, sparse_count]` of `sum_h w_h relu(q_h . k)` (no scale: we
-  fold ours into the weights). sparse_mode=3 is right-down causal (query i of S1 sees keys
-  j <= i + S2 - S1), which is exactly V3.2's token-level causality when the queries are the last
-  S1 keys; sparse_mode=0 sees everything. V4's compressed-granularity causality
+  returns int32 indices `[B, S1, N2, sparse_count]` of `sum_h w_h relu(q_h . k)` (no scale: a
+  positive scale does not change the ranking, so the weights go in as they are, in q's dtype).
+  sparse_mode=3 is right-down causal (query i of S1 sees keys j <= i + S2 - S1), which is exactly
+  V3.2's token-level causality when the queries are the last S1 keys; sparse_mode=0 sees everything. V4's compressed-granularity causality
   (t < (p + 1) // ratio) has no mode of its own, so V4's selection (ratio > 1) runs the chunked
   torch path on the NPU; so do sparse_count values the kernel does not take (1..2048, 3072..8192
-  by 1024) and float32 inputs.
+  by 1024), float32 inputs and weights of another dtype than q (rounding them would move scores).
 - `npu_sparse_flash_attention(query, key, value, sparse_indices, scale_value, *, ...,
   layout_query, layout_kv, sparse_mode, attention_mode, return_softmax_lse, sinks)`: indices
   `[B, S1, KV_N=1, K]` int32 with the valid ones first (we sort -1 slots to the end),
@@ -22,7 +22,8 @@
   sparse_mode=4 with pre_tokens = window - 1, next_tokens = 0 and the optimised 2048x2048 mask
   the docs require; decode (one query, where the docs say pre/next tokens are ignored) passes
   only the last `window` rows. The docs cap query heads per KV head at 64, so V4-Pro's 128 heads
-  run as two head groups. learnable_sink is documented as bfloat16 `[Q_N]`; the LSE comes back
+  run as two head groups. Its learnable_sink is documented for the TND layouts with D <= 128
+  only, so a sink (V4's 512-dim heads always have one) takes the gather path; the LSE comes back
   `[B, N, S, 1]`. The docs list this kernel for A2/A3; on A5 the gather path runs. In CSA/HCA
   layers the window reaches `npu_sparse_flash_attention` as a second index list, so one sparse
   call covers window + compressed entries.
@@ -63,11 +64,14 @@ def _right_down_causal(positions, s: int, t: int) -> bool:
 
 def indexer_select(q, k, weights, scale, topk, positions, ratio):
     s, t = q.shape[1], k.shape[1]
-    kernel = (q.dtype in KERNEL_DTYPES and k.dtype == q.dtype and topk in SPARSE_COUNTS and ratio == 1
-              and (positions is None or _right_down_causal(positions, s, t)))
+    # A positive scale multiplies every score of a row alike, so the ranking ignores it: the weights
+    # go to the kernel unscaled and unrounded (folding the scale into bf16 weights moved scores by
+    # up to 2^-9 relative and picked keys outside the reference's tie band).
+    kernel = (q.dtype in KERNEL_DTYPES and k.dtype == q.dtype and weights.dtype == q.dtype and scale > 0
+              and topk in SPARSE_COUNTS and ratio == 1 and (positions is None or _right_down_causal(positions, s, t)))
     if not kernel:
         return _gather.indexer_select(q, k, weights, scale, topk, positions, ratio)
-    idx, _ = npu().npu_lightning_indexer(q.contiguous(), k.unsqueeze(2).contiguous(), (weights * scale).to(q.dtype),
+    idx, _ = npu().npu_lightning_indexer(q.contiguous(), k.unsqueeze(2).contiguous(), weights.contiguous(),
                                          layout_query="BSND", layout_key="BSND", sparse_count=topk,
                                          sparse_mode=0 if positions is None else 3)
     return idx.squeeze(2)
@@ -97,8 +101,10 @@ def sparse_attention(q, kv, indices, scale, sink, v_dim):
 
 
 def window_attention(q, kv, window, scale, sink):
-    # The pinned docs list the v2 fused-infer kernel for A2/A3 only.
-    if q.dtype not in KERNEL_DTYPES or kv.dtype != q.dtype or ascend.chip() not in FIA_CHIPS:
+    # The pinned docs list the v2 fused-infer kernel for A2/A3 only, and its learnable_sink for the
+    # TND layouts with D <= 128 only: a sink (every V4 layer has one) takes the gather path.
+    if (q.dtype not in KERNEL_DTYPES or kv.dtype != q.dtype or ascend.chip() not in FIA_CHIPS
+            or sink is not None):
         return _gather.window_attention(q, kv, window, scale, sink)
     s, h = q.shape[1], q.shape[2]
     if s == 1:
@@ -112,7 +118,6 @@ def window_attention(q, kv, window, scale, sink):
         hg = min(MAX_GROUP, h - lo)
         out, lse = npu().npu_fused_infer_attention_score_v2(
             q[:, :, lo:lo + hg].contiguous(), key, key, atten_mask=mask,
-            learnable_sink=None if sink is None else sink[lo:lo + hg].to(torch.bfloat16),
             num_query_heads=hg, num_key_value_heads=1, softmax_scale=scale, pre_tokens=window - 1,
             next_tokens=0, input_layout="BSND", sparse_mode=mode, return_softmax_lse=True)
         outs.append(out)

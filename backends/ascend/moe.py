@@ -21,7 +21,9 @@
 - SwiGLU: `npu_swiglu`, or `npu_clipped_swiglu(alpha=1, bias=0, interleaved=False)` for V4's
   clamp (its `A * sigmoid(alpha A) * (B + bias)` with clamped halves is exactly V4's).
 - combine: `npu_moe_finalize_routing`, whose `expanded_src_to_dst_row` is read choice-major
-  (`[i + j * T]`), so our token-major gather index is transposed first.
+  (`[i + j * T]`), so our token-major gather index is transposed first. The op takes exactly T*K
+  expert rows (`(NUM_ROWS * K, H)`): after a capacity limit the kept rows are padded with zero
+  rows, which the dropped choices read.
 """
 
 import torch
@@ -116,8 +118,10 @@ def moe_combine(expert_out, topk_weights, state):
     t, k = state.row_of_slot.shape
     if expert_out.shape[0] == 0:
         return expert_out.new_zeros(t, expert_out.shape[1])
-    kept = state.row_of_slot >= 0  # dropped choices read row 0 with weight 0
-    rows = torch.where(kept, state.row_of_slot, 0)
-    scales = torch.where(kept, topk_weights, 0).to(expert_out.dtype)
-    return npu().npu_moe_finalize_routing(expert_out, None, None, None, scales, rows.t().reshape(-1).int(),
-                                          export_for_source_row=None, drop_pad_mode=0, k=k)
+    # The op reads exactly T*K expert rows; a capacity limit keeps fewer, so zero rows pad them and
+    # every dropped choice reads the first zero row.
+    kept_rows = expert_out.shape[0]
+    padded = torch.cat([expert_out, expert_out.new_zeros(t * k - kept_rows, expert_out.shape[1])])
+    rows = torch.where(state.row_of_slot >= 0, state.row_of_slot, kept_rows)
+    return npu().npu_moe_finalize_routing(padded, None, None, None, topk_weights.to(expert_out.dtype),
+                                          rows.t().reshape(-1).int(), export_for_source_row=None, drop_pad_mode=0, k=k)
