@@ -48,13 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--restart", action="store_true", help="discard another conversion's partial output in DST")
     run.add_argument("--overwrite", action="store_true", help="write into a DST holding files v4hal did not write, "
                      "replacing those of the same names")
+    run.add_argument("--verify-source", action="store_true", help="hash every source file, even one whose hash is "
+                     "stated (Hugging Face cache blob name, a v4hal manifest), and refuse one that differs")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--no-fsync", action="store_true", help="do not fsync each shard before its rename (faster; "
                      "a killed process still resumes safely, a power cut may not)")
     ver = sub.add_parser("verify", help="check an output against its manifest (and its source)")
     ver.add_argument("dest", metavar="DST")
     ver.add_argument("--source", metavar="SRC", help="also decode every tensor of both and compare")
-    ver.add_argument("--no-hash", action="store_true", help="skip sha256 (sizes and headers only)")
+    ver.add_argument("--no-hash", action="store_true", help="skip hashing (sizes and headers only)")
     onx = sub.add_parser("onnx", help="export a fixed-shape prefill of our model to ONNX "
                          "(refused unless onnxruntime reproduces its logits)")
     src = onx.add_mutually_exclusive_group(required=True)
@@ -106,7 +108,7 @@ def _run(args) -> int:
         print(f"total: {need / 1e9:.3f} GB of shards from {sum(p.source.files.values()) / 1e9:.3f} GB of input; "
               f"{free / 1e9:.1f} GB free at the destination" + ("" if need <= free else " (NOT ENOUGH)"))
         return 0
-    p.fsync = not args.no_fsync
+    p.fsync, p.verify_source = not args.no_fsync, args.verify_source
     manifest = planning.run(p, args.dest, progress=not args.no_progress, restart=args.restart, overwrite=args.overwrite)
     print(f"wrote {len(manifest['outputs'])} files to {args.dest}; manifest: {args.dest}/{planning.MANIFEST}")
     return 0
