@@ -116,6 +116,8 @@ class ToMindSpore(Plan):
     def __init__(self, source, ms_format: str, names: str):
         self.ms_format, self.names = ms_format, names
         super().__init__(source, Options(target="copy"))
+        if ms_format == "ckpt":
+            self.max_workers = 1  # save_checkpoint holds a whole shard: one at a time
         self.opts = Options(target="mindspore")
         seen: dict[str, str] = {}
         for j in self.jobs:
@@ -226,6 +228,8 @@ class ToHF(Plan):
     def __init__(self, source: MindSporeSource):
         super().__init__(source, Options(target="copy"))
         self.opts = Options(target="hf")
+        if source.format == "ckpt":
+            self.max_workers = 1  # load_checkpoint holds a whole shard: one at a time
 
     def out_name(self, source_file: str) -> str:
         return Path(source_file).stem + ".safetensors"

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from v4hal.conversion import formats, reshard
+from v4hal.conversion import formats, reshard, workers
 from v4hal.conversion.formats import Job, Options
 from v4hal.conversion.io import (INDEX_NAME, OUTPUT_HASH, CheckpointError, HashingReader, OutSpec, ShardWriter, Source,
                                  confined, digest_of, file_size, hash_file, stated_hash, write_atomic, write_json_atomic)
@@ -109,6 +109,7 @@ class Plan:
 
     fsync = True
     verify_source = False  # hash every source file, even one whose hash is stated, and compare
+    max_workers: int | None = None  # a plan whose units hold a whole shard in memory says 1
 
     def make_writer(self, path: Path, specs: list[OutSpec], mode: int):
         return ShardWriter(path, specs, {"format": "pt"}, self.fsync, mode=mode)
@@ -359,7 +360,9 @@ def check_space(dst: Path, needed: int) -> None:
                               f"{free / 1e9:.2f} GB are free")
 
 
-def run(plan: Plan, dst: str | os.PathLike, progress: bool = True, restart: bool = False, overwrite: bool = False) -> dict:
+def run(plan: Plan, dst: str | os.PathLike, progress: bool = True, restart: bool = False, overwrite: bool = False,
+        n_workers: int | None = None) -> dict:
+    """Convert into `dst` with up to `n_workers` units at once (default: the cores available)."""
     dst = Path(dst).resolve()
     if dst == plan.source.dir:
         raise ConversionError("the destination must differ from the source (inputs are never modified)")
@@ -373,13 +376,19 @@ def run(plan: Plan, dst: str | os.PathLike, progress: bool = True, restart: bool
         check_space(dst, sum(f.size for u in todo for f in u.files))
         for stale in dst.glob(".*.partial*"):
             stale.unlink()
+        if not (dst / PROGRESS).exists():  # before any output: from now on the folder is v4hal's
+            write_json_atomic(dst / PROGRESS, journal)
         from tqdm import tqdm
 
         bar = tqdm(total=sum(u.source_size for u in todo), unit="B", unit_scale=True, unit_divisor=1024,
                    desc=f"convert -> {plan.opts.target}", disable=not progress, file=sys.stderr)
-        for unit in todo:
-            journal["units"][str(unit.index)] = process_unit(plan, unit, dst, bar.update)
+        def journaled(unit: Unit, record: dict) -> None:
+            journal["units"][str(unit.index)] = record
             write_json_atomic(dst / PROGRESS, journal)
+
+        n = workers.default_workers() if n_workers is None else n_workers
+        workers.run_units(lambda i, feed: process_unit(plan, plan.units[i], dst, feed), todo,
+                          min(n, plan.max_workers or n), journaled, bar.update)
         bar.close()
         manifest = finish(plan, dst, journal)
         (dst / PROGRESS).unlink(missing_ok=True)

@@ -25,7 +25,7 @@ def src(tmp_path):
 
 
 def run(src, dst, *extra, to="bf16"):
-    return cli("run", "--to", to, "--no-progress", *extra, src, dst)
+    return cli("run", "--to", to, "--no-progress", "--workers", "1", *extra, src, dst)
 
 
 def manifest(dst):
