@@ -184,7 +184,7 @@ def disk_write(root: Path, nbytes: int) -> float:
     chunk = memoryview(os.urandom(io.STAGE))
     path = root / "write-test.safetensors"
     start = time.perf_counter()
-    writer = io.ShardWriter(path, [io.OutSpec("bytes", torch.uint8, (nbytes,))], hashed=False)
+    writer = io.ShardWriter(path, [io.OutSpec("bytes", torch.uint8, (nbytes,))], algo=None)
     for offset in range(0, nbytes, io.STAGE):
         writer.write_bytes(chunk[:min(io.STAGE, nbytes - offset)])
     _, written = writer.close()

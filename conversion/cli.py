@@ -10,7 +10,8 @@
   v4hal convert verify DST [--source SRC]
   v4hal convert onnx --preset tiny [--seq 16] OUT.onnx            ONNX graph of our model, checked in onnxruntime
   v4hal convert onnx --config CFG --weights DIR OUT.onnx
-Every run accepts --dry-run (list outputs and disk needed, write nothing).
+Every run accepts --dry-run (list outputs and disk needed, write nothing) and --workers N (source
+shards converted at once, in N processes; default: the cores available).
 """
 
 from __future__ import annotations
@@ -48,13 +49,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--restart", action="store_true", help="discard another conversion's partial output in DST")
     run.add_argument("--overwrite", action="store_true", help="write into a DST holding files v4hal did not write, "
                      "replacing those of the same names")
+    run.add_argument("--workers", type=_positive, metavar="N", help="convert up to N source shards at once, "
+                     "in N processes (default: the cores this process may use)")
+    run.add_argument("--verify-source", action="store_true", help="hash every source file, even one whose hash is "
+                     "stated (Hugging Face cache blob name, a v4hal manifest), and refuse one that differs")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--no-fsync", action="store_true", help="do not fsync each shard before its rename (faster; "
                      "a killed process still resumes safely, a power cut may not)")
     ver = sub.add_parser("verify", help="check an output against its manifest (and its source)")
     ver.add_argument("dest", metavar="DST")
     ver.add_argument("--source", metavar="SRC", help="also decode every tensor of both and compare")
-    ver.add_argument("--no-hash", action="store_true", help="skip sha256 (sizes and headers only)")
+    ver.add_argument("--no-hash", action="store_true", help="skip hashing (sizes and headers only)")
     onx = sub.add_parser("onnx", help="export a fixed-shape prefill of our model to ONNX "
                          "(refused unless onnxruntime reproduces its logits)")
     src = onx.add_mutually_exclusive_group(required=True)
@@ -71,15 +76,22 @@ def main(args: argparse.Namespace) -> int:
     from v4hal.conversion.io import CheckpointError
     from v4hal.conversion.onnx_export import OnnxExportError
     from v4hal.conversion.plan import ConversionError, NotEnoughSpace
+    from v4hal.conversion.workers import WorkerDied
     from v4hal.model.loader import LoadError
 
     try:
         return {"run": _run, "verify": _verify, "onnx": _onnx}[args.convert_command](args)
-    except (CheckpointError, ConversionError, OnnxExportError, LoadError, ValueError, OSError, MemoryError) as exc:
+    except (CheckpointError, ConversionError, OnnxExportError, LoadError, ValueError, OSError, MemoryError, WorkerDied) as exc:
         print(f"v4hal convert: error: {exc or type(exc).__name__}", file=sys.stderr)
         if isinstance(exc, (NotEnoughSpace, MemoryError)) or getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
             return EXIT_RESOURCES
         return EXIT_PROBLEM if isinstance(exc, OnnxExportError) else EXIT_REFUSED  # onnxruntime disagreed: a failed check
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def _run(args) -> int:
@@ -106,8 +118,9 @@ def _run(args) -> int:
         print(f"total: {need / 1e9:.3f} GB of shards from {sum(p.source.files.values()) / 1e9:.3f} GB of input; "
               f"{free / 1e9:.1f} GB free at the destination" + ("" if need <= free else " (NOT ENOUGH)"))
         return 0
-    p.fsync = not args.no_fsync
-    manifest = planning.run(p, args.dest, progress=not args.no_progress, restart=args.restart, overwrite=args.overwrite)
+    p.fsync, p.verify_source = not args.no_fsync, args.verify_source
+    manifest = planning.run(p, args.dest, progress=not args.no_progress, restart=args.restart, overwrite=args.overwrite,
+                            n_workers=args.workers)
     print(f"wrote {len(manifest['outputs'])} files to {args.dest}; manifest: {args.dest}/{planning.MANIFEST}")
     return 0
 

@@ -4,11 +4,17 @@ written sequentially under a temporary name (hashing as they go) and renamed whe
 
 No pickle anywhere: safetensors is a JSON header plus raw little-endian bytes.
 
-Throughput: sha256 of the source and of every output costs more CPU than the conversion math
-(hashlib runs ~2 GB/s per core), so hashing and writing run on background threads (hashlib,
-file writes and torch kernels all release the GIL) while the caller reads and computes the next
-chunk. Each background stage is one thread, so bytes are hashed and written in order, and it
-holds at most a few chunks, so memory stays bounded.
+Hashes: outputs are hashed with BLAKE3 (`OUTPUT_HASH`; ~0.3 CPU s per GB here, against sha256's
+~0.65, see bench/convert_hash.py); manifests written before it hold sha256, and both verify. A
+manifest entry names its algorithm by its key: `{"blake3": hex, "size": n}`. A source is hashed
+only when nothing states its hash (`stated_hash`: a Hugging Face cache blob is named by its
+sha256, a v4hal output's manifest lists its files).
+
+Throughput: hashing the source and every output costs as much CPU as the conversion math, so
+hashing and writing run on background threads (hashlib, blake3, file writes and torch kernels
+all release the GIL) while the caller reads and computes the next chunk. Each background stage
+is one thread, so bytes are hashed and written in order, and it holds at most a few chunks, so
+memory stays bounded.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import blake3
 import numpy
 import torch
 
@@ -41,6 +48,9 @@ MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
 READ_CHUNK = 16 * 2**20  # below glibc's 32 MiB mmap threshold, so buffers are reused, not page-faulted afresh
 READ_AHEAD = 64 * 2**20  # asked of the kernel past each read, so the disk works while we compute
 WRITE_BEHIND = 64 * 2**20  # start writeback every this many bytes, so close()'s fsync finds little left
+OUTPUT_HASH = "blake3"  # what new manifests and journals record
+HASHES = {"blake3": blake3.blake3, "sha256": hashlib.sha256}  # what they may hold (older ones: sha256)
+HF_REPO_KINDS = ("models--", "datasets--", "spaces--")  # Hugging Face cache folders: <kind><org>--<name>
 
 
 class CheckpointError(RuntimeError):
@@ -50,6 +60,9 @@ class CheckpointError(RuntimeError):
         self.file, self.tensor, self.problem = str(file), tensor, problem
         where = f"{self.file}" + (f", tensor '{tensor}'" if tensor else "")
         super().__init__(f"{where}: {problem}")
+
+    def __reduce__(self):  # raised in a worker process, re-raised in the parent: pickled by its fields
+        return type(self), (self.file, self.problem, self.tensor)
 
 
 @dataclass(frozen=True)
@@ -67,15 +80,18 @@ class TensorInfo:
         return self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
 
 
-def confined(folder: str | os.PathLike, name: str | os.PathLike, regular: bool = True) -> Path:
+def confined(folder: str | os.PathLike, name: str | os.PathLike, regular: bool = True, hf_cache: bool = False) -> Path:
     """`folder / name` with every symlink resolved, refused (CheckpointError) unless it stays inside
     `folder`: names read from a journal, manifest, index or sidecar, and symlinked files, must not
-    reach other files. With `regular`, it must also exist and be a regular file (opening a FIFO
-    or device would hang or read forever). The one check every path the converter, loader and
-    verify read or delete goes through."""
+    reach other files. With `hf_cache` (sources only: never for a folder files are deleted from),
+    one more place is allowed, the layout of the Hugging Face cache: `folder` is
+    `<cache>/models--org--name/snapshots/<rev>` and the file resolves into that same repo's
+    `blobs/`. With `regular`, it must also exist and be a regular file (opening a FIFO or device
+    would hang or read forever). The one check every path the converter, loader and verify read
+    or delete goes through."""
     root = Path(folder).resolve()
     path = (root / name).resolve()
-    if path == root or not path.is_relative_to(root):
+    if path == root or not (path.is_relative_to(root) or (hf_cache and in_hf_blobs(root, path))):
         raise CheckpointError(root / name, f"leads to {path}, outside {root}; refused (files must stay inside their folder)")
     if regular:
         try:
@@ -85,6 +101,42 @@ def confined(folder: str | os.PathLike, name: str | os.PathLike, regular: bool =
         if not stat.S_ISREG(mode):
             raise CheckpointError(root / name, "not a regular file (a FIFO, device, socket or directory); refused")
     return path
+
+
+def in_hf_blobs(snapshot: Path, path: Path) -> bool:
+    """Whether resolved `path` is a blob of the Hugging Face cache repo whose snapshot folder
+    (resolved) is `snapshot`: <repo>/snapshots/<rev> -> <repo>/blobs/<file>."""
+    repo = snapshot.parent.parent
+    return (snapshot.parent.name == "snapshots" and repo.name.startswith(HF_REPO_KINDS)
+            and path.parent == repo / "blobs")
+
+
+def stated_hash(folder: Path, name: str) -> dict[str, str] | None:
+    """A source file's hash that something already states, as {algorithm: hex}, or None:
+    - a Hugging Face cache snapshot file is a symlink to ../../blobs/<sha256 of its content> for
+      LFS files (what huggingface_hub checked when it downloaded it; small files are named by
+      their git blob sha1, 40 digits, and are not taken);
+    - a v4hal output's manifest (`v4hal-manifest.json` in `folder`) lists each file's hash and
+      size; taken when the size still matches.
+    `--verify-source` hashes the file anyway and refuses a mismatch."""
+    path = (folder / name).resolve()
+    blob = path.name
+    if in_hf_blobs(folder.resolve(), path) and len(blob) == 64 and all(c in "0123456789abcdef" for c in blob):
+        return {"sha256": blob}
+    try:
+        entry = json.loads((folder / "v4hal-manifest.json").read_text())["outputs"][name]
+        algo, digest = digest_of(entry)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {algo: digest} if entry.get("size") == path.stat().st_size else None
+
+
+def digest_of(entry: dict) -> tuple[str, str]:
+    """(algorithm, hex) of a manifest or journal entry such as {"blake3": hex, "size": n}."""
+    for algo in HASHES:
+        if isinstance(entry.get(algo), str):
+            return algo, entry[algo]
+    raise ValueError(f"no hash of a known algorithm ({', '.join(HASHES)}) in {entry!r}")
 
 
 def itemsize(dtype: torch.dtype) -> int:
@@ -151,7 +203,7 @@ class Source:
         if not files:
             raise CheckpointError(self.path, "no .safetensors files found")
         for name in files:
-            confined(self.dir, name)
+            confined(self.dir, name, hf_cache=True)
         self.files: dict[str, int] = {}
         self.tensors: dict[str, TensorInfo] = {}
         for name in files:
@@ -189,15 +241,15 @@ class Source:
     def extra_files(self) -> list[Path]:
         """Small non-weight files (config, tokenizer) that travel with the checkpoint."""
         return small_files(self.dir, lambda p: p.suffix in (".json", ".model", ".txt", ".py", ".jinja")
-                           and p.name != INDEX_NAME and not p.name.startswith(("v4hal-", ".v4hal")))
+                           and p.name != INDEX_NAME and not p.name.startswith(("v4hal-", ".v4hal")), hf_cache=True)
 
 
-def small_files(folder: Path, wanted) -> list[Path]:
+def small_files(folder: Path, wanted, hf_cache: bool = False) -> list[Path]:
     """The files in `folder` that `wanted(path)` picks, sorted; a picked symlink leading outside
     the folder is refused (`confined`), non-regular entries are not files and never picked."""
     files = sorted(p for p in folder.iterdir() if wanted(p) and p.is_file())
     for p in files:
-        confined(folder, p.name)
+        confined(folder, p.name, hf_cache=hf_cache)
     return files
 
 
@@ -223,8 +275,8 @@ def read_rows(info: TensorInfo, row0: int = 0, row1: int | None = None, fd: int 
     return t.view(info.dtype).reshape(shape)
 
 
-def sha256_file(path: str | os.PathLike, progress=None) -> str:
-    h = hashlib.sha256()
+def hash_file(path: str | os.PathLike, algo: str = OUTPUT_HASH, progress=None) -> str:
+    h = HASHES[algo]()
     with open(path, "rb") as f:
         while block := f.read(READ_CHUNK):
             h.update(block)
@@ -326,20 +378,21 @@ def _buffer(n: int) -> tuple[torch.Tensor, memoryview]:
 
 
 class HashingReader:
-    """Reads one source file front to back, hashing every byte (in a background thread, in
-    order), so the source sha256 in the manifest costs no second pass and little wall time.
+    """Reads one source file front to back, hashing every byte with `algo` (in a background
+    thread, in order; None: not hashed, its hash is stated elsewhere), so the source hash in the
+    manifest costs no second pass and little wall time.
     Reads that are not at the current position (a scale that sits earlier in the file) go
     through `read_rows` and do not disturb the hash. Tensors returned by `rows` are read-only:
     the hashing thread may still be reading their bytes."""
 
-    def __init__(self, path: str, progress=None):
+    def __init__(self, path: str, progress=None, algo: str | None = OUTPUT_HASH):
         _reuse_freed_chunks()
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
         self.pos = 0
-        self.hash = hashlib.sha256()
+        self.hash = HASHES[algo]() if algo else None
         self.progress = progress
-        self._hasher = Background("v4hal-hash-in", depth=3)
+        self._hasher = Background("v4hal-hash-in", depth=3) if algo else None
 
     def _advance_to(self, offset: int) -> None:
         while self.pos < offset:
@@ -354,7 +407,8 @@ class HashingReader:
             if k <= 0:
                 raise CheckpointError(self.path, f"truncated at byte {self.pos + got}")
             got += k
-        self._hasher.submit(self.hash.update, view)
+        if self._hasher is not None:
+            self._hasher.submit(self.hash.update, view)
         self.pos += n
         _advise(self.fd, self.pos, READ_AHEAD, "POSIX_FADV_WILLNEED")
         if self.progress:
@@ -373,7 +427,11 @@ class HashingReader:
         """A whole small tensor (a scale), possibly from another shard, outside the hashed stream."""
         return read_rows(info)
 
-    def finish(self) -> str:
+    def finish(self) -> str | None:
+        """The whole file's hex digest (None when not hashed); reads what is left of it."""
+        if self._hasher is None:
+            os.close(self.fd)
+            return None
         self._advance_to(os.fstat(self.fd).st_size)
         self._hasher.close()
         os.close(self.fd)
@@ -454,8 +512,8 @@ def _open_direct(path: Path, mode: int) -> int | None:
 class ShardWriter:
     """Writes one safetensors file sequentially to a temporary name; `close` checks every
     declared byte arrived, fsyncs (unless told not to: a killed process loses nothing the kernel
-    already holds, only a power cut does) and renames it into place. Returns sha256 (None with
-    `hashed=False`, for timing the disk alone) and size.
+    already holds, only a power cut does) and renames it into place. Returns the hex digest
+    with `algo` (None with `algo=None`, for timing the disk alone) and size.
 
     Writing and hashing run on two background threads. Where the filesystem allows, the file is
     written with O_DIRECT: bytes are gathered in an aligned STAGE-byte buffer and go from it to
@@ -467,7 +525,7 @@ class ShardWriter:
     left to wait for."""
 
     def __init__(self, path: Path, specs: list[OutSpec], metadata: dict[str, str] | None = None, fsync: bool = True,
-                 direct: bool = True, hashed: bool = True, mode: int = 0o666):
+                 direct: bool = True, algo: str | None = OUTPUT_HASH, mode: int = 0o666):
         self.path, self.specs, self.fsync = path, specs, fsync
         self.tmp = partial_name(path)
         self.fd = _open_direct(self.tmp, mode) if direct else None
@@ -476,7 +534,7 @@ class ShardWriter:
             self.fd = create_new(self.tmp, mode=mode)
         else:
             self._stage = _aligned(STAGE)
-        self.hash = hashlib.sha256() if hashed else None
+        self.hash = HASHES[algo]() if algo else None
         self.expected = file_size(specs, metadata)
         self.written = 0   # bytes handed over (caller's thread)
         self._filled = 0   # writer thread: bytes in the stage buffer (O_DIRECT),
@@ -484,7 +542,7 @@ class ShardWriter:
         self._kicked = 0   # how far writeback was started (page cache),
         self._settled = 0  # and how far it is known complete
         self._writer = Background("v4hal-write")
-        self._hasher = Background("v4hal-hash-out") if hashed else None
+        self._hasher = Background("v4hal-hash-out") if algo else None
         self._write(header_bytes(specs, metadata))
 
     @property
@@ -565,7 +623,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o666) -> tuple[str, int]:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return hashlib.sha256(data).hexdigest(), len(data)
+    return HASHES[OUTPUT_HASH](data).hexdigest(), len(data)
 
 
 def write_json_atomic(path: Path, obj: object) -> tuple[str, int]:

@@ -29,7 +29,7 @@ import torch
 from v4hal.conversion import formats
 from v4hal.conversion.formats import Job, Options
 from v4hal.conversion.io import (CODES, DTYPES, CheckpointError, OutSpec, ShardWriter, TensorInfo, confined, nbytes_of,
-                                 partial_name, read_header, sha256_file, small_files)
+                                 partial_name, read_header, hash_file, small_files)
 from v4hal.conversion.plan import MANIFEST, Plan, _record, write_json_atomic
 
 SIDECAR = "v4hal-mindspore.json"
@@ -106,7 +106,7 @@ class CkptWriter:
         os.chmod(tmp, os.stat(tmp).st_mode & self.mode & 0o777)  # never more readable than the source
         os.replace(tmp, self.path)
         self.buffers = []
-        return sha256_file(self.path), self.path.stat().st_size
+        return hash_file(self.path), self.path.stat().st_size
 
     def abort(self) -> None:
         self.buffers = []
@@ -116,6 +116,8 @@ class ToMindSpore(Plan):
     def __init__(self, source, ms_format: str, names: str):
         self.ms_format, self.names = ms_format, names
         super().__init__(source, Options(target="copy"))
+        if ms_format == "ckpt":
+            self.max_workers = 1  # save_checkpoint holds a whole shard: one at a time
         self.opts = Options(target="mindspore")
         seen: dict[str, str] = {}
         for j in self.jobs:
@@ -200,10 +202,10 @@ class MindSporeSource:
 class MsReader:
     """Loads one .ckpt whole (load_checkpoint has no partial read) and serves rows."""
 
-    def __init__(self, source: MindSporeSource, file: str, progress):
+    def __init__(self, source: MindSporeSource, file: str, progress, algo: str | None = None):
         path = source.dir / file
         self.params = _ms().load_checkpoint(str(path))
-        self.source, self.path, self.progress = source, path, progress
+        self.source, self.path, self.progress, self.algo = source, path, progress, algo
         self.cache: dict[str, torch.Tensor] = {}
 
     def rows(self, info: TensorInfo, row0: int, row1: int) -> torch.Tensor:
@@ -218,14 +220,16 @@ class MsReader:
     def companion(self, info: TensorInfo) -> torch.Tensor:
         return self.rows(info, 0, info.shape[0] if info.shape else 1)
 
-    def finish(self) -> str:
-        return sha256_file(self.path, self.progress)
+    def finish(self) -> str | None:
+        return hash_file(self.path, self.algo, self.progress) if self.algo else None
 
 
 class ToHF(Plan):
     def __init__(self, source: MindSporeSource):
         super().__init__(source, Options(target="copy"))
         self.opts = Options(target="hf")
+        if source.format == "ckpt":
+            self.max_workers = 1  # load_checkpoint holds a whole shard: one at a time
 
     def out_name(self, source_file: str) -> str:
         return Path(source_file).stem + ".safetensors"
@@ -233,7 +237,7 @@ class ToHF(Plan):
     def make_reader(self, unit, progress):
         if self.source.format == "safetensors":
             return super().make_reader(unit, progress)
-        return MsReader(self.source, unit.source_file, progress)
+        return MsReader(self.source, unit.source_file, progress, self.source_hash(unit))
 
 
 def plan(source: str, to: str, ms_format: str = "ckpt", names: str = "mindspore") -> Plan:

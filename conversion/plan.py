@@ -7,8 +7,9 @@ only complete files plus `.partial` leftovers; a rerun deletes those, skips the 
 lists (after checking their files' sizes), and redoes the rest. Everything written is a pure
 function of the source bytes and the options, so the result is byte-identical to an
 uninterrupted run. Finally config files, the index json(s), `quant_model_description.json`
-(W8A8) and the manifest `v4hal-manifest.json` (sha256 of every output and source file) are
-written, each atomically.
+(W8A8) and the manifest `v4hal-manifest.json` (the hash of every output and source file: BLAKE3
+for outputs, for sources the hash something already states or else BLAKE3) are written, each
+atomically.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from pathlib import Path
 
 import torch
 
-from v4hal.conversion import formats, reshard
+from v4hal.conversion import formats, reshard, workers
 from v4hal.conversion.formats import Job, Options
-from v4hal.conversion.io import (INDEX_NAME, CheckpointError, HashingReader, OutSpec, ShardWriter, Source, confined,
-                                 file_size, sha256_file, write_atomic, write_json_atomic)
+from v4hal.conversion.io import (INDEX_NAME, OUTPUT_HASH, CheckpointError, HashingReader, OutSpec, ShardWriter, Source,
+                                 confined, digest_of, file_size, hash_file, stated_hash, write_atomic, write_json_atomic)
 
 MANIFEST = "v4hal-manifest.json"
+MANIFEST_FORMAT = "v4hal-conversion/2"  # /2: entries keyed by hash algorithm, "hash" names the outputs'; /1: sha256
 PROGRESS = ".v4hal-progress.json"
 LOCK = ".v4hal-lock"
 DESCRIPTION = "quant_model_description.json"
@@ -79,6 +81,7 @@ class Plan:
         for i, (fname, fjobs) in enumerate(by_job_file.items()):
             self.units.append(Unit(i, fname, source.files[fname], fjobs, self._files(i, n_units, fname, fjobs)))
         self.jobs = jobs
+        self.stated = {name: stated_hash(source.dir, name) for name in source.files}
 
     def make_jobs(self) -> list[Job]:
         jobs = formats.plan_jobs(self.source.tensors, self.opts)
@@ -105,12 +108,22 @@ class Plan:
         return files
 
     fsync = True
+    verify_source = False  # hash every source file, even one whose hash is stated, and compare
+    max_workers: int | None = None  # a plan whose units hold a whole shard in memory says 1
 
     def make_writer(self, path: Path, specs: list[OutSpec], mode: int):
         return ShardWriter(path, specs, {"format": "pt"}, self.fsync, mode=mode)
 
+    def source_hash(self, unit: Unit) -> str | None:
+        """The algorithm to hash a unit's source file with while it is read: None when its hash
+        is stated and not to be checked, the stated hash's algorithm when it is, else BLAKE3."""
+        stated = self.stated[unit.source_file]
+        if stated is None:
+            return OUTPUT_HASH
+        return next(iter(stated)) if self.verify_source else None
+
     def make_reader(self, unit: Unit, progress):
-        return HashingReader(str(self.source.dir / unit.source_file), progress)
+        return HashingReader(str(self.source.dir / unit.source_file), progress, self.source_hash(unit))
 
     @property
     def plan_id(self) -> str:
@@ -139,7 +152,7 @@ class Plan:
         return names + [MANIFEST]
 
     def write_small(self, dst: Path) -> dict[str, dict]:
-        """Index json(s) and the W8A8 description: {name: {sha256, size}}."""
+        """Index json(s) and the W8A8 description: {name: {blake3, size}}."""
         out = {}
         for name, weight_map, total in _indexes(self):
             out[name] = _record(write_json_atomic(dst / name, {"metadata": {"total_size": total}, "weight_map": weight_map}))
@@ -201,16 +214,28 @@ def process_unit(plan: Plan, unit: Unit, dst: Path, progress) -> dict:
             else:
                 run_job(job, src, reader, lambda k, r0, t, job=job: [
                     writers[r].write(p) for r, p in reshard.pieces(job, k, t, mp, r0)])
-        source_sha = reader.finish()
+        source = source_record(plan, unit, reader.finish())
         outputs = {}
         for f, w in zip(unit.files, writers):
-            sha, size = w.close()
-            outputs[f.name] = {"sha256": sha, "size": size}
+            outputs[f.name] = _record(w.close())
     except BaseException:
         for w in writers:
             w.abort()
         raise
-    return {"source_sha256": source_sha, "outputs": outputs}
+    return {"source": source, "outputs": outputs}
+
+
+def source_record(plan: Plan, unit: Unit, digest: str | None) -> dict[str, str]:
+    """{algorithm: hex} of a unit's source file: the stated hash (checked against `digest`
+    when the file was hashed anyway), else the hash computed while reading it."""
+    stated = plan.stated[unit.source_file]
+    if stated is None:
+        return {OUTPUT_HASH: digest}
+    algo, expected = next(iter(stated.items()))
+    if digest is not None and digest != expected:
+        raise CheckpointError(plan.source.dir / unit.source_file, f"content differs from its stated {algo} {expected} "
+                              f"(Hugging Face cache blob name or v4hal manifest): the file is corrupt or was changed")
+    return dict(stated)
 
 
 def _written_names(dst: Path) -> set[str]:
@@ -305,16 +330,18 @@ def _load_journal(dst: Path, plan_id: str, restart: bool) -> dict:
 
 
 def _unit_done(dst: Path, record: dict | None) -> bool:
-    """A journaled unit is skipped only if each of its outputs still has the size and sha256 the
-    journal recorded when it was written (a size alone misses a file changed in place)."""
-    if not record:
+    """A journaled unit is skipped only if each of its outputs still has the size and hash the
+    journal recorded when it was written (a size alone misses a file changed in place). A record
+    of an older journal format (no "source") is redone."""
+    if not record or "source" not in record:
         return False
     for name, meta in record["outputs"].items():
         try:
             path = confined(dst, name)
-        except CheckpointError:
+            algo, digest = digest_of(meta)
+        except (CheckpointError, ValueError):
             return False
-        if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
+        if path.stat().st_size != meta["size"] or hash_file(path, algo) != digest:
             return False
     return True
 
@@ -333,7 +360,9 @@ def check_space(dst: Path, needed: int) -> None:
                               f"{free / 1e9:.2f} GB are free")
 
 
-def run(plan: Plan, dst: str | os.PathLike, progress: bool = True, restart: bool = False, overwrite: bool = False) -> dict:
+def run(plan: Plan, dst: str | os.PathLike, progress: bool = True, restart: bool = False, overwrite: bool = False,
+        n_workers: int | None = None) -> dict:
+    """Convert into `dst` with up to `n_workers` units at once (default: the cores available)."""
     dst = Path(dst).resolve()
     if dst == plan.source.dir:
         raise ConversionError("the destination must differ from the source (inputs are never modified)")
@@ -347,13 +376,19 @@ def run(plan: Plan, dst: str | os.PathLike, progress: bool = True, restart: bool
         check_space(dst, sum(f.size for u in todo for f in u.files))
         for stale in dst.glob(".*.partial*"):
             stale.unlink()
+        if not (dst / PROGRESS).exists():  # before any output: from now on the folder is v4hal's
+            write_json_atomic(dst / PROGRESS, journal)
         from tqdm import tqdm
 
         bar = tqdm(total=sum(u.source_size for u in todo), unit="B", unit_scale=True, unit_divisor=1024,
                    desc=f"convert -> {plan.opts.target}", disable=not progress, file=sys.stderr)
-        for unit in todo:
-            journal["units"][str(unit.index)] = process_unit(plan, unit, dst, bar.update)
+        def journaled(unit: Unit, record: dict) -> None:
+            journal["units"][str(unit.index)] = record
             write_json_atomic(dst / PROGRESS, journal)
+
+        n = workers.default_workers() if n_workers is None else n_workers
+        workers.run_units(lambda i, feed: process_unit(plan, plan.units[i], dst, feed), todo,
+                          min(n, plan.max_workers or n), journaled, bar.update)
         bar.close()
         manifest = finish(plan, dst, journal)
         (dst / PROGRESS).unlink(missing_ok=True)
@@ -366,7 +401,7 @@ def finish(plan: Plan, dst: Path, journal: dict) -> dict:
     sources: dict[str, dict] = {}
     for u in plan.units:
         rec = journal["units"][str(u.index)]
-        sources[u.source_file] = {"sha256": rec["source_sha256"], "size": u.source_size}
+        sources[u.source_file] = {**rec["source"], "size": u.source_size}
         outputs.update(rec["outputs"])
     for extra in plan.source.extra_files():
         data = extra.read_bytes()
@@ -375,7 +410,8 @@ def finish(plan: Plan, dst: Path, journal: dict) -> dict:
         outputs[extra.name] = _record(write_atomic(dst / extra.name, data, extra.stat().st_mode))
     outputs.update(plan.write_small(dst))
     manifest = {
-        "format": "v4hal-conversion/1",
+        "format": MANIFEST_FORMAT,
+        "hash": OUTPUT_HASH,
         "plan": plan.plan_id,
         "options": plan.opts.as_dict(),
         "sources": sources,
@@ -389,8 +425,8 @@ def finish(plan: Plan, dst: Path, journal: dict) -> dict:
     return manifest
 
 
-def _record(sha_size: tuple[str, int]) -> dict:
-    return {"sha256": sha_size[0], "size": sha_size[1]}
+def _record(digest_size: tuple[str, int]) -> dict:
+    return {OUTPUT_HASH: digest_size[0], "size": digest_size[1]}
 
 
 def _indexes(plan: Plan):

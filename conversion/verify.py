@@ -1,7 +1,8 @@
-"""Re-check a converted checkpoint: every file against the manifest (present, size, sha256, a
+"""Re-check a converted checkpoint: every file against the manifest (present, size, hash, a
 parseable safetensors header), the manifest against the folder (every file present and every
 tensor stored is listed: an emptied or trimmed manifest is a failure), and optionally every
-tensor against the source by decoding both sides to float32 row chunk by row chunk:
+tensor against the source by decoding both sides to float32 row chunk by row chunk (which also
+names the tensor holding a byte the hash found changed):
 
 - raw copies must be byte-identical; BF16 must equal the source decoded then rounded to BF16;
 - FP8 / MXFP8 must lie within half an e4m3 step of the source: |y - x| <= 2^-4 |x| + 2^-10 s
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from v4hal.conversion import formats
-from v4hal.conversion.io import CheckpointError, Source, confined, read_header, read_rows, sha256_file
+from v4hal.conversion.io import CheckpointError, Source, confined, digest_of, hash_file, read_header, read_rows
 from v4hal.conversion.plan import CHUNK_BYTES, MANIFEST, is_scratch
 from v4hal.ops import quant
 
@@ -34,6 +35,7 @@ def verify(dst: str | Path, source: str | Path | None = None, check_hash: bool =
                 for name in sorted(p.name for p in dst.iterdir())
                 if name != MANIFEST and not is_scratch(name) and name not in manifest["outputs"]]
     listed = {name for t in manifest["tensors"].values() for name in t["outputs"]}
+    changed = []  # files whose hash differs: the source comparison (if asked) then names the tensor
     for name, meta in manifest["outputs"].items():
         try:
             path = confined(dst, name)
@@ -50,20 +52,21 @@ def verify(dst: str | Path, source: str | Path | None = None, check_hash: bool =
                 problems.append(str(exc))
                 continue
             problems += [f"{path}, tensor '{t}': not listed in the manifest's tensors" for t in stored if t not in listed]
-        if check_hash and sha256_file(path, progress) != meta["sha256"]:
-            problems.append(f"{path}: sha256 differs from the manifest (corrupt or modified)")
+        if check_hash and (problem := hash_problem(path, meta, "differs from the manifest (corrupt or modified)", progress)):
+            changed.append(problem)
     if source is None or problems:
-        return problems
+        return problems + changed
     if manifest["options"]["target"] in ("mindspore", "hf"):
-        return compare_renamed(source, dst)
+        return changed + compare_renamed(source, dst)
+    problems = changed
     src = Source(source)
     problems += [f"{src.dir / name}: source shard not listed in the manifest's sources"
                  for name in src.files if name not in manifest["sources"]]
     for name, meta in manifest["sources"].items():
         if name not in src.files:
             problems.append(f"{src.dir / name}: source shard missing")
-        elif check_hash and sha256_file(src.dir / name, progress) != meta["sha256"]:
-            problems.append(f"{src.dir / name}: source shard differs from the one converted (sha256)")
+        elif check_hash and (problem := hash_problem(src.dir / name, meta, "differs from the source shard converted", progress)):
+            problems.append(problem)
     mp = manifest["options"].get("mp", 1)
     shards = sorted(n for n in manifest["outputs"] if n.endswith(".safetensors"))
     # Each rank holds its own copy of every replicated tensor: compare each rank's files alone.
@@ -78,6 +81,16 @@ def verify(dst: str | Path, source: str | Path | None = None, check_hash: bool =
             except CheckpointError as exc:
                 problems.append(str(exc))
     return problems
+
+
+def hash_problem(path: Path, meta: dict, what: str, progress) -> str | None:
+    """A problem line if `path`'s content does not have the hash `meta` records (with the
+    algorithm it names: blake3, or sha256 in older manifests), else None."""
+    try:
+        algo, digest = digest_of(meta)
+    except ValueError as exc:
+        return f"{path}: {exc}"
+    return None if hash_file(path, algo, progress) == digest else f"{path}: {algo} {what}"
 
 
 def _decode_out(encode: str, out: Source, names: list[str], r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -19,6 +19,9 @@ class OpInputError(ValueError):
         self.op, self.arg, self.expected, self.got = op, arg, expected, got
         super().__init__(f"{op}: argument '{arg}' expected {expected}, got {got}")
 
+    def __reduce__(self):  # pickled by its fields, so it crosses a process boundary (conversion workers)
+        return type(self), (self.op, self.arg, self.expected, self.got)
+
 
 def describe(t: object) -> str:
     if isinstance(t, torch.Tensor):

@@ -3,7 +3,7 @@ the FP8 decode and int8 encode must give the quant contracts' bits exactly (ever
 subnormal products, NaN codes, ragged shapes), and the background reader / writer must hash and
 write exactly the bytes a plain sequential pass would, failing loudly and leaving no file."""
 
-import hashlib
+import blake3
 import math
 import os
 
@@ -141,7 +141,8 @@ def test_fp8_decode_restores_the_callers_thread_count():
         torch.set_num_threads(before)
 
 
-def test_hashing_reader_hashes_every_byte_in_order(tmp_path, monkeypatch):
+@pytest.mark.parametrize("algo", ["blake3", "sha256"])
+def test_hashing_reader_hashes_every_byte_in_order(tmp_path, monkeypatch, algo):
     monkeypatch.setattr(io, "READ_CHUNK", 1000)  # many gap reads through the background hasher
     gen = torch.Generator().manual_seed(4)
     from safetensors.torch import save_file
@@ -149,12 +150,12 @@ def test_hashing_reader_hashes_every_byte_in_order(tmp_path, monkeypatch):
     tensors = {f"t{i}": torch.randn(50 + i, 33, generator=gen) for i in range(6)}
     save_file(tensors, str(tmp_path / "a.safetensors"))
     infos, _, _ = io.read_header(tmp_path / "a.safetensors")
-    reader = io.HashingReader(str(tmp_path / "a.safetensors"))
+    reader = io.HashingReader(str(tmp_path / "a.safetensors"), algo=algo)
     for name in ("t1", "t3"):  # skipping t0, t2 and everything after t3: the hash must still cover them
         info = infos[name]
         got = torch.cat([reader.rows(info, r, min(r + 7, info.shape[0])) for r in range(0, info.shape[0], 7)])
         assert torch.equal(got, tensors[name])
-    assert reader.finish() == hashlib.sha256((tmp_path / "a.safetensors").read_bytes()).hexdigest()
+    assert reader.finish() == io.HASHES[algo]((tmp_path / "a.safetensors").read_bytes()).hexdigest()
 
 
 def test_hashing_reader_names_a_file_truncated_under_it(tmp_path):
@@ -186,7 +187,7 @@ def test_shard_writer_writes_and_hashes_exactly_the_bytes_given(tmp_path, monkey
         w.write(parts[1])
         sha, size = w.close()
         data = path.read_bytes()
-        assert size == len(data) and sha == hashlib.sha256(data).hexdigest()
+        assert size == len(data) and sha == blake3.blake3(data).hexdigest()
         assert data == io.header_bytes(specs, {"format": "pt"}) + b"".join(p.contiguous().view(torch.uint8).numpy().tobytes() for p in parts)
         assert not io.partial_name(path).exists()
 
@@ -197,7 +198,7 @@ def test_unhashed_writer_and_the_disk_benchmark_write_the_same_bytes(tmp_path, m
     monkeypatch.setattr(io, "STAGE", 2 * io.ALIGN)
     specs = [io.OutSpec("a", torch.int8, (3 * io.ALIGN + 5,))]
     part = torch.randint(-128, 127, (3 * io.ALIGN + 5,), dtype=torch.int8, generator=torch.Generator().manual_seed(2))
-    w = io.ShardWriter(tmp_path / "x.safetensors", specs, hashed=False)
+    w = io.ShardWriter(tmp_path / "x.safetensors", specs, algo=None)
     w.write(part)
     sha, size = w.close()
     data = (tmp_path / "x.safetensors").read_bytes()

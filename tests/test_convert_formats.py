@@ -227,7 +227,7 @@ def test_verify_reports_a_corrupted_output_file(tmp_path, capsys):
     shard.write_bytes(bytes(data))
     capsys.readouterr()
     assert cli("verify", tmp_path / "out") == 1
-    assert "model-00001-of-00002.safetensors: sha256 differs" in capsys.readouterr().out
+    assert "model-00001-of-00002.safetensors: blake3 differs from the manifest" in capsys.readouterr().out
     # without hashes, decoding against the source still catches it, naming the tensor
     assert cli("verify", "--no-hash", tmp_path / "out", "--source", tmp_path / "src") == 1
     out = capsys.readouterr().out

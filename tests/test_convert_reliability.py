@@ -1,5 +1,6 @@
 """Kill a conversion (SIGKILL, a real separate process) at several points, rerun it, and check the
-result is byte-identical to an uninterrupted run.
+result is byte-identical to an uninterrupted run. One worker process (`--workers 1`) here; several:
+test_convert_workers.py.
 
 The child runs the real CLI; a small driver wraps one internal function so that, at the chosen
 point, the child announces itself (a marker file) and stalls until the test kills it. That makes
@@ -46,7 +47,7 @@ if point == "write":          # in the middle of an output shard
 elif point == "rename":       # a shard renamed into place, its unit not yet journaled
     hook(io.ShardWriter, "close", lambda a: True)
 elif point == "journal":      # between two units
-    hook(plan, "write_json_atomic", lambda a: a[0].name == plan.PROGRESS)
+    hook(plan, "write_json_atomic", lambda a: a[0].name == plan.PROGRESS and a[1]["units"])
 elif point == "finish-before":  # after all shards, before the index / manifest
     hook(plan, "write_json_atomic", lambda a: a[0].name == io.INDEX_NAME)
 from v4hal.cli import main
@@ -81,7 +82,7 @@ def reference(source, tmp_path_factory):
 def kill_at(point: str, n: int, source, dst, tmp_path):
     marker = tmp_path / f"marker-{point}-{n}"
     child = subprocess.Popen([sys.executable, "-c", DRIVER, point, str(n), str(marker),
-                              "convert", "run", "--to", "w8a8", "--no-progress", str(source), str(dst)],
+                              "convert", "run", "--to", "w8a8", "--no-progress", "--workers", "1", str(source), str(dst)],
                              stderr=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1"})
     deadline = time.monotonic() + 120
     while not marker.exists():
@@ -96,9 +97,9 @@ def kill_at(point: str, n: int, source, dst, tmp_path):
     assert not (dst / "v4hal-manifest.json").exists()
 
 
-@pytest.mark.parametrize("points", [[("write", 2)], [("rename", 3)], [("journal", 2)], [("finish-before", 1)],
-                                   [("write", 9), ("journal", 1), ("write", 3)]],
-                         ids=["mid-shard", "after-rename", "between-units", "before-index", "three-kills"])
+@pytest.mark.parametrize("points", [[("write", 2)], [("rename", 1)], [("rename", 3)], [("journal", 2)],
+                                   [("finish-before", 1)], [("write", 9), ("journal", 1), ("write", 3)]],
+                         ids=["mid-shard", "first-rename", "after-rename", "between-units", "before-index", "three-kills"])
 def test_killed_conversion_resumes_to_identical_output(points, source, reference, tmp_path):
     dst = tmp_path / "out"
     for point, n in points:
@@ -119,7 +120,7 @@ def test_resume_skips_finished_units(source, reference, tmp_path, monkeypatch):
     done = []
     original = plan.process_unit
     monkeypatch.setattr(plan, "process_unit", lambda p, u, *a: done.append(u.index) or original(p, u, *a))
-    assert cli("run", "--to", "w8a8", "--no-progress", source, dst) == 0
+    assert cli("run", "--to", "w8a8", "--no-progress", "--workers", "1", source, dst) == 0
     assert done == [3, 4]
     assert file_bytes(dst) == reference
 

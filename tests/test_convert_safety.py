@@ -196,7 +196,7 @@ def test_resume_redoes_a_finished_unit_whose_output_changed(src, tmp_path, monke
 
     monkeypatch.setattr(plan, "process_unit", fail_second)
     with pytest.raises(RuntimeError, match="killed"):
-        run(src, out)
+        run(src, out, "--workers", "1")  # in this process, one unit after the other
     monkeypatch.setattr(plan, "process_unit", original)
     shard = out / "model-00001-of-00002.safetensors"
     data = bytearray(shard.read_bytes())
