@@ -135,8 +135,8 @@ class Values:
         return self
 
     def in_range(self, arg: str, t: torch.Tensor | None, low: int, high: int, what: str) -> "Values":
-        """Integer values in [low, high) (`what` says what they index)."""
-        return self._bounds(arg, t, lambda v: v[0] >= low and v[1] < high, f"values in [{low}, {high}) ({what})",
+        """Integer values in [low, high) (`what` says what they index, in the message's parentheses)."""
+        return self._bounds(arg, t, lambda v: v[0] >= low and v[1] < high, f"values in [{low}, {high - 1}] ({what})",
                             lambda v: f"values in [{int(v[0])}, {int(v[1])}]")
 
     def decide(self) -> None:
