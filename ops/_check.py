@@ -71,12 +71,6 @@ def reads(t: torch.Tensor) -> bool:
     return t.device.type != "meta" and not is_compiling() and registry.settings().checks == "full"
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    # A NaN/Inf element makes the sum non-finite, so one reduction and one read decide the usual
-    # case; a finite tensor whose sum overflows gets the exact test.
-    return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
-
-
 EXPONENT_BYTES = (torch.uint8, torch.float8_e8m0fnu)  # ue8m0 scales as biased exponents; 0xFF is NaN
 
 
