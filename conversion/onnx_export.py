@@ -5,11 +5,10 @@ vocab] float32`, from position 0 without a KV cache, with the TorchScript export
 dynamo exporter needs onnxscript, which is not a dependency). What it changes, and why:
 
 - ops run on the `cpu_fast` backend (tensor ops, no per-token Python loops);
-- routed experts run densely: every expert on every token, each output weighted by the token's
-  combine weight for that expert (zero when not chosen). The backends' grouped GEMM cuts the rows
-  per expert at sizes read from the routing (`group_offsets.tolist()`), which a trace would freeze
-  to the example input's routing; the dense form is the same sum with no data-dependent sizes.
-  It costs n_experts / top-k times the expert FLOPs: fine for the tiny and small configs this is
+- routed experts run as gathers of each token's chosen experts: under a trace `ops.moe_forward`
+  takes that exchange step itself (`ops.moe.GatheredExperts`), because the grouped GEMM cuts rows
+  per expert at sizes read from the routing, which a trace would freeze to the example input's
+  routing. It reads one expert per (token, choice): fine for the tiny and small configs this is
   for, not for a full model;
 - `aten::rms_norm` gets an ONNX definition (opset 17 has no RMSNormalization).
 
@@ -27,14 +26,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from v4hal import ops
 
 OPSET = 17
 BACKEND = "cpu_fast"
@@ -83,28 +79,6 @@ def build_model(preset: str | None = None, config: str | None = None, weights: s
     return model.eval(), args
 
 
-def _dense_moe_forward(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """`model.moe.MoE.forward` with every routed expert applied to every token (see module doc)."""
-    from v4hal.backends.cpu.moe import shared_expert
-
-    experts = self.experts.weights()
-    if experts.gate_up_scale is not None or experts.down_scale is not None:
-        raise OnnxExportError("quantized experts: build the model with dequantized weights")
-    weights, ids = ops.moe_route(
-        hidden, self.gate.weight, self.topk, self.scoring_func, getattr(self.gate, "e_score_correction_bias", None),
-        self.n_group, self.topk_group, self.norm_topk_prob, self.routed_scaling_factor,
-        input_ids if self.is_hash else None, self.gate.tid2eid if self.is_hash else None)
-    x = hidden.reshape(-1, hidden.shape[-1])
-    n_experts = experts.gate_up.shape[0]
-    chosen = ids.unsqueeze(-1) == torch.arange(n_experts, device=ids.device)  # [T, k, E]
-    per_expert = (chosen.to(weights.dtype) * weights.unsqueeze(-1)).sum(1)  # [T, E]
-    act = ops.swiglu(torch.einsum("th,eoh->eto", x, experts.gate_up), self.swiglu_limit)
-    out = torch.einsum("te,eth->th", per_expert.to(act.dtype), torch.einsum("eti,ehi->eth", act, experts.down))
-    if self.shared_experts is not None:
-        out = out + shared_expert(x, self.shared_experts.weights(), self.swiglu_limit)
-    return out.to(hidden.dtype).reshape(hidden.shape)
-
-
 def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
     from torch.onnx import symbolic_helper as sh
 
@@ -122,16 +96,16 @@ def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
 
 @contextlib.contextmanager
 def _export_mode(model):
-    """Dense experts on every MoE layer and the cpu_fast backend, undone on exit."""
+    """The cpu_fast backend and ONNX's RMSNorm, undone on exit; refuses layers a trace cannot hold."""
     from v4hal.backends import registry
     from v4hal.model.moe import MoE
 
-    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, OPSET)
-    moes = [m for m in model.modules() if isinstance(m, MoE)]
-    for m in moes:
-        if m.ep_group is not None:
+    for m in model.modules():
+        if isinstance(m, MoE) and m.ep_group is not None:
             raise OnnxExportError("expert-parallel MoE layers cannot be exported; build the model on one device")
-        m.forward = types.MethodType(_dense_moe_forward, m)
+        if isinstance(m, MoE) and m.experts.gate_up_proj_scale is not None:
+            raise OnnxExportError("quantized experts: build the model with dequantized weights")
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, OPSET)
     try:
         with registry.forced(BACKEND):
             # Choosing an op imports its backend modules; do it for every op before the trace,
@@ -140,8 +114,6 @@ def _export_mode(model):
                 registry.choose(op)
             yield
     finally:
-        for m in moes:
-            del m.forward
         torch.onnx.unregister_custom_op_symbolic("aten::rms_norm", OPSET)
 
 

@@ -9,11 +9,12 @@ take the layout `npu_moe_init_routing_v2` produces); they need HCCL's communicat
 (`group_ep`) and fixed per-rank token budgets, which is why this module keeps the portable
 collective version and the fused one is left to a deployment that owns its HCCL groups.
 
-The gate (router) and the shared experts are replicated; every process routes its own tokens.
-Each expert sees its rows ordered by source rank, then token, then choice: for a global batch
-made of the ranks' batches in rank order that is exactly the single-process `moe_dispatch`
-order, so results differ from one process's only by how a GEMM's blocking depends on its row
-count.
+The layer is `ops.moe_forward` itself with `AllToAll` as its exchange step (the composite's
+transport of routed rows to their experts and back). The gate (router) and the shared experts are
+replicated; every process routes its own tokens. Each expert sees its rows ordered by source
+rank, then token, then choice: for a global batch made of the ranks' batches in rank order that
+is exactly the single-process `moe_dispatch` order, so results differ from one process's only by
+how a GEMM's blocking depends on its row count.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ import torch
 import torch.distributed as dist
 
 from v4hal import ops
-from v4hal.backends.cpu.moe import shared_expert
-from v4hal.ops.moe import ExpertWeights, SharedExpertWeights
+from v4hal.ops.moe import ExpertExchange, ExpertWeights, MoeDispatch, SharedExpertWeights
 
 DEVICE_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 
@@ -58,47 +58,46 @@ def _exchange(rows: torch.Tensor, send_splits: list[int], recv_splits: list[int]
     return out
 
 
+class AllToAll(ExpertExchange):
+    """The MoE composite's exchange over the processes of `group`, each holding `E / world`
+    consecutive experts: rows travel to their expert's owner and back by `all_to_all_single`."""
+
+    def __init__(self, group=None):
+        self.group = group
+        self.shards = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def first_expert(self, held: int) -> int:
+        return self.rank * held
+
+    def send(self, state: MoeDispatch):
+        # Rows are sorted by global expert = by owning rank, then by that rank's local expert.
+        e_local = state.counts.shape[0] // self.shards
+        send_counts = state.counts.view(self.shards, e_local)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        send_splits, recv_splits = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
+        received = _exchange(state.permuted, send_splits, recv_splits, self.group)
+        # Arrivals are ordered (source rank, local expert); a stable sort by local expert makes
+        # each expert's rows contiguous, in source-rank order.
+        local_expert = torch.arange(e_local, device=received.device).repeat(self.shards)
+        order = torch.argsort(torch.repeat_interleave(local_expert, recv_counts.reshape(-1)), stable=True)
+        counts = recv_counts.sum(0)
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        return received[order], offsets, (order, send_splits, recv_splits)
+
+    def receive(self, results: torch.Tensor, sent) -> torch.Tensor:
+        order, send_splits, recv_splits = sent
+        unsorted = torch.empty_like(results)
+        unsorted[order] = results
+        return _exchange(unsorted, recv_splits, send_splits, self.group)
+
+
 def moe_forward_ep(hidden: torch.Tensor, gate_weight: torch.Tensor, local_experts: ExpertWeights, topk: int,
-                   scoring: str = "softmax", bias: torch.Tensor | None = None, n_group: int = 1,
-                   topk_group: int = 1, renormalize: bool = True, routed_scaling_factor: float = 1.0,
-                   input_ids: torch.Tensor | None = None, tid2eid: torch.Tensor | None = None,
-                   swiglu_limit: float | None = None, shared: SharedExpertWeights | None = None,
-                   group=None) -> torch.Tensor:
+                   group=None, **kw) -> torch.Tensor:
     """`ops.moe_forward` with the routed experts spread over the processes of `group`.
 
     local_experts: this rank's `E / world` experts (`shard_experts`); every other argument is
     `ops.moe_forward`'s, for this rank's own tokens. Returns this rank's output, hidden's shape.
     """
-    world = dist.get_world_size(group)
-    e_local = local_experts.gate_up.shape[0]
-    n_experts = e_local * world
-    h = hidden.shape[-1]
-    x = hidden.reshape(-1, h)
-    weights, ids = ops.moe_route(hidden, gate_weight, topk, scoring, bias, n_group, topk_group, renormalize,
-                                 routed_scaling_factor, input_ids, tid2eid)
-    # Sorted by global expert = sorted by owning rank, then by that rank's local expert.
-    state = ops.moe_dispatch(x, ids, n_experts)
-    send_counts = state.counts.view(world, e_local)
-    recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts, group=group)
-    send_splits, recv_splits = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
-    received = _exchange(state.permuted, send_splits, recv_splits, group)
-
-    # Arrivals are ordered (source rank, local expert); a stable sort by local expert makes each
-    # expert's rows contiguous, in source-rank order.
-    local_expert = torch.arange(e_local, device=x.device).repeat(world)
-    row_expert = torch.repeat_interleave(local_expert, recv_counts.reshape(-1))
-    order = torch.argsort(row_expert, stable=True)
-    counts = recv_counts.sum(0)
-    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    fmt = local_experts.act_scale_fmt
-    up = ops.grouped_matmul(received[order], local_experts.gate_up, offsets, local_experts.gate_up_scale, fmt)
-    down = ops.grouped_matmul(ops.swiglu(up, swiglu_limit), local_experts.down, offsets, local_experts.down_scale, fmt)
-    results = torch.empty_like(down)
-    results[order] = down
-
-    returned = _exchange(results, recv_splits, send_splits, group)
-    out = ops.moe_combine(returned, weights, state)
-    if shared is not None:
-        out = out + shared_expert(x, shared, swiglu_limit)
-    return out.reshape(hidden.shape)
+    return ops.moe_forward(hidden, gate_weight, local_experts, topk, exchange=AllToAll(group), **kw)

@@ -50,16 +50,11 @@ class ModelCache:
 
 
 def _mlp(args: ModelArgs, idx: int, dtype: torch.dtype) -> nn.Module:
-    """V3/V3.2's first layers: a dense SwiGLU MLP; every other layer: routed + shared experts,
-    hash-routed on V4's `hash_moe` layers, clamped SwiGLU (swiglu_limit) on V4."""
+    """V3/V3.2's first layers: a dense SwiGLU MLP; every other layer: the MoE layer its config
+    describes (`MoE.from_config`, the one builder of a model's MoE layer)."""
     if not args.is_moe_layer(idx):
         return MLP(args.hidden_size, args.intermediate_size, None, dtype=dtype)
-    return MoE(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts, args.n_shared_experts,
-               args.num_experts_per_tok, scoring_func=args.scoring_func, n_group=args.n_group,
-               topk_group=args.topk_group, routed_scaling_factor=args.routed_scaling_factor,
-               norm_topk_prob=args.norm_topk_prob, swiglu_limit=args.swiglu_limit if args.is_v4 else None,
-               hash_vocab_size=args.vocab_size if args.mlp_layer_types[idx] == "hash_moe" else None,
-               dtype=dtype)
+    return MoE.from_config(args, idx, dtype=dtype)
 
 
 class DecoderLayer(nn.Module):

@@ -29,7 +29,7 @@ Quantized experts: `set_expert_weights(gate_up, down, gate_up_scale, down_scale)
 FP4 / int8 tensors (the checkpoint loader fills the same `*_scale` slots); `grouped_matmul` runs
 them through the quant contracts. Expert parallelism: pass `ep_group` (a torch.distributed
 group); the layer then holds only its `E / world` experts and exchanges tokens per forward
-(`model.expert_parallel`).
+(`model.expert_parallel.AllToAll`, the exchange step of `ops.moe_forward`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from v4hal import ops
-from v4hal.model.expert_parallel import expert_range, moe_forward_ep
+from v4hal.model.expert_parallel import AllToAll, expert_range
 from v4hal.model.layers import Linear
 from v4hal.ops.moe import SCORING_FUNCS, ExpertWeights, SharedExpertWeights
 
@@ -131,11 +131,11 @@ class MoE(nn.Module):
         self.swiglu_limit = None if swiglu_limit is None else float(swiglu_limit)
         self.is_hash = hash_vocab_size is not None
         self.ep_group = ep_group
+        # How routed rows reach the experts (`ops.moe_forward`'s exchange step): None = all here.
+        self.exchange = None if ep_group is None else AllToAll(ep_group)
         n_local = n_routed_experts
         if ep_group is not None:
-            import torch.distributed as dist
-
-            start, end = expert_range(n_routed_experts, dist.get_world_size(ep_group), dist.get_rank(ep_group))
+            start, end = expert_range(n_routed_experts, self.exchange.shards, self.exchange.rank)
             n_local = end - start
         self.gate = Router(hidden_size, n_routed_experts, num_experts_per_tok, hash_vocab_size, correction_bias, dtype, device)
         self.experts = Experts(n_local, hidden_size, moe_intermediate_size, dtype, device)
@@ -143,11 +143,12 @@ class MoE(nn.Module):
                                if n_shared_experts else None)
 
     @classmethod
-    def from_config(cls, args, layer: int, device=None, ep_group=None) -> "MoE":
-        """Layer `layer` of a `model.config.ModelArgs`: V4 layers always renormalize and clamp
-        with swiglu_limit, its `hash_moe` layers route by `tid2eid`; V3 / V3.2 follow
-        `norm_topk_prob` and keep the correction bias of `topk_method="noaux_tc"`; FP8 experts
-        scale activations as `args.act_scale_fmt` says."""
+    def from_config(cls, args, layer: int, dtype: torch.dtype | None = None, device=None, ep_group=None) -> "MoE":
+        """Layer `layer` of a `model.config.ModelArgs` (the model builds its MoE layers here): V4
+        layers always renormalize and clamp with swiglu_limit, its `hash_moe` layers route by
+        `tid2eid`; V3 / V3.2 follow `norm_topk_prob` and keep the correction bias of
+        `topk_method="noaux_tc"`; FP8 experts scale activations as `args.act_scale_fmt` says.
+        dtype: of the float weights, `args.torch_dtype` when None."""
         v4 = args.is_v4
         is_hash = v4 and args.mlp_layer_types[layer] == "hash_moe"
         moe = cls(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts, args.n_shared_experts,
@@ -156,7 +157,7 @@ class MoE(nn.Module):
                   norm_topk_prob=v4 or args.norm_topk_prob, swiglu_limit=args.swiglu_limit if v4 else None,
                   hash_vocab_size=args.vocab_size if is_hash else None,
                   correction_bias=v4 or args.topk_method == "noaux_tc",
-                  dtype=getattr(torch, args.torch_dtype), device=device, ep_group=ep_group)
+                  dtype=dtype or getattr(torch, args.torch_dtype), device=device, ep_group=ep_group)
         set_act_scale_fmt(moe, args.act_scale_fmt)
         return moe
 
@@ -177,9 +178,7 @@ class MoE(nn.Module):
                   input_ids=input_ids if self.is_hash else None,
                   tid2eid=self.gate.tid2eid if self.is_hash else None, swiglu_limit=self.swiglu_limit,
                   shared=None if self.shared_experts is None else self.shared_experts.weights())
-        if self.ep_group is not None:
-            return moe_forward_ep(hidden, self.gate.weight, self.experts.weights(), self.topk, group=self.ep_group, **kw)
-        return ops.moe_forward(hidden, self.gate.weight, self.experts.weights(), self.topk, **kw)
+        return ops.moe_forward(hidden, self.gate.weight, self.experts.weights(), self.topk, exchange=self.exchange, **kw)
 
     def extra_repr(self) -> str:
         return (f"experts={self.n_routed_experts}, topk={self.topk}, scoring={self.scoring_func}, "

@@ -4,7 +4,7 @@ argument, what was expected and what came."""
 from __future__ import annotations
 
 import math
-from typing import Collection, Iterable
+from typing import Callable, Collection, Iterable
 
 import torch
 from torch.compiler import is_compiling
@@ -74,24 +74,12 @@ def reads(t: torch.Tensor) -> bool:
     return t.device.type != "meta" and not is_compiling() and registry.settings().checks == "full"
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    # A NaN/Inf element makes the sum non-finite, so one reduction and one read decide the usual
-    # case (this runs on every decode step); a finite tensor whose sum overflows gets the exact test.
-    return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
-
-
-def finite(op: str, arg: str, t: torch.Tensor) -> None:
-    """Reject NaN/Inf: a quantizer or scale fed one would silently poison a whole block."""
-    if t.is_floating_point() and reads(t) and not all_finite(t):
-        bad = (~torch.isfinite(t)).sum().item()
-        raise OpInputError(op, arg, "finite values", f"{bad} NaN/Inf element(s) in {describe(t)}")
-
-
 EXPONENT_BYTES = (torch.uint8, torch.float8_e8m0fnu)  # ue8m0 scales as biased exponents; 0xFF is NaN
 
 
 def _bounds(t: torch.Tensor) -> torch.Tensor:
-    """[min, max] of a scale tensor as float64 on its device, NaN where the tensor holds one."""
+    """[min, max] of `t` as float64 on its device, NaN where it holds one (for exponent bytes: 0 and
+    the top byte, NaN if that is 0xFF). One pass, no overflow, no host read."""
     if t.dtype in EXPONENT_BYTES:
         top = t.view(torch.uint8).amax().double()
         return torch.stack((top.new_zeros(()), torch.where(top == 0xFF, math.nan, top)))
@@ -101,19 +89,73 @@ def _bounds(t: torch.Tensor) -> torch.Tensor:
     return torch.stack(torch.aminmax(values)).double()
 
 
+class Values:
+    """The value-reading checks of one public call, decided together by a single host read (each
+    read is a synchronisation on an NPU or GPU): every check adds a few statistics of a tensor
+    (mostly its [min, max]), and `decide()` reads them all at once and raises for the first check
+    that fails. Tensors `reads` excludes, empty tensors and None are skipped; an error message
+    (the failing path only) may read more.
+
+        _check.Values(op).finite("x", x).scales(scale=scale).decide()
+    """
+
+    def __init__(self, op: str):
+        self.op = op
+        self._pending: list[tuple[str, torch.Tensor, Callable[[list[float]], bool], str,
+                                  Callable[[list[float]], str]]] = []
+
+    def require(self, arg: str, stats: torch.Tensor, ok: Callable[[list[float]], bool], expected: str,
+                got: Callable[[list[float]], str]) -> "Values":
+        """`ok(stats as floats)` must hold; `got(...)` describes what came when it does not."""
+        self._pending.append((arg, stats.detach().double().reshape(-1), ok, expected, got))
+        return self
+
+    def _bounds(self, arg, t, ok, expected, got) -> "Values":
+        if t is not None and t.numel() and reads(t):
+            self.require(arg, _bounds(t), ok, expected, got)
+        return self
+
+    def finite(self, arg: str, t: torch.Tensor | None) -> "Values":
+        """Reject NaN/Inf: a quantizer or scale fed one would silently poison a whole block."""
+        if t is None or not t.is_floating_point():
+            return self
+        return self._bounds(arg, t, lambda v: math.isfinite(v[0]) and math.isfinite(v[1]), "finite values",
+                            lambda v: f"{int((~torch.isfinite(t)).sum())} NaN/Inf element(s) in {describe(t)}")
+
+    def scales(self, **named: torch.Tensor | None) -> "Values":
+        """Reject quantization scales holding NaN, Inf or negative values (an e8m0/uint8 exponent
+        byte 0xFF is e8m0's NaN): every one would silently poison its whole block. Zero is allowed
+        (an all-zero block or channel from another quantizer)."""
+        for arg, t in named.items():
+            self._bounds(arg, t, lambda v: v[0] >= 0 and math.isfinite(v[1]), "finite, non-negative scales",
+                         lambda v, t=t: _scale_faults(t))
+        return self
+
+    def in_range(self, arg: str, t: torch.Tensor | None, low: int, high: int, what: str) -> "Values":
+        """Integer values in [low, high) (`what` says what they index, in the message's parentheses)."""
+        return self._bounds(arg, t, lambda v: v[0] >= low and v[1] < high, f"values in [{low}, {high - 1}] ({what})",
+                            lambda v: f"values in [{int(v[0])}, {int(v[1])}]")
+
+    def decide(self) -> None:
+        if not self._pending:
+            return
+        device = self._pending[0][1].device
+        stats = torch.cat([p[1].to(device) for p in self._pending]).tolist()
+        at = 0
+        for arg, t, ok, expected, got in self._pending:
+            v, at = stats[at:at + t.numel()], at + t.numel()
+            if not ok(v):
+                raise OpInputError(self.op, arg, expected, got(v))
+
+
+def finite(op: str, arg: str, t: torch.Tensor) -> None:
+    """`Values(op).finite(arg, t)`, decided now."""
+    Values(op).finite(arg, t).decide()
+
+
 def scales(op: str, **named: torch.Tensor | None) -> None:
-    """Reject quantization scales holding NaN, Inf or negative values (an e8m0/uint8 exponent byte
-    0xFF is e8m0's NaN): every one would silently poison its whole block. Zero is allowed (an
-    all-zero block or channel from another quantizer). One min/max pass per tensor and a single
-    host read for all of them; None, empty tensors and tensors `reads` excludes are skipped."""
-    given = {arg: t for arg, t in named.items() if t is not None and t.numel() and reads(t)}
-    if not given:
-        return
-    parts = [_bounds(t) for t in given.values()]
-    bounds = torch.stack([p.to(parts[0].device) for p in parts]).tolist()
-    for (arg, t), (low, high) in zip(given.items(), bounds):
-        if not (low >= 0 and math.isfinite(high)):
-            raise OpInputError(op, arg, "finite, non-negative scales", _scale_faults(t))
+    """`Values(op).scales(**named)`, decided now (one host read for all of them)."""
+    Values(op).scales(**named).decide()
 
 
 def _scale_faults(t: torch.Tensor) -> str:

@@ -238,11 +238,10 @@ def indexer_select(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, scal
     refused, as the NaN scores it makes are by indexer_topk."""
     op = "indexer_select"
     _indexer_inputs(op, q, k, weights, scale)
-    for name, t in (("q", q), ("k", k), ("weights", weights)):
-        _check.finite(op, name, t)
     _check.positive_int(op, "topk", topk)
     _check.positive_int(op, "ratio", ratio)
     _positions(op, positions, q.shape[0], q.shape[1])
+    _check.Values(op).finite("q", q).finite("k", k).finite("weights", weights).decide()
     return dispatch(op)(q, k, weights, float(scale), min(topk, k.shape[1]), positions, ratio)
 
 
@@ -286,11 +285,6 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, s
     if tuple(indices.shape[:2]) != (b, s):
         raise _check.OpInputError(op, "indices", f"shape [{b}, {s}, K] ([B, S] of q)", _check.describe(indices))
     n = kv.shape[1]
-    if _check.reads(indices):
-        lo, hi = int(indices.min()), int(indices.max())
-        if lo < -1 or hi >= n:
-            raise _check.OpInputError(op, "indices", f"values in [-1, {n - 1}] (-1 = none; kv has {n} rows)",
-                                      f"values in [{lo}, {hi}]")
     _scale(op, scale)
     _sink(op, sink, h)
     v_dim = d if v_dim is None else v_dim
@@ -298,6 +292,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, s
     if v_dim > d:
         raise _check.OpInputError(op, "v_dim", f"at most the head dim {d}", v_dim)
     _check.same_device(op, q=q, kv=kv, indices=indices)
+    _check.Values(op).in_range("indices", indices, -1, n, f"-1 = none; kv has {n} rows").decide()
     out, lse = dispatch(op)(q, kv, indices, float(scale), sink, v_dim)
     return (out, lse) if return_lse else out
 

@@ -54,6 +54,30 @@ def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor | None, out_dtyp
     return weight.to(out_dtype)
 
 
+def check_linear_weight(op: str, arg: str, weight: torch.Tensor, scale: torch.Tensor | None,
+                        k: int) -> tuple[str, int]:
+    """(format, N) of a `linear` weight meeting activations with `k` features, after checking it
+    and its scale's shape (not its values). The scale's argument is `scale` for `weight`, else
+    `<arg>_scale`."""
+    scale_arg = "scale" if arg == "weight" else f"{arg}_scale"
+    fmt = weight_format(_check.tensor(op, arg, weight, ndim=2), scale)
+    if fmt == "?":
+        raise _check.OpInputError(op, arg, "dtype float, float8_e4m3fn, uint8 (fp4) or int8", _check.describe(weight))
+    n, wk = weight.shape[0], weight.shape[1] * (2 if fmt == "fp4" else 1)
+    _check.equal(op, arg, wk, k, "K (input features) = last dim of x")
+    expected_scale = {"dense": None, "fp8": (math.ceil(n / WEIGHT_BLOCK[0]), math.ceil(k / WEIGHT_BLOCK[1])),
+                      "fp4": (n, math.ceil(k / FP4_BLOCK)), "int8": (n,)}[fmt]
+    if expected_scale is None and scale is not None:
+        raise _check.OpInputError(op, scale_arg, "None for a float weight", _check.describe(scale))
+    if expected_scale is not None:
+        if scale is None:
+            raise _check.OpInputError(op, scale_arg, f"a scale tensor of shape {expected_scale} for a {fmt} weight",
+                                      "None")
+        _check.tensor(op, scale_arg, scale)
+        _check.shape(op, scale_arg, scale, expected_scale, f"{fmt} weight [{n}, {k}]")
+    return fmt, n
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
            bias: torch.Tensor | None = None, act_scale_fmt: str = "fp32") -> torch.Tensor:
     """`y = x @ W.T (+ bias)` for every weight format a DeepSeek checkpoint ships.
@@ -69,22 +93,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = N
     op = "linear"
     _check.tensor(op, "x", x, dtypes=FLOAT_IN, ndim=range(1, 9))
     _check.choice(op, "act_scale_fmt", act_scale_fmt, quant.SCALE_FMTS)
-    fmt = weight_format(_check.tensor(op, "weight", weight, ndim=2), scale)
-    if fmt == "?":
-        raise _check.OpInputError(op, "weight", "dtype float, float8_e4m3fn, uint8 (fp4) or int8", _check.describe(weight))
-    n, k = weight.shape[0], weight.shape[1] * (2 if fmt == "fp4" else 1)
-    _check.equal(op, "weight", k, x.shape[-1], "K (input features) = last dim of x")
-    expected_scale = {"dense": None, "fp8": (math.ceil(n / WEIGHT_BLOCK[0]), math.ceil(k / WEIGHT_BLOCK[1])),
-                      "fp4": (n, math.ceil(k / FP4_BLOCK)), "int8": (n,)}[fmt]
-    if expected_scale is None and scale is not None:
-        raise _check.OpInputError(op, "scale", "None for a float weight", _check.describe(scale))
-    if expected_scale is not None:
-        if scale is None:
-            raise _check.OpInputError(op, "scale", f"a scale tensor of shape {expected_scale} for a {fmt} weight", "None")
-        _check.tensor(op, "scale", scale)
-        _check.shape(op, "scale", scale, expected_scale, f"{fmt} weight [{n}, {k}]")
-        _check.scales(op, scale=scale)
+    fmt, n = check_linear_weight(op, "weight", weight, scale, x.shape[-1])
     if bias is not None:
         _check.tensor(op, "bias", bias, dtypes=FLOAT_IN, ndim=1)
         _check.equal(op, "bias", bias.shape[0], n, "length = output features")
+    # The activation quantizers refuse NaN/Inf, so formats that quantize x check it here, with the
+    # scales, in one host read (the composite below runs the quantizer unchecked).
+    _check.Values(op).finite("x", x if fmt in ("fp8", "int8") else None).scales(scale=scale).decide()
     return dispatch(op)(x, weight, scale, bias, fmt, act_scale_fmt)
+
+
+def composed_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                    fmt: str, act_scale_fmt: str) -> torch.Tensor:
+    """The quantized formats of `linear` composed from the quant family's primitives, each run on
+    the backend the registry picks for it (so `V4HAL_OP_BACKENDS=fp8_matmul=cpu` reaches inside).
+    Unchecked: for backends whose `linear` has no fused kernel for `fmt`, after `linear` validated.
+    fp8: quantize_fp8 (1x128 blocks) + fp8_matmul; fp4: fp4_matmul on float activations; int8:
+    quantize_int8 (per token) + int8_matmul. Output in x's dtype, bias added last."""
+    if fmt == "fp8":
+        a, a_scale = dispatch("quantize_fp8")(x, quant.ACT_BLOCK, act_scale_fmt)
+        y = dispatch("fp8_matmul")(a, a_scale, weight, scale, x.dtype)
+    elif fmt == "fp4":
+        y = dispatch("fp4_matmul")(x, weight, scale, None, x.dtype)
+    else:
+        a, a_scale = dispatch("quantize_int8")(x)
+        y = dispatch("int8_matmul")(a, a_scale, weight, scale.float(), x.dtype)
+    return y if bias is None else y + bias.to(y.dtype)

@@ -91,8 +91,12 @@ def _finite_mixes(op: str, params: dict[str, torch.Tensor], **mixes: torch.Tenso
     """Non-finite mixes mean NaN/Inf in x or in the projection: say which, instead of spreading
     NaN through every later layer. Only the small outputs are checked on the normal path (not a
     pass over x or fn per call); the culprit is looked for once something is wrong."""
-    for name, t in mixes.items():
-        if _check.reads(t) and not _check.all_finite(t):
+    read = {name: t for name, t in mixes.items() if _check.reads(t)}
+    if not read:
+        return
+    finite = torch.stack([torch.isfinite(t).all().to(read[next(iter(read))].device) for t in read.values()])
+    for (name, t), ok in zip(read.items(), finite.tolist()):  # one host read for all of them
+        if not ok:
             for arg, p in params.items():
                 _check.finite(op, arg, p)
             raise _check.OpInputError(op, "x", "finite values (the mHC mixes computed from x came out "
@@ -139,9 +143,8 @@ def hc_post(out: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.
     _check.shape(op, "post", post, (*lead, n), f"one weight per stream; x has {n} streams")
     _check.tensor(op, "comb", comb, dtypes=MIX_DTYPES)
     _check.shape(op, "comb", comb, (*lead, n, n), f"an n x n mix per token; x has {n} streams")
-    _check.finite(op, "post", post)
-    _check.finite(op, "comb", comb)
     _check.same_device(op, out=out, x=x, post=post, comb=comb)
+    _check.Values(op).finite("post", post).finite("comb", comb).decide()
     return dispatch(op)(out, x, post, comb)
 
 

@@ -10,7 +10,13 @@ The pipeline one MoE layer runs (DeepSeek V3 / V3.2 / V4, as transformers'
     y = grouped_matmul(a, down_proj, d.offsets)                  # [R, H]
     out = moe_combine(y, weights, d) + shared_experts(x)         # [T, H]
 
-`moe_forward` is that whole layer in one call (what the model uses). Expert weights use
+`moe_forward` is that whole layer in one call (what the model uses): a composite of the other
+five, written once here (`composed_moe_forward`) with a replaceable step that carries the routed
+rows to their experts and back (`ExpertExchange`: in place on one process, all-to-all for expert
+parallelism in `model.expert_parallel`, gathers of the chosen experts where a trace or a compiled
+graph cannot hold routing-dependent sizes). Every public op validates its inputs once; composites
+call the primitives' backends directly (`dispatch`), so no check runs twice and value-reading
+checks read the host once per call (`_check.Values`). Expert weights use
 transformers' fused layout: `gate_up_proj [E, 2I, H]` (gate rows first, then up rows) and
 `down_proj [E, H, I]`; each may be BF16/float, FP8 (e4m3 + 128x128 block scales), MXFP4 (packed
 uint8 + 1x32 ue8m0 scales) or int8 W8A8 (+ one scale per output row), see `v4hal.ops.quant`.
@@ -23,11 +29,14 @@ from typing import NamedTuple
 
 import torch
 
+from torch.compiler import is_compiling
+
 from v4hal.backends.registry import dispatch, register_op
 from v4hal.ops import _check
+from v4hal.ops.basic import check_linear_weight, weight_format
 from v4hal.ops.quant import FLOAT_IN, FP4_BLOCK, SCALE_FMTS, WEIGHT_BLOCK
 
-__all__ = ["SCORING_FUNCS", "MoeDispatch", "ExpertWeights", "SharedExpertWeights", "expert_format",
+__all__ = ["SCORING_FUNCS", "MoeDispatch", "ExpertWeights", "SharedExpertWeights", "ExpertExchange", "expert_format",
            "moe_route", "moe_dispatch", "grouped_matmul", "swiglu", "moe_combine", "moe_forward"]
 
 FAMILY = "moe"
@@ -94,37 +103,12 @@ def expert_format(weight: torch.Tensor) -> str:
     return QUANT_WEIGHT_DTYPES.get(weight.dtype, "?")
 
 
-def _ids_in_range(op: str, arg: str, ids: torch.Tensor, upper: int, what: str) -> None:
-    if ids.numel() and _check.reads(ids):
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= upper:
-            raise _check.OpInputError(op, arg, f"values in [0, {upper}) ({what})", f"values in [{lo}, {hi}]")
-
-
-def moe_route(hidden: torch.Tensor, gate_weight: torch.Tensor, topk: int, scoring: str = "softmax",
-              bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
-              renormalize: bool = True, routed_scaling_factor: float = 1.0,
-              input_ids: torch.Tensor | None = None, tid2eid: torch.Tensor | None = None):
-    """Choose `topk` experts per token and their combine weights.
-
-    logits = hidden @ gate_weight.T, computed in float32 (float64 for float64 input);
-    scores = softmax(logits) | sigmoid(logits) | sqrt(softplus(logits)) (`scoring`).
-    Selection (noaux_tc): `choice = scores + bias` (bias only steers the choice, never the weight).
-    With `n_group > 1` the E experts form n_group equal groups scored by the sum of their top-2
-    choice scores when a bias is given, else by their maximum; only the best `topk_group` groups
-    stay eligible. ids = top-k of the choice scores, in descending order.
-    Hash routing (DeepSeek-V4's first layers): with `input_ids` and `tid2eid` the ids are
-    `tid2eid[input_ids]` instead; the weights still come from the scores.
-    weights = scores gathered at ids; if `renormalize`, divided by (their sum + 1e-20);
-    then times `routed_scaling_factor`.
-
-    hidden: float `[..., H]` (flattened to T tokens); gate_weight: float `[E, H]`; bias: float
-    `[E]`; input_ids: int `hidden.shape[:-1]`; tid2eid: int `[vocab, topk]` with values in [0, E).
-    Returns (weights float32 `[T, topk]` (float64 for float64 input), ids int64 `[T, topk]`).
-    This is transformers' DeepseekV3TopkRouter (scoring "sigmoid", groups),
-    DeepseekV4TopKRouter (renormalize=True) and DeepseekV4HashRouter.
-    """
-    op = "moe_route"
+def _route_inputs(op: str, values: _check.Values, hidden: torch.Tensor, gate_weight: torch.Tensor, topk: int,
+                  scoring: str, bias: torch.Tensor | None, n_group: int, topk_group: int,
+                  routed_scaling_factor: float, input_ids: torch.Tensor | None,
+                  tid2eid: torch.Tensor | None) -> None:
+    """The routing arguments' checks shared by `moe_route` and `moe_forward`; the hash ids' ranges
+    go to `values`, decided by the caller."""
     _check.tensor(op, "hidden", hidden, dtypes=FLOAT_IN, ndim=range(1, 9))
     _check.tensor(op, "gate_weight", gate_weight, dtypes=FLOAT_IN, ndim=2)
     n_experts, h = gate_weight.shape
@@ -156,12 +140,42 @@ def moe_route(hidden: torch.Tensor, gate_weight: torch.Tensor, topk: int, scorin
         _check.shape(op, "tid2eid", tid2eid, (tid2eid.shape[0], topk), "[vocab, topk]")
         _check.tensor(op, "input_ids", input_ids, dtypes=INDEX_DTYPES)
         _check.shape(op, "input_ids", input_ids, tuple(hidden.shape[:-1]), "one id per token of hidden")
-        _ids_in_range(op, "input_ids", input_ids, tid2eid.shape[0], "rows of tid2eid")
-        _ids_in_range(op, "tid2eid", tid2eid, n_experts, "expert ids")
-        input_ids = input_ids.reshape(-1)
+        values.in_range("input_ids", input_ids, 0, tid2eid.shape[0], "rows of tid2eid")
+        values.in_range("tid2eid", tid2eid, 0, n_experts, "expert ids")
     _check.same_device(op, hidden=hidden, gate_weight=gate_weight, bias=bias, input_ids=input_ids, tid2eid=tid2eid)
-    return dispatch(op)(hidden.reshape(-1, h), gate_weight, topk, scoring, bias, n_group, topk_group,
-                        bool(renormalize), float(routed_scaling_factor), input_ids, tid2eid)
+
+
+def moe_route(hidden: torch.Tensor, gate_weight: torch.Tensor, topk: int, scoring: str = "softmax",
+              bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
+              renormalize: bool = True, routed_scaling_factor: float = 1.0,
+              input_ids: torch.Tensor | None = None, tid2eid: torch.Tensor | None = None):
+    """Choose `topk` experts per token and their combine weights.
+
+    logits = hidden @ gate_weight.T, computed in float32 (float64 for float64 input);
+    scores = softmax(logits) | sigmoid(logits) | sqrt(softplus(logits)) (`scoring`).
+    Selection (noaux_tc): `choice = scores + bias` (bias only steers the choice, never the weight).
+    With `n_group > 1` the E experts form n_group equal groups scored by the sum of their top-2
+    choice scores when a bias is given, else by their maximum; only the best `topk_group` groups
+    stay eligible. ids = top-k of the choice scores, in descending order.
+    Hash routing (DeepSeek-V4's first layers): with `input_ids` and `tid2eid` the ids are
+    `tid2eid[input_ids]` instead; the weights still come from the scores.
+    weights = scores gathered at ids; if `renormalize`, divided by (their sum + 1e-20);
+    then times `routed_scaling_factor`.
+
+    hidden: float `[..., H]` (flattened to T tokens); gate_weight: float `[E, H]`; bias: float
+    `[E]`; input_ids: int `hidden.shape[:-1]`; tid2eid: int `[vocab, topk]` with values in [0, E).
+    Returns (weights float32 `[T, topk]` (float64 for float64 input), ids int64 `[T, topk]`).
+    This is transformers' DeepseekV3TopkRouter (scoring "sigmoid", groups),
+    DeepseekV4TopKRouter (renormalize=True) and DeepseekV4HashRouter.
+    """
+    op = "moe_route"
+    values = _check.Values(op)
+    _route_inputs(op, values, hidden, gate_weight, topk, scoring, bias, n_group, topk_group, routed_scaling_factor,
+                  input_ids, tid2eid)
+    values.decide()
+    return dispatch(op)(hidden.reshape(-1, gate_weight.shape[1]), gate_weight, topk, scoring, bias, n_group,
+                        topk_group, bool(renormalize), float(routed_scaling_factor),
+                        None if input_ids is None else input_ids.reshape(-1), tid2eid)
 
 
 def moe_dispatch(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
@@ -177,10 +191,10 @@ def moe_dispatch(hidden: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
     _check.tensor(op, "topk_ids", topk_ids, dtypes=INDEX_DTYPES, ndim=2)
     _check.equal(op, "topk_ids", topk_ids.shape[0], hidden.shape[0], "rows = tokens of hidden")
     _check.positive_int(op, "num_experts", num_experts)
-    _ids_in_range(op, "topk_ids", topk_ids, num_experts, "expert ids")
     if capacity is not None:
         _check.positive_int(op, "capacity", capacity)
     _check.same_device(op, hidden=hidden, topk_ids=topk_ids)
+    _check.Values(op).in_range("topk_ids", topk_ids, 0, num_experts, "expert ids").decide()
     return dispatch(op)(hidden, topk_ids, num_experts, capacity)
 
 
@@ -193,7 +207,7 @@ def _expert_scale_shape(fmt: str, n_experts: int, n: int, k: int) -> tuple[int, 
 
 def _check_expert_weight(op: str, arg: str, weight: torch.Tensor, scale: torch.Tensor | None,
                          k: int | None) -> tuple[str, int, int]:
-    """(format, N, K) of a stacked expert weight, after checking it and its scale."""
+    """(format, N, K) of a stacked expert weight, after checking it and its scale's shape."""
     _check.tensor(op, arg, weight, ndim=3)
     fmt = expert_format(weight)
     if fmt == "?":
@@ -214,15 +228,29 @@ def _check_expert_weight(op: str, arg: str, weight: torch.Tensor, scale: torch.T
     return fmt, n, wk
 
 
-def _check_offsets(op: str, offsets: torch.Tensor, n_experts: int, rows: int) -> None:
-    _check.tensor(op, "group_offsets", offsets, dtypes=INDEX_DTYPES, ndim=1)
-    _check.shape(op, "group_offsets", offsets, (n_experts + 1,), "one more than the number of experts")
-    if _check.reads(offsets):
-        first, last = int(offsets[0]), int(offsets[-1])
-        if first != 0 or last != rows or bool((offsets[1:] < offsets[:-1]).any()):
-            raise _check.OpInputError(op, "group_offsets", f"non-decreasing, from 0 to the {rows} rows of x",
-                                      f"from {first} to {last}" + (", decreasing somewhere"
-                                                                   if bool((offsets[1:] < offsets[:-1]).any()) else ""))
+def _chosen(stack: torch.Tensor | None, ids: torch.Tensor, all_here: bool = True) -> torch.Tensor | None:
+    """The slices of an expert stack `[E, ...]` that `ids` (expert ids of this stack, any shape;
+    unless `all_here`, ids outside [0, E) are experts held elsewhere) name, without a host read:
+    gathered when there are fewer ids than experts (decode checks a few experts' scales, not all of
+    them), else the stack with the experts not named zeroed. For value checks only."""
+    if stack is None or not _check.reads(stack):
+        return None
+    if stack.dtype == torch.float8_e8m0fnu:
+        stack = stack.view(torch.uint8)  # the same exponent bytes; gathers and where need a plain dtype
+    ids = ids.reshape(-1)
+    n = stack.shape[0]
+    if all_here and ids.numel() < n:
+        return stack[ids.clamp(0, n - 1)]
+    named = torch.zeros(n + 1, dtype=torch.bool, device=stack.device)
+    named[torch.where((ids >= 0) & (ids < n), ids, n)] = True
+    return torch.where(named[:n].view(-1, *(1,) * (stack.dim() - 1)), stack, 0)
+
+
+def _offsets_stats(offsets: torch.Tensor) -> torch.Tensor:
+    """[first, last, smallest step] of group offsets, for `Values.require`."""
+    steps = offsets[1:] - offsets[:-1]
+    smallest = steps.amin() if steps.numel() else offsets.new_zeros(())
+    return torch.stack((offsets[0], offsets[-1], smallest))
 
 
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_offsets: torch.Tensor,
@@ -235,18 +263,27 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_offsets: torch.T
     product is exactly `v4hal.ops.linear(x_e, W_e, scale_e, act_scale_fmt=act_scale_fmt)` (FP8:
     activations quantized per 1x128 block, scales in act_scale_fmt; int8: per token; FP4:
     weight-only). group_offsets: int `[E + 1]`, non-decreasing from 0 to R. Returns `[R, N]` in
-    x's dtype.
+    x's dtype. NaN/Inf rows are refused where the format quantizes them (fp8, int8), and so are
+    bad scales of the experts that get rows.
     """
     op = "grouped_matmul"
     _check.tensor(op, "x", x, dtypes=FLOAT_IN, ndim=2, nonempty=False)
     _check.choice(op, "act_scale_fmt", act_scale_fmt, SCALE_FMTS)
     fmt, _, _ = _check_expert_weight(op, "weight", weight, scale, x.shape[1])
-    _check_offsets(op, group_offsets, weight.shape[0], x.shape[0])
+    rows, n_experts = x.shape[0], weight.shape[0]
+    _check.tensor(op, "group_offsets", group_offsets, dtypes=INDEX_DTYPES, ndim=1)
+    _check.shape(op, "group_offsets", group_offsets, (n_experts + 1,), "one more than the number of experts")
     _check.same_device(op, x=x, weight=weight, group_offsets=group_offsets, scale=scale)
-    if scale is not None and _check.reads(group_offsets):
-        # Only the experts that get rows: a decode step uses a few of them, and a pass over every
-        # expert's scales would read more than the products themselves.
-        _check.scales(op, scale=scale[group_offsets[1:] > group_offsets[:-1]])
+    values = _check.Values(op)
+    if _check.reads(group_offsets):
+        values.require("group_offsets", _offsets_stats(group_offsets), lambda v: v[0] == 0 and v[1] == rows and v[2] >= 0,
+                       f"non-decreasing, from 0 to the {rows} rows of x",
+                       lambda v: f"from {int(v[0])} to {int(v[1])}" + (", decreasing somewhere" if v[2] < 0 else ""))
+        if scale is not None:
+            # The expert of each row (a few at decode); out-of-range offsets are refused above.
+            row_expert = torch.searchsorted(group_offsets[1:], torch.arange(rows, device=x.device), right=True)
+            values.scales(scale=_chosen(scale, row_expert))
+    values.finite("x", x if fmt in ACT_QUANTIZING else None).decide()
     return dispatch(op)(x, weight, group_offsets, scale, fmt, act_scale_fmt)
 
 
@@ -262,9 +299,13 @@ def swiglu(gate_up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
     _check.tensor(op, "gate_up", gate_up, dtypes=FLOAT_IN, ndim=range(1, 9), nonempty=False)
     if gate_up.shape[-1] % 2:
         raise _check.OpInputError(op, "gate_up", "an even last dim (gate and up halves)", _check.describe(gate_up))
+    return dispatch(op)(gate_up, _limit(op, "limit", limit))
+
+
+def _limit(op: str, arg: str, limit: object) -> float | None:
     if limit is not None and not (isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0):
-        raise _check.OpInputError(op, "limit", "None or a positive float", repr(limit))
-    return dispatch(op)(gate_up, None if limit is None else float(limit))
+        raise _check.OpInputError(op, arg, "None or a positive float", repr(limit))
+    return None if limit is None else float(limit)
 
 
 def moe_combine(expert_out: torch.Tensor, topk_weights: torch.Tensor, state: MoeDispatch) -> torch.Tensor:
@@ -282,11 +323,113 @@ def moe_combine(expert_out: torch.Tensor, topk_weights: torch.Tensor, state: Moe
     return dispatch(op)(expert_out, topk_weights, state)
 
 
+# -- composites: unchecked, built from the primitives' backends; for backends and the model ------
+
+ACT_QUANTIZING = ("fp8", "int8")  # formats whose products quantize their activations (which refuse NaN/Inf)
+
+
+def composed_grouped_matmul(x, weight, group_offsets, scale, fmt, act_scale_fmt):
+    """`grouped_matmul` as one `linear` per expert with rows (each on the backend `linear` picks):
+    the reference, and every backend's path for a format it has no grouped kernel for."""
+    out = x.new_empty(x.shape[0], weight.shape[1])
+    bounds = group_offsets.tolist()
+    linear = dispatch("linear")
+    for e in range(weight.shape[0]):
+        start, end = bounds[e], bounds[e + 1]
+        if end > start:
+            out[start:end] = linear(x[start:end], weight[e], None if scale is None else scale[e], None, fmt,
+                                    act_scale_fmt)
+    return out
+
+
+def shared_expert(x: torch.Tensor, shared: SharedExpertWeights, swiglu_limit: float | None) -> torch.Tensor:
+    """`down(swiglu(cat(gate x, up x), swiglu_limit))` through `linear` and `swiglu`'s backends."""
+    linear, fmt = dispatch("linear"), shared.act_scale_fmt
+    gate = linear(x, shared.gate, shared.gate_scale, None, weight_format(shared.gate, shared.gate_scale), fmt)
+    up = linear(x, shared.up, shared.up_scale, None, weight_format(shared.up, shared.up_scale), fmt)
+    act = dispatch("swiglu")(torch.cat([gate, up], dim=-1), swiglu_limit)
+    return linear(act, shared.down, shared.down_scale, None, weight_format(shared.down, shared.down_scale), fmt)
+
+
+def _expert_ffn(rows: torch.Tensor, offsets: torch.Tensor, experts: ExpertWeights, swiglu_limit: float | None):
+    """Rows grouped by expert through `down(swiglu(gate_up(row)))` of their experts."""
+    fmt, gmm = experts.act_scale_fmt, dispatch("grouped_matmul")
+    h = gmm(rows, experts.gate_up, offsets, experts.gate_up_scale, expert_format(experts.gate_up), fmt)
+    act = dispatch("swiglu")(h, swiglu_limit)
+    return gmm(act, experts.down, offsets, experts.down_scale, expert_format(experts.down), fmt)
+
+
+class ExpertExchange:
+    """The step of the MoE composite that takes each token's routed rows to their experts and the
+    results back: `moe_dispatch` groups the rows by expert, `send` delivers them to the experts'
+    owner (here: nobody else, so as they are), the owner runs its experts, `receive` returns the
+    results, `moe_combine` weights them back into tokens. `shards`: processes the routed experts
+    are spread over (the weights a call gets are 1/shards of them). Subclass `send` / `receive` for another transport
+    (`model.expert_parallel.AllToAll`), or `__call__` for another way through the experts."""
+
+    shards = 1
+
+    def first_expert(self, held: int) -> int:
+        """The global id of the first of the `held` experts this process holds."""
+        return 0
+
+    def send(self, state: MoeDispatch) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """(rows grouped by this process's experts, their `[E_local + 1]` offsets, what `receive`
+        needs to undo the trip)."""
+        return state.permuted, state.offsets, None
+
+    def receive(self, results: torch.Tensor, sent: object) -> torch.Tensor:
+        """The results of `send`'s rows, back in `state.permuted`'s order."""
+        return results
+
+    def __call__(self, x, weights, ids, experts: ExpertWeights, swiglu_limit):
+        state = dispatch("moe_dispatch")(x, ids, experts.gate_up.shape[0] * self.shards, None)
+        rows, offsets, sent = self.send(state)
+        results = _expert_ffn(rows, offsets, experts, swiglu_limit)
+        return dispatch("moe_combine")(self.receive(results, sent), weights, state)
+
+
+class GatheredExperts(ExpertExchange):
+    """Float experts without the dispatch: `sum_j weights[t, j] * down_e @ swiglu(gate_up_e @ x[t])`,
+    e = ids[t, j], as gathers of the chosen experts' weights feeding reductions, in float32 (float64
+    for float64 input), cast to x's dtype once. No size depends on the routing, so a trace (the
+    ONNX exporter) or a compiled graph holds it; it reads one expert per (token, choice) where the
+    dispatch reads each chosen expert once."""
+
+    def __call__(self, x, weights, ids, experts: ExpertWeights, swiglu_limit):
+        cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        gate_up = (experts.gate_up[ids].to(cd) * x.to(cd)[:, None, None, :]).sum(-1)  # [T, k, 2I]
+        act = dispatch("swiglu")(gate_up, swiglu_limit)
+        down = (experts.down[ids].to(cd) * act.unsqueeze(-2)).sum(-1)  # [T, k, H]
+        return (weights.to(cd).unsqueeze(-1) * down).sum(1).to(x.dtype)
+
+
+IN_PLACE, GATHERED = ExpertExchange(), GatheredExperts()
+
+
+def _exchange_here(ids: torch.Tensor, experts: ExpertWeights) -> ExpertExchange:
+    """Gathers where the dispatch's routing-dependent sizes cannot be held: always under a trace,
+    and in a compiled graph while the (token, choice) pairs are at most the experts (where the
+    gathers read no more than the dispatch); quantized experts keep the dispatch."""
+    if experts.gate_up_scale is None and experts.gate_up.is_floating_point() and (
+            torch.jit.is_tracing() or is_compiling() and ids.numel() <= experts.gate_up.shape[0]):
+        return GATHERED
+    return IN_PLACE
+
+
+def composed_moe_forward(x, weights, ids, experts, swiglu_limit, shared, exchange: ExpertExchange | None = None):
+    """The MoE layer after routing: routed experts through `exchange` (default: in place, or
+    gathered under a trace or compilation), plus the shared expert. x `[T, H]`. Unchecked."""
+    out = (exchange or _exchange_here(ids, experts))(x, weights, ids, experts, swiglu_limit)
+    return out if shared is None else out + shared_expert(x, shared, swiglu_limit)
+
+
 def moe_forward(hidden: torch.Tensor, gate_weight: torch.Tensor, experts: ExpertWeights, topk: int,
                 scoring: str = "softmax", bias: torch.Tensor | None = None, n_group: int = 1,
                 topk_group: int = 1, renormalize: bool = True, routed_scaling_factor: float = 1.0,
                 input_ids: torch.Tensor | None = None, tid2eid: torch.Tensor | None = None,
-                swiglu_limit: float | None = None, shared: SharedExpertWeights | None = None) -> torch.Tensor:
+                swiglu_limit: float | None = None, shared: SharedExpertWeights | None = None,
+                exchange: ExpertExchange | None = None) -> torch.Tensor:
     """The MoE layer: `moe_route` (same routing arguments) -> `moe_dispatch` -> up
     `grouped_matmul` -> `swiglu(limit=swiglu_limit)` -> down `grouped_matmul` -> `moe_combine`,
     plus the shared expert `down(swiglu(cat(gate x, up x), swiglu_limit))` when `shared` is given
@@ -294,9 +437,14 @@ def moe_forward(hidden: torch.Tensor, gate_weight: torch.Tensor, experts: Expert
 
     hidden: float `[..., H]`; experts: `ExpertWeights` (`gate_up [E, 2I, H]`, `down [E, H, I]`);
     returns hidden's shape and dtype. Matches transformers' DeepseekV4SparseMoeBlock (hash or
-    top-k router) and DeepseekV3MoE on the same weights.
+    top-k router) and DeepseekV3MoE on the same weights. exchange: None (one process holds every
+    expert; the backend picked for `moe_forward` runs the layer after routing), or an
+    `ExpertExchange` whose `shards` processes each hold `E / shards` of the experts (`experts`
+    is this process's share, `gate_weight` still routes over all E).
     """
     op = "moe_forward"
+    if exchange is not None and not isinstance(exchange, ExpertExchange):
+        raise _check.OpInputError(op, "exchange", "None or an ExpertExchange", _check.describe(exchange))
     _check.tensor(op, "hidden", hidden, dtypes=FLOAT_IN, ndim=range(1, 9))
     if not isinstance(experts, ExpertWeights):
         raise _check.OpInputError(op, "experts", "an ExpertWeights", _check.describe(experts))
@@ -304,20 +452,59 @@ def moe_forward(hidden: torch.Tensor, gate_weight: torch.Tensor, experts: Expert
     fmt_up, two_i, _ = _check_expert_weight(op, "gate_up", experts.gate_up, experts.gate_up_scale, h)
     if two_i % 2:
         raise _check.OpInputError(op, "gate_up", "an even row count (gate rows then up rows)", _check.describe(experts.gate_up))
-    _, n_down, _ = _check_expert_weight(op, "down", experts.down, experts.down_scale, two_i // 2)
+    fmt_down, n_down, _ = _check_expert_weight(op, "down", experts.down, experts.down_scale, two_i // 2)
     _check.equal(op, "down", n_down, h, "rows (output features) = hidden size")
-    n_experts = experts.gate_up.shape[0]
-    _check.equal(op, "down", experts.down.shape[0], n_experts, "expert count = that of gate_up")
+    n_local = experts.gate_up.shape[0]
+    _check.equal(op, "down", experts.down.shape[0], n_local, "expert count = that of gate_up")
+    shards = 1 if exchange is None else exchange.shards
     _check.tensor(op, "gate_weight", gate_weight, dtypes=FLOAT_IN, ndim=2)
-    _check.equal(op, "gate_weight", gate_weight.shape[0], n_experts, "rows = number of experts")
+    _check.equal(op, "gate_weight", gate_weight.shape[0], n_local * shards,
+                 "rows = number of experts" + (f" ({shards} x the {n_local} held here)" if shards > 1 else ""))
+    values = _check.Values(op)
+    _route_inputs(op, values, hidden, gate_weight, topk, scoring, bias, n_group, topk_group, routed_scaling_factor,
+                  input_ids, tid2eid)
     _check.choice(op, "experts.act_scale_fmt", experts.act_scale_fmt, SCALE_FMTS)
     if shared is not None and not isinstance(shared, SharedExpertWeights):
         raise _check.OpInputError(op, "shared", "a SharedExpertWeights or None", _check.describe(shared))
+    formats = {fmt_up, fmt_down}
     if shared is not None:
         _check.choice(op, "shared.act_scale_fmt", shared.act_scale_fmt, SCALE_FMTS)
-    if swiglu_limit is not None and not (isinstance(swiglu_limit, (int, float)) and swiglu_limit > 0):
-        raise _check.OpInputError(op, "swiglu_limit", "None or a positive float", repr(swiglu_limit))
-    # Routing arguments are validated by moe_route itself, which every backend's forward calls.
-    return dispatch(op)(hidden, gate_weight, experts, topk, scoring, bias, n_group, topk_group,
-                        renormalize, routed_scaling_factor, input_ids, tid2eid,
-                        None if swiglu_limit is None else float(swiglu_limit), shared)
+        for arg, w, s, k in (("shared.gate", shared.gate, shared.gate_scale, h), ("shared.up", shared.up, shared.up_scale, h),
+                             ("shared.down", shared.down, shared.down_scale, shared.gate.shape[0])):
+            formats.add(check_linear_weight(op, arg, w, s, k)[0])
+        _check.equal(op, "shared.up", shared.up.shape[0], shared.gate.shape[0], "rows = rows of shared.gate")
+        _check.equal(op, "shared.down", shared.down.shape[0], h, "rows (output features) = hidden size")
+        values.scales(**{"shared.gate_scale": shared.gate_scale, "shared.up_scale": shared.up_scale,
+                         "shared.down_scale": shared.down_scale})
+    swiglu_limit = _limit(op, "swiglu_limit", swiglu_limit)
+    values.finite("hidden", hidden if formats & set(ACT_QUANTIZING) else None)
+    x = hidden.reshape(-1, h)
+    flat_ids = None if input_ids is None else input_ids.reshape(-1)
+
+    def route():
+        return dispatch("moe_route")(x, gate_weight, topk, scoring, bias, n_group, topk_group, bool(renormalize),
+                                     float(routed_scaling_factor), flat_ids, tid2eid)
+
+    # One host read decides every value check. Hash routing knows its experts before routing (and
+    # must not route out-of-range ids), so it decides first; top-k routing routes first.
+    if tid2eid is not None:
+        _chosen_scales(values, experts, exchange, tid2eid[flat_ids.clamp(0, tid2eid.shape[0] - 1)])
+        values.decide()
+        weights, ids = route()
+    else:
+        weights, ids = route()
+        _chosen_scales(values, experts, exchange, ids)
+        values.decide()
+    if exchange is None:
+        return dispatch(op)(x, weights, ids, experts, swiglu_limit, shared).reshape(hidden.shape)
+    return composed_moe_forward(x, weights, ids, experts, swiglu_limit, shared, exchange).reshape(hidden.shape)
+
+
+def _chosen_scales(values: _check.Values, experts: ExpertWeights, exchange: ExpertExchange | None,
+                   ids: torch.Tensor) -> None:
+    """Adds the scales of the routed experts `ids` (global ids) chose that this process holds."""
+    if experts.gate_up_scale is None and experts.down_scale is None or not _check.reads(ids):
+        return
+    here = ids if exchange is None else ids - exchange.first_expert(experts.gate_up.shape[0])
+    values.scales(gate_up_scale=_chosen(experts.gate_up_scale, here, exchange is None),
+                  down_scale=_chosen(experts.down_scale, here, exchange is None))

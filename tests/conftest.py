@@ -15,15 +15,22 @@ def _fresh_registry(monkeypatch):
 
 @pytest.fixture
 def fp8_scale_fmts(monkeypatch):
-    """The `scale_fmt` of every `v4hal.ops.quant.quantize_fp8` call while the test runs (the path
-    every backend's FP8 linear takes to quantize activations); clear it before the calls judged."""
-    from v4hal import ops
+    """The `scale_fmt` of every activation quantization (`quantize_fp8`) the FP8 `linear`
+    composite dispatches while the test runs (the path every torch backend's FP8 linear takes);
+    clear it before the calls judged."""
+    from v4hal.ops import basic
 
-    asked, quantize = [], ops.quant.quantize_fp8
+    asked, dispatch = [], basic.dispatch
 
-    def spy(x, block=ops.ACT_BLOCK, scale_fmt="fp32"):
-        asked.append(scale_fmt)
-        return quantize(x, block, scale_fmt)
+    def spying_dispatch(op):
+        fn = dispatch(op)
+        if op != "quantize_fp8":
+            return fn
 
-    monkeypatch.setattr(ops.quant, "quantize_fp8", spy)
+        def spy(x, block, scale_fmt):
+            asked.append(scale_fmt)
+            return fn(x, block, scale_fmt)
+        return spy
+
+    monkeypatch.setattr(basic, "dispatch", spying_dispatch)
     return asked

@@ -147,8 +147,8 @@ def test_rms_norm_every_backend_matches_the_reference(rows, d, log_scale, dtype,
 
 
 def test_finite_check_decides_by_sum_then_exactly():
-    """`_check.finite` reads one sum; a finite tensor whose sum overflows still passes, and NaN,
-    Inf and an Inf pair that sums to NaN are all refused with their count."""
+    """`_check.finite` decides by the tensor's [min, max] (one host read): a finite tensor whose
+    sum would overflow passes, and NaN, Inf and an Inf pair are all refused with their count."""
     from v4hal.ops import _check
 
     _check.finite("op", "x", torch.tensor([3e38, 3e38, -1.0]))

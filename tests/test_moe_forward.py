@@ -223,7 +223,7 @@ def test_bad_inputs():
         with pytest.raises(OpInputError) as err:
             ops.moe_forward(**args)
         assert err.value.op == "moe_forward" and err.value.arg == arg, str(err.value)
-    with pytest.raises(OpInputError, match="moe_route.*topk"):
+    with pytest.raises(OpInputError, match="moe_forward.*topk"):
         ops.moe_forward(x, gate, experts, 13, **kw)
     hash_layer = MoE(16, 8, 4, 0, 2, hash_vocab_size=10, dtype=torch.float32)
     with pytest.raises(ValueError, match="input_ids"):

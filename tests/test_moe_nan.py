@@ -18,17 +18,17 @@ def _experts(fmt, g):
     return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
 
 
-@pytest.mark.parametrize("fmt,quantizer", [("fp8", "quantize_fp8"), ("int8", "quantize_int8")])
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_grouped_matmul_refuses_nan_activations_of_quantized_experts(fmt, quantizer, backend):
-    """The torch backends' per-expert linear quantizes the activations, which refuses NaN/Inf:
-    every backend names the same quantizer and argument."""
+def test_grouped_matmul_refuses_nan_activations_of_quantized_experts(fmt, backend):
+    """Quantized experts quantize their activations, which refuses NaN/Inf: the contract checks
+    it once, before any backend runs, so every backend gives the same error."""
     g = torch.Generator().manual_seed(0)
     weight, scale = _experts(fmt, g)
     x = torch.randn(4, 256, generator=g)
     x[3, 7] = float("nan")  # a row of the second expert
     with registry.forced(backend), \
-            pytest.raises(OpInputError, match=rf"{quantizer}: argument 'x' expected finite values, got 1 NaN"):
+            pytest.raises(OpInputError, match=r"grouped_matmul: argument 'x' expected finite values, got 1 NaN"):
         ops.grouped_matmul(x, weight, torch.tensor([0, 2, 4]), scale)
 
 

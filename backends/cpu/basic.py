@@ -1,9 +1,9 @@
-"""Reference RMSNorm and linear: straight from the formulas, quantized formats through the quant
-contracts (so each sub-op follows its own backend selection)."""
+"""Reference RMSNorm and linear: straight from the formulas. Quantized weights take the contract's
+composite (`v4hal.ops.basic.composed_linear`: each quant primitive on its own backend)."""
 
 import torch
 
-from v4hal.ops import quant
+from v4hal.ops.basic import composed_linear
 
 
 def rms_norm(x, weight, eps):
@@ -16,14 +16,7 @@ def rms_norm(x, weight, eps):
 
 
 def linear(x, weight, scale, bias, fmt, act_scale_fmt):
-    if fmt == "dense":
-        y = x @ weight.to(x.dtype).T
-    elif fmt == "fp8":
-        a, a_scale = quant.quantize_fp8(x, quant.ACT_BLOCK, act_scale_fmt)
-        y = quant.fp8_matmul(a, a_scale, weight, scale, out_dtype=x.dtype)
-    elif fmt == "fp4":
-        y = quant.fp4_matmul(x, weight, scale, out_dtype=x.dtype)
-    else:
-        a, a_scale = quant.quantize_int8(x)
-        y = quant.int8_matmul(a, a_scale, weight, scale.float(), out_dtype=x.dtype)
+    if fmt != "dense":
+        return composed_linear(x, weight, scale, bias, fmt, act_scale_fmt)
+    y = x @ weight.to(x.dtype).T
     return y if bias is None else y + bias.to(y.dtype)

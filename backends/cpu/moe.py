@@ -1,14 +1,14 @@
 """Reference MoE: routing straight from the formulas, dispatch and combine as loops over experts /
-choices, one `v4hal.ops.linear` per expert. Runs in float64 when handed float64 tensors.
+choices. Runs in float64 when handed float64 tensors.
 
-`moe_forward` here is the composition of the family's contracts; other backends reuse it, so each
-step runs on whichever backend the registry picks for it."""
+The expert GEMMs and the layer itself are the contract's composites (`v4hal.ops.moe`): one
+`linear` per expert, and route -> dispatch -> experts -> combine + shared expert, each step on
+whichever backend the registry picks for it."""
 
 import torch
 import torch.nn.functional as F
 
-from v4hal import ops
-from v4hal.ops.moe import MoeDispatch
+from v4hal.ops.moe import MoeDispatch, composed_grouped_matmul, composed_moe_forward
 
 RENORM_EPS = 1e-20
 
@@ -75,15 +75,7 @@ def moe_dispatch(hidden, topk_ids, num_experts, capacity):
     return MoeDispatch(hidden[token_index], counts, offsets, token_index, row_of_slot)
 
 
-def grouped_matmul(x, weight, group_offsets, scale, fmt, act_scale_fmt):
-    out = x.new_empty(x.shape[0], weight.shape[1])
-    bounds = group_offsets.tolist()
-    for e in range(weight.shape[0]):
-        start, end = bounds[e], bounds[e + 1]
-        if end > start:
-            out[start:end] = ops.linear(x[start:end], weight[e], None if scale is None else scale[e],
-                                        act_scale_fmt=act_scale_fmt)
-    return out
+grouped_matmul = composed_grouped_matmul  # the reference is the composite
 
 
 def swiglu(gate_up, limit):
@@ -104,44 +96,4 @@ def moe_combine(expert_out, topk_weights, state):
     return out.to(expert_out.dtype)
 
 
-def shared_expert(x, shared, swiglu_limit):
-    fmt = shared.act_scale_fmt
-    gate = ops.linear(x, shared.gate, shared.gate_scale, act_scale_fmt=fmt)
-    up = ops.linear(x, shared.up, shared.up_scale, act_scale_fmt=fmt)
-    return ops.linear(ops.swiglu(torch.cat([gate, up], dim=-1), swiglu_limit), shared.down, shared.down_scale,
-                      act_scale_fmt=fmt)
-
-
-def gathered_experts(x, experts, weights, ids, swiglu_limit):
-    """`sum_j weights[t, j] * down_e @ swiglu(gate_up_e @ x[t])`, e = ids[t, j], for float experts
-    as gathers of the chosen experts' rows and reductions against the token, in float32 (float64
-    for float64 input), cast to x's dtype once. No shape depends on the routing."""
-    cd = compute_dtype(x)
-    gate_up = (experts.gate_up[ids].to(cd) * x.to(cd)[:, None, None, :]).sum(-1)  # [T, k, 2I]
-    act = swiglu(gate_up, swiglu_limit)
-    down = (experts.down[ids].to(cd) * act.unsqueeze(-2)).sum(-1)  # [T, k, H]
-    return (weights.to(cd).unsqueeze(-1) * down).sum(1).to(x.dtype)
-
-
-def moe_forward(hidden, gate_weight, experts, topk, scoring, bias, n_group, topk_group, renormalize,
-                routed_scaling_factor, input_ids, tid2eid, swiglu_limit, shared):
-    x = hidden.reshape(-1, hidden.shape[-1])
-    weights, ids = ops.moe_route(hidden, gate_weight, topk, scoring, bias, n_group, topk_group,
-                                 renormalize, routed_scaling_factor, input_ids, tid2eid)
-    if (torch.compiler.is_compiling() and experts.gate_up_scale is None and experts.gate_up.is_floating_point()
-            and ids.numel() <= experts.gate_up.shape[0]):
-        # The dispatch's row counts depend on the routing, which a compiled graph cannot hold;
-        # gathers feeding reductions can, and the compiler fuses each pair, so no expert weight
-        # is copied. They read one expert per (token, choice), where the dispatch reads each
-        # chosen expert once: the same at decode, far more for a prompt, so only while the pairs
-        # are at most the experts. Quantized experts keep the dispatch (the graph breaks there).
-        out = gathered_experts(x, experts, weights, ids, swiglu_limit)
-    else:
-        state = ops.moe_dispatch(x, ids, experts.gate_up.shape[0])
-        fmt = experts.act_scale_fmt
-        h = ops.grouped_matmul(state.permuted, experts.gate_up, state.offsets, experts.gate_up_scale, fmt)
-        y = ops.grouped_matmul(ops.swiglu(h, swiglu_limit), experts.down, state.offsets, experts.down_scale, fmt)
-        out = ops.moe_combine(y, weights, state)
-    if shared is not None:
-        out = out + shared_expert(x, shared, swiglu_limit)
-    return out.reshape(hidden.shape)
+moe_forward = composed_moe_forward  # the reference is the composite

@@ -1,5 +1,6 @@
-"""Fast CPU RMSNorm and linear: fused PyTorch kernels; quantized linears go through the quant
-contracts, so they run on whatever backend each quant op selects (cpu_fast's by default).
+"""Fast CPU RMSNorm and linear: fused PyTorch kernels; quantized linears are the contract's
+composite (`composed_linear`), so each quant primitive runs on the backend it selects (cpu_fast's
+by default).
 
 Float32 products avoid `F.linear`, which runs MKL: on the AMD EPYC this project measures on,
 MKL's SGEMM reaches about half of oneDNN's rate (a 512-row GEMM 1536x512: 7.3 ms vs 3.3 ms on one
@@ -19,6 +20,7 @@ from torch.compiler import is_compiling
 
 from v4hal.backends.cpu import basic as ref
 from v4hal.backends.cpu_fast import cast, eager_on_cpu
+from v4hal.ops.basic import composed_linear
 
 GEMV_ELEMENTS = 1 << 20  # 4 MiB of float32 weight: its elementwise product fits the L2 + L3 share
 
@@ -86,4 +88,4 @@ def rms_norm(x, weight, eps):
 def linear(x, weight, scale, bias, fmt, act_scale_fmt):
     if fmt == "dense":
         return dense_linear(x, cast(weight, x.dtype), None if bias is None else cast(bias, x.dtype))
-    return ref.linear(x, weight, scale, bias, fmt, act_scale_fmt)
+    return composed_linear(x, weight, scale, bias, fmt, act_scale_fmt)

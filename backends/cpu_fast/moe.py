@@ -3,19 +3,17 @@ rows move with one `index_select`, and each expert runs one GEMM over its contig
 into the output buffer. Nothing loops over tokens. Written device-agnostically: the cuda backend
 runs these same functions on the GPU.
 
-Routing (already batched in the reference) is inherited from `cpu`, and so is `moe_forward` (the
-composition of the contracts) except for decode: a few tokens on the CPU run each chosen expert
-as two matrix-vector products, without the sort / permute / combine machinery whose ~40 small ops
-cost more than those products at decode. Quantized expert GEMMs go through the reference's
-per-expert `ops.linear`, i.e. through the quant family's own fast paths."""
+Routing (already batched in the reference) is inherited from `cpu`. `moe_forward` (the layer
+after routing) is the contract's composite except for decode: a few tokens on the CPU run each
+chosen expert as two matrix-vector products, without the sort / permute / combine machinery
+whose ~40 small ops cost more than those products at decode. Quantized expert GEMMs are the
+composite's per-expert `linear`, i.e. the quant family's own fast paths."""
 
 import torch
 
-from v4hal import ops
-from v4hal.backends.cpu import moe as reference
 from v4hal.backends.cpu_fast import cast, eager_on_cpu
 from v4hal.backends.cpu_fast.basic import dense_linear
-from v4hal.ops.moe import MoeDispatch
+from v4hal.ops.moe import MoeDispatch, composed_grouped_matmul, composed_moe_forward, shared_expert
 
 
 def sort_by_expert(topk_ids, num_experts, capacity):
@@ -50,7 +48,7 @@ def moe_dispatch(hidden, topk_ids, num_experts, capacity):
 
 def grouped_matmul(x, weight, group_offsets, scale, fmt, act_scale_fmt):
     if fmt != "dense":
-        return reference.grouped_matmul(x, weight, group_offsets, scale, fmt, act_scale_fmt)
+        return composed_grouped_matmul(x, weight, group_offsets, scale, fmt, act_scale_fmt)
     out = x.new_empty(x.shape[0], weight.shape[1])
     bounds = group_offsets.tolist()
     w = cast(weight, x.dtype)
@@ -89,24 +87,18 @@ def moe_combine(expert_out, topk_weights, state):
 FEW_ROWS = 8  # (token, expert) pairs up to which moe_forward takes the decode path
 
 
-def moe_forward(hidden, gate_weight, experts, topk, scoring, bias, n_group, topk_group, renormalize,
-                routed_scaling_factor, input_ids, tid2eid, swiglu_limit, shared):
-    x = hidden.reshape(-1, hidden.shape[-1])
+def moe_forward(x, weights, ids, experts, swiglu_limit, shared):
+    topk = ids.shape[1]
     if (not eager_on_cpu(x) or x.shape[0] * topk > FEW_ROWS or experts.gate_up_scale is not None
             or not experts.gate_up.is_floating_point()):
-        return reference.moe_forward(hidden, gate_weight, experts, topk, scoring, bias, n_group, topk_group,
-                                     renormalize, routed_scaling_factor, input_ids, tid2eid, swiglu_limit, shared)
-    weights, ids = ops.moe_route(hidden, gate_weight, topk, scoring, bias, n_group, topk_group,
-                                 renormalize, routed_scaling_factor, input_ids, tid2eid)
+        return composed_moe_forward(x, weights, ids, experts, swiglu_limit, shared)
     rows = []
     for t, chosen in enumerate(ids.tolist()):
         for e in chosen:
             gate_up, down = experts.gate_up[e], experts.down[e]
             rows.append(dense_linear(swiglu(dense_linear(x[t:t + 1], cast(gate_up, x.dtype)), swiglu_limit),
                                      cast(down, x.dtype)))
-    cd = reference.compute_dtype(x)
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     expert_out = cast(torch.cat(rows).view(x.shape[0], topk, -1), cd)
     out = cast(torch.bmm(cast(weights, cd).unsqueeze(1), expert_out).squeeze(1), x.dtype)
-    if shared is not None:
-        out = out + reference.shared_expert(x, shared, swiglu_limit)
-    return out.reshape(hidden.shape)
+    return out if shared is None else out + shared_expert(x, shared, swiglu_limit)
