@@ -12,10 +12,12 @@ per-expert `ops.linear`, i.e. through the quant family's own fast paths."""
 import torch
 
 from v4hal import ops
-from v4hal.backends.cpu import moe as reference
+from v4hal.backends import registry
 from v4hal.backends.cpu_fast import cast, eager_on_cpu
 from v4hal.backends.cpu_fast.basic import dense_linear
 from v4hal.ops.moe import MoeDispatch
+
+reference = registry.parent_family(__name__)
 
 
 def sort_by_expert(topk_ids, num_experts, capacity):
