@@ -45,9 +45,10 @@ def cann_version() -> str:
 
 def report() -> dict:
     backends = {}
-    for b in registry.BACKENDS:
+    for b in registry.backends():
         usable, why = registry.probe(b)
-        entry = {"usable": usable, "reason": why, "label": registry.label(b) if usable else b}
+        entry = {"usable": usable, "reason": why, "label": registry.label(b) if usable else b,
+                 "lineage": list(registry.lineage(b))}
         if usable:
             entry["versions"] = registry.backend_module(b).versions()
         backends[b] = entry
@@ -61,15 +62,19 @@ def report() -> dict:
 def ascend_chip_paths() -> dict[str, str]:
     """Per op, how the ascend backend runs it on each chip generation (A2/A3 have no FP8 units);
     read from the family modules' `chip_path`, which needs no NPU."""
-    import importlib
-
     out = {}
     for op, spec in registry.ops().items():
-        module = importlib.import_module(f"v4hal.backends.ascend.{spec.family}")
+        module = registry.family_module("ascend", spec.family)
         chip_path = getattr(module, "chip_path", None)
         if chip_path is not None and hasattr(module, op):
             out[op] = "; ".join(chip_path(op, chip) for chip in ("A2", "A3", "A5"))
     return out
+
+
+def inherited(row: dict, backend: str) -> str:
+    """" (inherited from cpu_fast)" when `backend` runs an ancestor's code for `row`'s op."""
+    source = row["sources"][backend]
+    return f" (inherited from {source})" if source not in (None, backend) else ""
 
 
 def why_not(row: dict, backend: str, why: str, usable: bool) -> str:
@@ -91,16 +96,20 @@ def format_text(rep: dict) -> str:
     for name, b in rep["backends"].items():
         detail = ", ".join(f"{k} {v}" for k, v in b.get("versions", {}).items()) if b["usable"] else b["reason"]
         lines.append(f"  {b['label']:10s} {'usable' if b['usable'] else 'unusable':9s} {detail}")
+        if len(b["lineage"]) > 1:
+            lines.append(f"  {'':10s} lineage: {' -> '.join(b['lineage'])}")
     lines += ["", "ops:"]
     for row in rep["ops"]:
         if row["backend"] is None:
             lines.append(f"  {row['op']:18s} ERROR {row['error']}")
             continue
-        chosen = row["backend"] + (f" (fell back from {row['requested']})" if row["fell_back"] else "")
+        chosen = row["backend"] + inherited(row, row["backend"])
+        chosen += f" (fell back from {row['requested']})" if row["fell_back"] else ""
         lines.append(f"  {row['op']:18s} -> {chosen}")
         for b, why in row["backends"].items():
             if b != row["backend"]:
-                lines.append(f"  {'':18s}    {b}: {why_not(row, b, why, rep['backends'][b]['usable'])}")
+                because = why_not(row, b, why, rep["backends"][b]["usable"])
+                lines.append(f"  {'':18s}    {b}: {because}{inherited(row, b)}")
     lines += ["", "ascend, per chip (A2 = 910B, A3 = 910C, A5 = 950):"]
     lines += [f"  {op:18s} {path}" for op, path in rep["ascend_chip_paths"].items()]
     return "\n".join(lines)

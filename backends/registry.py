@@ -1,8 +1,12 @@
 """Backend selection: which implementation runs each op, and why.
 
 An op is registered by its contract in `v4hal.ops` (`register_op`). A backend is a package
-`v4hal.backends.<name>` with a `probe()` telling whether it can run here, and one module per op
-family holding functions named after the ops. Selection is resolved once per op and cached
+`v4hal.backends.<name>` (or one added with `register_backend`) with a `probe()` telling whether it
+can run here, optionally a `PARENT` (the backend whose code it runs for every op it does not
+implement itself), and one module per op family holding only the functions it overrides, named
+after the ops. `lineage(b)` is b, its parent, the parent's parent...; `lookup(op, b)` names the
+backend in that chain whose code runs; `parent_family(__name__)` is how an override reaches the
+code it overrides (no backend imports another). Selection is resolved once per op and cached
 (`reset()` clears it, for tests and for `configure`).
 
 Environment:
@@ -25,14 +29,11 @@ from typing import Callable
 
 from torch.compiler import is_compiling as _is_compiling
 
-BACKENDS = ("cpu", "cpu_fast", "cuda", "ascend", "mindspore")
+BACKENDS = ("cpu", "cpu_fast", "cuda", "ascend", "mindspore")  # the packages under v4hal.backends
 # `auto` takes, per op, the first usable backend in this order that implements the op.
 AUTO_ORDER = ("ascend", "cuda", "cpu_fast", "cpu")
 FALLBACKS = ("cpu",)
 CHECKS = ("full", "shapes")
-# A backend listed here runs its parent's implementation of any op it has no own version of
-# (cpu_fast is "the reference, made fast where it pays"); `explain` says which ops inherit.
-INHERITS = {"cpu_fast": "cpu"}
 
 
 class BackendError(RuntimeError):
@@ -53,6 +54,7 @@ class Choice:
     requested: str
     fell_back: bool = False
     reason: str = ""
+    source: str = ""  # the backend in `backend`'s lineage whose code `fn` is
 
 
 @dataclass
@@ -64,6 +66,7 @@ class Settings:
 
 
 _OPS: dict[str, OpSpec] = {}
+_PACKAGES: dict[str, str] = {name: f"v4hal.backends.{name}" for name in BACKENDS}
 _choices: dict[str, Choice] = {}
 _probes: dict[str, tuple[bool, str]] = {}
 _settings: Settings | None = None
@@ -80,9 +83,33 @@ def ops() -> dict[str, OpSpec]:
     return dict(_OPS)
 
 
+def register_backend(name: str, package: str) -> None:
+    """Add a backend living outside v4hal.backends (the package must have `probe()` and may have
+    `PARENT`). `auto` never picks it: select it with V4HAL_BACKEND / `configure`."""
+    if name == "auto" or not name.isidentifier():
+        raise BackendError(f"register_backend: expected an identifier other than 'auto' as name, got {name!r}")
+    if name in _PACKAGES and _PACKAGES[name] != package:
+        raise BackendError(f"register_backend: {name!r} is already the backend in {_PACKAGES[name]}")
+    _PACKAGES[name] = package
+    reset()
+
+
+def unregister_backend(name: str) -> None:
+    """Undo `register_backend` (the built-in backends stay)."""
+    if name in BACKENDS:
+        raise BackendError(f"unregister_backend: {name!r} is built in")
+    _PACKAGES.pop(name, None)
+    reset()
+
+
+def backends() -> tuple[str, ...]:
+    """Every known backend: the built-in ones, then those added with `register_backend`."""
+    return tuple(_PACKAGES)
+
+
 def _check_backend_name(name: str, what: str) -> str:
-    if name not in BACKENDS and name != "auto":
-        raise BackendError(f"{what}: unknown backend {name!r}; valid: auto, {', '.join(BACKENDS)}")
+    if name not in _PACKAGES and name != "auto":
+        raise BackendError(f"{what}: unknown backend {name!r}; valid: auto, {', '.join(_PACKAGES)}")
     return name
 
 
@@ -165,7 +192,8 @@ def forced(backend: str):
 
 
 def backend_module(backend: str):
-    return importlib.import_module(f"v4hal.backends.{backend}")
+    _check_backend_name(backend, "backend_module")
+    return importlib.import_module(_PACKAGES[backend])
 
 
 def probe(backend: str) -> tuple[bool, str]:
@@ -179,36 +207,116 @@ def probe(backend: str) -> tuple[bool, str]:
     return _probes[backend]
 
 
-def implementation(op: str, backend: str) -> tuple[Callable | None, str]:
-    """(fn, "") if `backend` implements `op` and can run it here, else (None, why not)."""
-    spec = ops().get(op)
-    if spec is None:
-        _check_op_name(op, "implementation")
-    usable, why = probe(backend)
-    if not usable:
-        return None, why
-    module = _family_module(backend, spec.family)
-    fn = getattr(module, op, None) if module is not None else None
-    if fn is None and backend in INHERITS:
-        return implementation(op, INHERITS[backend])
-    if fn is None:
-        return None, f"op {op!r} not implemented by the {backend} backend"
-    supports = getattr(backend_module(backend), "supports", None)
-    if supports is not None:
-        ok, why = supports(op)
-        if not ok:
-            return None, why
-    return fn, ""
+def parent(backend: str) -> str | None:
+    """The backend whose code `backend` runs for the ops it does not implement (its `PARENT`)."""
+    name = getattr(backend_module(backend), "PARENT", None)
+    if name is not None:
+        _check_backend_name(name, f"{backend}.PARENT")
+    return name
 
 
-def _family_module(backend: str, family: str):
-    name = f"v4hal.backends.{backend}.{family}"
+def lineage(backend: str) -> tuple[str, ...]:
+    """`backend`, its parent, the parent's parent, ... (a cycle is an error)."""
+    chain = [backend]
+    while (up := parent(chain[-1])) is not None:
+        if up in chain:
+            raise BackendError(f"{backend}: PARENT chain loops: {' -> '.join(chain + [up])}")
+        chain.append(up)
+    return tuple(chain)
+
+
+def family_module(backend: str, family: str):
+    """`backend`'s own module for an op family, or None when it has none (it inherits them all)."""
+    name = f"{backend_module(backend).__name__}.{family}"
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
         if exc.name == name:
             return None
         raise
+
+
+def lookup(op: str, backend: str) -> str | None:
+    """Which backend in `backend`'s lineage implements `op` (`backend` itself when it overrides
+    it), or None when none does. Probes nothing."""
+    family = _spec(op, "lookup").family
+    for b in lineage(backend):
+        module = family_module(b, family)
+        if module is not None and getattr(module, op, None) is not None:
+            return b
+    return None
+
+
+def _spec(op: str, what: str) -> OpSpec:
+    spec = ops().get(op)
+    if spec is None:
+        _check_op_name(op, what)
+    return spec
+
+
+def implementation(op: str, backend: str) -> tuple[Callable | None, str]:
+    """(fn, "") if `backend` implements `op`, itself or through its lineage, and can run it here,
+    else (None, why not). Every backend from `backend` up to the one whose code runs must probe
+    usable."""
+    usable, why = probe(backend)
+    if not usable:
+        return None, why
+    source = lookup(op, backend)
+    if source is None:
+        return None, f"op {op!r} not implemented by the {' -> '.join(lineage(backend))} backend"
+    chain = lineage(backend)
+    for b in chain[1: chain.index(source) + 1]:
+        usable, why = probe(b)
+        if not usable:
+            return None, f"inherits {op} from {b}, which is unusable: {why}"
+    supports = getattr(backend_module(backend), "supports", None)
+    if supports is not None:
+        ok, why = supports(op)
+        if not ok:
+            return None, why
+    return getattr(family_module(source, _OPS[op].family), op), ""
+
+
+class FamilyView:
+    """An op family as `backend` sees it: an attribute is looked up in `backend`'s own family
+    module, then its parent's, and so on, at every access (so a test's monkeypatch is seen)."""
+
+    def __init__(self, backend: str, family: str):
+        self._backend, self._family = backend, family
+        self._modules = None
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if self._modules is None:
+            chain = (family_module(b, self._family) for b in lineage(self._backend))
+            self._modules = [m for m in chain if m is not None]
+        for module in self._modules:
+            value = getattr(module, name, None)
+            if value is not None:
+                return value
+        raise AttributeError(f"no backend in {' -> '.join(lineage(self._backend))} has {self._family}.{name}")
+
+
+def family_view(backend: str, family: str) -> FamilyView:
+    """`family` as `backend` runs it, overrides first, then what it inherits: e.g.
+    `family_view("cuda", "mhc").hc_pre` is cpu_fast's (cuda has no mHC of its own)."""
+    _check_backend_name(backend, "family_view")
+    return FamilyView(backend, family)
+
+
+def parent_family(module_name: str) -> FamilyView:
+    """For a backend's family module (pass `__name__`): the same family as its parent provides it,
+    e.g. in cuda's quant module `parent_family(__name__).fp8_matmul` is cpu_fast's. This is how an
+    override falls back to the code it overrides without importing another backend."""
+    package, _, family = module_name.rpartition(".")
+    owners = [b for b, p in _PACKAGES.items() if p == package]
+    if not owners:
+        raise BackendError(f"parent_family: {module_name!r} is not a family module of a known backend")
+    up = parent(owners[0])
+    if up is None:
+        raise BackendError(f"parent_family: the {owners[0]} backend declares no PARENT")
+    return FamilyView(up, family)
 
 
 def choose(op: str) -> Choice:
@@ -224,7 +332,7 @@ def choose(op: str) -> Choice:
             if fn is not None and _explicit_only(backend):
                 fn, why = None, f"{label(backend)} runs only when asked for (V4HAL_BACKEND={backend})"
             if fn is not None:
-                choice = Choice(op, backend, fn, "auto", reason="; ".join(reasons))
+                choice = Choice(op, backend, fn, "auto", reason="; ".join(reasons), source=lookup(op, backend))
                 break
             reasons.append(f"{backend}: {why}")
         else:  # pragma: no cover - cpu implements every op
@@ -232,13 +340,14 @@ def choose(op: str) -> Choice:
     else:
         fn, why = implementation(op, requested)
         if fn is not None:
-            choice = Choice(op, requested, fn, requested)
+            choice = Choice(op, requested, fn, requested, source=lookup(op, requested))
         elif s.fallback is not None:
             fb, fb_why = implementation(op, s.fallback)
             if fb is None:
                 raise BackendError(f"{op}: backend {requested!r} unusable ({why}) and fallback "
                                    f"{s.fallback!r} unusable too ({fb_why})")
-            choice = Choice(op, s.fallback, fb, requested, fell_back=True, reason=why)
+            choice = Choice(op, s.fallback, fb, requested, fell_back=True, reason=why,
+                            source=lookup(op, s.fallback))
         else:
             raise BackendError(f"{op}: backend {requested!r} cannot run it: {why}. "
                                f"Pick another backend, or set V4HAL_FALLBACK=cpu to run it on the "
@@ -291,24 +400,31 @@ def _choose_all_untraced(op: str) -> bool:
 _choose_all_untraced._dynamo_marked_constant = True
 
 
+def chosen() -> dict[str, Choice]:
+    """Ops resolved so far and their choices (what a run reports as "ops ran on")."""
+    return dict(_choices)
+
+
 def fallbacks() -> dict[str, Choice]:
     """Ops resolved so far that fell back, for reports."""
     return {op: c for op, c in _choices.items() if c.fell_back}
 
 
 def explain() -> list[dict]:
-    """Per op: the chosen backend (or the error) and why every other backend was or was not usable."""
+    """Per op: the chosen backend (or the error), why every other backend was or was not usable,
+    and for each backend whose code it would run (`sources`: itself, or the ancestor it inherits from)."""
     rows = []
     for op in sorted(ops()):
         row = {"op": op, "family": _OPS[op].family}
         try:
             c = choose(op)
-            row.update(backend=c.backend, requested=c.requested, fell_back=c.fell_back)
+            row.update(backend=c.backend, requested=c.requested, fell_back=c.fell_back, source=c.source)
         except BackendError as exc:
             row.update(backend=None, error=str(exc))
-        row["backends"] = {}
-        for backend in BACKENDS:
+        row["backends"], row["sources"] = {}, {}
+        for backend in backends():
             fn, why = implementation(op, backend)
             row["backends"][backend] = "ok" if fn is not None else why
+            row["sources"][backend] = lookup(op, backend)
         rows.append(row)
     return rows

@@ -256,7 +256,7 @@ def main(ns: argparse.Namespace) -> int:
     if ns.compile:
         print(f"compiled decode: first steps (compiling) took {res.compile_seconds:.1f} s, not counted above")
     by_backend: dict[str, list[str]] = defaultdict(list)
-    for op, choice in sorted(registry._choices.items()):
+    for op, choice in sorted(registry.chosen().items()):
         by_backend[choice.backend].append(op)
     print("ops ran on: " + "; ".join(f"{b}: {', '.join(ops)}" for b, ops in by_backend.items()))
     fell = registry.fallbacks()

@@ -34,6 +34,8 @@ for _op in ("quantize_fp8", "dequantize_fp8", "fp8_matmul", "quantize_fp4", "deq
 
 FP8_MAX = 448.0
 FP4_MAX = 6.0
+# e2m1 magnitude of codes 0..7; bit 3 of a code is the sign.
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 INT8_MAX = 127.0
 ACT_BLOCK = (1, 128)
 WEIGHT_BLOCK = (128, 128)

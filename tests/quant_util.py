@@ -2,7 +2,8 @@
 
 from v4hal import ops
 from v4hal.backends import registry
-from v4hal.backends.cuda import quant as cuda_quant
+
+cuda_quant = registry.family_view("cuda", "quant")
 
 # "cuda-on-cpu" calls the cuda module's functions on CPU tensors: its device-agnostic fallback
 # code, exercised without a GPU (the sm90 scaled_mm path has its own cuda-marked tests).

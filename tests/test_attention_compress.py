@@ -12,11 +12,13 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HCACo
 
 from v4hal import ops
 from v4hal.backends.cpu import attention as ref_impl
-from v4hal.backends.cuda import attention as cuda_impl
 from v4hal.backends.mindspore import attention as ms_impl
 from v4hal.bench.attention_layers import TINY_V4, v4_config, v4_pair
 from v4hal.model.attention_v4 import V4Compressor
 from v4hal.ops._check import OpInputError
+from v4hal.backends import registry
+
+cuda_impl = registry.family_view("cuda", "attention")
 
 D64 = torch.float64
 

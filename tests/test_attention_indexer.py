@@ -12,11 +12,12 @@ from v4hal import ops
 from v4hal.backends import registry
 from v4hal.backends.cpu import attention as ref_impl
 from v4hal.backends.cpu_fast import attention as fast_impl
-from v4hal.backends.cuda import attention as cuda_impl
 from v4hal.backends.mindspore import attention as ms_impl
 from v4hal.bench.attention_layers import TINY_V4, v4_config
 from v4hal.bench.cases_attention import topk_agrees
 from v4hal.ops._check import OpInputError
+
+cuda_impl = registry.family_view("cuda", "attention")
 
 D64 = torch.float64
 IMPLS = [fast_impl, cuda_impl, ms_impl]

@@ -12,9 +12,10 @@ from v4hal import ops
 from v4hal.backends import registry
 from v4hal.backends.cpu import attention as ref_impl
 from v4hal.backends.cpu_fast import attention as fast_impl
-from v4hal.backends.cuda import attention as cuda_impl
 from v4hal.backends.mindspore import attention as ms_impl
 from v4hal.ops._check import OpInputError
+
+cuda_impl = registry.family_view("cuda", "attention")
 
 D64 = torch.float64
 
@@ -77,7 +78,7 @@ def test_cpu_fast_all_rows_and_gathered_forms_agree(mla, monkeypatch):
     ref = ref_impl.sparse_attention(q, kv, idx, scale, sink, v_dim)
     for factor in (0, 100):  # gathered only / all rows only
         monkeypatch.setattr(fast_impl, "DENSE_ROWS_PER_PICK", factor)
-        for chunk in (fast_impl._CHUNK_ELEMS, 1):
+        for chunk in (fast_impl.CPU_CHUNK, 1):
             torch.testing.assert_close(fast_impl.sparse_attention(q, kv, idx, scale, sink, v_dim, chunk), ref)
 
 
@@ -106,10 +107,12 @@ def test_rows_no_query_picks_do_not_reach_the_result(impl, s, n):
     torch.testing.assert_close(impl.window_attention(q, bad, 3, scale, sink), window_clean)
 
 
-def test_cuda_path_chunks_queries_without_changing_results():
+def test_chunk_size_does_not_change_results():
+    """A device's chunks (DEVICE_CHUNK, what cuda and ascend inherit) hold more queries than the
+    CPU's; neither size changes the output."""
     g = torch.Generator().manual_seed(1)
     args = _random_case(g, s=9)
-    whole = fast_impl.sparse_attention(*args)
+    whole = fast_impl.sparse_attention(*args, chunk_elems=fast_impl.DEVICE_CHUNK)
     tiny_chunks = fast_impl.sparse_attention(*args, chunk_elems=1)
     torch.testing.assert_close(tiny_chunks, whole)
 

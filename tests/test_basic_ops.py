@@ -7,8 +7,9 @@ from hypothesis import given, settings, strategies as st
 
 from v4hal import ops
 from v4hal.backends import registry
-from v4hal.backends.cuda import basic as cuda_basic
 from v4hal.ops._check import OpInputError
+
+cuda_basic = registry.family_view("cuda", "basic")
 
 BACKENDS = ["cpu", "cpu_fast", "mindspore"]
 

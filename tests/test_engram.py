@@ -10,10 +10,11 @@ from hypothesis import strategies as st
 
 from v4hal import ops
 from v4hal.backends import registry
-from v4hal.backends.cuda import engram as cuda_engram
 from v4hal.bench.cases_engram import hash_setup
 from v4hal.model.engram import Engram, _is_prime, layer_multipliers, table_primes
 from v4hal.ops._check import OpInputError
+
+cuda_engram = registry.family_view("cuda", "engram")
 
 BACKENDS = ["cpu", "cpu_fast", "mindspore"]
 

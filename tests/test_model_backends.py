@@ -30,7 +30,7 @@ def _logits(name, cache_steps=0, n=29):
 
 
 def _used_backends():
-    return {c.backend for c in registry._choices.values()}
+    return {c.backend for c in registry.chosen().values()}
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +69,10 @@ def test_mindspore_end_to_end_matches_cpu(name, reference):
     fallback is recorded (never silent). Short (17 tokens, 2 decode steps): mindspore on CPU is slow."""
     registry.configure(backend="mindspore", fallback="cpu")
     got = _logits(name, 2, 17)
-    ran_on_ms = {op for op, c in registry._choices.items() if c.backend == "mindspore"}
+    ran_on_ms = {op for op, c in registry.chosen().items() if c.backend == "mindspore"}
     fell_back = set(registry.fallbacks())
     assert ran_on_ms, "no op of the model ran on mindspore"
-    assert fell_back == {op for op, c in registry._choices.items() if c.backend == "cpu"}
+    assert fell_back == {op for op, c in registry.chosen().items() if c.backend == "cpu"}
     torch.testing.assert_close(got, reference[(name, "ms")], **TOL)
 
 

@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 from v4hal import ops
 from v4hal.backends import registry
-from v4hal.backends.cuda import moe as cuda_moe
 from v4hal.ops._check import OpInputError
+
+cuda_moe = registry.family_view("cuda", "moe")
 
 BACKENDS = ["cpu", "cpu_fast", "mindspore"]
 

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 
 from v4hal import ops
 from v4hal.backends import registry
-from v4hal.backends.cuda import moe as cuda_moe
 from v4hal.model.moe import MoE
 from v4hal.ops._check import OpInputError
+
+cuda_moe = registry.family_view("cuda", "moe")
 
 
 def _randomize(module, seed, std=0.3):

@@ -133,3 +133,14 @@ def test_every_backend_matches_the_reference(n, k_blocks, m, log_scale, seed):
         y = run_impl(name, "fp4_matmul", x, packed, scale, None, torch.float32).double()
         bound = 1e-2 * (x.double().abs() @ ref.dequantize_fp4(packed, scale, torch.float64).abs().T) + 1e-30
         assert bool(((y - expected).abs() <= bound).all()), name
+
+
+def test_device_path_dequantizes_exactly():
+    """The table lookup cuda and ascend inherit from cpu_fast on a device, on CPU tensors."""
+    from v4hal.backends.cpu_fast import quant as fast
+
+    g = torch.Generator().manual_seed(4)
+    packed = torch.randint(0, 256, (6, 48), generator=g, dtype=torch.uint8)
+    scale = torch.randint(110, 140, (6, 3), generator=g, dtype=torch.uint8)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        assert torch.equal(fast._dequantize_fp4_on_device(packed, scale, dtype), ref.dequantize_fp4(packed, scale, dtype))

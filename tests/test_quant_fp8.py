@@ -13,9 +13,10 @@ from hypothesis import given, settings, strategies as st
 from v4hal import ops
 from v4hal.backends import registry
 from v4hal.backends.cpu import quant as ref
-from v4hal.backends.cuda import quant as cuda_quant
 from v4hal.ops._check import OpInputError
 from quant_util import CPU_IMPLS, run_impl
+
+cuda_quant = registry.family_view("cuda", "quant")
 
 BACKENDS = ["cpu", "cpu_fast", "mindspore"]
 

@@ -93,3 +93,18 @@ def test_every_backend_matches_the_reference(m, n, k, log_scale, seed):
         assert float((q2 != qa).double().mean()) <= 1e-3 and int((q2.int() - qa.int()).abs().max()) <= 1, name
         y = run_impl(name, "int8_matmul", qa, sa, qb, sb, torch.float32).double()
         assert torch.allclose(y, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item() + 1e-30), name
+
+
+def test_device_path_matches_the_reference_where_float32_is_exact():
+    """What cuda (below its _int_mm shapes) and ascend (float outputs, long K) inherit from cpu_fast
+    on a device, exercised on CPU tensors: exact while every sum stays below 2**24."""
+    from v4hal.backends.cpu_fast import quant as fast
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randint(-127, 128, (5, 1040), generator=g, dtype=torch.int8)
+    b = torch.randint(-127, 128, (7, 1040), generator=g, dtype=torch.int8)
+    sa, sb = torch.rand(5, generator=g) + 0.5, torch.rand(7, generator=g) + 0.5
+    y = fast._int8_matmul_on_device(a, sa, b, sb, torch.float64)
+    want = ref.int8_matmul(a, sa.double(), b, sb.double(), torch.float64)
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=0)
+    assert y.dtype == torch.float64

@@ -88,20 +88,57 @@ def test_configure_is_the_programmatic_twin_of_the_env_vars():
     assert registry.settings().fallback == "cpu"
 
 
-def test_cpu_fast_inherits_the_reference_for_ops_without_a_fast_path(monkeypatch):
+def test_lineages_end_at_the_reference():
+    assert registry.lineage("cpu") == ("cpu",)
+    assert registry.lineage("cpu_fast") == ("cpu_fast", "cpu")
+    assert registry.lineage("cuda") == ("cuda", "cpu_fast", "cpu")
+    assert registry.lineage("ascend") == ("ascend", "cpu_fast", "cpu")
+    assert registry.lineage("mindspore") == ("mindspore", "cpu")
+
+
+def test_lookup_names_the_backend_whose_code_runs():
+    assert registry.lookup("fp8_matmul", "cuda") == "cuda"  # cuda's own scaled_mm path
+    assert registry.lookup("rms_norm", "cuda") == "cpu_fast"  # no cuda override: cpu_fast's fused kernel
+    assert registry.lookup("rms_norm", "cpu_fast") == "cpu_fast"
+    assert registry.lookup("kv_compress", "cuda") == "cpu"  # nobody on the way overrides it
+
+
+def test_an_op_no_backend_implements_names_the_whole_lineage():
     registry.register_op("_inherit_probe", "no_such_family")
     try:
         fn, why = registry.implementation("_inherit_probe", "cpu_fast")
-        assert fn is None and "not implemented by the cpu backend" in why
+        assert fn is None and "not implemented by the cpu_fast -> cpu backend" in why
+        assert registry.lookup("_inherit_probe", "cuda") is None
     finally:
         registry._OPS.pop("_inherit_probe")
+
+
+def test_a_choice_records_where_its_code_comes_from(monkeypatch):
+    monkeypatch.setenv("V4HAL_BACKEND", "cpu_fast")
+    assert registry.choose("kv_compress").source == "cpu"
+    assert registry.choose("fp8_matmul").source == "cpu_fast"
+    assert registry.choose("kv_compress").fn is registry.family_module("cpu", "attention").kv_compress
+    assert set(registry.chosen()) == {"kv_compress", "fp8_matmul"}
+
+
+def test_parent_family_walks_the_lineage_and_sees_patches(monkeypatch):
+    cuda_quant = registry.parent_family("v4hal.backends.cuda.quant")
+    fast = registry.family_module("cpu_fast", "quant")
+    assert cuda_quant.fp8_matmul is fast.fp8_matmul  # the nearest ancestor's version
+    assert cuda_quant.fp4_scale_values is registry.family_module("cpu", "quant").fp4_scale_values
+    monkeypatch.setattr(fast, "fp8_matmul", len)
+    assert cuda_quant.fp8_matmul is len
+    with pytest.raises(AttributeError, match="no backend in cpu_fast -> cpu has quant.no_such_helper"):
+        cuda_quant.no_such_helper
+    with pytest.raises(registry.BackendError, match="cpu backend declares no PARENT"):
+        registry.parent_family("v4hal.backends.cpu.quant")
 
 
 def test_explain_covers_every_op_and_every_backend():
     rows = registry.explain()
     assert {r["op"] for r in rows} == set(registry.ops())
     for row in rows:
-        assert set(row["backends"]) == set(registry.BACKENDS)
+        assert set(row["backends"]) == set(registry.backends())
         assert row["backends"]["cpu"] == "ok"
         assert row["backends"]["cuda"] != "ok"  # no GPU on the CI machine
 

@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 
 from v4hal import ops
 from v4hal.backends import registry
-from v4hal.backends.cuda import mhc as cuda_mhc
 from v4hal.ops._check import OpInputError
+
+cuda_mhc = registry.family_view("cuda", "mhc")
 
 BACKENDS = ["cpu", "cpu_fast", "mindspore"]
 LAYERS = 61  # V4-Pro depth: two mHC sites per layer

@@ -20,6 +20,8 @@ import os
 
 import torch
 
+PARENT = "cpu_fast"  # its device-agnostic torch paths run on the NPU
+
 CHIPS = ("A2", "A3", "A5")
 _npu = None
 # Set by dryrun.install(): an object with `.shim` (stands in for torch_npu) and `.chip`.

@@ -34,24 +34,16 @@ Not verified on hardware (no Ascend machine available): checked by schema and Me
 
 import torch
 
-from v4hal.backends import ascend
+from v4hal.backends import ascend, registry
 from v4hal.backends.ascend import npu
-from v4hal.backends.cpu.attention import apply_rope, kv_compress, layer_norm  # noqa: F401  (elementwise, device-agnostic)
-from v4hal.backends.cpu_fast import attention as _gather
+
+parent = registry.parent_family(__name__)
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 MAX_GROUP = 64  # query heads per KV head the fused-infer-attention kernel takes
 BAND_MASK = 2048  # side of the optimised mask the band/causal sparse modes take
 FIA_CHIPS = ("A2", "A3")
 SPARSE_COUNTS = set(range(1, 2049)) | {3072, 4096, 5120, 6144, 7168, 8192}
-
-
-def indexer_scores(q, k, weights, scale):
-    return _gather.indexer_scores(q, k, weights, scale)
-
-
-def indexer_topk(scores, k, positions, ratio):
-    return _gather.indexer_topk(scores, k, positions, ratio)
 
 
 def _right_down_causal(positions, s: int, t: int) -> bool:
@@ -70,7 +62,7 @@ def indexer_select(q, k, weights, scale, topk, positions, ratio):
     kernel = (q.dtype in KERNEL_DTYPES and k.dtype == q.dtype and weights.dtype == q.dtype and scale > 0
               and topk in SPARSE_COUNTS and ratio == 1 and (positions is None or _right_down_causal(positions, s, t)))
     if not kernel:
-        return _gather.indexer_select(q, k, weights, scale, topk, positions, ratio)
+        return parent.indexer_select(q, k, weights, scale, topk, positions, ratio)
     idx, _ = npu().npu_lightning_indexer(q.contiguous(), k.unsqueeze(2).contiguous(), weights.contiguous(),
                                          layout_query="BSND", layout_key="BSND", sparse_count=topk,
                                          sparse_mode=0 if positions is None else 3)
@@ -79,7 +71,7 @@ def indexer_select(q, k, weights, scale, topk, positions, ratio):
 
 def sparse_attention(q, kv, indices, scale, sink, v_dim):
     if q.dtype not in KERNEL_DTYPES or kv.dtype != q.dtype:
-        return _gather.sparse_attention(q, kv, indices, scale, sink, v_dim)
+        return parent.sparse_attention(q, kv, indices, scale, sink, v_dim)
     b, s, h, d = q.shape
     # The kernel wants every row's valid indices first.
     order = torch.argsort((indices < 0).to(torch.int8), dim=-1, stable=True)
@@ -105,7 +97,7 @@ def window_attention(q, kv, window, scale, sink):
     # TND layouts with D <= 128 only: a sink (every V4 layer has one) takes the gather path.
     if (q.dtype not in KERNEL_DTYPES or kv.dtype != q.dtype or ascend.chip() not in FIA_CHIPS
             or sink is not None):
-        return _gather.window_attention(q, kv, window, scale, sink)
+        return parent.window_attention(q, kv, window, scale, sink)
     s, h = q.shape[1], q.shape[2]
     if s == 1:
         key, mask, mode = kv[:, -window:].unsqueeze(2).contiguous(), None, 0

@@ -19,9 +19,10 @@ streams; elsewhere (A2/A3, float32 streams, other n) the batched torch path runs
 
 import torch
 
-from v4hal.backends import ascend
+from v4hal.backends import ascend, registry
 from v4hal.backends.ascend import npu
-from v4hal.backends.cpu_fast import mhc as batched
+
+batched = registry.parent_family(__name__)
 
 FUSED_STREAMS = (4, 6, 8)
 FUSED_DTYPES = (torch.bfloat16, torch.float16)

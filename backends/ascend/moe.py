@@ -28,11 +28,11 @@
 
 import torch
 
+from v4hal.backends import registry
 from v4hal.backends.ascend import npu
-from v4hal.backends.cpu import moe as reference
-from v4hal.backends.cpu.moe import moe_forward  # noqa: F401  (the composition of the contracts)
-from v4hal.backends.cpu_fast import moe as fast
 from v4hal.ops.moe import MoeDispatch
+
+parent = registry.parent_family(__name__)
 
 NORM_SOFTMAX, NORM_SIGMOID = 0, 1
 GROUP_BY_MAX, GROUP_BY_TOP2_SUM = 0, 1
@@ -54,24 +54,24 @@ def moe_route(hidden, gate_weight, topk, scoring, bias, n_group, topk_group, ren
               routed_scaling_factor, input_ids, tid2eid):
     n_experts = gate_weight.shape[0]
     if not _fused_gating_applies(scoring, bias, renormalize, n_experts, n_group):
-        return reference.moe_route(hidden, gate_weight, topk, scoring, bias, n_group, topk_group, renormalize,
+        return parent.moe_route(hidden, gate_weight, topk, scoring, bias, n_group, topk_group, renormalize,
                                    routed_scaling_factor, input_ids, tid2eid)
     logits = torch.nn.functional.linear(hidden.float(), gate_weight.float())
     if scoring == "sqrtsoftplus":
-        logits = torch.log(reference.router_scores(logits, scoring))
+        logits = torch.log(parent.router_scores(logits, scoring))
     weights, ids, _ = npu().npu_moe_gating_top_k(
         logits, topk, bias=None if bias is None else bias.float(),
         input_ids=input_ids, tid2eid=tid2eid,
         k_group=topk_group, group_count=n_group,
         group_select_mode=GROUP_BY_TOP2_SUM if bias is not None else GROUP_BY_MAX,
         renorm=0, norm_type=NORM_SIGMOID if scoring == "sigmoid" else NORM_SOFTMAX, out_flag=False,
-        routed_scaling_factor=routed_scaling_factor, eps=reference.RENORM_EPS)
+        routed_scaling_factor=routed_scaling_factor, eps=parent.RENORM_EPS)
     return weights, ids.long()
 
 
 def moe_dispatch(hidden, topk_ids, num_experts, capacity):
     if capacity is not None:
-        return fast.moe_dispatch(hidden, topk_ids, num_experts, capacity)
+        return parent.moe_dispatch(hidden, topk_ids, num_experts, capacity)
     t, k = topk_ids.shape
     permuted, row_of_slot, counts, _ = npu().npu_moe_init_routing_v2(
         hidden, topk_ids.int(), active_num=t * k, expert_num=num_experts, drop_pad_mode=0,
@@ -87,7 +87,7 @@ def moe_dispatch(hidden, topk_ids, num_experts, capacity):
 
 def grouped_matmul(x, weight, group_offsets, scale, fmt, act_scale_fmt):
     if fmt not in ("dense", "int8") or x.shape[0] == 0:
-        return reference.grouped_matmul(x, weight, group_offsets, scale, fmt, act_scale_fmt)
+        return parent.grouped_matmul(x, weight, group_offsets, scale, fmt, act_scale_fmt)
     ends = group_offsets[1:].long()
     if fmt == "dense":
         return npu().npu_grouped_matmul([x], [weight.to(x.dtype).transpose(1, 2)], group_list=ends,

@@ -20,21 +20,22 @@ wheel's Meta kernels are the ground truth; `chip_path(op)` says in words what ru
 - MXFP4 experts: the weight is dequantized by table lookup and one BF16 matmul runs on every chip
   (A5's FP8 x FP4 `npu_quant_matmul` needs the weight in its own packing; not wired up until it
   can be checked on a 950).
-Everything not listed runs the device-agnostic torch code of the cuda backend on the NPU.
+Everything not listed, and every fallback here, is cpu_fast's device-agnostic torch code (inherited)
+running on the NPU.
 """
 
 import torch
 
-from v4hal.backends import ascend
+from v4hal.backends import ascend, registry
 from v4hal.backends.ascend import npu
-from v4hal.backends.cpu import quant as ref
-from v4hal.backends.cuda import quant as torch_path
 from v4hal.ops.quant import ACT_BLOCK, INT32_EXACT_K, WEIGHT_BLOCK
 
 FP8_CHIPS = ("A5",)
 NPU_OUT = (torch.bfloat16, torch.float16)  # what npu_quant_matmul writes with scales applied
 E4M3FN = 292  # torch_npu's enum for float8_e4m3fn (dst_type of npu_dynamic_mx_quant)
 AMAX_FLOOR = 1e-4
+
+torch_path = registry.parent_family(__name__)
 
 PATHS = {
     "quantize_fp8": {
@@ -118,14 +119,6 @@ def fp8_matmul(a, a_scale, b, b_scale, out_dtype):
         w = _scale_blocks(_decode_e4m3(b), b_scale, WEIGHT_BLOCK).bfloat16()
         y = torch.matmul(act, w.t()).to(out_dtype)
     return y.reshape(*a.shape[:-1], b.shape[0])
-
-
-def quantize_fp4(w):
-    return ref.quantize_fp4(w)
-
-
-def dequantize_fp4(packed, scale, out_dtype):
-    return torch_path.dequantize_fp4(packed, scale, out_dtype)
 
 
 def fp4_matmul(a, b, b_scale, a_scale, out_dtype):

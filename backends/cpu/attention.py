@@ -4,12 +4,12 @@ gathered rows, the indexer with dense masks), float32 (float64 when given float6
 import torch
 
 
-def _cd(x):
+def compute_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def apply_rope(x, cos, sin, interleaved):
-    cd = _cd(x)
+    cd = compute_dtype(x)
     xf, c, s = x.to(cd), cos.to(cd), sin.to(cd)
     half = x.shape[-1] // 2
     if interleaved:
@@ -22,7 +22,7 @@ def apply_rope(x, cos, sin, interleaved):
 
 
 def layer_norm(x, weight, bias, eps):
-    cd = _cd(x)
+    cd = compute_dtype(x)
     xf = x.to(cd)
     y = (xf - xf.mean(-1, keepdim=True)) * torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + eps)
     y = y * weight.to(cd)
@@ -32,7 +32,7 @@ def layer_norm(x, weight, bias, eps):
 
 
 def kv_compress(kv, gate, position_bias, norm_weight, ratio, overlap, eps, prev_kv, prev_gate):
-    cd = _cd(kv)
+    cd = compute_dtype(kv)
     b, length, c = kv.shape
     w = length // ratio
     kvw = kv.to(cd).view(b, w, ratio, c)
@@ -53,7 +53,7 @@ def kv_compress(kv, gate, position_bias, norm_weight, ratio, overlap, eps, prev_
 
 
 def indexer_scores(q, k, weights, scale):
-    cd = _cd(q)
+    cd = compute_dtype(q)
     dots = torch.einsum("bshd,btd->bsht", q.to(cd), k.to(cd))
     return scale * (torch.relu(dots) * weights.to(cd).unsqueeze(-1)).sum(2)
 
@@ -80,7 +80,7 @@ def indexer_select(q, k, weights, scale, topk, positions, ratio):
 
 
 def sparse_attention(q, kv, indices, scale, sink, v_dim):
-    cd = _cd(q)
+    cd = compute_dtype(q)
     b, s, h, _ = q.shape
     valid = indices >= 0  # [B, S, K]
     # Each query's own rows (duplicates twice); empty slots read zeros, so no row outside its list

@@ -6,11 +6,9 @@ import math
 
 import torch
 
-from v4hal.ops.quant import ACT_BLOCK, FP4_BLOCK, FP8_MAX, INT8_MAX, WEIGHT_BLOCK, scale_shape
+from v4hal.ops.quant import ACT_BLOCK, E2M1_VALUES, FP4_BLOCK, FP8_MAX, INT8_MAX, WEIGHT_BLOCK, scale_shape
 
 AMAX_FLOOR = 1e-4
-# e2m1 code -> value; bit 3 is the sign.
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 def _compute_dtype(*tensors):

@@ -4,6 +4,8 @@ loops over tokens) and checked against the `cpu` reference by the parity harness
 import torch
 from torch.compiler import is_compiling
 
+PARENT = "cpu"  # the reference, made fast where it pays
+
 
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`t.to(dtype)` without the call when it would do nothing: decode runs a few hundred of

@@ -5,18 +5,27 @@ gathered rows (O(top-k + window) time and memory). Only when the cache has at mo
 `DENSE_ROWS_PER_PICK` rows per pick (a short prompt's prefill) and holds no NaN/Inf does it score
 every row, because two large GEMMs then cost less than one tiny GEMM per query. The indexer forms
 scores for one chunk of queries at a time (O(compressed length) per query) and keeps only the
-top-k. Chunks are sized so a chunk's temporaries stay around `_CHUNK_ELEMS` floats whatever the
-context length. The code is device-agnostic: the cuda backend runs it with bigger chunks.
+top-k. Chunks are sized so a chunk's temporaries stay around `CPU_CHUNK` floats whatever the
+context length. The code is device-agnostic: on a GPU or NPU (the cuda and ascend backends inherit
+it) a chunk holds `DEVICE_CHUNK` floats.
 """
 
 import torch
 from torch.compiler import is_compiling
 
-from v4hal.backends.cpu import attention as reference
-from v4hal.backends.cpu.attention import _cd
+from v4hal.backends import registry
 from v4hal.backends.cpu_fast import cast, eager_on_cpu
 
-_CHUNK_ELEMS = 1 << 23  # ~32 MiB of float32 temporaries per chunk
+reference = registry.parent_family(__name__)
+
+CPU_CHUNK = 1 << 23  # ~32 MiB of float32 temporaries per chunk
+DEVICE_CHUNK = 1 << 27  # ~512 MiB: device memory is larger, and each chunk costs kernel launches
+
+
+def _chunk_elems(x, chunk_elems):
+    if chunk_elems is not None:
+        return chunk_elems
+    return CPU_CHUNK if x.device.type == "cpu" else DEVICE_CHUNK
 
 
 def _chunk(per_query: int, elems: int) -> int:
@@ -63,11 +72,11 @@ def _topk_rows(scores, k, limit):
     return idx.to(torch.int32)
 
 
-def indexer_scores(q, k, weights, scale, chunk_elems=_CHUNK_ELEMS):
-    cd = _cd(q)
+def indexer_scores(q, k, weights, scale, chunk_elems=None):
+    cd = reference.compute_dtype(q)
     b, s, h, _ = q.shape
     out = torch.empty(b, s, k.shape[1], dtype=cd, device=q.device)
-    step = _chunk(h * k.shape[1], chunk_elems)
+    step = _chunk(h * k.shape[1], _chunk_elems(q, chunk_elems))
     for bi in range(b):
         for lo in range(0, s, step):
             out[bi, lo:lo + step] = _scores_chunk(q[bi, lo:lo + step], k[bi], weights[bi, lo:lo + step], scale, cd)
@@ -80,12 +89,12 @@ def indexer_topk(scores, k, positions, ratio):
     return torch.stack([_topk_rows(scores[bi], k, None if limits is None else limits[bi]) for bi in range(b)])
 
 
-def indexer_select(q, k, weights, scale, topk, positions, ratio, chunk_elems=_CHUNK_ELEMS):
-    cd = _cd(q)
+def indexer_select(q, k, weights, scale, topk, positions, ratio, chunk_elems=None):
+    cd = reference.compute_dtype(q)
     b, s, h, _ = q.shape
     limits = _limits(positions, ratio)
     out = torch.empty(b, s, topk, dtype=torch.int32, device=q.device)
-    step = _chunk(h * k.shape[1], chunk_elems)
+    step = _chunk(h * k.shape[1], _chunk_elems(q, chunk_elems))
     for bi in range(b):
         for lo in range(0, s, step):
             sc = _scores_chunk(q[bi, lo:lo + step], k[bi], weights[bi, lo:lo + step], scale, cd)
@@ -126,8 +135,8 @@ def _all_finite_in_eager(kv):
             and bool(torch.isfinite(kv).all()))
 
 
-def sparse_attention(q, kv, indices, scale, sink, v_dim, chunk_elems=_CHUNK_ELEMS):
-    cd = _cd(q)
+def sparse_attention(q, kv, indices, scale, sink, v_dim, chunk_elems=None):
+    cd = reference.compute_dtype(q)
     b, s, h, d = q.shape
     n, kk = kv.shape[1], indices.shape[-1]
     out = torch.empty(b, s, h, v_dim, dtype=q.dtype, device=q.device)
@@ -135,7 +144,7 @@ def sparse_attention(q, kv, indices, scale, sink, v_dim, chunk_elems=_CHUNK_ELEM
     sink_col = None if sink is None else sink.to(cd).view(1, h, 1)
     dense = s > 1 and n <= DENSE_ROWS_PER_PICK * kk and _all_finite_in_eager(kv)
     attend = _all_rows if dense else _gathered
-    step = _chunk(2 * h * n + kk * h if dense else kk * (d + h), chunk_elems)
+    step = _chunk(2 * h * n + kk * h if dense else kk * (d + h), _chunk_elems(q, chunk_elems))
     for bi in range(b):
         kvb = cast(kv[bi], cd) if dense else kv[bi]  # every row is read per chunk: widen them once
         for lo in range(0, s, step):
@@ -156,6 +165,6 @@ def sparse_attention(q, kv, indices, scale, sink, v_dim, chunk_elems=_CHUNK_ELEM
     return out, lse
 
 
-def window_attention(q, kv, window, scale, sink, chunk_elems=_CHUNK_ELEMS):
+def window_attention(q, kv, window, scale, sink, chunk_elems=None):
     idx = reference.window_indices_for(q.shape[0], q.shape[1], kv.shape[1], window, q.device)
     return sparse_attention(q, kv, idx, scale, sink, kv.shape[-1], chunk_elems)

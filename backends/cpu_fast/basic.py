@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch.compiler import is_compiling
 
-from v4hal.backends.cpu import basic as ref
+from v4hal.backends import registry
 from v4hal.backends.cpu_fast import cast, eager_on_cpu
 from v4hal.ops.basic import composed_linear
+
+ref = registry.parent_family(__name__)
 
 GEMV_ELEMENTS = 1 << 20  # 4 MiB of float32 weight: its elementwise product fits the L2 + L3 share
 

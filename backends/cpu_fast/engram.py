@@ -1,6 +1,10 @@
-"""Fast Engram on CPU (device-agnostic torch, reused by cuda and ascend): the shifted ids built
-once by padding, every head's modulus in one broadcast, one gather for all heads, the gate over
-all streams at once."""
+"""Fast Engram on CPU: the shifted ids built once by padding, every head's modulus in one
+broadcast, one gather for all heads, the gate over all streams at once.
+
+Device-agnostic torch, inherited by cuda and ascend (torch_npu has no Engram kernel: no `npu_*` op
+in the pinned wheel hashes n-grams or gathers multi-head tables). A table in host memory is
+gathered on the host and the rows copied to the device from pinned memory without blocking (what
+`EngramPrefetcher` overlaps with earlier layers); a table in device memory is gathered in place."""
 
 import torch
 import torch.nn.functional as F

@@ -8,8 +8,9 @@ collapsed; hc_post likewise builds each block's new streams in cache. The per-to
 are n fused multiply-adds (`addcmul_`) over a block, not batched matmuls (torch runs those on CPU
 as one tiny GEMM per token). Sinkhorn runs on all tokens at once, laid out `[n, n, T]`.
 
-The code is device-agnostic torch: the cuda backend (and Ascend where its fused kernels do not
-apply) runs it with `block=None`, all tokens in one pass, which suits devices that pay per launch.
+The code is device-agnostic torch: on a GPU or NPU (cuda inherits it; ascend runs it where its
+fused kernels do not apply) all tokens go in one pass, as with `block=None`: a device pays per
+kernel launch, not per cache miss.
 """
 
 import math
@@ -25,8 +26,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _blocks(tokens: int, block: int | None):
-    step = tokens if block is None else block
+def _blocks(xs: torch.Tensor, block: int | None):
+    """Slices of `block` tokens over xs's first dim; one slice when block is None or off the CPU."""
+    tokens = xs.shape[0]
+    step = tokens if block is None or xs.device.type != "cpu" else block
     return [slice(s, min(s + step, tokens)) for s in range(0, tokens, max(step, 1))]
 
 
@@ -151,7 +154,7 @@ def _project(x, fn, scale, base, norm_eps, hc_eps, block):
     scale, base = scale.to(cd), base.to(cd)
     mixes = torch.empty(xs.shape[0], fn.shape[0], dtype=cd, device=x.device)
     layer_input = torch.empty(xs.shape[0], d, dtype=x.dtype, device=x.device)
-    for b in _blocks(xs.shape[0], block):
+    for b in _blocks(xs, block):
         xf = xs[b].to(cd)
         flat = xf.reshape(xf.shape[0], n * d)  # a copy only for streams that are not contiguous
         inv_rms = torch.rsqrt(torch.linalg.vector_norm(flat, dim=-1, keepdim=True).square_()
@@ -192,7 +195,7 @@ def hc_post(out, x, post, comb, block=CPU_BLOCK):
     xs, outs = x.reshape(-1, n, d), out.reshape(-1, 1, d)
     posts, combs = post.to(cd).reshape(-1, n, 1), comb.to(cd).reshape(-1, n, n)
     new = torch.empty_like(xs)
-    for b in _blocks(xs.shape[0], block):
+    for b in _blocks(xs, block):
         xf = xs[b].to(cd)
         mixed = posts[b] * outs[b].to(cd)
         for i in range(n):  # new_j += comb[i, j] * x_i, for every j at once

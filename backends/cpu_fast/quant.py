@@ -19,8 +19,10 @@ checkpoint weights are checked once, when they are loaded or converted, not on e
 import torch
 import torch.nn.functional as F
 
-from v4hal.backends.cpu import quant as ref
-from v4hal.ops.quant import ACT_BLOCK, FP4_BLOCK, FP8_MAX, INT8_MAX, INT32_EXACT_K, WEIGHT_BLOCK
+from v4hal.backends import registry
+from v4hal.ops.quant import ACT_BLOCK, E2M1_VALUES, FP4_BLOCK, FP8_MAX, INT8_MAX, INT32_EXACT_K, WEIGHT_BLOCK
+
+ref = registry.parent_family(__name__)
 
 # An e4m3 byte `s eeee mmm`, sign-extended to int32, shifted left by 20 and masked with
 # 0x87F00000 (sign bit + the 7 exponent/mantissa bits), is the float32 `s 0000eeee mmm0...`: the
@@ -89,7 +91,9 @@ def _row_scales(scale: torch.Tensor, bm: int, rows: int) -> torch.Tensor:
 
 
 def dequantize_fp8(q, scale, block, out_dtype):
-    if out_dtype == torch.float64 or scale.dtype == torch.float64:
+    # Off the CPU (cuda and ascend inherit this) the reference's one broadcast multiply is what a
+    # device wants; the bit tricks here are for a CPU's vector units.
+    if out_dtype == torch.float64 or scale.dtype == torch.float64 or q.device.type != "cpu":
         return ref.dequantize_fp8(q, scale, block, out_dtype)
     q2 = q.reshape(-1, q.shape[-1])
     out = _dequant_rows(q2, _row_scales(scale, block[0], q2.shape[0]), block[1],
@@ -187,7 +191,7 @@ def _fp4_pair_bits() -> torch.Tensor:
     """byte -> the BF16 bit patterns of its two e2m1 values packed in one int32: the low nibble's
     value in the low half, so viewing the gathered int32s as BF16 lays the elements out in order
     (little-endian). e2m1 values are exact in BF16."""
-    table = torch.tensor(ref.E2M1_VALUES + tuple(-v for v in ref.E2M1_VALUES), dtype=torch.bfloat16)
+    table = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.bfloat16)
     bits = table.view(torch.int16).to(torch.int32) & 0xFFFF
     codes = torch.arange(256)
     return bits[codes & 0xF] | (bits[codes >> 4] << 16)
@@ -205,7 +209,21 @@ def _fp4_weight(packed, scale, dtype):
     return (values.view(n, -1, FP4_BLOCK) * s.unsqueeze(-1)).view(n, k).to(dtype)
 
 
+_E2M1_SIGNED = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES))
+
+
+def _dequantize_fp4_on_device(packed, scale, out_dtype):
+    """One table lookup per code and one scale multiply: what a GPU or NPU wants."""
+    cd = torch.float64 if out_dtype == torch.float64 else torch.float32
+    table = _E2M1_SIGNED.to(device=packed.device, dtype=cd)
+    values = table[torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2).long()]
+    s = ref.fp4_scale_values(scale, cd).repeat_interleave(FP4_BLOCK, dim=-1)[:, : values.shape[1]]
+    return (values * s).to(out_dtype)
+
+
 def dequantize_fp4(packed, scale, out_dtype):
+    if packed.device.type != "cpu":
+        return _dequantize_fp4_on_device(packed, scale, out_dtype)
     if out_dtype == torch.float64 or (2 * packed.shape[1]) % FP4_BLOCK:
         return ref.dequantize_fp4(packed, scale, out_dtype)
     return _fp4_weight(packed, scale, out_dtype)
@@ -234,11 +252,22 @@ def quantize_int8(x):
 
 def int8_matmul(a, a_scale, b, b_scale, out_dtype):
     k = a.shape[-1]
+    if a.device.type != "cpu":
+        return _int8_matmul_on_device(a, a_scale, b, b_scale, out_dtype)
     # torch 2.13's CPU _int_mm returns garbage for K = 1 (any M, N > 1); found by hypothesis.
     if out_dtype == torch.float64 or a_scale.dtype == torch.float64 or b_scale.dtype == torch.float64 or k == 1:
         return ref.int8_matmul(a, a_scale, b, b_scale, out_dtype)
     acc = _exact_int_mm(a.reshape(-1, k), b)
     y = acc.float() * a_scale.reshape(-1, 1).float() * b_scale.float()
+    return y.reshape(*a.shape[:-1], b.shape[0]).to(out_dtype)
+
+
+def _int8_matmul_on_device(a, a_scale, b, b_scale, out_dtype):
+    """A device (cuda and ascend inherit this) may lack an int8 or int64 GEMM: int8 products are
+    exact in float32, sums stay exact up to 2**24 (K*127*127 < 2**24 for K <= 1040) and round like
+    a float32 epilogue beyond that, without overflowing."""
+    acc = a.reshape(-1, a.shape[-1]).float() @ b.float().T
+    y = acc * a_scale.reshape(-1, 1).float() * b_scale.float()
     return y.reshape(*a.shape[:-1], b.shape[0]).to(out_dtype)
 
 

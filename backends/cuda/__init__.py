@@ -2,6 +2,8 @@
 
 import torch
 
+PARENT = "cpu_fast"  # its device-agnostic torch paths run on the GPU
+
 
 def probe() -> tuple[bool, str]:
     if torch.version.cuda is None:

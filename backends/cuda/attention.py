@@ -1,7 +1,8 @@
 """Sparse attention on NVIDIA GPUs.
 
-Default: the device-agnostic gather path (gather the selected KV rows on the device, batched
-matmuls in float32, query chunks sized for GPU memory). FlashMLA's sparse kernel
+Everything but this override is inherited from cpu_fast: the device-agnostic gather path (gather
+the selected KV rows on the device, batched matmuls in float32, query chunks sized for device
+memory) and the reference's elementwise ops. FlashMLA's sparse kernel
 (`flash_mla.flash_mla_sparse_fwd`, SM90+) takes over when it is importable and the call is in its
 domain: bfloat16, no sink, v_dim 512, head dim 512 or 576, heads a multiple of 64. The indexer
 uses the same chunked scoring + `torch.topk` as cpu_fast (DeepGEMM's FP8 indexer kernels would
@@ -13,11 +14,9 @@ import importlib.util
 
 import torch
 
-from v4hal.backends.cpu_fast import attention as _gather
-# Elementwise ops: the reference formulas are device-agnostic and already one fused pass each.
-from v4hal.backends.cpu.attention import apply_rope, kv_compress, layer_norm  # noqa: F401
+from v4hal.backends import registry
 
-_GPU_CHUNK = 1 << 27  # ~512 MiB of float32 temporaries per query chunk
+parent = registry.parent_family(__name__)
 
 
 def flash_mla():
@@ -48,20 +47,4 @@ def sparse_attention(q, kv, indices, scale, sink, v_dim):
     fm = flash_mla() if _flash_mla_domain(q, kv, sink, v_dim) else None
     if fm is not None:
         return _flash_mla_sparse(fm, q, kv, indices, scale, v_dim)
-    return _gather.sparse_attention(q, kv, indices, scale, sink, v_dim, chunk_elems=_GPU_CHUNK)
-
-
-def indexer_scores(q, k, weights, scale):
-    return _gather.indexer_scores(q, k, weights, scale, chunk_elems=_GPU_CHUNK)
-
-
-def indexer_topk(scores, k, positions, ratio):
-    return _gather.indexer_topk(scores, k, positions, ratio)
-
-
-def indexer_select(q, k, weights, scale, topk, positions, ratio):
-    return _gather.indexer_select(q, k, weights, scale, topk, positions, ratio, chunk_elems=_GPU_CHUNK)
-
-
-def window_attention(q, kv, window, scale, sink):
-    return _gather.window_attention(q, kv, window, scale, sink, chunk_elems=_GPU_CHUNK)
+    return parent.sparse_attention(q, kv, indices, scale, sink, v_dim)

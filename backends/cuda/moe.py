@@ -1,5 +1,5 @@
 """MoE on NVIDIA GPUs: routing, the sort-based permutation and the combine stay on the device
-(the `cpu_fast` functions are device-agnostic torch); dense expert GEMMs are one
+(inherited from `cpu_fast`, whose functions are device-agnostic torch); dense expert GEMMs are one
 `torch._grouped_mm` call where this torch has it for the operands (BF16, SM90+, 16-aligned K and
 N), else one GEMM per expert. Quantized experts run per expert through `ops.linear`, i.e. the quant
 family's CUDA kernels.
@@ -9,9 +9,9 @@ tests exercise this code path without a GPU."""
 
 import torch
 
-from v4hal.backends.cpu.moe import moe_forward, moe_route  # noqa: F401  (device-agnostic torch)
-from v4hal.backends.cpu_fast import moe as fast
-from v4hal.backends.cpu_fast.moe import moe_combine, moe_dispatch, swiglu  # noqa: F401
+from v4hal.backends import registry
+
+parent = registry.parent_family(__name__)
 
 GROUPED_MM_ALIGN = 16  # bytes-per-row alignment torch._grouped_mm asks of BF16 operands
 
@@ -30,4 +30,4 @@ def grouped_matmul(x, weight, group_offsets, scale, fmt, act_scale_fmt):
     if fmt == "dense" and x.shape[0] and grouped_mm_usable(x, weight):
         # offs are the groups' end rows (int32); transposing the [E, N, K] stack gives [E, K, N].
         return torch._grouped_mm(x, weight.transpose(1, 2), offs=group_offsets[1:].to(torch.int32))
-    return fast.grouped_matmul(x, weight, group_offsets, scale, fmt, act_scale_fmt)
+    return parent.grouped_matmul(x, weight, group_offsets, scale, fmt, act_scale_fmt)

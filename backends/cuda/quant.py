@@ -7,6 +7,8 @@ layouts it wants (from torch 2.13's `_check_scaled_mm_sizes_v2`): the activation
 `[M, K/128]` with strides `(1, M)` (outer-dim-major), the weight scale transposed to
 `[round_up(K/128, 4), N/128]` with strides `(1, L4)`. Anything else (older GPUs, ragged shapes,
 float64 output) takes the correct fallback: dequantize both operands in float32 and run one GEMM.
+int8_matmul: cuBLAS's int8 GEMM (`torch._int_mm`) where it applies. Quantizing and dequantizing
+are inherited from cpu_fast (device-agnostic off the CPU).
 
 The functions are device-agnostic torch, so the fallback is exercised on CPU tensors by the tests.
 """
@@ -16,9 +18,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from v4hal.backends.cpu import quant as ref
-from v4hal.backends.cpu_fast.quant import quantize_fp8, quantize_int8  # noqa: F401  (vectorised, any device)
-from v4hal.ops.quant import ACT_BLOCK, FP4_BLOCK, INT32_EXACT_K, WEIGHT_BLOCK
+from v4hal.backends import registry
+from v4hal.ops.quant import ACT_BLOCK, INT32_EXACT_K, WEIGHT_BLOCK
+
+parent = registry.parent_family(__name__)
 
 SCALED_MM_OUT = (torch.bfloat16, torch.float32, torch.float16)
 
@@ -72,47 +75,24 @@ def fp8_matmul(a, a_scale, b, b_scale, out_dtype):
     else:
         # Fallback: per-K-block scaling equals scaling the operands, so one float32 GEMM
         # (TF32 stays off unless the user enabled it) computes every block at once.
-        w = ref.dequantize_fp8(b, b_scale.float(), WEIGHT_BLOCK, torch.float32)
+        w = parent.dequantize_fp8(b, b_scale.float(), WEIGHT_BLOCK, torch.float32)
         y = (_dequant_act(a2, s2) @ w.T).to(out_dtype)
     return y.reshape(*a.shape[:-1], b.shape[0])
-
-
-def dequantize_fp8(q, scale, block, out_dtype):
-    # The reference is already one broadcast multiply, which is what a GPU wants.
-    return ref.dequantize_fp8(q, scale, block, out_dtype)
-
-
-_E2M1_SIGNED = torch.tensor(ref.E2M1_VALUES + tuple(-v for v in ref.E2M1_VALUES))
-
-
-def dequantize_fp4(packed, scale, out_dtype):
-    cd = torch.float64 if out_dtype == torch.float64 else torch.float32
-    table = _E2M1_SIGNED.to(device=packed.device, dtype=cd)
-    values = table[torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2).long()]
-    s = ref.fp4_scale_values(scale, cd).repeat_interleave(FP4_BLOCK, dim=-1)[:, : values.shape[1]]
-    return (values * s).to(out_dtype)
 
 
 def fp4_matmul(a, b, b_scale, a_scale, out_dtype):
     # sm100's MXFP4 scaled_mm (BlockWise1x32, float4_e2m1fn_x2) needs a Blackwell GPU to verify;
     # until then: dequantize (e2m1 x power of two is exact in float32) and one GEMM.
     act = a.float() if a_scale is None else _dequant_act(a, a_scale)
-    return (act @ dequantize_fp4(b, b_scale, torch.float32).T).to(out_dtype)
-
-
-def quantize_fp4(w):
-    return ref.quantize_fp4(w)
+    return (act @ parent.dequantize_fp4(b, b_scale, torch.float32).T).to(out_dtype)
 
 
 def int8_matmul(a, a_scale, b, b_scale, out_dtype):
     k = a.shape[-1]
     a2 = a.reshape(-1, k)
-    if a2.is_cuda and a2.shape[0] > 16 and k % 8 == 0 and b.shape[0] % 8 == 0 and k <= INT32_EXACT_K:
-        # cuBLAS int8 GEMM, int32 accumulation (dense operands: an expanded activation has stride 0)
-        acc = torch._int_mm(a2.contiguous(), b.contiguous().t()).float()
-    else:
-        # int8 products are exact in float32; sums stay exact up to 2**24 (K*127*127 < 2**24 for
-        # K <= 1040) and round like the float32 epilogue beyond that, without overflowing.
-        acc = a2.float() @ b.float().T
+    if not (a2.is_cuda and a2.shape[0] > 16 and k % 8 == 0 and b.shape[0] % 8 == 0 and k <= INT32_EXACT_K):
+        return parent.int8_matmul(a, a_scale, b, b_scale, out_dtype)
+    # cuBLAS int8 GEMM, int32 accumulation (dense operands: an expanded activation has stride 0)
+    acc = torch._int_mm(a2.contiguous(), b.contiguous().t()).float()
     y = acc * a_scale.reshape(-1, 1).float() * b_scale.float()
     return y.reshape(*a.shape[:-1], b.shape[0]).to(out_dtype)

@@ -13,6 +13,8 @@ import sys
 import numpy as np
 import torch
 
+PARENT = "cpu"  # the composite ops (written from other ops) are the reference's
+
 _ms = None
 
 

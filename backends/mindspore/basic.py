@@ -3,8 +3,10 @@ go through the quant contracts, i.e. this backend's own FP8 / MXFP4 / int8 imple
 
 import torch
 
-from v4hal.backends.cpu import basic as composite
+from v4hal.backends import registry
 from v4hal.backends.mindspore import mops, to_ms, to_torch
+
+composite = registry.parent_family(__name__)
 
 
 def _compute(t: torch.Tensor):

@@ -10,12 +10,10 @@ build has no float8 dtype), as DeepSeek's act_quant does."""
 
 import torch
 
-from v4hal.backends.cpu.quant import E2M1_VALUES
-from v4hal.backends.cpu.moe import moe_forward  # noqa: F401  (the composition of the contracts)
 from v4hal.backends.mindspore import keep_nan, mops, ms, to_ms, to_torch
 from v4hal.backends.mindspore.quant import bytes_in, ceil_log2, decode_e4m3, expand_blocks, pow2, round_e4m3
 from v4hal.ops.moe import MoeDispatch
-from v4hal.ops.quant import ACT_BLOCK, FP4_BLOCK, FP8_MAX, INT8_MAX, WEIGHT_BLOCK
+from v4hal.ops.quant import ACT_BLOCK, E2M1_VALUES, FP4_BLOCK, FP8_MAX, INT8_MAX, WEIGHT_BLOCK
 
 RENORM_EPS = 1e-20
 
