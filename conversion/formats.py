@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from v4hal.backends.cpu_fast.quant import e4m3_as_f32, restore_nan_codes
 from v4hal.conversion.io import CheckpointError, OutSpec, TensorInfo
 from v4hal.ops import quant
+from v4hal.ops.e4m3 import e4m3_as_f32, restore_nan_codes
 
 SCALE_SUFFIXES = ("weight_scale_inv", "scale")
 # Module names that hold a 2-d `.weight` but are not quantized linears.
@@ -40,7 +40,7 @@ TARGETS = ("bf16", "fp8", "w8a8", "mxfp8", "copy")
 W8A8_TYPE = "W8A8_DYNAMIC"
 FLOAT_TYPE = "FLOAT"
 MX_BLOCK = 32
-# cpu_fast's e4m3 bit trick reads the codes as float32 times 2**-120; the 2**120 goes into the
+# The e4m3 bit trick (v4hal.ops.e4m3) reads the codes as float32 times 2**-120; the 2**120 goes into the
 # scale, so q * scale is formed exactly as float32(q) * scale, rounded once.
 _UNBIAS = 2.0 ** 120
 _SUB_ELEMENTS = 1 << 18     # elements per piece: 1 MiB of int32 / float32 scratch

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from v4hal.ops._check import reads
+from v4hal import ops
 
 
 def _get(cfg, name, default=None):
@@ -37,7 +37,7 @@ def _check_call(layer: str, x: torch.Tensor, positions: torch.Tensor, cache) -> 
         raise ValueError(f"{layer}: hidden_states must be [B, S, hidden], got shape {tuple(x.shape)}")
     if tuple(positions.shape) != tuple(x.shape[:2]):
         raise ValueError(f"{layer}: positions must be [B, S] = {tuple(x.shape[:2])}, got {tuple(positions.shape)}")
-    if not reads(positions):  # meta device, or V4HAL_CHECKS=shapes
+    if not ops.may_read_values(positions):  # meta device, or V4HAL_CHECKS=shapes
         return
     want = list(range(cache.length, cache.length + x.shape[1]))
     if any(row != want for row in positions.tolist()):
@@ -52,7 +52,7 @@ def _check_static_call(layer: str, x: torch.Tensor, positions: torch.Tensor) -> 
                          f"[B, 1, hidden], got shape {tuple(x.shape)}")
     if tuple(positions.shape) != tuple(x.shape[:2]):
         raise ValueError(f"{layer}: positions must be [B, 1] = {tuple(x.shape[:2])}, got {tuple(positions.shape)}")
-    if reads(positions) and bool((positions != positions[0]).any()):
+    if ops.may_read_values(positions) and bool((positions != positions[0]).any()):
         raise ValueError(f"{layer}: a static cache decodes every sequence at the same position, got positions "
                          f"{positions.flatten().tolist()}")
 

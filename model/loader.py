@@ -265,7 +265,7 @@ class _Loader:
             scale = scale.float()  # V4's ue8m0 block scales; exact (powers of two), what fp8_matmul takes
         if tensor.dtype == torch.float8_e4m3fn:
             nan_codes = int(((tensor.view(torch.uint8) & 0x7F) == 0x7F).sum())
-            if nan_codes:  # read once here: the fast CPU kernels decode the NaN code as +-480
+            if nan_codes:  # the fp8_matmul contract excludes them (not checked per call): refused once, here
                 self.rejected.append(f"{name}: {nan_codes} e4m3 NaN code(s) (0x7f/0xff) in an FP8 weight")
                 return
             if _is_mxfp8(tensor, scale):  # no kernel here runs 1x32 FP8 blocks: dequantized once, now

@@ -23,8 +23,8 @@ import functools
 
 import torch
 
+from v4hal import ops
 from v4hal.model.model import DeepseekForCausalLM, ModelCache
-from v4hal.ops._check import reads
 
 
 def _step(model: DeepseekForCausalLM, ids: torch.Tensor, positions: torch.Tensor, layers: list) -> torch.Tensor:
@@ -69,7 +69,7 @@ class StaticDecoder:
             raise ValueError(f"StaticDecoder: the cache is full ({self.capacity} tokens, the capacity it "
                              "was built with); build the decoder with a larger capacity")
         vocab = self.model.args.vocab_size
-        if reads(ids):  # checked here: a compiled gather would not
+        if ops.may_read_values(ids):  # checked here: a compiled gather would not
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= vocab:
                 raise ValueError(f"StaticDecoder: token ids must be in [0, {vocab}), got values in [{lo}, {hi}]")

@@ -6,6 +6,10 @@ Formats (DeepSeek V3/V3.2/V4 checkpoints, see docs/quant.md):
   (scale shape `[ceil(N/128), ceil(K/128)]`). scale = max(amax, 1e-4) / 448; with
   `scale_fmt="ue8m0"` the scale is rounded UP to a power of two (2**ceil(log2(s))), so no value
   ever exceeds the e4m3 range. Ragged tails (K or N not a multiple of the block) form a short block.
+  An FP8 weight must hold no e4m3 NaN code (0x7f / 0xff): `fp8_matmul` does not scan its operands
+  (a pass over the weight per call), so what it makes of one is undefined (cpu_fast's decode GEMV
+  reads it as +-480). Checkpoint loaders and converters reject such weights, once. A NaN code in
+  an activation gives NaN outputs on every backend.
 - FP4 (MXFP4, V4 routed experts): e2m1 codes packed two per byte (element 2i in the low nibble,
   2i+1 in the high nibble) in a uint8 tensor `[N, K/2]`, one power-of-two (ue8m0) scale per 1x32
   block, given as fp32 powers of two or `float8_e8m0fnu`, shape `[N, K/32]`.

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from v4hal.backends import ascend, registry
-from v4hal.backends.ascend import dryrun
+from v4hal.tools.ascend import dryrun
 from v4hal.bench.cases import parity_cases
 
 
@@ -158,7 +158,7 @@ def test_real_model_forward_passes_on_meta(name, chip):
 
 
 def test_report_lists_every_contract_and_the_version_matrix():
-    from v4hal.backends.ascend import schema
+    from v4hal.tools.ascend import schema
 
     results = dryrun.run_cases(("A2", "A5"), select="hc_post")
     sites, findings = schema.check()

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from v4hal.backends.ascend import schema, wheel
+from v4hal.tools.ascend import schema, wheel
 
 FIXTURE_BAD = '''
 import torch

@@ -193,7 +193,7 @@ def test_shard_writer_writes_and_hashes_exactly_the_bytes_given(tmp_path, monkey
 
 
 def test_unhashed_writer_and_the_disk_benchmark_write_the_same_bytes(tmp_path, monkeypatch):
-    from v4hal.conversion.benchmark import disk_write
+    from v4hal.bench.conversion import disk_write
 
     monkeypatch.setattr(io, "STAGE", 2 * io.ALIGN)
     specs = [io.OutSpec("a", torch.int8, (3 * io.ALIGN + 5,))]

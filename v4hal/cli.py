@@ -22,7 +22,7 @@ COMMANDS = {
     "checkpoint": ("v4hal.model.save", "save a preset's random-weights model as a Hugging Face checkpoint"),
     "plan": ("v4hal.model.plan", "weight, KV-cache and activation memory per device for a model, context and layout"),
     "convert": ("v4hal.conversion.cli", "convert checkpoints between formats and frameworks (streaming, resumable, verified)"),
-    "dryrun": ("v4hal.backends.ascend.dryrun", "check the ascend backend without an NPU: schema check + Meta dry run against the pinned torch-npu"),
+    "dryrun": ("v4hal.tools.ascend.dryrun", "check the ascend backend without an NPU: schema check + Meta dry run against the pinned torch-npu"),
 }
 
 
@@ -80,7 +80,7 @@ def _run(argv: list[str]) -> int:
     except SystemExit as exc:  # argparse: --help exits 0, a usage error exits 2
         return int(exc.code or 0)
     from v4hal.backends.registry import BackendError
-    from v4hal.ops._check import OpInputError
+    from v4hal.ops import OpInputError
 
     try:
         return importlib.import_module(args.module).main(args)

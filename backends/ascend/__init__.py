@@ -4,7 +4,7 @@ Chips: A2 = Atlas 800T A2 / 910B, A3 = 910C (Ascend910_93), A5 = Ascend 950. A2 
 units, so FP8 contracts take the int8 W8A8 or BF16-dequant path there (see `chip_path`).
 `V4HAL_ASCEND_CHIP=A2|A3|A5` overrides detection.
 
-Without an NPU, `v4hal dryrun --backend ascend` (see dryrun.py) runs this backend on Meta tensors
+Without an NPU, `v4hal dryrun --backend ascend` (`v4hal.tools.ascend.dryrun`) runs this backend on Meta tensors
 against the pinned torch-npu wheel's schemas and Meta kernels: while it runs, `npu()` is a shim
 over those kernels, `probe()` reports usable, `device()` is `meta` and `chip()` the chip chosen.
 
@@ -24,7 +24,8 @@ PARENT = "cpu_fast"  # its device-agnostic torch paths run on the NPU
 
 CHIPS = ("A2", "A3", "A5")
 _npu = None
-# Set by dryrun.install(): an object with `.shim` (stands in for torch_npu) and `.chip`.
+# Set by the dry run's install(): an object with `.shim` (stands in for torch_npu), `.chip` and
+# `.versions()`. The backend knows nothing else of its tooling.
 _dry_run = None
 
 
@@ -114,10 +115,7 @@ def chip_from_soc_name(name: str) -> str:
 
 def versions() -> dict[str, str]:
     if _dry_run is not None:
-        from v4hal.backends.ascend import wheel
-
-        return {"torch": torch.__version__, "torch_npu": f"{wheel.TORCH_NPU_VERSION} (Meta dry run)",
-                "cann": f"{wheel.CANN_VERSION} (pinned)", "chip": _dry_run.chip}
+        return _dry_run.versions()
     if emulated_chip():
         return {"torch": torch.__version__, "torch_npu": "none (emulated)", "chip": f"{emulated_chip()} (emulated)"}
     out = {"torch": torch.__version__, "torch_npu": getattr(npu(), "__version__", "?")}

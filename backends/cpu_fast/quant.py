@@ -10,25 +10,22 @@ into the block scales, so no pass over the weight is spent on it.
 
 Nothing is cached between calls: every call reads the fp8 weight and its scales afresh.
 
-NaN codes (S.1111.111) come out of the bit trick as +-480. Full dequantizations (dequantize_fp8,
-both operands of the prefill GEMM, the activation of the decode GEMV) put the NaN back; the weight
-streamed by the decode GEMV does not (that would add a pass over the weight to every decode step):
-checkpoint weights are checked once, when they are loaded or converted, not on every call.
+The bit trick (`v4hal.ops.e4m3`, shared with the checkpoint converter) reads NaN codes
+(S.1111.111) as +-480. Full dequantizations (dequantize_fp8, both operands of the prefill GEMM,
+the activation of the decode GEMV) put the NaN back; the weight streamed by the decode GEMV does
+not (that would add a pass over the weight to every decode step): the fp8_matmul contract leaves
+a NaN code in the weight undefined, and loaders reject such weights once.
 """
 
 import torch
 import torch.nn.functional as F
 
 from v4hal.backends import registry
+from v4hal.ops.e4m3 import e4m3_as_f32, restore_nan_codes
 from v4hal.ops.quant import ACT_BLOCK, E2M1_VALUES, FP4_BLOCK, FP8_MAX, INT8_MAX, INT32_EXACT_K, WEIGHT_BLOCK
 
 ref = registry.parent_family(__name__)
 
-# An e4m3 byte `s eeee mmm`, sign-extended to int32, shifted left by 20 and masked with
-# 0x87F00000 (sign bit + the 7 exponent/mantissa bits), is the float32 `s 0000eeee mmm0...`: the
-# e4m3 value times 2**-120, exactly, for zeros, subnormals (they land on float32 subnormals) and
-# normals alike.
-_E4M3_F32_MASK = -2014314496  # 0x87F00000 as int32
 # e4m3 value = reinterpreted float32 * 2**120, applied as two halves in the decode GEMV where one
 # factor of 2**120 on a scale would overflow float32 (activation x scale products >= 2**8).
 _HALF_UNBIAS = 2.0 ** 60
@@ -39,15 +36,6 @@ _CHUNK_ELEMENTS = 1 << 19
 _DECODE_ROWS = 16
 # Weight elements per BF16 slab of the prefill GEMM (8 MiB of BF16).
 _GEMM_SLAB_ELEMENTS = 1 << 22
-
-
-def e4m3_as_f32(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """float32 view of `q` (e4m3) times 2**-120, computed in `out` (int32, same shape). NaN codes
-    come out as +-480 * 2**-120: see `restore_nan_codes`."""
-    out.copy_(q.view(torch.int8))
-    out.mul_(1 << 20)  # |q| <= 127 so this never overflows int32
-    out.bitwise_and_(_E4M3_F32_MASK)
-    return out.view(torch.float32)
 
 
 def _chunk_rows(k: int) -> int:
@@ -99,15 +87,6 @@ def dequantize_fp8(q, scale, block, out_dtype):
     out = _dequant_rows(q2, _row_scales(scale, block[0], q2.shape[0]), block[1],
                         torch.empty(q2.shape, dtype=out_dtype))
     return restore_nan_codes(q2, out).reshape(q.shape)
-
-
-def restore_nan_codes(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Put NaN where `q` (e4m3fn) holds its NaN code S.1111.111, which `e4m3_as_f32` reads as
-    +-480. The codes are the largest int8 and uint8 values, so two max reductions (a fraction of a
-    millisecond per 16 MB) rule them out before any mask is built."""
-    if int(q.view(torch.uint8).max()) == 0xFF or int(q.view(torch.int8).max()) == 0x7F:
-        out.masked_fill_((q.view(torch.uint8) & 0x7F) == 0x7F, float("nan"))
-    return out
 
 
 def fp8_matmul(a, a_scale, b, b_scale, out_dtype):

@@ -22,7 +22,7 @@ How it works:
 
 from __future__ import annotations
 
-import builtins
+import ast
 import contextlib
 import re
 import time
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from v4hal.backends import ascend, registry
-from v4hal.backends.ascend import schema, wheel
+from v4hal.tools.ascend import schema, wheel
 
 # c10_npu::SocVersion values (torch_npu/csrc/core/npu/NpuVariables.h in the wheel).
 SOC_VERSION = {"A2": 223, "A3": 250, "A5": 260}
@@ -154,21 +154,30 @@ def vendor() -> Vendor:
             v.defined.add(text.split("(")[0].split(".")[0])
         except Exception as exc:
             v.define_failed[text.split("(")[0]] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    stubs = _runtime_stubs(v)
-    library = _vendor_library(v)
-    real_import = builtins.__import__
-
-    def vendor_import(name, globals=None, locals=None, fromlist=(), level=0):
-        if name == "torch.library" and fromlist:
-            return library
-        if name.split(".")[0] == "torch_npu":
-            return stubs[name] if fromlist else stubs["torch_npu"]
-        return real_import(name, globals, locals, fromlist, level)
-
-    namespace = {"__name__": "torch_npu.op_plugin.meta._meta_registrations",
-                 "__builtins__": {**vars(builtins), "__import__": vendor_import}}
-    exec(compile(wheel.meta_source(), wheel.META_MEMBER, "exec"), namespace)
+    stubs = {**_runtime_stubs(v), "torch.library": _vendor_library(v)}
+    tree, namespace = _bind_stub_imports(ast.parse(wheel.meta_source(), wheel.META_MEMBER), stubs)
+    namespace["__name__"] = "torch_npu.op_plugin.meta._meta_registrations"
+    exec(compile(tree, wheel.META_MEMBER, "exec"), namespace)
     return v
+
+
+def _bind_stub_imports(tree: ast.Module, stubs: dict[str, Any]) -> tuple[ast.Module, dict[str, Any]]:
+    """The Meta file without its top-level imports of stubbed modules (torch_npu.*, torch.library),
+    and a namespace binding the names they would have bound to the stubs, so the file runs
+    unchanged otherwise and nothing outside it sees a stub."""
+    namespace: dict[str, Any] = {}
+    kept = []
+    for node in tree.body:
+        if isinstance(node, ast.Import) and all(a.name.split(".")[0] in stubs for a in node.names):
+            for a in node.names:  # `import torch_npu.x` binds `torch_npu`, `... as y` binds the module
+                namespace[a.asname or a.name.split(".")[0]] = stubs[a.name if a.asname else a.name.split(".")[0]]
+        elif isinstance(node, ast.ImportFrom) and node.module in stubs:
+            for a in node.names:
+                namespace[a.asname or a.name] = getattr(stubs[node.module], a.name)
+        else:
+            kept.append(node)
+    tree.body = kept
+    return tree, namespace
 
 
 # ------------------------------------------------------------------------------------- the shim
@@ -246,6 +255,11 @@ class Session:
         # On real CPU tensors (see run_case) vendor ops see Meta copies of their inputs and hand
         # back zero-filled tensors of the shapes and dtypes their Meta kernels infer.
         self.real = False
+
+    def versions(self) -> dict[str, str]:
+        """What the ascend backend's `versions()` reports while this run is installed."""
+        return {"torch": torch.__version__, "torch_npu": f"{wheel.TORCH_NPU_VERSION} (Meta dry run)",
+                "cann": f"{wheel.CANN_VERSION} (pinned)", "chip": self.chip}
 
     def call(self, op: str, packet, args: tuple, kwargs: dict):
         record = Call(op, self.chip, [describe(a) for a in args], {k: describe(v) for k, v in kwargs.items()})

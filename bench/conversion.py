@@ -1,4 +1,4 @@
-"""Conversion throughput benchmark (not a test): `python -m v4hal.conversion.benchmark`.
+"""Conversion throughput benchmark (not a test): `python -m v4hal.bench.conversion`.
 
 Writes a synthetic DeepSeek-V3-shaped FP8 checkpoint (random e4m3 codes, fp32 128x128 scales,
 V3 HF names) to a scratch directory, then, with the source evicted from the page cache before

@@ -1,6 +1,6 @@
 """Static conformance check of every `torch_npu` call in the ascend backend against the pinned wheel.
 
-Ground truth (read from the wheel, see `wheel.py`): the `npu` operator schemas in the codegen
+Ground truth (read from the wheel, see `v4hal.tools.ascend.wheel`): the `npu` operator schemas in the codegen
 yaml, the per-op docs in `_op_plugin_docs.py` (parameter paragraphs restrict literal values such
 as layouts and modes, and list the chips an op supports) and the dtype enums of the Meta file.
 
@@ -28,12 +28,11 @@ from typing import Any
 
 import torch
 
-from v4hal.backends.ascend import wheel
+from v4hal.backends import ascend
+from v4hal.tools.ascend import wheel
 
 CHIPS = ("A2", "A3", "A5")
-BACKEND_DIR = Path(__file__).resolve().parent
-# Modules of the ascend package that are tooling, not backend code.
-TOOLING = {"__init__.py", "wheel.py", "schema.py", "dryrun.py"}
+BACKEND_DIR = Path(ascend.__file__).resolve().parent
 
 # Keyword -> why it is wrong, for misspellings that have bitten people before.
 KNOWN_MISSPELLINGS = {
@@ -545,7 +544,7 @@ def check_site(site: CallSite) -> list[Finding]:
 
 
 def backend_files(directory: Path = BACKEND_DIR) -> list[Path]:
-    return sorted(p for p in directory.glob("*.py") if p.name not in TOOLING)
+    return sorted(p for p in directory.glob("*.py") if p.name != "__init__.py")
 
 
 def check(paths: list[Path] | None = None) -> tuple[list[CallSite], list[Finding]]:
