@@ -5,10 +5,12 @@ V3 HF names) to a scratch directory, then, with the source evicted from the page
 every run (posix_fadvise DONTNEED, so reads come from the disk):
   1. the disk's sequential read speed (16 MiB reads of every shard), its sequential write speed
      (16 MiB writes of as many bytes, writeback started behind them as the converter does, then
-     fsync) and sha256's speed on one core (hashlib; it bounds the converter, which hashes every
-     input and output byte);
-  2. `v4hal convert run --to bf16` and `--to w8a8` (streaming), each in a fresh process, with and
-     without `--no-fsync` (the naive peer never fsyncs: its output may still sit in the page cache);
+     fsync) and the manifest hashes' speed on one core (BLAKE3, and hashlib's sha256 that the
+     previous converter used; the converter hashes every input and output byte);
+  2. `v4hal convert run --to bf16` and `--to w8a8` (streaming), each in a fresh process, with
+     `--workers 1` and `--workers 2`; with `--previous REV`, the converter of git revision REV of
+     this repository too (e.g. the last one with sha256 manifests and one shard at a time),
+     extracted with `git archive` and imported in place of this one;
   3. the same peer in the same run: a naive script that loads each whole shard with
      `safetensors.torch.load_file`, converts every tensor with the same v4hal.ops math, and
      `save_file`s the result (DeepSeek's fp8_cast_bf16 pattern). Loading the whole checkpoint at
@@ -16,14 +18,15 @@ every run (posix_fadvise DONTNEED, so reads come from the disk):
      budget, so the shard is the naive unit;
   4. a stage breakdown: one more conversion of each target in a fresh process with the converter's
      stages wrapped in timers (CPU seconds each thread spent in each stage, per GB of input).
-Reports GB/s of input, the share of the disk's read speed, and peak RSS of each process
-(VmHWM; ru_maxrss would include the parent's memory at fork) against the largest tensor. Deletes everything it wrote.
+Reports GB/s of input, the share of the disk's read speed, CPU seconds per GB (the process and
+its workers), peak RSS of the process (VmHWM) and of its largest worker (ru_maxrss of its
+children) against the largest tensor, the load average before each run, and the cost model's
+prediction from the stage breakdown. Deletes everything it wrote.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -67,13 +70,15 @@ print(json.dumps({"peak_rss_kb": int(next(l for l in open("/proc/self/status") i
 """
 
 STREAMING = r"""
-import sys, json, time
+import sys, json, os, resource, time
 import torch
 from v4hal.cli import main
 start = time.perf_counter()
 rc = main(sys.argv[1:])
+t = os.times()
 print(json.dumps({"peak_rss_kb": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]), "rc": rc,
-                  "convert_s": time.perf_counter() - start}))
+                  "worker_rss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+                  "cpu_s": t.user + t.system + t.children_user + t.children_system, "convert_s": time.perf_counter() - start}))
 """
 
 # Runs one conversion with its stages wrapped in per-thread CPU timers (time.thread_time), so the
@@ -95,7 +100,7 @@ def timed(stage, fn):
                 cpu[stage] += time.thread_time() - c
                 wall[stage] += time.perf_counter() - w
     return run
-BACKGROUND = {"v4hal-hash-in": "sha256 of the source (thread)", "v4hal-hash-out": "sha256 of the output (thread)"}
+BACKGROUND = {"v4hal-hash-in": "hash of the source (thread)", "v4hal-hash-out": "hash of the output (thread)"}
 submit = io.Background.submit
 def submit_timed(self, fn, *args):
     stage = BACKGROUND.get(self._pool._thread_name_prefix)
@@ -108,7 +113,7 @@ formats.decode_rows = timed("decode FP8 (main)", formats.decode_rows)
 formats.encode_rows = timed("encode (main)", formats.encode_rows)
 p = plan.Plan(io.Source(src), Options(target=target))
 start, cpu0 = time.perf_counter(), time.process_time()
-plan.run(p, dst, progress=False)
+plan.run(p, dst, progress=False, n_workers=1)
 seconds, process_cpu = time.perf_counter() - start, time.process_time() - cpu0
 print(json.dumps({"seconds": seconds, "process_cpu": process_cpu, "cpu": cpu, "wall": wall}))
 """
@@ -193,13 +198,36 @@ def disk_write(root: Path, nbytes: int) -> float:
     return written / seconds / 1e9
 
 
-def sha256_speed() -> float:
-    data = os.urandom(64 * 2**20)
-    hashlib.sha256(data)
+def hash_speed(algo: str) -> float:
+    """GB/s of one core hashing 16 MiB updates with the manifest's `algo` (io.HASHES)."""
+    from v4hal.conversion import io
+
+    data = memoryview(os.urandom(64 * 2**20))
+    io.HASHES[algo](data)
     start = time.perf_counter()
     for _ in range(4):
-        hashlib.sha256(data)
+        h = io.HASHES[algo]()
+        for k in range(0, len(data), io.READ_CHUNK):
+            h.update(data[k:k + io.READ_CHUNK])
     return 4 * len(data) / (time.perf_counter() - start) / 1e9
+
+
+def previous_converter(rev: str, work: Path) -> dict[str, str]:
+    """The environment that imports git revision `rev`'s v4hal instead of this one: its tree,
+    extracted with `git archive`, laid out as the installed package is (each top-level folder is
+    v4hal.<folder>) and put first on PYTHONPATH (before the editable install's finder)."""
+    repo = Path(__file__).resolve().parent.parent
+    tree, pkg = work / "previous" / "tree", work / "previous" / "pkg" / "v4hal"
+    tree.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(repo), "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    pkg.mkdir(parents=True)
+    for entry in (tree / "v4hal").iterdir():
+        (pkg / entry.name).symlink_to(entry)
+    for folder in ("backends", "ops", "model", "conversion", "bench", "tools"):
+        if (tree / folder).is_dir():
+            (pkg / folder).symlink_to(tree / folder)
+    return {**os.environ, "PYTHONPATH": str(pkg.parent)}
 
 
 def stage_breakdown(src: Path, dst: Path, target: str) -> dict:
@@ -210,15 +238,41 @@ def stage_breakdown(src: Path, dst: Path, target: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def timed(cmd: list[str], root: Path) -> tuple[float, float, int]:
-    """(process wall seconds, seconds after imports, peak RSS bytes)."""
+def timed(cmd: list[str], root: Path, env: dict | None = None) -> dict:
+    """One conversion in a fresh process, the source evicted first: process wall seconds,
+    seconds after imports, CPU seconds (with its workers), peak RSS bytes of the process and of
+    its largest worker, and the 1-minute load average just before it started."""
     os.sync()
     evict(root)
+    load = os.getloadavg()[0]
     start = time.perf_counter()
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**(env or os.environ), "TQDM_DISABLE": "1"},
+                         cwd=root.parent)  # not a checkout: its v4hal/ would shadow --previous
     seconds = time.perf_counter() - start
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    return seconds, result["convert_s"], result["peak_rss_kb"] * 1024
+    return {"seconds": seconds, "convert_s": result["convert_s"], "cpu_s": result.get("cpu_s"), "load": load,
+            "rss": result["peak_rss_kb"] * 1024, "worker_rss": result.get("worker_rss_kb", 0) * 1024}
+
+
+THREADS = {  # which thread runs each stage of the breakdown: a worker is as fast as its busiest one
+    "hash of the source (thread)": "hash-in", "hash of the output (thread)": "hash-out",
+    "write: O_DIRECT stage, or page cache + write-behind (thread)": "write"}
+
+
+def cost_model(stage: dict, size: int, disk_r: float, disk_w: float, out_per_in: float, cores: int, workers: int) -> tuple[float, str]:
+    """Predicted GB/s of input and the bound that sets it: the least of the disk's read speed, its
+    write speed over the output bytes per input byte, the cores over the CPU seconds per GB, and
+    the workers over the busiest thread's CPU seconds per GB (one worker's pipeline cannot go
+    faster than its slowest stage)."""
+    per_thread: dict[str, float] = {}
+    for name, cpu in stage["cpu"].items():
+        thread = THREADS.get(name, "main")
+        per_thread[thread] = per_thread.get(thread, 0.0) + cpu / size * 1e9
+    cpu_per_gb = stage["process_cpu"] / size * 1e9
+    bounds = {"disk read": disk_r, "disk write": disk_w / out_per_in, f"{cores} cores": cores / cpu_per_gb,
+              f"{workers} worker pipeline(s)": workers / max(per_thread.values())}
+    bound = min(bounds, key=bounds.get)
+    return bounds[bound], bound
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default="/tmp/v4hal-convert-bench")
     ap.add_argument("--layers", type=int, default=4, help="shards of one layer each (~0.58 GB of FP8)")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs of each; the best is reported")
+    ap.add_argument("--previous", metavar="REV", help="also time the converter of this git revision (e.g. fd22c6a: "
+                    "sha256 manifests, one shard at a time)")
     args = ap.parse_args(argv)
     work = Path(args.dir)
     shutil.rmtree(work, ignore_errors=True)
@@ -235,48 +291,55 @@ def main(argv: list[str] | None = None) -> int:
         size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
         disk = disk_read(src)
         disk_w = disk_write(work, size)
-        sha = sha256_speed()
+        speeds = {algo: hash_speed(algo) for algo in ("blake3", "sha256")}
+        previous = previous_converter(args.previous, work) if args.previous else None
         rows = []
         for target in ("bf16", "w8a8"):
             stream = [sys.executable, "-c", STREAMING, "convert", "run", "--to", target, "--no-progress", str(src), str(work / "out")]
-            runs = {"v4hal convert (streaming)": stream,
-                    "v4hal convert (streaming, --no-fsync)": stream + ["--no-fsync"],
-                    "naive (whole shard, load_file/save_file)": [sys.executable, "-c", NAIVE, str(src), str(work / "out"), target],
-                    "naive, 1 torch thread": [sys.executable, "-c", NAIVE, str(src), str(work / "out"), target, "1"]}
-            best: dict[str, tuple[float, float, int]] = {}
+            runs = {"v4hal convert --workers 1": (stream + ["--workers", "1"], None),
+                    "v4hal convert --workers 2": (stream + ["--workers", "2"], None),
+                    "naive (whole shard, load_file/save_file)": ([sys.executable, "-c", NAIVE, str(src), str(work / "out"), target], None),
+                    "naive, 1 torch thread": ([sys.executable, "-c", NAIVE, str(src), str(work / "out"), target, "1"], None)}
+            if previous:
+                runs[f"previous converter ({args.previous}: sha256, one shard at a time)"] = (stream, previous)
+            best: dict[str, dict] = {}
             for _ in range(args.repeats):  # interleaved, best of each: the machine is shared and noisy
-                for how, cmd in runs.items():
-                    run = timed(cmd, src)
+                for how, (cmd, env) in runs.items():
+                    run = timed(cmd, src, env)
                     shutil.rmtree(work / "out")
-                    best[how] = min(best.get(how, run), run)
-            for how, (seconds, convert_s, rss) in best.items():
-                rows.append({"target": target, "how": how, "seconds": seconds, "gbps": size / seconds / 1e9,
-                             "gbps_convert": size / convert_s / 1e9, "rss": rss})
+                    if how not in best or run["seconds"] < best[how]["seconds"]:
+                        best[how] = run
+            rows += [{"target": target, "how": how, **run} for how, run in best.items()]
         stages = {target: stage_breakdown(src, work / "out", target) for target in ("bf16", "w8a8")}
         from v4hal.bench.machine import describe
 
-        print(f"machine: {describe()}; load average {os.getloadavg()[0]:.1f}")
+        cores = len(os.sched_getaffinity(0))
+        print(f"machine: {describe()}; {cores} cores available; load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print(f"source: {size / 1e9:.2f} GB in {args.layers} shards, largest tensor {largest / 1e6:.0f} MB; best of {args.repeats}; "
               f"disk sequential read (cold): {disk:.3f} GB/s; sequential write (fsync'd): {disk_w:.3f} GB/s; "
-              f"sha256: {sha:.2f} GB/s per core\n")
+              + ", ".join(f"{algo}: {gbps:.2f} GB/s per core" for algo, gbps in speeds.items()) + "\n")
         out_per_in = {"bf16": 2.0, "w8a8": 1.0}  # output bytes per input byte (FP8 weights dominate)
-        print("| conversion | how | process time (s) | GB/s of input | GB/s after start-up | share of disk read | "
-              "output rate / disk write | peak RSS (GB) | RSS / largest tensor |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| conversion | how | load before | process time (s) | GB/s of input | GB/s after start-up | share of disk read | "
+              "CPU s per GB | peak RSS: process / largest worker (GB) | largest RSS / largest tensor |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| FP8 -> {r['target'].upper()} | {r['how']} | {r['seconds']:.1f} | {r['gbps']:.3f} | {r['gbps_convert']:.3f} | "
-                  f"{r['gbps'] / disk:.0%} | {r['gbps'] * out_per_in[r['target']] / disk_w:.0%} | {r['rss'] / 1e9:.2f} | {r['rss'] / largest:.1f}x |")
-        cores = os.cpu_count() or 1
-        print(f"\nhashing bound: every input byte and every output byte is hashed once; at {sha:.2f} GB/s per core on "
-              f"{cores} cores, with nothing else to do: FP8 -> BF16 (3 bytes hashed per input byte) "
-              f"{cores * sha / 3:.2f} GB/s, FP8 -> W8A8 (2) {cores * sha / 2:.2f} GB/s of input")
+            peak = max(r["rss"], r["worker_rss"])
+            cpu = f"{r['cpu_s'] / size * 1e9:.2f}" if r["cpu_s"] is not None else "-"
+            worker = f"{r['worker_rss'] / 1e9:.2f}" if r["worker_rss"] else "-"
+            print(f"| FP8 -> {r['target'].upper()} | {r['how']} | {r['load']:.1f} | {r['seconds']:.1f} | {size / r['seconds'] / 1e9:.3f} | "
+                  f"{size / r['convert_s'] / 1e9:.3f} | {size / r['seconds'] / 1e9 / disk:.0%} | {cpu} | "
+                  f"{r['rss'] / 1e9:.2f} / {worker} | {peak / largest:.1f}x |")
         for target, st in stages.items():
-            print(f"\nstages, FP8 -> {target.upper()} (fsync'd; {size / st['seconds'] / 1e9:.3f} GB/s in this instrumented run; "
+            print(f"\nstages, FP8 -> {target.upper()}, one worker (fsync'd; {size / st['seconds'] / 1e9:.3f} GB/s in this instrumented run; "
                   f"process CPU {st['process_cpu'] / st['seconds']:.2f} cores on average, {st['process_cpu'] / size * 1e9:.2f} CPU s per GB):")
             print("| stage | CPU s per GB of input | wall s per GB of input |")
             print("|---|---|---|")
             for stage, c in sorted(st["cpu"].items(), key=lambda kv: -kv[1]):
                 print(f"| {stage} | {c / size * 1e9:.2f} | {st['wall'][stage] / size * 1e9:.2f} |")
+            for n in (1, 2):
+                gbps, bound = cost_model(st, size, disk, disk_w, out_per_in[target], cores, n)
+                print(f"cost model, {n} worker(s) on {cores} idle cores: {gbps:.3f} GB/s of input ({gbps / disk:.0%} of the disk read), "
+                      f"bound by the {bound}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
