@@ -149,14 +149,22 @@ def test_the_whole_step_traces_as_one_graph(name, monkeypatch):
     torch._dynamo.reset()
 
 
-def test_inductor_compiled_steps_match_eager_steps():
-    # The real thing (inductor's generated C++), once: compiling takes ~30-60 s on a 2-core CPU.
-    # float32 at float32 rounding: the compiled RoPE tables' cos / sin (formed in float32, as
-    # the reference implementations do) round differently from eager's.
+def test_inductor_compiled_decode_gives_the_eager_greedy_tokens_in_float32():
+    # The real thing (inductor's generated C++), once: compiling takes ~30-60 s on a 2-core CPU
+    # (minutes when it is loaded). float32 logits at float32 rounding (the compiled RoPE tables'
+    # cos / sin, formed in float32 as the reference implementations do, round differently from
+    # eager's), hence the eager greedy tokens, as docs/model.md says. bfloat16 gives no such
+    # promise: fused kernels round at other points than eager, so a near-tie can flip a token.
     torch._dynamo.reset()
-    eager, compiled = _eager_and_static(V4_TINY, prompt=6, total=20, compile=True, dtype=torch.float32)
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    model = build(V4_TINY, dtype=torch.float32).init_random(0)
+    prompts = [[5, 9, 2, 7, 1, 3], [4, 4, 6, 0, 11, 8]]  # one length: one group, one graph
+    eager = generate(model, prompts, 14, Sampling(temperature=0.0), keep_logits=True)
+    compiled = generate(model, prompts, 14, Sampling(temperature=0.0), keep_logits=True, compile=True)
     torch._dynamo.reset()
+    assert compiled.decode_steps == 12 and compiled.compile_seconds > 0  # the compiled path ran
+    assert compiled.tokens == eager.tokens
+    for ours, theirs in zip(compiled.logits, eager.logits):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_cli_compile_flag_decodes_through_the_static_decoder(monkeypatch, capsys):
