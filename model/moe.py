@@ -146,8 +146,8 @@ class MoE(nn.Module):
     def from_config(cls, args, layer: int, dtype: torch.dtype | None = None, device=None, ep_group=None) -> "MoE":
         """Layer `layer` of a `model.config.ModelArgs` (the model builds its MoE layers here): V4
         layers always renormalize and clamp with swiglu_limit, its `hash_moe` layers route by
-        `tid2eid`; V3 / V3.2 follow `norm_topk_prob` and keep the correction bias of
-        `topk_method="noaux_tc"`; FP8 experts scale activations as `args.act_scale_fmt` says.
+        `tid2eid`; V3 / V3.2 follow `norm_topk_prob`; every top-k layer has the correction bias, as
+        in transformers (zero unless the checkpoint sets it); FP8 experts scale activations as `args.act_scale_fmt` says.
         dtype: of the float weights, `args.torch_dtype` when None."""
         v4 = args.is_v4
         is_hash = v4 and args.mlp_layer_types[layer] == "hash_moe"
@@ -156,7 +156,6 @@ class MoE(nn.Module):
                   topk_group=args.topk_group, routed_scaling_factor=args.routed_scaling_factor,
                   norm_topk_prob=v4 or args.norm_topk_prob, swiglu_limit=args.swiglu_limit if v4 else None,
                   hash_vocab_size=args.vocab_size if is_hash else None,
-                  correction_bias=v4 or args.topk_method == "noaux_tc",
                   dtype=dtype or getattr(torch, args.torch_dtype), device=device, ep_group=ep_group)
         set_act_scale_fmt(moe, args.act_scale_fmt)
         return moe
