@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from v4hal import ops
-from v4hal.ops.moe import ExpertExchange, ExpertWeights, MoeDispatch, SharedExpertWeights
+from v4hal.ops.moe import ExpertExchange, ExpertWeights, MoeDispatch
 
 DEVICE_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from v4hal.ops.quant import ACT_BLOCK, E2M1_VALUES, FP4_BLOCK, FP8_MAX, INT8_MAX, WEIGHT_BLOCK, scale_shape
+from v4hal.ops.quant import ACT_BLOCK, E2M1_VALUES, FP4_BLOCK, FP8_MAX, INT8_MAX, WEIGHT_BLOCK
 
 AMAX_FLOOR = 1e-4
 
