@@ -3,7 +3,8 @@
 subcommand runs, so `v4hal info` stays fast.
 
 Exit codes (docs/cli.md): 0 success; 1 a check ran and found failures; 2 bad input or a refused
-request; 3 not enough resources (memory, disk)."""
+request; 3 not enough resources (memory, disk); 141 the reader closed the pipe. An exception no
+command handles ends in a traceback and Python's exit code 1."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """The parser with the subcommand named in `argv` (all of them for help) fully defined."""
     parser = argparse.ArgumentParser(prog="v4hal", description="DeepSeek-V4-class models on Ascend, NVIDIA and CPU",
                                      epilog="exit codes: 0 success, 1 a check found failures, 2 bad input or a "
-                                            "refused request, 3 not enough memory or disk (docs/cli.md)")
+                                            "refused request, 3 not enough memory or disk, 141 the reader closed "
+                                            "the pipe (docs/cli.md)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
