@@ -140,6 +140,8 @@ def shard(name: str, shape: tuple[int, ...], par: Parallel) -> tuple[int, list[t
     parts = name.split(".")
     leaf, module = parts[-1], parts[-2] if len(parts) > 1 else ""
     tp = par.tp
+    if len(parts) > 3 and parts[-4] == "experts" and par.experts != "width":
+        return None  # one expert of a checkpoint that stores them apart: whole where it is held
     if module == "experts":  # stacked routed experts [E, 2I, H] / [E, H, I]
         if par.experts in ("local", "all_to_all"):
             return 0, [_even(shape[0], par.layout.ep, par.ep_rank)]
@@ -183,3 +185,41 @@ def take(tensor, split: tuple[int, list[tuple[int, int]]] | None):
     dim, ranges = split
     pieces = [tensor[(slice(None),) * dim + (slice(a, b),)] for a, b in ranges]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+
+
+FP8_BLOCK = 128
+
+
+def scale_split(name: str, split, weight_shape: tuple[int, ...], scale_shape: tuple[int, ...], fp8: bool,
+                layout: Layout):
+    """The part of a quantized weight's scale that goes with the part `split` of the weight (both
+    in stored units): FP8's 128 x 128 blocks, MXFP4's 1 x 32 (16 bytes) and int8's per-row scales
+    alike. A split that cuts through a scale block is refused (LayoutError naming the tensor)."""
+    if split is None:
+        return None
+    dim, ranges = split
+    if dim >= len(scale_shape) or scale_shape[dim] == 1 < weight_shape[dim]:
+        return None  # one scale across the whole dimension (int8's per-row scale under a column split)
+    full = weight_shape[dim]
+    block = FP8_BLOCK if fp8 else full // scale_shape[dim]
+    out = []
+    for a, b in ranges:
+        if a % block or (b % block and b != full):
+            raise LayoutError(f"{name}: layout {layout} cuts dimension {dim} at [{a}, {b}), inside its "
+                              f"{block}-wide quantization blocks; choose a layout whose split is a multiple "
+                              f"of {block} (or a dequantized checkpoint)")
+        out.append((a // block, -(-b // block)))
+    return dim, out
+
+
+def local_expert(name: str, n_experts: int, par: Parallel) -> str | None:
+    """A checkpoint name of one routed expert (`...experts.17.gate_proj.weight`) renumbered to
+    this rank's experts, None if another rank holds it; any other name as it is."""
+    parts = name.split(".")
+    if par.experts not in ("local", "all_to_all") or len(parts) < 4 or parts[-4] != "experts":
+        return name
+    e = int(parts[-3])
+    start, stop = _even(n_experts, par.layout.ep, par.ep_rank)
+    if not start <= e < stop:
+        return None
+    return ".".join(parts[:-3] + [str(e - start)] + parts[-2:])

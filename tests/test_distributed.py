@@ -20,7 +20,7 @@ from v4hal.model.config import ModelArgs, preset
 from v4hal.model.generate import Sampling, generate
 from v4hal.model.loader import load_checkpoint
 from v4hal.model.model import build
-from v4hal.model.parallel import Layout, LayoutError, Parallel, shard, take
+from v4hal.model.parallel import Layout, LayoutError
 
 MLA = dict(model_type="deepseek_v3", vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32,
@@ -54,13 +54,6 @@ def _run(model, ids: torch.Tensor) -> dict:
     return {"logits": torch.cat(steps, dim=1), "tokens": tokens}
 
 
-def load_local(model, full: dict) -> None:
-    """This rank's slices of a whole model's state dict."""
-    par: Parallel = model.parallel
-    state = {name: take(full[name], shard(name, tuple(full[name].shape), par)) for name in model.state_dict()}
-    model.load_state_dict(state, strict=True)
-
-
 def _worker(rank, world, port, layout, ckpts, out_dir):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -68,10 +61,8 @@ def _worker(rank, world, port, layout, ckpts, out_dir):
     try:
         for name, path in ckpts.items():
             args = ModelArgs.from_json(path)
-            whole = build(args)
-            load_checkpoint(whole, path, args)
             model = build(args, layout=layout)
-            load_local(model, whole.state_dict())
+            load_checkpoint(model, path, args)  # this rank's slices only
             ids = _ids(args)
             rows = slice(rank, rank + 1) if layout.dp > 1 else slice(None)  # dp: one sequence per rank
             torch.save(_run(model, ids[rows]), os.path.join(out_dir, f"{name}.{rank}.pt"))
