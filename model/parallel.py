@@ -198,7 +198,7 @@ def scale_split(name: str, split, weight_shape: tuple[int, ...], scale_shape: tu
     if split is None:
         return None
     dim, ranges = split
-    if dim >= len(scale_shape) or scale_shape[dim] == 1 < weight_shape[dim]:
+    if dim >= len(scale_shape) or not fp8 and scale_shape[dim] == 1 < weight_shape[dim]:
         return None  # one scale across the whole dimension (int8's per-row scale under a column split)
     full = weight_shape[dim]
     block = FP8_BLOCK if fp8 else full // scale_shape[dim]

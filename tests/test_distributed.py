@@ -20,7 +20,7 @@ from v4hal.model.config import ModelArgs, preset
 from v4hal.model.generate import Sampling, generate
 from v4hal.model.loader import load_checkpoint
 from v4hal.model.model import build
-from v4hal.model.parallel import Layout, LayoutError
+from v4hal.model.parallel import Layout, LayoutError, scale_split
 
 MLA = dict(model_type="deepseek_v3", vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32,
@@ -126,3 +126,19 @@ def test_vocabulary_split_is_checked():
 def test_a_layout_needs_its_processes():
     with pytest.raises(LayoutError, match="run under torchrun"):
         build(preset("tiny"), layout=Layout(tp=2))
+
+
+def test_quantization_scales_are_sliced_with_their_weights():
+    # FP8 [256, 384] weight, [2, 3] block scales: a column split of rows at 128 takes scale row 1
+    assert scale_split("w.scale", (0, [(128, 256)]), (256, 384), (2, 3), True, Layout(tp=2)) == (0, [(1, 2)])
+    # the last block may be partial: rows [192, 300) of 300 are scale rows 1..2 (blocks 128 wide)
+    assert scale_split("w.scale", (0, [(128, 300)]), (300, 64), (3, 1), True, Layout(tp=2)) == (0, [(1, 3)])
+    # int8 per-row scale [N, 1] under a row-parallel (column) split stays whole
+    assert scale_split("w.scale", (1, [(32, 64)]), (16, 64), (16, 1), False, Layout(tp=2)) is None
+    # MXFP4 experts [E, N, K/2] bytes with [E, N, K/32] scales: 16 bytes per scale
+    assert scale_split("e.scale", (2, [(16, 32)]), (4, 8, 32), (4, 8, 2), False, Layout(tp=2)) == (2, [(1, 2)])
+
+
+def test_a_split_through_an_fp8_block_is_refused_naming_tensor_and_layout():
+    with pytest.raises(LayoutError, match=r"q_b_proj.scale: layout tp=2 ep=1 pp=1 dp=1 cuts dimension 0 at \[64, 128\)"):
+        scale_split("model.layers.0.self_attn.q_b_proj.scale", (0, [(64, 128)]), (128, 32), (1, 1), True, Layout(tp=2))
