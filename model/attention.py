@@ -57,6 +57,16 @@ def _check_static_call(layer: str, x: torch.Tensor, positions: torch.Tensor) -> 
                          f"{positions.flatten().tolist()}")
 
 
+def _index_select(qi: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, scale: float, topk: int,
+                  positions: torch.Tensor, ratio: int, tp) -> torch.Tensor:
+    """The indexer's top-k picks; under tensor parallelism (`tp`, a `model.collectives` group)
+    this rank's heads give partial scores, summed over the group before the selection."""
+    if tp.size == 1:
+        return ops.indexer_select(qi, keys, weights, scale, topk, positions, ratio)
+    scores = tp.all_reduce(ops.indexer_scores(qi, keys, weights, scale))
+    return ops.indexer_topk(scores, min(topk, keys.shape[1]), positions, ratio)
+
+
 def _chunked(step, x: torch.Tensor, positions: torch.Tensor, cache, chunk: int) -> torch.Tensor:
     """Long prefills run `chunk` queries at a time through the cache: same result, and the
     per-query temporaries (q of every head, gathered rows) stay bounded."""

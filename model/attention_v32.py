@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from v4hal import ops
-from v4hal.model.attention import _check_call, _check_static_call, _chunked, _get
+from v4hal.model.attention import _check_call, _check_static_call, _chunked, _get, _index_select
+from v4hal.model.collectives import SOLO, Collectives
 from v4hal.model.cache import StaticV32Cache, V32Cache
 from v4hal.model.layers import LayerNorm, Linear, RMSNorm
 from v4hal.model.rope import Rope, softmax_scale
@@ -49,12 +50,16 @@ class V32AttentionConfig:
 
 
 class V32Indexer(nn.Module):
-    def __init__(self, c: V32AttentionConfig):
+    """Under tensor parallelism a rank holds `index_heads / tp` heads (the key stays whole); their
+    partial scores are summed over `tp` before the top-k."""
+
+    def __init__(self, c: V32AttentionConfig, tp: Collectives = SOLO):
         super().__init__()
-        self.wq_b = Linear(c.q_lora, c.index_heads * c.index_dim)
+        self.heads, self.tp = c.index_heads // tp.size, tp
+        self.wq_b = Linear(c.q_lora, self.heads * c.index_dim)
         self.wk = Linear(c.hidden, c.index_dim)
         self.k_norm = LayerNorm(c.index_dim, 1e-6)
-        self.weights_proj = Linear(c.hidden, c.index_heads)
+        self.weights_proj = Linear(c.hidden, self.heads)
 
 
 def _rope_head(x, cos, sin, rope_dim):
@@ -64,20 +69,23 @@ def _rope_head(x, cos, sin, rope_dim):
 
 class V32Attention(nn.Module):
     """transformers' DeepseekV32Attention (MLA + DSA) in the absorbed form: attention runs over the
-    cached latents, as DeepSeek's inference and FlashMLA's sparse kernel do."""
+    cached latents, as DeepSeek's inference and FlashMLA's sparse kernel do. `tp`: tensor
+    parallelism; a rank holds `heads / tp` heads (q_b_proj, kv_b_proj rows, o_proj columns), the
+    latent stays whole."""
 
-    def __init__(self, c: V32AttentionConfig, prefill_chunk: int = 512):
+    def __init__(self, c: V32AttentionConfig, prefill_chunk: int = 512, tp: Collectives = SOLO):
         super().__init__()
         self.c, self.prefill_chunk = c, prefill_chunk
+        self.heads = c.heads // tp.size
         self.q_a_proj = Linear(c.hidden, c.q_lora, bias=c.bias)
         self.q_a_layernorm = RMSNorm(c.q_lora, 1e-6)
-        self.q_b_proj = Linear(c.q_lora, c.heads * (c.nope_dim + c.rope_dim))
+        self.q_b_proj = Linear(c.q_lora, self.heads * (c.nope_dim + c.rope_dim))
         self.kv_a_proj_with_mqa = Linear(c.hidden, c.kv_lora + c.rope_dim, bias=c.bias)
         self.kv_a_layernorm = RMSNorm(c.kv_lora, 1e-6)
-        self.kv_b_proj = Linear(c.kv_lora, c.heads * (c.nope_dim + c.v_dim))
-        self.o_proj = Linear(c.heads * c.v_dim, c.hidden, bias=c.bias)
+        self.kv_b_proj = Linear(c.kv_lora, self.heads * (c.nope_dim + c.v_dim))
+        self.o_proj = Linear(self.heads * c.v_dim, c.hidden, bias=c.bias, reduce=tp)
         # index_heads = 0: no DSA, every causal token is attended (V3's MLA).
-        self.indexer = V32Indexer(c) if c.index_heads else None
+        self.indexer = V32Indexer(c, tp) if c.index_heads else None
 
     def new_cache(self) -> V32Cache:
         return V32Cache()
@@ -107,7 +115,7 @@ class V32Attention(nn.Module):
         b, s, _ = x.shape
         cos, sin = c.rope.cos_sin(positions, x.dtype)
         q_res = self.q_a_layernorm(self.q_a_proj(x))
-        q = self.q_b_proj(q_res).view(b, s, c.heads, c.nope_dim + c.rope_dim)
+        q = self.q_b_proj(q_res).view(b, s, self.heads, c.nope_dim + c.rope_dim)
         q_rope = ops.apply_rope(q[..., c.nope_dim:], cos.unsqueeze(2), sin.unsqueeze(2))
         lat = self.kv_a_proj_with_mqa(x)
         k_rope = ops.apply_rope(lat[..., c.kv_lora:], cos, sin)
@@ -116,7 +124,7 @@ class V32Attention(nn.Module):
     def _attend(self, q: tuple[torch.Tensor, torch.Tensor], latent: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
         # Absorb W_uk into the query and apply W_uv after attention over the latents.
         c, (q_nope, q_rope) = self.c, q
-        wkv = self.kv_b_proj.dense_weight(q_nope.dtype).view(c.heads, c.nope_dim + c.v_dim, c.kv_lora)
+        wkv = self.kv_b_proj.dense_weight(q_nope.dtype).view(self.heads, c.nope_dim + c.v_dim, c.kv_lora)
         q_lat = torch.einsum("bshn,hnc->bshc", q_nope, wkv[:, :c.nope_dim])
         o_lat = ops.sparse_attention(torch.cat([q_lat, q_rope], -1), latent, picked, c.scale, v_dim=c.kv_lora)
         o = torch.einsum("bshc,hvc->bshv", o_lat, wkv[:, c.nope_dim:])
@@ -160,7 +168,7 @@ class V32Attention(nn.Module):
         """DSA's picks among `keys` `[B, T, index_dim]` (future and unwritten rows come back -1)."""
         c, ix = self.c, self.indexer
         b, s, _ = x.shape
-        qi = _rope_head(ix.wq_b(q_res).view(b, s, c.index_heads, c.index_dim), cos.unsqueeze(2), sin.unsqueeze(2),
+        qi = _rope_head(ix.wq_b(q_res).view(b, s, ix.heads, c.index_dim), cos.unsqueeze(2), sin.unsqueeze(2),
                         c.rope_dim)
-        return ops.indexer_select(qi, keys, ix.weights_proj(x), (c.index_dim * c.index_heads) ** -0.5,
-                                  c.index_topk, positions, 1)
+        scale = (c.index_dim * c.index_heads) ** -0.5  # over all heads, wherever they are
+        return _index_select(qi, keys, ix.weights_proj(x), scale, c.index_topk, positions, 1, ix.tp)

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from v4hal import ops
-from v4hal.model.attention import _check_call, _check_static_call, _chunked, _get
+from v4hal.model.attention import _check_call, _check_static_call, _chunked, _get, _index_select
+from v4hal.model.collectives import SOLO, Collectives
 from v4hal.model.cache import StaticV4Cache, StaticWindow, V4Cache, _concat, _write_if
 from v4hal.model.layers import Linear, RMSNorm
 from v4hal.model.rope import Rope
@@ -118,40 +119,45 @@ class _Scorer(nn.Module):
 
 class V4Indexer(V4Compressor):
     """transformers' DeepseekV4Indexer: its own overlapping compressor at index_dim, q_b_proj
-    from the query LoRA residual, and scorer.weights_proj."""
+    from the query LoRA residual, and scorer.weights_proj. Under tensor parallelism a rank holds
+    `index_heads / tp` heads; their partial scores are summed over `tp` before the top-k."""
 
-    def __init__(self, c: V4AttentionConfig):
+    def __init__(self, c: V4AttentionConfig, tp: Collectives = SOLO):
         super().__init__(c.hidden, c.index_dim, c.ratio, True, c.eps)
-        self.q_b_proj = Linear(c.q_lora, c.index_heads * c.index_dim)
-        self.scorer = _Scorer(c.hidden, c.index_heads)
-        self.heads, self.dim, self.topk = c.index_heads, c.index_dim, c.index_topk
+        self.heads, self.dim, self.topk, self.tp = c.index_heads // tp.size, c.index_dim, c.index_topk, tp
+        self.q_b_proj = Linear(c.q_lora, self.heads * c.index_dim)
+        self.scorer = _Scorer(c.hidden, self.heads)
+        self.scale = (c.index_dim * c.index_heads) ** -0.5  # over all heads, wherever they are
 
 
 class V4CompressorWithIndexer(V4Compressor):
-    def __init__(self, c: V4AttentionConfig):
+    def __init__(self, c: V4AttentionConfig, tp: Collectives = SOLO):
         super().__init__(c.hidden, c.head_dim, c.ratio, True, c.eps)
-        self.indexer = V4Indexer(c)
+        self.indexer = V4Indexer(c, tp)
 
 
 class V4Attention(nn.Module):
     """transformers' DeepseekV4Attention, from v4hal ops (the call: see `model.attention`).
-    `prefill_chunk`: queries per step of a long prefill (bounds temporaries, not results)."""
+    `prefill_chunk`: queries per step of a long prefill (bounds temporaries, not results).
+    `tp`: tensor parallelism; a rank holds `heads / tp` query heads, `o_groups / tp` whole output
+    groups and `index_heads / tp` indexer heads; the KV head and the compressors stay whole."""
 
-    def __init__(self, c: V4AttentionConfig, prefill_chunk: int = 512):
+    def __init__(self, c: V4AttentionConfig, prefill_chunk: int = 512, tp: Collectives = SOLO):
         super().__init__()
         self.c, self.prefill_chunk = c, prefill_chunk
+        self.heads, self.o_groups = c.heads // tp.size, c.o_groups // tp.size
         self.q_a_proj = Linear(c.hidden, c.q_lora)
         self.q_a_norm = RMSNorm(c.q_lora, c.eps)
-        self.q_b_proj = Linear(c.q_lora, c.heads * c.head_dim)
+        self.q_b_proj = Linear(c.q_lora, self.heads * c.head_dim)
         self.kv_proj = Linear(c.hidden, c.head_dim)
         self.kv_norm = RMSNorm(c.head_dim, c.eps)
-        self.o_a_proj = Linear(c.heads * c.head_dim // c.o_groups, c.o_groups * c.o_lora)
-        self.o_b_proj = Linear(c.o_groups * c.o_lora, c.hidden)
-        self.sinks = nn.Parameter(torch.zeros(c.heads), requires_grad=False)
+        self.o_a_proj = Linear(c.heads * c.head_dim // c.o_groups, self.o_groups * c.o_lora)
+        self.o_b_proj = Linear(self.o_groups * c.o_lora, c.hidden, reduce=tp)
+        self.sinks = nn.Parameter(torch.zeros(self.heads), requires_grad=False)
         if c.ratio == 0:
             self.compressor = None
         elif c.csa:
-            self.compressor = V4CompressorWithIndexer(c)
+            self.compressor = V4CompressorWithIndexer(c, tp)
         else:
             self.compressor = V4Compressor(c.hidden, c.head_dim, c.ratio, False, c.eps)
 
@@ -186,9 +192,9 @@ class V4Attention(nn.Module):
 
     def _o_proj(self, o: torch.Tensor) -> torch.Tensor:
         """Grouped low-rank output projection: each head group has its own block of o_a_proj."""
-        c, w, s = self.c, self.o_a_proj.weight, self.o_a_proj.weight_scale_inv
-        groups = o.reshape(*o.shape[:2], c.o_groups, -1)
-        rows = w.shape[0] // c.o_groups
+        w, s = self.o_a_proj.weight, self.o_a_proj.weight_scale_inv
+        groups = o.reshape(*o.shape[:2], self.o_groups, -1)
+        rows = w.shape[0] // self.o_groups
         # FP8 scales cover 128-row blocks; int8 and FP4 scales are per row.
         block = ops.WEIGHT_BLOCK[0] if w.dtype == torch.float8_e4m3fn else 1
         if s is not None and rows % block and block % rows:
@@ -197,7 +203,7 @@ class V4Attention(nn.Module):
             w, s = ops.dequantize_fp8(w, s, ops.WEIGHT_BLOCK, o.dtype), None
         parts = [ops.linear(groups[:, :, g], w[g * rows:(g + 1) * rows], self._group_scale(s, g, rows, block),
                             act_scale_fmt=self.o_a_proj.act_scale_fmt)
-                 for g in range(c.o_groups)]
+                 for g in range(self.o_groups)]
         return self.o_b_proj(torch.cat(parts, dim=-1))
 
     @staticmethod
@@ -223,7 +229,7 @@ class V4Attention(nn.Module):
         rope = c.rope_main if c.ratio == 0 else c.rope_compress
         cos, sin = rope.cos_sin(positions, x.dtype)
         q_res = self.q_a_norm(self.q_a_proj(x))
-        q = ops.rms_norm(self.q_b_proj(q_res).view(b, s, c.heads, c.head_dim), None, c.eps)
+        q = ops.rms_norm(self.q_b_proj(q_res).view(b, s, self.heads, c.head_dim), None, c.eps)
         q = _rope_tail(q, cos.unsqueeze(2), sin.unsqueeze(2), c.rope_dim)
         kv = _rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin, c.rope_dim)
         return q, q_res, kv, cos, sin
@@ -312,4 +318,4 @@ class V4Attention(nn.Module):
         qi = ix.q_b_proj(q_res).view(b, s, ix.heads, ix.dim)
         qi = _rope_tail(qi, cos.unsqueeze(2), sin.unsqueeze(2), c.rope_dim)
         weights = ix.scorer.weights_proj(x)
-        return ops.indexer_select(qi, keys, weights, (ix.dim * ix.heads) ** -0.5, ix.topk, positions, c.ratio)
+        return _index_select(qi, keys, weights, ix.scale, ix.topk, positions, c.ratio, ix.tp)

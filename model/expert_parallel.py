@@ -93,6 +93,32 @@ class AllToAll(ExpertExchange):
         return _exchange(unsorted, recv_splits, send_splits, self.group)
 
 
+class LocalExperts(ExpertExchange):
+    """The exchange for tokens every process of a group holds alike (tensor parallelism), each
+    process holding `E / shards` consecutive experts: a process runs only its experts' rows and
+    leaves zeros for the rest; the caller's all-reduce over the group completes every token (as
+    DeepSeek's own inference code runs its experts)."""
+
+    def __init__(self, shards: int, rank: int):
+        self.shards, self.rank = shards, rank
+
+    def first_expert(self, held: int) -> int:
+        return self.rank * held
+
+    def send(self, state: MoeDispatch):
+        held = state.counts.shape[0] // self.shards
+        first = self.rank * held
+        offsets = state.offsets[first:first + held + 1]
+        lo, hi = int(offsets[0]), int(offsets[-1])
+        return state.permuted[lo:hi], offsets - lo, (state.permuted.shape[0], lo, hi)
+
+    def receive(self, results: torch.Tensor, sent) -> torch.Tensor:
+        rows, lo, hi = sent
+        out = results.new_zeros(rows, *results.shape[1:])
+        out[lo:hi] = results
+        return out
+
+
 def moe_forward_ep(hidden: torch.Tensor, gate_weight: torch.Tensor, local_experts: ExpertWeights, topk: int,
                    group=None, **kw) -> torch.Tensor:
     """`ops.moe_forward` with the routed experts spread over the processes of `group`.

@@ -9,16 +9,21 @@ prompts are grouped by length and each group shares one batched cache; groups de
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from v4hal.model.config import PRESETS, ModelArgs, human, load_args
+from v4hal.model.expert_parallel import process_group_backend
+from v4hal.model.parallel import Layout
 from v4hal.model.static import StaticDecoder
 
 
@@ -146,6 +151,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the config's)")
     p.add_argument("--backend", help="V4HAL_BACKEND for this run (auto, cpu, cpu_fast, cuda, ascend, mindspore)")
     p.add_argument("--dequantize", action="store_true", help="dequantize FP8/FP4 weights on load")
+    p.add_argument("--tp", type=at_least(1), default=1, help="tensor parallel ranks (run under torchrun)")
+    p.add_argument("--ep", type=at_least(1), default=1, help="expert parallel ranks (1 or --tp)")
     p.add_argument("--compile", action="store_true",
                    help="decode at fixed shapes, each step one torch.compile graph (first step compiles)")
 
@@ -220,7 +227,20 @@ def main(ns: argparse.Namespace) -> int:
             return error("generate", f"--preset {ns.preset}: {shortfall}", NO_RESOURCES)
     counts = args.parameter_counts()
     t0 = time.perf_counter()
-    model = build(args, dtype)
+    layout = Layout(tp=ns.tp, ep=ns.ep)
+    if layout.devices > 1:
+        if not ns.weights:
+            return error("generate", "--tp / --ep need --weights (random weights are not split consistently)")
+        if "RANK" not in os.environ:
+            return error("generate", f"--tp {ns.tp}: run under torchrun --nproc-per-node {layout.devices}")
+        if not dist.is_initialized():
+            dist.init_process_group(process_group_backend("cpu"), timeout=timedelta(seconds=300))
+        if dist.get_rank():  # rank 0 prints
+            sys.stdout = open(os.devnull, "w")
+    try:
+        model = build(args, dtype, layout=layout)
+    except ValueError as exc:  # LayoutError
+        return error("generate", str(exc))
     if ns.weights:
         try:
             report = load_checkpoint(model, ns.weights, args, keep_quantized=not ns.dequantize)
@@ -244,6 +264,12 @@ def main(ns: argparse.Namespace) -> int:
         print("compiling the decode step (first step; can take a minute)…", file=sys.stderr, flush=True)
     res = generate(model, prompts, ns.max_new_tokens, sampling, eos_token_id=None if not ns.prompt else _eos(args),
                    compile=ns.compile)
+    if layout.devices > 1:
+        from v4hal.model.plan import weight_bytes
+
+        fmt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(next(model.parameters()).dtype, "auto")
+        _check_ranks_agree(model, res.tokens, sum(weight_bytes(args, layout, fmt).values()))
+        dist.destroy_process_group()  # before exit, or gloo's threads abort the process
     for i, (p, out) in enumerate(zip(prompts, res.tokens)):
         print(f"[{i}] prompt ({len(p)} tokens): {p if len(p) <= 32 else p[:16] + ['...'] + p[-8:]}")
         print(f"[{i}] generated: {out}")
@@ -263,6 +289,18 @@ def main(ns: argparse.Namespace) -> int:
     if fell:
         print("ops that fell back to cpu: " + ", ".join(f"{op} ({c.reason})" for op, c in fell.items()))
     return 0
+
+
+def _check_ranks_agree(model, tokens: list[list[int]], planned: float) -> None:
+    """Every rank generated the same tokens (else RuntimeError); prints each rank's weight bytes
+    beside `v4hal plan`'s prediction."""
+    mine = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (mine, tokens))
+    for rank, (held, toks) in enumerate(everyone):
+        print(f"rank {rank}: weights {held / 2**20:.2f} MiB held, plan predicts {planned / 2**20:.2f} MiB")
+        if toks != tokens:
+            raise RuntimeError(f"generate: rank {rank} generated other tokens than rank {dist.get_rank()}")
 
 
 def _count(items: list[str]) -> dict[str, int]:

@@ -20,6 +20,10 @@ MXFP8 weights (e4m3 + 1x32 ue8m0 scales, `convert run --to mxfp8`) are always de
 Every shard must be a regular file inside the checkpoint folder (symlinks resolved); a tensor
 stored twice, or an integer tensor without a scale for a float slot, is rejected.
 The MTP layers (`model.layers.{N}` for N >= num_hidden_layers, `mtp.*`) are skipped.
+
+A model built for a parallel layout (`build(..., layout=...)`) reads only this rank's slices
+(`model.parallel.shard`) from the memory-mapped shards (safetensors' `get_slice`), and only its
+own routed experts; quantized weights stay quantized, their scales sliced with them.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from torch import nn
 from v4hal import ops
 from v4hal.conversion.io import CheckpointError, confined
 from v4hal.model.config import ModelArgs
+from v4hal.model.parallel import SOLO_PARALLEL, local_expert, scale_split, shard, take
 
 QUANT_DTYPES = (torch.float8_e4m3fn, torch.uint8, torch.int8)
 MX_BLOCK = (1, 32)  # OCP microscaling blocks, as MXFP4's (ops.FP4_BLOCK) and MXFP8's
@@ -399,6 +404,29 @@ class _Loader:
             raise LoadError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
 
 
+def _stored(files: list[Path], args: ModelArgs) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Canonical name -> (stored shape, safetensors dtype) of every tensor, from the headers."""
+    out = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                out[canonical_name(key, args.is_v4)] = (tuple(sl.get_shape()), sl.get_dtype())
+    return out
+
+
+def _rank_slice(sl, name: str, model: nn.Module, stored: dict, par) -> torch.Tensor:
+    """This rank's part of the stored tensor `sl` (a safetensors slice) named `name`."""
+    shape = tuple(sl.get_shape())
+    if _is_quant_scale(model, name):
+        base = name[: -len(".scale")] + ".weight"
+        wshape, wdtype = stored.get(base, (shape, ""))
+        split = scale_split(name, shard(base, wshape, par), wshape, shape, wdtype == "F8_E4M3", par.layout)
+    else:
+        split = shard(name, shape, par)
+    return sl[:] if split is None else take(sl, split)
+
+
 def load_checkpoint(model: nn.Module, directory: str | Path, args: ModelArgs, *, keep_quantized: bool = True) -> LoadReport:
     """Fill `model`'s parameters and buffers from the safetensors shards in `directory`.
 
@@ -412,6 +440,8 @@ def load_checkpoint(model: nn.Module, directory: str | Path, args: ModelArgs, *,
     start = time.perf_counter()
     loader = _Loader(model, args, keep_quantized)
     files = checkpoint_files(directory)
+    par = getattr(model, "parallel", SOLO_PARALLEL)
+    stored = _stored(files, args) if par is not SOLO_PARALLEL else {}
     description = _Description(Path(directory))
     pending_w: dict[str, torch.Tensor] = {}  # quantized weights whose scale is in a later shard
     pending_s: dict[str, torch.Tensor] = {}
@@ -431,7 +461,10 @@ def load_checkpoint(model: nn.Module, directory: str | Path, args: ModelArgs, *,
                 if _is_mtp(name, args):
                     loader.report.skipped.append(key)
                     continue
-                tensor = f.get_tensor(key)
+                name = local_expert(name, args.n_routed_experts, par)
+                if name is None:  # another rank's expert
+                    continue
+                tensor = f.get_tensor(key) if not stored else _rank_slice(f.get_slice(key), name, model, stored, par)
                 loader.report.bytes_read += tensor.numel() * tensor.element_size()
                 loader.report.tensors += 1
                 if offset:

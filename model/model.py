@@ -27,6 +27,7 @@ from v4hal.model.config import ModelArgs
 from v4hal.model.hyper import HyperConnection, HyperHead, expand_streams
 from v4hal.model.layers import Linear, RMSNorm
 from v4hal.model.moe import MLP, MoE, set_act_scale_fmt
+from v4hal.model.parallel import SOLO_PARALLEL, Layout, Parallel
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
 
@@ -49,24 +50,24 @@ class ModelCache:
         return sum(size(layer) for layer in self.layers)
 
 
-def _mlp(args: ModelArgs, idx: int, dtype: torch.dtype) -> nn.Module:
+def _mlp(args: ModelArgs, idx: int, dtype: torch.dtype, par: Parallel) -> nn.Module:
     """V3/V3.2's first layers: a dense SwiGLU MLP; every other layer: the MoE layer its config
     describes (`MoE.from_config`, the one builder of a model's MoE layer)."""
     if not args.is_moe_layer(idx):
-        return MLP(args.hidden_size, args.intermediate_size, None, dtype=dtype)
-    return MoE.from_config(args, idx, dtype=dtype)
+        return MLP(args.hidden_size, args.intermediate_size // par.tp.size, None, dtype=dtype, reduce=par.tp)
+    return MoE.from_config(args, idx, dtype=dtype, parallel=par)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, idx: int):
+    def __init__(self, args: ModelArgs, idx: int, par: Parallel = SOLO_PARALLEL):
         super().__init__()
         self.v4 = args.is_v4
         if self.v4:
-            self.self_attn = V4Attention(V4AttentionConfig.from_hf(args, idx))
+            self.self_attn = V4Attention(V4AttentionConfig.from_hf(args, idx), tp=par.tp)
         else:  # V3 is V3.2 without DSA: no indexer, every causal token attended
             c = V32AttentionConfig.from_hf(args, idx)
-            self.self_attn = V32Attention(c if args.is_v32 else dataclasses.replace(c, index_heads=0))
-        self.mlp = _mlp(args, idx, torch.get_default_dtype())
+            self.self_attn = V32Attention(c if args.is_v32 else dataclasses.replace(c, index_heads=0), tp=par.tp)
+        self.mlp = _mlp(args, idx, torch.get_default_dtype(), par)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         if self.v4:
@@ -88,15 +89,33 @@ class DecoderLayer(nn.Module):
         return self.ffn_hc.expand(self._mlp(self.post_attention_layernorm(x), input_ids), h, post, comb)
 
 
+class VocabEmbedding(nn.Module):
+    """`nn.Embedding` over this rank's `1 / tp` of the vocabulary (rows [first, first + n)): ids
+    held elsewhere embed to zero here, and the sum over `tp` completes every token."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp):
+        super().__init__()
+        rows = vocab_size // tp.size
+        self.weight = nn.Parameter(torch.empty(rows, hidden_size), requires_grad=False)
+        self.first, self.tp = tp.rank * rows, tp
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return nn.functional.embedding(input_ids, self.weight)
+        local = input_ids - self.first
+        here = (local >= 0) & (local < self.weight.shape[0])
+        h = nn.functional.embedding(torch.where(here, local, 0), self.weight) * here.unsqueeze(-1)
+        return self.tp.all_reduce(h)
+
+
 class Backbone(nn.Module):
     """transformers' `Deepseek*Model`: embeddings, decoder layers, (hc_head,) final norm."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, par: Parallel = SOLO_PARALLEL):
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.embed_tokens = VocabEmbedding(args.vocab_size, args.hidden_size, par.tp)
+        self.layers = nn.ModuleList(DecoderLayer(args, i, par) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         if args.is_v4:
             self.hc_head = HyperHead(args.hidden_size, args.hc_mult, args.hc_eps, args.rms_norm_eps)
@@ -113,18 +132,21 @@ class Backbone(nn.Module):
 
 
 class DeepseekForCausalLM(nn.Module):
-    """The whole model; state_dict keys are those of transformers' `Deepseek{V4,V32,V3}ForCausalLM`."""
+    """The whole model; state_dict keys are those of transformers' `Deepseek{V4,V32,V3}ForCausalLM`.
+    `parallel`: this rank's place in a tensor / expert parallel layout (`model.parallel`); its
+    tensors are then this rank's slices (`parallel.shard`), and every rank returns whole logits."""
 
-    def __init__(self, args: ModelArgs, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+    def __init__(self, args: ModelArgs, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                 parallel: Parallel = SOLO_PARALLEL):
         super().__init__()
-        self.args = args
+        self.args, self.parallel = args, parallel
         # Built directly in the compute dtype: a real-size model never exists in float32 first.
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype or DTYPES.get(args.torch_dtype, torch.float32))
         try:
             with torch.device(device or "cpu"):
-                self.model = Backbone(args)
-                self.lm_head = Linear(args.hidden_size, args.vocab_size)
+                self.model = Backbone(args, parallel)
+                self.lm_head = Linear(args.hidden_size, args.vocab_size // parallel.tp.size)
         finally:
             torch.set_default_dtype(previous)
         self._keep_float32()
@@ -158,7 +180,7 @@ class DeepseekForCausalLM(nn.Module):
             cache.batch = b
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(h).float()
+        return self.parallel.tp.all_gather(self.lm_head(h).float(), dim=-1)
 
     def init_random(self, seed: int = 0, std: float = 0.02) -> "DeepseekForCausalLM":
         """transformers' initialisation (normal weights, unit norms, zero biases / sinks / position
@@ -180,6 +202,10 @@ class DeepseekForCausalLM(nn.Module):
         return self
 
 
-def build(args: ModelArgs, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> DeepseekForCausalLM:
-    return DeepseekForCausalLM(args, dtype, device).eval()
+def build(args: ModelArgs, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+          layout: Layout | None = None) -> DeepseekForCausalLM:
+    """The model, whole, or (`layout`, under torch.distributed with `layout.devices` processes)
+    this rank's part of it; every rank must call it (the layout's process groups are created)."""
+    par = SOLO_PARALLEL if layout is None else Parallel.create(layout, args)
+    return DeepseekForCausalLM(args, dtype, device, par).eval()
 

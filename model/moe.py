@@ -38,8 +38,10 @@ import torch
 from torch import nn
 
 from v4hal import ops
-from v4hal.model.expert_parallel import AllToAll, expert_range
+from v4hal.model.collectives import SOLO, Collectives
+from v4hal.model.expert_parallel import AllToAll, LocalExperts, expert_range
 from v4hal.model.layers import Linear
+from v4hal.model.parallel import Layout, Parallel
 from v4hal.ops.moe import SCORING_FUNCS, ExpertWeights, SharedExpertWeights
 
 
@@ -86,12 +88,14 @@ class MLP(nn.Module):
     `ops.linear` format): the shared experts of a MoE layer, and V3's dense layers."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, swiglu_limit: float | None = None,
-                 dtype: torch.dtype = torch.bfloat16, device=None):
+                 dtype: torch.dtype = torch.bfloat16, device=None, reduce: Collectives = SOLO):
+        """intermediate_size: the columns held here (a tensor-parallel rank's share, the partial
+        output summed over `reduce`)."""
         super().__init__()
         self.swiglu_limit = swiglu_limit
         self.gate_proj = Linear(hidden_size, intermediate_size)
         self.up_proj = Linear(hidden_size, intermediate_size)
-        self.down_proj = Linear(intermediate_size, hidden_size)
+        self.down_proj = Linear(intermediate_size, hidden_size, reduce=reduce)
         self.to(dtype=dtype, device=device)
 
     def weights(self) -> SharedExpertWeights:
@@ -114,14 +118,16 @@ class MoE(nn.Module):
     swiglu_limit (V4's clamp, None = off; applies to shared experts too, as in V4), hash_vocab_size
     (set on V4 hash layers: routes by `gate.tid2eid[input_ids]`), correction_bias (the noaux_tc
     `e_score_correction_bias`, on by default for top-k layers), dtype / device of the float
-    weights, ep_group (torch.distributed group for expert parallelism, None = all experts here).
+    weights, ep_group (torch.distributed group for expert parallelism over processes that each
+    route their own tokens, None = all experts here), parallel (a `model.parallel.Parallel`: the
+    layout of a tensor + expert parallel model, instead of ep_group).
     """
 
     def __init__(self, hidden_size: int, moe_intermediate_size: int, n_routed_experts: int, n_shared_experts: int,
                  num_experts_per_tok: int, scoring_func: str = "sqrtsoftplus", n_group: int = 1, topk_group: int = 1,
                  routed_scaling_factor: float = 1.0, norm_topk_prob: bool = True, swiglu_limit: float | None = None,
                  hash_vocab_size: int | None = None, correction_bias: bool = True,
-                 dtype: torch.dtype = torch.bfloat16, device=None, ep_group=None):
+                 dtype: torch.dtype = torch.bfloat16, device=None, ep_group=None, parallel: Parallel | None = None):
         super().__init__()
         if scoring_func not in SCORING_FUNCS:
             raise ValueError(f"MoE: scoring_func must be one of {SCORING_FUNCS}, got {scoring_func!r}")
@@ -130,20 +136,26 @@ class MoE(nn.Module):
         self.routed_scaling_factor, self.norm_topk_prob = float(routed_scaling_factor), bool(norm_topk_prob)
         self.swiglu_limit = None if swiglu_limit is None else float(swiglu_limit)
         self.is_hash = hash_vocab_size is not None
-        self.ep_group = ep_group
+        if parallel is None:
+            world = 1 if ep_group is None else torch.distributed.get_world_size(ep_group)
+            parallel = (Parallel(Layout(ep=world, dp=world), ep_group=ep_group, ep_rank=torch.distributed.get_rank(ep_group))
+                        if world > 1 else Parallel(Layout()))
+        # The routed experts' partial sums (width split or local experts) and the shared experts'
+        # (column then row parallel) are completed by one all-reduce over `tp`.
+        self.tp, ep, self.ep_group = parallel.tp, parallel.layout.ep, parallel.ep_group
         # How routed rows reach the experts (`ops.moe_forward`'s exchange step): None = all here.
-        self.exchange = None if ep_group is None else AllToAll(ep_group)
-        n_local = n_routed_experts
-        if ep_group is not None:
-            start, end = expert_range(n_routed_experts, self.exchange.shards, self.exchange.rank)
-            n_local = end - start
+        self.exchange = {"all_to_all": lambda: AllToAll(parallel.ep_group),
+                         "local": lambda: LocalExperts(ep, parallel.ep_rank)}.get(parallel.experts, lambda: None)()
+        start, end = expert_range(n_routed_experts, ep, parallel.ep_rank)
+        width = moe_intermediate_size // (self.tp.size if parallel.experts == "width" else 1)
         self.gate = Router(hidden_size, n_routed_experts, num_experts_per_tok, hash_vocab_size, correction_bias, dtype, device)
-        self.experts = Experts(n_local, hidden_size, moe_intermediate_size, dtype, device)
-        self.shared_experts = (MLP(hidden_size, moe_intermediate_size * n_shared_experts, self.swiglu_limit, dtype, device)
-                               if n_shared_experts else None)
+        self.experts = Experts(end - start, hidden_size, width, dtype, device)
+        self.shared_experts = (MLP(hidden_size, moe_intermediate_size * n_shared_experts // self.tp.size,
+                                   self.swiglu_limit, dtype, device) if n_shared_experts else None)
 
     @classmethod
-    def from_config(cls, args, layer: int, dtype: torch.dtype | None = None, device=None, ep_group=None) -> "MoE":
+    def from_config(cls, args, layer: int, dtype: torch.dtype | None = None, device=None, ep_group=None,
+                    parallel: Parallel | None = None) -> "MoE":
         """Layer `layer` of a `model.config.ModelArgs` (the model builds its MoE layers here): V4
         layers always renormalize and clamp with swiglu_limit, its `hash_moe` layers route by
         `tid2eid`; V3 / V3.2 follow `norm_topk_prob`; every top-k layer has the correction bias, as
@@ -156,7 +168,8 @@ class MoE(nn.Module):
                   topk_group=args.topk_group, routed_scaling_factor=args.routed_scaling_factor,
                   norm_topk_prob=v4 or args.norm_topk_prob, swiglu_limit=args.swiglu_limit if v4 else None,
                   hash_vocab_size=args.vocab_size if is_hash else None,
-                  dtype=dtype or getattr(torch, args.torch_dtype), device=device, ep_group=ep_group)
+                  dtype=dtype or getattr(torch, args.torch_dtype), device=device, ep_group=ep_group,
+                  parallel=parallel)
         set_act_scale_fmt(moe, args.act_scale_fmt)
         return moe
 
@@ -177,7 +190,8 @@ class MoE(nn.Module):
                   input_ids=input_ids if self.is_hash else None,
                   tid2eid=self.gate.tid2eid if self.is_hash else None, swiglu_limit=self.swiglu_limit,
                   shared=None if self.shared_experts is None else self.shared_experts.weights())
-        return ops.moe_forward(hidden, self.gate.weight, self.experts.weights(), self.topk, exchange=self.exchange, **kw)
+        out = ops.moe_forward(hidden, self.gate.weight, self.experts.weights(), self.topk, exchange=self.exchange, **kw)
+        return self.tp.all_reduce(out)
 
     def extra_repr(self) -> str:
         return (f"experts={self.n_routed_experts}, topk={self.topk}, scoring={self.scoring_func}, "

@@ -1,10 +1,11 @@
 """`v4hal plan`: memory per device for a model, a context length and a parallel layout.
 
-Arithmetic only (nothing is allocated). Layout: `tp` splits attention heads, dense/shared MLPs and
-the vocabulary; `ep` splits the routed experts (what `ep` leaves of a tp*dp group splits each
-expert's matrices); `pp` splits the layers; `dp` replicates everything above and splits the batch.
-Devices = tp * dp * pp. V4's single shared KV head and V3.2's MLA latent are not split by tp (each
-rank keeps the whole cache for its sequences), as in DeepSeek's own inference code.
+Arithmetic only (nothing is allocated). The layout is `model.parallel.Layout`, the one the running
+model uses: `tp` splits attention heads, dense/shared MLPs and the vocabulary; `ep` splits the
+routed experts (what `ep` leaves of a tp*dp group splits each expert's matrices); `pp` splits the
+layers; `dp` replicates everything above and splits the batch. Devices = tp * dp * pp. V4's single
+shared KV head and V3.2's MLA latent are not split by tp (each rank keeps the whole cache for its
+sequences), as in DeepSeek's own inference code.
 
 Weight bytes follow the checkpoint's formats: FP8 e4m3 (1 byte + one fp32 scale per 128x128
 block), MXFP4 routed experts for V4 (half a byte + one ue8m0 byte per 32), BF16 embeddings and
@@ -15,23 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
-
 from v4hal.model.config import PRESETS, PROJECTED, ModelArgs, human, load_args
+from v4hal.model.parallel import Layout
 
 BYTES = {"bf16": 2.0, "fp8": 1.0 + 4 / (128 * 128), "int8": 1.0 + 4 / 4096, "fp4": 0.5 + 1 / 32, "fp32": 4.0}
-
-
-@dataclass
-class Layout:
-    tp: int = 1
-    ep: int = 1
-    pp: int = 1
-    dp: int = 1
-
-    @property
-    def devices(self) -> int:
-        return self.tp * self.dp * self.pp
 
 
 def parse_count(text: str) -> int:
@@ -49,7 +37,7 @@ def weight_bytes(args: ModelArgs, lay: Layout, weights: str = "auto") -> dict[st
     dense_fmt = ("fp8" if args.weight_quant == "fp8" else "bf16") if weights == "auto" else weights
     expert_fmt = ("fp4" if args.expert_dtype == "fp4" else dense_fmt) if weights == "auto" else weights
     layers_here = 1 / lay.pp
-    expert_split = lay.ep * max(1, (lay.tp * lay.dp) // lay.ep)
+    expert_split = lay.expert_split
     small = c["norms"] + c["mhc"] + c["hash_tables"] / 2  # hash tables are int32 ids: 4 bytes = 2 "fp32 halves"
     return {
         "embed+head": (c["embed"] + c["head"]) * BYTES["bf16"] / lay.tp,
@@ -103,12 +91,7 @@ def activation_bytes(args: ModelArgs, lay: Layout, chunk: int, context: int) -> 
 
 def plan(args: ModelArgs, lay: Layout, context: int, batch: int = 1, chunk: int = 4096,
          weights: str = "auto", kv: str = "bf16") -> dict:
-    if args.n_routed_experts % lay.ep:
-        raise ValueError(f"ep={lay.ep} must divide the {args.n_routed_experts} routed experts")
-    if lay.ep > lay.tp * lay.dp:
-        raise ValueError(f"ep={lay.ep} cannot exceed tp*dp={lay.tp * lay.dp} (experts live inside one stage)")
-    if args.num_attention_heads % lay.tp:
-        raise ValueError(f"tp={lay.tp} must divide the {args.num_attention_heads} attention heads")
+    lay.check(args)
     w = weight_bytes(args, lay, weights)
     per_seq = kv_bytes_per_sequence(args, context, kv)
     seqs_here = -(-batch // lay.dp)

@@ -1,0 +1,144 @@
+"""The tensor + expert parallel model on CPU: gloo process groups of 2 ranks must give the
+single-process logits (float32) for a prefill and decode steps, and the same greedy tokens, on
+tiny V4 (sliding / CSA / HCA layers, a hash layer), V3.2 and V3 models from transformers
+checkpoints. Layouts: tp=2; ep=2 (with dp=2: each rank its own sequence, tokens exchanged by
+all-to-all); tp=2 x ep=2 (heads and vocabulary split, each rank running its half of the experts).
+"""
+
+import os
+import socket
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from v4hal.bench.cases_model import hf_model
+from v4hal.model.config import ModelArgs, preset
+from v4hal.model.generate import Sampling, generate
+from v4hal.model.loader import load_checkpoint
+from v4hal.model.model import build
+from v4hal.model.parallel import Layout, LayoutError, scale_split
+
+MLA = dict(model_type="deepseek_v3", vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32,
+           qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
+           n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
+           max_position_embeddings=1024, torch_dtype="float32", attention_bias=True)
+CONFIGS = {"v4": preset("tiny").to_dict(), "v32": {**MLA, "model_type": "deepseek_v32", "index_n_heads": 8,
+                                                   "index_head_dim": 16, "index_topk": 6}, "v3": MLA}
+LAYOUTS = {"tp2": Layout(tp=2), "ep2": Layout(ep=2, dp=2), "tp2xep2": Layout(tp=2, ep=2)}
+PROMPT, DECODE, NEW = 13, 6, 6  # a prompt crossing the tiny windows, decode steps, greedy tokens
+TIMEOUT = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ids(args: ModelArgs) -> torch.Tensor:
+    return torch.randint(0, args.vocab_size, (2, PROMPT + DECODE), generator=torch.Generator().manual_seed(1))
+
+
+def _run(model, ids: torch.Tensor) -> dict:
+    """Prefill logits, each decode step's logits, and greedy tokens."""
+    with torch.no_grad():
+        cache = model.new_cache()
+        steps = [model(ids[:, :PROMPT], cache=cache)]
+        steps += [model(ids[:, i:i + 1], cache=cache) for i in range(PROMPT, ids.shape[1])]
+        tokens = generate(model, ids[:, :PROMPT].tolist(), NEW, Sampling(temperature=0.0)).tokens
+    return {"logits": torch.cat(steps, dim=1), "tokens": tokens}
+
+
+def _worker(rank, world, port, layout, ckpts, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT))
+    try:
+        for name, path in ckpts.items():
+            args = ModelArgs.from_json(path)
+            model = build(args, layout=layout)
+            load_checkpoint(model, path, args)  # this rank's slices only
+            ids = _ids(args)
+            rows = slice(rank, rank + 1) if layout.dp > 1 else slice(None)  # dp: one sequence per rank
+            torch.save(_run(model, ids[rows]), os.path.join(out_dir, f"{name}.{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world: int, *args) -> None:
+    """Run fn(rank, world, port, *args) in `world` processes; fail (never hang) past TIMEOUT."""
+    ctx = mp.spawn(fn, args=(world, _free_port(), *args), nprocs=world, join=False)
+    deadline = time.monotonic() + TIMEOUT
+    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"distributed run did not finish within {TIMEOUT} s")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """name -> (checkpoint directory, single-process result)."""
+    out = {}
+    for name, cfg in CONFIGS.items():
+        path = tmp_path_factory.mktemp(name)
+        hf_model(ModelArgs.from_dict(cfg), seed=0).save_pretrained(path)
+        args = ModelArgs.from_json(path)
+        model = build(args)
+        load_checkpoint(model, path, args)
+        out[name] = (str(path), _run(model, _ids(args)))
+    return out
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_parallel_layouts_match_one_process(layout, checkpoints, tmp_path):
+    lay = LAYOUTS[layout]
+    spawn(_worker, lay.devices, lay, {n: p for n, (p, _) in checkpoints.items()}, str(tmp_path))
+    for name, (_, ref) in checkpoints.items():
+        for rank in range(lay.devices):
+            got = torch.load(tmp_path / f"{name}.{rank}.pt")
+            rows = slice(rank, rank + 1) if lay.dp > 1 else slice(None)
+            torch.testing.assert_close(got["logits"], ref["logits"][rows], rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{name} {layout} rank {rank}: {m}")
+            assert got["tokens"] == ref["tokens"][rows], f"{name} {layout} rank {rank}"
+
+
+@pytest.mark.parametrize("layout, setting", [(Layout(tp=3), "tp=3 must divide the 4 attention heads"),
+                                              (Layout(ep=3, dp=3), "ep=3 must divide the 8 routed experts"),
+                                              (Layout(tp=4), "tp=4 must divide the 2 output projection groups"),
+                                              (Layout(tp=2, ep=4), "ep=4 cannot exceed tp\\*dp=2"),
+                                              (Layout(tp=2, pp=2), "pp=2"), (Layout(tp=2, dp=2, ep=4), "dp=2")])
+def test_layouts_that_do_not_fit_name_the_setting(layout, setting):
+    with pytest.raises(LayoutError, match=setting):
+        build(preset("tiny"), layout=layout)
+
+
+def test_vocabulary_split_is_checked():
+    with pytest.raises(LayoutError, match="tp=2 must divide the 511 vocabulary"):
+        Layout(tp=2).check(preset("tiny").replace(vocab_size=511))
+
+
+def test_a_layout_needs_its_processes():
+    with pytest.raises(LayoutError, match="run under torchrun"):
+        build(preset("tiny"), layout=Layout(tp=2))
+
+
+def test_quantization_scales_are_sliced_with_their_weights():
+    # FP8 [256, 384] weight, [2, 3] block scales: a column split of rows at 128 takes scale row 1
+    assert scale_split("w.scale", (0, [(128, 256)]), (256, 384), (2, 3), True, Layout(tp=2)) == (0, [(1, 2)])
+    # the last block may be partial: rows [192, 300) of 300 are scale rows 1..2 (blocks 128 wide)
+    assert scale_split("w.scale", (0, [(128, 300)]), (300, 64), (3, 1), True, Layout(tp=2)) == (0, [(1, 3)])
+    # int8 per-row scale [N, 1] under a row-parallel (column) split stays whole
+    assert scale_split("w.scale", (1, [(32, 64)]), (16, 64), (16, 1), False, Layout(tp=2)) is None
+    # MXFP4 experts [E, N, K/2] bytes with [E, N, K/32] scales: 16 bytes per scale
+    assert scale_split("e.scale", (2, [(16, 32)]), (4, 8, 32), (4, 8, 2), False, Layout(tp=2)) == (2, [(1, 2)])
+
+
+def test_a_split_through_an_fp8_block_is_refused_naming_tensor_and_layout():
+    with pytest.raises(LayoutError, match=r"q_b_proj.scale: layout tp=2 ep=1 pp=1 dp=1 cuts dimension 0 at \[64, 128\)"):
+        scale_split("model.layers.0.self_attn.q_b_proj.scale", (0, [(64, 128)]), (128, 32), (1, 1), True, Layout(tp=2))
