@@ -18,6 +18,7 @@ import argparse
 import os
 from v4hal.model.config import PRESETS, PROJECTED, ModelArgs, human, load_args
 from v4hal.model.parallel import Layout
+from v4hal.ops import KV_LAYOUTS
 
 BYTES = {"bf16": 2.0, "fp8": 1.0 + 4 / (128 * 128), "int8": 1.0 + 4 / 4096, "fp4": 0.5 + 1 / 32, "fp32": 4.0}
 
@@ -48,25 +49,48 @@ def weight_bytes(args: ModelArgs, lay: Layout, weights: str = "auto") -> dict[st
     }
 
 
+def kv_row_bytes(args: ModelArgs, dim: int, rope: int, kv: str) -> int:
+    """Cache bytes of one KV row of `dim` values, the last `rope` of them RoPE. fp8 is DeepSeek's
+    sparse-FP8 layout (ops/kv_cache.py: V4 584 bytes for 448 + 64, V3.2 656 for 512 + 64); other
+    dims (tiny models) take the same per-value rule without FlashMLA's padding."""
+    if kv == "bf16":
+        return dim * 2
+    lay = KV_LAYOUTS["v4" if args.is_v4 else "v3.2"]
+    nope = dim - rope
+    if (nope, rope) == (lay.nope, lay.rope):
+        return lay.token_bytes
+    return nope + 2 * rope + -(-nope // lay.tile) * lay.scale_bytes
+
+
+def index_key_bytes(args: ModelArgs, kv: str) -> float:
+    """Indexer key bytes per entry: fp8 is e4m3 with one float32 scale per 128 values (the
+    indexer's FP8 cache in DeepSeek's inference code)."""
+    d = args.index_head_dim
+    return d * 2 if kv == "bf16" else d + 4 * -(-d // 128)
+
+
 def kv_bytes_per_sequence(args: ModelArgs, context: int, kv: str = "bf16") -> dict[str, float]:
-    """Cache bytes one sequence of `context` tokens holds, over all layers."""
-    b = BYTES[kv]
+    """Cache bytes one sequence of `context` tokens holds, over all layers (kv: bf16 or fp8)."""
+    if kv not in ("bf16", "fp8"):
+        raise ValueError(f"kv cache dtype must be bf16 or fp8, got {kv!r}")
     out = {"sliding window": 0.0, "compressed": 0.0, "indexer keys": 0.0, "compressor state": 0.0, "latent (MLA)": 0.0}
     for i in range(args.num_hidden_layers):
         if args.is_v4:
             d, r = args.head_dim, args.compress_ratio(i)
-            out["sliding window"] += min(context, args.sliding_window) * d * b
+            row = kv_row_bytes(args, d, args.qk_rope_head_dim, kv)
+            out["sliding window"] += min(context, args.sliding_window) * row
             if r:
-                out["compressed"] += (context // r) * d * b
+                out["compressed"] += (context // r) * row
                 width = 2 if r == 4 else 1
                 out["compressor state"] += 2 * r * width * d * BYTES["fp32"]  # open window's kv + gate
                 if r == 4:
-                    out["indexer keys"] += (context // r) * args.index_head_dim * b
+                    out["indexer keys"] += (context // r) * index_key_bytes(args, kv)
                     out["compressor state"] += 2 * r * 2 * args.index_head_dim * BYTES["fp32"]
         else:
-            out["latent (MLA)"] += context * (args.kv_lora_rank + args.qk_rope_head_dim) * b
+            out["latent (MLA)"] += context * kv_row_bytes(args, args.kv_lora_rank + args.qk_rope_head_dim,
+                                                          args.qk_rope_head_dim, kv)
             if args.is_v32:
-                out["indexer keys"] += context * args.index_head_dim * b
+                out["indexer keys"] += context * index_key_bytes(args, kv)
     return {k: v for k, v in out.items() if v}
 
 
@@ -89,6 +113,9 @@ def activation_bytes(args: ModelArgs, lay: Layout, chunk: int, context: int) -> 
     return {"residual streams": streams, "attention (peak)": attn, "moe (peak)": moe, "logits": logits}
 
 
+MILLION = 2 ** 20  # "1M" context, as --context parses it
+
+
 def plan(args: ModelArgs, lay: Layout, context: int, batch: int = 1, chunk: int = 4096,
          weights: str = "auto", kv: str = "bf16") -> dict:
     lay.check(args)
@@ -99,8 +126,9 @@ def plan(args: ModelArgs, lay: Layout, context: int, batch: int = 1, chunk: int 
     act = activation_bytes(args, lay, min(chunk, context), context)
     act_peak = act["residual streams"] + max(act["attention (peak)"], act["moe (peak)"], act["logits"])
     total = sum(w.values()) + sum(kv_dev.values()) + act_peak
+    million = sum(kv_bytes_per_sequence(args, MILLION, kv).values())
     return {"weights": w, "kv_cache": kv_dev, "activations": act, "activation_peak": act_peak,
-            "total": total, "layout": lay, "context": context, "batch": batch, "chunk": min(chunk, context)}
+            "total": total, "kv_dtype": kv, "kv_per_million": million, "layout": lay, "context": context, "batch": batch, "chunk": min(chunk, context)}
 
 
 def random_model_bytes(args: ModelArgs, dtype_bytes: int) -> float:
@@ -150,7 +178,10 @@ def format_plan(name: str, args: ModelArgs, p: dict) -> str:
     lines += [f"    {k:<22}{gib(v)}" for k, v in p["weights"].items()]
     lines += [f"    {'= weights':<22}{gib(sum(p['weights'].values()))}", "  kv cache"]
     lines += [f"    {k:<22}{gib(v)}" for k, v in p["kv_cache"].items()]
-    lines += [f"    {'= kv cache':<22}{gib(sum(p['kv_cache'].values()))}", "  activations (prefill chunk)"]
+    lines += [f"    {'= kv cache':<22}{gib(sum(p['kv_cache'].values()))}",
+              f"    ({p['kv_dtype']}: one 1M-token sequence holds {gib(p['kv_per_million']).strip()}, "
+              f"{p['kv_per_million'] / MILLION:,.0f} bytes per token over all layers)",
+              "  activations (prefill chunk)"]
     lines += [f"    {k:<22}{gib(v)}" for k, v in p["activations"].items()]
     lines += [f"    {'= peak':<22}{gib(p['activation_peak'])}", f"  {'total':<24}{gib(p['total'])}"]
     return "\n".join(lines)
@@ -169,7 +200,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{flag}", type=at_least(1), default=1)
     p.add_argument("--weights", choices=["auto", "bf16", "fp8", "int8", "fp4"], default="auto",
                    help="weight format (auto: the checkpoint's own)")
-    p.add_argument("--kv-dtype", choices=["bf16", "fp8"], default="bf16")
+    p.add_argument("--kv-cache-dtype", "--kv-dtype", dest="kv_dtype", choices=["bf16", "fp8"], default="bf16",
+                   help="cache format: bf16, or fp8 (DeepSeek's sparse-FP8 layout, ops/kv_cache.py)")
 
 
 def main(ns: argparse.Namespace) -> int:

@@ -137,6 +137,18 @@ def test_plan_kv_cache_by_hand():
     kv = planmod.kv_bytes_per_sequence(a, 1000)
     assert kv["latent (MLA)"] == 61 * 1000 * 576 * 2
     assert kv["indexer keys"] == 61 * 1000 * 128 * 2
+    fp8 = planmod.kv_bytes_per_sequence(a, 1000, "fp8")  # 656-byte rows, e4m3 keys + a float32 scale
+    assert fp8["latent (MLA)"] == 61 * 1000 * 656
+    assert fp8["indexer keys"] == 61 * 1000 * (128 + 4)
+
+
+def test_plan_fp8_kv_cache_uses_the_v4_layout():
+    """V4-Flash: every compressed or window row is 584 bytes in fp8 against 1024 in bf16."""
+    a = preset("v4-flash")
+    bf16, fp8 = (planmod.kv_bytes_per_sequence(a, 2 ** 20, kv) for kv in ("bf16", "fp8"))
+    assert fp8["compressed"] / bf16["compressed"] == pytest.approx(584 / 1024)
+    assert fp8["sliding window"] / bf16["sliding window"] == pytest.approx(584 / 1024)
+    assert fp8["compressor state"] == bf16["compressor state"]  # float32 either way
 
 
 def test_plan_rejects_layouts_that_do_not_divide():
@@ -148,5 +160,7 @@ def test_plan_cli(capsys):
     assert cli(["plan", "--preset", "v4-pro", "--context", "1M", "--tp", "8", "--ep", "8"]) == 0
     out = capsys.readouterr().out
     assert "1.57T parameters" in out and "tp=8 ep=8" in out and "kv cache" in out and "GiB" in out
+    assert cli(["plan", "--preset", "v4-pro", "--context", "1M", "--kv-cache-dtype", "fp8"]) == 0
+    assert "fp8: one 1M-token sequence holds" in capsys.readouterr().out
     assert cli(["plan", "--preset", "v4-1t", "--context", "128k"]) == 0
     assert "PROJECTION" in capsys.readouterr().out

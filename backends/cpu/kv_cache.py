@@ -1,0 +1,96 @@
+"""Reference FP8 KV cache (layouts: v4hal/ops/kv_cache.py): one token record of `token_bytes`
+bytes per row (nope e4m3 | rope BF16 | scales for v4, nope | scales | rope for v3.2, each
+layout's physical order), moved to and from the cache through the byte positions it occupies in
+its block. Attention dequantizes the whole cache, then runs the reference `sparse_attention`."""
+
+import torch
+
+from v4hal.backends.cpu.attention import sparse_attention as attend
+
+E4M3_MAX = 448.0
+MIN_SCALE = 1e-4  # FlashMLA's floor on amax / 448 (an all-zero tile gets scale 2**-13)
+
+
+def _pieces(lay):
+    """(start, width) of nope, scales and rope inside a token record."""
+    if lay.split:
+        return (0, lay.nope), (lay.row_bytes, lay.tiles * lay.scale_bytes), (lay.nope, 2 * lay.rope)
+    return (0, lay.nope), (lay.nope, lay.tiles * lay.scale_bytes), (lay.nope + lay.scale_record, 2 * lay.rope)
+
+
+def byte_positions(lay, block_size, offsets):
+    """`[M, token_bytes]`: where each byte of the records of the tokens at `offsets` lies in its
+    block's bytes."""
+    offsets = offsets.long().unsqueeze(-1)
+    if not lay.split:
+        return offsets * lay.token_bytes + torch.arange(lay.token_bytes, device=offsets.device)
+    rows = offsets * lay.row_bytes + torch.arange(lay.row_bytes, device=offsets.device)
+    scales = block_size * lay.row_bytes + offsets * lay.scale_record + torch.arange(lay.scale_record,
+                                                                                    device=offsets.device)
+    return torch.cat([rows, scales], -1)
+
+
+def block_bytes(cache):
+    """`[blocks, block_size * token_bytes]` uint8 view of the cache (each block's bytes)."""
+    return cache.view(torch.uint8).flatten(1)
+
+
+def encode(kv, lay):
+    """Token records `[M, token_bytes]` uint8 of rows `[M, D]`."""
+    x = kv.to(torch.bfloat16)
+    nope = x[:, :lay.nope].float().view(-1, lay.tiles, lay.tile)
+    amax = nope.abs().amax(-1)
+    mant, exp = torch.frexp(torch.clamp_min(amax / E4M3_MAX, MIN_SCALE))
+    exp = exp - (mant == 0.5).to(exp.dtype)  # ceil(log2): an exact power of two keeps its exponent
+    scale = torch.ldexp(torch.ones_like(amax), exp)
+    codes = (nope / scale.unsqueeze(-1)).to(torch.float8_e4m3fn).view(torch.uint8).flatten(1)
+    if lay.scale_bytes == 1:
+        scale_bytes = (exp + 127).to(torch.uint8)
+    else:
+        scale_bytes = scale.contiguous().view(torch.uint8)
+    pad = scale_bytes.new_zeros(scale_bytes.shape[0], lay.scale_pad)
+    rope = x[:, lay.nope:].contiguous().view(torch.uint8)
+    record = torch.empty(kv.shape[0], lay.token_bytes, dtype=torch.uint8, device=kv.device)
+    (n0, nw), (s0, sw), (r0, rw) = _pieces(lay)
+    record[:, n0:n0 + nw] = codes
+    record[:, s0:s0 + sw + lay.scale_pad] = torch.cat([scale_bytes, pad], 1)
+    record[:, r0:r0 + rw] = rope
+    return record
+
+
+def decode(record, lay):
+    """Rows `[..., D]` float32 of token records `[..., token_bytes]`."""
+    (n0, nw), (s0, sw), (r0, rw) = _pieces(lay)
+    lead = record.shape[:-1]
+    codes = record[..., n0:n0 + nw].contiguous().view(torch.float8_e4m3fn).float()
+    raw = record[..., s0:s0 + sw].contiguous()
+    if lay.scale_bytes == 1:
+        scale = torch.ldexp(torch.ones(raw.shape, device=raw.device), raw.int() - 127)
+    else:
+        scale = raw.view(torch.float32)
+    nope = (codes.view(*lead, lay.tiles, lay.tile) * scale.unsqueeze(-1)).flatten(-2)
+    rope = record[..., r0:r0 + rw].contiguous().view(torch.bfloat16).float()
+    return torch.cat([nope, rope], -1)
+
+
+def kv_cache_fp8_write(cache, kv, slots, lay):
+    keep = slots >= 0
+    kv, slots = kv[keep], slots[keep].long()
+    bs = cache.shape[1]
+    pos = byte_positions(lay, bs, slots % bs)
+    block_bytes(cache)[(slots // bs).unsqueeze(-1), pos] = encode(kv, lay)
+
+
+def kv_cache_fp8_read(cache, slots, lay):
+    flat = slots.reshape(-1).long()
+    bs = cache.shape[1]
+    pos = byte_positions(lay, bs, flat.clamp(min=0) % bs)
+    rows = decode(block_bytes(cache)[(flat.clamp(min=0) // bs).unsqueeze(-1), pos], lay)
+    rows = torch.where((flat >= 0).unsqueeze(-1), rows, 0.0)
+    return rows.view(*slots.shape, lay.dim)
+
+
+def sparse_attention_fp8kv(q, cache, slots, scale, lay, sink, v_dim):
+    every = torch.arange(cache.shape[0] * cache.shape[1], device=cache.device)
+    kv = kv_cache_fp8_read(cache, every, lay).unsqueeze(0).expand(q.shape[0], -1, -1)
+    return attend(q, kv, slots, scale, sink, v_dim)

@@ -1,0 +1,16 @@
+"""Attention over an FP8 cache that dequantizes only the rows the queries select (decode reads
+the bytes of its top-k + window rows, not the whole cache), then runs `sparse_attention` on
+whichever backend the registry picks for it. Writing and reading are the reference's."""
+
+import torch
+
+from v4hal.backends import registry
+
+reference = registry.parent_family(__name__)
+
+
+def sparse_attention_fp8kv(q, cache, slots, scale, lay, sink, v_dim):
+    picked, local = torch.unique(slots.clamp(min=0), return_inverse=True)
+    rows = reference.kv_cache_fp8_read(cache, picked, lay).unsqueeze(0).expand(q.shape[0], -1, -1)
+    local = torch.where(slots >= 0, local, -1)
+    return registry.dispatch("sparse_attention")(q, rows, local, scale, sink, v_dim)
