@@ -127,7 +127,11 @@ def first_run() -> Block:
     return block
 
 
-PYTHON = [b for b in doc_blocks() if b.lang == "python"]
+FILE_BLOCK = re.compile(r"# (\S+\.py)\n")  # a block that is a file's contents, headed by its path
+# docs/backends.md's worked examples are files, not scripts: tests/test_backend_docs.py installs
+# them as a new op and a new backend and runs both.
+FILE_BLOCK_DOCS = {"docs/backends.md"}
+PYTHON = [b for b in doc_blocks() if b.lang == "python" and not FILE_BLOCK.match(b.text)]
 
 
 # -- the docs ---------------------------------------------------------------------------------------
@@ -138,6 +142,11 @@ def test_python_block_runs_as_written(block, tmp_path):
         pytest.skip(f"{block.where}: {block.not_run}")
     done = run_python(block, tmp_path)
     assert done.returncode == 0, f"{block.where} failed:\n{done.stderr[-3000:]}"
+
+
+def test_file_blocks_live_only_where_a_test_installs_them():
+    files = [b for b in doc_blocks() if b.lang == "python" and FILE_BLOCK.match(b.text)]
+    assert files and {b.where.split(":")[0] for b in files} <= FILE_BLOCK_DOCS, [b.where for b in files]
 
 
 def test_blocks_not_run_are_few_and_each_names_a_device():
