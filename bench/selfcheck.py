@@ -43,7 +43,8 @@ from v4hal.bench.machine import describe, limits, synchronize
 from v4hal.bench.metrics import judge, metrics
 
 SECTIONS = ("backends", "parity", "models", "decode", "speed")
-# Shares of the time left when a section starts (backends takes a second and needs none).
+# Shares of the time left when a section starts. The backend report is not time-boxed: it probes
+# every backend, and an import of a vendor package (mindspore) interrupted midway can crash Python.
 SHARES = {"backends": 0.0, "parity": 0.35, "models": 0.15, "decode": 0.2, "speed": 0.3}
 
 
@@ -75,8 +76,9 @@ class OutOfTime(BaseException):
 
 @contextlib.contextmanager
 def time_box(seconds: float):
-    """Interrupt the block after `seconds` (SIGALRM; the running torch op finishes first). Only in
-    the main thread of a Unix process; elsewhere the section deadlines alone bound the run."""
+    """Interrupt the block after `seconds` (SIGALRM; the running torch op finishes first). A box
+    inside another ends no later than the outer one, which runs on afterwards. Only in the main
+    thread of a Unix process; elsewhere the section deadlines alone bound the run."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
         yield
         return
@@ -84,13 +86,18 @@ def time_box(seconds: float):
     def expire(signum, frame):
         raise OutOfTime(f"its time box of {seconds:.0f} s ran out")
 
+    start = time.monotonic()
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    outer_left, _ = signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    if outer_left:
+        signal.setitimer(signal.ITIMER_REAL, max(min(seconds, outer_left), 0.01))
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer_left:
+            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - start), 0.01))
 
 
 def run_items(items: list, run_one, deadline: float, name=lambda item: item.id) -> tuple[list, str | None]:
@@ -224,8 +231,12 @@ def speed_section(size: Size, backends: list[str], deadline: float, repeats: int
 
 
 def status(section: dict) -> str:
-    if any(r.get("status") == "fail" for r in section.get("rows", [])):
+    """fail: a row failed or the section crashed; unavailable: every row was (nothing checked)."""
+    rows = section.get("rows", [])
+    if section.get("error") or any(r.get("status") == "fail" for r in rows):
         return "fail"
+    if rows and all(r.get("status") == "unavailable" for r in rows):
+        return "unavailable"
     return "cut" if section.get("cut") else "pass"
 
 
@@ -254,17 +265,20 @@ def run(size: Size, budget_s: float, only: tuple[str, ...] = SECTIONS, select: s
         shares = sum(SHARES[s] for s in todo[i:]) or 1.0
         deadline = time.monotonic() + (end - time.monotonic()) * SHARES[name] / shares
         t0 = time.monotonic()
+        box = contextlib.nullcontext() if name == "backends" else time_box(deadline - t0 + 5.0)
         try:  # the items are boxed by the deadline; this box also bounds a section's set-up
-            with time_box(deadline - t0 + 5.0):
+            with box:
                 section = run_section(name, size, backends, deadline, select, repeats)
         except OutOfTime as exc:
             section = {"rows": [], "cut": f"stopped in its set-up ({exc})"}
+        except Exception as exc:  # a crashed section is reported; the next ones still run
+            section = {"rows": [], "cut": None, "error": f"{type(exc).__name__}: {exc}"}
         sections[name] = {**section, "status": status(section), "seconds": time.monotonic() - t0}
     skipped = {"status": "skipped", "cut": None, "note": "not in --only"}
     sections = {name: sections.get(name, skipped) for name in SECTIONS}
     return {"device_backends": backends, "machine": describe(registry.backend_module(backends[0]).device()),
             "budget_s": budget_s, "seconds": time.monotonic() - start, "sections": sections,
-            "failed": [n for n, s in sections.items() if s["status"] == "fail"],
+            "failed": [n for n, s in sections.items() if s["status"] in ("fail", "unavailable")],
             "cut": {n: s["cut"] for n, s in sections.items() if s["cut"]}}
 
 
@@ -291,6 +305,7 @@ def format_markdown(result: dict, command: str) -> str:
     lines += [f"- **cut** {name}: {why}" for name, why in result["cut"].items()]
     lines += ["", "| section | status | seconds |", "|---|---|---|"]
     lines += [f"| {n} | {v['status']} | {v.get('seconds', 0):.1f} |" for n, v in s.items()]
+    lines += [f"- **error** {n}: {v['error']}" for n, v in s.items() if v.get("error")]
     if "report" in s["backends"]:
         lines += ["", "## Backends", ""]
         lines += [f"- {b}: {'usable' if e['usable'] else 'unusable: ' + e['reason']}"

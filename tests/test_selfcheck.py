@@ -103,3 +103,28 @@ def test_bad_input_exits_2(tmp_path, capsys, argv):
 def test_the_device_is_cuda_when_present(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert selfcheck.device_backends() == ["cuda"]
+
+
+def test_an_inner_time_box_leaves_the_outer_one_running():
+    start = time.monotonic()
+    with pytest.raises(selfcheck.OutOfTime):
+        with selfcheck.time_box(0.5):
+            with selfcheck.time_box(10):
+                pass
+            time.sleep(30)
+    assert time.monotonic() - start < 5
+
+
+def test_a_crashed_section_fails_and_the_others_still_run(monkeypatch):
+    def crash(*args):
+        raise RuntimeError("no device")
+
+    monkeypatch.setattr(selfcheck, "decode_section", crash)
+    result = selfcheck.run(selfcheck.SIZES["small"], 60, only=("backends", "decode"))
+    assert result["sections"]["decode"] == {**result["sections"]["decode"], "status": "fail",
+                                            "error": "RuntimeError: no device"}
+    assert result["sections"]["backends"]["status"] == "pass" and result["failed"] == ["decode"]
+
+
+def test_a_section_where_every_row_is_unavailable_is_not_a_pass():
+    assert selfcheck.status({"rows": [{"status": "unavailable"}], "cut": None}) == "unavailable"
