@@ -123,11 +123,13 @@ def _reference(inputs: dict) -> dict:
     return {**inputs, "dtype": torch.float64}
 
 
-PARITY = [
-    Case("model_logits", f"{name}/S{length}", _logits(name), _ids(name, length), Tolerance("close", 1e-4, 1e-4),
-         quick=True, reference_inputs=_reference)
-    for name, length in (("tiny-v4", 37), ("tiny-v32", 21))
-]
+def logits_case(name: str, length: int, quick: bool = False) -> Case:
+    """Final logits of config `name` on 2 random sequences of `length` tokens, against float64."""
+    return Case("model_logits", f"{name}/S{length}", _logits(name), _ids(name, length), Tolerance("close", 1e-4, 1e-4),
+                quick=quick, reference_inputs=_reference)
+
+
+PARITY = [logits_case(name, length, quick=True) for name, length in (("tiny-v4", 37), ("tiny-v32", 21))]
 
 
 def _prefill(tokens: int):
@@ -150,7 +152,7 @@ def _prefill(tokens: int):
     return make
 
 
-def _decode(context: int, compiled: bool = False, chunk: int = 1024):
+def decode(context: int, compiled: bool = False, chunk: int = 1024):
     """One decode step after a `context`-token prefill. compiled: ours is `StaticDecoder` (its
     first call, in the warm-up, compiles), and our eager step is a peer too."""
     def make(device: torch.device):
@@ -195,10 +197,10 @@ def _decode(context: int, compiled: bool = False, chunk: int = 1024):
 
 SPEED = [
     SpeedCase("model_prefill", "bench-v4/4k", _prefill(4096)),
-    SpeedCase("model_decode", "bench-v4/16k-context", _decode(16384)),
-    SpeedCase("model_decode", "bench-v4/16k-context/compiled", _decode(16384, compiled=True)),
+    SpeedCase("model_decode", "bench-v4/16k-context", decode(16384)),
+    SpeedCase("model_decode", "bench-v4/16k-context/compiled", decode(16384, compiled=True)),
     # Near the config's 64k position limit: where attending only the selected entries pays off.
-    SpeedCase("model_decode", "bench-v4/60k-context", _decode(61440)),
-    SpeedCase("model_decode", "bench-v4/60k-context/compiled", _decode(61440, compiled=True)),
+    SpeedCase("model_decode", "bench-v4/60k-context", decode(61440)),
+    SpeedCase("model_decode", "bench-v4/60k-context/compiled", decode(61440, compiled=True)),
     SpeedCase("model_prefill", "bench-v4/256", _prefill(256), quick=True),
 ]

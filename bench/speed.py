@@ -124,7 +124,7 @@ def run(backends: list[str] | None = None, quick: bool = False, select: str | No
             "fallbacks": {op: c.reason for op, c in registry.fallbacks().items()}}
 
 
-def _fmt_row(row: dict) -> list[str]:
+def format_row(row: dict) -> list[str]:
     if row.get("status") != "ok":
         return [row["case"], row["backend"], row.get("status", "?"), "", "", "", "", row.get("note", "")]
     peers = ", ".join(f"{n}: {p['median_s'] * 1e3:.3g} ms ({p['speedup']:.2f}x)" for n, p in row["peers"].items())
@@ -139,7 +139,7 @@ HEADER = ["case", "backend", "median", "p10-p90 ms", "TFLOP/s", "GB/s", "rooflin
 
 
 def format_terminal(report: dict) -> str:
-    rows = [HEADER] + [_fmt_row(r) for r in report["rows"]]
+    rows = [HEADER] + [format_row(r) for r in report["rows"]]
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     for backend, m in report["machines"].items():
@@ -159,7 +159,7 @@ def format_markdown(report: dict, command: str) -> str:
         lines.append(f"- ops that fell back to cpu: {', '.join(sorted(report['fallbacks']))}")
     lines += [f"- **warning**: {w}" for w in report["warnings"]]
     lines += ["", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(_fmt_row(r)) + " |" for r in report["rows"]]
+    lines += ["| " + " | ".join(format_row(r)) + " |" for r in report["rows"]]
     return "\n".join(lines) + "\n"
 
 

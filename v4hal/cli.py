@@ -23,6 +23,7 @@ COMMANDS = {
     "checkpoint": ("v4hal.model.save", "save a preset's random-weights model as a Hugging Face checkpoint"),
     "plan": ("v4hal.model.plan", "weight, KV-cache and activation memory per device for a model, context and layout"),
     "convert": ("v4hal.conversion.cli", "convert checkpoints between formats and frameworks (streaming, resumable, verified)"),
+    "selfcheck": ("v4hal.bench.selfcheck", "the one device check: backends, parity, model logits, decode, speed vs peers in one folder"),
     "dryrun": ("v4hal.tools.ascend.dryrun", "check the ascend backend without an NPU: schema check + Meta dry run against the pinned torch-npu"),
 }
 
