@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from v4hal.bench.cases_model import BENCH_V4, _decode, model_for
+from v4hal.bench.cases_model import BENCH_V4, decode, model_for
 
 EPS = 1e-6
 WINDOW, ROPE_DIM = BENCH_V4.sliding_window, BENCH_V4.qk_rope_head_dim
@@ -175,7 +175,7 @@ def main(context: int, repeats: int) -> dict:
     with torch.no_grad():
         compiled(tok, pos)
     compile_s = time.perf_counter() - start
-    ours, peers = _decode(context)(torch.device("cpu"))
+    ours, peers = decode(context)(torch.device("cpu"))
     return {"compile_s": compile_s,
             "static step, compiled": median_ms(lambda: compiled(tok, pos), repeats),
             "static step, eager": median_ms(lambda: step(tok, pos), repeats),

@@ -94,6 +94,23 @@ def fp8_checkpoint(path: Path, seed: int = 0, rows: tuple[int, ...] = (300, 256)
     return {k: v for s in shards for k, v in s.items()}
 
 
+def expert_shards(root: Path, seed: int) -> Path:
+    """Five shards of three FP8 experts and a BF16 norm each: enough units to kill a conversion
+    between them."""
+    gen = torch.Generator().manual_seed(seed)
+    shards = []
+    for i in range(5):
+        shard = {}
+        for j in range(3):
+            q, s = random_fp8(384, 320, gen)
+            shard[f"model.layers.{i}.mlp.experts.{j}.up_proj.weight"] = q
+            shard[f"model.layers.{i}.mlp.experts.{j}.up_proj.weight_scale_inv"] = s
+        shard[f"model.layers.{i}.input_layernorm.weight"] = torch.randn(320, generator=gen).bfloat16()
+        shards.append(shard)
+    write_shards(root, shards)
+    return root
+
+
 def file_bytes(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir()) if p.is_file()}
 

@@ -183,9 +183,9 @@ def test_model_decode_case_builds_on_meta_without_running_its_transformers_peer(
     float32 grouped-GEMM experts have no meta kernel) and the step itself reaches the vendor ops.
     The compiled case runs its fixed-shape step uncompiled there."""
     from v4hal.bench.cases import SpeedCase
-    from v4hal.bench.cases_model import _decode
+    from v4hal.bench.cases_model import decode
 
-    case = SpeedCase("model_decode", "bench-v4/300-context", _decode(300, compiled=compiled, chunk=128))
+    case = SpeedCase("model_decode", "bench-v4/300-context", decode(300, compiled=compiled, chunk=128))
     result = dryrun.run_speed_case(case, "A2")
     assert result.status == "pass", result.note
     assert "npu_moe_gating_top_k" in result.vendor_ops

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from convert_util import cli, file_bytes, random_fp8, write_shards
+from convert_util import cli, expert_shards, file_bytes, random_fp8, write_shards
 from v4hal.conversion import plan
 from v4hal.conversion.io import CheckpointError
 from v4hal.ops._check import OpInputError
@@ -57,19 +57,7 @@ sys.exit(main(sys.argv[4:]))
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    root = tmp_path_factory.mktemp("src")
-    gen = torch.Generator().manual_seed(12)
-    shards = []
-    for i in range(5):
-        shard = {}
-        for j in range(3):
-            q, s = random_fp8(384, 320, gen)
-            shard[f"model.layers.{i}.mlp.experts.{j}.up_proj.weight"] = q
-            shard[f"model.layers.{i}.mlp.experts.{j}.up_proj.weight_scale_inv"] = s
-        shard[f"model.layers.{i}.input_layernorm.weight"] = torch.randn(320, generator=gen).bfloat16()
-        shards.append(shard)
-    write_shards(root, shards)
-    return root
+    return expert_shards(tmp_path_factory.mktemp("src"), seed=12)
 
 
 @pytest.fixture(scope="module")
