@@ -266,6 +266,10 @@ def test_emulated_ascend_is_explicit_only_and_labelled(emulate):
     assert registry.preferred_backend() != "ascend"
     with registry.forced("ascend"):
         assert registry.choose("rms_norm").backend == "ascend"
+    from v4hal.backends import info
+
+    text = info.format_text(info.report())
+    assert "ascend (emulated A3) usable" in text and "auto never picks ascend (emulated A3)" in text
 
 
 def _run(case_id):
