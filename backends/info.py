@@ -83,8 +83,8 @@ def why_not(row: dict, backend: str, why: str, usable: bool) -> str:
         return why if usable else f"unusable here: {why}"
     if row["requested"] != "auto":
         return f"could run it; {row['requested']} was asked for (V4HAL_BACKEND / V4HAL_OP_BACKENDS)"
-    if backend not in registry.AUTO_ORDER:
-        return f"could run it; auto never picks {backend} (ask for it: V4HAL_BACKEND={backend})"
+    if backend not in registry.AUTO_ORDER or registry._explicit_only(backend):
+        return f"could run it; auto never picks {registry.label(backend)} (ask for it: V4HAL_BACKEND={backend})"
     return f"could run it; auto prefers {row['backend']} (order: {', '.join(registry.AUTO_ORDER)})"
 
 

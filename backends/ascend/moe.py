@@ -23,7 +23,8 @@
 - combine: `npu_moe_finalize_routing`, whose `expanded_src_to_dst_row` is read choice-major
   (`[i + j * T]`), so our token-major gather index is transposed first. The op takes exactly T*K
   expert rows (`(NUM_ROWS * K, H)`): after a capacity limit the kept rows are padded with zero
-  rows, which the dropped choices read.
+  rows, which the dropped choices read. Its scales must have the rows' dtype: with float32 weights
+  and bf16/fp16 rows it runs in float32 (the contract's accumulation) and rounds once.
 """
 
 import torch
@@ -42,6 +43,7 @@ COUNTS = 1
 GATHER_INDEX = 0
 # c10::ScalarType codes, what npu_grouped_matmul's `int? output_dtype` takes.
 SCALAR_TYPE_CODE = {torch.float16: 5, torch.bfloat16: 15}
+KERNEL_FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # what npu_moe_finalize_routing takes
 
 
 def _fused_gating_applies(scoring, bias, renormalize, n_experts, n_group):
@@ -118,10 +120,16 @@ def moe_combine(expert_out, topk_weights, state):
     t, k = state.row_of_slot.shape
     if expert_out.shape[0] == 0:
         return expert_out.new_zeros(t, expert_out.shape[1])
+    if expert_out.dtype not in KERNEL_FLOATS:
+        return reference.moe_combine(expert_out, topk_weights, state)
+    # The op takes scales in the rows' dtype; the contract weighs in float32, so bf16/fp16 rows
+    # with wider weights go in as float32 (rounding the weights to bf16 broke parity on V4-Flash).
+    cd = expert_out.dtype if topk_weights.dtype == expert_out.dtype else torch.float32
     # The op reads exactly T*K expert rows; a capacity limit keeps fewer, so zero rows pad them and
     # every dropped choice reads the first zero row.
     kept_rows = expert_out.shape[0]
-    padded = torch.cat([expert_out, expert_out.new_zeros(t * k - kept_rows, expert_out.shape[1])])
+    padded = torch.cat([expert_out.to(cd), expert_out.new_zeros(t * k - kept_rows, expert_out.shape[1], dtype=cd)])
     rows = torch.where(state.row_of_slot >= 0, state.row_of_slot, kept_rows)
-    return npu().npu_moe_finalize_routing(padded, None, None, None, topk_weights.to(expert_out.dtype),
-                                          rows.t().reshape(-1).int(), export_for_source_row=None, drop_pad_mode=0, k=k)
+    out = npu().npu_moe_finalize_routing(padded, None, None, None, topk_weights.to(cd), rows.t().reshape(-1).int(),
+                                         export_for_source_row=None, drop_pad_mode=0, k=k)
+    return out.to(expert_out.dtype)
