@@ -121,7 +121,7 @@ def moe_combine(expert_out, topk_weights, state):
     if expert_out.shape[0] == 0:
         return expert_out.new_zeros(t, expert_out.shape[1])
     if expert_out.dtype not in KERNEL_FLOATS:
-        return reference.moe_combine(expert_out, topk_weights, state)
+        return parent.moe_combine(expert_out, topk_weights, state)
     # The op takes scales in the rows' dtype; the contract weighs in float32, so bf16/fp16 rows
     # with wider weights go in as float32 (rounding the weights to bf16 broke parity on V4-Flash).
     cd = expert_out.dtype if topk_weights.dtype == expert_out.dtype else torch.float32
