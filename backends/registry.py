@@ -279,18 +279,18 @@ def implementation(op: str, backend: str) -> tuple[Callable | None, str]:
 
 class FamilyView:
     """An op family as `backend` sees it: an attribute is looked up in `backend`'s own family
-    module, then its parent's, and so on, at every access (so a test's monkeypatch is seen)."""
+    module, then its parent's, and so on, at every access (so a test's monkeypatch is seen). The
+    modules are found when the view is made: an override runs inside torch.compile graphs, where
+    importing (what finding them takes) would break the graph."""
 
     def __init__(self, backend: str, family: str):
         self._backend, self._family = backend, family
-        self._modules = None
+        chain = (family_module(b, family) for b in lineage(backend))
+        self._modules = [m for m in chain if m is not None]
 
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
-        if self._modules is None:
-            chain = (family_module(b, self._family) for b in lineage(self._backend))
-            self._modules = [m for m in chain if m is not None]
         for module in self._modules:
             value = getattr(module, name, None)
             if value is not None:

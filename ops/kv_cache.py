@@ -104,10 +104,10 @@ def _layout(op: str, layout: object) -> KVLayout:
 
 
 def kv_cache_fp8_empty(blocks: int, block_size: int, layout: str = "v4",
-                       device: torch.device | str = "cpu") -> torch.Tensor:
+                       device: torch.device | str | None = None) -> torch.Tensor:
     """A zeroed cache `[blocks, block_size, token_bytes]` uint8, each block allocated rounded up to
-    the layout's granule as FlashMLA does (so the block stride may exceed block_size * token_bytes).
-    A helper, not an op (nothing dispatched)."""
+    the layout's granule as FlashMLA does (so the block stride may exceed block_size * token_bytes),
+    on `device` (None: torch's current default device). A helper, not an op (nothing dispatched)."""
     op = "kv_cache_fp8_empty"
     lay = _layout(op, layout)
     blocks, block_size = _check.positive_int(op, "blocks", blocks), _check.positive_int(op, "block_size", block_size)
