@@ -20,6 +20,8 @@ import torch
 READERS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
 # Functions in ops/ that are composites (they run backends' work, not validation).
 COMPOSITE_PARTS = ("__call__", "send", "receive", "_expert_ffn", "shared_expert")
+# Modules in ops/ that hold kernel helpers backends and the converter share, not contracts.
+KERNEL_HELPERS = ("e4m3.py",)
 
 
 class HostReads:
@@ -37,8 +39,8 @@ class HostReads:
             path = frame.f_code.co_filename
             if path.startswith(self.tree) and "site-packages" not in path:
                 name = frame.f_code.co_name
-                return (path.startswith(self.ops_dir) and not name.startswith("composed_")
-                        and name not in COMPOSITE_PARTS)
+                return (path.startswith(self.ops_dir) and os.path.basename(path) not in KERNEL_HELPERS
+                        and not name.startswith("composed_") and name not in COMPOSITE_PARTS)
             frame = frame.f_back
         return False
 

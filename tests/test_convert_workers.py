@@ -68,14 +68,18 @@ def reference(source, tmp_path_factory):
 
 
 def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of a process group."""
+    """Processes of a process group with a thread still alive. A killed process's main thread
+    turns zombie while another of its threads may still be finishing an fsync; its files (the
+    output lock among them) close only when the last thread is gone."""
     pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            states = [task.read_text().rsplit(")", 1)[1].split()[0] for task in stat.parent.glob("task/*/stat")]
         except OSError:
             continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
+        if any(state not in ("Z", "X") for state in states):
             pids.append(int(stat.parent.name))
     return pids
 

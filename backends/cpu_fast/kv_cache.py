@@ -10,7 +10,14 @@ reference = registry.parent_family(__name__)
 
 
 def sparse_attention_fp8kv(q, cache, slots, scale, lay, sink, v_dim):
-    picked, local = torch.unique(slots.clamp(min=0), return_inverse=True)
-    rows = reference.kv_cache_fp8_read(cache, picked, lay).unsqueeze(0).expand(q.shape[0], -1, -1)
+    if slots.shape[1] == 1 or slots.device.type == "meta":
+        # Decode (and shape-only runs: unique has no Meta kernel): each query's own rows, in
+        # order, with no host synchronisation; a row two batch rows pick is read twice.
+        b, s, k = slots.shape
+        rows = reference.kv_cache_fp8_read(cache, slots.clamp(min=0).reshape(b, s * k), lay)
+        local = torch.arange(s * k, device=slots.device).view(1, s, k).expand(b, -1, -1)
+    else:  # prefill: queries share rows, so each distinct row is read once
+        picked, local = torch.unique(slots.clamp(min=0), return_inverse=True)
+        rows = reference.kv_cache_fp8_read(cache, picked, lay).unsqueeze(0).expand(q.shape[0], -1, -1)
     local = torch.where(slots >= 0, local, -1)
     return registry.dispatch("sparse_attention")(q, rows, local, scale, sink, v_dim)
