@@ -111,6 +111,45 @@ def expert_shards(root: Path, seed: int) -> Path:
     return root
 
 
+# Run as `python -c KILL_DRIVER POINT N MARKER <v4hal args>`: the CLI, stalled at the N-th time
+# (per process) it reaches POINT, after writing its pid to MARKER, until the test kills it.
+KILL_DRIVER = r"""
+import os, sys, time
+from pathlib import Path
+from v4hal.conversion import io, plan
+point, n, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+count = [0]
+
+def stall():
+    Path(marker).write_text(str(os.getpid()))
+    time.sleep(600)
+
+def hook(owner, name, when):
+    original = getattr(owner, name)
+    def wrapped(*args, **kwargs):
+        if when(args) and count[0] == n - 1:
+            if point.endswith("before"):
+                stall()
+            result = original(*args, **kwargs)
+            stall()
+        if when(args):
+            count[0] += 1
+        return original(*args, **kwargs)
+    setattr(owner, name, wrapped)
+
+if point == "write":          # in the middle of an output shard
+    hook(io.ShardWriter, "write", lambda a: True)
+elif point == "rename":       # a shard renamed into place, its unit not yet journaled
+    hook(io.ShardWriter, "close", lambda a: True)
+elif point == "journal":      # between two units
+    hook(plan, "write_json_atomic", lambda a: a[0].name == plan.PROGRESS and a[1]["units"])
+elif point == "finish-before":  # after all shards, before the index / manifest
+    hook(plan, "write_json_atomic", lambda a: a[0].name == io.INDEX_NAME)
+from v4hal.cli import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+
 def file_bytes(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir()) if p.is_file()}
 

@@ -15,43 +15,8 @@ import time
 
 import pytest
 
-from convert_util import cli, expert_shards, file_bytes
+from convert_util import KILL_DRIVER, cli, expert_shards, file_bytes
 
-DRIVER = r"""
-import os, sys, time
-from pathlib import Path
-from v4hal.conversion import io, plan
-point, n, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-count = [0]
-
-def stall():
-    Path(marker).write_text("here")
-    time.sleep(600)
-
-def hook(owner, name, when):
-    original = getattr(owner, name)
-    def wrapped(*args, **kwargs):
-        if when(args) and count[0] == n - 1:
-            if point.endswith("before"):
-                stall()
-            result = original(*args, **kwargs)
-            stall()
-        if when(args):
-            count[0] += 1
-        return original(*args, **kwargs)
-    setattr(owner, name, wrapped)
-
-if point == "write":          # in the middle of an output shard
-    hook(io.ShardWriter, "write", lambda a: True)
-elif point == "rename":       # a shard renamed into place, its unit not yet journaled
-    hook(io.ShardWriter, "close", lambda a: True)
-elif point == "journal":      # between two units
-    hook(plan, "write_json_atomic", lambda a: a[0].name == plan.PROGRESS and a[1]["units"])
-elif point == "finish-before":  # after all shards, before the index / manifest
-    hook(plan, "write_json_atomic", lambda a: a[0].name == io.INDEX_NAME)
-from v4hal.cli import main
-sys.exit(main(sys.argv[4:]))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +33,7 @@ def reference(source, tmp_path_factory):
 
 def kill_at(point: str, n: int, source, dst, tmp_path):
     marker = tmp_path / f"marker-{point}-{n}"
-    child = subprocess.Popen([sys.executable, "-c", DRIVER, point, str(n), str(marker),
+    child = subprocess.Popen([sys.executable, "-c", KILL_DRIVER, point, str(n), str(marker),
                               "convert", "run", "--to", "w8a8", "--no-progress", "--workers", "1", str(source), str(dst)],
                              stderr=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1"})
     deadline = time.monotonic() + 120

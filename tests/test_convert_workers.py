@@ -20,39 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from convert_util import cli, expert_shards, file_bytes, random_fp8, write_shards
+from convert_util import KILL_DRIVER, cli, expert_shards, file_bytes, random_fp8, write_shards
 from v4hal.conversion import plan
 from v4hal.conversion.io import CheckpointError
 from v4hal.ops._check import OpInputError
 
-DRIVER = r"""
-import os, sys, time
-from pathlib import Path
-from v4hal.conversion import io, plan
-point, n, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-count = [0]
-
-def hook(owner, name, when, after):
-    original = getattr(owner, name)
-    def wrapped(*args, **kwargs):
-        result = None if after else original(*args, **kwargs)
-        if when(args):
-            count[0] += 1
-            if count[0] == n:
-                if after:
-                    original(*args, **kwargs)
-                Path(marker).write_text(str(os.getpid()))
-                time.sleep(600)
-        return original(*args, **kwargs) if after else result
-    setattr(owner, name, wrapped)
-
-if point == "journal":   # in the parent, right after the n-th journal write
-    hook(plan, "write_json_atomic", lambda a: a[0].name == plan.PROGRESS and a[1]["units"], after=True)
-elif point == "write":   # in a worker, in the middle of an output shard
-    hook(io.ShardWriter, "write", lambda a: True, after=False)
-from v4hal.cli import main
-sys.exit(main(sys.argv[4:]))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +60,7 @@ def kill_at(point: str, n: int, workers: int, source, dst, tmp_path, whom: str =
     """Run the CLI in its own process group until `point` #n, then SIGKILL the group (or only
     the parent) and wait until no process of it is left."""
     marker = tmp_path / f"marker-{point}-{n}-{time.monotonic_ns()}"
-    child = subprocess.Popen([sys.executable, "-c", DRIVER, point, str(n), str(marker), "convert", "run", "--to", "w8a8",
+    child = subprocess.Popen([sys.executable, "-c", KILL_DRIVER, point, str(n), str(marker), "convert", "run", "--to", "w8a8",
                               "--no-progress", "--workers", str(workers), str(source), str(dst)],
                              stderr=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1"}, start_new_session=True)
     deadline = time.monotonic() + 120
@@ -136,7 +108,7 @@ def test_workers_hold_the_output_lock_until_they_are_gone(source, tmp_path, caps
     """A worker holds the flock it inherited: with its parent stopped, the folder is still locked."""
     dst = tmp_path / "out"
     marker = tmp_path / "marker"
-    child = subprocess.Popen([sys.executable, "-c", DRIVER, "write", "2", str(marker), "convert", "run", "--to", "w8a8",
+    child = subprocess.Popen([sys.executable, "-c", KILL_DRIVER, "write", "2", str(marker), "convert", "run", "--to", "w8a8",
                               "--no-progress", "--workers", "2", str(source), str(dst)],
                              stderr=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"}, start_new_session=True)
     try:
