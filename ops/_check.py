@@ -4,6 +4,7 @@ argument, what was expected and what came."""
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable, Collection, Iterable
 
 import torch
@@ -77,16 +78,56 @@ def reads(t: torch.Tensor) -> bool:
 EXPONENT_BYTES = (torch.uint8, torch.float8_e8m0fnu)  # ue8m0 scales as biased exponents; 0xFF is NaN
 
 
-def _bounds(t: torch.Tensor) -> torch.Tensor:
-    """[min, max] of `t` as float64 on its device, NaN where it holds one (for exponent bytes: 0 and
-    the top byte, NaN if that is 0xFF). One pass, no overflow, no host read."""
+def _bounds(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of `t` as 0-d tensors on its device, NaN where it holds one (for exponent bytes: 0
+    and the top byte, NaN if that is 0xFF). One pass, no overflow, no host read."""
     if t.dtype in EXPONENT_BYTES:
         top = t.view(torch.uint8).amax().double()
-        return torch.stack((top.new_zeros(()), torch.where(top == 0xFF, math.nan, top)))
+        return top.new_zeros(()), torch.where(top == 0xFF, math.nan, top)
     values = t.detach()
     if values.is_floating_point() and values.element_size() == 1:  # float8 kinds have no min/max kernel
         values = values.float()
-    return torch.stack(torch.aminmax(values)).double()
+    return torch.aminmax(values)
+
+
+def _read(stats: list[torch.Tensor]) -> list[float]:
+    """The values of 0-d statistics tensors in one host read: stacked as they are when they share a
+    dtype and device (the common case; a decode step runs a few hundred checks, so each extra
+    kernel launch per check shows), else each as float64 on the first one's device."""
+    first = stats[0]
+    if any(s.dtype != first.dtype or s.device != first.device for s in stats):
+        stats = [s.double().to(first.device) for s in stats]
+    return torch.stack(stats).tolist()
+
+
+class _PassedScales:
+    """Scale tensors that passed `Values.scales`, while unchanged: a weight's scales are read once,
+    not at every call (on a decode step they are most of the value checks). A verdict stands while
+    the tensor lives and its version counter and storage stay; inference tensors (no version
+    counter) are always read."""
+
+    def __init__(self):
+        self._passed: dict[int, tuple[weakref.ref, tuple[int, int]]] = {}
+
+    @staticmethod
+    def _stamp(t: torch.Tensor) -> tuple[int, int] | None:
+        try:
+            return t._version, t.data_ptr()
+        except RuntimeError:
+            return None
+
+    def holds(self, t: torch.Tensor) -> bool:
+        entry = self._passed.get(id(t))
+        return entry is not None and entry[0]() is t and entry[1] == self._stamp(t)
+
+    def add(self, t: torch.Tensor) -> None:
+        stamp = self._stamp(t)
+        if stamp is not None:
+            key = id(t)
+            self._passed[key] = (weakref.ref(t, lambda _, key=key: self._passed.pop(key, None)), stamp)
+
+
+_PASSED_SCALES = _PassedScales()
 
 
 class Values:
@@ -101,13 +142,15 @@ class Values:
 
     def __init__(self, op: str):
         self.op = op
-        self._pending: list[tuple[str, torch.Tensor, Callable[[list[float]], bool], str,
+        self._pending: list[tuple[str, tuple[torch.Tensor, ...], Callable[[list[float]], bool], str,
                                   Callable[[list[float]], str]]] = []
+        self._scales_to_remember: list[torch.Tensor] = []
 
-    def require(self, arg: str, stats: torch.Tensor, ok: Callable[[list[float]], bool], expected: str,
-                got: Callable[[list[float]], str]) -> "Values":
-        """`ok(stats as floats)` must hold; `got(...)` describes what came when it does not."""
-        self._pending.append((arg, stats.detach().double().reshape(-1), ok, expected, got))
+    def require(self, arg: str, stats: tuple[torch.Tensor, ...], ok: Callable[[list[float]], bool],
+                expected: str, got: Callable[[list[float]], str]) -> "Values":
+        """`ok(the stats' values)` must hold (each stat a 0-d tensor); `got(...)`
+        describes what came when it does not."""
+        self._pending.append((arg, stats, ok, expected, got))
         return self
 
     def _bounds(self, arg, t, ok, expected, got) -> "Values":
@@ -127,8 +170,13 @@ class Values:
         byte 0xFF is e8m0's NaN): every one would silently poison its whole block. Zero is allowed
         (an all-zero block or channel from another quantizer)."""
         for arg, t in named.items():
+            if t is None or _PASSED_SCALES.holds(t):
+                continue
+            pending = len(self._pending)
             self._bounds(arg, t, lambda v: v[0] >= 0 and math.isfinite(v[1]), "finite, non-negative scales",
                          lambda v, t=t: _scale_faults(t))
+            if len(self._pending) > pending:
+                self._scales_to_remember.append(t)
         return self
 
     def in_range(self, arg: str, t: torch.Tensor | None, low: int, high: int, what: str) -> "Values":
@@ -139,13 +187,14 @@ class Values:
     def decide(self) -> None:
         if not self._pending:
             return
-        device = self._pending[0][1].device
-        stats = torch.cat([p[1].to(device) for p in self._pending]).tolist()
+        values = _read([s for p in self._pending for s in p[1]])
         at = 0
-        for arg, t, ok, expected, got in self._pending:
-            v, at = stats[at:at + t.numel()], at + t.numel()
+        for arg, stats, ok, expected, got in self._pending:
+            v, at = values[at:at + len(stats)], at + len(stats)
             if not ok(v):
                 raise OpInputError(self.op, arg, expected, got(v))
+        for t in self._scales_to_remember:
+            _PASSED_SCALES.add(t)
 
 
 def finite(op: str, arg: str, t: torch.Tensor) -> None:

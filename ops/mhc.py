@@ -91,16 +91,16 @@ def _finite_mixes(op: str, params: dict[str, torch.Tensor], **mixes: torch.Tenso
     """Non-finite mixes mean NaN/Inf in x or in the projection: say which, instead of spreading
     NaN through every later layer. Only the small outputs are checked on the normal path (not a
     pass over x or fn per call); the culprit is looked for once something is wrong."""
-    read = {name: t for name, t in mixes.items() if _check.reads(t)}
-    if not read:
-        return
-    finite = torch.stack([torch.isfinite(t).all().to(read[next(iter(read))].device) for t in read.values()])
-    for (name, t), ok in zip(read.items(), finite.tolist()):  # one host read for all of them
-        if not ok:
-            for arg, p in params.items():
-                _check.finite(op, arg, p)
-            raise _check.OpInputError(op, "x", "finite values (the mHC mixes computed from x came out "
-                                      f"non-finite: {name})", _check.describe(t))
+    values = _check.Values(op)
+    for name, t in mixes.items():
+        values.finite(name, t)
+    try:
+        values.decide()
+    except _check.OpInputError as bad_mix:
+        for arg, p in params.items():
+            _check.finite(op, arg, p)
+        raise _check.OpInputError(op, "x", "finite values (the mHC mixes computed from x came out "
+                                  f"non-finite: {bad_mix.arg})", _check.describe(mixes[bad_mix.arg])) from None
 
 
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *,

@@ -246,11 +246,11 @@ def _chosen(stack: torch.Tensor | None, ids: torch.Tensor, all_here: bool = True
     return torch.where(named[:n].view(-1, *(1,) * (stack.dim() - 1)), stack, 0)
 
 
-def _offsets_stats(offsets: torch.Tensor) -> torch.Tensor:
-    """[first, last, smallest step] of group offsets, for `Values.require`."""
+def _offsets_stats(offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(first, last, smallest step) of group offsets, for `Values.require`."""
     steps = offsets[1:] - offsets[:-1]
     smallest = steps.amin() if steps.numel() else offsets.new_zeros(())
-    return torch.stack((offsets[0], offsets[-1], smallest))
+    return offsets[0], offsets[-1], smallest
 
 
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_offsets: torch.Tensor,

@@ -89,3 +89,28 @@ def test_the_count_sees_a_composite_that_checks_again(monkeypatch):
     with registry.forced("cpu"):
         reads = _checks(_fp8_linear())
     assert reads.checks == 3, reads.where  # linear's, quantize_fp8's finite x, fp8_matmul's scales
+
+
+def test_a_weight_scale_is_read_once_until_it_changes(monkeypatch):
+    """A scale that passed is not read again while it stays the same tensor, unchanged; a write
+    to it (version counter) or another tensor is read again, so NaN still gets caught."""
+    from v4hal.ops import _check
+
+    read = []
+    bounds = _check._bounds
+    monkeypatch.setattr(_check, "_bounds", lambda t: read.append(t) or bounds(t))
+    g = torch.Generator().manual_seed(3)
+    q, s = ops.quantize_fp8(torch.randn(256, 512, generator=g), (128, 128))
+    x = torch.randn(3, 512, generator=g)
+    ops.linear(x, q, s)
+    assert any(t is s for t in read)
+    read.clear()
+    ops.linear(x, q, s)
+    assert [t is x for t in read] == [True]  # x is read each call; the weight's scale is not
+    s2 = s.clone()
+    s2[0, 0] = float("nan")
+    with pytest.raises(ops.OpInputError, match="'scale'.*1 NaN"):
+        ops.linear(x, q, s2)
+    s[1, 1] = float("inf")
+    with pytest.raises(ops.OpInputError, match="'scale'.*1 Inf"):
+        ops.linear(x, q, s)
