@@ -277,3 +277,12 @@ def test_converted_checkpoints_load_into_our_model(tmp_path, kind):
         with torch.no_grad():
             got = ours(torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))).float()
         assert torch.nn.functional.cosine_similarity(ref.flatten(), got.flatten(), 0) > 0.995, directory
+
+
+@pytest.mark.parametrize("flag", ["--mp", "--n-experts"])
+@pytest.mark.parametrize("bad", ["0", "-2", "two"])
+def test_rank_and_expert_counts_below_one_are_refused(tmp_path, capsys, flag, bad):
+    write_shards(tmp_path / "src", [{"model.layers.0.mlp.experts.0.up_proj.weight": torch.ones(8, 8).bfloat16()}])
+    assert cli("run", "--to", "copy", "--no-progress", flag, bad, tmp_path / "src", tmp_path / "out") == 2
+    assert f"argument {flag}: expected a whole number of at least 1, got '{bad}'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
