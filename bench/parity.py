@@ -197,7 +197,7 @@ def add_arguments(p) -> None:
 
 def main(args) -> int:
     from v4hal.bench.machine import describe
-    from v4hal.cli import BAD_INPUT, CHECK_FAILED, OK, error
+    from v4hal.subcommand import BAD_INPUT, CHECK_FAILED, OK, error
 
     if args.emulate:
         import os

@@ -340,7 +340,7 @@ def write(result: dict, out: Path, command: str) -> list[Path]:
 
 
 def add_arguments(p) -> None:
-    from v4hal.cli import at_least
+    from v4hal.subcommand import at_least
 
     p.add_argument("--out", type=Path, required=True, help="folder for selfcheck.json / .md / .png")
     p.add_argument("--size", choices=tuple(SIZES), help="full: every parity case, real shapes, compiled decode "
@@ -353,7 +353,7 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from v4hal.cli import CHECK_FAILED, OK, error
+    from v4hal.subcommand import CHECK_FAILED, OK, error
 
     size = SIZES[args.size or ("full" if torch.cuda.is_available() else "small")]
     only = tuple(args.only or SECTIONS)

@@ -191,7 +191,7 @@ def plot(report: dict, path: Path) -> Path | None:
 
 
 def add_arguments(p) -> None:
-    from v4hal.cli import at_least
+    from v4hal.subcommand import at_least
 
     p.add_argument("--backend", action="append", choices=registry.BACKENDS,
                    help="backend to time (repeatable; default: what auto picks on this machine)")
@@ -204,7 +204,7 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    from v4hal.cli import CHECK_FAILED, OK, error
+    from v4hal.subcommand import CHECK_FAILED, OK, error
 
     if not speed_cases(quick=args.quick, select=args.select):
         return error("bench", f"--select {args.select!r}: no {'quick ' if args.quick else ''}speed case id contains it")

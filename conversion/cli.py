@@ -18,13 +18,8 @@ from __future__ import annotations
 
 import argparse
 import errno
-import sys
 
-# The whole CLI's exit codes: 0 success; 1 a check ran and found failures; 2 bad input or a refused
-# request (argparse's usage errors too); 3 not enough resources (disk, memory).
-EXIT_PROBLEM = 1
-EXIT_REFUSED = 2
-EXIT_RESOURCES = 3
+from v4hal.subcommand import BAD_INPUT, CHECK_FAILED, NO_RESOURCES, OK, at_least, error
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--restart", action="store_true", help="discard another conversion's partial output in DST")
     run.add_argument("--overwrite", action="store_true", help="write into a DST holding files v4hal did not write, "
                      "replacing those of the same names")
-    run.add_argument("--workers", type=_positive, metavar="N", help="convert up to N source shards at once, "
+    run.add_argument("--workers", type=at_least(1), metavar="N", help="convert up to N source shards at once, "
                      "in N processes (default: the cores this process may use)")
     run.add_argument("--verify-source", action="store_true", help="hash every source file, even one whose hash is "
                      "stated (Hugging Face cache blob name, a v4hal manifest), and refuse one that differs")
@@ -73,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from v4hal.conversion.io import CheckpointError
+    from v4hal.checkpoint_files import CheckpointError
     from v4hal.conversion.onnx_export import OnnxExportError
     from v4hal.conversion.plan import ConversionError, NotEnoughSpace
     from v4hal.conversion.workers import WorkerDied
@@ -82,16 +77,11 @@ def main(args: argparse.Namespace) -> int:
     try:
         return {"run": _run, "verify": _verify, "onnx": _onnx}[args.convert_command](args)
     except (CheckpointError, ConversionError, OnnxExportError, LoadError, ValueError, OSError, MemoryError, WorkerDied) as exc:
-        print(f"v4hal convert: error: {exc or type(exc).__name__}", file=sys.stderr)
+        message = str(exc or type(exc).__name__)
         if isinstance(exc, (NotEnoughSpace, MemoryError)) or getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
-            return EXIT_RESOURCES
-        return EXIT_PROBLEM if isinstance(exc, OnnxExportError) else EXIT_REFUSED  # onnxruntime disagreed: a failed check
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return int(text)
+            return error("convert", message, NO_RESOURCES)
+        # onnxruntime disagreeing with our model is a check that found a failure
+        return error("convert", message, CHECK_FAILED if isinstance(exc, OnnxExportError) else BAD_INPUT)
 
 
 def _run(args) -> int:
@@ -117,12 +107,12 @@ def _run(args) -> int:
         need, free = p.output_bytes(), planning.free_bytes(args.dest)
         print(f"total: {need / 1e9:.3f} GB of shards from {sum(p.source.files.values()) / 1e9:.3f} GB of input; "
               f"{free / 1e9:.1f} GB free at the destination" + ("" if need <= free else " (NOT ENOUGH)"))
-        return 0
+        return OK
     p.fsync, p.verify_source = not args.no_fsync, args.verify_source
     manifest = planning.run(p, args.dest, progress=not args.no_progress, restart=args.restart, overwrite=args.overwrite,
                             n_workers=args.workers)
     print(f"wrote {len(manifest['outputs'])} files to {args.dest}; manifest: {args.dest}/{planning.MANIFEST}")
-    return 0
+    return OK
 
 
 def _onnx(args) -> int:
@@ -138,5 +128,5 @@ def _verify(args) -> int:
     for p in problems:
         print(p)
     print("ok" if not problems else f"{len(problems)} problem(s)")
-    return 0 if not problems else EXIT_PROBLEM
+    return OK if not problems else CHECK_FAILED
 

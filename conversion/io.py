@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import stat
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,6 +33,8 @@ from pathlib import Path
 import blake3
 import numpy
 import torch
+
+from v4hal.checkpoint_files import CheckpointError, confined, in_hf_blobs
 
 # safetensors dtype codes <-> torch dtypes.
 DTYPES = {
@@ -50,19 +51,6 @@ READ_AHEAD = 64 * 2**20  # asked of the kernel past each read, so the disk works
 WRITE_BEHIND = 64 * 2**20  # start writeback every this many bytes, so close()'s fsync finds little left
 OUTPUT_HASH = "blake3"  # what new manifests and journals record
 HASHES = {"blake3": blake3.blake3, "sha256": hashlib.sha256}  # what they may hold (older ones: sha256)
-HF_REPO_KINDS = ("models--", "datasets--", "spaces--")  # Hugging Face cache folders: <kind><org>--<name>
-
-
-class CheckpointError(RuntimeError):
-    """A source shard is truncated, corrupt or disagrees with its index; names file and tensor."""
-
-    def __init__(self, file: str | os.PathLike, problem: str, tensor: str | None = None):
-        self.file, self.tensor, self.problem = str(file), tensor, problem
-        where = f"{self.file}" + (f", tensor '{tensor}'" if tensor else "")
-        super().__init__(f"{where}: {problem}")
-
-    def __reduce__(self):  # raised in a worker process, re-raised in the parent: pickled by its fields
-        return type(self), (self.file, self.problem, self.tensor)
 
 
 @dataclass(frozen=True)
@@ -78,37 +66,6 @@ class TensorInfo:
     def row_bytes(self) -> int:
         """Bytes per index of dim 0 (the whole tensor for a scalar)."""
         return self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
-
-
-def confined(folder: str | os.PathLike, name: str | os.PathLike, regular: bool = True, hf_cache: bool = False) -> Path:
-    """`folder / name` with every symlink resolved, refused (CheckpointError) unless it stays inside
-    `folder`: names read from a journal, manifest, index or sidecar, and symlinked files, must not
-    reach other files. With `hf_cache` (sources only: never for a folder files are deleted from),
-    one more place is allowed, the layout of the Hugging Face cache: `folder` is
-    `<cache>/models--org--name/snapshots/<rev>` and the file resolves into that same repo's
-    `blobs/`. With `regular`, it must also exist and be a regular file (opening a FIFO or device
-    would hang or read forever). The one check every path the converter, loader and verify read
-    or delete goes through."""
-    root = Path(folder).resolve()
-    path = (root / name).resolve()
-    if path == root or not (path.is_relative_to(root) or (hf_cache and in_hf_blobs(root, path))):
-        raise CheckpointError(root / name, f"leads to {path}, outside {root}; refused (files must stay inside their folder)")
-    if regular:
-        try:
-            mode = os.stat(path).st_mode
-        except FileNotFoundError:
-            raise CheckpointError(root / name, "missing") from None
-        if not stat.S_ISREG(mode):
-            raise CheckpointError(root / name, "not a regular file (a FIFO, device, socket or directory); refused")
-    return path
-
-
-def in_hf_blobs(snapshot: Path, path: Path) -> bool:
-    """Whether resolved `path` is a blob of the Hugging Face cache repo whose snapshot folder
-    (resolved) is `snapshot`: <repo>/snapshots/<rev> -> <repo>/blobs/<file>."""
-    repo = snapshot.parent.parent
-    return (snapshot.parent.name == "snapshots" and repo.name.startswith(HF_REPO_KINDS)
-            and path.parent == repo / "blobs")
 
 
 def stated_hash(folder: Path, name: str) -> dict[str, str] | None:

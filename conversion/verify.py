@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from v4hal.conversion import formats
-from v4hal.conversion.io import CheckpointError, Source, confined, digest_of, hash_file, read_header, read_rows
+from v4hal.checkpoint_files import CheckpointError, confined
+from v4hal.conversion.io import Source, digest_of, hash_file, read_header, read_rows
 from v4hal.conversion.plan import CHUNK_BYTES, MANIFEST, is_scratch
 from v4hal.ops import quant
 

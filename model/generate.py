@@ -133,7 +133,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sam
 # -- CLI -------------------------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from v4hal.cli import at_least
+    from v4hal.subcommand import at_least
 
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="config.json of a checkpoint (or its directory); needs --weights")
@@ -202,7 +202,7 @@ def _prompts(ns: argparse.Namespace, args: ModelArgs) -> tuple[list[list[int]], 
 
 def main(ns: argparse.Namespace) -> int:
     from v4hal.backends import registry
-    from v4hal.cli import NO_RESOURCES, error
+    from v4hal.subcommand import NO_RESOURCES, error
     from v4hal.model.config import ConfigError
     from v4hal.model.loader import LoadError, load_checkpoint
     from v4hal.model.model import DTYPES, build

@@ -40,7 +40,7 @@ from safetensors import safe_open
 from torch import nn
 
 from v4hal import ops
-from v4hal.conversion.io import CheckpointError, confined
+from v4hal.checkpoint_files import CheckpointError, confined
 from v4hal.model.config import ModelArgs
 from v4hal.model.parallel import SOLO_PARALLEL, local_expert, scale_split, shard, take
 
@@ -105,7 +105,7 @@ class LoadReport:
 
 def _inside(directory: Path, name: str) -> Path:
     """`directory / name` if it is a regular file inside `directory` after resolving symlinks
-    (see `conversion.io.confined`); else LoadError."""
+    (see `v4hal.checkpoint_files.confined`); else LoadError."""
     try:
         confined(directory, name)
     except CheckpointError as exc:

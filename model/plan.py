@@ -188,7 +188,7 @@ def format_plan(name: str, args: ModelArgs, p: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from v4hal.cli import at_least
+    from v4hal.subcommand import at_least
 
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration")
@@ -205,7 +205,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(ns: argparse.Namespace) -> int:
-    from v4hal.cli import error
+    from v4hal.subcommand import error
 
     try:
         args = load_args(ns.config, ns.preset)

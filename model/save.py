@@ -90,7 +90,7 @@ def _usual_permissions(folder: Path) -> None:
 # -- CLI -------------------------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from v4hal.cli import at_least
+    from v4hal.subcommand import at_least
 
     p.add_argument("--preset", choices=sorted(PRESETS), required=True, help="the configuration to save")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
@@ -101,7 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(ns: argparse.Namespace) -> int:
-    from v4hal.cli import NO_RESOURCES, error
+    from v4hal.subcommand import NO_RESOURCES, error
     from v4hal.model.model import DTYPES, build
     from v4hal.model.plan import memory_shortfall, random_model_bytes
 

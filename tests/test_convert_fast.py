@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from v4hal.backends import registry
+from v4hal.checkpoint_files import CheckpointError
 from v4hal.conversion import formats, io
 from v4hal.ops import quant
 from v4hal.ops._check import OpInputError
@@ -165,7 +166,7 @@ def test_hashing_reader_names_a_file_truncated_under_it(tmp_path):
     infos, _, _ = io.read_header(tmp_path / "a.safetensors")
     reader = io.HashingReader(str(tmp_path / "a.safetensors"))
     os.truncate(tmp_path / "a.safetensors", infos["w"].start + 100)
-    with pytest.raises(io.CheckpointError, match="a.safetensors.*truncated"):
+    with pytest.raises(CheckpointError, match="a.safetensors.*truncated"):
         reader.rows(infos["w"], 0, 64)
 
 

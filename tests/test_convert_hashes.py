@@ -13,7 +13,8 @@ import pytest
 
 from convert_util import cli, file_bytes, fp8_checkpoint
 from v4hal.conversion import plan
-from v4hal.conversion.io import CheckpointError, Source
+from v4hal.checkpoint_files import CheckpointError
+from v4hal.conversion.io import Source
 
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
 

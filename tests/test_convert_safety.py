@@ -18,7 +18,8 @@ from torch import nn
 
 from convert_util import cli, file_bytes, fp8_checkpoint, save_hf
 from v4hal.conversion import plan
-from v4hal.conversion.io import CheckpointError, Source
+from v4hal.checkpoint_files import CheckpointError
+from v4hal.conversion.io import Source
 from v4hal.model.config import ModelArgs
 from v4hal.model.loader import LoadError, load_checkpoint
 from v4hal.model.model import build

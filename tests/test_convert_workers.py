@@ -22,7 +22,7 @@ import torch
 
 from convert_util import KILL_DRIVER, cli, expert_shards, file_bytes, random_fp8, write_shards
 from v4hal.conversion import plan
-from v4hal.conversion.io import CheckpointError
+from v4hal.checkpoint_files import CheckpointError
 from v4hal.ops._check import OpInputError
 
 
@@ -179,4 +179,4 @@ def test_workers_default_to_the_cores_available_and_bad_counts_are_refused(sourc
     assert used == [7]
     for bad in ("0", "-1", "two"):
         assert cli("run", "--to", "w8a8", "--workers", bad, source, tmp_path / "x") == 2
-        assert "argument --workers: expected a whole number of at least 1" in capsys.readouterr().err
+        assert "argument --workers: expected an integer >= 1" in capsys.readouterr().err

@@ -3,8 +3,13 @@
 - only backends/ (and tests, tools) import a backend package `v4hal.backends.<name>`;
 - a backend imports no other backend: it reaches its parent through the registry
   (`registry.parent_family`), so PARENT is the one place a lineage is declared;
-- model/ and conversion/ import only `v4hal.ops`, `v4hal.backends.registry` and their own package;
-- ops/, backends/, model/ and conversion/ import neither `v4hal.bench` nor `v4hal.tools`;
+- the layers, bottom up: the base modules (`v4hal.subcommand`, `v4hal.checkpoint_files`), ops/ and
+  the registry, model/, conversion/ (its ONNX exporter builds a model), then bench/, tools/ and the
+  `v4hal` dispatcher (`v4hal.cli`); each imports only downward:
+  - a base module imports no other v4hal module;
+  - model/ imports only `v4hal.ops`, `v4hal.backends.registry`, the base modules and model/;
+  - conversion/ imports the same plus model/;
+  - ops/, backends/, model/ and conversion/ import none of `v4hal.bench`, `v4hal.tools`, `v4hal.cli`;
 - no module imports a private `_name` (module or attribute) from another package;
 - a backend's family module defines every op it holds (a re-export would be a forwarder).
 """
@@ -18,35 +23,18 @@ from v4hal.backends import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("ops", "backends", "model", "conversion", "tools", "bench", "v4hal")
-LOW = ("ops", "backends", "model", "conversion")  # below bench/ and tools/
+LOW = ("ops", "backends", "model", "conversion")  # below bench/, tools/ and v4hal.cli
+BASE = ("v4hal.subcommand", "v4hal.checkpoint_files")  # below every layer
+BELOW = {"model": ("v4hal.ops", "v4hal.backends.registry", *BASE),
+         "conversion": ("v4hal.ops", "v4hal.backends.registry", *BASE, "v4hal.model")}
+ABOVE_LOW = ("v4hal.bench", "v4hal.tools", "v4hal.cli")
 # The one upward import allowed: the ascend backend's npu() answers from the emulator in tools/
 # when V4HAL_ASCEND_EMULATE asks for it (an explicit switch; the emulator shares no code with it).
 EMULATOR_SWITCH = {
     ("backends/ascend/__init__.py", "v4hal.tools.ascend.emulator.Emulator"),
     ("backends/ascend/__init__.py", "v4hal.tools.ascend.emulator.requested_chip"),
 }
-# model/ and conversion/ still reach each other (the loader reads checkpoints with conversion.io;
-# the ONNX exporter and `convert` build or load models) and the command plumbing in v4hal.cli.
-# Not yet moved: a shared checkpoint-IO and command-helper home both can import. Same rule: the
-# test fails once an entry no longer violates.
-KNOWN_UNTIL_IO_AND_CLI_HELPERS_MOVE = {
-    ("conversion/cli.py", "v4hal.model.loader.LoadError"),
-    ("conversion/onnx_export.py", "v4hal.model.config.load_args"),
-    ("conversion/onnx_export.py", "v4hal.model.loader.load_checkpoint"),
-    ("conversion/onnx_export.py", "v4hal.model.model.build"),
-    ("conversion/onnx_export.py", "v4hal.model.moe.MoE"),
-    ("model/loader.py", "v4hal.conversion.io.CheckpointError"),
-    ("model/loader.py", "v4hal.conversion.io.confined"),
-    ("model/generate.py", "v4hal.cli.NO_RESOURCES"),
-    ("model/generate.py", "v4hal.cli.at_least"),
-    ("model/generate.py", "v4hal.cli.error"),
-    ("model/plan.py", "v4hal.cli.at_least"),
-    ("model/plan.py", "v4hal.cli.error"),
-    ("model/save.py", "v4hal.cli.NO_RESOURCES"),
-    ("model/save.py", "v4hal.cli.at_least"),
-    ("model/save.py", "v4hal.cli.error"),
-}
-KNOWN = EMULATOR_SWITCH | KNOWN_UNTIL_IO_AND_CLI_HELPERS_MOVE
+KNOWN = EMULATOR_SWITCH
 
 
 def module_name(path: Path) -> str:
@@ -92,6 +80,11 @@ def backend_of(target: str) -> str | None:
     return parts[2] if len(parts) > 2 and parts[1] == "backends" and parts[2] in registry.BACKENDS else None
 
 
+def within(target: str, modules: tuple[str, ...]) -> bool:
+    """Whether `target` is one of `modules` or lies inside one."""
+    return any(target == m or target.startswith(m + ".") for m in modules)
+
+
 def private_crossing(importer_pkg: str, target: str) -> bool:
     """`target` names a private module or attribute (a `_name` part) outside the importer's own
     package (the root package `v4hal` owns only its direct children)."""
@@ -118,11 +111,11 @@ def violations() -> set[tuple[str, str]]:
                 found.add((rel, target))  # a backend named outside backends/
             if own_backend is not None and other is not None and other != own_backend:
                 found.add((rel, target))  # a sibling backend (parents go through the registry)
-            if layer in ("model", "conversion"):
-                allowed = ("v4hal.ops", "v4hal.backends.registry", f"v4hal.{layer}")
-                if not any(target == a or target.startswith(a + ".") for a in allowed):
+            if name in BASE or layer in BELOW:
+                allowed = () if name in BASE else (*BELOW[layer], f"v4hal.{layer}")
+                if not within(target, allowed):
                     found.add((rel, target))
-            if layer in LOW and target.startswith(("v4hal.bench", "v4hal.tools")):
+            if layer in LOW and within(target, ABOVE_LOW):
                 found.add((rel, target))
             if private_crossing(pkg, target):
                 found.add((rel, target))
@@ -157,10 +150,14 @@ def test_the_checker_catches_what_it_forbids(tmp_path, monkeypatch):
         (tmp_path / pkg).mkdir()
     files = {
         "model/bad.py": "from v4hal.backends.cpu import moe\nfrom v4hal.bench import cases\n",
-        "conversion/bad.py": "import v4hal.model.config\nfrom v4hal.ops._check import reads\n",
+        "conversion/bad.py": "import v4hal.backends.info\nfrom v4hal.ops._check import reads\n",
         "backends/cuda/bad.py": "from v4hal.backends.cpu_fast import quant\nfrom v4hal.backends.cuda import attention\n",
         "ops/bad.py": "from v4hal.tools.ascend import schema\n",
-        "model/fine.py": "from v4hal import ops\nfrom v4hal.backends import registry\nfrom v4hal.model import _x\n",
+        "model/up.py": "from v4hal.conversion import io\nfrom v4hal.cli import main\n",
+        "v4hal/subcommand.py": "from v4hal.ops import linear\n",
+        "model/fine.py": "from v4hal import ops\nfrom v4hal.backends import registry\nfrom v4hal.model import _x\n"
+                         "from v4hal.subcommand import error\nfrom v4hal.checkpoint_files import confined\n",
+        "conversion/fine.py": "from v4hal.model.model import build\nfrom v4hal.checkpoint_files import CheckpointError\n",
     }
     for rel, text in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +165,8 @@ def test_the_checker_catches_what_it_forbids(tmp_path, monkeypatch):
     monkeypatch.setitem(globals(), "ROOT", tmp_path)
     assert violations() == {
         ("model/bad.py", "v4hal.backends.cpu.moe"), ("model/bad.py", "v4hal.bench.cases"),
-        ("conversion/bad.py", "v4hal.model.config"), ("conversion/bad.py", "v4hal.ops._check.reads"),
+        ("conversion/bad.py", "v4hal.backends.info"), ("conversion/bad.py", "v4hal.ops._check.reads"),
         ("backends/cuda/bad.py", "v4hal.backends.cpu_fast.quant"), ("ops/bad.py", "v4hal.tools.ascend.schema"),
+        ("model/up.py", "v4hal.conversion.io"), ("model/up.py", "v4hal.cli.main"),
+        ("v4hal/subcommand.py", "v4hal.ops.linear"),
     }

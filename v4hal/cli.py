@@ -2,9 +2,8 @@
 `add_arguments(parser)` and `main(args) -> exit code`; modules are imported only when their
 subcommand runs, so `v4hal info` stays fast.
 
-Exit codes (docs/cli.md): 0 success; 1 a check ran and found failures; 2 bad input or a refused
-request; 3 not enough resources (memory, disk); 141 the reader closed the pipe. An exception no
-command handles ends in a traceback and Python's exit code 1."""
+Exit codes: `v4hal.subcommand` (0, 1, 2, 3), and 141 when the reader closed the pipe. An exception
+no command handles ends in a traceback and Python's exit code 1."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import importlib
 import os
 import sys
 
-OK, CHECK_FAILED, BAD_INPUT, NO_RESOURCES = 0, 1, 2, 3
+from v4hal.subcommand import error
 
 COMMANDS = {
     "info": ("v4hal.backends.info", "per op: the chosen backend and why each other one was not; versions, devices"),
@@ -26,26 +25,6 @@ COMMANDS = {
     "selfcheck": ("v4hal.bench.selfcheck", "the one device check: backends, parity, model logits, decode, speed vs peers in one folder"),
     "dryrun": ("v4hal.tools.ascend.dryrun", "check the ascend backend without an NPU: schema check + Meta dry run against the pinned torch-npu"),
 }
-
-
-def error(command: str, message: str, code: int = BAD_INPUT) -> int:
-    """Print `v4hal COMMAND: error: MESSAGE` on stderr and return `code`, for `return error(...)`."""
-    print(f"v4hal {command}: error: {message}", file=sys.stderr)
-    return code
-
-
-def at_least(minimum: int | float, kind=int):
-    """An argparse `type` accepting numbers >= minimum, so `--batch 0` is a usage error naming the flag."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} "
-                                             f">= {minimum}, got {text!r}")
-        return value
-    return parse
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:

@@ -829,7 +829,7 @@ def main(args) -> int:
     import sys
 
     from v4hal.bench.cases import parity_cases, speed_cases
-    from v4hal.cli import error
+    from v4hal.subcommand import error
 
     if args.op is not None and not (parity_cases(quick=args.quick, select=args.op)
                                     or (not args.quick and any(args.op in c.id for c in _gap_cases()))
