@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="fp8/mxfp8: scale tensor suffix (auto: as the source, else by naming style)")
     run.add_argument("--keep", metavar="REGEX", help="tensor names never to quantize (in addition to norms, "
                      "embeddings, router gates, biases)")
-    run.add_argument("--mp", type=_positive, default=1, help="reshard for this many tensor/expert-parallel ranks")
-    run.add_argument("--n-experts", type=_positive, help="routed experts (default: highest expert index + 1)")
+    run.add_argument("--mp", type=at_least(1), default=1, help="reshard for this many tensor/expert-parallel ranks")
+    run.add_argument("--n-experts", type=at_least(1), help="routed experts (default: highest expert index + 1)")
     run.add_argument("--ms-format", choices=("ckpt", "safetensors"), default="ckpt", help="mindspore: file format")
     run.add_argument("--ms-names", choices=("mindspore", "hf"), default="mindspore",
                      help="mindspore: rename to MindSpore-style names (see docs/conversion.md) or keep HF names")

@@ -284,5 +284,5 @@ def test_converted_checkpoints_load_into_our_model(tmp_path, kind):
 def test_rank_and_expert_counts_below_one_are_refused(tmp_path, capsys, flag, bad):
     write_shards(tmp_path / "src", [{"model.layers.0.mlp.experts.0.up_proj.weight": torch.ones(8, 8).bfloat16()}])
     assert cli("run", "--to", "copy", "--no-progress", flag, bad, tmp_path / "src", tmp_path / "out") == 2
-    assert f"argument {flag}: expected a whole number of at least 1, got '{bad}'" in capsys.readouterr().err
+    assert f"argument {flag}: expected an integer >= 1, got '{bad}'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
