@@ -1,7 +1,9 @@
 """Tensor/expert-parallel resharding rules, with the semantics of DeepSeek's own convert script:
 routed experts go whole to rank `e // (n_experts / mp)`; column-parallel linears (and the
-embedding / LM head, by vocabulary) split along dim 0, row-parallel linears along dim 1; all else
-is replicated. A weight's scale splits along the same dim, in whole quantization blocks.
+embedding / LM head, by vocabulary, and V4's grouped `wo_a`, its sinks and the indexer's
+`weights_proj`, by heads) split along dim 0, row-parallel linears along dim 1; all else (V4's
+compressors, KV head and `wq_a` included) is replicated: the layout `v4hal.model.parallel` runs
+with tp = ep = mp. A weight's scale splits along the same dim, in whole quantization blocks.
 
 Names are recognised in both namings DeepSeek checkpoints use: HF (`q_b_proj`, `o_proj`,
 `gate_proj`, ...) and official (`wq_b`, `wo`, `w1`, ...)."""
@@ -13,8 +15,9 @@ import re
 from v4hal.conversion.formats import Job
 
 DIM0 = {"embed_tokens", "embed", "lm_head", "head", "q_proj", "q_b_proj", "wq", "wq_b", "kv_b_proj", "wkv_b",
-        "gate_proj", "up_proj", "w1", "w3"}
-DIM1 = {"o_proj", "wo", "down_proj", "w2"}
+        "gate_proj", "up_proj", "w1", "w3", "o_a_proj", "wo_a", "weights_proj"}
+DIM1 = {"o_proj", "wo", "down_proj", "w2", "o_b_proj", "wo_b"}
+SINKS = {"attn_sink", "sinks"}  # V4's per-head attention sinks, split with the heads
 EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 
@@ -32,9 +35,14 @@ def assign(jobs: list[Job], mp: int, n_experts: int | None) -> None:
     for j in jobs:
         m = EXPERT.search(j.source)
         key = module_key(j.source)
-        if m:
+        if ".compressor." in j.source:  # V4's compressors stay whole (their gate_proj is no MLP's)
+            j.split = ("all",)
+        elif j.source.rsplit(".", 1)[-1] in SINKS:
+            _check_divisible(j, 0, mp, 1)
+            j.split = ("dim", 0, 1)
+        elif m:
             j.split = ("expert", int(m.group(1)) // (n_experts // mp))
-        elif key in DIM0 or key in DIM1:
+        elif key in DIM0 or key in DIM1 and len(j.outputs[0].shape) > 1:  # a row-parallel bias is whole
             d = 0 if key in DIM0 else 1
             block = block_of(j, d)
             _check_divisible(j, d, mp, block)

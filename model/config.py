@@ -232,45 +232,78 @@ class ModelArgs:
 
     # -- sizes ---------------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:
-        """Parameters by part (embeddings, attention, routed experts, shared experts / dense MLP,
-        norms and mHC, head); 'active' counts one token's path (top-k experts)."""
-        h, L, v = self.hidden_size, self.num_hidden_layers, self.vocab_size
-        attn = 0
-        for i in range(L):
-            attn += self._attention_params(i)
-        expert = 3 * h * self.moe_intermediate_size
-        n_moe = sum(self.is_moe_layer(i) for i in range(L))
-        routed = n_moe * self.n_routed_experts * (expert + 0) + n_moe * self.n_routed_experts * h  # + router
-        shared = n_moe * self.n_shared_experts * expert + (L - n_moe) * 3 * h * self.intermediate_size
-        hc = (2 * L + 1) * ((2 + self.hc_mult) * self.hc_mult * self.hc_mult * h) if self.is_v4 else 0
-        norms = 2 * L * h + h
-        hash_tables = self.num_hash_layers * v * self.num_experts_per_tok
-        counts = dict(embed=v * h, attention=attn, routed_experts=routed, shared=shared, mhc=hc,
-                      norms=norms, head=0 if self.tie_word_embeddings else v * h, hash_tables=hash_tables)
+        """Parameters (and buffers) by part (embeddings, attention, routed experts, router, shared
+        experts / dense MLP, norms, mHC, hash tables, head); 'active' counts one token's path (top-k
+        experts)."""
+        counts = dict.fromkeys(("embed", "attention", "routed_experts", "router", "shared", "mhc", "norms", "head",
+                                "hash_tables"), 0)
+        for part, _, _, n in self.parameter_groups():
+            counts[part] += n
         counts["total"] = sum(counts.values())
-        counts["active"] = counts["total"] - routed + n_moe * (self.num_experts_per_tok * expert + self.n_routed_experts * h)
+        n_moe = sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
+        counts["active"] = (counts["total"] - counts["routed_experts"]
+                            + n_moe * self.num_experts_per_tok * 3 * self.hidden_size * self.moe_intermediate_size)
         return counts
 
-    def _attention_params(self, layer: int) -> int:
-        h, nh = self.hidden_size, self.num_attention_heads
+    def parameter_groups(self) -> list[tuple[str, str, str, int]]:
+        """Every tensor of the model as `(part, split, kind, elements)`, summed over the layers.
+        split: how a `parallel.Layout` cuts it: "tp" (1/tp per rank), "experts" (1/expert_split
+        per rank) or "whole" (every rank holds all of it: V4's KV head, compressors and q_a_proj,
+        V3's latent projections, norms, biases, the router, mHC). kind: how it is stored: "matrix"
+        (the checkpoint's weight format), "expert" (routed expert matrices), "float" (norms, biases,
+        router, embeddings in the model's dtype), "fp32" (mHC, sinks, position and router biases,
+        kept in float32), "ids" (hash-routing tables, int64)."""
+        h, v = self.hidden_size, self.vocab_size
+        out = [("embed", "tp", "float", v * h), ("norms", "whole", "float", h)]
+        if not self.tie_word_embeddings:
+            out.append(("head", "tp", "float", v * h))
+        if self.is_v4:
+            n = self.hc_mult
+            out.append(("mhc", "whole", "fp32", n * n * h + n + 1))  # hc_head
+        for i in range(self.num_hidden_layers):
+            out += self._attention_groups(i)
+            out.append(("norms", "whole", "float", 2 * h))
+            if self.is_v4:
+                rows = (2 + n) * n
+                out.append(("mhc", "whole", "fp32", 2 * (rows * n * h + rows + 3)))
+            if not self.is_moe_layer(i):
+                out.append(("shared", "tp", "matrix", 3 * h * self.intermediate_size))
+                continue
+            e = self.n_routed_experts
+            out += [("routed_experts", "experts", "expert", e * 3 * h * self.moe_intermediate_size),
+                    ("router", "whole", "float", e * h),
+                    ("shared", "tp", "matrix", self.n_shared_experts * 3 * h * self.moe_intermediate_size)]
+            if self.mlp_layer_types[i] == "hash_moe":
+                out.append(("hash_tables", "whole", "ids", v * self.num_experts_per_tok))
+            else:
+                out.append(("router", "whole", "fp32", e))  # e_score_correction_bias
+        return [g for g in out if g[3]]
+
+    def _attention_groups(self, layer: int) -> list[tuple[str, str, str, int]]:
+        h, nh, q = self.hidden_size, self.num_attention_heads, self.q_lora_rank
+        idx, nih = self.index_head_dim, self.index_n_heads
+        g = []
         if self.is_v4:
             d, r = self.head_dim, self.compress_ratio(layer)
-            p = h * self.q_lora_rank + self.q_lora_rank * nh * d + h * d + self.q_lora_rank + d
-            p += nh * d * self.o_lora_rank + self.o_groups * self.o_lora_rank * h + nh
+            g += [("tp", "matrix", q * nh * d + nh * d * self.o_lora_rank + self.o_groups * self.o_lora_rank * h),
+                  ("tp", "fp32", nh),  # sinks
+                  ("whole", "matrix", h * q + h * d), ("whole", "float", q + d)]
             if r:
                 width = 2 if r == 4 else 1  # CSA windows overlap: two series per token
-                p += 2 * h * width * d + r * width * d + d
-                if r == 4:
-                    idx = self.index_head_dim
-                    p += 2 * h * 2 * idx + r * 2 * idx + idx + self.q_lora_rank * self.index_n_heads * idx + h * self.index_n_heads
-            return p
-        p = h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * nh * self.qk_head_dim
-        p += h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
-        p += self.kv_lora_rank * nh * (self.qk_nope_head_dim + self.v_head_dim) + nh * self.v_head_dim * h
-        if self.is_v32:
-            idx = self.index_head_dim
-            p += self.q_lora_rank * self.index_n_heads * idx + h * idx + 2 * idx + h * self.index_n_heads
-        return p
+                g += [("whole", "matrix", 2 * h * width * d), ("whole", "fp32", r * width * d), ("whole", "float", d)]
+            if r == 4:  # the indexer: its compressor whole, its query heads split
+                g += [("whole", "matrix", 2 * h * 2 * idx), ("whole", "fp32", r * 2 * idx), ("whole", "float", idx),
+                      ("tp", "matrix", q * nih * idx + h * nih)]
+        else:
+            kv = self.kv_lora_rank + self.qk_rope_head_dim
+            g += [("tp", "matrix", q * nh * self.qk_head_dim + self.kv_lora_rank * nh * (self.qk_nope_head_dim + self.v_head_dim)
+                   + nh * self.v_head_dim * h),
+                  ("whole", "matrix", h * q + h * kv), ("whole", "float", q + self.kv_lora_rank)]
+            if self.attention_bias:  # q_a_proj, kv_a_proj_with_mqa and o_proj (added once, after the reduce)
+                g.append(("whole", "float", q + kv + h))
+            if self.is_v32:
+                g += [("tp", "matrix", q * nih * idx + h * nih), ("whole", "matrix", h * idx), ("whole", "float", 2 * idx)]
+        return [("attention", *x) for x in g]
 
     # -- io ------------------------------------------------------------------------------------
     @classmethod

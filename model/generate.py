@@ -267,7 +267,8 @@ def main(ns: argparse.Namespace) -> int:
     if layout.devices > 1:
         from v4hal.model.plan import weight_bytes
 
-        fmt = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(next(model.parameters()).dtype, "auto")
+        # as loaded: the checkpoint's own formats, or every matrix in the model's dtype
+        fmt = "auto" if not (ns.dequantize or ns.dtype) else "fp32" if dtype == torch.float32 else "bf16"
         _check_ranks_agree(model, res.tokens, sum(weight_bytes(args, layout, fmt).values()))
         dist.destroy_process_group()  # before exit, or gloo's threads abort the process
     for i, (p, out) in enumerate(zip(prompts, res.tokens)):

@@ -24,6 +24,8 @@ The MTP layers (`model.layers.{N}` for N >= num_hidden_layers, `mtp.*`) are skip
 A model built for a parallel layout (`build(..., layout=...)`) reads only this rank's slices
 (`model.parallel.shard`) from the memory-mapped shards (safetensors' `get_slice`), and only its
 own routed experts; quantized weights stay quantized, their scales sliced with them.
+`v4hal convert run --mp N` output loads under tp = ep = N, each rank opening only its own files
+(`model{rank}-mp{N}-*.safetensors`); under any other layout it is refused, naming both.
 """
 
 from __future__ import annotations
@@ -113,11 +115,36 @@ def _inside(directory: Path, name: str) -> Path:
     return directory / name
 
 
-def checkpoint_files(directory: str | Path) -> list[Path]:
+_RANK_INDEX = re.compile(r"^model(\d+)-mp(\d+)\.safetensors\.index\.json$")
+
+
+def resharded_for(directory: str | Path) -> int | None:
+    """N where `directory` holds `v4hal convert run --mp N` output (one index per rank), else None."""
+    sizes = {int(m.group(2)) for p in Path(directory).glob("model*-mp*.safetensors.index.json")
+             if (m := _RANK_INDEX.match(p.name))}
+    if len(sizes) > 1:
+        raise LoadError(f"weights: {directory} holds rank indexes for several world sizes {sorted(sizes)}")
+    return sizes.pop() if sizes else None
+
+
+def checkpoint_files(directory: str | Path, par=SOLO_PARALLEL) -> list[Path]:
+    """The shards to read: all of them, or for `convert run --mp N` output this rank's own (which
+    needs the layout tp = ep = N, the one DeepSeek's convert script reshards for)."""
     d = Path(directory)
     if not d.is_dir():
         raise LoadError(f"weights: {d} is not a directory")
-    index = d / "model.safetensors.index.json"
+    mp = resharded_for(d)
+    if mp is not None:
+        lay = par.layout
+        if (lay.tp, lay.ep, lay.dp, lay.pp) != (mp, mp, 1, 1):
+            raise LoadError(f"weights: {d} is resharded for {mp} ranks (convert run --mp {mp}) and loads only under "
+                            f"torchrun --nproc-per-node {mp} with --tp {mp} --ep {mp}; this run's layout is {lay} "
+                            f"({lay.devices} process(es)): reshard the original checkpoint for it, or load that one")
+        index = d / f"model{par.tp.rank}-mp{mp}.safetensors.index.json"
+        if not index.exists():
+            raise LoadError(f"weights: {d} is resharded for {mp} ranks but has no {index.name}")
+    else:
+        index = d / "model.safetensors.index.json"
     if index.exists():
         names = sorted(set(json.loads(_inside(d, index.name).read_text())["weight_map"].values()))
         missing = [n for n in names if not (d / n).exists()]
@@ -415,16 +442,24 @@ def _stored(files: list[Path], args: ModelArgs) -> dict[str, tuple[tuple[int, ..
     return out
 
 
-def _rank_slice(sl, name: str, model: nn.Module, stored: dict, par) -> torch.Tensor:
-    """This rank's part of the stored tensor `sl` (a safetensors slice) named `name`."""
+def _rank_slice(sl, name: str, model: nn.Module, stored: dict, par, resharded: bool) -> torch.Tensor:
+    """This rank's part of the stored tensor `sl` (a safetensors slice) named `name`. In resharded
+    output a tensor already of this rank's shape is its part (its scale with it); one stored whole
+    (the reshard keeps what DeepSeek's convert script does not split) is sliced here."""
     shape = tuple(sl.get_shape())
     if _is_quant_scale(model, name):
         base = name[: -len(".scale")] + ".weight"
         wshape, wdtype = stored.get(base, (shape, ""))
-        split = scale_split(name, shard(base, wshape, par), wshape, shape, wdtype == "F8_E4M3", par.layout)
+        split = None if resharded and _holds(model, base, wshape) else \
+            scale_split(name, shard(base, wshape, par), wshape, shape, wdtype == "F8_E4M3", par.layout)
     else:
-        split = shard(name, shape, par)
+        split = None if resharded and _holds(model, name, shape) else shard(name, shape, par)
     return sl[:] if split is None else take(sl, split)
+
+
+def _holds(model: nn.Module, name: str, shape: tuple[int, ...]) -> bool:
+    slot = _slot(model, name)
+    return slot is not None and tuple(getattr(*slot).shape) == shape
 
 
 def load_checkpoint(model: nn.Module, directory: str | Path, args: ModelArgs, *, keep_quantized: bool = True) -> LoadReport:
@@ -439,8 +474,9 @@ def load_checkpoint(model: nn.Module, directory: str | Path, args: ModelArgs, *,
     Raises LoadError naming every missing, unexpected, mis-shaped and rejected tensor."""
     start = time.perf_counter()
     loader = _Loader(model, args, keep_quantized)
-    files = checkpoint_files(directory)
     par = getattr(model, "parallel", SOLO_PARALLEL)
+    files = checkpoint_files(directory, par)
+    resharded = resharded_for(directory) is not None
     stored = _stored(files, args) if par is not SOLO_PARALLEL else {}
     description = _Description(Path(directory))
     pending_w: dict[str, torch.Tensor] = {}  # quantized weights whose scale is in a later shard
@@ -464,7 +500,7 @@ def load_checkpoint(model: nn.Module, directory: str | Path, args: ModelArgs, *,
                 name = local_expert(name, args.n_routed_experts, par)
                 if name is None:  # another rank's expert
                     continue
-                tensor = f.get_tensor(key) if not stored else _rank_slice(f.get_slice(key), name, model, stored, par)
+                tensor = f.get_tensor(key) if not stored else _rank_slice(f.get_slice(key), name, model, stored, par, resharded)
                 loader.report.bytes_read += tensor.numel() * tensor.element_size()
                 loader.report.tensors += 1
                 if offset:

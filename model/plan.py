@@ -7,9 +7,13 @@ layers; `dp` replicates everything above and splits the batch. Devices = tp * dp
 shared KV head and V3.2's MLA latent are not split by tp (each rank keeps the whole cache for its
 sequences), as in DeepSeek's own inference code.
 
-Weight bytes follow the checkpoint's formats: FP8 e4m3 (1 byte + one fp32 scale per 128x128
-block), MXFP4 routed experts for V4 (half a byte + one ue8m0 byte per 32), BF16 embeddings and
-head, FP32 norms / mHC / sinks / biases. `--weights bf16` or `int8` plans a converted checkpoint.
+Weight bytes are exact element counts per device (`ModelArgs.parameter_groups`: what each layout
+splits and what every rank holds whole, checked against the built model in
+tests/test_plan_parallel.py) times each tensor's format: the checkpoint's FP8 e4m3 (1 byte + one
+fp32 scale per 128x128 block) or MXFP4 routed experts for V4 (half a byte + one ue8m0 byte per 32),
+norms / biases / router / embeddings / head in the model's dtype, FP32 mHC / sinks / position and
+router biases, int64 hash tables. `--weights fp32`, `bf16` or `int8` plans a converted checkpoint
+(int8 scales counted as for rows of 4096).
 """
 
 from __future__ import annotations
@@ -33,20 +37,27 @@ def parse_count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a count like 4096, 128k or 1M, got {text!r}") from None
 
 
+PARTS = {"embed": "embed+head", "head": "embed+head", "attention": "attention", "routed_experts": "routed experts",
+         "router": "router", "shared": "shared/dense mlp", "norms": "norms+mhc+tables", "mhc": "norms+mhc+tables",
+         "hash_tables": "norms+mhc+tables"}
+
+
 def weight_bytes(args: ModelArgs, lay: Layout, weights: str = "auto") -> dict[str, float]:
-    c = args.parameter_counts()
-    dense_fmt = ("fp8" if args.weight_quant == "fp8" else "bf16") if weights == "auto" else weights
-    expert_fmt = ("fp4" if args.expert_dtype == "fp4" else dense_fmt) if weights == "auto" else weights
-    layers_here = 1 / lay.pp
-    expert_split = lay.expert_split
-    small = c["norms"] + c["mhc"] + c["hash_tables"] / 2  # hash tables are int32 ids: 4 bytes = 2 "fp32 halves"
-    return {
-        "embed+head": (c["embed"] + c["head"]) * BYTES["bf16"] / lay.tp,
-        "attention": c["attention"] * BYTES[dense_fmt] * layers_here / lay.tp,
-        "routed experts": c["routed_experts"] * BYTES[expert_fmt] * layers_here / expert_split,
-        "shared/dense mlp": c["shared"] * BYTES[dense_fmt] * layers_here / lay.tp,
-        "norms+mhc+tables": small * BYTES["fp32"] * layers_here,
-    }
+    """Parameter (and buffer) bytes one device holds, by part: `ModelArgs.parameter_groups`, each
+    group cut as `lay` cuts it (exact element counts; quantization scales are counted at their rate
+    per element, exact for FP8 and MXFP4 where the matrix sides are multiples of 128)."""
+    float_fmt = "fp32" if weights == "fp32" or weights == "auto" and args.torch_dtype == "float32" else "bf16"
+    if weights == "auto":
+        matrix_fmt = "fp8" if args.weight_quant == "fp8" else float_fmt
+        expert_fmt = "fp4" if args.expert_dtype == "fp4" else matrix_fmt
+    else:
+        matrix_fmt = expert_fmt = weights
+    size = {"matrix": BYTES[matrix_fmt], "expert": BYTES[expert_fmt], "float": BYTES[float_fmt], "fp32": 4, "ids": 8}
+    split = {"tp": lay.tp, "experts": lay.expert_split, "whole": 1}
+    out = dict.fromkeys(dict.fromkeys(PARTS.values()), 0.0)
+    for part, how, kind, n in args.parameter_groups():
+        out[PARTS[part]] += n // split[how] * size[kind]
+    return {k: v / lay.pp for k, v in out.items()}
 
 
 def kv_row_bytes(args: ModelArgs, dim: int, rope: int, kv: str) -> int:
@@ -198,7 +209,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=parse_count, default=4096, help="prefill chunk (tokens per forward)")
     for flag in ("tp", "ep", "pp", "dp"):
         p.add_argument(f"--{flag}", type=at_least(1), default=1)
-    p.add_argument("--weights", choices=["auto", "bf16", "fp8", "int8", "fp4"], default="auto",
+    p.add_argument("--weights", choices=["auto", "fp32", "bf16", "fp8", "int8", "fp4"], default="auto",
                    help="weight format (auto: the checkpoint's own)")
     p.add_argument("--kv-cache-dtype", "--kv-dtype", dest="kv_dtype", choices=["bf16", "fp8"], default="bf16",
                    help="cache format: bf16, or fp8 (DeepSeek's sparse-FP8 layout, ops/kv_cache.py)")

@@ -1,8 +1,10 @@
-"""The tensor + expert parallel model on CPU: gloo process groups of 2 ranks must give the
-single-process logits (float32) for a prefill and decode steps, and the same greedy tokens, on
+"""The tensor + expert parallel model on CPU: gloo process groups of 2 and 4 ranks must give the
+single-process logits (float32) for a prefill and 16 decode steps, and the same greedy tokens, on
 tiny V4 (sliding / CSA / HCA layers, a hash layer), V3.2 and V3 models from transformers
-checkpoints. Layouts: tp=2; ep=2 (with dp=2: each rank its own sequence, tokens exchanged by
-all-to-all); tp=2 x ep=2 (heads and vocabulary split, each rank running its half of the experts).
+checkpoints, and each rank must hold exactly the weight bytes `v4hal plan` predicts. Layouts:
+tp=2 and tp=4; ep=2 and ep=4 (with dp = ep: each rank its own sequence, tokens exchanged by
+all-to-all); tp=2 x ep=2 and tp=4 x ep=4 (heads and vocabulary split, each rank running its share
+of the experts). One launch per world size runs all of its layouts.
 """
 
 import os
@@ -14,23 +16,30 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from v4hal.bench.cases_model import hf_model
+from v4hal.cli import main as cli
 from v4hal.model.config import ModelArgs, preset
 from v4hal.model.generate import Sampling, generate
-from v4hal.model.loader import load_checkpoint
+from v4hal.model.loader import LoadError, load_checkpoint
 from v4hal.model.model import build
 from v4hal.model.parallel import Layout, LayoutError, scale_split
+from v4hal.model.plan import weight_bytes
 
 MLA = dict(model_type="deepseek_v3", vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32,
            qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
            n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
            max_position_embeddings=1024, torch_dtype="float32", attention_bias=True)
-CONFIGS = {"v4": preset("tiny").to_dict(), "v32": {**MLA, "model_type": "deepseek_v32", "index_n_heads": 8,
-                                                   "index_head_dim": 16, "index_topk": 6}, "v3": MLA}
-LAYOUTS = {"tp2": Layout(tp=2), "ep2": Layout(ep=2, dp=2), "tp2xep2": Layout(tp=2, ep=2)}
-PROMPT, DECODE, NEW = 13, 6, 6  # a prompt crossing the tiny windows, decode steps, greedy tokens
+# tiny V4 with 4 output projection groups, so that tp=4 fits
+CONFIGS = {"v4": preset("tiny").replace(o_groups=4).to_dict(),
+           "v32": {**MLA, "model_type": "deepseek_v32", "index_n_heads": 8, "index_head_dim": 16, "index_topk": 6},
+           "v3": MLA}
+# (layout, checkpoint): "hf" the transformers checkpoint, "mp" its `convert run --mp world` output
+LAUNCHES = {w: [(Layout(tp=w), "hf"), (Layout(ep=w, dp=w), "hf"), (Layout(tp=w, ep=w), "hf"), (Layout(tp=w, ep=w), "mp")]
+            for w in (2, 4)}
+BATCH, PROMPT, DECODE, NEW = 4, 13, 16, 6  # a prompt crossing the tiny windows, decode steps, greedy tokens
 TIMEOUT = 240
 
 
@@ -41,7 +50,7 @@ def _free_port() -> int:
 
 
 def _ids(args: ModelArgs) -> torch.Tensor:
-    return torch.randint(0, args.vocab_size, (2, PROMPT + DECODE), generator=torch.Generator().manual_seed(1))
+    return torch.randint(0, args.vocab_size, (BATCH, PROMPT + DECODE), generator=torch.Generator().manual_seed(1))
 
 
 def _run(model, ids: torch.Tensor) -> dict:
@@ -54,18 +63,30 @@ def _run(model, ids: torch.Tensor) -> dict:
     return {"logits": torch.cat(steps, dim=1), "tokens": tokens}
 
 
-def _worker(rank, world, port, layout, ckpts, out_dir):
+def _rows(layout: Layout, rank: int) -> slice:
+    """The sequences a rank runs: all of them, or with dp its own share."""
+    per = BATCH // layout.dp
+    return slice(rank // layout.tp * per, (rank // layout.tp + 1) * per)
+
+
+def _source(path: str, kind: str, world: int) -> str:
+    return path if kind == "hf" else f"{path}-mp{world}"
+
+
+def _worker(rank, world, port, cases, ckpts, out_dir):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT))
     try:
-        for name, path in ckpts.items():
-            args = ModelArgs.from_json(path)
-            model = build(args, layout=layout)
-            load_checkpoint(model, path, args)  # this rank's slices only
-            ids = _ids(args)
-            rows = slice(rank, rank + 1) if layout.dp > 1 else slice(None)  # dp: one sequence per rank
-            torch.save(_run(model, ids[rows]), os.path.join(out_dir, f"{name}.{rank}.pt"))
+        for layout, kind in cases:
+            for name, path in ckpts.items():
+                path = _source(path, kind, world)
+                args = ModelArgs.from_json(path)
+                model = build(args, layout=layout)
+                load_checkpoint(model, path, args)  # this rank's slices (or its own files) only
+                out = _run(model, _ids(args)[_rows(layout, rank)])
+                out["held"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+                torch.save(out, os.path.join(out_dir, f"{name}.{layout}.{kind}.{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -83,11 +104,13 @@ def spawn(fn, world: int, *args) -> None:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """name -> (checkpoint directory, single-process result)."""
+    """name -> (checkpoint directory, single-process result); beside each, its resharded copies."""
     out = {}
     for name, cfg in CONFIGS.items():
         path = tmp_path_factory.mktemp(name)
         hf_model(ModelArgs.from_dict(cfg), seed=0).save_pretrained(path)
+        for world in LAUNCHES:
+            assert cli(["convert", "run", "--to", "copy", "--mp", str(world), str(path), f"{path}-mp{world}"]) == 0
         args = ModelArgs.from_json(path)
         model = build(args)
         load_checkpoint(model, path, args)
@@ -95,17 +118,36 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_parallel_layouts_match_one_process(layout, checkpoints, tmp_path):
-    lay = LAYOUTS[layout]
-    spawn(_worker, lay.devices, lay, {n: p for n, (p, _) in checkpoints.items()}, str(tmp_path))
-    for name, (_, ref) in checkpoints.items():
-        for rank in range(lay.devices):
-            got = torch.load(tmp_path / f"{name}.{rank}.pt")
-            rows = slice(rank, rank + 1) if lay.dp > 1 else slice(None)
-            torch.testing.assert_close(got["logits"], ref["logits"][rows], rtol=1e-5, atol=1e-5,
-                                       msg=lambda m: f"{name} {layout} rank {rank}: {m}")
-            assert got["tokens"] == ref["tokens"][rows], f"{name} {layout} rank {rank}"
+@pytest.mark.parametrize("world", list(LAUNCHES))
+def test_parallel_layouts_match_one_process(world, checkpoints, tmp_path):
+    spawn(_worker, world, LAUNCHES[world], {n: p for n, (p, _) in checkpoints.items()}, str(tmp_path))
+    for lay, kind in LAUNCHES[world]:
+        for name, (path, ref) in checkpoints.items():
+            planned = sum(weight_bytes(ModelArgs.from_json(path), lay).values())
+            for rank in range(world):
+                got = torch.load(tmp_path / f"{name}.{lay}.{kind}.{rank}.pt")
+                rows, case = _rows(lay, rank), f"{name} {lay} from {kind}, rank {rank}"
+                torch.testing.assert_close(got["logits"], ref["logits"][rows], rtol=1e-5, atol=1e-5,
+                                           msg=lambda m: f"{case}: {m}")
+                assert got["tokens"] == ref["tokens"][rows], case
+                assert got["held"] == planned, f"{case}: holds {got['held']} bytes, plan says {planned}"
+
+
+@pytest.mark.parametrize("layout", [Layout(), Layout(tp=2), Layout(ep=2, dp=2), Layout(tp=4, ep=4)])
+def test_a_resharded_checkpoint_is_refused_under_another_layout(layout, checkpoints):
+    path = f"{checkpoints['v3'][0]}-mp2"
+    args = ModelArgs.from_json(path)
+    if layout.devices > 1:  # this rank's model, the other ranks stood in for by torch's fake group
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=layout.devices)
+    try:
+        model = build(args, layout=layout)
+        with pytest.raises(LoadError, match=rf"resharded for 2 ranks \(convert run --mp 2\) and loads only under "
+                                            rf"torchrun --nproc-per-node 2 with --tp 2 --ep 2; this run's layout is "
+                                            rf"{layout} \({layout.devices} process"):
+            load_checkpoint(model, path, args)
+    finally:
+        if layout.devices > 1:
+            dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("layout, setting", [(Layout(tp=3), "tp=3 must divide the 4 attention heads"),
