@@ -2,8 +2,6 @@
 statement of its documented math written here independently, the documented refusals, the
 registry switch, and "flips": a deliberately wrong backend call that parity on the emulator catches."""
 
-import importlib
-
 import pytest
 import torch
 
@@ -11,6 +9,8 @@ from v4hal.backends import ascend, registry
 from v4hal.bench import parity
 from v4hal.bench.cases import parity_cases
 from v4hal.tools.ascend.emulator import DeviceError, Emulator, NotEmulated, emulated_ops
+
+from ascend_util import Flipped, answer_npu_with, emulate  # noqa: F401 (a fixture)
 
 A2, A3, A5 = Emulator("A2"), Emulator("A3"), Emulator("A5")
 BF = torch.bfloat16
@@ -248,16 +248,6 @@ def test_unemulated_op_and_combination_raise_not_emulated():
 
 # ------------------------------------------------------------------------------- switch + parity
 
-@pytest.fixture
-def emulate(monkeypatch):
-    def use(chip):
-        monkeypatch.setenv("V4HAL_ASCEND_EMULATE", chip)
-        registry.reset()
-    yield use
-    monkeypatch.delenv("V4HAL_ASCEND_EMULATE", raising=False)
-    registry.reset()
-
-
 def test_emulated_ascend_is_explicit_only_and_labelled(emulate):
     emulate("A3")
     assert registry.probe("ascend")[0] and ascend.chip() == "A3" and ascend.device().type == "cpu"
@@ -275,18 +265,6 @@ def test_emulated_ascend_is_explicit_only_and_labelled(emulate):
 def _run(case_id):
     (case,) = [c for c in parity_cases(quick=True) if c.id == case_id]
     return parity.run_case(case, ["ascend"])[0]
-
-
-class Flipped:
-    """Wraps the emulator so one vendor call goes in (or comes back) the way a wrong backend would
-    pass (or read) it: what parity on the emulator must catch."""
-
-    def __init__(self, inner, op_name, change):
-        self.inner, self.op_name, self.change = inner, op_name, change
-
-    def __getattr__(self, name):
-        fn = getattr(self.inner, name)
-        return (lambda *a, **kw: self.change(fn, *a, **kw)) if name == self.op_name else fn
 
 
 def _lse_rebuilt_wrongly(fn, *a, **kw):
@@ -330,9 +308,7 @@ def test_parity_on_the_emulator_catches_a_flipped_glue_decision(emulate, monkeyp
     emulate(chip)
     baseline = _run(case_id)
     assert baseline["status"] == "pass", baseline["note"]
-    flipped = Flipped(Emulator(chip), op_name, change)
-    for family in ("attention", "moe", "quant", "basic", "mhc"):  # each did `from ascend import npu`
-        monkeypatch.setattr(importlib.import_module(f"v4hal.backends.ascend.{family}"), "npu", lambda: flipped)
+    answer_npu_with(monkeypatch, Flipped(Emulator(chip), op_name, change))
     row = _run(case_id)
     assert row["status"] == "fail", row
 
@@ -356,27 +332,6 @@ def test_indexer_select_bf16_keeps_the_reference_ranking(emulate):
     row = parity.run_case(case, ["ascend"])[0]
     assert row["status"] == "pass", row["note"]
     assert ascend.npu().calls["npu_lightning_indexer"] >= 1
-
-
-@pytest.mark.parametrize("chip", ["A3", "A5"])
-@pytest.mark.parametrize("name", ["tiny-v4", "tiny-v32"])
-def test_tiny_model_bf16_on_the_emulator_matches_cpu(emulate, chip, name):
-    """The whole model in bf16 through the emulated ascend backend (A5 adds the fused mHC ops):
-    logits by Huawei's cosine accept line, tighter here, and the same greedy tokens as cpu."""
-    from v4hal.bench import cases_model
-    from v4hal.bench.metrics import metrics
-    from v4hal.model.generate import generate
-
-    emulate(chip)
-    ids = torch.randint(0, cases_model.CONFIGS[name].vocab_size, (2, 29), generator=g(7))
-    runs = {}
-    for backend in ("cpu", "ascend"):
-        with registry.forced(backend), torch.no_grad():
-            model = cases_model.model_for(name, BF)
-            runs[backend] = model(ids), generate(model, [ids[0, :13].tolist(), ids[1, :21].tolist()], 6).tokens
-    assert metrics(runs["ascend"][0], runs["cpu"][0])["cosine"] > 0.9999
-    assert runs["ascend"][1] == runs["cpu"][1]
-    assert ascend.npu().calls["npu_sparse_flash_attention"] > 0
 
 
 def test_moe_combine_weighs_in_float32_at_v4_flash_shape(emulate):
