@@ -1,26 +1,10 @@
-"""Helpers for the tests that run the ascend backend on the vendor-op emulator
-(V4HAL_ASCEND_EMULATE): switching it on, and answering the backend's `npu()` with a wrapped
+"""For the tests that run the ascend backend on the vendor-op emulator (V4HAL_ASCEND_EMULATE; the
+`emulate` fixture in conftest.py switches it on): answering the backend's `npu()` with a wrapped
 emulator whose one op is called (or read) the way a wrong backend would."""
 
 import importlib
 
-import pytest
-
-from v4hal.backends import ascend, registry
-
 FAMILIES = ("attention", "moe", "quant", "basic", "mhc")  # each did `from v4hal.backends.ascend import npu`
-
-
-@pytest.fixture
-def emulate(monkeypatch):
-    """emulate("A3"): the ascend backend answers from the emulated A3, counts cleared."""
-    def use(chip):
-        monkeypatch.setenv("V4HAL_ASCEND_EMULATE", chip)
-        registry.reset()
-        ascend.npu().calls.clear()
-    yield use
-    monkeypatch.delenv("V4HAL_ASCEND_EMULATE", raising=False)
-    registry.reset()
 
 
 class Flipped:

@@ -10,7 +10,7 @@ from v4hal.bench import parity
 from v4hal.bench.cases import parity_cases
 from v4hal.tools.ascend.emulator import DeviceError, Emulator, NotEmulated, emulated_ops
 
-from ascend_util import Flipped, answer_npu_with, emulate  # noqa: F401 (a fixture)
+from ascend_util import Flipped, answer_npu_with
 
 A2, A3, A5 = Emulator("A2"), Emulator("A3"), Emulator("A5")
 BF = torch.bfloat16

@@ -21,7 +21,6 @@ from v4hal.model.generate import Sampling, generate
 from v4hal.model.loader import load_checkpoint
 from v4hal.model.model import build
 
-from ascend_util import emulate  # noqa: F401 (a fixture)
 from test_model_logits import TOL, make_pair
 
 CHIPS = ["A2", "A3", "A5"]
