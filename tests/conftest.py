@@ -1,6 +1,6 @@
 import pytest
 
-from v4hal.backends import registry
+from v4hal.backends import ascend, registry
 
 
 @pytest.fixture(autouse=True)
@@ -34,3 +34,15 @@ def fp8_scale_fmts(monkeypatch):
 
     monkeypatch.setattr(basic, "dispatch", spying_dispatch)
     return asked
+
+
+@pytest.fixture
+def emulate(monkeypatch):
+    """emulate("A3"): the ascend backend answers from the emulated A3, counts cleared."""
+    def use(chip):
+        monkeypatch.setenv("V4HAL_ASCEND_EMULATE", chip)
+        registry.reset()
+        ascend.npu().calls.clear()
+    yield use
+    monkeypatch.delenv("V4HAL_ASCEND_EMULATE", raising=False)
+    registry.reset()
