@@ -24,6 +24,8 @@ from v4hal.backends import registry  # noqa: E402
 from v4hal.backends.cpu import attention as ref_attention  # noqa: E402
 from v4hal.backends.cpu import quant as ref_quant  # noqa: E402
 from v4hal.backends.cuda import triton_attention, triton_quant  # noqa: E402
+from v4hal.bench import peers_cuda, selfcheck, speed  # noqa: E402
+from v4hal.bench.cases import SpeedCase  # noqa: E402
 from v4hal.bench.cases_attention import topk_agrees  # noqa: E402
 from v4hal.ops._check import OpInputError  # noqa: E402
 
@@ -270,3 +272,29 @@ def test_bad_indexer_and_fp8_input_stops_at_the_contract(cuda_on_kernels):
     with pytest.raises(OpInputError, match="fp8_matmul: argument 'b_scale'"):
         ops.fp8_matmul(a, sa, b, sb[:, :1], torch.float32)
     assert cuda_on_kernels == {"attention": [], "quant": []}
+
+
+# ------------------------------------------------------------------------------ the device check's rows
+
+def test_selfcheck_times_the_triton_gemm_beside_its_peers(monkeypatch):
+    """The speed row `v4hal selfcheck` adds on a GPU for the Triton GEMM, run here through the
+    interpreter: it is timed, and every FP8 peer either runs beside it or leaves a note."""
+    spy_on_kernels(monkeypatch, "quant")
+    notes = []
+    case = SpeedCase("fp8_matmul", "M1-N128-K128", lambda device: (None, {}), flops=2 * 128 * 128)
+    row = speed.run_case(selfcheck._triton_fp8_case(case, 1, 128, 128, notes), "cpu_fast", 1,
+                         {"bf16_tflops": float("nan"), "bandwidth_gbs": float("nan")})
+    assert row["status"] == "ok" and row["case"] == "fp8_matmul/triton-kernel/M1-N128-K128", row
+    assert len(row["peers"]) + len(notes) == 2 and all(p["speedup"] > 0 for p in row["peers"].values())
+
+
+def test_selfcheck_reports_the_triton_gemm_unavailable_off_gpu():
+    case = SpeedCase("fp8_matmul", "M1-N128-K128", lambda device: (None, {}))
+    row = speed.run_case(selfcheck._triton_fp8_case(case, 1, 128, 128, []), "cpu_fast", 1, {})
+    assert row["status"] == "unavailable" and "CUDA devices" in row["note"]
+
+
+def test_torch_path_peer_is_the_inherited_code_on_the_same_arguments():
+    q, kv, idx, sk = attention_case(1, 2, 4, 16, 12, 8, torch.float32, gen(18))
+    out, lse = peers_cuda.torch_path("sparse_attention", q, kv, idx, 0.25, sk, 16)()
+    assert_attention_close((out, lse), reference_attention(q, kv, idx, 0.25, sk, 16), torch.float32)
