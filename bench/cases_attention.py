@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from v4hal import ops
 from v4hal.backends import registry
 from v4hal.bench.cases import SHAPES, Case, SpeedCase, Tolerance, randn
+from v4hal.bench.peers_cuda import torch_path
 
 F32 = Tolerance.for_dtype(torch.float32)
 # Index outputs are judged by the tie-aware `check` below, not element by element: this
@@ -229,15 +230,18 @@ PARITY = [
 # ----------------------------------------------------------------------------------------- speed
 
 
-def _sparse_speed(n: int, h: int, d: int, k: int, s: int = 1):
+def _sparse_speed(n: int, h: int, d: int, k: int, s: int = 1, dtype=torch.float32):
     def make(device):
         g = torch.Generator().manual_seed(0)
-        inp = _sparse_inputs(1, s, n, h, d, k, holes=0.0)(g)
+        inp = _sparse_inputs(1, s, n, h, d, k, holes=0.0, dtype=dtype)(g)
         inp = {kk: v.to(device) if isinstance(v, torch.Tensor) else v for kk, v in inp.items()}
         inp["return_lse"] = False
         q, kv = inp["q"].transpose(1, 2), inp["kv"].unsqueeze(1).expand(-1, h, -1, -1)
-        return (lambda: ops.sparse_attention(**inp)), {
-            "dense SDPA over all rows": lambda: F.scaled_dot_product_attention(q, kv, kv, scale=inp["scale"])}
+        peers = {"dense SDPA over all rows": lambda: F.scaled_dot_product_attention(q, kv, kv, scale=inp["scale"])}
+        if device.type == "cuda":  # the gather path the cuda backend's Triton kernel replaces
+            peers["torch gather path (cpu_fast)"] = torch_path(
+                "sparse_attention", inp["q"], inp["kv"], inp["indices"], inp["scale"], inp["sink"], d)
+        return (lambda: ops.sparse_attention(**inp)), peers
     return make
 
 
@@ -250,7 +254,11 @@ def _select_speed(t: int, h: int, d: int, k: int, ratio: int):
         def plain():
             sc = torch.einsum("bshd,btd->bsht", inp["q"], inp["k"]).relu()
             return (sc * inp["weights"].unsqueeze(-1)).sum(2).topk(k, dim=-1).indices
-        return (lambda: ops.indexer_select(**inp)), {"torch einsum + topk": plain}
+        peers = {"torch einsum + topk": plain}
+        if device.type == "cuda":  # the chunked scoring the cuda backend's Triton kernel replaces
+            peers["torch chunked scores + topk (cpu_fast)"] = torch_path(
+                "indexer_select", *(inp[n] for n in ("q", "k", "weights", "scale", "topk", "positions", "ratio")))
+        return (lambda: ops.indexer_select(**inp)), peers
     return make
 
 
@@ -269,6 +277,10 @@ SPEED = [
     SpeedCase("sparse_attention", f"v4-flash/decode-N{n}", _sparse_speed(n, V4F["heads"], V4F["head_dim"], 640),
               flops=4 * V4F["heads"] * 640 * V4F["head_dim"], bytes=640 * V4F["head_dim"] * 4, quick=n <= 8192)
     for n in (8192, 32768)
+] + [
+    SpeedCase("sparse_attention", "v4-flash/decode-N32768-bf16",
+              _sparse_speed(32768, V4F["heads"], V4F["head_dim"], 640, dtype=torch.bfloat16),
+              flops=4 * V4F["heads"] * 640 * V4F["head_dim"], bytes=640 * V4F["head_dim"] * 2)
 ] + [
     SpeedCase("indexer_select", f"v4-flash/decode-T{t}", _select_speed(t, V4F["index_heads"], V4F["index_dim"], 512, 4),
               flops=2 * V4F["index_heads"] * V4F["index_dim"] * t, bytes=t * V4F["index_dim"] * 4, quick=t <= 8192)

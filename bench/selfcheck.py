@@ -9,9 +9,10 @@ On the accelerator present (the `cuda` backend if torch.cuda.is_available(), els
 3. models: the tiny-v4, tiny-v32 and bench-v4 models' logits against the float64 cpu reference;
 4. decode: bench-v4 decode steps, eager and through `StaticDecoder` (compiled at full size):
    the static step's logits against eager's, ms per step of each;
-5. speed: a short list of speed cases, each with its same-run peers (F.linear in BF16 and
-   torch._scaled_mm for fp8_matmul, SDPA over all rows for sparse attention, transformers for
-   the model decode step).
+5. speed: a short list of speed cases, each with its same-run peers (F.linear in BF16, cuBLAS's
+   block-scaled F.scaled_mm and the per-tensor torch._scaled_mm for fp8_matmul, SDPA over all
+   rows for sparse attention, transformers for the model decode step; on a GPU also the torch
+   paths the Triton kernels replace, and the Triton FP8 GEMM timed on its own: bench/peers_cuda.py).
 
 Sizes: `full` (the default on a GPU: every parity case, the real V4-Flash / V4-Pro / V3.2 shapes
 included) or `small` (the default on CPU: the quick cases, short contexts, and the static decoder
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 
 from v4hal.backends import registry
-from v4hal.bench import cases_model, parity, speed
+from v4hal.bench import cases_model, parity, peers_cuda, speed
 from v4hal.bench.cases import SpeedCase, Tolerance, parity_cases, speed_cases
 from v4hal.bench.machine import describe, limits, synchronize
 from v4hal.bench.metrics import judge, metrics
@@ -64,6 +65,7 @@ class Size:
 SIZES = {
     "full": Size(False, 640, 1024, 16, True, ((1, 4096, 4096), (4, 7168, 7168), (2048, 4096, 4096)),
                  ("sparse_attention/v4-flash/decode-N8192", "sparse_attention/v4-flash/decode-N32768",
+                  "sparse_attention/v4-flash/decode-N32768-bf16", "indexer_select/v4-flash/decode-T32768",
                   "model_decode/bench-v4/16k-context", "model_decode/bench-v4/16k-context/compiled"), None, True),
     "small": Size(True, 160, 160, 4, False, ((1, 4096, 4096),), ("sparse_attention/v4-flash/decode-N8192",), 512,
                   False),
@@ -181,36 +183,33 @@ def decode_section(size: Size, backends: list[str], deadline: float) -> dict:
     return {"rows": rows, "cut": cut}
 
 
-def _scaled_mm_peer(m: int, n: int, k: int, device: torch.device):
-    """torch._scaled_mm on the same sizes with one scale per tensor (M padded to 16, which cuBLAS
-    requires), or the reason it cannot run here."""
-    rows = max(16, -(-m // 16) * 16)
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(rows, k, generator=g).to(torch.float8_e4m3fn).to(device)
-    b = (torch.randn(n, k, generator=g) * 0.05).to(torch.float8_e4m3fn).to(device)
-    one = torch.ones((), device=device)
-    fn = lambda: torch._scaled_mm(a, b.t(), one, one, out_dtype=torch.bfloat16)  # noqa: E731
-    try:
-        fn()
-    except (RuntimeError, NotImplementedError) as exc:
-        return None, f"torch._scaled_mm peer unavailable here: {str(exc).splitlines()[0]}"
-    return fn, None
+def _with_fp8_peers(case: SpeedCase, m: int, n: int, k: int, notes: list[str]) -> SpeedCase:
+    def make(device):
+        fn, peers = case.make(device)
+        return fn, {**peers, **peers_cuda.fp8_peers(m, n, k, device, notes)}
+    return dataclasses.replace(case, make=make)
 
 
-def speed_list(size: Size, notes: list[str]) -> list[SpeedCase]:
-    """The section's cases; fp8_matmul gets the torch._scaled_mm peer where it runs (else a note)."""
+def _triton_fp8_case(case: SpeedCase, m: int, n: int, k: int, notes: list[str]) -> SpeedCase:
+    """The cuda backend's Triton GEMM on its own (the op itself takes cuBLAS where it can)."""
+    def make(device):
+        fn, why = peers_cuda.triton_fp8_matmul(m, n, k, device)
+        if fn is None:
+            raise registry.BackendError(why)
+        return fn, peers_cuda.fp8_peers(m, n, k, device, notes)
+    return dataclasses.replace(case, name=f"triton-kernel/{case.name}", make=make)
+
+
+def speed_list(size: Size, notes: list[str], device: torch.device) -> list[SpeedCase]:
+    """The section's cases: fp8_matmul with the cuBLAS FP8 peers where they run (else a note) and,
+    on a GPU, the Triton GEMM beside it; the other cases with their own peers."""
     by_id = {c.id: c for c in speed_cases()}
-
-    def with_scaled_mm(case: SpeedCase, m: int, n: int, k: int) -> SpeedCase:
-        def make(device):
-            fn, peers = case.make(device)
-            peer, why = _scaled_mm_peer(m, n, k, device)
-            if peer is None:
-                notes.append(f"{case.id}: {why}")
-            return fn, {**peers, **({"torch._scaled_mm tensor-scaled": peer} if peer else {})}
-        return dataclasses.replace(case, make=make)
-
-    cases = [with_scaled_mm(by_id[f"fp8_matmul/M{m}-N{n}-K{k}"], m, n, k) for m, n, k in size.fp8_shapes]
+    cases = []
+    for m, n, k in size.fp8_shapes:
+        case = by_id[f"fp8_matmul/M{m}-N{n}-K{k}"]
+        cases.append(_with_fp8_peers(case, m, n, k, notes))
+        if device.type == "cuda":
+            cases.append(_triton_fp8_case(case, m, n, k, notes))
     cases += [by_id[i] for i in size.speed_ids]
     if size.model_decode_context:
         ctx = size.model_decode_context
@@ -225,7 +224,7 @@ def speed_section(size: Size, backends: list[str], deadline: float, repeats: int
     machine = {"machine": describe(device), "limits": limits(str(device)) if size.roofline else unmeasured}
     if not size.roofline:
         notes.append("roofline limits not measured at this size: shares show as nan")
-    rows, cut = run_items(speed_list(size, notes),
+    rows, cut = run_items(speed_list(size, notes, device),
                           lambda c: [speed.run_case(c, backend, repeats, machine["limits"])], deadline)
     return {"rows": rows, "cut": cut, "machines": {backend: machine}, "notes": notes}
 

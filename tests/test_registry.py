@@ -144,16 +144,16 @@ def test_explain_covers_every_op_and_every_backend():
 
 
 def test_importing_v4hal_imports_no_vendor_package():
-    code = ("import sys, v4hal, v4hal.ops, v4hal.backends.registry as r; r.explain(); "
-            "bad = [m for m in ('torch_npu', 'mindspore', 'triton', 'deep_gemm') if m in sys.modules]; "
-            "print(bad)")
-    # explain() probes mindspore on purpose; the plain import must not.
+    # explain() probes mindspore on purpose (the plain import must not); it is blocked here because
+    # importing mindspore imports triton itself wherever triton is installed (the test extra's).
+    code = ("import sys; sys.modules['mindspore'] = None; import v4hal, v4hal.ops, v4hal.backends.registry as r; "
+            "r.explain(); print([m for m in ('torch_npu', 'triton', 'deep_gemm') if m in sys.modules])")
     plain = subprocess.run([sys.executable, "-c", "import sys, v4hal, v4hal.ops; "
                             "print([m for m in ('torch_npu', 'mindspore', 'triton', 'deep_gemm') if m in sys.modules])"],
                            capture_output=True, text=True, check=True)
     assert plain.stdout.strip() == "[]"
     probed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "torch_npu" not in probed.stdout and "triton" not in probed.stdout
+    assert probed.stdout.strip() == "[]"
 
 
 def test_info_command_prints_choice_and_reasons():

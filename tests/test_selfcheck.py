@@ -51,7 +51,7 @@ def test_decode_and_speed_rows_carry_their_figures(small_run):
     (decode,) = sections["decode"]["rows"]
     assert decode["status"] == "pass" and decode["eager_ms"] > 0 and decode["static_ms"] > 0
     speed = {r["case"]: r for r in sections["speed"]["rows"]}
-    assert set(speed) == {c.id for c in selfcheck.speed_list(selfcheck.SIZES["small"], [])}
+    assert set(speed) == {c.id for c in selfcheck.speed_list(selfcheck.SIZES["small"], [], torch.device("cpu"))}
     assert all(r["status"] == "ok" and r["peers"] for r in speed.values())
     assert "transformers eager" in speed["model_decode/bench-v4/512-context"]["peers"]
     assert "dense SDPA over all rows" in speed["sparse_attention/v4-flash/decode-N8192"]["peers"]

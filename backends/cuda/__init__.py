@@ -1,6 +1,10 @@
 """NVIDIA GPUs: PyTorch CUDA, `torch._scaled_mm` block scaling on SM90+, Triton where importable."""
 
+import importlib
+import importlib.util
+
 import torch
+from torch.compiler import is_compiling
 
 PARENT = "cpu_fast"  # its device-agnostic torch paths run on the GPU
 
@@ -11,6 +15,18 @@ def probe() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA device visible (torch.cuda.is_available() is False)"
     return True, ""
+
+
+def triton_kernels(family: str, x: torch.Tensor):
+    """This backend's Triton kernels for `family` (the module `triton_<family>.py`) when `x` is
+    on a GPU and triton imports, else None (the torch path runs). Imported here, at first use, so
+    probing or importing v4hal never loads triton. The family modules call it only from the
+    functions the contracts dispatch to, so a kernel never sees unvalidated arguments. Inside
+    torch.compile the torch path runs too (Inductor writes its own Triton from it, and an import
+    there would break the graph)."""
+    if not x.is_cuda or is_compiling() or importlib.util.find_spec("triton") is None:
+        return None
+    return importlib.import_module(f"{__name__}.triton_{family}")
 
 
 def device() -> torch.device:

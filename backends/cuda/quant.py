@@ -6,7 +6,9 @@ the weight: exactly DeepSeek's scaling, fp32 accumulation, no fast accumulation)
 layouts it wants (from torch 2.13's `_check_scaled_mm_sizes_v2`): the activation scale
 `[M, K/128]` with strides `(1, M)` (outer-dim-major), the weight scale transposed to
 `[round_up(K/128, 4), N/128]` with strides `(1, L4)`. Anything else (older GPUs, ragged shapes,
-float64 output) takes the correct fallback: dequantize both operands in float32 and run one GEMM.
+float64 output) runs this backend's Triton kernel (`triton_quant.py`, FP8 tensor cores on sm89+,
+the same per-block scaling, any shape), and where that cannot run either (no triton, older GPUs,
+float64 scales or output) the correct fallback: dequantize both operands in float32, one GEMM.
 int8_matmul: cuBLAS's int8 GEMM (`torch._int_mm`) where it applies. Quantizing and dequantizing
 are inherited from cpu_fast (device-agnostic off the CPU).
 
@@ -18,12 +20,14 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from v4hal.backends import cuda as backend
 from v4hal.backends import registry
 from v4hal.ops.quant import ACT_BLOCK, INT32_EXACT_K, WEIGHT_BLOCK
 
 parent = registry.parent_family(__name__)
 
 SCALED_MM_OUT = (torch.bfloat16, torch.float32, torch.float16)
+FP8_DOT_CAPABILITY = (8, 9)  # Ada and later multiply e4m3 tiles on tensor cores
 
 
 @functools.cache
@@ -63,6 +67,10 @@ def _scaled_mm_blockwise(a2, a_scale, b, b_scale, out_dtype):
                        sb, F.ScalingType.BlockWise128x128, output_dtype=out_dtype)
 
 
+def _fp8_tensor_cores(x) -> bool:
+    return x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= FP8_DOT_CAPABILITY
+
+
 def _dequant_act(a, a_scale):
     return a.float() * a_scale.float().repeat_interleave(ACT_BLOCK[1], dim=-1)[..., : a.shape[-1]]
 
@@ -70,8 +78,11 @@ def _dequant_act(a, a_scale):
 def fp8_matmul(a, a_scale, b, b_scale, out_dtype):
     k = a.shape[-1]
     a2, s2 = a.reshape(-1, k), a_scale.reshape(-1, a_scale.shape[-1])
+    kernels = backend.triton_kernels("quant", a2)
     if _use_scaled_mm(a2, b, out_dtype):
         y = _scaled_mm_blockwise(a2, s2, b, b_scale, out_dtype)
+    elif kernels is not None and kernels.in_domain(s2, b_scale, out_dtype) and _fp8_tensor_cores(a2):
+        y = kernels.fp8_matmul(a2, s2, b, b_scale, out_dtype)
     else:
         # Fallback: per-K-block scaling equals scaling the operands, so one float32 GEMM
         # (TF32 stays off unless the user enabled it) computes every block at once.

@@ -1,0 +1,167 @@
+"""Triton kernels for the sparse-attention family: attention over each query's selected KV rows
+(sink, log-sum-exp, -1 = no entry) and the lightning-indexer scores. Imports triton, so only
+`backends/cuda/attention.py` loads it, lazily, and only for arguments the contracts in
+`ops.attention` have already validated.
+
+sparse_attention: one program per (query, block of heads). It walks the query's index list in
+blocks of BLOCK_K, gathers those rows of kv (never a row outside the list: -1 slots and the ragged
+tail are masked loads), scores them against its heads in D-chunks of BLOCK_D (V3.2's 576-wide
+head needs no power-of-two padding of the whole row), and keeps an online softmax (running max,
+running denominator, rescaled fp32 accumulator of the first v_dim channels). The sink enters the
+denominator once at the end. Decode (S = 1) and prefill (S > 1) are the same kernel: the queries
+are independent. An index >= N (possible only with V4HAL_CHECKS=shapes, which skips the range
+check) is treated as -1, so the kernel never reads outside kv.
+
+indexer_scores: one program per (batch row, block of queries, block of entries); it loops over
+the index heads, `acc += w_h * relu(q_h . k)`, so the per-head [S, H, T] products are never
+stored.
+
+Both run in Triton's interpreter (`TRITON_INTERPRET=1`) on CPU tensors, which is how the tests
+check them against the float64 reference.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+MIN_DOT = 16  # tl.dot wants every tile dimension >= 16
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+
+
+def dot_precision(*tensors) -> str:
+    """How tl.dot multiplies (fp32 sums either way): 16-bit inputs are exact in TF32 (bf16's 7 and
+    fp16's 10 mantissa bits fit in TF32's 10), so tensor cores lose nothing; fp32 inputs need IEEE
+    products. The tiles go in as fp32 rather than as bf16 because Triton's interpreter multiplies
+    bf16 tiles wrongly (3.9: it reads their bits as integers), and the tests run this source there."""
+    return "tf32" if all(t.dtype in SIXTEEN_BIT for t in tensors) else "ieee"
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr):
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+
+
+@triton.jit
+def _sparse_attention(q, kv, idx, sink, out, lse, n_rows, heads, n_idx, d, v_dim, scale,
+                      sq_b, sq_s, sq_h, sq_d, skv_b, skv_n, skv_d, si_b, si_s, si_k,
+                      so_b, so_s, so_h, so_d, sl_b, sl_s, sl_h, seq,
+                      HAS_SINK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
+    query = tl.program_id(0)
+    bi, si = query // seq, query % seq
+    hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = hs < heads
+    vs = tl.arange(0, BLOCK_V)
+    v_ok = vs < v_dim
+    q_row = q + bi * sq_b + si * sq_s
+    kv_batch = kv + bi * skv_b
+    m_run = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    l_run = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_V), tl.float32)
+    for k0 in range(0, n_idx, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        rows = tl.load(idx + bi * si_b + si * si_s + ks * si_k, mask=ks < n_idx, other=-1).to(tl.int64)
+        picked = (rows >= 0) & (rows < n_rows)
+        rows = tl.where(picked, rows, 0)
+        logits = tl.zeros((BLOCK_H, BLOCK_K), tl.float32)
+        for d0 in range(0, d, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_ok = ds < d
+            q_c = tl.load(q_row + hs[:, None] * sq_h + ds[None, :] * sq_d, mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+            k_c = tl.load(kv_batch + rows[:, None] * skv_n + ds[None, :] * skv_d,
+                          mask=picked[:, None] & d_ok[None, :], other=0.0)
+            logits += _dot(q_c, tl.trans(k_c), PRECISION)
+        logits = tl.where(picked[None, :], logits * scale, float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(logits, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing picked yet: exp(-inf) = 0
+        p = tl.exp(logits - m_safe[:, None])
+        alpha = tl.exp(m_run - m_safe)
+        values = tl.load(kv_batch + rows[:, None] * skv_n + vs[None, :] * skv_d,
+                         mask=picked[:, None] & v_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p, values, PRECISION)
+        l_run = l_run * alpha + tl.sum(p, 1)
+        m_run = m_new
+    if HAS_SINK:
+        s_h = tl.load(sink + hs, mask=h_ok, other=0.0).to(tl.float32)
+        m_fin = tl.maximum(m_run, s_h)
+        alpha = tl.exp(m_run - m_fin)
+        acc = acc * alpha[:, None]
+        l_run = l_run * alpha + tl.exp(s_h - m_fin)
+        m_run = m_fin
+    m_safe = tl.where(m_run == float("-inf"), 0.0, m_run)
+    filled = l_run > 0  # false only for an empty row without sink: output 0, LSE -inf
+    l_safe = tl.where(filled, l_run, 1.0)
+    o = acc / l_safe[:, None]
+    tl.store(out + bi * so_b + si * so_s + hs[:, None] * so_h + vs[None, :] * so_d,
+             o.to(out.dtype.element_ty), mask=h_ok[:, None] & v_ok[None, :])
+    tl.store(lse + bi * sl_b + si * sl_s + hs * sl_h, tl.where(filled, tl.log(l_safe) + m_safe, float("-inf")),
+             mask=h_ok)
+
+
+def _block(n: int, cap: int) -> int:
+    return max(MIN_DOT, min(cap, triton.next_power_of_2(n)))
+
+
+def sparse_attention_in_domain(q, kv, sink) -> bool:
+    """float64 stays on the torch path (the reference's precision); Triton takes the 16-bit and
+    fp32 inputs the model runs."""
+    return q.dtype != torch.float64 and kv.dtype != torch.float64 and (sink is None or sink.dtype != torch.float64)
+
+
+def sparse_attention(q, kv, indices, scale, sink, v_dim, block_h=16, block_k=32, block_d=64):
+    """out `[B, S, H, v_dim]` in q's dtype and lse `[B, S, H]` float32, as the contract."""
+    b, s, h, d = q.shape
+    out = torch.empty(b, s, h, v_dim, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, s, h, dtype=torch.float32, device=q.device)
+    if b * s == 0:
+        return out, lse
+    grid = (b * s, triton.cdiv(h, block_h))
+    _sparse_attention[grid](q, kv, indices, sink if sink is not None else q, out, lse,
+                            kv.shape[1], h, indices.shape[-1], d, v_dim, float(scale),
+                            *q.stride(), *kv.stride(), *indices.stride(), *out.stride(), *lse.stride(), s,
+                            HAS_SINK=sink is not None, PRECISION=dot_precision(q, kv), BLOCK_H=_block(h, block_h), BLOCK_K=block_k,
+                            BLOCK_D=_block(d, block_d), BLOCK_V=_block(v_dim, 1 << 30))
+    return out, lse
+
+
+@triton.jit
+def _indexer_scores(q, k, w, out, seq, n_keys, heads, d, scale,
+                    sq_b, sq_s, sq_h, sq_d, sk_b, sk_t, sk_d, sw_b, sw_s, sw_h, so_b, so_s, so_t,
+                    PRECISION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    bi = tl.program_id(0)
+    ss = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    ts = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    s_ok, t_ok = ss < seq, ts < n_keys
+    acc = tl.zeros((BLOCK_S, BLOCK_T), tl.float32)
+    for hi in range(0, heads):
+        dots = tl.zeros((BLOCK_S, BLOCK_T), tl.float32)
+        for d0 in range(0, d, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_ok = ds < d
+            q_c = tl.load(q + bi * sq_b + ss[:, None] * sq_s + hi * sq_h + ds[None, :] * sq_d,
+                          mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+            k_c = tl.load(k + bi * sk_b + ts[:, None] * sk_t + ds[None, :] * sk_d,
+                          mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+            dots += _dot(q_c, tl.trans(k_c), PRECISION)
+        w_h = tl.load(w + bi * sw_b + ss * sw_s + hi * sw_h, mask=s_ok, other=0.0).to(tl.float32)
+        acc += w_h[:, None] * tl.maximum(dots, 0.0)
+    tl.store(out + bi * so_b + ss[:, None] * so_s + ts[None, :] * so_t, acc * scale,
+             mask=s_ok[:, None] & t_ok[None, :])
+
+
+def indexer_scores_in_domain(q, k, weights) -> bool:
+    return torch.float64 not in (q.dtype, k.dtype, weights.dtype)
+
+
+def indexer_scores(q, k, weights, scale, block_s=16, block_t=64, block_d=128):
+    """`[B, S, T]` float32 scores, as the contract."""
+    b, s, h, d = q.shape
+    t = k.shape[1]
+    out = torch.empty(b, s, t, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out
+    grid = (b, triton.cdiv(s, block_s), triton.cdiv(t, block_t))
+    _indexer_scores[grid](q, k, weights, out, s, t, h, d, float(scale),
+                          *q.stride(), *k.stride(), *weights.stride(), *out.stride(),
+                          PRECISION=dot_precision(q, k), BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_D=_block(d, block_d))
+    return out
