@@ -1,40 +1,67 @@
-"""Reference Engram: one n-gram order and one head at a time, one stream at a time."""
+"""Reference Engram: one shift at a time, one (order, head) at a time, one stream at a time."""
 
 import torch
 
-
-def _shifted(c, k, pad):
-    """c[:, t - k], with `pad` before the start."""
-    if k == 0:
-        return c
-    return torch.cat([torch.full_like(c[:, :k], pad), c[:, :-k]], 1)[:, :c.shape[1]]
+from v4hal.ops.engram import DEAD, SCALE_BLOCK, engram_offsets
 
 
-def engram_hash(token_ids, compress, multipliers, primes, pad_id, prefix):
-    ids = token_ids.long() if prefix is None else torch.cat([prefix.long(), token_ids.long()], 1)
-    c = compress[ids]
-    pad = int(compress[pad_id])
-    hashes = []
-    for order in range(2, multipliers.shape[0] + 1):
-        mix = c * multipliers[0]
-        for k in range(1, order):
-            mix = torch.bitwise_xor(mix, _shifted(c, k, pad) * multipliers[k])
-        for size in primes[order - 2]:
-            hashes.append(torch.remainder(mix, size))
-    return torch.stack(hashes, -1)[:, ids.shape[1] - token_ids.shape[1]:]
+def window_ids(token_ids, lookback, span):
+    """`[B, span + T]`: the `span` ids before each chunk (-1 where there is none), then the chunk."""
+    ids = token_ids.long()
+    before = torch.full((ids.shape[0], span), -1, dtype=torch.int64, device=ids.device)
+    if lookback is not None and lookback.shape[1]:
+        kept = lookback.long()[:, -span:]
+        before[:, span - kept.shape[1]:] = kept
+    return torch.cat([before, ids], 1)
 
 
-def engram_lookup(hashes, table, offsets, device):
-    hashes, offsets = hashes.to(table.device), offsets.to(table.device)
-    rows = [table[offsets[h] + hashes[..., h]] for h in range(hashes.shape[-1])]
-    return torch.cat(rows, -1).to(device)
+def compressed(ids, token_map):
+    """token_map[id], DEAD where there is no token (id -1)."""
+    return torch.where(ids >= 0, token_map[ids.clamp_min(0)], DEAD)
+
+
+def engram_hash(token_ids, token_map, multipliers, primes, pad_id, lookback):
+    span, length = multipliers.shape[0] - 1, token_ids.shape[1]
+    c = compressed(window_ids(token_ids, lookback, span), token_map)
+    offsets = engram_offsets(primes).view(primes.shape)
+    blocked = torch.zeros(c.shape[0], length, dtype=torch.bool, device=c.device)
+    mix = torch.zeros(c.shape[0], length, dtype=torch.int64, device=c.device)
+    rows = []
+    for k in range(span + 1):
+        source = c[:, span - k:span - k + length]         # the token k positions back
+        blocked = blocked | (source == DEAD)              # blocked from here on
+        mix = mix ^ (torch.where(blocked, pad_id, source) * multipliers[k])
+        if k:
+            for h in range(primes.shape[1]):
+                rows.append(torch.remainder(mix, primes[k - 1, h]) + offsets[k - 1, h])
+    return torch.stack(rows, -1)
+
+
+def dequantized(values, scale):
+    """float8 rows times their per-32-column scales (exponent bytes or float32 factors), float32."""
+    if scale.dtype == torch.float32:
+        factor = scale
+    else:
+        factor = torch.exp2(scale.view(torch.uint8).float() - 127)
+    return values.float() * factor.repeat_interleave(SCALE_BLOCK, -1)
+
+
+def engram_lookup(rows, table, scale, device, dtype):
+    rows = rows.to(table.device)
+    parts = []
+    for h in range(rows.shape[-1]):
+        part = table[rows[..., h]]
+        if scale is not None:
+            part = dequantized(part, scale[rows[..., h]])
+        parts.append(part.to(dtype))
+    return torch.cat(parts, -1).to(device)
 
 
 def _rms(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def engram_gate(hidden, key, value, key_norm, query_norm, eps, inv_sqrt_d):
+def engram_gate(hidden, key, value, key_norm, query_norm, eps, inv_sqrt_d, keep):
     cd = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     out = []
     for s in range(hidden.shape[-2]):
@@ -42,5 +69,7 @@ def engram_gate(hidden, key, value, key_norm, query_norm, eps, inv_sqrt_d):
         q = _rms(hidden[..., s, :].to(cd), query_norm[s].to(cd), eps)
         g = (k * q).sum(-1) * inv_sqrt_d
         g = torch.sigmoid(torch.sign(g) * g.abs().clamp_min(1e-6).sqrt())
+        if keep is not None:
+            g = torch.where(keep, g, 0.0)
         out.append(g.unsqueeze(-1) * value.to(cd))
     return torch.stack(out, -2).to(hidden.dtype)

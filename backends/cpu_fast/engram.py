@@ -1,5 +1,5 @@
-"""Fast Engram on CPU: the shifted ids built once by padding, every head's modulus in one
-broadcast, one gather for all heads, the gate over all streams at once.
+"""Fast Engram on CPU: every (order, head) modulus in one broadcast, one gather for all heads
+(with its scales for a float8 table), the gate over all streams at once.
 
 Device-agnostic torch, inherited by cuda and ascend (torch_npu has no Engram kernel: no `npu_*` op
 in the pinned wheel hashes n-grams or gathers multi-head tables). A table in host memory is
@@ -7,31 +7,36 @@ gathered on the host and the rows copied to the device from pinned memory withou
 `EngramPrefetcher` overlaps with earlier layers); a table in device memory is gathered in place."""
 
 import torch
-import torch.nn.functional as F
+
+from v4hal.backends.cpu.engram import compressed, dequantized, window_ids
+from v4hal.ops.engram import DEAD, engram_offsets
 
 
-def engram_hash(token_ids, compress, multipliers, primes, pad_id, prefix):
-    ids = token_ids.long() if prefix is None else torch.cat([prefix.long(), token_ids.long()], 1)
-    c = compress[ids]
-    span = multipliers.shape[0] - 1
-    padded = F.pad(c, (span, 0), value=int(compress[pad_id]))
-    length = c.shape[1]
-    mix = c * multipliers[0]
-    mixes = []
-    for k in range(1, span + 1):
-        mix = mix ^ (padded[:, span - k:span - k + length] * multipliers[k])
-        mixes.append(mix)
-    hashes = torch.remainder(torch.stack(mixes, -1).unsqueeze(-1), primes).flatten(-2)
-    return hashes[:, length - token_ids.shape[1]:]
+def engram_hash(token_ids, token_map, multipliers, primes, pad_id, lookback):
+    span, length = multipliers.shape[0] - 1, token_ids.shape[1]
+    c = compressed(window_ids(token_ids, lookback, span), token_map)
+    dead = c == DEAD
+    mixes, blocked = [], torch.zeros_like(dead[:, span:])
+    for k in range(span + 1):  # the token k positions back; blocked once any of shifts 0..k is dead
+        blocked = blocked | dead[:, span - k:span - k + length]
+        term = torch.where(blocked, pad_id, c[:, span - k:span - k + length]) * multipliers[k]
+        mix = term if k == 0 else mix ^ term
+        if k:
+            mixes.append(mix)
+    rows = torch.remainder(torch.stack(mixes, -1).unsqueeze(-1), primes) + engram_offsets(primes).view(primes.shape)
+    return rows.flatten(-2)
 
 
 def _pinned(t):
     return t.pin_memory() if torch.cuda.is_available() or hasattr(torch, "npu") else t
 
 
-def engram_lookup(hashes, table, offsets, device):
-    rows = (hashes.to(table.device) + offsets.to(table.device)).flatten()
-    out = table.index_select(0, rows).view(*hashes.shape[:-1], hashes.shape[-1] * table.shape[1])
+def engram_lookup(rows, table, scale, device, dtype):
+    flat = rows.to(table.device).flatten()
+    out = table.index_select(0, flat)
+    if scale is not None:
+        out = dequantized(out, scale.index_select(0, flat))
+    out = out.to(dtype).view(*rows.shape[:-1], rows.shape[-1] * table.shape[1])
     if out.device == device:
         return out
     if out.device.type == "cpu":  # host-resident table: copy the gathered rows from pinned memory
@@ -39,7 +44,7 @@ def engram_lookup(hashes, table, offsets, device):
     return out.to(device)
 
 
-def engram_gate(hidden, key, value, key_norm, query_norm, eps, inv_sqrt_d):
+def engram_gate(hidden, key, value, key_norm, query_norm, eps, inv_sqrt_d, keep):
     cd = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     k, q = key.to(cd), hidden.to(cd)
     k_inv = torch.rsqrt(k.pow(2).mean(-1) + eps)
@@ -47,4 +52,6 @@ def engram_gate(hidden, key, value, key_norm, query_norm, eps, inv_sqrt_d):
     w = key_norm.to(cd) * query_norm.to(cd)
     g = (k * q * w).sum(-1) * (k_inv * q_inv * inv_sqrt_d)
     g = torch.sigmoid(torch.sign(g) * g.abs().clamp_min(1e-6).sqrt())
+    if keep is not None:
+        g = torch.where(keep.unsqueeze(-1), g, 0.0)
     return (g.unsqueeze(-1) * value.to(cd).unsqueeze(-2)).to(hidden.dtype)

@@ -1,5 +1,6 @@
-"""Engram in MindSpore: int64 n-gram hashing with mindspore bitwise ops, one gather over the
-shared table, the stream gate with mindspore math; torch tensors converted at the boundary.
+"""Engram in MindSpore: int64 n-gram hashing with mindspore bitwise ops (the lookback window is
+assembled in torch), one gather over the layer's table (float8 ones dequantized here),
+the stream gate with mindspore math; torch tensors converted at the boundary.
 
 A table is converted to MindSpore once and kept while the same torch tensor object comes back
 unmodified, since tables are large and lookups frequent."""
@@ -8,7 +9,9 @@ import weakref
 
 import torch
 
+from v4hal.backends.cpu.engram import window_ids
 from v4hal.backends.mindspore import keep_nan, mops, ms, to_ms, to_torch
+from v4hal.ops.engram import DEAD, SCALE_BLOCK, engram_offsets
 
 # (weak reference to the torch table, its layout, the MindSpore copy), replaced as one tuple so a
 # prefetch thread and the caller never see half of an entry.
@@ -38,27 +41,30 @@ def _remainder(chunks, size):
     return r
 
 
-def engram_hash(token_ids, compress, multipliers, primes, pad_id, prefix):
-    ops = mops()
-    ids = token_ids.long() if prefix is None else torch.cat([prefix.long(), token_ids.long()], 1)
-    batch, length = ids.shape
-    comp = to_ms(compress)
-    c = ops.gather(comp, to_ms(ids.reshape(-1)), 0)
-    c = ops.reshape(c, (batch, length))
-    span = multipliers.shape[0] - 1
-    pad = ops.fill(ms().int64, (batch, span), int(compress[pad_id]))
-    padded = ops.concat((pad, c), 1)
+def engram_hash(token_ids, token_map, multipliers, primes, pad_id, lookback):
+    ops, mst = mops(), ms()
+    span, length = multipliers.shape[0] - 1, token_ids.shape[1]
+    ids = to_ms(window_ids(token_ids, lookback, span))    # the chunk after `span` lookback ids (-1: none)
+    batch = ids.shape[0]
+    found = ops.gather(to_ms(token_map), ops.reshape(ops.clamp(ids, min=0), (-1,)), 0)
+    dead_id = mst.Tensor(DEAD, mst.int64)
+    c = ops.where(ids >= 0, ops.reshape(found, ids.shape), dead_id)
+    pad = ops.fill(mst.int64, (batch, length), pad_id)
     # int64 tensors, not Python ints: a Python scalar may be taken as a float.
-    mult = [ms().Tensor(int(m), ms().int64) for m in multipliers]
-    mix = c * mult[0]
-    heads = []
-    for k in range(1, span + 1):
-        mix = ops.bitwise_xor(mix, padded[:, span - k:span - k + length] * mult[k])
-        chunks = _chunks(mix)
-        for size in primes[k - 1].tolist():
-            heads.append(_remainder(chunks, size))
-    out = to_torch(ops.stack(heads, -1))
-    return out[:, length - token_ids.shape[1]:].to(token_ids.device)
+    mult = [mst.Tensor(int(m), mst.int64) for m in multipliers]
+    offsets = engram_offsets(primes).view(primes.shape).tolist()
+    blocked, mix, rows = None, None, []
+    for k in range(span + 1):
+        source = c[:, span - k:span - k + length]
+        dead = ops.equal(source, dead_id)
+        blocked = dead if blocked is None else ops.logical_or(blocked, dead)
+        term = ops.where(blocked, pad, source) * mult[k]
+        mix = term if mix is None else ops.bitwise_xor(mix, term)
+        if k:
+            chunks = _chunks(mix)
+            for size, offset in zip(primes[k - 1].tolist(), offsets[k - 1]):
+                rows.append(_remainder(chunks, size) + mst.Tensor(offset, mst.int64))
+    return to_torch(ops.stack(rows, -1)).to(token_ids.device)
 
 
 def _layout(table):
@@ -84,15 +90,20 @@ def _forget(ref):
         _cached_table = None
 
 
-def engram_lookup(hashes, table, offsets, device):
-    ops = mops()
-    heads, d = hashes.shape[-1], table.shape[1]
-    rows = to_ms((hashes.cpu() + offsets.cpu()).reshape(-1))
-    out = ops.gather(_ms_table(table), rows, 0)
-    return to_torch(out, table.dtype).reshape(*hashes.shape[:-1], heads * d).to(device)
+def engram_lookup(rows, table, scale, device, dtype):
+    ops, mst = mops(), ms()
+    heads, d = rows.shape[-1], table.shape[1]
+    flat = to_ms(rows.cpu().reshape(-1))
+    out = ops.gather(_ms_table(table), flat, 0)            # float8 arrives as float32 (exact)
+    if scale is not None:
+        s = ops.gather(to_ms(scale.view(torch.uint8) if scale.dtype != torch.float32 else scale), flat, 0)
+        if scale.dtype != torch.float32:                   # ue8m0 exponent bytes: 2 ** (byte - 127)
+            s = ops.pow(mst.Tensor(2.0, mst.float32), s.astype(mst.float32) - 127)
+        out = out.astype(mst.float32) * ops.repeat_interleave(s, SCALE_BLOCK, 1)
+    return to_torch(out, dtype).reshape(*rows.shape[:-1], heads * d).to(device)
 
 
-def engram_gate(hidden, key, value, key_norm, query_norm, eps, inv_sqrt_d):
+def engram_gate(hidden, key, value, key_norm, query_norm, eps, inv_sqrt_d, keep):
     ops = mops()
     cd = ms().float64 if hidden.dtype == torch.float64 else ms().float32
     h, k = to_ms(hidden).astype(cd), to_ms(key).astype(cd)
@@ -103,4 +114,6 @@ def engram_gate(hidden, key, value, key_norm, query_norm, eps, inv_sqrt_d):
 
     g = ops.sum(normed(k, key_norm) * normed(h, query_norm), -1) * inv_sqrt_d
     g = keep_nan(ops.sigmoid(ops.sign(g) * ops.sqrt(ops.clamp(ops.abs(g), min=1e-6))), g)
+    if keep is not None:
+        g = ops.where(ops.expand_dims(to_ms(keep), -1), g, ops.zeros_like(g))
     return to_torch(ops.expand_dims(g, -1) * v, hidden.dtype).to(hidden.device)
