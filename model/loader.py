@@ -104,10 +104,11 @@ class LoadReport:
 
 
 def _inside(directory: Path, name: str) -> Path:
-    """`directory / name` if it is a regular file inside `directory` after resolving symlinks
-    (see `v4hal.checkpoint_files.confined`); else LoadError."""
+    """`directory / name` if it is a regular file inside `directory` after resolving symlinks, or a
+    blob of the Hugging Face cache repo `directory` is a snapshot of (see
+    `v4hal.checkpoint_files.confined`: the loader only reads); else LoadError."""
     try:
-        confined(directory, name)
+        confined(directory, name, hf_cache=True)
     except CheckpointError as exc:
         raise LoadError(f"weights: {exc}") from None
     return directory / name
