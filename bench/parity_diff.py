@@ -69,6 +69,13 @@ def identical(d: dict) -> bool:
     return not (d["differ"] or d["only_before"] or d["only_after"])
 
 
+def commit(rev: str) -> str:
+    """`rev` as a short commit hash of this checkout."""
+    here = Path(__file__).resolve().parents[1]
+    return subprocess.run(["git", "-C", str(here), "rev-parse", "--short", rev], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
 def run_parity(rev: str, workdir: Path, options: list[str]) -> dict:
     """`v4hal parity OPTIONS` on revision `rev`, in a process importing only that tree."""
     from v4hal.bench.validation_reads import stage
@@ -102,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         options = [] if a.full else ["--quick"]
         options += [f"--backend={b}" for b in a.backend or []] + ([f"--select={a.select}"] if a.select else [])
-        labels = [a.before, a.after]
+        labels = [commit(a.before), commit(a.after)]  # HEAD may move while the runs take minutes
         with tempfile.TemporaryDirectory() as tmp:
             before, after = (run_parity(rev, Path(tmp) / side, options) for rev, side in zip(labels, ("before", "after")))
     d = diff(before, after)

@@ -77,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         return {"run": _run, "verify": _verify, "onnx": _onnx}[args.convert_command](args)
     except (CheckpointError, ConversionError, OnnxExportError, LoadError, ValueError, OSError, MemoryError, WorkerDied) as exc:
-        message = str(exc or type(exc).__name__)
+        message = str(exc) or type(exc).__name__  # MemoryError() says nothing itself
         if isinstance(exc, (NotEnoughSpace, MemoryError)) or getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
             return error("convert", message, NO_RESOURCES)
         # onnxruntime disagreeing with our model is a check that found a failure

@@ -17,7 +17,7 @@ before it starts any thread, and:
 - stop at their next chunk when another unit failed (a shared flag read by the progress
   callback), removing their temporary files; the parent then raises the first error, as the
   worker raised it (exceptions cross the process boundary pickled: CheckpointError and
-  ops._check.OpInputError pickle by their fields).
+  ops.OpInputError pickle by their fields).
 """
 
 from __future__ import annotations

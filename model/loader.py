@@ -106,10 +106,11 @@ class LoadReport:
 
 
 def _inside(directory: Path, name: str) -> Path:
-    """`directory / name` if it is a regular file inside `directory` after resolving symlinks
-    (see `v4hal.checkpoint_files.confined`); else LoadError."""
+    """`directory / name` if it is a regular file inside `directory` after resolving symlinks, or a
+    blob of the Hugging Face cache repo `directory` is a snapshot of (see
+    `v4hal.checkpoint_files.confined`: the loader only reads); else LoadError."""
     try:
-        confined(directory, name)
+        confined(directory, name, hf_cache=True)
     except CheckpointError as exc:
         raise LoadError(f"weights: {exc}") from None
     return directory / name
@@ -286,6 +287,7 @@ class _Loader:
         self.errors: list[str] = []
         self.unexpected: list[str] = []
         self.rejected: list[str] = []  # tensors present and shaped right but not loadable as they are
+        self.refused: set[str] = set()  # names in errors or rejected: present, so not also missing
         self.quantized: set[str] = set()  # weights that came with a scale
         self.report = LoadReport()
 
@@ -298,7 +300,7 @@ class _Loader:
         if tensor.dtype == torch.float8_e4m3fn:
             nan_codes = int(((tensor.view(torch.uint8) & 0x7F) == 0x7F).sum())
             if nan_codes:  # the fp8_matmul contract excludes them (not checked per call): refused once, here
-                self.rejected.append(f"{name}: {nan_codes} e4m3 NaN code(s) (0x7f/0xff) in an FP8 weight")
+                self._refuse(self.rejected, name, f"{nan_codes} e4m3 NaN code(s) (0x7f/0xff) in an FP8 weight")
                 return
             if _is_mxfp8(tensor, scale):  # no kernel here runs 1x32 FP8 blocks: dequantized once, now
                 tensor, scale = ops.dequantize_fp8(tensor, scale.float(), MX_BLOCK, torch.float32), None
@@ -322,7 +324,7 @@ class _Loader:
         if scale is None and self._wrong_kind(name, tensor, target):
             return
         if _logical_shape(tensor) != tuple(target.shape):
-            self.errors.append(f"{name}: checkpoint shape {tuple(_logical_shape(tensor))}, model expects {tuple(target.shape)}")
+            self._refuse(self.errors, name, f"checkpoint shape {tuple(_logical_shape(tensor))}, model expects {tuple(target.shape)}")
             return
         self.report.formats[ops.weight_format(tensor, scale) if scale is not None else "dense"] += 1
         if scale is not None and self.keep and attr == "weight" and _install_quantized(module, tensor, scale):
@@ -334,12 +336,16 @@ class _Loader:
             self._copy(module, attr, target, tensor)
         self.filled[name] = {None}
 
+    def _refuse(self, problems: list[str], name: str, why: str) -> None:
+        problems.append(f"{name}: {why}")
+        self.refused.add(name)
+
     def _wrong_kind(self, name: str, tensor: torch.Tensor, target: torch.Tensor) -> bool:
         """A tensor without a scale is copied as is, so an integer one into a float slot (or the
         reverse) would be silently converted: rejected instead."""
         if tensor.dtype.is_floating_point == target.dtype.is_floating_point:
             return False
-        self.rejected.append(f"{name}: stored as {tensor.dtype} without a scale, the model holds {target.dtype}")
+        self._refuse(self.rejected, name, f"stored as {tensor.dtype} without a scale, the model holds {target.dtype}")
         return True
 
     def _row_scale(self, name: str, tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
@@ -347,8 +353,8 @@ class _Loader:
         `ops.moe_forward` take (msmodelslim stores `[N, 1]`, in any float dtype)."""
         n = tensor.shape[0]
         if tensor.dim() != 2 or tuple(scale.shape) not in ((n,), (n, 1)):
-            self.errors.append(f"{name}: int8 weight {list(tensor.shape)} needs one scale per output row "
-                               f"([{n}] or [{n}, 1]); its scale is {list(scale.shape)}")
+            self._refuse(self.errors, name, f"int8 weight {list(tensor.shape)} needs one scale per output row "
+                                            f"([{n}] or [{n}, 1]); its scale is {list(scale.shape)}")
             return None
         return scale.reshape(n).float()
 
@@ -377,8 +383,8 @@ class _Loader:
         half = rows // 2 if proj != "down_proj" else rows
         expect = (half, target.shape[2]) if target.dtype not in QUANT_DTYPES else None
         if e >= n_exp or (expect is not None and _logical_shape(tensor) != expect):
-            self.errors.append(f"{name}: checkpoint shape {tuple(_logical_shape(tensor))} (expert {e}), model expects "
-                               f"{expect} for each of {n_exp} experts in {fused}")
+            self._refuse(self.errors, name, f"checkpoint shape {tuple(_logical_shape(tensor))} (expert {e}), model "
+                                            f"expects {expect} for each of {n_exp} experts in {fused}")
             return
         row0 = 0 if proj != "up_proj" else half
         self.report.formats[ops.weight_format(tensor, scale) if scale is not None else "dense"] += 1
@@ -412,7 +418,7 @@ class _Loader:
 
     def finish(self) -> None:
         missing = []
-        for name in sorted(self.expected):
+        for name in sorted(self.expected - self.refused):
             got = self.filled.get(name)
             if got is None or (name in self.pieces_needed and len(got) < self.pieces_needed[name]):
                 have = "" if got is None else f" ({len(got)} of {self.pieces_needed[name]} expert matrices)"
@@ -524,8 +530,8 @@ def load_checkpoint(model: nn.Module, directory: str | Path, args: ModelArgs, *,
                     loader.put(name, tensor, None)
         loader.report.files += 1
     for name in pending_w:
-        loader.errors.append(f"{name}: quantized ({pending_w[name].dtype}) but no scale tensor "
-                             f"({name[:-7]}.scale, .weight_scale_inv or .weight_scale) in the checkpoint")
+        loader._refuse(loader.errors, name, f"quantized ({pending_w[name].dtype}) but no scale tensor "
+                                            f"({name[:-7]}.scale, .weight_scale_inv or .weight_scale) in the checkpoint")
     for name in pending_s:
         loader.unexpected.append(name[: -len(".weight")] + ".scale")
     loader.unexpected += [key for name, key in offsets.items() if name not in loader.quantized and name not in pending_w]

@@ -189,3 +189,15 @@ def test_a_closed_stdout_pipe_is_not_a_traceback(argv):
     finally:
         os.close(write_end)
     assert p.returncode in (0, 141) and "Traceback" not in p.stderr and "Exception" not in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("exc,code,said", [(MemoryError(), 3, "MemoryError"), (ValueError("bad --mp"), 2, "bad --mp")])
+def test_convert_errors_are_one_line_with_the_shared_exit_codes(monkeypatch, capsys, exc, code, said):
+    from v4hal.conversion import cli as convert
+
+    def fail(args):
+        raise exc
+
+    monkeypatch.setattr(convert, "_verify", fail)
+    assert cli(["convert", "verify", "somewhere"]) == code
+    assert capsys.readouterr().err == f"v4hal convert: error: {said}\n"

@@ -12,9 +12,10 @@ import blake3
 import pytest
 
 from convert_util import cli, file_bytes, fp8_checkpoint
-from v4hal.conversion import plan
 from v4hal.checkpoint_files import CheckpointError
+from v4hal.conversion import plan
 from v4hal.conversion.io import Source
+from v4hal.model.loader import LoadError, checkpoint_files
 
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
 
@@ -122,6 +123,18 @@ def test_hf_cache_layout_is_read_and_its_blob_names_are_the_source_hashes(src, t
     assert {k: v for k, v in file_bytes(tmp_path / "out").items() if k != plan.MANIFEST} == \
            {k: v for k, v in plain.items() if k != plan.MANIFEST}
     assert cli("verify", tmp_path / "out", "--source", snapshot) == 0
+
+
+def test_the_loader_reads_the_hf_cache_layout_and_refuses_a_symlink_leaving_it(src, tmp_path):
+    snapshot = hf_cache(src, tmp_path / "hub")
+    assert [p.name for p in checkpoint_files(snapshot)] == list(SHARDS)
+    shard = snapshot / SHARDS[1]
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copyfile(shard.resolve(), tmp_path / "elsewhere" / "x")
+    shard.unlink()
+    shard.symlink_to(tmp_path / "elsewhere" / "x")
+    with pytest.raises(LoadError, match="outside"):
+        checkpoint_files(snapshot)
 
 
 def test_verify_source_hashes_a_stated_source_and_refuses_a_mismatch(src, tmp_path, capsys):
