@@ -14,7 +14,6 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch.distributed as dist
 
 from v4hal.model.config import PRESETS, ModelArgs, human, load_args
 from v4hal.model.expert_parallel import process_group_backend
-from v4hal.model.parallel import Layout
+from v4hal.model.parallel import Layout, LayoutError, join
 from v4hal.model.static import StaticDecoder
 
 
@@ -153,6 +152,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dequantize", action="store_true", help="dequantize FP8/FP4 weights on load")
     p.add_argument("--tp", type=at_least(1), default=1, help="tensor parallel ranks (run under torchrun)")
     p.add_argument("--ep", type=at_least(1), default=1, help="expert parallel ranks (1 or --tp)")
+    p.add_argument("--dist-timeout", type=at_least(1.0, float), default=300.0,
+                   help="seconds to wait for every rank to join, and in each collective, before failing")
     p.add_argument("--compile", action="store_true",
                    help="decode at fixed shapes, each step one torch.compile graph (first step compiles)")
 
@@ -204,8 +205,7 @@ def main(ns: argparse.Namespace) -> int:
     from v4hal.backends import registry
     from v4hal.subcommand import NO_RESOURCES, error
     from v4hal.model.config import ConfigError
-    from v4hal.model.loader import LoadError, load_checkpoint
-    from v4hal.model.model import DTYPES, build
+    from v4hal.model.model import DTYPES
     from v4hal.model.plan import memory_shortfall
 
     if ns.backend:
@@ -228,19 +228,37 @@ def main(ns: argparse.Namespace) -> int:
     counts = args.parameter_counts()
     t0 = time.perf_counter()
     layout = Layout(tp=ns.tp, ep=ns.ep)
-    if layout.devices > 1:
-        if not ns.weights:
-            return error("generate", "--tp / --ep need --weights (random weights are not split consistently)")
-        if "RANK" not in os.environ:
-            return error("generate", f"--tp {ns.tp}: run under torchrun --nproc-per-node {layout.devices}")
-        if not dist.is_initialized():
-            dist.init_process_group(process_group_backend("cpu"), timeout=timedelta(seconds=300))
-        if dist.get_rank():  # rank 0 prints
-            sys.stdout = open(os.devnull, "w")
+    if layout.devices > 1 and not ns.weights:
+        return error("generate", "--tp / --ep need --weights (random weights are not split consistently)")
+    if layout.devices > 1 and "RANK" not in os.environ:
+        return error("generate", f"--tp {ns.tp}: run under torchrun --nproc-per-node {layout.devices}")
     try:
-        model = build(args, dtype, layout=layout)
-    except ValueError as exc:  # LayoutError
+        if layout.devices > 1:
+            if not dist.is_initialized():
+                join(layout, process_group_backend("cpu"), ns.dist_timeout)
+            if dist.get_rank():  # rank 0 prints
+                sys.stdout = open(os.devnull, "w")
+        return _run(ns, args, prompts, tokenizer, layout, dtype, counts, t0)
+    except LayoutError as exc:
         return error("generate", str(exc))
+    except RuntimeError as exc:  # from a collective: a peer died (connection closed) or stalled (timeout)
+        if layout.devices == 1:
+            raise
+        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        return error("generate", f"layout {layout}: rank {dist.get_rank()} stopped in a collective: {first} "
+                                 f"(another rank died or stalled; collectives wait --dist-timeout {ns.dist_timeout:g} s)")
+    finally:
+        if layout.devices > 1 and dist.is_initialized():
+            dist.destroy_process_group()  # before exit, or gloo's threads abort the process
+
+
+def _run(ns, args, prompts, tokenizer, layout, dtype, counts, t0) -> int:
+    from v4hal.backends import registry
+    from v4hal.cli import error
+    from v4hal.model.loader import LoadError, load_checkpoint
+    from v4hal.model.model import build
+
+    model = build(args, dtype, layout=layout, timeout_s=ns.dist_timeout)
     if ns.weights:
         try:
             report = load_checkpoint(model, ns.weights, args, keep_quantized=not ns.dequantize)
@@ -269,8 +287,9 @@ def main(ns: argparse.Namespace) -> int:
 
         # as loaded: the checkpoint's own formats, or every matrix in the model's dtype
         fmt = "auto" if not (ns.dequantize or ns.dtype) else "fp32" if dtype == torch.float32 else "bf16"
-        _check_ranks_agree(model, res.tokens, sum(weight_bytes(args, layout, fmt).values()))
-        dist.destroy_process_group()  # before exit, or gloo's threads abort the process
+        disagreement = _check_ranks_agree(model, res.tokens, sum(weight_bytes(args, layout, fmt).values()))
+        if disagreement:
+            return error("generate", disagreement)
     for i, (p, out) in enumerate(zip(prompts, res.tokens)):
         print(f"[{i}] prompt ({len(p)} tokens): {p if len(p) <= 32 else p[:16] + ['...'] + p[-8:]}")
         print(f"[{i}] generated: {out}")
@@ -292,16 +311,17 @@ def main(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _check_ranks_agree(model, tokens: list[list[int]], planned: float) -> None:
-    """Every rank generated the same tokens (else RuntimeError); prints each rank's weight bytes
-    beside `v4hal plan`'s prediction."""
+def _check_ranks_agree(model, tokens: list[list[int]], planned: float) -> str | None:
+    """Prints each rank's weight bytes beside `v4hal plan`'s prediction; what differs if not every
+    rank generated the same tokens."""
     mine = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (mine, tokens))
     for rank, (held, toks) in enumerate(everyone):
         print(f"rank {rank}: weights {held / 2**20:.2f} MiB held, plan predicts {planned / 2**20:.2f} MiB")
         if toks != tokens:
-            raise RuntimeError(f"generate: rank {rank} generated other tokens than rank {dist.get_rank()}")
+            return f"rank {rank} generated other tokens than rank {dist.get_rank()}"
+    return None
 
 
 def _count(items: list[str]) -> dict[str, int]:

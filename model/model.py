@@ -203,9 +203,10 @@ class DeepseekForCausalLM(nn.Module):
 
 
 def build(args: ModelArgs, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-          layout: Layout | None = None) -> DeepseekForCausalLM:
+          layout: Layout | None = None, timeout_s: float | None = None) -> DeepseekForCausalLM:
     """The model, whole, or (`layout`, under torch.distributed with `layout.devices` processes)
-    this rank's part of it; every rank must call it (the layout's process groups are created)."""
-    par = SOLO_PARALLEL if layout is None else Parallel.create(layout, args)
+    this rank's part of it; every rank must call it (the layout's process groups are created,
+    their collectives bounded by `timeout_s`)."""
+    par = SOLO_PARALLEL if layout is None else Parallel.create(layout, args, timeout_s)
     return DeepseekForCausalLM(args, dtype, device, par).eval()
 

@@ -22,7 +22,9 @@ tp_index`; the routed experts run in one of three ways (`Parallel.experts`):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -104,9 +106,10 @@ class Parallel:
             self.experts = "width" if layout.tp > 1 else "whole"
 
     @classmethod
-    def create(cls, layout: Layout, args) -> "Parallel":
+    def create(cls, layout: Layout, args, timeout_s: float | None = None) -> "Parallel":
         """The groups of `layout` over the default process group (every rank must call this, in
-        the same order); a one-device layout needs no process group."""
+        the same order); a one-device layout needs no process group. `timeout_s` bounds the
+        groups' creation and collectives (None: torch's default, 30 minutes for gloo)."""
         layout.check_runnable(args)
         if layout.devices == 1:
             return cls(layout)
@@ -119,12 +122,31 @@ class Parallel:
         tp = SOLO
         if layout.tp > 1:
             # new_group is collective: every rank creates every tensor-parallel group.
-            groups = [dist.new_group(list(range(d * layout.tp, (d + 1) * layout.tp))) for d in range(layout.dp)]
+            timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+            groups = [dist.new_group(list(range(d * layout.tp, (d + 1) * layout.tp)), timeout=timeout)
+                      for d in range(layout.dp)]
             tp = Collectives(groups[rank // layout.tp])
         return cls(layout, tp, dist.group.WORLD if layout.ep > 1 else None, rank if layout.ep > 1 else 0)
 
 
 SOLO_PARALLEL = Parallel(Layout())
+
+
+def join(layout: Layout, backend: str, timeout_s: float) -> None:
+    """Initialise the default process group from torchrun's environment for `layout`; a world of
+    another size, or ranks that do not all join within `timeout_s`, raise LayoutError naming the
+    layout (never a hang). `timeout_s` also bounds every later collective on the default group
+    (pass it to `build` too, for the groups a layout creates)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != layout.devices:
+        raise LayoutError(f"layout {layout}: needs {layout.devices} processes, torchrun started {world} "
+                          f"(--nproc-per-node {layout.devices})")
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    except dist.DistError as exc:  # DistStoreError: "... 1/2 clients joined."
+        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise LayoutError(f"layout {layout}: not every one of the {layout.devices} processes joined within "
+                          f"{timeout_s:g} s (a rank died before joining or never started): {first}") from None
 
 # Tensor-parallel splits, by the module a weight belongs to: column parallel (split output rows,
 # dim 0) or row parallel (split input columns, dim 1, the sum completed by an all-reduce).

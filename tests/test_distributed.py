@@ -9,6 +9,8 @@ of the experts). One launch per world size runs all of its layouts.
 
 import os
 import socket
+import subprocess
+import sys
 import time
 from datetime import timedelta
 
@@ -82,7 +84,7 @@ def _worker(rank, world, port, cases, ckpts, out_dir):
             for name, path in ckpts.items():
                 path = _source(path, kind, world)
                 args = ModelArgs.from_json(path)
-                model = build(args, layout=layout)
+                model = build(args, layout=layout, timeout_s=TIMEOUT)
                 load_checkpoint(model, path, args)  # this rank's slices (or its own files) only
                 out = _run(model, _ids(args)[_rows(layout, rank)])
                 out["held"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -150,6 +152,44 @@ def test_a_resharded_checkpoint_is_refused_under_another_layout(layout, checkpoi
             dist.destroy_process_group()
 
 
+def _rank_env(rank: int, world: int, port: int) -> dict:
+    return {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+
+
+def _generate_rank0(path: str, world: int, port: int, *extra: str) -> subprocess.CompletedProcess:
+    """`v4hal generate --tp 2` as rank 0 of `world`, failing the test if it outlives TIMEOUT."""
+    cmd = [sys.executable, "-m", "v4hal.cli", "generate", "--tp", "2", "--dist-timeout", "3", "--config", path,
+           "--weights", path, "--prompt-ids", "1,2,3", "--max-new-tokens", "2", *extra]
+    return subprocess.run(cmd, env=_rank_env(0, world, port), capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def test_a_rank_that_never_joins_is_an_error_after_the_timeout(checkpoints):
+    run = _generate_rank0(checkpoints["v3"][0], 2, _free_port())
+    assert run.returncode == 2, run.stderr
+    assert ("v4hal generate: error: layout tp=2 ep=1 pp=1 dp=1: not every one of the 2 processes joined "
+            "within 3 s") in run.stderr, run.stderr
+
+
+def test_a_rank_that_dies_is_an_error_on_its_peers(checkpoints):
+    port = _free_port()
+    dies = "import os, torch.distributed as d; d.init_process_group('gloo'); os._exit(3)"
+    peer = subprocess.Popen([sys.executable, "-c", dies], env=_rank_env(1, 2, port))
+    try:
+        run = _generate_rank0(checkpoints["v3"][0], 2, port)
+    finally:
+        peer.wait(timeout=TIMEOUT)
+    assert run.returncode == 2, run.stderr
+    assert ("v4hal generate: error: layout tp=2 ep=1 pp=1 dp=1: rank 0 stopped in a collective:" in run.stderr
+            and "another rank died or stalled; collectives wait --dist-timeout 3 s" in run.stderr), run.stderr
+
+
+def test_a_world_of_another_size_is_refused(checkpoints):
+    run = _generate_rank0(checkpoints["v3"][0], 4, _free_port())
+    assert run.returncode == 2, run.stderr
+    assert "layout tp=2 ep=1 pp=1 dp=1: needs 2 processes, torchrun started 4 (--nproc-per-node 2)" in run.stderr
+
+
 @pytest.mark.parametrize("layout, setting", [(Layout(tp=3), "tp=3 must divide the 4 attention heads"),
                                               (Layout(ep=3, dp=3), "ep=3 must divide the 8 routed experts"),
                                               (Layout(tp=4), "tp=4 must divide the 2 output projection groups"),
@@ -160,9 +200,21 @@ def test_layouts_that_do_not_fit_name_the_setting(layout, setting):
         build(preset("tiny"), layout=layout)
 
 
-def test_vocabulary_split_is_checked():
-    with pytest.raises(LayoutError, match="tp=2 must divide the 511 vocabulary"):
-        Layout(tp=2).check(preset("tiny").replace(vocab_size=511))
+@pytest.mark.parametrize("change, layout, setting", [
+    (dict(vocab_size=511), Layout(tp=2), "tp=2 must divide the 511 vocabulary entries"),
+    (dict(index_n_heads=3), Layout(tp=2), "tp=2 must divide the 3 indexer heads"),
+    (dict(o_groups=4, moe_intermediate_size=34), Layout(tp=4), "tp=4 must divide the 34 shared expert columns"),
+    (dict(o_groups=4, n_shared_experts=2, moe_intermediate_size=18), Layout(tp=4),
+     "tp\\*dp=4 must divide the 18 expert columns"),
+    (dict(n_routed_experts=6, n_group=2), Layout(tp=4, ep=4), "ep=4 must divide the 6 routed experts")])
+def test_every_split_is_checked_naming_the_setting(change, layout, setting):
+    with pytest.raises(LayoutError, match=setting):
+        Layout.check(layout, preset("tiny").replace(**change))
+
+
+def test_dense_mlp_split_is_checked():
+    with pytest.raises(LayoutError, match="tp=4 must divide the 90 dense MLP columns"):
+        Layout(tp=4).check(ModelArgs.from_dict({**MLA, "intermediate_size": 90}))
 
 
 def test_a_layout_needs_its_processes():
