@@ -118,17 +118,19 @@ def assert_attention_close(got, ref, dtype):
 @pytest.mark.parametrize("sink", [True, False], ids=["sink", "no-sink"])
 def test_sparse_attention_kernel_matches_float64_reference(b, s, h, d, n, k, v_dim, sink):
     g = gen(b * 1000 + h * 10 + k)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, splits in ((torch.float32, 1), (torch.bfloat16, 1), (torch.float32, 3)):
         q, kv, idx, sk = attention_case(b, s, h, d, n, k, dtype, g, sink=sink)
-        got = triton_attention.sparse_attention(q, kv, idx, d ** -0.5, sk, v_dim)
+        got = triton_attention.sparse_attention(q, kv, idx, d ** -0.5, sk, v_dim, splits=splits)
         assert_attention_close(got, reference_attention(q, kv, idx, d ** -0.5, sk, v_dim), dtype)
 
 
-def test_sparse_attention_kernel_large_logits_stay_finite():
-    """Logits in the thousands: the online softmax's running max keeps every exp in range."""
+@pytest.mark.parametrize("splits", [1, 2])
+def test_sparse_attention_kernel_large_logits_stay_finite(splits):
+    """Logits in the thousands: the online softmax's running max (and, split, the merge) keeps
+    every exp in range."""
     q, kv, idx, sk = attention_case(1, 2, 4, 32, 30, 40, torch.float32, gen(5), q_scale=400.0)
     sk = sk * 1000.0  # some sinks dominate the row, some vanish
-    got = triton_attention.sparse_attention(q, kv, idx, 1.0, sk, 32)
+    got = triton_attention.sparse_attention(q, kv, idx, 1.0, sk, 32, splits=splits)
     ref = reference_attention(q, kv, idx, 1.0, sk, 32)
     assert torch.isfinite(got[0]).all() and ref[1].abs().max() > 1000
     torch.testing.assert_close(got[0].double(), ref[0], rtol=0, atol=1e-4)
@@ -148,6 +150,19 @@ def test_sparse_attention_kernel_reads_only_picked_rows():
     expected[0, 1, :4] = -1
     got = triton_attention.sparse_attention(q, kv, past_end, 0.2, sk, 24)
     assert_attention_close(got, reference_attention(q, kv, expected, 0.2, sk, 24), torch.float32)
+
+
+@pytest.mark.parametrize("sink", [True, False], ids=["sink", "no-sink"])
+def test_split_index_lists_merge_like_one_pass(sink):
+    """Decode on a GPU cuts each index list into slices; slices holding only -1 (here the second
+    half of some rows, and every slice of the empty row) must merge to the one-pass result."""
+    q, kv, idx, sk = attention_case(2, 2, 3, 16, 40, 96, torch.float32, gen(19), sink=sink)
+    one = triton_attention.sparse_attention(q, kv, idx, 0.25, sk, 16, splits=1)
+    for splits in (2, 3):
+        got = triton_attention.sparse_attention(q, kv, idx, 0.25, sk, 16, splits=splits)
+        assert_attention_close(got, reference_attention(q, kv, idx, 0.25, sk, 16), torch.float32)
+        torch.testing.assert_close(got, one, rtol=1e-6, atol=1e-6)
+    assert triton_attention.split_count(4, 96, 32, q.device) == 1  # off a GPU nothing is split
 
 
 def test_sparse_attention_kernel_follows_strides():
