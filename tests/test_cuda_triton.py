@@ -61,15 +61,17 @@ def test_fp8_kernel_matches_float64_reference(m, n, k, out_dtype):
     torch.testing.assert_close(got / scale, ref / scale, rtol=0, atol=ATOL[out_dtype])
 
 
-def test_fp8_kernel_uses_each_blocks_own_scales():
+@pytest.mark.parametrize("block_n", [32, 128, 256], ids=["narrow-decode-tile", "one-scale-block", "two-scale-blocks"])
+def test_fp8_kernel_uses_each_blocks_own_scales(block_n):
     """Scales differing per 128x128 weight block and per 1x128 activation block must land on their
-    own products: swap two weight-scale blocks and the result changes as the reference says."""
+    own products whatever the tile width: swap two weight-scale blocks and the result changes."""
     a, sa, b, sb = fp8_operands(3, 256, 256, gen(7))
     sb = sb * torch.tensor([[1.0, 8.0], [0.25, 2.0]])
-    got = triton_quant.fp8_matmul(a, sa, b, sb, torch.float32).double()
+    got = triton_quant.fp8_matmul(a, sa, b, sb, torch.float32, block_n=block_n).double()
     torch.testing.assert_close(got, ref_quant.fp8_matmul(a, sa.double(), b, sb.double(), D64), rtol=1e-5, atol=1e-4)
-    swapped = triton_quant.fp8_matmul(a, sa, b, sb.flip(0), torch.float32)
+    swapped = triton_quant.fp8_matmul(a, sa, b, sb.flip(0), torch.float32, block_n=block_n)
     assert not torch.allclose(swapped, got.float(), rtol=1e-3)
+    assert triton_quant.tile_n(1, 4096, a.device) == 128  # off a GPU: no narrowing
 
 
 def test_cuda_fp8_matmul_takes_the_kernel_on_batched_input(monkeypatch):
