@@ -59,8 +59,10 @@ def meta(*shape, dtype=torch.bfloat16):
 def model_launches() -> list:
     """The launches of the real shapes: V4-Flash (64 heads x 512) and V3.2 (128 heads, 576 / 512)
     decode attention in bf16 and fp32, one and several slices, with and without sink; the
-    V4-Flash indexer; FP8 GEMMs at decode and prefill tile sizes, narrow and wide columns."""
+    V4-Flash indexer; V4's mHC (4 streams of 4096, bf16); FP8 GEMMs at decode and prefill tile
+    sizes, narrow and wide columns."""
     from v4hal.backends.cuda import triton_attention as ta
+    from v4hal.backends.cuda import triton_mhc as tm
     from v4hal.backends.cuda import triton_quant as tq
 
     out = []
@@ -71,6 +73,9 @@ def model_launches() -> list:
                 0.05, meta(heads, dtype=dtype) if sink else None, v_dim, splits=splits))
         out += launches(ta, "_indexer_scores", lambda: ta.indexer_scores(
             meta(1, 1, 64, 128, dtype=dtype), meta(1, 8192, 128, dtype=dtype), meta(1, 1, 64, dtype=dtype), 0.01))
+    out += launches(tm, "_hc_pre", lambda: tm.hc_pre(meta(1, 4, 4096), meta(24, 4 * 4096, dtype=torch.float32),
+                                                     meta(3, dtype=torch.float32), meta(24, dtype=torch.float32),
+                                                     1e-6, 1e-6, 20))
     fp8 = torch.float8_e4m3fn
     for m, block_n in ((1, 32), (1, 128), (2048, 128)):
         out += launches(tq, "_fp8_block_scaled_mm", lambda: tq.fp8_matmul(
