@@ -66,6 +66,7 @@ SIZES = {
     "full": Size(False, 640, 1024, 16, True, ((1, 4096, 4096), (4, 7168, 7168), (2048, 4096, 4096)),
                  ("sparse_attention/v4-flash/decode-N8192", "sparse_attention/v4-flash/decode-N32768",
                   "sparse_attention/v4-flash/decode-N32768-bf16", "indexer_select/v4-flash/decode-T32768",
+                  "hc_pre+hc_post/T2048-n4-D4096",
                   "model_decode/bench-v4/16k-context", "model_decode/bench-v4/16k-context/compiled"), None, True),
     "small": Size(True, 160, 160, 4, False, ((1, 4096, 4096),), ("sparse_attention/v4-flash/decode-N8192",), 512,
                   False),

@@ -22,8 +22,9 @@ from v4hal import ops  # noqa: E402
 from v4hal.backends import cuda as cuda_pkg  # noqa: E402
 from v4hal.backends import registry  # noqa: E402
 from v4hal.backends.cpu import attention as ref_attention  # noqa: E402
+from v4hal.backends.cpu import mhc as ref_mhc  # noqa: E402
 from v4hal.backends.cpu import quant as ref_quant  # noqa: E402
-from v4hal.backends.cuda import triton_attention, triton_quant  # noqa: E402
+from v4hal.backends.cuda import triton_attention, triton_mhc, triton_quant  # noqa: E402
 from v4hal.bench import peers_cuda, selfcheck, speed  # noqa: E402
 from v4hal.bench.cases import SpeedCase  # noqa: E402
 from v4hal.bench.cases_attention import topk_agrees  # noqa: E402
@@ -32,6 +33,7 @@ from v4hal.ops._check import OpInputError  # noqa: E402
 D64 = torch.float64
 cuda_attention = registry.family_view("cuda", "attention")
 cuda_quant = registry.family_view("cuda", "quant")
+cuda_mhc = registry.family_view("cuda", "mhc")
 # Output tolerance per dtype: the kernels accumulate in fp32; 16-bit outputs round once.
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
@@ -61,15 +63,17 @@ def test_fp8_kernel_matches_float64_reference(m, n, k, out_dtype):
     torch.testing.assert_close(got / scale, ref / scale, rtol=0, atol=ATOL[out_dtype])
 
 
-def test_fp8_kernel_uses_each_blocks_own_scales():
+@pytest.mark.parametrize("block_n", [32, 128, 256], ids=["narrow-decode-tile", "one-scale-block", "two-scale-blocks"])
+def test_fp8_kernel_uses_each_blocks_own_scales(block_n):
     """Scales differing per 128x128 weight block and per 1x128 activation block must land on their
-    own products: swap two weight-scale blocks and the result changes as the reference says."""
+    own products whatever the tile width: swap two weight-scale blocks and the result changes."""
     a, sa, b, sb = fp8_operands(3, 256, 256, gen(7))
     sb = sb * torch.tensor([[1.0, 8.0], [0.25, 2.0]])
-    got = triton_quant.fp8_matmul(a, sa, b, sb, torch.float32).double()
+    got = triton_quant.fp8_matmul(a, sa, b, sb, torch.float32, block_n=block_n).double()
     torch.testing.assert_close(got, ref_quant.fp8_matmul(a, sa.double(), b, sb.double(), D64), rtol=1e-5, atol=1e-4)
-    swapped = triton_quant.fp8_matmul(a, sa, b, sb.flip(0), torch.float32)
+    swapped = triton_quant.fp8_matmul(a, sa, b, sb.flip(0), torch.float32, block_n=block_n)
     assert not torch.allclose(swapped, got.float(), rtol=1e-3)
+    assert triton_quant.tile_n(1, 4096, a.device) == 128  # off a GPU: no narrowing
 
 
 def test_cuda_fp8_matmul_takes_the_kernel_on_batched_input(monkeypatch):
@@ -118,17 +122,19 @@ def assert_attention_close(got, ref, dtype):
 @pytest.mark.parametrize("sink", [True, False], ids=["sink", "no-sink"])
 def test_sparse_attention_kernel_matches_float64_reference(b, s, h, d, n, k, v_dim, sink):
     g = gen(b * 1000 + h * 10 + k)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, splits in ((torch.float32, 1), (torch.bfloat16, 1), (torch.float32, 3)):
         q, kv, idx, sk = attention_case(b, s, h, d, n, k, dtype, g, sink=sink)
-        got = triton_attention.sparse_attention(q, kv, idx, d ** -0.5, sk, v_dim)
+        got = triton_attention.sparse_attention(q, kv, idx, d ** -0.5, sk, v_dim, splits=splits)
         assert_attention_close(got, reference_attention(q, kv, idx, d ** -0.5, sk, v_dim), dtype)
 
 
-def test_sparse_attention_kernel_large_logits_stay_finite():
-    """Logits in the thousands: the online softmax's running max keeps every exp in range."""
+@pytest.mark.parametrize("splits", [1, 2])
+def test_sparse_attention_kernel_large_logits_stay_finite(splits):
+    """Logits in the thousands: the online softmax's running max (and, split, the merge) keeps
+    every exp in range."""
     q, kv, idx, sk = attention_case(1, 2, 4, 32, 30, 40, torch.float32, gen(5), q_scale=400.0)
     sk = sk * 1000.0  # some sinks dominate the row, some vanish
-    got = triton_attention.sparse_attention(q, kv, idx, 1.0, sk, 32)
+    got = triton_attention.sparse_attention(q, kv, idx, 1.0, sk, 32, splits=splits)
     ref = reference_attention(q, kv, idx, 1.0, sk, 32)
     assert torch.isfinite(got[0]).all() and ref[1].abs().max() > 1000
     torch.testing.assert_close(got[0].double(), ref[0], rtol=0, atol=1e-4)
@@ -148,6 +154,19 @@ def test_sparse_attention_kernel_reads_only_picked_rows():
     expected[0, 1, :4] = -1
     got = triton_attention.sparse_attention(q, kv, past_end, 0.2, sk, 24)
     assert_attention_close(got, reference_attention(q, kv, expected, 0.2, sk, 24), torch.float32)
+
+
+@pytest.mark.parametrize("sink", [True, False], ids=["sink", "no-sink"])
+def test_split_index_lists_merge_like_one_pass(sink):
+    """Decode on a GPU cuts each index list into slices; slices holding only -1 (here the second
+    half of some rows, and every slice of the empty row) must merge to the one-pass result."""
+    q, kv, idx, sk = attention_case(2, 2, 3, 16, 40, 96, torch.float32, gen(19), sink=sink)
+    one = triton_attention.sparse_attention(q, kv, idx, 0.25, sk, 16, splits=1)
+    for splits in (2, 3):
+        got = triton_attention.sparse_attention(q, kv, idx, 0.25, sk, 16, splits=splits)
+        assert_attention_close(got, reference_attention(q, kv, idx, 0.25, sk, 16), torch.float32)
+        torch.testing.assert_close(got, one, rtol=1e-6, atol=1e-6)
+    assert triton_attention.split_count(4, 96, 32, q.device) == 1  # off a GPU nothing is split
 
 
 def test_sparse_attention_kernel_follows_strides():
@@ -201,10 +220,45 @@ def test_cuda_indexer_select_chunks_queries_and_agrees_tie_aware(monkeypatch):
     assert ok, note
 
 
+# ------------------------------------------------------------------------------ mHC
+
+def mhc_case(lead, n, d, dtype, g, comb_scale=1.0, x_scale=1.0):
+    x = (torch.randn(*lead, n, d, generator=g) * x_scale).to(dtype)
+    fn = torch.randn((2 + n) * n, n * d, generator=g) * 0.05
+    return x, fn, torch.tensor([1.0, 0.7, comb_scale]), torch.randn((2 + n) * n, generator=g)
+
+
+@pytest.mark.parametrize("lead, n, d, dtype, comb_scale, x_scale, iters", [
+    ((2, 3), 4, 300, torch.float32, 1.0, 1.0, 20),    # V4's 4 streams, D over two ragged chunks
+    ((3,), 3, 64, torch.bfloat16, 1.0, 1.0, 20),      # streams padded 3 -> 4, bf16 streams
+    ((2,), 4, 40, torch.float32, 40.0, 1.0, 20),      # comb logits in the hundreds: the softmax max
+    ((2,), 4, 40, torch.float32, 1.0, 1e-4, 20),      # tiny streams: norm_eps dominates the RMS
+    ((2,), 4, 40, torch.float32, 1.0, 1.0, 1),        # one normalisation pair only
+], ids=["v4-streams", "padded-streams", "large-logits", "tiny-streams", "one-iteration"])
+def test_hc_pre_kernel_matches_float64_reference(lead, n, d, dtype, comb_scale, x_scale, iters):
+    x, fn, scale, base = mhc_case(lead, n, d, dtype, gen(n * d + iters), comb_scale, x_scale)
+    got = triton_mhc.hc_pre(x, fn, scale, base, 1e-6, 1e-6, iters)
+    ref = ref_mhc.hc_pre(x.double(), fn.double(), scale.double(), base.double(), 1e-6, 1e-6, iters)
+    assert [t.shape for t in got] == [t.shape for t in ref] and got[0].dtype == dtype
+    assert got[1].dtype == got[2].dtype == torch.float32
+    layer_atol = 2 * torch.finfo(dtype).eps * ref[0].abs().max().item()  # one rounding of x's dtype
+    torch.testing.assert_close(got[0].double(), ref[0], rtol=0, atol=max(layer_atol, 1e-5))
+    torch.testing.assert_close(got[1].double(), ref[1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(got[2].double(), ref[2], rtol=0, atol=1e-6)
+
+
+def test_cuda_hc_pre_takes_the_kernel_and_float64_the_torch_path(monkeypatch):
+    kernel_calls = spy_on_kernels(monkeypatch, "mhc")
+    x, fn, scale, base = mhc_case((2,), 4, 32, torch.float32, gen(20))
+    cuda_mhc.hc_pre(x, fn, scale, base, 1e-6, 1e-6, 20)
+    cuda_mhc.hc_pre(x.double(), fn.double(), scale.double(), base.double(), 1e-6, 1e-6, 20)
+    assert kernel_calls == ["hc_pre"]
+
+
 # ------------------------------------------------------------------------------ through the contracts
 
 KERNELS = {"attention": (triton_attention, ("sparse_attention", "indexer_scores")),
-           "quant": (triton_quant, ("fp8_matmul",))}
+           "quant": (triton_quant, ("fp8_matmul",)), "mhc": (triton_mhc, ("hc_pre",))}
 
 
 def spy_on_kernels(monkeypatch, *families):
@@ -227,7 +281,7 @@ def cuda_on_kernels(monkeypatch):
     monkeypatch.setattr(cuda_pkg, "probe", lambda: (True, ""))
     registry.reset()
     with registry.forced("cuda"):
-        yield spy_on_kernels(monkeypatch, "attention", "quant")
+        yield spy_on_kernels(monkeypatch, "attention", "quant", "mhc")
     registry.reset()
 
 
@@ -238,7 +292,12 @@ def test_public_ops_reach_the_kernels_and_match(cuda_on_kernels):
     a, sa, b, sb = fp8_operands(2, 128, 128, gen(15))
     y = ops.fp8_matmul(a, sa, b, sb, torch.float32)
     torch.testing.assert_close(y.double(), ref_quant.fp8_matmul(a, sa.double(), b, sb.double(), D64), rtol=1e-5, atol=1e-4)
-    assert cuda_on_kernels == {"attention": ["sparse_attention"], "quant": ["fp8_matmul"]}
+    x, fn, scale, base = mhc_case((2,), 4, 32, torch.float32, gen(22))
+    got = ops.hc_pre(x, fn, scale, base)
+    ref = ref_mhc.hc_pre(x.double(), fn.double(), scale.double(), base.double(), 1e-6, 1e-6, 20)
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a.double(), r, rtol=0, atol=1e-5)
+    assert cuda_on_kernels == {"attention": ["sparse_attention"], "quant": ["fp8_matmul"], "mhc": ["hc_pre"]}
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -261,7 +320,7 @@ def test_bad_attention_input_stops_at_the_contract(cuda_on_kernels, bad, message
     assert cuda_on_kernels["attention"] == []
 
 
-def test_bad_indexer_and_fp8_input_stops_at_the_contract(cuda_on_kernels):
+def test_bad_indexer_fp8_and_mhc_input_stops_at_the_contract(cuda_on_kernels):
     q, k, w = torch.randn(1, 2, 3, 16), torch.randn(1, 5, 16), torch.randn(1, 2, 3)
     with pytest.raises(OpInputError, match="indexer_scores: argument 'weights'"):
         ops.indexer_scores(q, k, w[:, :, :2], 0.1)
@@ -271,7 +330,10 @@ def test_bad_indexer_and_fp8_input_stops_at_the_contract(cuda_on_kernels):
     a, sa, b, sb = fp8_operands(2, 128, 256, gen(17))
     with pytest.raises(OpInputError, match="fp8_matmul: argument 'b_scale'"):
         ops.fp8_matmul(a, sa, b, sb[:, :1], torch.float32)
-    assert cuda_on_kernels == {"attention": [], "quant": []}
+    x, fn, scale, base = mhc_case((2,), 4, 32, torch.float32, gen(21))
+    with pytest.raises(OpInputError, match="hc_pre: argument 'fn'"):
+        ops.hc_pre(x, fn[:, :-1], scale, base)
+    assert cuda_on_kernels == {"attention": [], "quant": [], "mhc": []}
 
 
 # ------------------------------------------------------------------------------ the device check's rows

@@ -1,5 +1,6 @@
 """NVIDIA GPUs: PyTorch CUDA, `torch._scaled_mm` block scaling on SM90+, Triton where importable."""
 
+import functools
 import importlib
 import importlib.util
 
@@ -24,7 +25,15 @@ def triton_kernels(family: str, x: torch.Tensor):
     functions the contracts dispatch to, so a kernel never sees unvalidated arguments. Inside
     torch.compile the torch path runs too (Inductor writes its own Triton from it, and an import
     there would break the graph)."""
-    if not x.is_cuda or is_compiling() or importlib.util.find_spec("triton") is None:
+    if not x.is_cuda or is_compiling():
+        return None
+    return _kernel_module(family)
+
+
+@functools.cache
+def _kernel_module(family: str):
+    """Looked up once: the decode loop asks for every op call."""
+    if importlib.util.find_spec("triton") is None:
         return None
     return importlib.import_module(f"{__name__}.triton_{family}")
 

@@ -9,7 +9,10 @@ tail are masked loads), scores them against its heads in D-chunks of BLOCK_D (V3
 head needs no power-of-two padding of the whole row), and keeps an online softmax (running max,
 running denominator, rescaled fp32 accumulator of the first v_dim channels). The sink enters the
 denominator once at the end. Decode (S = 1) and prefill (S > 1) are the same kernel: the queries
-are independent. An index >= N (possible only with V4HAL_CHECKS=shapes, which skips the range
+are independent. A decode step has too few (query, head block) programs to fill a GPU, so there
+each index list is cut into slices (split-K, as flash-decoding does): each slice's program stores
+its running max, denominator and accumulator, and `combine_splits` merges them (and adds the sink)
+in torch. An index >= N (possible only with V4HAL_CHECKS=shapes, which skips the range
 check) is treated as -1, so the kernel never reads outside kv.
 
 indexer_scores: one program per (batch row, block of queries, block of entries); it loops over
@@ -42,12 +45,12 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _sparse_attention(q, kv, idx, sink, out, lse, n_rows, heads, n_idx, d, v_dim, scale,
-                      sq_b, sq_s, sq_h, sq_d, skv_b, skv_n, skv_d, si_b, si_s, si_k,
+def _sparse_attention(q, kv, idx, sink, out, lse, part_acc, part_m, part_l, n_rows, heads, n_idx, per_split, d,
+                      v_dim, scale, sq_b, sq_s, sq_h, sq_d, skv_b, skv_n, skv_d, si_b, si_s, si_k,
                       so_b, so_s, so_h, so_d, sl_b, sl_s, sl_h, seq,
-                      HAS_SINK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
-    query = tl.program_id(0)
+                      SPLIT: tl.constexpr, HAS_SINK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_H: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
+    query, split = tl.program_id(0), tl.program_id(2)
     bi, si = query // seq, query % seq
     hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = hs < heads
@@ -58,9 +61,11 @@ def _sparse_attention(q, kv, idx, sink, out, lse, n_rows, heads, n_idx, d, v_dim
     m_run = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     l_run = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_V), tl.float32)
-    for k0 in range(0, n_idx, BLOCK_K):
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, n_idx)
+    for k0 in range(lo, hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        rows = tl.load(idx + bi * si_b + si * si_s + ks * si_k, mask=ks < n_idx, other=-1).to(tl.int64)
+        rows = tl.load(idx + bi * si_b + si * si_s + ks * si_k, mask=ks < hi, other=-1).to(tl.int64)
         picked = (rows >= 0) & (rows < n_rows)
         rows = tl.where(picked, rows, 0)
         logits = tl.zeros((BLOCK_H, BLOCK_K), tl.float32)
@@ -81,21 +86,26 @@ def _sparse_attention(q, kv, idx, sink, out, lse, n_rows, heads, n_idx, d, v_dim
         acc = acc * alpha[:, None] + _dot(p, values, PRECISION)
         l_run = l_run * alpha + tl.sum(p, 1)
         m_run = m_new
-    if HAS_SINK:
-        s_h = tl.load(sink + hs, mask=h_ok, other=0.0).to(tl.float32)
-        m_fin = tl.maximum(m_run, s_h)
-        alpha = tl.exp(m_run - m_fin)
-        acc = acc * alpha[:, None]
-        l_run = l_run * alpha + tl.exp(s_h - m_fin)
-        m_run = m_fin
-    m_safe = tl.where(m_run == float("-inf"), 0.0, m_run)
-    filled = l_run > 0  # false only for an empty row without sink: output 0, LSE -inf
-    l_safe = tl.where(filled, l_run, 1.0)
-    o = acc / l_safe[:, None]
-    tl.store(out + bi * so_b + si * so_s + hs[:, None] * so_h + vs[None, :] * so_d,
-             o.to(out.dtype.element_ty), mask=h_ok[:, None] & v_ok[None, :])
-    tl.store(lse + bi * sl_b + si * sl_s + hs * sl_h, tl.where(filled, tl.log(l_safe) + m_safe, float("-inf")),
-             mask=h_ok)
+    if SPLIT:  # this slice's running state; combine_splits adds the sink and normalises
+        part = (query * tl.num_programs(2) + split) * heads + hs
+        tl.store(part_acc + part[:, None] * v_dim + vs[None, :], acc, mask=h_ok[:, None] & v_ok[None, :])
+        tl.store(part_m + part, m_run, mask=h_ok)
+        tl.store(part_l + part, l_run, mask=h_ok)
+    else:
+        if HAS_SINK:
+            s_h = tl.load(sink + hs, mask=h_ok, other=0.0).to(tl.float32)
+            m_fin = tl.maximum(m_run, s_h)
+            alpha = tl.exp(m_run - m_fin)
+            acc = acc * alpha[:, None]
+            l_run = l_run * alpha + tl.exp(s_h - m_fin)
+            m_run = m_fin
+        m_safe = tl.where(m_run == float("-inf"), 0.0, m_run)
+        filled = l_run > 0  # false only for an empty row without sink: output 0, LSE -inf
+        l_safe = tl.where(filled, l_run, 1.0)
+        tl.store(out + bi * so_b + si * so_s + hs[:, None] * so_h + vs[None, :] * so_d,
+                 (acc / l_safe[:, None]).to(out.dtype.element_ty), mask=h_ok[:, None] & v_ok[None, :])
+        tl.store(lse + bi * sl_b + si * sl_s + hs * sl_h, tl.where(filled, tl.log(l_safe) + m_safe, float("-inf")),
+                 mask=h_ok)
 
 
 def _block(n: int, cap: int) -> int:
@@ -108,19 +118,57 @@ def sparse_attention_in_domain(q, kv, sink) -> bool:
     return q.dtype != torch.float64 and kv.dtype != torch.float64 and (sink is None or sink.dtype != torch.float64)
 
 
-def sparse_attention(q, kv, indices, scale, sink, v_dim, block_h=16, block_k=32, block_d=64):
-    """out `[B, S, H, v_dim]` in q's dtype and lse `[B, S, H]` float32, as the contract."""
+def split_count(programs: int, n_idx: int, block_k: int, device: torch.device) -> int:
+    """Slices of each index list, so that a decode step (one query: B x H/16 programs) still fills
+    the GPU: about two programs per SM, each slice at least one block of indices."""
+    if device.type != "cuda":
+        return 1
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(target, programs), triton.cdiv(n_idx, block_k)))
+
+
+def combine_splits(acc, m, l, sink):
+    """Merge the slices' states (acc `[Q, P, H, V]`, m and l `[Q, P, H]`, each relative to its own
+    running max m) into the output and LSE, adding the sink: the same algebra as the kernel's end."""
+    top = m.amax(1)
+    if sink is not None:
+        top = torch.maximum(top, sink.float())
+    top = torch.where(torch.isneginf(top), 0.0, top)
+    weight = torch.exp(m - top.unsqueeze(1))
+    denom = (l * weight).sum(1)
+    if sink is not None:
+        denom = denom + torch.exp(sink.float() - top)
+    out = (acc * weight.unsqueeze(-1)).sum(1) / torch.where(denom > 0, denom, 1.0).unsqueeze(-1)
+    return out, torch.log(denom) + top  # log(0) = -inf: an empty row without sink
+
+
+def sparse_attention(q, kv, indices, scale, sink, v_dim, block_h=16, block_k=32, block_d=64, splits=None):
+    """out `[B, S, H, v_dim]` in q's dtype and lse `[B, S, H]` float32, as the contract. `splits`
+    slices each index list (None: `split_count`); the slices are merged by `combine_splits`."""
     b, s, h, d = q.shape
+    n_idx = indices.shape[-1]
     out = torch.empty(b, s, h, v_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, s, h, dtype=torch.float32, device=q.device)
     if b * s == 0:
         return out, lse
-    grid = (b * s, triton.cdiv(h, block_h))
-    _sparse_attention[grid](q, kv, indices, sink if sink is not None else q, out, lse,
-                            kv.shape[1], h, indices.shape[-1], d, v_dim, float(scale),
-                            *q.stride(), *kv.stride(), *indices.stride(), *out.stride(), *lse.stride(), s,
-                            HAS_SINK=sink is not None, PRECISION=dot_precision(q, kv), BLOCK_H=_block(h, block_h), BLOCK_K=block_k,
-                            BLOCK_D=_block(d, block_d), BLOCK_V=_block(v_dim, 1 << 30))
+    head_blocks = triton.cdiv(h, block_h)
+    if splits is None:
+        splits = split_count(b * s * head_blocks, n_idx, block_k, q.device)
+    per_split = triton.cdiv(triton.cdiv(n_idx, splits), block_k) * block_k
+    splits = triton.cdiv(n_idx, per_split)
+    parts = (torch.empty(b * s, splits, h, v_dim, dtype=torch.float32, device=q.device),
+             torch.empty(b * s, splits, h, dtype=torch.float32, device=q.device),
+             torch.empty(b * s, splits, h, dtype=torch.float32, device=q.device)) if splits > 1 else (lse, lse, lse)
+    _sparse_attention[(b * s, head_blocks, splits)](
+        q, kv, indices, sink if sink is not None else q, out, lse, *parts,
+        kv.shape[1], h, n_idx, per_split, d, v_dim, float(scale),
+        *q.stride(), *kv.stride(), *indices.stride(), *out.stride(), *lse.stride(), s,
+        SPLIT=splits > 1, HAS_SINK=sink is not None, PRECISION=dot_precision(q, kv), BLOCK_H=_block(h, block_h),
+        BLOCK_K=block_k, BLOCK_D=_block(d, block_d), BLOCK_V=_block(v_dim, 1 << 30))
+    if splits > 1:
+        merged, merged_lse = combine_splits(*parts, sink)
+        out.copy_(merged.view(b, s, h, v_dim))
+        lse.copy_(merged_lse.view(b, s, h))
     return out, lse
 
 

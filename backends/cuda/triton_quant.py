@@ -55,14 +55,29 @@ def tile_m(m: int) -> int:
     return 16 if m <= 16 else (32 if m <= 32 else 64)
 
 
-def fp8_matmul(a2, a_scale, b, b_scale, out_dtype, block_n=128):
-    """`[M, K] x [N, K]^T` with the contract's scaling; a2/a_scale are 2-D (rows flattened)."""
+def tile_n(m_tiles: int, n: int, device: torch.device) -> int:
+    """Columns per tile: 128, narrowed (down to 32) while the tiles would not give every SM two
+    programs; decode's one row of tiles over N = 4096 would otherwise be 32 programs on 132 SMs.
+    Each column finds its own weight scale, so any width works."""
+    if device.type != "cuda":
+        return 128
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    block_n = 128
+    while block_n > 32 and m_tiles * triton.cdiv(n, block_n) < target:
+        block_n //= 2
+    return block_n
+
+
+def fp8_matmul(a2, a_scale, b, b_scale, out_dtype, block_n=None):
+    """`[M, K] x [N, K]^T` with the contract's scaling; a2/a_scale are 2-D (rows flattened).
+    block_n: columns per tile (None: `tile_n`)."""
     m, k = a2.shape
     n = b.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=a2.device)
     if m == 0 or n == 0:
         return out
     block_m = tile_m(m)
+    block_n = block_n or tile_n(triton.cdiv(m, block_m), n, a2.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _fp8_block_scaled_mm[grid](a2, a_scale, b, b_scale, out, m, n, k,
                                *a2.stride(), *a_scale.stride(), *b.stride(), *b_scale.stride(), *out.stride(),
