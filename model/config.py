@@ -440,7 +440,7 @@ def _v41_flash() -> ModelArgs:
     # ~189 GiB, the figure the issue reports: an ESTIMATE until a config.json is at hand.
     rows = 96_000_000
     engram = dict(engram_layer_ids=[1, 14], engram_max_ngram_size=3, engram_n_heads=8, engram_head_dim=64,
-                  engram_vocab_size=rows, engram_num_embeddings=[16 * rows + 1024] * 2,
+                  engram_vocab_size=rows, engram_num_embeddings=[16 * rows + 65536] * 2,
                   engram_compressed_vocab_size=100_000, engram_pad_token_id=2)
     return ModelArgs(model_type="deepseek_v41", hidden_size=5120, num_hidden_layers=40, q_lora_rank=1280,
                      n_routed_experts=384, moe_intermediate_size=2304, intermediate_size=2304,

@@ -177,3 +177,14 @@ class Engram(nn.Module):
         keys = kv[..., : self.hc_mult * self.hidden_size].unflatten(-1, (self.hc_mult, self.hidden_size))
         value = kv[..., self.hc_mult * self.hidden_size:]
         return streams + ops.engram_gate(streams, keys, value, self.k_weight, self.q_weight, self.eps, keep)
+
+
+def plan_bytes(args, dense_bytes: float) -> tuple[float, float]:
+    """(device bytes of every Engram module's projections and gate weights at `dense_bytes` per
+    weight, host bytes of its tables as DeepSeek ships them) for `v4hal plan`; (0, 0) without Engram."""
+    if not args.is_v41:
+        return 0.0, 0.0
+    ea = EngramArgs(args)
+    proj = ea.columns * ea.head_dim * (args.hc_mult + 1) * args.hidden_size * dense_bytes
+    gate = 2 * args.hc_mult * args.hidden_size * 2
+    return len(ea.layer_ids) * (proj + gate), float(ea.table_bytes())

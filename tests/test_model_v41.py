@@ -121,3 +121,18 @@ def test_bad_config_and_token_map():
         model.set_engram_token_map(torch.zeros(100, dtype=torch.long))
     with pytest.raises(OpInputError, match=r"Engram: argument 'token_map' expected compressed ids in \[0, 300\)"):
         model.set_engram_token_map(torch.full((512,), 300))
+
+
+def test_plan_counts_the_tables_as_host_bytes():
+    from v4hal.model.parallel import Layout
+    from v4hal.model.plan import format_plan, plan
+
+    args = preset("v4.1-flash")
+    p = plan(args, Layout(tp=8), context=4096)
+    rows, width = sum(args.extra["engram_num_embeddings"]), args.extra["engram_head_dim"]
+    assert p["host"] == {"engram tables": rows * (width + width // 32)}  # float8 values + ue8m0 bytes
+    assert 180 * 2**30 < p["host"]["engram tables"] < 200 * 2**30
+    assert p["weights"]["engram projections"] > 0
+    assert p["total"] < p["host"]["engram tables"]  # the tables are not in the device total
+    assert "engram tables" in format_plan("v4.1-flash", args, p)
+    assert plan(preset("v4-flash"), Layout(), context=4096)["host"] == {}
