@@ -20,7 +20,6 @@ from torch import nn
 
 from v4hal import ops
 from v4hal.model.layers import Linear
-from v4hal.ops._check import OpInputError
 
 LAYER_SEED_STRIDE = 10007
 
@@ -139,21 +138,31 @@ class EngramArgs:
 
 
 class EngramTable(nn.Module):
-    """`embed.weight` `[rows, head_dim]` and, for a float8 table, `embed.scale` (ue8m0 exponent
-    bytes per 32 columns), in the dtypes DeepSeek ships."""
+    """`embed.weight` `[rows, head_dim]` and, for a float8 table, `embed.scale` (float8_e8m0fnu,
+    one per 32 columns), in the dtypes DeepSeek ships."""
 
     def __init__(self, rows: int, head_dim: int, dtype: torch.dtype | None):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(rows, head_dim, dtype=dtype), requires_grad=False)
         quantized = self.weight.dtype == torch.float8_e4m3fn
-        self.scale = (nn.Parameter(torch.empty(rows, head_dim // ops.SCALE_BLOCK, dtype=torch.uint8), requires_grad=False)
-                      if quantized else None)
+        self.scale = (nn.Parameter(torch.empty(rows, head_dim // ops.SCALE_BLOCK, dtype=torch.float8_e8m0fnu),
+                                   requires_grad=False) if quantized else None)
 
     def init_random(self, g: torch.Generator) -> None:
         with torch.no_grad():
             self.weight.copy_(torch.randn(self.weight.shape, generator=g).to(self.weight.dtype))
             if self.scale is not None:  # factors 2^-3 .. 2^-1
-                self.scale.copy_(torch.randint(124, 127, self.scale.shape, generator=g, dtype=torch.uint8))
+                self.scale.view(torch.uint8).copy_(torch.randint(124, 127, self.scale.shape, generator=g, dtype=torch.uint8))
+
+    def adopt(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        """Take a float8 table with its scales as stored (the loader's path when the model was built
+        for a float table, e.g. from a config whose quantization_config a conversion dropped)."""
+        if tuple(weight.shape) != tuple(self.weight.shape) or weight.dtype != torch.float8_e4m3fn:
+            raise ops.OpInputError("EngramTable", "weight", f"a float8_e4m3fn table of shape {tuple(self.weight.shape)}",
+                               f"{weight.dtype} {tuple(weight.shape)}")
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.scale = nn.Parameter(scale if scale.dtype != torch.float32 else scale.to(torch.float8_e8m0fnu),
+                                  requires_grad=False)
 
     def lookup(self, rows: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         return ops.engram_lookup(rows, self.weight, self.scale, device, dtype)

@@ -20,7 +20,6 @@ from torch.compiler import is_compiling
 
 from v4hal import ops
 from v4hal.model.engram import Engram, EngramArgs, token_map_from_tokenizer
-from v4hal.ops._check import OpInputError
 
 
 class EngramState:
@@ -63,13 +62,13 @@ class EngramHashing(nn.Module):
         else:
             token_map, size = token_map_from_tokenizer(source)
         if token_map.dim() != 1 or token_map.shape[0] != self.vocab_size:
-            raise OpInputError(op, "token_map", f"one compressed id per token of the vocabulary ({self.vocab_size})",
+            raise ops.OpInputError(op, "token_map", f"one compressed id per token of the vocabulary ({self.vocab_size})",
                                f"shape {tuple(token_map.shape)}")
         if token_map.numel() and int(token_map.min()) < 0 or size > ea.compressed_vocab:
-            raise OpInputError(op, "token_map", f"compressed ids in [0, {ea.compressed_vocab}) "
+            raise ops.OpInputError(op, "token_map", f"compressed ids in [0, {ea.compressed_vocab}) "
                                "(engram_compressed_vocab_size)", f"{size} compressed ids, min {int(token_map.min())}")
         if not isinstance(source, torch.Tensor) and size != ea.compressed_vocab:
-            raise OpInputError(op, "tokenizer", f"{ea.compressed_vocab} compressed ids (engram_compressed_vocab_size)",
+            raise ops.OpInputError(op, "tokenizer", f"{ea.compressed_vocab} compressed ids (engram_compressed_vocab_size)",
                                size)
         self.pad_id = int(token_map[ea.pad_token_id])
         token_map = token_map.clone()

@@ -45,7 +45,7 @@ def test_config_nests_text_config_and_builds_engram_where_listed():
     assert "model.layers.1.engram.embed.weight" in names and "model.layers.1.engram.kv_proj.weight" in names
     assert not any("hc_head" in n for n, _ in model.named_parameters())  # V4.1 has none
     q = build(tiny_v41(quantized=True)).model.layers[1].engram.embed
-    assert q.weight.dtype == torch.float8_e4m3fn and q.scale.shape == (330, 1) and q.scale.dtype == torch.uint8
+    assert q.weight.dtype == torch.float8_e4m3fn and q.scale.shape == (330, 1) and q.scale.dtype == torch.float8_e8m0fnu
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["float-table", "fp8-table"])
@@ -136,3 +136,82 @@ def test_plan_counts_the_tables_as_host_bytes():
     assert p["total"] < p["host"]["engram tables"]  # the tables are not in the device total
     assert "engram tables" in format_plan("v4.1-flash", args, p)
     assert plan(preset("v4-flash"), Layout(), context=4096)["host"] == {}
+
+
+def _deepseek_name(key: str) -> str:
+    """Our (HF) name -> DeepSeek's V4.1 name for Engram tensors; the rest without `model.`."""
+    return key.removeprefix("model.").replace(".engram.kv_proj.", ".engram.wkv.")
+
+
+@pytest.mark.parametrize("naming", ["hf", "deepseek"])
+def test_checkpoint_round_trip_keeps_the_tables_as_shipped(naming, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from v4hal.model.loader import load_checkpoint
+    from v4hal.model.save import save_checkpoint
+
+    model, ids = tiny_model(quantized=True), _ids(12)
+    save_checkpoint(model, model.args, tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "model.safetensors"
+    state = load_file(path)
+    assert state["model.layers.1.engram.embed.weight"].dtype == torch.float8_e4m3fn
+    if naming == "deepseek":
+        save_file({_deepseek_name(k): v for k, v in state.items()}, path)
+        assert "layers.3.engram.wkv.weight" in load_file(path)
+    fresh = build(tiny_v41(quantized=True), dtype=torch.float64)
+    load_checkpoint(fresh, tmp_path / "ckpt", fresh.args)
+    fresh.set_engram_token_map(model.model.engram_hashing.token_map.clamp_min(0))
+    table = fresh.model.layers[1].engram.embed
+    assert table.weight.dtype == torch.float8_e4m3fn and table.scale.dtype == torch.float8_e8m0fnu
+    model.set_engram_token_map(fresh.model.engram_hashing.token_map.clamp_min(0))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), model(ids))
+
+
+def test_a_checkpoint_missing_an_engram_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from v4hal.model.loader import LoadError, load_checkpoint
+    from v4hal.model.save import save_checkpoint
+
+    model = tiny_model(quantized=True)
+    save_checkpoint(model, model.args, tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "model.safetensors"
+    state = load_file(path)
+    for gone in ("model.layers.3.engram.embed.scale", "model.layers.1.engram.q_weight"):
+        del state[gone]
+    save_file(state, path)
+    with pytest.raises(LoadError, match=r"2 missing tensor\(s\): model.layers.1.engram.q_weight, model.layers.3.engram.embed.scale"):
+        load_checkpoint(build(tiny_v41(quantized=True)), tmp_path / "ckpt", tiny_v41(quantized=True))
+
+
+@pytest.mark.parametrize("target", ["bf16", "copy"])
+def test_convert_keeps_the_tables_as_shipped(target, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from v4hal.cli import main
+    from v4hal.model.config import ModelArgs
+    from v4hal.model.loader import load_checkpoint
+    from v4hal.model.save import save_checkpoint
+
+    model, ids = tiny_model(quantized=True), _ids(12)
+    save_checkpoint(model, model.args, tmp_path / "src")
+    path = tmp_path / "src" / "model.safetensors"
+    source = {_deepseek_name(k): v for k, v in load_file(path).items()}  # DeepSeek naming
+    save_file(source, path)
+    assert main(["convert", "run", "--to", target, "--no-progress", "--workers", "1", str(tmp_path / "src"),
+                 str(tmp_path / "out")]) == 0
+    out = {k: v for f in sorted((tmp_path / "out").glob("*.safetensors")) for k, v in load_file(f).items()}
+    for key in ("layers.1.engram.embed.weight", "layers.3.engram.embed.scale"):
+        assert out[key].dtype == source[key].dtype and torch.equal(out[key].view(torch.uint8), source[key].view(torch.uint8))
+    args = ModelArgs.from_json(tmp_path / "out" / "config.json")
+    converted = build(args, dtype=torch.float64)
+    load_checkpoint(converted, tmp_path / "out", args)
+    assert converted.model.layers[1].engram.embed.weight.dtype == torch.float8_e4m3fn  # adopted as stored
+    converted.set_engram_token_map(model.model.engram_hashing.token_map.clamp_min(0))
+    model.set_engram_token_map(model.model.engram_hashing.token_map.clamp_min(0))
+    with torch.no_grad():
+        if target == "copy":
+            assert torch.equal(converted(ids), model(ids))
+        else:  # bf16 weights from float64 ones: close
+            torch.testing.assert_close(converted(ids), model(ids), rtol=0.05, atol=0.05)

@@ -8,13 +8,13 @@ gathered on the host and the rows copied to the device from pinned memory withou
 
 import torch
 
-from v4hal.backends.cpu.engram import compressed, dequantized, window_ids
-from v4hal.ops.engram import DEAD, engram_offsets
+from v4hal.ops.engram import DEAD, dequantized_rows, engram_offsets, lookback_window
 
 
 def engram_hash(token_ids, token_map, multipliers, primes, pad_id, lookback):
     span, length = multipliers.shape[0] - 1, token_ids.shape[1]
-    c = compressed(window_ids(token_ids, lookback, span), token_map)
+    ids = lookback_window(token_ids, lookback, span)
+    c = torch.where(ids >= 0, token_map[ids.clamp_min(0)], DEAD)  # no token (-1) blocks like a dead one
     dead = c == DEAD
     mixes, blocked = [], torch.zeros_like(dead[:, span:])
     for k in range(span + 1):  # the token k positions back; blocked once any of shifts 0..k is dead
@@ -35,7 +35,7 @@ def engram_lookup(rows, table, scale, device, dtype):
     flat = rows.to(table.device).flatten()
     out = table.index_select(0, flat)
     if scale is not None:
-        out = dequantized(out, scale.index_select(0, flat))
+        out = dequantized_rows(out, scale.index_select(0, flat))
     out = out.to(dtype).view(*rows.shape[:-1], rows.shape[-1] * table.shape[1])
     if out.device == device:
         return out
