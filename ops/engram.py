@@ -143,9 +143,7 @@ def engram_lookup(rows: torch.Tensor, table: torch.Tensor, scale: torch.Tensor |
                       "at least the rows of every (order, head) range, sum(primes)",
                       lambda s: f"{table.shape[0]} rows for {int(s[0])}")
         _check.equal(op, "rows", rows.shape[-1], primes.numel(), "one row per (order, head) = primes.numel()")
-    if quantized:
-        v.scales(scale=scale)
-    v.decide()
+    v.decide()  # (scales are not scanned: that would read every scale of the table per call)
     device = table.device if device is None else torch.device(device)
     return dispatch(op)(rows, table, scale, device, dtype)
 
