@@ -27,9 +27,9 @@ def bench_args(table_rows: int) -> ModelArgs:
     base.update(vocab_size=8192, hidden_size=512, num_attention_heads=8, head_dim=64, q_lora_rank=256,
                 o_lora_rank=256, moe_intermediate_size=256, n_routed_experts=8, sliding_window=128,
                 compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
-                index_topk=256, torch_dtype="bfloat16")
+                index_topk=256, torch_dtype="float32")
     per_head = table_rows // 16
-    base.update(engram_layer_ids=[1, 3], engram_num_embeddings=[table_rows + 4096] * 2, engram_max_ngram_size=3,
+    base.update(engram_layer_ids=[1, 3], engram_num_embeddings=[table_rows + 65536] * 2, engram_max_ngram_size=3,
                 engram_n_heads=8, engram_head_dim=64, engram_vocab_size=per_head, engram_compressed_vocab_size=6000,
                 engram_pad_token_id=2,
                 quantization_config={"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]})
@@ -48,7 +48,7 @@ def _median_ms(fn, repeats: int) -> float:
 
 def measure(table_mib: int = 512, repeats: int = 5, prefill: int = 4096) -> dict:
     rows = table_mib * 2**20 // 66  # float8 rows of 64 plus 2 scale bytes
-    model = build(bench_args(rows), dtype=torch.bfloat16).init_random(0)
+    model = build(bench_args(rows), dtype=torch.float32).init_random(0)
     model.set_engram_token_map(torch.randint(0, 6000, (8192,), generator=torch.Generator().manual_seed(1)))
     hashing = model.model.engram_hashing
     ids = torch.randint(0, 8192, (1, prefill + 4 * (repeats + 1)), generator=torch.Generator().manual_seed(2))
