@@ -37,6 +37,9 @@ from v4hal.ops.e4m3 import e4m3_as_f32, restore_nan_codes
 SCALE_SUFFIXES = ("weight_scale_inv", "scale")
 # Module names that hold a 2-d `.weight` but are not quantized linears.
 NOT_LINEAR = re.compile(r"(embed|lm_head|(^|\.)head\.|norm|(^|\.)gate\.weight$|weights_proj|(^|\.)hc_|\.ape$|sink)")
+# V4.1's Engram tables (float8 rows with a ue8m0 scale per 32 columns, ~189 GiB for V4.1-Flash)
+# are kept as shipped by every target: the lookup dequantizes the few rows it gathers.
+ENGRAM_TABLE = re.compile(r"(^|\.)engram\.embed\.(weight|scale)$")
 TARGETS = ("bf16", "fp8", "w8a8", "mxfp8", "copy")
 W8A8_TYPE = "W8A8_DYNAMIC"
 FLOAT_TYPE = "FLOAT"
@@ -116,7 +119,7 @@ def logical_shape(info: TensorInfo, kind: str) -> tuple[int, ...]:
 def plan_jobs(tensors: dict[str, TensorInfo], opts: Options) -> list[Job]:
     """Jobs in source (file, offset) order; scale tensors are consumed by their weights."""
     keep = re.compile(opts.keep) if opts.keep else None
-    scales = {s: n for n in tensors if (s := sibling_scale(n, tensors))}
+    scales = {s: n for n in tensors if not ENGRAM_TABLE.search(n) and (s := sibling_scale(n, tensors))}
     src_scale_name = next((s.rsplit(".", 1)[1] for s in scales), None)
     # V4's official naming (`.attn.` / `.ffn.` modules) pairs weights with `scale`, HF naming with `weight_scale_inv`.
     official = any(".ffn." in n or ".attn." in n for n in tensors)
@@ -124,6 +127,9 @@ def plan_jobs(tensors: dict[str, TensorInfo], opts: Options) -> list[Job]:
         src_scale_name or ("scale" if official else "weight_scale_inv"))
     jobs = []
     for name, info in tensors.items():
+        if ENGRAM_TABLE.search(name):
+            jobs.append(Job(name, "raw", "raw", [OutSpec(name, info.dtype, info.shape)]))
+            continue
         if name in scales:
             continue
         scale = tensors.get(sibling_scale(name, tensors) or "")

@@ -21,7 +21,8 @@ from v4hal.ops.quant import SCALE_FMTS
 
 V4_LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
 RATIO_TO_LAYER_TYPE = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
-MODEL_TYPES = ("deepseek_v4", "deepseek_v32", "deepseek_v3")
+MODEL_TYPES = ("deepseek_v4", "deepseek_v41", "deepseek_v32", "deepseek_v3")
+V4_TYPES = ("deepseek_v4", "deepseek_v41")  # V4.1: V4 plus Engram and the delayed mHC pre-mix (model.engram)
 
 # Allowed [low, high] of the numeric fields. The highs are far past any released model; they
 # stop a typo (`hc_sinkhorn_iters: 1e9`, a 2**40 vocabulary) before it hangs or exhausts memory.
@@ -174,7 +175,12 @@ class ModelArgs:
     # -- what kind of model ------------------------------------------------------------------
     @property
     def is_v4(self) -> bool:
-        return self.model_type == "deepseek_v4"
+        return self.model_type in V4_TYPES
+
+    @property
+    def is_v41(self) -> bool:
+        """DeepSeek-V4.1: Engram on `extra["engram_layer_ids"]` (model.engram.EngramArgs)."""
+        return self.model_type == "deepseek_v41"
 
     @property
     def is_v32(self) -> bool:
@@ -312,6 +318,14 @@ class ModelArgs:
         model_type = cfg.get("model_type")
         if model_type not in MODEL_TYPES:
             raise ConfigError(f"model_type: expected one of {MODEL_TYPES}, got {model_type!r}")
+        if model_type == "deepseek_v41":  # the text model nests under text_config (vision_config is not run)
+            cfg = {**{k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")},
+                   **(cfg.get("text_config") or {}), "model_type": model_type}
+            model_type = "deepseek_v4"  # V4's key folding below; restored at the end
+            if set(cfg.get("compress_ratios") or ()) - set(RATIO_TO_LAYER_TYPE):
+                raise ConfigError("compress_ratios: V4.1's ratios 1 and 2 (compressed caches shared from "
+                                  "kv_source_layer_ids / index_source_layer_ids) are not supported yet; "
+                                  f"got {sorted(set(cfg['compress_ratios']))} (docs/engram.md)")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kw: dict[str, Any] = {}
         # Legacy (DeepSeek's own) spellings, folded like transformers does.
@@ -375,7 +389,7 @@ class ModelArgs:
             if k in known:
                 kw[k] = v
         extra = {k: v for k, v in cfg.items() if k not in known and k not in ("qk_head_dim", "transformers_version")}
-        return cls(**kw, extra=extra)
+        return cls(**kw, extra=extra)  # kw carries the config's own model_type
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelArgs":
@@ -447,6 +461,26 @@ def _v4_1t() -> ModelArgs:
                      quantization_config={**FP8_BLOCK, "scale_fmt": "ue8m0", "expert_dtype": "fp4"})
 
 
+def _v41_flash() -> ModelArgs:
+    # DeepSeek-V4.1-Flash as vLLM 0.32 hard-codes it (vllm/models/deepseek_v41/amd/mono:
+    # attention/plan.py HIDDEN 5120, Q_RANK 1280, HEAD_DIM 512 (ROPE 64), N_HEADS 64, O_GROUPS 8,
+    # O_RANK 1024, WINDOW 128, TOPK 512; stages/moe_shape.py 384 experts top-6; stages/dims.py
+    # MOE_INTER = SHARED_INTER 2304; README.md: 40 backbone layers, Engram on layers 1 and 14,
+    # sqrtsoftplus routing x 1.5, MXFP8 linears, MXFP4 experts). V4.1's attention topology
+    # (compress ratios 1 / 2 on shared caches) is not built here: the V4 schedule stands in.
+    # Engram sizes are not in vLLM's code; these are the demo's geometry (3-grams, 8 heads of 64)
+    # with rows per (order, head) chosen so two layers' float8 tables (+ ue8m0 scales) come to
+    # ~189 GiB, the figure the issue reports: an ESTIMATE until a config.json is at hand.
+    rows = 96_000_000
+    engram = dict(engram_layer_ids=[1, 14], engram_max_ngram_size=3, engram_n_heads=8, engram_head_dim=64,
+                  engram_vocab_size=rows, engram_num_embeddings=[16 * rows + 65536] * 2,
+                  engram_compressed_vocab_size=100_000, engram_pad_token_id=2)
+    return ModelArgs(model_type="deepseek_v41", hidden_size=5120, num_hidden_layers=40, q_lora_rank=1280,
+                     n_routed_experts=384, moe_intermediate_size=2304, intermediate_size=2304,
+                     mlp_layer_types=["moe"] * 40,
+                     quantization_config={**FP8_BLOCK, "scale_fmt": "ue8m0", "expert_dtype": "fp4"}, extra=engram)
+
+
 def _v32() -> ModelArgs:
     return ModelArgs(model_type="deepseek_v32", hidden_size=7168, num_hidden_layers=61, num_attention_heads=128,
                      num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
@@ -477,7 +511,8 @@ def _tiny() -> ModelArgs:
                      torch_dtype="float32")
 
 
-PRESETS = {"v4-flash": _v4_flash, "v4-pro": _v4_pro, "v4-1t": _v4_1t, "v3.2": _v32, "tiny": _tiny}
+PRESETS = {"v4-flash": _v4_flash, "v4-pro": _v4_pro, "v4-1t": _v4_1t, "v4.1-flash": _v41_flash, "v3.2": _v32,
+           "tiny": _tiny}
 PROJECTED = {"v4-1t"}
 
 

@@ -20,7 +20,6 @@ from torch import nn
 
 from v4hal import ops
 from v4hal.model.layers import Linear
-from v4hal.ops._check import OpInputError
 
 LAYER_SEED_STRIDE = 10007
 
@@ -89,3 +88,112 @@ def token_map_from_tokenizer(tokenizer) -> tuple[torch.Tensor, int]:
         key = backend.id_to_token(token) if "\ufffd" in text else (normalize(text) or text)
         out.append(ids.setdefault(key, len(ids)))
     return torch.tensor(out, dtype=torch.int64), len(ids)
+
+
+class EngramArgs:
+    """The `engram_*` fields of a V4.1 config (`ModelArgs.extra`), checked, with what derives from
+    them: the primes of every Engram layer and its multipliers. ConfigError names a bad field."""
+
+    FIELDS = ("engram_layer_ids", "engram_num_embeddings", "engram_max_ngram_size", "engram_n_heads",
+              "engram_head_dim", "engram_vocab_size", "engram_compressed_vocab_size", "engram_pad_token_id")
+
+    def __init__(self, args):
+        from v4hal.model.config import ConfigError
+
+        missing = [f for f in self.FIELDS if f not in args.extra]
+        if missing:
+            raise ConfigError(f"{missing[0]}: a deepseek_v41 config needs {', '.join(missing)}")
+        e = args.extra
+        self.layer_ids = [int(i) for i in e["engram_layer_ids"]]
+        self.num_embeddings = [int(n) for n in e["engram_num_embeddings"]]
+        self.max_ngram, self.heads = int(e["engram_max_ngram_size"]), int(e["engram_n_heads"])
+        self.head_dim, self.vocab_size = int(e["engram_head_dim"]), int(e["engram_vocab_size"])
+        self.compressed_vocab, self.pad_token_id = int(e["engram_compressed_vocab_size"]), int(e["engram_pad_token_id"])
+        # V4.1's image placeholder (the config's image_token_id) blocks n-grams and shuts its gate
+        self.dead_token_ids = [int(e["image_token_id"])] if e.get("image_token_id") is not None else []
+        if len(self.num_embeddings) != len(self.layer_ids):
+            raise ConfigError(f"engram_num_embeddings: one per engram_layer_ids entry ({len(self.layer_ids)}), "
+                              f"got {len(self.num_embeddings)}")
+        if sorted(set(self.layer_ids)) != self.layer_ids or not all(0 <= i < args.num_hidden_layers for i in self.layer_ids):
+            raise ConfigError(f"engram_layer_ids: increasing layer ids in [0, {args.num_hidden_layers}), got {self.layer_ids}")
+        if self.max_ngram < 2 or self.heads < 1 or self.head_dim < 1 or self.compressed_vocab < 1:
+            raise ConfigError("engram_max_ngram_size >= 2, engram_n_heads, engram_head_dim and "
+                              "engram_compressed_vocab_size >= 1 expected")
+        self.primes = table_primes(self.vocab_size, len(self.layer_ids), self.max_ngram, self.heads)
+        for n, primes in zip(self.num_embeddings, self.primes):
+            if n < sum(map(sum, primes)):
+                raise ConfigError(f"engram_num_embeddings: {n} rows cannot hold the {sum(map(sum, primes))} "
+                                  f"of {self.heads} heads x {self.max_ngram - 1} orders from engram_vocab_size")
+        self.table_dtype = torch.float8_e4m3fn if args.quantization_config else None  # None: the model's
+
+    @property
+    def columns(self) -> int:
+        """Rows looked up per token and layer: (max_ngram - 1) * heads."""
+        return (self.max_ngram - 1) * self.heads
+
+    def table_bytes(self) -> int:
+        """Bytes of every layer's table as built (float8 plus one ue8m0 byte per 32 columns, or 2-byte rows)."""
+        per_row = self.head_dim + self.head_dim // ops.SCALE_BLOCK if self.table_dtype else 2 * self.head_dim
+        return sum(self.num_embeddings) * per_row
+
+
+class EngramTable(nn.Module):
+    """`embed.weight` `[rows, head_dim]` and, for a float8 table, `embed.scale` (float8_e8m0fnu,
+    one per 32 columns), in the dtypes DeepSeek ships."""
+
+    def __init__(self, rows: int, head_dim: int, dtype: torch.dtype | None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, head_dim, dtype=dtype), requires_grad=False)
+        quantized = self.weight.dtype == torch.float8_e4m3fn
+        self.scale = (nn.Parameter(torch.empty(rows, head_dim // ops.SCALE_BLOCK, dtype=torch.float8_e8m0fnu),
+                                   requires_grad=False) if quantized else None)
+
+    def init_random(self, g: torch.Generator) -> None:
+        with torch.no_grad():
+            self.weight.copy_(torch.randn(self.weight.shape, generator=g).to(self.weight.dtype))
+            if self.scale is not None:  # factors 2^-3 .. 2^-1
+                self.scale.view(torch.uint8).copy_(torch.randint(124, 127, self.scale.shape, generator=g, dtype=torch.uint8))
+
+    def adopt(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        """Take a float8 table with its scales as stored (the loader's path when the model was built
+        for a float table, e.g. from a config whose quantization_config a conversion dropped)."""
+        if tuple(weight.shape) != tuple(self.weight.shape) or weight.dtype != torch.float8_e4m3fn:
+            raise ops.OpInputError("EngramTable", "weight", f"a float8_e4m3fn table of shape {tuple(self.weight.shape)}",
+                               f"{weight.dtype} {tuple(weight.shape)}")
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.scale = nn.Parameter(scale if scale.dtype != torch.float32 else scale.to(torch.float8_e8m0fnu),
+                                  requires_grad=False)
+
+    def lookup(self, rows: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        return ops.engram_lookup(rows, self.weight, self.scale, device, dtype)
+
+
+class Engram(nn.Module):
+    """One V4.1 Engram module (`layers.{i}.engram`): the table, `kv_proj` (DeepSeek: `wkv`), the
+    gate's `q_weight` / `k_weight`. `forward(streams, memory, keep)` -> the streams with the gated
+    value added (`keep`: False for dead tokens)."""
+
+    def __init__(self, ea: EngramArgs, index: int, hidden_size: int, hc_mult: int, eps: float):
+        super().__init__()
+        self.hc_mult, self.hidden_size, self.eps = hc_mult, hidden_size, eps
+        self.embed = EngramTable(ea.num_embeddings[index], ea.head_dim, ea.table_dtype)
+        self.kv_proj = Linear(ea.columns * ea.head_dim, (hc_mult + 1) * hidden_size)
+        self.q_weight = nn.Parameter(torch.ones(hc_mult, hidden_size), requires_grad=False)
+        self.k_weight = nn.Parameter(torch.ones(hc_mult, hidden_size), requires_grad=False)
+
+    def forward(self, streams: torch.Tensor, memory: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        kv = self.kv_proj(memory.to(streams.dtype))
+        keys = kv[..., : self.hc_mult * self.hidden_size].unflatten(-1, (self.hc_mult, self.hidden_size))
+        value = kv[..., self.hc_mult * self.hidden_size:]
+        return streams + ops.engram_gate(streams, keys, value, self.k_weight, self.q_weight, self.eps, keep)
+
+
+def plan_bytes(args, dense_bytes: float) -> tuple[float, float]:
+    """(device bytes of every Engram module's projections and gate weights at `dense_bytes` per
+    weight, host bytes of its tables as DeepSeek ships them) for `v4hal plan`; (0, 0) without Engram."""
+    if not args.is_v41:
+        return 0.0, 0.0
+    ea = EngramArgs(args)
+    proj = ea.columns * ea.head_dim * (args.hc_mult + 1) * args.hidden_size * dense_bytes
+    gate = 2 * args.hc_mult * args.hidden_size * 2
+    return len(ea.layer_ids) * (proj + gate), float(ea.table_bytes())

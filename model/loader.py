@@ -43,6 +43,7 @@ from torch import nn
 
 from v4hal import ops
 from v4hal.checkpoint_files import CheckpointError, confined
+from v4hal.model.engram import EngramTable
 from v4hal.model.config import ModelArgs
 from v4hal.model.parallel import SOLO_PARALLEL, local_expert, scale_split, shard, take
 
@@ -293,6 +294,11 @@ class _Loader:
 
     # One logical tensor: a float tensor, or a quantized weight with its scale.
     def put(self, name: str, tensor: torch.Tensor, scale: torch.Tensor | None) -> None:
+        table = _slot(self.model, name) if scale is not None else None
+        if table is not None and isinstance(table[0], EngramTable):  # a float8 table into a model built for a float one
+            table[0].adopt(tensor, scale)
+            self.filled[name] = {None}
+            return
         if _packed_fp4_as_int8(tensor, scale):
             tensor = tensor.view(torch.uint8)
         elif tensor.dtype == torch.float8_e4m3fn and scale is not None and scale.dtype == torch.float8_e8m0fnu:
@@ -521,7 +527,8 @@ def load_checkpoint(model: nn.Module, directory: str | Path, args: ModelArgs, *,
                         loader.put(base, pending_w.pop(base), tensor)
                     else:
                         pending_s[base] = tensor
-                elif name.endswith(".weight") and tensor.dtype in QUANT_DTYPES:
+                elif name.endswith(".weight") and tensor.dtype in QUANT_DTYPES \
+                        and _is_quant_scale(model, name[: -len(".weight")] + ".scale"):  # V4.1's engram tables hold their own
                     if name in pending_s:
                         loader.put(name, tensor, pending_s.pop(name))
                     else:

@@ -23,7 +23,9 @@ from torch import nn
 
 from v4hal.model.attention_v4 import V4Attention, V4AttentionConfig
 from v4hal.model.attention_v32 import V32Attention, V32AttentionConfig
+from v4hal.model import v41
 from v4hal.model.config import ModelArgs
+from v4hal.model.engram import EngramTable
 from v4hal.model.hyper import HyperConnection, HyperHead, expand_streams
 from v4hal.model.layers import Linear, RMSNorm
 from v4hal.model.moe import MLP, MoE, set_act_scale_fmt
@@ -38,6 +40,7 @@ class ModelCache:
 
     def __init__(self, layers: list):
         self.layers = layers
+        self.engram = None  # V4.1: the ids the next chunk's n-grams reach back to (model.v41.EngramState)
         self.length = 0
         self.batch = 0   # sequences, set by the first call
 
@@ -117,13 +120,17 @@ class Backbone(nn.Module):
         self.embed_tokens = VocabEmbedding(args.vocab_size, args.hidden_size, par.tp)
         self.layers = nn.ModuleList(DecoderLayer(args, i, par) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        if args.is_v4:
+        if args.is_v41:  # Engram modules and their hashing; no hc_head
+            v41.attach(self, args)
+        elif args.is_v4:
             self.hc_head = HyperHead(args.hidden_size, args.hc_mult, args.hc_eps, args.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list, engram=None) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
         if self.args.is_v4:
             h = expand_streams(h, self.args.hc_mult)
+        if self.args.is_v41:
+            return self.norm(v41.forward(self, h, positions, input_ids, caches, engram))
         for layer, cache in zip(self.layers, caches):
             h = layer(h, positions, input_ids, cache)
         if self.args.is_v4:
@@ -163,7 +170,14 @@ class DeepseekForCausalLM(nn.Module):
                 b.data = b.data.float()
 
     def new_cache(self) -> ModelCache:
-        return ModelCache([layer.self_attn.new_cache() for layer in self.model.layers])
+        cache = ModelCache([layer.self_attn.new_cache() for layer in self.model.layers])
+        if self.args.is_v41:
+            cache.engram = v41.EngramState()
+        return cache
+
+    def set_engram_token_map(self, source) -> None:
+        """V4.1: the compressed vocabulary, from a tokenizer or a `[vocab]` tensor (model.v41)."""
+        self.model.engram_hashing.set_token_map(source)
 
     def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
@@ -174,7 +188,7 @@ class DeepseekForCausalLM(nn.Module):
         b, s = input_ids.shape
         positions = torch.arange(start, start + s, device=input_ids.device).unsqueeze(0).expand(b, s)
         caches = cache.layers if cache is not None else [None] * len(self.model.layers)
-        h = self.model(input_ids, positions, caches)
+        h = self.model(input_ids, positions, caches, None if cache is None else cache.engram)
         if cache is not None:
             cache.length += s
             cache.batch = b
@@ -199,6 +213,9 @@ class DeepseekForCausalLM(nn.Module):
                 if name.endswith("tid2eid"):  # k distinct experts per token id
                     order = torch.rand(buf.shape[0], self.args.n_routed_experts, generator=g).argsort(-1)
                     buf.copy_(order[:, : buf.shape[1]])
+            for module in self.modules():
+                if isinstance(module, EngramTable):  # float8 values with their exponent bytes
+                    module.init_random(g)
         return self
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 from v4hal.model.config import PRESETS, PROJECTED, ModelArgs, human, load_args
+from v4hal.model.engram import plan_bytes
 from v4hal.model.parallel import Layout
 from v4hal.ops import KV_LAYOUTS
 
@@ -131,6 +132,10 @@ def plan(args: ModelArgs, lay: Layout, context: int, batch: int = 1, chunk: int 
          weights: str = "auto", kv: str = "bf16") -> dict:
     lay.check(args)
     w = weight_bytes(args, lay, weights)
+    engram_device, engram_host = plan_bytes(args, BYTES["fp8" if args.weight_quant == "fp8" and weights == "auto" else
+                                                      "bf16" if weights == "auto" else weights])
+    if engram_host:  # V4.1: projections on the device, tables in host memory (as vLLM keeps them)
+        w["engram projections"] = engram_device * (1 / lay.pp)
     per_seq = kv_bytes_per_sequence(args, context, kv)
     seqs_here = -(-batch // lay.dp)
     kv_dev = {k: v * seqs_here / lay.pp for k, v in per_seq.items()}
@@ -138,7 +143,7 @@ def plan(args: ModelArgs, lay: Layout, context: int, batch: int = 1, chunk: int 
     act_peak = act["residual streams"] + max(act["attention (peak)"], act["moe (peak)"], act["logits"])
     total = sum(w.values()) + sum(kv_dev.values()) + act_peak
     million = sum(kv_bytes_per_sequence(args, MILLION, kv).values())
-    return {"weights": w, "kv_cache": kv_dev, "activations": act, "activation_peak": act_peak,
+    return {"weights": w, "kv_cache": kv_dev, "host": {"engram tables": engram_host} if engram_host else {}, "activations": act, "activation_peak": act_peak,
             "total": total, "kv_dtype": kv, "kv_per_million": million, "layout": lay, "context": context, "batch": batch, "chunk": min(chunk, context)}
 
 
@@ -195,6 +200,9 @@ def format_plan(name: str, args: ModelArgs, p: dict) -> str:
               "  activations (prefill chunk)"]
     lines += [f"    {k:<22}{gib(v)}" for k, v in p["activations"].items()]
     lines += [f"    {'= peak':<22}{gib(p['activation_peak'])}", f"  {'total':<24}{gib(p['total'])}"]
+    if p["host"]:
+        lines += ["", "host memory (per node, outside the device total):"]
+        lines += [f"    {k:<22}{gib(v)}" for k, v in p["host"].items()]
     return "\n".join(lines)
 
 

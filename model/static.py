@@ -27,8 +27,9 @@ from v4hal import ops
 from v4hal.model.model import DeepseekForCausalLM, ModelCache
 
 
-def _step(model: DeepseekForCausalLM, ids: torch.Tensor, positions: torch.Tensor, layers: list) -> torch.Tensor:
-    return model.lm_head(model.model(ids, positions, layers)).float()
+def _step(model: DeepseekForCausalLM, ids: torch.Tensor, positions: torch.Tensor, layers: list,
+          engram=None) -> torch.Tensor:
+    return model.lm_head(model.model(ids, positions, layers, engram)).float()
 
 
 @functools.cache
@@ -53,6 +54,7 @@ class StaticDecoder:
             self.cache = ModelCache([layer.self_attn.static_cache(c, cache.batch, capacity, like)
                                      for layer, c in zip(model.model.layers, cache.layers)])
         self.cache.length, self.cache.batch = cache.length, cache.batch
+        self.cache.engram = None if cache.engram is None else cache.engram.clone()  # V4.1's last ids
         self._step = compiled_step() if compile else _step
 
     @property
@@ -75,6 +77,6 @@ class StaticDecoder:
                 raise ValueError(f"StaticDecoder: token ids must be in [0, {vocab}), got values in [{lo}, {hi}]")
         positions = torch.full_like(ids, self.cache.length)
         with torch.no_grad():
-            logits = self._step(self.model, ids, positions, self.cache.layers)
+            logits = self._step(self.model, ids, positions, self.cache.layers, self.cache.engram)
         self.cache.length += 1
         return logits

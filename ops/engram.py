@@ -33,7 +33,7 @@ from v4hal.backends.registry import dispatch, register_op
 from v4hal.ops import _check
 
 __all__ = ["engram_hash", "engram_lookup", "engram_gate", "engram_offsets", "EngramPrefetcher", "DEAD",
-           "SCALE_BLOCK"]
+           "SCALE_BLOCK", "lookback_window", "dequantized_rows"]
 
 FAMILY = "engram"
 for _op in ("engram_hash", "engram_lookup", "engram_gate"):
@@ -143,9 +143,7 @@ def engram_lookup(rows: torch.Tensor, table: torch.Tensor, scale: torch.Tensor |
                       "at least the rows of every (order, head) range, sum(primes)",
                       lambda s: f"{table.shape[0]} rows for {int(s[0])}")
         _check.equal(op, "rows", rows.shape[-1], primes.numel(), "one row per (order, head) = primes.numel()")
-    if quantized:
-        v.scales(scale=scale)
-    v.decide()
+    v.decide()  # (scales are not scanned: that would read every scale of the table per call)
     device = table.device if device is None else torch.device(device)
     return dispatch(op)(rows, table, scale, device, dtype)
 
@@ -178,6 +176,24 @@ def engram_gate(hidden: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ke
         raise _check.OpInputError(op, "eps", "a positive float", repr(eps))
     _check.same_device(op, hidden=hidden, key=key, value=value, key_norm=key_norm, query_norm=query_norm, keep=keep)
     return dispatch(op)(hidden, key, value, key_norm, query_norm, eps, 1.0 / math.sqrt(d), keep)
+
+
+def lookback_window(token_ids: torch.Tensor, lookback: torch.Tensor | None, span: int) -> torch.Tensor:
+    """Backend helper: `[B, span + T]` int64, the `span` ids before each chunk (NO_TOKEN where
+    there is none), then the chunk."""
+    ids = token_ids.long()
+    before = torch.full((ids.shape[0], span), NO_TOKEN, dtype=torch.int64, device=ids.device)
+    if lookback is not None and lookback.shape[1]:
+        kept = lookback.long()[:, -span:]
+        before[:, span - kept.shape[1]:] = kept
+    return torch.cat([before, ids], 1)
+
+
+def dequantized_rows(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Backend helper: float8 table rows times their per-32-column scales (exponent bytes or
+    float32 factors), float32 (exact: a power of two times an e4m3 value)."""
+    factor = scale if scale.dtype == torch.float32 else torch.exp2(scale.view(torch.uint8).float() - 127)
+    return values.float() * factor.repeat_interleave(SCALE_BLOCK, -1)
 
 
 class EngramPrefetcher:

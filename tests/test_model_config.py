@@ -10,7 +10,8 @@ from v4hal.cli import main as cli
 from v4hal.model import plan as planmod
 from v4hal.model.config import PRESETS, ConfigError, ModelArgs, preset
 
-HF_CONFIGS = {"deepseek_v4": T.DeepseekV4Config, "deepseek_v32": T.DeepseekV32Config, "deepseek_v3": T.DeepseekV3Config}
+HF_CONFIGS = {"deepseek_v4": T.DeepseekV4Config, "deepseek_v32": T.DeepseekV32Config, "deepseek_v3": T.DeepseekV3Config,
+              "deepseek_v41": T.DeepseekV4Config}  # V4.1: V4 plus engram_* keys (transformers has no V4.1 yet)
 
 
 def _roundtrip(hf_config, tmp_path) -> ModelArgs:

@@ -2,17 +2,7 @@
 
 import torch
 
-from v4hal.ops.engram import DEAD, SCALE_BLOCK, engram_offsets
-
-
-def window_ids(token_ids, lookback, span):
-    """`[B, span + T]`: the `span` ids before each chunk (-1 where there is none), then the chunk."""
-    ids = token_ids.long()
-    before = torch.full((ids.shape[0], span), -1, dtype=torch.int64, device=ids.device)
-    if lookback is not None and lookback.shape[1]:
-        kept = lookback.long()[:, -span:]
-        before[:, span - kept.shape[1]:] = kept
-    return torch.cat([before, ids], 1)
+from v4hal.ops.engram import DEAD, dequantized_rows, engram_offsets, lookback_window
 
 
 def compressed(ids, token_map):
@@ -22,7 +12,7 @@ def compressed(ids, token_map):
 
 def engram_hash(token_ids, token_map, multipliers, primes, pad_id, lookback):
     span, length = multipliers.shape[0] - 1, token_ids.shape[1]
-    c = compressed(window_ids(token_ids, lookback, span), token_map)
+    c = compressed(lookback_window(token_ids, lookback, span), token_map)
     offsets = engram_offsets(primes).view(primes.shape)
     blocked = torch.zeros(c.shape[0], length, dtype=torch.bool, device=c.device)
     mix = torch.zeros(c.shape[0], length, dtype=torch.int64, device=c.device)
@@ -37,22 +27,13 @@ def engram_hash(token_ids, token_map, multipliers, primes, pad_id, lookback):
     return torch.stack(rows, -1)
 
 
-def dequantized(values, scale):
-    """float8 rows times their per-32-column scales (exponent bytes or float32 factors), float32."""
-    if scale.dtype == torch.float32:
-        factor = scale
-    else:
-        factor = torch.exp2(scale.view(torch.uint8).float() - 127)
-    return values.float() * factor.repeat_interleave(SCALE_BLOCK, -1)
-
-
 def engram_lookup(rows, table, scale, device, dtype):
     rows = rows.to(table.device)
     parts = []
     for h in range(rows.shape[-1]):
         part = table[rows[..., h]]
         if scale is not None:
-            part = dequantized(part, scale[rows[..., h]])
+            part = dequantized_rows(part, scale[rows[..., h]])
         parts.append(part.to(dtype))
     return torch.cat(parts, -1).to(device)
 

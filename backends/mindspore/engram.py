@@ -9,9 +9,8 @@ import weakref
 
 import torch
 
-from v4hal.backends.cpu.engram import window_ids
 from v4hal.backends.mindspore import keep_nan, mops, ms, to_ms, to_torch
-from v4hal.ops.engram import DEAD, SCALE_BLOCK, engram_offsets
+from v4hal.ops.engram import DEAD, SCALE_BLOCK, engram_offsets, lookback_window
 
 # (weak reference to the torch table, its layout, the MindSpore copy), replaced as one tuple so a
 # prefetch thread and the caller never see half of an entry.
@@ -44,7 +43,7 @@ def _remainder(chunks, size):
 def engram_hash(token_ids, token_map, multipliers, primes, pad_id, lookback):
     ops, mst = mops(), ms()
     span, length = multipliers.shape[0] - 1, token_ids.shape[1]
-    ids = to_ms(window_ids(token_ids, lookback, span))    # the chunk after `span` lookback ids (-1: none)
+    ids = to_ms(lookback_window(token_ids, lookback, span))    # the chunk after `span` lookback ids (-1: none)
     batch = ids.shape[0]
     found = ops.gather(to_ms(token_map), ops.reshape(ops.clamp(ids, min=0), (-1,)), 0)
     dead_id = mst.Tensor(DEAD, mst.int64)

@@ -1,0 +1,217 @@
+"""DeepSeek-V4.1 in the model: a tiny random V4.1 (Engram on layers 1 and 3, a hash-routed MoE
+layer, mHC with the delayed pre-mix) gives the same logits one-shot, with a cache, in chunks, over
+24 decode steps eager and static, with lookups prefetched or inline; config and token-map errors."""
+
+import pytest
+import torch
+
+from v4hal.model.config import ConfigError, ModelArgs, preset
+from v4hal.model.model import build
+from v4hal.model.static import StaticDecoder
+from v4hal.ops._check import OpInputError
+
+IMAGE = 500  # the dead token (V4.1's image placeholder)
+
+
+def tiny_v41(quantized: bool = False) -> ModelArgs:
+    text = {k: v for k, v in preset("tiny").to_dict().items() if k not in ("model_type", "quantization_config")}
+    text.update(engram_layer_ids=[1, 3], engram_num_embeddings=[330, 400], engram_max_ngram_size=3,
+                engram_n_heads=2, engram_head_dim=32, engram_vocab_size=71, engram_compressed_vocab_size=300,
+                engram_pad_token_id=2, image_token_id=IMAGE)
+    if quantized:
+        text["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
+                                       "scale_fmt": "ue8m0"}
+    return ModelArgs.from_dict({"model_type": "deepseek_v41", "text_config": text, "vision_config": {}})
+
+
+def tiny_model(quantized=False, dtype=torch.float64):
+    model = build(tiny_v41(quantized), dtype=dtype).init_random(0)
+    model.set_engram_token_map(torch.randint(0, 300, (512,), generator=torch.Generator().manual_seed(4)))
+    return model
+
+
+def _ids(total=40):
+    ids = torch.randint(0, 512, (2, total), generator=torch.Generator().manual_seed(2))
+    ids[0, 5], ids[1, 17:19], ids[0, total - 10] = IMAGE, IMAGE, IMAGE
+    return ids
+
+
+def test_config_nests_text_config_and_builds_engram_where_listed():
+    args = tiny_v41()
+    assert args.model_type == "deepseek_v41" and args.is_v4 and args.is_v41 and args.hidden_size == 64
+    model = build(args)
+    names = [n for n, _ in model.named_parameters() if ".engram." in n]
+    assert {n.split(".engram.")[0] for n in names} == {"model.layers.1", "model.layers.3"}
+    assert "model.layers.1.engram.embed.weight" in names and "model.layers.1.engram.kv_proj.weight" in names
+    assert not any("hc_head" in n for n, _ in model.named_parameters())  # V4.1 has none
+    q = build(tiny_v41(quantized=True)).model.layers[1].engram.embed
+    assert q.weight.dtype == torch.float8_e4m3fn and q.scale.shape == (330, 1) and q.scale.dtype == torch.float8_e8m0fnu
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float-table", "fp8-table"])
+def test_prefill_chunks_and_decode_give_the_same_logits(quantized):
+    model, ids = tiny_model(quantized), _ids()
+    prompt = 16
+    with torch.no_grad():
+        whole = model(ids)
+        cache = model.new_cache()
+        chunked = torch.cat([model(ids[:, i:min(i + 7, prompt)], cache=cache) for i in range(0, prompt, 7)], 1)
+        assert cache.engram.ids.tolist() == ids[:, prompt - 2:prompt].tolist()
+        decoder = StaticDecoder(model, cache, capacity=ids.shape[1], compile=False)
+        eager, static = [], []
+        for i in range(prompt, ids.shape[1]):
+            eager.append(model(ids[:, i:i + 1], cache=cache))
+            static.append(decoder(ids[:, i:i + 1]))
+    torch.testing.assert_close(chunked, whole[:, :prompt], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.cat(eager, 1), whole[:, prompt:], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.cat(static, 1), whole[:, prompt:], rtol=1e-10, atol=1e-10)
+    assert len(eager) == 24
+
+
+def test_engram_reaches_the_logits_and_a_dead_token_passes_its_streams_through():
+    model, ids = tiny_model(), _ids()
+    with torch.no_grad():
+        base = model(ids)
+        model.model.layers[3].engram.embed.weight.mul_(2.0)
+        assert not torch.allclose(model(ids), base)
+        engram = model.model.layers[1].engram
+        streams, memory = torch.randn(2, 3, 4, 64, dtype=torch.float64), torch.randn(2, 3, 4 * 32, dtype=torch.float64)
+        keep = torch.tensor([[True, False, True], [False, True, True]])
+        out = engram(streams, memory, keep)
+    assert torch.equal(out[~keep], streams[~keep]) and not torch.equal(out[keep], streams[keep])
+
+
+def test_prefetched_lookups_equal_inline_lookups():
+    """The tables stay in host memory either way here (CPU); the prefetch path (background thread,
+    keyed hand-off) must give bit-identical logits to lookups inline in each layer."""
+    model, ids = tiny_model(quantized=True), _ids()
+    with torch.no_grad():
+        model.model.engram_hashing.prefetch = True
+        prefetched = model(ids)
+        model.model.engram_hashing.prefetch = False
+        inline = model(ids)
+    assert torch.equal(prefetched, inline)
+
+
+@pytest.mark.slow
+def test_compiled_static_decode_equals_eager():
+    model, ids = tiny_model(dtype=torch.float32), _ids(24)
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(ids[:, :12], cache=cache)
+        decoder = StaticDecoder(model, cache, capacity=24)
+        static = torch.cat([decoder(ids[:, i:i + 1]) for i in range(12, 24)], 1)
+        eager = torch.cat([model(ids[:, i:i + 1], cache=cache) for i in range(12, 24)], 1)
+    torch.testing.assert_close(static, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_config_and_token_map():
+    text = {k: v for k, v in tiny_v41().to_dict().items() if k != "model_type"}
+    with pytest.raises(ConfigError, match="engram_num_embeddings: 100 rows cannot hold"):
+        build(ModelArgs.from_dict({"model_type": "deepseek_v41", "text_config": {**text, "engram_num_embeddings": [100, 400]}}))
+    with pytest.raises(ConfigError, match="engram_layer_ids: increasing layer ids in \\[0, 4\\)"):
+        build(ModelArgs.from_dict({"model_type": "deepseek_v41", "text_config": {**text, "engram_layer_ids": [1, 9]}}))
+    with pytest.raises(ConfigError, match="compress_ratios: V4.1's ratios 1 and 2"):
+        ModelArgs.from_dict({"model_type": "deepseek_v41", "text_config": {**text, "layer_types": None,
+                                                                            "compress_ratios": [0, 2, 1, 1]}})
+    model = build(tiny_v41())
+    with pytest.raises(RuntimeError, match="no compressed token map"):
+        model(torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(OpInputError, match=r"Engram: argument 'token_map' expected one compressed id per token of the vocabulary \(512\)"):
+        model.set_engram_token_map(torch.zeros(100, dtype=torch.long))
+    with pytest.raises(OpInputError, match=r"Engram: argument 'token_map' expected compressed ids in \[0, 300\)"):
+        model.set_engram_token_map(torch.full((512,), 300))
+
+
+def test_plan_counts_the_tables_as_host_bytes():
+    from v4hal.model.parallel import Layout
+    from v4hal.model.plan import format_plan, plan
+
+    args = preset("v4.1-flash")
+    p = plan(args, Layout(tp=8), context=4096)
+    rows, width = sum(args.extra["engram_num_embeddings"]), args.extra["engram_head_dim"]
+    assert p["host"] == {"engram tables": rows * (width + width // 32)}  # float8 values + ue8m0 bytes
+    assert 180 * 2**30 < p["host"]["engram tables"] < 200 * 2**30
+    assert p["weights"]["engram projections"] > 0
+    assert p["total"] < p["host"]["engram tables"]  # the tables are not in the device total
+    assert "engram tables" in format_plan("v4.1-flash", args, p)
+    assert plan(preset("v4-flash"), Layout(), context=4096)["host"] == {}
+
+
+def _deepseek_name(key: str) -> str:
+    """Our (HF) name -> DeepSeek's V4.1 name for Engram tensors; the rest without `model.`."""
+    return key.removeprefix("model.").replace(".engram.kv_proj.", ".engram.wkv.")
+
+
+@pytest.mark.parametrize("naming", ["hf", "deepseek"])
+def test_checkpoint_round_trip_keeps_the_tables_as_shipped(naming, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from v4hal.model.loader import load_checkpoint
+    from v4hal.model.save import save_checkpoint
+
+    model, ids = tiny_model(quantized=True), _ids(12)
+    save_checkpoint(model, model.args, tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "model.safetensors"
+    state = load_file(path)
+    assert state["model.layers.1.engram.embed.weight"].dtype == torch.float8_e4m3fn
+    if naming == "deepseek":
+        save_file({_deepseek_name(k): v for k, v in state.items()}, path)
+        assert "layers.3.engram.wkv.weight" in load_file(path)
+    fresh = build(tiny_v41(quantized=True), dtype=torch.float64)
+    load_checkpoint(fresh, tmp_path / "ckpt", fresh.args)
+    fresh.set_engram_token_map(model.model.engram_hashing.token_map.clamp_min(0))
+    table = fresh.model.layers[1].engram.embed
+    assert table.weight.dtype == torch.float8_e4m3fn and table.scale.dtype == torch.float8_e8m0fnu
+    model.set_engram_token_map(fresh.model.engram_hashing.token_map.clamp_min(0))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), model(ids))
+
+
+def test_a_checkpoint_missing_an_engram_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from v4hal.model.loader import LoadError, load_checkpoint
+    from v4hal.model.save import save_checkpoint
+
+    model = tiny_model(quantized=True)
+    save_checkpoint(model, model.args, tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "model.safetensors"
+    state = load_file(path)
+    for gone in ("model.layers.3.engram.embed.scale", "model.layers.1.engram.q_weight"):
+        del state[gone]
+    save_file(state, path)
+    with pytest.raises(LoadError, match=r"2 missing tensor\(s\): model.layers.1.engram.q_weight, model.layers.3.engram.embed.scale"):
+        load_checkpoint(build(tiny_v41(quantized=True)), tmp_path / "ckpt", tiny_v41(quantized=True))
+
+
+@pytest.mark.parametrize("target", ["bf16", "copy"])
+def test_convert_keeps_the_tables_as_shipped(target, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from v4hal.cli import main
+    from v4hal.model.config import ModelArgs
+    from v4hal.model.loader import load_checkpoint
+    from v4hal.model.save import save_checkpoint
+
+    model, ids = tiny_model(quantized=True), _ids(12)
+    save_checkpoint(model, model.args, tmp_path / "src")
+    path = tmp_path / "src" / "model.safetensors"
+    source = {_deepseek_name(k): v for k, v in load_file(path).items()}  # DeepSeek naming
+    save_file(source, path)
+    assert main(["convert", "run", "--to", target, "--no-progress", "--workers", "1", str(tmp_path / "src"),
+                 str(tmp_path / "out")]) == 0
+    out = {k: v for f in sorted((tmp_path / "out").glob("*.safetensors")) for k, v in load_file(f).items()}
+    for key in ("layers.1.engram.embed.weight", "layers.3.engram.embed.scale"):
+        assert out[key].dtype == source[key].dtype and torch.equal(out[key].view(torch.uint8), source[key].view(torch.uint8))
+    args = ModelArgs.from_json(tmp_path / "out" / "config.json")
+    converted = build(args, dtype=torch.float64)
+    load_checkpoint(converted, tmp_path / "out", args)
+    assert converted.model.layers[1].engram.embed.weight.dtype == torch.float8_e4m3fn  # adopted as stored
+    converted.set_engram_token_map(model.model.engram_hashing.token_map.clamp_min(0))
+    model.set_engram_token_map(model.model.engram_hashing.token_map.clamp_min(0))
+    with torch.no_grad():
+        if target == "copy":
+            assert torch.equal(converted(ids), model(ids))
+        else:  # bf16 weights from float64 ones: close
+            torch.testing.assert_close(converted(ids), model(ids), rtol=0.05, atol=0.05)
