@@ -1,6 +1,7 @@
 """Parity cases for the FP8 KV cache family (ops/kv_cache.py): writing (bytes compared exactly:
-every backend rounds the same BF16 values), reading (dequantized values, exact) and sparse
-attention over the cache, paged with a ragged block table, in V4's and V3.2's layouts."""
+every backend rounds the same BF16 values), reading (dequantized values, exact), sparse
+attention over the cache, paged with a ragged block table, in V4's and V3.2's layouts, and the
+indexer's scores over FP8 keys (the "index" layout)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,12 @@ def _attention_case(name, v_dim, s, h, k):
                 quick=True)
 
 
+def _indexer_inputs(g):
+    block_size, table = 4, torch.tensor([[2, 0], [1, 3]], dtype=torch.int32)
+    return dict(q=randn(g, 2, 3, 4, 128, dtype=torch.bfloat16), cache=_filled(g, "index", 4, block_size),
+                weights=randn(g, 2, 3, 4), scale=(128 * 4) ** -0.5, block_table=table, layout="index")
+
+
 PARITY = [
     Case("kv_cache_fp8_write", "small/v4", ops.kv_cache_fp8_write, _write_inputs("v4", 3, 4, 9), EXACT, quick=True),
     Case("kv_cache_fp8_write", "small/v3.2", ops.kv_cache_fp8_write, _write_inputs("v3.2", 2, 3, 5), EXACT, quick=True),
@@ -61,4 +68,6 @@ PARITY = [
     Case("kv_cache_fp8_read", "small/v3.2", ops.kv_cache_fp8_read, _read_inputs("v3.2"), EXACT, quick=True),
     _attention_case("v4", None, 3, 4, 8),
     _attention_case("v3.2", 512, 1, 4, 8),
+    Case("indexer_scores_fp8kv", "small/paged", ops.indexer_scores_fp8kv, _indexer_inputs,
+         Tolerance.for_dtype(torch.bfloat16, 128 * 4), quick=True),
 ]

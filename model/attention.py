@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from v4hal import ops
+from v4hal.model.cache_fp8 import FP8Rows
 
 
 def _get(cfg, name, default=None):
@@ -57,14 +58,19 @@ def _check_static_call(layer: str, x: torch.Tensor, positions: torch.Tensor) -> 
                          f"{positions.flatten().tolist()}")
 
 
-def _index_select(qi: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, scale: float, topk: int,
+def _index_select(qi: torch.Tensor, keys, weights: torch.Tensor, scale: float, topk: int,
                   positions: torch.Tensor, ratio: int, tp) -> torch.Tensor:
-    """The indexer's top-k picks; under tensor parallelism (`tp`, a `model.collectives` group)
+    """The indexer's top-k picks among `keys` (a `[B, T, D]` tensor, or an FP8 cache:
+    `model.cache_fp8.FP8Rows`); under tensor parallelism (`tp`, a `model.collectives` group)
     this rank's heads give partial scores, summed over the group before the selection."""
-    if tp.size == 1:
+    if isinstance(keys, FP8Rows):
+        scores = keys.scores(qi, weights, scale)
+    elif tp.size == 1:
         return ops.indexer_select(qi, keys, weights, scale, topk, positions, ratio)
-    scores = tp.all_reduce(ops.indexer_scores(qi, keys, weights, scale))
-    return ops.indexer_topk(scores, min(topk, keys.shape[1]), positions, ratio)
+    else:
+        scores = ops.indexer_scores(qi, keys, weights, scale)
+    scores = tp.all_reduce(scores)
+    return ops.indexer_topk(scores, min(topk, scores.shape[-1]), positions, ratio)
 
 
 def _chunked(step, x: torch.Tensor, positions: torch.Tensor, cache, chunk: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from v4hal import ops
 from v4hal.model.attention import _check_call, _check_static_call, _chunked, _get, _index_select
 from v4hal.model.collectives import SOLO, Collectives
 from v4hal.model.cache import StaticV32Cache, V32Cache
+from v4hal.model.cache_fp8 import FP8Rows, check_dims, check_dtype
 from v4hal.model.layers import LayerNorm, Linear, RMSNorm
 from v4hal.model.rope import Rope, softmax_scale
 
@@ -67,6 +68,14 @@ def _rope_head(x, cos, sin, rope_dim):
     return torch.cat([ops.apply_rope(x[..., :rope_dim], cos, sin, interleaved=False), x[..., rope_dim:]], dim=-1)
 
 
+def _put(rows, positions: torch.Tensor, new: torch.Tensor) -> None:
+    """Static decode: `new` `[B, 1, D]` into row positions[0] of a buffer or an FP8Rows."""
+    if isinstance(rows, FP8Rows):
+        rows.write(positions, new)
+    else:
+        rows.index_copy_(1, positions[0], new)
+
+
 class V32Attention(nn.Module):
     """transformers' DeepseekV32Attention (MLA + DSA) in the absorbed form: attention runs over the
     cached latents, as DeepSeek's inference and FlashMLA's sparse kernel do. `tp`: tensor
@@ -87,12 +96,25 @@ class V32Attention(nn.Module):
         # index_heads = 0: no DSA, every causal token is attended (V3's MLA).
         self.indexer = V32Indexer(c, tp) if c.index_heads else None
 
-    def new_cache(self) -> V32Cache:
-        return V32Cache()
+    def new_cache(self, kv_cache_dtype: str = "auto") -> V32Cache:
+        """kv_cache_dtype "fp8": latents in DeepSeek's V3.2 FP8 layout, indexer keys in its FP8 key
+        layout (`model.cache_fp8`); "auto": the compute dtype."""
+        cache = V32Cache()
+        if check_dtype(kv_cache_dtype):
+            c = self.c
+            check_dims("V32Attention", "v3.2", nope=c.kv_lora, rope=c.rope_dim)
+            cache.latent = FP8Rows("v3.2")
+            if self.indexer is not None:
+                check_dims("V32Attention indexer", "index", dim=c.index_dim)
+                cache.index_keys = FP8Rows("index")
+        return cache
 
     def static_cache(self, cache: V32Cache, batch: int, capacity: int, like: torch.Tensor) -> StaticV32Cache:
         """`cache` moved into fixed-size buffers holding up to `capacity` tokens (see V4Attention)."""
         c = self.c
+        if isinstance(cache.latent, FP8Rows):  # the same positions, more blocks
+            keys = cache.index_keys.fixed(batch, capacity, like.device) if self.indexer is not None else None
+            return StaticV32Cache(cache.latent.fixed(batch, capacity, like.device), keys)
         out = StaticV32Cache(like.new_zeros(batch, capacity, c.kv_lora + c.rope_dim),
                              like.new_zeros(batch, capacity, c.index_dim) if self.indexer is not None else None)
         if len(cache.latent):
@@ -126,7 +148,11 @@ class V32Attention(nn.Module):
         c, (q_nope, q_rope) = self.c, q
         wkv = self.kv_b_proj.dense_weight(q_nope.dtype).view(self.heads, c.nope_dim + c.v_dim, c.kv_lora)
         q_lat = torch.einsum("bshn,hnc->bshc", q_nope, wkv[:, :c.nope_dim])
-        o_lat = ops.sparse_attention(torch.cat([q_lat, q_rope], -1), latent, picked, c.scale, v_dim=c.kv_lora)
+        q = torch.cat([q_lat, q_rope], -1)
+        if isinstance(latent, FP8Rows):
+            o_lat = latent.attend(q, picked, c.scale, v_dim=c.kv_lora)
+        else:
+            o_lat = ops.sparse_attention(q, latent, picked, c.scale, v_dim=c.kv_lora)
         o = torch.einsum("bshc,hvc->bshv", o_lat, wkv[:, c.nope_dim:])
         return self.o_proj(o.reshape(*o.shape[:2], -1))
 
@@ -145,12 +171,12 @@ class V32Attention(nn.Module):
         """One decode token per sequence (`S = 1`, the same position in every row) at fixed shapes."""
         _check_static_call("V32Attention", x, positions)
         q, q_res, row, cos, sin = self._project(x, positions)
-        position = positions[0]
-        cache.latent.index_copy_(1, position, row)
+        _put(cache.latent, positions, row)
         if self.indexer is None:
-            picked = self._causal(positions, cache.latent.shape[1])
+            fp8 = isinstance(cache.latent, FP8Rows)
+            picked = self._causal(positions, cache.latent.span if fp8 else cache.latent.shape[1])
         else:
-            cache.index_keys.index_copy_(1, position, self._index_key(x, cos, sin))
+            _put(cache.index_keys, positions, self._index_key(x, cos, sin))
             picked = self._select(x, q_res, positions, cos, sin, cache.index_keys)
         return self._attend(q, cache.latent, picked)
 

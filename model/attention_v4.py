@@ -14,6 +14,7 @@ from v4hal import ops
 from v4hal.model.attention import _check_call, _check_static_call, _chunked, _get, _index_select
 from v4hal.model.collectives import SOLO, Collectives
 from v4hal.model.cache import StaticV4Cache, StaticWindow, V4Cache, _concat, _write_if
+from v4hal.model.cache_fp8 import FP8Rows, check_dims, check_dtype
 from v4hal.model.layers import Linear, RMSNorm
 from v4hal.model.rope import Rope
 
@@ -161,31 +162,48 @@ class V4Attention(nn.Module):
         else:
             self.compressor = V4Compressor(c.hidden, c.head_dim, c.ratio, False, c.eps)
 
-    def new_cache(self) -> V4Cache:
-        return V4Cache()
+    def new_cache(self, kv_cache_dtype: str = "auto") -> V4Cache:
+        """kv_cache_dtype "fp8": the window and compressed entries in DeepSeek's V4 FP8 layout, the
+        indexer keys in its FP8 key layout (`model.cache_fp8`); "auto": the compute dtype."""
+        cache = V4Cache()
+        if check_dtype(kv_cache_dtype):
+            c = self.c
+            check_dims("V4Attention", "v4", dim=c.head_dim, rope=c.rope_dim)
+            # The ring holds a prefill chunk's rows besides the window its first query sees.
+            cache.fp8 = FP8Rows("v4", ring=c.window - 1 + self.prefill_chunk)
+            if c.csa:
+                check_dims("V4Attention indexer", "index", dim=c.index_dim)
+                cache.index_keys = FP8Rows("index")
+        return cache
 
     def static_cache(self, cache: V4Cache, batch: int, capacity: int, like: torch.Tensor) -> StaticV4Cache:
         """`cache` (filled by earlier calls, or empty) moved into fixed-size buffers holding up to
         `capacity` tokens; `like` gives dtype and device."""
         c = self.c
         entries = -(-capacity // c.ratio) if c.ratio else 0
-        rows = like.new_zeros(batch, entries + c.window, c.head_dim)
-        if len(cache.compressed):
-            rows[:, :len(cache.compressed)] = cache.compressed.tensor
-        if cache.raw is not None:
-            first = cache.length - cache.raw.shape[1]
-            slots = entries + torch.arange(first, cache.length, device=rows.device) % c.window
-            rows[:, slots] = cache.raw
-        out = StaticV4Cache(rows, entries)
+        if cache.fp8 is not None:  # the same positions: ring, then entries
+            out = StaticV4Cache(cache.fp8.fixed(batch, entries, like.device), entries)
+        else:
+            rows = like.new_zeros(batch, entries + c.window, c.head_dim)
+            if len(cache.compressed):
+                rows[:, :len(cache.compressed)] = cache.compressed.tensor
+            if cache.raw is not None:
+                first = cache.length - cache.raw.shape[1]
+                slots = entries + torch.arange(first, cache.length, device=rows.device) % c.window
+                rows[:, slots] = cache.raw
+            out = StaticV4Cache(rows, entries)
         if self.compressor is not None:
             comp = self.compressor
             out.comp = StaticWindow.from_state(cache.comp_state, batch, c.ratio, comp.kv_proj.weight.shape[0],
                                                comp.overlap, like)
         if c.csa:
             ix = self.compressor.indexer
-            out.index_keys = like.new_zeros(batch, entries, ix.dim)
-            if len(cache.index_keys):
-                out.index_keys[:, :len(cache.index_keys)] = cache.index_keys.tensor
+            if isinstance(cache.index_keys, FP8Rows):
+                out.index_keys = cache.index_keys.fixed(batch, entries, like.device)
+            else:
+                out.index_keys = like.new_zeros(batch, entries, ix.dim)
+                if len(cache.index_keys):
+                    out.index_keys[:, :len(cache.index_keys)] = cache.index_keys.tensor
             out.index_comp = StaticWindow.from_state(cache.index_state, batch, c.ratio, ix.kv_proj.weight.shape[0],
                                                      True, like)
         return out
@@ -240,6 +258,8 @@ class V4Attention(nn.Module):
         return self._o_proj(o.reshape(*o.shape[:2], -1))
 
     def _step(self, x: torch.Tensor, positions: torch.Tensor, cache: V4Cache) -> torch.Tensor:
+        if cache.fp8 is not None:
+            return self._step_fp8(x, positions, cache)
         c = self.c
         q, q_res, kv, cos, sin = self._project(x, positions)
         raw = _concat(cache.raw, kv)
@@ -252,10 +272,30 @@ class V4Attention(nn.Module):
         cache.length += x.shape[1]
         return self._output(o, cos, sin)
 
+    def _step_fp8(self, x: torch.Tensor, positions: torch.Tensor, cache: V4Cache) -> torch.Tensor:
+        """`_step` over the FP8 cache: this step's rows are written first, then every row attention
+        reads (window and compressed entries) comes from the cache's bytes."""
+        c, store = self.c, cache.fp8
+        q, q_res, kv, cos, sin = self._project(x, positions)
+        store.put_ring(positions, kv)
+        indices = store.window(positions, c.window)
+        if self.compressor is not None:
+            new, cache.comp_state = self.compressor.entries(x, cache.comp_state, c.rope_compress)
+            store.append(new)
+            picked = self._indexer(x, q_res, positions, cache) if c.csa else None
+            if len(store):
+                picked = picked if c.csa else self._all_visible(positions, len(store))
+                indices = torch.cat([indices, store.after_ring(picked).to(torch.int32)], dim=-1)
+        o = store.attend(q, indices, c.head_dim ** -0.5, sink=self.sinks)
+        cache.length += x.shape[1]
+        return self._output(o, cos, sin)
+
     def _static_step(self, x: torch.Tensor, positions: torch.Tensor, cache: StaticV4Cache) -> torch.Tensor:
         """One decode token per sequence (`S = 1`, the same position in every row) at fixed shapes."""
         c = self.c
         _check_static_call("V4Attention", x, positions)
+        if isinstance(cache.rows, FP8Rows):
+            return self._static_step_fp8(x, positions, cache)
         q, q_res, kv, cos, sin = self._project(x, positions)
         position = positions[0]
         cache.rows.index_copy_(1, cache.entries + position % c.window, kv)
@@ -274,6 +314,27 @@ class V4Attention(nn.Module):
                 picked = self._all_visible(positions, cache.entries)
             indices = torch.cat([picked, indices.to(picked.dtype)], dim=-1)
         o = ops.sparse_attention(q, cache.rows, indices, c.head_dim ** -0.5, sink=self.sinks)
+        return self._output(o, cos, sin)
+
+    def _static_step_fp8(self, x: torch.Tensor, positions: torch.Tensor, cache: StaticV4Cache) -> torch.Tensor:
+        """`_static_step` over the FP8 cache (`cache.rows` an FP8Rows: ring, then entries)."""
+        c, store = self.c, cache.rows
+        q, q_res, kv, cos, sin = self._project(x, positions)
+        store.put_ring(positions, kv)
+        indices = store.window(positions, c.window)
+        if self.compressor is not None:
+            b, position = x.shape[0], positions[0]
+            entry, index, closes = self.compressor.static_entry(x, cache.comp, position, c.rope_compress)
+            store.write((store.ring + index).expand(b, 1), entry, keep=closes)
+            if c.csa:
+                key, index, closes = self.compressor.indexer.static_entry(x, cache.index_comp, position,
+                                                                          c.rope_compress)
+                cache.index_keys.write(index.expand(b, 1), key, keep=closes)
+                picked = self._select(x, q_res, positions, cache.index_keys)
+            else:
+                picked = self._all_visible(positions, cache.entries)
+            indices = torch.cat([indices, store.after_ring(picked).to(torch.int32)], dim=-1)
+        o = store.attend(q, indices, c.head_dim ** -0.5, sink=self.sinks)
         return self._output(o, cos, sin)
 
     def _sparse(self, x, q, q_res, raw, positions, cache, scale) -> torch.Tensor:

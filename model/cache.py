@@ -68,8 +68,9 @@ class V4Cache:
         self.raw = None            # [B, <= window-1, head_dim] roped KV of the latest tokens
         self.compressed = Rows()   # [B, T, head_dim] roped compressed entries
         self.comp_state = None     # ops.CompressState of the compressor
-        self.index_keys = Rows()   # [B, T, index_dim] (CSA)
+        self.index_keys = Rows()   # [B, T, index_dim] (CSA); an FP8Rows with the FP8 cache
         self.index_state = None
+        self.fp8 = None            # kv_cache_dtype "fp8": window ring + entries (model.cache_fp8.FP8Rows)
 
 
 @dataclass

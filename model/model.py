@@ -3,7 +3,7 @@
     args = ModelArgs.from_json("ckpt/config.json")        # or config.preset("tiny")
     model = DeepseekForCausalLM(args)                      # device="meta" builds shapes only
     load_checkpoint(model, "ckpt", args)                   # model.loader
-    cache = model.new_cache()
+    cache = model.new_cache()                              # kv_cache_dtype="fp8": DeepSeek's FP8 cache
     logits = model(input_ids, cache=cache)                 # prefill [B, S] -> [B, S, vocab]
     logits = model(next_ids, cache=cache)                  # decode, positions continue the cache
 
@@ -144,9 +144,9 @@ class DeepseekForCausalLM(nn.Module):
     tensors are then this rank's slices (`parallel.shard`), and every rank returns whole logits."""
 
     def __init__(self, args: ModelArgs, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                 parallel: Parallel = SOLO_PARALLEL):
+                 parallel: Parallel = SOLO_PARALLEL, kv_cache_dtype: str = "auto"):
         super().__init__()
-        self.args, self.parallel = args, parallel
+        self.args, self.parallel, self.kv_cache_dtype = args, parallel, kv_cache_dtype
         # Built directly in the compute dtype: a real-size model never exists in float32 first.
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype or DTYPES.get(args.torch_dtype, torch.float32))
@@ -158,6 +158,7 @@ class DeepseekForCausalLM(nn.Module):
             torch.set_default_dtype(previous)
         self._keep_float32()
         set_act_scale_fmt(self, args.act_scale_fmt)
+        self.new_cache()  # an unknown kv_cache_dtype, or FP8 at widths its layouts lack, fails here
 
     def _keep_float32(self) -> None:
         """Parameters transformers keeps in float32 whatever the model dtype (mHC, sinks, position
@@ -169,8 +170,11 @@ class DeepseekForCausalLM(nn.Module):
             if "e_score_correction_bias" in name:
                 b.data = b.data.float()
 
-    def new_cache(self) -> ModelCache:
-        cache = ModelCache([layer.self_attn.new_cache() for layer in self.model.layers])
+    def new_cache(self, kv_cache_dtype: str | None = None) -> ModelCache:
+        """kv_cache_dtype: "auto" (rows in the compute dtype) or "fp8" (DeepSeek's FP8 layouts,
+        `model.cache_fp8`); None: the model's `kv_cache_dtype`."""
+        kind = self.kv_cache_dtype if kv_cache_dtype is None else kv_cache_dtype
+        cache = ModelCache([layer.self_attn.new_cache(kind) for layer in self.model.layers])
         if self.args.is_v41:
             cache.engram = v41.EngramState()
         return cache
@@ -220,10 +224,11 @@ class DeepseekForCausalLM(nn.Module):
 
 
 def build(args: ModelArgs, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-          layout: Layout | None = None, timeout_s: float | None = None) -> DeepseekForCausalLM:
+          layout: Layout | None = None, timeout_s: float | None = None,
+          kv_cache_dtype: str = "auto") -> DeepseekForCausalLM:
     """The model, whole, or (`layout`, under torch.distributed with `layout.devices` processes)
     this rank's part of it; every rank must call it (the layout's process groups are created,
     their collectives bounded by `timeout_s`)."""
     par = SOLO_PARALLEL if layout is None else Parallel.create(layout, args, timeout_s)
-    return DeepseekForCausalLM(args, dtype, device, par).eval()
+    return DeepseekForCausalLM(args, dtype, device, par, kv_cache_dtype).eval()
 

@@ -22,6 +22,12 @@ Layout "v3.2" (V32_FP8Sparse): D = 576 = 512 nope + 64 rope, tile 128 (4 scales)
 token, token t at `t * 656`: 512 e4m3 bytes, the 4 scales as little-endian float32 (powers of
 two), then the 128 rope bytes.
 
+Layout "index" (the lightning indexer's keys, as DeepSeek's V3.2 inference caches them: e4m3
+values with one float32 power-of-two scale per 128, no RoPE part; the paged order of DeepGEMM's
+`fp8_paged_mqa_logits`): D = 128, 132 bytes per token, per block every token's 128 e4m3 bytes,
+then the scales, 4 bytes per token. DeepSeek rotates the keys (Hadamard) before quantizing; the
+model here does not (its indexer is transformers', which has no rotation).
+
 Rows are addressed by slot `block * block_size + offset` (FlashMLA's "indices in kvcache"). A
 block table `[B, max_blocks]` maps sequence b's position p to slot
 `block_table[b, p // block_size] * block_size + p % block_size`; a contiguous per-sequence cache
@@ -41,10 +47,10 @@ from v4hal.backends.registry import dispatch, register_op
 from v4hal.ops import _check
 
 __all__ = ["KVLayout", "KV_LAYOUTS", "kv_cache_fp8_empty", "kv_cache_fp8_write", "kv_cache_fp8_read",
-           "sparse_attention_fp8kv"]
+           "sparse_attention_fp8kv", "indexer_scores_fp8kv"]
 
 FAMILY = "kv_cache"
-for _op in ("kv_cache_fp8_write", "kv_cache_fp8_read", "sparse_attention_fp8kv"):
+for _op in ("kv_cache_fp8_write", "kv_cache_fp8_read", "sparse_attention_fp8kv", "indexer_scores_fp8kv"):
     register_op(_op, FAMILY)
 
 FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -92,6 +98,7 @@ class KVLayout:
 KV_LAYOUTS = {
     "v4": KVLayout("v4", nope=448, rope=64, tile=64, scale_bytes=1, scale_pad=1, split=True, block_align=576),
     "v3.2": KVLayout("v3.2", nope=512, rope=64, tile=128, scale_bytes=4, scale_pad=0, split=False),
+    "index": KVLayout("index", nope=128, rope=0, tile=128, scale_bytes=4, scale_pad=0, split=True),
 }
 
 
@@ -202,12 +209,8 @@ def sparse_attention_fp8kv(q: torch.Tensor, cache: torch.Tensor, indices: torch.
     if block_table is None:
         _slots(op, "indices", indices, cache, values)
     else:
-        _check.tensor(op, "block_table", block_table, dtypes=INDEX, ndim=2)
-        if block_table.shape[0] != b:
-            raise _check.OpInputError(op, "block_table", f"shape [{b}, max_blocks] (batch of q)",
-                                      _check.describe(block_table))
-        blocks, bs = cache.shape[0], cache.shape[1]
-        values.in_range("block_table", block_table, 0, blocks, f"block ids; cache has {blocks} blocks")
+        _block_table(op, block_table, cache, b, values)
+        bs = cache.shape[1]
         span = block_table.shape[1] * bs
         values.in_range("indices", indices, -1, span, f"-1 = none; positions of the {block_table.shape[1]} "
                         f"blocks of {bs} tokens a sequence's block table names")
@@ -216,6 +219,41 @@ def sparse_attention_fp8kv(q: torch.Tensor, cache: torch.Tensor, indices: torch.
     slots = indices if block_table is None else paged_slots(indices, block_table, cache.shape[1])
     out, lse = dispatch(op)(q, cache, slots, float(scale), lay, sink, v_dim)
     return (out, lse) if return_lse else out
+
+
+def _block_table(op: str, block_table: torch.Tensor, cache: torch.Tensor, batch: int, values: _check.Values) -> None:
+    _check.tensor(op, "block_table", block_table, dtypes=INDEX, ndim=2)
+    if block_table.shape[0] != batch:
+        raise _check.OpInputError(op, "block_table", f"shape [{batch}, max_blocks] (batch of q)",
+                                  _check.describe(block_table))
+    blocks = cache.shape[0]
+    values.in_range("block_table", block_table, 0, blocks, f"block ids; cache has {blocks} blocks")
+
+
+def indexer_scores_fp8kv(q: torch.Tensor, cache: torch.Tensor, weights: torch.Tensor, scale: float,
+                         block_table: torch.Tensor, layout: str = "index") -> torch.Tensor:
+    """`indexer_scores` with the keys read from an FP8 cache: sequence b's key t is the dequantized
+    row at position t of its block table `[B, M]` (T = M * block_size positions; positions never
+    written read as zero rows, score 0: mask them with `indexer_topk`'s positions). q `[B, S, H, D]`
+    (D = the layout's row), weights `[B, S, H]`. Returns `[B, S, T]` float32 (float64 if q is)."""
+    op = "indexer_scores_fp8kv"
+    lay = _layout(op, layout)
+    _cache(op, cache, lay)
+    _check.tensor(op, "q", q, dtypes=FLOATS, ndim=4)
+    b, s, h, d = q.shape
+    _check.equal(op, "q", d, lay.dim, f"head dim = the {lay.name} layout's {lay.dim} values")
+    _check.tensor(op, "weights", weights, dtypes=FLOATS, ndim=3)
+    _check.shape(op, "weights", weights, (b, s, h), "[B, S, H] of q")
+    if not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
+        raise _check.OpInputError(op, "scale", "a positive finite float", repr(scale))
+    values = _check.Values(op)
+    _block_table(op, block_table, cache, b, values)
+    _check.same_device(op, q=q, cache=cache, weights=weights, block_table=block_table)
+    values.decide()
+    t = block_table.shape[1] * cache.shape[1]
+    positions = torch.arange(t, device=q.device).expand(b, 1, t)
+    return dispatch(op)(q, cache, paged_slots(positions, block_table, cache.shape[1]).squeeze(1), weights,
+                        float(scale), lay)
 
 
 def paged_slots(indices: torch.Tensor, block_table: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -176,3 +176,70 @@ def test_bad_input_is_a_clear_error():
         ops.kv_cache_fp8_write(v4, torch.full((1, 512), float("inf")), torch.tensor([0]), "v4")
     with pytest.raises(ops.OpInputError, match=r"argument 'cache' expected each block's bytes contiguous"):
         ops.kv_cache_fp8_read(torch.zeros(2, 584, 4, dtype=torch.uint8).transpose(1, 2), idx, "v4")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_indexer_over_the_fp8_cache_matches_the_float64_reference(backend):
+    lay = ops.KV_LAYOUTS["index"]
+    assert (lay.token_bytes, lay.dim) == (132, 128)
+    g = torch.Generator().manual_seed(3)
+    bs, table = 4, torch.tensor([[2, 0], [1, 3]], dtype=torch.int32)
+    cache = ops.kv_cache_fp8_empty(4, bs, "index")
+    keys = torch.randn(2, 7, 128, generator=g) * torch.tensor([1.0, 50.0]).view(2, 1, 1)
+    positions = torch.arange(7).expand(2, 7)  # position 7 of each sequence stays unwritten
+    ops.kv_cache_fp8_write(cache, keys, ops.kv_cache.paged_slots(positions.unsqueeze(1), table, bs)[:, 0], "index")
+    q, w = torch.randn(2, 3, 4, 128, generator=g), torch.randn(2, 3, 4, generator=g)
+    every = ops.kv_cache.paged_slots(torch.arange(8).expand(2, 1, 8), table, bs)[:, 0]
+    rows = ops.kv_cache_fp8_read(cache, every, "index").double()
+    assert not rows[:, 7].any()
+    torch.testing.assert_close(rows[:, :7], keys.double(), rtol=2 ** -4, atol=0)  # within half an e4m3 step
+    ref = 0.1 * (torch.relu(torch.einsum("bshd,btd->bsht", q.double(), rows)) * w.double().unsqueeze(-1)).sum(2)
+    with registry.forced(backend):
+        out = ops.indexer_scores_fp8kv(q, cache, w, 0.1, table)
+        out16 = ops.indexer_scores_fp8kv(q.bfloat16(), cache, w.bfloat16(), 0.1, table)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 8)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    ref16 = 0.1 * (torch.relu(torch.einsum("bshd,btd->bsht", q.bfloat16().double(), rows))
+                   * w.bfloat16().double().unsqueeze(-1)).sum(2)
+    torch.testing.assert_close(out16.double(), ref16, rtol=1e-2, atol=1e-2 * ref16.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["v4", "v3.2", "index"])
+def test_write_has_fixed_shapes_and_no_host_read(name):
+    """A dropped row (-1) may share a slot with a kept one, or every row may be dropped: the
+    bytes are those of writing the kept rows alone, and the write reads nothing back to the host
+    (it has no data-dependent shape: the Ascend dry run runs it on the Meta device)."""
+    from v4hal.bench.host_reads import HostReads
+
+    lay = ops.KV_LAYOUTS[name]
+    g = torch.Generator().manual_seed(4)
+    kv = torch.randn(4, lay.dim, generator=g)
+    base = ops.kv_cache_fp8_empty(2, 4, name)
+    ops.kv_cache_fp8_write(base, torch.randn(8, lay.dim, generator=g), torch.arange(8), name)
+    want = base.clone()
+    ops.kv_cache_fp8_write(want, kv[[1, 3]], torch.tensor([0, 6]), name)
+    got, untouched = base.clone(), base.clone()
+    registry.configure(checks="shapes")  # the checks' own reads are counted elsewhere
+    try:
+        with HostReads() as reads:
+            ops.kv_cache_fp8_write(got, kv, torch.tensor([-1, 0, -1, 6]), name)
+            ops.kv_cache_fp8_write(untouched, kv, torch.tensor([-1, -1, -1, -1]), name)
+    finally:
+        registry.reset()
+    assert reads.total == 0, reads.where
+    assert torch.equal(got, want) and torch.equal(untouched, base)
+    meta = ops.kv_cache_fp8_empty(2, 4, name, device="meta")  # a data-dependent shape fails here
+    ops.kv_cache_fp8_write(meta, kv.to("meta"), torch.tensor([-1, 0, -1, 6], device="meta"), name)
+
+
+def test_indexer_bad_input_is_a_clear_error():
+    keys = ops.kv_cache_fp8_empty(2, 4, "index")
+    q, w, table = torch.zeros(1, 1, 2, 128), torch.zeros(1, 1, 2), torch.tensor([[0, 1]])
+    with pytest.raises(ops.OpInputError, match=r"indexer_scores_fp8kv: argument 'cache' expected 132 bytes"):
+        ops.indexer_scores_fp8kv(q, ops.kv_cache_fp8_empty(2, 4, "v4"), w, 0.1, table)
+    with pytest.raises(ops.OpInputError, match=r"argument 'block_table' expected values in \[0, 1\]"):
+        ops.indexer_scores_fp8kv(q, keys, w, 0.1, torch.tensor([[0, 2]]))
+    with pytest.raises(ops.OpInputError, match=r"argument 'q' expected head dim = the index layout's 128"):
+        ops.indexer_scores_fp8kv(torch.zeros(1, 1, 2, 64), keys, w, 0.1, table)
+    with pytest.raises(ops.OpInputError, match=r"argument 'weights' expected shape \(1, 1, 2\)"):
+        ops.indexer_scores_fp8kv(q, keys, torch.zeros(1, 1, 3), 0.1, table)

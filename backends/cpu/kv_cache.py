@@ -5,6 +5,7 @@ its block. Attention dequantizes the whole cache, then runs the reference `spars
 
 import torch
 
+from v4hal.backends.cpu.attention import indexer_scores as scores
 from v4hal.backends.cpu.attention import sparse_attention as attend
 
 E4M3_MAX = 448.0
@@ -74,11 +75,21 @@ def decode(record, lay):
 
 
 def kv_cache_fp8_write(cache, kv, slots, lay):
-    keep = slots >= 0
-    kv, slots = kv[keep], slots[keep].long()
+    # Fixed shapes, no host read: a dropped row (-1) repeats the first kept row's record and slot
+    # (identical bytes to one place), or rewrites slot 0's own bytes when no row is kept.
     bs = cache.shape[1]
-    pos = byte_positions(lay, bs, slots % bs)
-    block_bytes(cache)[(slots // bs).unsqueeze(-1), pos] = encode(kv, lay)
+    slots = slots.long()
+    keep = slots >= 0
+    first = keep.to(torch.uint8).argmax().view(1)  # indexing by a tensor, not a Python int
+    any_kept = keep.index_select(0, first)
+    records = encode(kv, lay)
+    blocks = block_bytes(cache)
+    fill_slot = torch.where(any_kept, slots.index_select(0, first), 0)
+    own = blocks[(fill_slot // bs).unsqueeze(-1), byte_positions(lay, bs, fill_slot % bs)]
+    fill = torch.where(any_kept.unsqueeze(-1), records.index_select(0, first), own)
+    slots = torch.where(keep, slots, fill_slot)
+    records = torch.where(keep.unsqueeze(-1), records, fill)
+    blocks[(slots // bs).unsqueeze(-1), byte_positions(lay, bs, slots % bs)] = records
 
 
 def kv_cache_fp8_read(cache, slots, lay):
@@ -94,3 +105,7 @@ def sparse_attention_fp8kv(q, cache, slots, scale, lay, sink, v_dim):
     every = torch.arange(cache.shape[0] * cache.shape[1], device=cache.device)
     kv = kv_cache_fp8_read(cache, every, lay).unsqueeze(0).expand(q.shape[0], -1, -1)
     return attend(q, kv, slots, scale, sink, v_dim)
+
+
+def indexer_scores_fp8kv(q, cache, slots, weights, scale, lay):
+    return scores(q, kv_cache_fp8_read(cache, slots, lay), weights, scale)

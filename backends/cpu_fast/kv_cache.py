@@ -21,3 +21,8 @@ def sparse_attention_fp8kv(q, cache, slots, scale, lay, sink, v_dim):
         rows = reference.kv_cache_fp8_read(cache, picked, lay).unsqueeze(0).expand(q.shape[0], -1, -1)
     local = torch.where(slots >= 0, local, -1)
     return registry.dispatch("sparse_attention")(q, rows, local, scale, sink, v_dim)
+
+
+def indexer_scores_fp8kv(q, cache, slots, weights, scale, lay):
+    keys = reference.kv_cache_fp8_read(cache, slots, lay)
+    return registry.dispatch("indexer_scores")(q, keys.to(q.dtype), weights, scale)
