@@ -318,7 +318,7 @@ def _check_ranks_agree(model, tokens: list[list[int]], planned: float) -> str | 
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (mine, tokens))
     for rank, (held, toks) in enumerate(everyone):
-        print(f"rank {rank}: weights {held / 2**20:.2f} MiB held, plan predicts {planned / 2**20:.2f} MiB")
+        print(f"rank {rank}: weights {held:,} bytes held ({held / 2**20:.2f} MiB), plan predicts {planned:,.0f}")
         if toks != tokens:
             return f"rank {rank} generated other tokens than rank {dist.get_rank()}"
     return None

@@ -152,6 +152,22 @@ def test_a_resharded_checkpoint_is_refused_under_another_layout(layout, checkpoi
             dist.destroy_process_group()
 
 
+def test_generate_under_torchrun_from_resharded_output(checkpoints):
+    path, ref = checkpoints["v4"]
+    prompt = _ids(ModelArgs.from_json(path))[0, :PROMPT].tolist()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "v4hal.cli", "generate", "--tp", "2", "--ep", "2", "--dist-timeout", "60", "--config", f"{path}-mp2",
+           "--weights", f"{path}-mp2", "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", str(NEW)]
+    run = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=TIMEOUT)
+    assert run.returncode == 0, run.stderr
+    assert f"[0] generated: {ref['tokens'][0]}" in run.stdout, run.stdout
+    planned = sum(weight_bytes(ModelArgs.from_json(path), Layout(tp=2, ep=2)).values())
+    for rank in (0, 1):
+        assert f"rank {rank}: weights {planned:,.0f} bytes held" in run.stdout, run.stdout
+        assert f"plan predicts {planned:,.0f}" in run.stdout
+
+
 def _rank_env(rank: int, world: int, port: int) -> dict:
     return {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
