@@ -208,7 +208,7 @@ def test_indexer_scores_kernel_matches_float64_reference(b, s, h, d, t, dtype):
 
 def test_cuda_indexer_select_chunks_queries_and_agrees_tie_aware(monkeypatch):
     kernel_calls = spy_on_kernels(monkeypatch, "attention")
-    monkeypatch.setattr(cuda_attention.parent, "DEVICE_CHUNK", 2 * 33 * 2)  # two queries per chunk
+    monkeypatch.setattr(registry.family_module("cpu_fast", "attention"), "DEVICE_CHUNK", 2 * 33 * 2)  # 2 queries a chunk
     g = gen(13)
     b, s, h, d, t, ratio = 2, 7, 3, 32, 33, 4
     q, k, w = (torch.randn(b, s, h, d, generator=g), torch.randn(b, t, d, generator=g), torch.randn(b, s, h, generator=g))
