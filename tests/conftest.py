@@ -1,6 +1,13 @@
+import os
+
 import pytest
 
-from v4hal.backends import ascend, registry
+# The cuda backend's Triton kernels are tested in Triton's interpreter (tests/test_cuda_triton.py).
+# triton reads TRITON_INTERPRET when it is imported (mindspore imports it too, so any test file may
+# be first) and when a kernel runs, so it is set here, before any test module is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from v4hal.backends import ascend, registry  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -6,17 +6,18 @@ forced onto the kernels, so bad input is shown to stop at the contracts. The int
 the kernels' math and masking, not their speed or their compiled code: that is the device check's
 job (`v4hal selfcheck` on a GPU)."""
 
-import os
 import platform
 
 import pytest
 import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated, i.e. at their import
+# conftest.py turns Triton's interpreter on for the whole test process (TRITON_INTERPRET=1, read
+# when triton and the kernels are imported and when a kernel runs).
 if platform.system() == "Linux" and platform.machine() == "x86_64":
     import triton  # noqa: F401  (pinned in the test extra for this platform: a missing one is a failure)
 else:
     pytest.importorskip("triton", reason="triton wheels exist for Linux x86_64 only")
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from v4hal import ops  # noqa: E402
 from v4hal.backends import cuda as cuda_pkg  # noqa: E402
@@ -29,6 +30,9 @@ from v4hal.bench import peers_cuda, selfcheck, speed  # noqa: E402
 from v4hal.bench.cases import SpeedCase  # noqa: E402
 from v4hal.bench.cases_attention import topk_agrees  # noqa: E402
 from v4hal.ops._check import OpInputError  # noqa: E402
+
+assert isinstance(triton_attention._sparse_attention, InterpretedFunction), \
+    "the kernels are compiled, not interpreted: TRITON_INTERPRET=1 must be set before triton is imported"
 
 D64 = torch.float64
 cuda_attention = registry.family_view("cuda", "attention")
@@ -208,7 +212,7 @@ def test_indexer_scores_kernel_matches_float64_reference(b, s, h, d, t, dtype):
 
 def test_cuda_indexer_select_chunks_queries_and_agrees_tie_aware(monkeypatch):
     kernel_calls = spy_on_kernels(monkeypatch, "attention")
-    monkeypatch.setattr(cuda_attention.parent, "DEVICE_CHUNK", 2 * 33 * 2)  # two queries per chunk
+    monkeypatch.setattr(registry.family_module("cpu_fast", "attention"), "DEVICE_CHUNK", 2 * 33 * 2)  # 2 queries a chunk
     g = gen(13)
     b, s, h, d, t, ratio = 2, 7, 3, 32, 33, 4
     q, k, w = (torch.randn(b, s, h, d, generator=g), torch.randn(b, t, d, generator=g), torch.randn(b, s, h, generator=g))

@@ -68,7 +68,9 @@ def _scaled_mm_blockwise(a2, a_scale, b, b_scale, out_dtype):
 
 
 def _fp8_tensor_cores(x) -> bool:
-    return x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) >= FP8_DOT_CAPABILITY
+    """Whether the Triton GEMM's e4m3 products can run where x is (off a GPU only Triton's
+    interpreter gets kernels, and it multiplies e4m3 anywhere)."""
+    return not x.is_cuda or torch.cuda.get_device_capability(x.device) >= FP8_DOT_CAPABILITY
 
 
 def _dequant_act(a, a_scale):

@@ -28,6 +28,9 @@ import triton
 import triton.language as tl
 
 MIN_DOT = 16  # tl.dot wants every tile dimension >= 16
+# Size arguments Triton should not specialise on (== 1, divisible by 16): each value would be
+# another JIT compile, seconds each, and the masks make them irrelevant to the code.
+SIZES = ["n_rows", "heads", "n_idx", "per_split", "d", "v_dim", "seq", "n_keys"]
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 
@@ -44,7 +47,7 @@ def _dot(a, b, PRECISION: tl.constexpr):
     return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def _sparse_attention(q, kv, idx, sink, out, lse, part_acc, part_m, part_l, n_rows, heads, n_idx, per_split, d,
                       v_dim, scale, sq_b, sq_s, sq_h, sq_d, skv_b, skv_n, skv_d, si_b, si_s, si_k,
                       so_b, so_s, so_h, so_d, sl_b, sl_s, sl_h, seq,
@@ -172,7 +175,7 @@ def sparse_attention(q, kv, indices, scale, sink, v_dim, block_h=16, block_k=32,
     return out, lse
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def _indexer_scores(q, k, w, out, seq, n_keys, heads, d, scale,
                     sq_b, sq_s, sq_h, sq_d, sk_b, sk_t, sk_d, sw_b, sw_s, sw_h, so_b, so_s, so_t,
                     PRECISION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):

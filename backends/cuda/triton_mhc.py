@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "d", "iters"])  # sizes: one compile serves all
 def _hc_pre(x, mixes, scale, base, layer_in, post, comb, n, d, norm_eps, hc_eps, iters,
             sx_t, sx_n, sx_d, sm_t, sl_t, sp_t, sc_t,
             NP: tl.constexpr, BLOCK_D: tl.constexpr):

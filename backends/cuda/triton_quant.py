@@ -20,7 +20,7 @@ assert BLOCK_K == WEIGHT_BLOCK[1] == WEIGHT_BLOCK[0], "the kernel steps one scal
 OUT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m", "n", "k"])  # sizes: one compile serves all
 def _fp8_block_scaled_mm(a, a_scale, b, b_scale, out, m, n, k,
                          stride_am, stride_ak, stride_sam, stride_sak, stride_bn, stride_bk,
                          stride_sbn, stride_sbk, stride_om, stride_on,
