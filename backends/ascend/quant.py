@@ -81,15 +81,25 @@ def _e4m3_table(device) -> torch.Tensor:
 
 
 def _decode_e4m3(q: torch.Tensor) -> torch.Tensor:
-    """float32 values of an e4m3 tensor without any FP8 arithmetic (A2/A3 have none)."""
-    return _e4m3_table(q.device)[q.view(torch.uint8).long()]
+    """float32 values of an e4m3 tensor without any FP8 arithmetic (A2/A3 have none); int32
+    indices, half the transient memory of int64 ones."""
+    codes = q.view(torch.uint8).reshape(-1).int()
+    return torch.index_select(_e4m3_table(q.device), 0, codes).view(q.shape)
 
 
 def _scale_blocks(values, scale, block):
+    """values times the scale of the (bm, bk) block each element lies in; broadcast over a blocked
+    view where the blocks tile the matrix, so no full-size scale tensor is built."""
     bm, bk = block
-    s = scale.float().repeat_interleave(bk, dim=-1)[..., : values.shape[-1]]
+    n, k = values.shape[-2:]
+    s = scale.float()
+    if k % bk == 0 and (bm == 1 or n % bm == 0):
+        if bm == 1:
+            return (values.unflatten(-1, (-1, bk)) * s.unsqueeze(-1)).flatten(-2)
+        return (values.view(n // bm, bm, k // bk, bk) * s.view(n // bm, 1, k // bk, 1)).view(n, k)
+    s = s.repeat_interleave(bk, dim=-1)[..., :k]
     if bm > 1:
-        s = s.repeat_interleave(bm, dim=0)[: values.shape[0]]
+        s = s.repeat_interleave(bm, dim=0)[:n]
     return values * s
 
 
