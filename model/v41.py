@@ -62,14 +62,14 @@ class EngramHashing(nn.Module):
         else:
             token_map, size = token_map_from_tokenizer(source)
         if token_map.dim() != 1 or token_map.shape[0] != self.vocab_size:
-            raise ops.OpInputError(op, "token_map", f"one compressed id per token of the vocabulary ({self.vocab_size})",
-                               f"shape {tuple(token_map.shape)}")
-        if token_map.numel() and int(token_map.min()) < 0 or size > ea.compressed_vocab:
+            raise ops.OpInputError(op, "token_map", f"one compressed id per token of the vocabulary "
+                                   f"({self.vocab_size})", f"shape {tuple(token_map.shape)}")
+        if int(token_map.min()) < 0 or size > ea.compressed_vocab:
             raise ops.OpInputError(op, "token_map", f"compressed ids in [0, {ea.compressed_vocab}) "
-                               "(engram_compressed_vocab_size)", f"{size} compressed ids, min {int(token_map.min())}")
+                                   "(engram_compressed_vocab_size)", f"{size} compressed ids, min {int(token_map.min())}")
         if not isinstance(source, torch.Tensor) and size != ea.compressed_vocab:
-            raise ops.OpInputError(op, "tokenizer", f"{ea.compressed_vocab} compressed ids (engram_compressed_vocab_size)",
-                               size)
+            raise ops.OpInputError(op, "tokenizer", f"{ea.compressed_vocab} compressed ids "
+                                   "(engram_compressed_vocab_size)", size)
         self.pad_id = int(token_map[ea.pad_token_id])
         token_map = token_map.clone()
         token_map[ea.dead_token_ids] = ops.DEAD
