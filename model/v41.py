@@ -114,6 +114,20 @@ def _mix_dtype(streams: torch.Tensor) -> torch.dtype:
     return torch.float64 if streams.dtype == torch.float64 else torch.float32
 
 
+def keep_tables_on_host(backbone) -> None:
+    """Move every Engram table back to host memory (pinned where a GPU can copy from it without
+    staging), e.g. after `model.to("cuda")`: lookups then gather on the host and copy the rows to
+    the streams' device, prefetched behind the layers before each Engram layer."""
+    pin = torch.cuda.is_available()
+    for layer in backbone.layers:
+        table = getattr(layer, "engram", None) and layer.engram.embed
+        for name in ("weight", "scale") if table else ():
+            t = getattr(table, name)
+            if t is not None:
+                host = t.detach().cpu()
+                setattr(table, name, nn.Parameter(host.pin_memory() if pin else host, requires_grad=False))
+
+
 def pre_weights(hc, streams: torch.Tensor) -> torch.Tensor:
     """This mHC site's pre-mix `[..., n]` (float32, float64 for a float64 model): `sigmoid(mix[:n] * scale[0] + base[:n]) + hc_eps`,
     `mix = rms_normalised(flat(streams)) @ fn[:n].T`."""
