@@ -3,11 +3,11 @@
 layer gathers its rows when it runs), with tables far larger than the last-level cache.
 
 The share of a variant is `(t_variant - t_no_lookup) / t_variant`, where `t_no_lookup` runs the
-same model with every layer's memory handed over ready (hashing, projections and gate still run):
-what the lookups themselves cost on the critical path. A small V4.1 (hidden 512, 4 layers, Engram
+same model with every layer's memory handed over ready (projections and gate still run; no hashing, no gather):
+what hashing and lookups cost on the critical path. A small V4.1 (hidden 512, 4 layers, Engram
 on layers 1 and 3, float8 tables with ue8m0 scales) keeps a 4k prefill within seconds on a CPU.
 
-    python -m v4hal.bench.engram_share [--table-mib 512] [--repeats 5]
+    python -m v4hal.bench.engram_share [--table-mib 512] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -36,14 +36,20 @@ def bench_args(table_rows: int) -> ModelArgs:
     return ModelArgs.from_dict({"model_type": "deepseek_v41", "text_config": base})
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm
-    times = []
+def _interleaved_ms(variants: dict, run, repeats: int) -> dict[str, float]:
+    """Median ms of `run()` under each variant (a setup callable), the variants interleaved
+    repeat by repeat so the load of this shared machine falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for setup in variants.values():  # warm every path once
+        setup()
+        run()
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, setup in variants.items():
+            setup()
+            start = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def measure(table_mib: int = 512, repeats: int = 5, prefill: int = 4096) -> dict:
@@ -51,7 +57,7 @@ def measure(table_mib: int = 512, repeats: int = 5, prefill: int = 4096) -> dict
     model = build(bench_args(rows), dtype=torch.float32).init_random(0)
     model.set_engram_token_map(torch.randint(0, 6000, (8192,), generator=torch.Generator().manual_seed(1)))
     hashing = model.model.engram_hashing
-    ids = torch.randint(0, 8192, (1, prefill + 4 * (repeats + 1)), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 8192, (1, prefill + 16 * (repeats + 1)), generator=torch.Generator().manual_seed(2))
     real_prepare = hashing.prepare
 
     def ready(input_ids, state, device, dtype, tables):  # memories precomputed: no lookup on the path
@@ -63,23 +69,23 @@ def measure(table_mib: int = 512, repeats: int = 5, prefill: int = 4096) -> dict
         return cache_of[key]
 
     cache_of: dict = {}
+
+    def variant(prefetch: bool, prepare):
+        def setup():
+            hashing.prefetch, hashing.prepare = prefetch, prepare
+        return setup
+
+    variants = {"inline": variant(False, real_prepare), "prefetched": variant(True, real_prepare),
+                "no lookup": variant(False, ready)}
     out = {}
     with torch.no_grad():
-        for phase, run in (("prefill", lambda: model(ids[:, :prefill], last_only=True)),
-                           ("decode", None)):
-            if run is None:
-                cache = model.new_cache()
-                model(ids[:, :prefill], cache=cache, last_only=True)
-
-                def run():  # the next decode step (the context grows by a few tokens over the run)
-                    model(ids[:, cache.length:cache.length + 1], cache=cache)
-            times = {}
-            for variant in ("inline", "prefetched", "no lookup"):
-                hashing.prefetch = variant == "prefetched"
-                hashing.prepare = ready if variant == "no lookup" else real_prepare
-                times[variant] = _median_ms(run, repeats)
-            hashing.prepare = real_prepare
-            out[phase] = times
+        out["prefill"] = _interleaved_ms(variants, lambda: model(ids[:, :prefill], last_only=True), repeats)
+        cache = model.new_cache()
+        model(ids[:, :prefill], cache=cache, last_only=True)
+        # the next decode step each time (the context grows by a few tokens over the run)
+        out["decode"] = _interleaved_ms(variants, lambda: model(ids[:, cache.length:cache.length + 1], cache=cache),
+                                        4 * repeats)
+    hashing.prepare = real_prepare
     out["table_bytes_per_layer"] = rows * 66
     return out
 
@@ -87,7 +93,7 @@ def measure(table_mib: int = 512, repeats: int = 5, prefill: int = 4096) -> dict
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--table-mib", type=int, default=512, help="each Engram layer's table, MiB")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3, help="prefill repeats per variant (decode: 4x)")
     p.add_argument("--prefill", type=int, default=4096)
     ns = p.parse_args()
     r = measure(ns.table_mib, ns.repeats, ns.prefill)

@@ -159,7 +159,7 @@ class EngramTable(nn.Module):
         for a float table, e.g. from a config whose quantization_config a conversion dropped)."""
         if tuple(weight.shape) != tuple(self.weight.shape) or weight.dtype != torch.float8_e4m3fn:
             raise ops.OpInputError("EngramTable", "weight", f"a float8_e4m3fn table of shape {tuple(self.weight.shape)}",
-                               f"{weight.dtype} {tuple(weight.shape)}")
+                                   f"{weight.dtype} {tuple(weight.shape)}")
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.scale = nn.Parameter(scale if scale.dtype != torch.float32 else scale.to(torch.float8_e8m0fnu),
                                   requires_grad=False)

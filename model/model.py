@@ -183,6 +183,11 @@ class DeepseekForCausalLM(nn.Module):
         """V4.1: the compressed vocabulary, from a tokenizer or a `[vocab]` tensor (model.v41)."""
         self.model.engram_hashing.set_token_map(source)
 
+    def keep_engram_tables_on_host(self) -> "DeepseekForCausalLM":
+        """V4.1: Engram tables back in host memory after `.to(device)` (model.v41)."""
+        v41.keep_tables_on_host(self.model)
+        return self
+
     def forward(self, input_ids: torch.Tensor, cache: ModelCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """input_ids `[B, S]` -> logits `[B, S, vocab]` (`[B, 1, vocab]` with last_only), float32.

@@ -62,14 +62,14 @@ class EngramHashing(nn.Module):
         else:
             token_map, size = token_map_from_tokenizer(source)
         if token_map.dim() != 1 or token_map.shape[0] != self.vocab_size:
-            raise ops.OpInputError(op, "token_map", f"one compressed id per token of the vocabulary ({self.vocab_size})",
-                               f"shape {tuple(token_map.shape)}")
-        if token_map.numel() and int(token_map.min()) < 0 or size > ea.compressed_vocab:
+            raise ops.OpInputError(op, "token_map", f"one compressed id per token of the vocabulary "
+                                   f"({self.vocab_size})", f"shape {tuple(token_map.shape)}")
+        if int(token_map.min()) < 0 or size > ea.compressed_vocab:
             raise ops.OpInputError(op, "token_map", f"compressed ids in [0, {ea.compressed_vocab}) "
-                               "(engram_compressed_vocab_size)", f"{size} compressed ids, min {int(token_map.min())}")
+                                   "(engram_compressed_vocab_size)", f"{size} compressed ids, min {int(token_map.min())}")
         if not isinstance(source, torch.Tensor) and size != ea.compressed_vocab:
-            raise ops.OpInputError(op, "tokenizer", f"{ea.compressed_vocab} compressed ids (engram_compressed_vocab_size)",
-                               size)
+            raise ops.OpInputError(op, "tokenizer", f"{ea.compressed_vocab} compressed ids "
+                                   "(engram_compressed_vocab_size)", size)
         self.pad_id = int(token_map[ea.pad_token_id])
         token_map = token_map.clone()
         token_map[ea.dead_token_ids] = ops.DEAD
@@ -112,6 +112,20 @@ class EngramHashing(nn.Module):
 def _mix_dtype(streams: torch.Tensor) -> torch.dtype:
     """float32 mixes, float64 for a float64 model (as ops.hc_pre)."""
     return torch.float64 if streams.dtype == torch.float64 else torch.float32
+
+
+def keep_tables_on_host(backbone) -> None:
+    """Move every Engram table back to host memory (pinned where a GPU can copy from it without
+    staging), e.g. after `model.to("cuda")`: lookups then gather on the host and copy the rows to
+    the streams' device, prefetched behind the layers before each Engram layer."""
+    pin = torch.cuda.is_available()
+    for layer in backbone.layers:
+        table = getattr(layer, "engram", None) and layer.engram.embed
+        for name in ("weight", "scale") if table else ():
+            t = getattr(table, name)
+            if t is not None:
+                host = t.detach().cpu()
+                setattr(table, name, nn.Parameter(host.pin_memory() if pin else host, requires_grad=False))
 
 
 def pre_weights(hc, streams: torch.Tensor) -> torch.Tensor:

@@ -86,11 +86,25 @@ def test_prefetched_lookups_equal_inline_lookups():
     keyed hand-off) must give bit-identical logits to lookups inline in each layer."""
     model, ids = tiny_model(quantized=True), _ids()
     with torch.no_grad():
+        model.model.engram_hashing.prefetch = False
+        on_device = model(ids)  # tables where the model is, lookups inline
+        model.keep_engram_tables_on_host()  # on this CPU-only machine: the same memory, the same code path
         model.model.engram_hashing.prefetch = True
         prefetched = model(ids)
+        assert torch.equal(prefetched, on_device)
         model.model.engram_hashing.prefetch = False
         inline = model(ids)
     assert torch.equal(prefetched, inline)
+
+
+@pytest.mark.cuda
+def test_tables_in_host_memory_with_the_model_on_a_gpu():
+    model, ids = tiny_model(quantized=True, dtype=torch.float32), _ids()
+    with torch.no_grad():
+        expected = model(ids)
+        model.to("cuda").keep_engram_tables_on_host()
+        assert model.model.layers[1].engram.embed.weight.device.type == "cpu"
+        torch.testing.assert_close(model(ids.cuda()).cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
