@@ -86,7 +86,7 @@ print(json.dumps({"peak_rss_kb": int(next(l for l in open("/proc/self/status") i
 STAGES = r"""
 import sys, json, time, threading, collections
 from pathlib import Path
-from v4hal.conversion import formats, io, plan
+from v4hal.conversion import formats, io, output, plan
 from v4hal.conversion.formats import Options
 src, dst, target = sys.argv[1:4]
 cpu, wall, lock = collections.defaultdict(float), collections.defaultdict(float), threading.Lock()
@@ -107,8 +107,8 @@ def submit_timed(self, fn, *args):
     return timed("main: waiting for a full queue", submit)(self, timed(stage, fn) if stage else fn, *args)
 io.Background.submit = submit_timed
 io.HashingReader._consume = timed("read: preadv, read-ahead hint, queue for hashing (main)", io.HashingReader._consume)
-io.ShardWriter._put = timed("write: O_DIRECT stage, or page cache + write-behind (thread)", io.ShardWriter._put)
-io.ShardWriter.close = timed("close: drain, fsync, rename (main)", io.ShardWriter.close)
+output.ShardWriter._put = timed("write: O_DIRECT stage, or page cache + write-behind (thread)", output.ShardWriter._put)
+output.ShardWriter.close = timed("close: drain, fsync, rename (main)", output.ShardWriter.close)
 formats.decode_rows = timed("decode FP8 (main)", formats.decode_rows)
 formats.encode_rows = timed("encode (main)", formats.encode_rows)
 p = plan.Plan(io.Source(src), Options(target=target))
@@ -184,14 +184,14 @@ def disk_write(root: Path, nbytes: int) -> float:
     started behind), so this is the disk as conversions use it, without the sha256."""
     import torch
 
-    from v4hal.conversion import io
+    from v4hal.conversion import output
 
-    chunk = memoryview(os.urandom(io.STAGE))
+    chunk = memoryview(os.urandom(output.STAGE))
     path = root / "write-test.safetensors"
     start = time.perf_counter()
-    writer = io.ShardWriter(path, [io.OutSpec("bytes", torch.uint8, (nbytes,))], algo=None)
-    for offset in range(0, nbytes, io.STAGE):
-        writer.write_bytes(chunk[:min(io.STAGE, nbytes - offset)])
+    writer = output.ShardWriter(path, [output.OutSpec("bytes", torch.uint8, (nbytes,))], algo=None)
+    for offset in range(0, nbytes, output.STAGE):
+        writer.write_bytes(chunk[:min(output.STAGE, nbytes - offset)])
     _, written = writer.close()
     seconds = time.perf_counter() - start
     path.unlink()

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import torch
 
 from v4hal.checkpoint_files import CheckpointError
-from v4hal.conversion.io import OutSpec, TensorInfo
+from v4hal.conversion.io import TensorInfo
+from v4hal.conversion.output import OutSpec
 from v4hal.ops import quant
 from v4hal.ops.e4m3 import e4m3_as_f32, restore_nan_codes
 

@@ -29,9 +29,9 @@ import torch
 from v4hal.conversion import formats
 from v4hal.conversion.formats import Job, Options
 from v4hal.checkpoint_files import CheckpointError, confined
-from v4hal.conversion.io import (CODES, DTYPES, OutSpec, ShardWriter, TensorInfo, nbytes_of, partial_name, read_header,
-                                 hash_file, small_files)
-from v4hal.conversion.plan import MANIFEST, Plan, _record, write_json_atomic
+from v4hal.conversion.io import CODES, DTYPES, TensorInfo, nbytes_of, read_header, hash_file, small_files
+from v4hal.conversion.output import OutSpec, ShardWriter, partial_name, write_json_atomic
+from v4hal.conversion.plan import MANIFEST, Plan, _record
 
 SIDECAR = "v4hal-mindspore.json"
 # HF / DeepSeek module name -> MindSpore-style name (MindFormers' DeepSeek conventions).

@@ -31,8 +31,8 @@ import torch
 from v4hal.conversion import formats, reshard, workers
 from v4hal.conversion.formats import Job, Options
 from v4hal.checkpoint_files import CheckpointError, confined
-from v4hal.conversion.io import (INDEX_NAME, OUTPUT_HASH, HashingReader, OutSpec, ShardWriter, Source, digest_of,
-                                 file_size, hash_file, stated_hash, write_atomic, write_json_atomic)
+from v4hal.conversion.io import INDEX_NAME, OUTPUT_HASH, HashingReader, Source, digest_of, hash_file, stated_hash
+from v4hal.conversion.output import OutSpec, ShardWriter, file_size, write_atomic, write_json_atomic
 
 MANIFEST = "v4hal-manifest.json"
 MANIFEST_FORMAT = "v4hal-conversion/2"  # /2: entries keyed by hash algorithm, "hash" names the outputs'; /1: sha256

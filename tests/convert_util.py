@@ -116,7 +116,7 @@ def expert_shards(root: Path, seed: int) -> Path:
 KILL_DRIVER = r"""
 import os, sys, time
 from pathlib import Path
-from v4hal.conversion import io, plan
+from v4hal.conversion import io, output, plan
 point, n, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 count = [0]
 
@@ -138,9 +138,9 @@ def hook(owner, name, when):
     setattr(owner, name, wrapped)
 
 if point == "write":          # in the middle of an output shard
-    hook(io.ShardWriter, "write", lambda a: True)
+    hook(output.ShardWriter, "write", lambda a: True)
 elif point == "rename":       # a shard renamed into place, its unit not yet journaled
-    hook(io.ShardWriter, "close", lambda a: True)
+    hook(output.ShardWriter, "close", lambda a: True)
 elif point == "journal":      # between two units
     hook(plan, "write_json_atomic", lambda a: a[0].name == plan.PROGRESS and a[1]["units"])
 elif point == "finish-before":  # after all shards, before the index / manifest

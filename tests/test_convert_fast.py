@@ -1,4 +1,4 @@
-"""The converter's fast paths (conversion/formats.py, conversion/io.py) against what they replace:
+"""The converter's fast paths (conversion/formats.py, io.py, output.py) against what they replace:
 the FP8 decode and int8 encode must give the quant contracts' bits exactly (every e4m3 code,
 subnormal products, NaN codes, ragged shapes), and the background reader / writer must hash and
 write exactly the bytes a plain sequential pass would, failing loudly and leaving no file."""
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from v4hal.backends import registry
 from v4hal.checkpoint_files import CheckpointError
-from v4hal.conversion import formats, io
+from v4hal.conversion import formats, io, output
 from v4hal.ops import quant
 from v4hal.ops._check import OpInputError
 
@@ -172,16 +172,16 @@ def test_hashing_reader_names_a_file_truncated_under_it(tmp_path):
 
 @pytest.mark.parametrize("direct, sync_file_range", [(True, True), (False, True), (False, False)])
 def test_shard_writer_writes_and_hashes_exactly_the_bytes_given(tmp_path, monkeypatch, direct, sync_file_range):
-    monkeypatch.setattr(io, "WRITE_BEHIND", 4096)  # exercise the writeback kicks on a small file,
-    monkeypatch.setattr(io, "STAGE", 2 * io.ALIGN)  # and O_DIRECT's full-stage writes and padded tail
+    monkeypatch.setattr(output, "WRITE_BEHIND", 4096)  # exercise the writeback kicks on a small file,
+    monkeypatch.setattr(output, "STAGE", 2 * output.ALIGN)  # and O_DIRECT's full-stage writes and padded tail
     if not sync_file_range:  # the fallback where libc lacks it
-        monkeypatch.setattr(io, "_SYNC_FILE_RANGE", None)
+        monkeypatch.setattr(output, "_SYNC_FILE_RANGE", None)
     gen = torch.Generator().manual_seed(5)
     parts = [torch.randn(100, 37, generator=gen).bfloat16(), torch.randint(-128, 127, (3000,), dtype=torch.int8, generator=gen)]
-    specs = [io.OutSpec("a", torch.bfloat16, (100, 37)), io.OutSpec("b", torch.int8, (3000,))]
+    specs = [output.OutSpec("a", torch.bfloat16, (100, 37)), output.OutSpec("b", torch.int8, (3000,))]
     for fsync in (True, False):
         path = tmp_path / f"out{fsync}.safetensors"
-        w = io.ShardWriter(path, specs, {"format": "pt"}, fsync=fsync, direct=direct)
+        w = output.ShardWriter(path, specs, {"format": "pt"}, fsync=fsync, direct=direct)
         assert direct or not w.direct
         w.write(parts[0][:40])
         w.write(parts[0][40:].t().contiguous().t())  # a non-contiguous piece is written in row order
@@ -189,28 +189,28 @@ def test_shard_writer_writes_and_hashes_exactly_the_bytes_given(tmp_path, monkey
         sha, size = w.close()
         data = path.read_bytes()
         assert size == len(data) and sha == blake3.blake3(data).hexdigest()
-        assert data == io.header_bytes(specs, {"format": "pt"}) + b"".join(p.contiguous().view(torch.uint8).numpy().tobytes() for p in parts)
-        assert not io.partial_name(path).exists()
+        assert data == output.header_bytes(specs, {"format": "pt"}) + b"".join(p.contiguous().view(torch.uint8).numpy().tobytes() for p in parts)
+        assert not output.partial_name(path).exists()
 
 
 def test_unhashed_writer_and_the_disk_benchmark_write_the_same_bytes(tmp_path, monkeypatch):
     from v4hal.bench.conversion import disk_write
 
-    monkeypatch.setattr(io, "STAGE", 2 * io.ALIGN)
-    specs = [io.OutSpec("a", torch.int8, (3 * io.ALIGN + 5,))]
-    part = torch.randint(-128, 127, (3 * io.ALIGN + 5,), dtype=torch.int8, generator=torch.Generator().manual_seed(2))
-    w = io.ShardWriter(tmp_path / "x.safetensors", specs, algo=None)
+    monkeypatch.setattr(output, "STAGE", 2 * output.ALIGN)
+    specs = [output.OutSpec("a", torch.int8, (3 * output.ALIGN + 5,))]
+    part = torch.randint(-128, 127, (3 * output.ALIGN + 5,), dtype=torch.int8, generator=torch.Generator().manual_seed(2))
+    w = output.ShardWriter(tmp_path / "x.safetensors", specs, algo=None)
     w.write(part)
     sha, size = w.close()
     data = (tmp_path / "x.safetensors").read_bytes()
-    assert sha is None and size == len(data) and data == io.header_bytes(specs) + part.numpy().tobytes()
-    assert disk_write(tmp_path, 5 * io.ALIGN + 7) > 0
+    assert sha is None and size == len(data) and data == output.header_bytes(specs) + part.numpy().tobytes()
+    assert disk_write(tmp_path, 5 * output.ALIGN + 7) > 0
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]  # the benchmark cleans up
 
 
 def test_a_failing_background_write_surfaces_and_leaves_no_file(tmp_path, monkeypatch):
-    specs = [io.OutSpec("a", torch.float32, (1000,))]
-    w = io.ShardWriter(tmp_path / "x.safetensors", specs)
+    specs = [output.OutSpec("a", torch.float32, (1000,))]
+    w = output.ShardWriter(tmp_path / "x.safetensors", specs)
 
     def broken(data):
         raise OSError(28, "No space left on device")
@@ -225,7 +225,7 @@ def test_a_failing_background_write_surfaces_and_leaves_no_file(tmp_path, monkey
 
 
 def test_close_refuses_a_short_file(tmp_path):
-    w = io.ShardWriter(tmp_path / "x.safetensors", [io.OutSpec("a", torch.float32, (10,))])
+    w = output.ShardWriter(tmp_path / "x.safetensors", [output.OutSpec("a", torch.float32, (10,))])
     w.write(torch.zeros(5))
     with pytest.raises(RuntimeError, match="got .* planned"):
         w.close()
