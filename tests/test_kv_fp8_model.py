@@ -52,8 +52,8 @@ def test_compiled_fp8_decode_equals_eager():
 # models' own index_topk a quantized key can change the indexer's picks (the tiny models' scores
 # are near ties), which dominates; with every entry selected only the rows' rounding is left.
 BUDGET = {  # name, every entry selected: (max relative RMS, mean relative RMS, min argmax agreement)
-    ("tiny-v4", False): (0.6, 0.12, 0.85), ("tiny-v4", True): (0.12, 0.07, 0.9),
-    ("tiny-v32", False): (1.0, 0.4, 0.5), ("tiny-v32", True): (0.1, 0.06, 0.9),
+    ("tiny-v4", False): (0.6, 0.12, 0.85), ("tiny-v4", True): (0.12, 0.07, 0.85),
+    ("tiny-v32", False): (1.0, 0.4, 0.5), ("tiny-v32", True): (0.1, 0.06, 0.85),
 }
 
 
