@@ -102,10 +102,11 @@ class V32Attention(nn.Module):
         cache = V32Cache()
         if check_dtype(kv_cache_dtype):
             c = self.c
-            check_dims("V32Attention", "v3.2", nope=c.kv_lora, rope=c.rope_dim)
+            check_dims("V32Attention", "v3.2", kv_lora_rank=("nope", c.kv_lora),
+                       qk_rope_head_dim=("rope", c.rope_dim))
             cache.latent = FP8Rows("v3.2")
             if self.indexer is not None:
-                check_dims("V32Attention indexer", "index", dim=c.index_dim)
+                check_dims("V32Attention indexer", "index", index_head_dim=("dim", c.index_dim))
                 cache.index_keys = FP8Rows("index")
         return cache
 

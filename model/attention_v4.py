@@ -168,11 +168,11 @@ class V4Attention(nn.Module):
         cache = V4Cache()
         if check_dtype(kv_cache_dtype):
             c = self.c
-            check_dims("V4Attention", "v4", dim=c.head_dim, rope=c.rope_dim)
+            check_dims("V4Attention", "v4", head_dim=("dim", c.head_dim), qk_rope_head_dim=("rope", c.rope_dim))
             # The ring holds a prefill chunk's rows besides the window its first query sees.
             cache.fp8 = FP8Rows("v4", ring=c.window - 1 + self.prefill_chunk)
             if c.csa:
-                check_dims("V4Attention indexer", "index", dim=c.index_dim)
+                check_dims("V4Attention indexer", "index", index_head_dim=("dim", c.index_dim))
                 cache.index_keys = FP8Rows("index")
         return cache
 

@@ -30,15 +30,15 @@ def check_dtype(kv_cache_dtype: str) -> bool:
     return kv_cache_dtype == "fp8"
 
 
-def check_dims(layer: str, layout: str, **dims: int) -> None:
-    """The FP8 layouts are DeepSeek's, at the real models' widths: say which width does not fit."""
+def check_dims(layer: str, layout: str, **fields: tuple[str, int]) -> None:
+    """The FP8 layouts are DeepSeek's, at the real models' widths. fields: config name ->
+    (the layout's part: "nope", "rope" or "dim", the model's width); ValueError naming each misfit."""
     lay = ops.KV_LAYOUTS[layout]
     want = {"nope": lay.nope, "rope": lay.rope, "dim": lay.dim}
-    bad = {k: v for k, v in dims.items() if v != want[k]}
+    bad = [f"{name} {got} (expected {want[part]})" for name, (part, got) in fields.items() if got != want[part]]
     if bad:
         raise ValueError(f"{layer}: kv_cache_dtype='fp8' stores rows in DeepSeek's {layout!r} FP8 layout "
-                         f"({lay.nope} e4m3 + {lay.rope} BF16 RoPE values), got " +
-                         ", ".join(f"{k} {v} (expected {want[k]})" for k, v in bad.items()))
+                         f"({lay.nope} e4m3 + {lay.rope} BF16 RoPE values), got " + ", ".join(bad))
 
 
 class FP8Rows:

@@ -156,6 +156,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for every rank to join, and in each collective, before failing")
     p.add_argument("--compile", action="store_true",
                    help="decode at fixed shapes, each step one torch.compile graph (first step compiles)")
+    p.add_argument("--kv-cache-dtype", choices=["bf16", "fp8"], default="bf16",
+                   help="bf16: the cache in the compute dtype (--dtype); fp8: DeepSeek's FP8 layouts "
+                        "(V4: 584 B per row, V3.2: 656 B, indexer keys 132 B; needs the real models' widths)")
 
 
 def _probability(text: str) -> float:
@@ -254,11 +257,15 @@ def main(ns: argparse.Namespace) -> int:
 
 def _run(ns, args, prompts, tokenizer, layout, dtype, counts, t0) -> int:
     from v4hal.backends import registry
-    from v4hal.cli import error
+    from v4hal.subcommand import error
     from v4hal.model.loader import LoadError, load_checkpoint
     from v4hal.model.model import build
 
-    model = build(args, dtype, layout=layout, timeout_s=ns.dist_timeout)
+    try:
+        model = build(args, dtype, layout=layout, timeout_s=ns.dist_timeout,
+                      kv_cache_dtype="fp8" if ns.kv_cache_dtype == "fp8" else "auto")
+    except ValueError as exc:  # LayoutError; an FP8 cache at widths its layouts lack
+        return error("generate", str(exc))
     if ns.weights:
         try:
             report = load_checkpoint(model, ns.weights, args, keep_quantized=not ns.dequantize)
@@ -298,7 +305,7 @@ def _run(ns, args, prompts, tokenizer, layout, dtype, counts, t0) -> int:
     mode = "greedy" if ns.temperature <= 0 else f"sampled (T={ns.temperature}, top_k={ns.top_k}, top_p={ns.top_p})"
     print(f"{mode}; prefill {res.prefill_tokens} tokens in {res.prefill_seconds * 1e3:.1f} ms "
           f"({res.prefill_tokens_per_s:.0f} tokens/s); decode {res.decode_steps} steps, "
-          f"{res.decode_ms_per_step:.2f} ms/step; KV cache {res.cache_bytes / 2**10:.1f} KiB")
+          f"{res.decode_ms_per_step:.2f} ms/step; KV cache {res.cache_bytes / 2**10:.1f} KiB ({ns.kv_cache_dtype})")
     if ns.compile:
         print(f"compiled decode: first steps (compiling) took {res.compile_seconds:.1f} s, not counted above")
     by_backend: dict[str, list[str]] = defaultdict(list)

@@ -243,3 +243,17 @@ def test_indexer_bad_input_is_a_clear_error():
         ops.indexer_scores_fp8kv(torch.zeros(1, 1, 2, 64), keys, w, 0.1, table)
     with pytest.raises(ops.OpInputError, match=r"argument 'weights' expected shape \(1, 1, 2\)"):
         ops.indexer_scores_fp8kv(q, keys, torch.zeros(1, 1, 3), 0.1, table)
+
+
+def test_compiled_write_writes_the_same_bytes():
+    """Inside a compiled graph the BF16 rounding before quantizing must survive (inductor may
+    drop a `.to(bfloat16).float()` pair); rows with BF16 ties, a huge and a tiny value."""
+    g = torch.Generator().manual_seed(5)
+    kv = torch.randn(16, V4.dim, generator=g) * 3
+    kv[0, :4] = torch.tensor([1.00390625, 1.01171875, 3e38, 1e-30])
+    slots = torch.arange(16).flip(0)
+
+    def write(kv):
+        return ops.kv_cache_fp8_write(ops.kv_cache_fp8_empty(4, 4, "v4"), kv, slots, "v4")
+
+    torch.testing.assert_close(torch.compile(write)(kv), write(kv), rtol=0, atol=0)

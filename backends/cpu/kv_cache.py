@@ -36,10 +36,19 @@ def block_bytes(cache):
     return cache.view(torch.uint8).flatten(1)
 
 
+def round_to_bf16(x):
+    """float32 values rounded to the nearest BF16 (ties to even), by integer arithmetic on the
+    bits: inside a compiled graph inductor may drop a `.to(bfloat16).float()` pair (its
+    emulate_precision_casts is off by default), which would change the bytes written."""
+    bits = x.float().view(torch.int32)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000
+    return bits.view(torch.float32)
+
+
 def encode(kv, lay):
     """Token records `[M, token_bytes]` uint8 of rows `[M, D]`."""
-    x = kv.to(torch.bfloat16)
-    nope = x[:, :lay.nope].float().view(-1, lay.tiles, lay.tile)
+    x = round_to_bf16(kv)
+    nope = x[:, :lay.nope].view(-1, lay.tiles, lay.tile)
     amax = nope.abs().amax(-1)
     mant, exp = torch.frexp(torch.clamp_min(amax / E4M3_MAX, MIN_SCALE))
     exp = exp - (mant == 0.5).to(exp.dtype)  # ceil(log2): an exact power of two keeps its exponent
@@ -50,7 +59,7 @@ def encode(kv, lay):
     else:
         scale_bytes = scale.contiguous().view(torch.uint8)
     pad = scale_bytes.new_zeros(scale_bytes.shape[0], lay.scale_pad)
-    rope = x[:, lay.nope:].contiguous().view(torch.uint8)
+    rope = x[:, lay.nope:].to(torch.bfloat16).contiguous().view(torch.uint8)  # exact: already BF16 values
     record = torch.empty(kv.shape[0], lay.token_bytes, dtype=torch.uint8, device=kv.device)
     (n0, nw), (s0, sw), (r0, rw) = _pieces(lay)
     record[:, n0:n0 + nw] = codes
