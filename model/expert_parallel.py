@@ -23,19 +23,8 @@ import torch
 import torch.distributed as dist
 
 from v4hal import ops
+from v4hal.model.parallel import DEVICE_BACKENDS, process_group_backend  # noqa: F401 (this module's API)
 from v4hal.ops.moe import ExpertExchange, ExpertWeights, MoeDispatch
-
-DEVICE_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
-
-
-def process_group_backend(device: torch.device | str) -> str:
-    """The torch.distributed backend for expert parallelism on `device`'s type."""
-    # A plain string is split by hand: "npu" only parses as a torch.device once torch_npu is loaded.
-    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
-    if kind not in DEVICE_BACKENDS:
-        raise ValueError(f"expert parallelism: no process-group backend known for device type {kind!r}; "
-                         f"known: {DEVICE_BACKENDS}")
-    return DEVICE_BACKENDS[kind]
 
 
 def expert_range(n_experts: int, world: int, rank: int) -> tuple[int, int]:
