@@ -98,7 +98,10 @@ class LocalExperts(ExpertExchange):
         held = state.counts.shape[0] // self.shards
         first = self.rank * held
         offsets = state.offsets[first:first + held + 1]
-        lo, hi = int(offsets[0]), int(offsets[-1])
+        if offsets.device.type == "meta":  # the Ascend dry run: no values; every row stands in (shapes only)
+            lo, hi = 0, state.permuted.shape[0]
+        else:  # a host read per MoE layer (a sync on a device): the row range of this rank's experts
+            lo, hi = int(offsets[0]), int(offsets[-1])
         return state.permuted[lo:hi], offsets - lo, (state.permuted.shape[0], lo, hi)
 
     def receive(self, results: torch.Tensor, sent) -> torch.Tensor:
