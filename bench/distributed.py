@@ -148,34 +148,42 @@ def speed(directory: str, prompt: int, context: int, steps: int) -> None:
     dist.destroy_process_group()
 
 
-def comm_bytes(args: ModelArgs, layout: Layout, context: int, tokens: int = 1, act_bytes: int = 2) -> tuple[int, int]:
-    """(bytes one rank sends, collectives it joins) in one decode step of `tokens` tokens per rank
-    at `context`: ring all-reduce sends 2 (n-1)/n of the message, all-gather (n-1)/n of the whole,
-    all-to-all (n-1)/n of its rows. Per layer: the attention output all-reduce, the indexer's
-    score all-reduce (V4 CSA layers: context/4 float32 scores per token; V3.2: context), the MLP /
-    MoE all-reduce (tp) or the MoE's two token exchanges (ep with dp); plus the embedding
-    all-reduce and the logits all-gather (float32)."""
-    h, sent, calls = args.hidden_size, 0.0, 0
-    tp, ep = layout.tp, layout.ep
-
-    def reduce(nbytes: float) -> None:
-        nonlocal sent, calls
-        sent, calls = sent + 2 * (tp - 1) / tp * nbytes, calls + 1
-
-    if tp > 1:
-        reduce(tokens * h * act_bytes)  # embedding
-        sent, calls = sent + (tp - 1) / tp * tokens * args.vocab_size * 4, calls + 1  # logits
+def collectives(args: ModelArgs, layout: Layout, context: int, tokens: int = 1,
+                act_bytes: int = 2) -> list[tuple[str, int]]:
+    """The collectives one rank joins in a forward of `tokens` tokens per rank that ends at
+    `context` tokens of cache, in the order the model makes them (model/collectives.py call
+    sites): (kind, bytes of the whole message; for an all-gather the gathered result). The
+    embedding all-reduce; per layer the indexer's score all-reduce (V4 CSA layers: context/4
+    float32 scores per token; V3.2: context), the attention output all-reduce, the MLP / MoE
+    all-reduce (tp) or the MoE's token exchanges (ep with dp: the split counts, rows out, rows
+    back, assuming an even spread); the float32 logits all-gather."""
+    h, tp, ep = args.hidden_size, layout.tp, layout.ep
+    out = [("all_reduce", tokens * h * act_bytes)] if tp > 1 else []  # embedding
     for i in range(args.num_hidden_layers):
         if tp > 1:
-            reduce(tokens * h * act_bytes)  # attention output
             keys = context // 4 if args.is_v4 and args.compress_ratio(i) == 4 else context if args.is_v32 else 0
             if keys:
-                reduce(tokens * keys * 4)
-            reduce(tokens * h * act_bytes)  # MLP / MoE
+                out.append(("all_reduce", tokens * keys * 4))  # indexer scores, before the attention
+            out.append(("all_reduce", tokens * h * act_bytes))  # attention output
+            out.append(("all_reduce", tokens * h * act_bytes))  # MLP / MoE
         elif ep > 1 and args.is_moe_layer(i):
             rows = tokens * args.num_experts_per_tok * h * act_bytes
-            sent, calls = sent + 2 * (ep - 1) / ep * rows, calls + 3  # counts, rows out, rows back
-    return int(sent), calls
+            out += [("all_to_all_counts", args.n_routed_experts * 8), ("all_to_all", rows), ("all_to_all", rows)]
+    if tp > 1:
+        out.append(("all_gather", tokens * args.vocab_size * 4))  # logits
+    return out
+
+
+def comm_bytes(args: ModelArgs, layout: Layout, context: int, tokens: int = 1, act_bytes: int = 2) -> tuple[int, int]:
+    """(bytes one rank sends, collectives it joins) in one decode step (`collectives`): ring
+    all-reduce sends 2 (n-1)/n of the message, all-gather (n-1)/n of the whole, all-to-all (n-1)/n
+    of its rows (the split counts, a few bytes, are not counted)."""
+    calls = collectives(args, layout, context, tokens, act_bytes)
+    n = layout.tp if layout.tp > 1 else layout.ep
+    factor = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "all_to_all": (n - 1) / n}
+    factor["all_to_all_counts"] = 0
+    sent = sum(factor[kind] * nbytes for kind, nbytes in calls)
+    return int(sent), len(calls)
 
 
 NVLINK_H100 = 450e9  # bytes/s per direction (900 GB/s bidirectional NVLink 4, NVIDIA's H100 product page)

@@ -23,19 +23,8 @@ import torch
 import torch.distributed as dist
 
 from v4hal import ops
+from v4hal.model.parallel import DEVICE_BACKENDS, process_group_backend  # noqa: F401 (this module's API)
 from v4hal.ops.moe import ExpertExchange, ExpertWeights, MoeDispatch
-
-DEVICE_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
-
-
-def process_group_backend(device: torch.device | str) -> str:
-    """The torch.distributed backend for expert parallelism on `device`'s type."""
-    # A plain string is split by hand: "npu" only parses as a torch.device once torch_npu is loaded.
-    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
-    if kind not in DEVICE_BACKENDS:
-        raise ValueError(f"expert parallelism: no process-group backend known for device type {kind!r}; "
-                         f"known: {DEVICE_BACKENDS}")
-    return DEVICE_BACKENDS[kind]
 
 
 def expert_range(n_experts: int, world: int, rank: int) -> tuple[int, int]:
@@ -109,7 +98,10 @@ class LocalExperts(ExpertExchange):
         held = state.counts.shape[0] // self.shards
         first = self.rank * held
         offsets = state.offsets[first:first + held + 1]
-        lo, hi = int(offsets[0]), int(offsets[-1])
+        if offsets.device.type == "meta":  # the Ascend dry run: no values; every row stands in (shapes only)
+            lo, hi = 0, state.permuted.shape[0]
+        else:  # a host read per MoE layer (a sync on a device): the row range of this rank's experts
+            lo, hi = int(offsets[0]), int(offsets[-1])
         return state.permuted[lo:hi], offsets - lo, (state.permuted.shape[0], lo, hi)
 
     def receive(self, results: torch.Tensor, sent) -> torch.Tensor:

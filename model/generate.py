@@ -21,8 +21,7 @@ import torch
 import torch.distributed as dist
 
 from v4hal.model.config import PRESETS, ModelArgs, human, load_args
-from v4hal.model.expert_parallel import process_group_backend
-from v4hal.model.parallel import Layout, LayoutError, join
+from v4hal.model.parallel import Layout, LayoutError, Placement, join, local_placement
 from v4hal.model.static import StaticDecoder
 
 
@@ -154,6 +153,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep", type=at_least(1), default=1, help="expert parallel ranks (1 or --tp)")
     p.add_argument("--dist-timeout", type=at_least(1.0, float), default=300.0,
                    help="seconds to wait for every rank to join, and in each collective, before failing")
+    p.add_argument("--dist-backend", choices=["auto", "gloo", "nccl", "hccl"], default="auto",
+                   help="process-group backend under torchrun (auto: the one of the backend's device: "
+                        "gloo on cpu, nccl on cuda:LOCAL_RANK, hccl on npu:LOCAL_RANK)")
     p.add_argument("--compile", action="store_true",
                    help="decode at fixed shapes, each step one torch.compile graph (first step compiles)")
     p.add_argument("--kv-cache-dtype", choices=["bf16", "fp8"], default="bf16",
@@ -235,13 +237,16 @@ def main(ns: argparse.Namespace) -> int:
         return error("generate", "--tp / --ep need --weights (random weights are not split consistently)")
     if layout.devices > 1 and "RANK" not in os.environ:
         return error("generate", f"--tp {ns.tp}: run under torchrun --nproc-per-node {layout.devices}")
+    placement = None  # one process: the model on the host
     try:
         if layout.devices > 1:
+            placement = local_placement(registry.backend_module(registry.preferred_backend()).device(),
+                                        ns.dist_backend)
             if not dist.is_initialized():
-                join(layout, process_group_backend("cpu"), ns.dist_timeout)
+                join(layout, placement, ns.dist_timeout)
             if dist.get_rank():  # rank 0 prints
                 sys.stdout = open(os.devnull, "w")
-        return _run(ns, args, prompts, tokenizer, layout, dtype, counts, t0)
+        return _run(ns, args, prompts, tokenizer, layout, placement, dtype, counts, t0)
     except LayoutError as exc:
         return error("generate", str(exc))
     except RuntimeError as exc:  # from a collective: a peer died (connection closed) or stalled (timeout)
@@ -255,14 +260,15 @@ def main(ns: argparse.Namespace) -> int:
             dist.destroy_process_group()  # before exit, or gloo's threads abort the process
 
 
-def _run(ns, args, prompts, tokenizer, layout, dtype, counts, t0) -> int:
+def _run(ns, args, prompts, tokenizer, layout, placement: Placement | None, dtype, counts, t0) -> int:
     from v4hal.backends import registry
     from v4hal.subcommand import error
     from v4hal.model.loader import LoadError, load_checkpoint
     from v4hal.model.model import build
 
+    device = placement.device if placement else "cpu"
     try:
-        model = build(args, dtype, layout=layout, timeout_s=ns.dist_timeout,
+        model = build(args, dtype, device, layout=layout, timeout_s=ns.dist_timeout,
                       kv_cache_dtype="fp8" if ns.kv_cache_dtype == "fp8" else "auto")
     except ValueError as exc:  # LayoutError; an FP8 cache at widths its layouts lack
         return error("generate", str(exc))
@@ -283,7 +289,7 @@ def _run(ns, args, prompts, tokenizer, layout, dtype, counts, t0) -> int:
     print(f"built in {build_s:.2f} s with {how}")
     print(f"backend: {registry.preferred_backend()} (V4HAL_BACKEND={registry.settings().backend})")
     with torch.inference_mode():  # first calls resolve backends and warm kernels: keep them out of the timing
-        model(torch.tensor([prompts[0][:1]]), cache=model.new_cache())
+        model(torch.tensor([prompts[0][:1]], device=device), cache=model.new_cache())
     sampling = Sampling(ns.temperature, ns.top_k, ns.top_p, ns.seed)
     if ns.compile:  # otherwise a minute or more passes without a word
         print("compiling the decode step (first step; can take a minute)…", file=sys.stderr, flush=True)
@@ -294,7 +300,9 @@ def _run(ns, args, prompts, tokenizer, layout, dtype, counts, t0) -> int:
 
         # as loaded: the checkpoint's own formats, or every matrix in the model's dtype
         fmt = "auto" if not (ns.dequantize or ns.dtype) else "fp32" if dtype == torch.float32 else "bf16"
-        disagreement = _check_ranks_agree(model, res.tokens, sum(weight_bytes(args, layout, fmt).values()))
+        print(f"process group: {placement.backend}, {layout.devices} ranks")
+        disagreement = _check_ranks_agree(model, res.tokens, sum(weight_bytes(args, layout, fmt).values()),
+                                          placement)
         if disagreement:
             return error("generate", disagreement)
     for i, (p, out) in enumerate(zip(prompts, res.tokens)):
@@ -318,14 +326,15 @@ def _run(ns, args, prompts, tokenizer, layout, dtype, counts, t0) -> int:
     return 0
 
 
-def _check_ranks_agree(model, tokens: list[list[int]], planned: float) -> str | None:
-    """Prints each rank's weight bytes beside `v4hal plan`'s prediction; what differs if not every
-    rank generated the same tokens."""
+def _check_ranks_agree(model, tokens: list[list[int]], planned: float, placement: Placement) -> str | None:
+    """Prints each rank's device and weight bytes beside `v4hal plan`'s prediction; what differs
+    if not every rank generated the same tokens."""
     mine = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (mine, tokens))
-    for rank, (held, toks) in enumerate(everyone):
-        print(f"rank {rank}: weights {held:,} bytes held ({held / 2**20:.2f} MiB), plan predicts {planned:,.0f}")
+    dist.all_gather_object(everyone, (mine, tokens, placement.device))
+    for rank, (held, toks, device) in enumerate(everyone):
+        print(f"rank {rank} on {device}: weights {held:,} bytes held ({held / 2**20:.2f} MiB), "
+              f"plan predicts {planned:,.0f}")
         if toks != tokens:
             return f"rank {rank} generated other tokens than rank {dist.get_rank()}"
     return None

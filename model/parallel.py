@@ -132,17 +132,78 @@ class Parallel:
 SOLO_PARALLEL = Parallel(Layout())
 
 
-def join(layout: Layout, backend: str, timeout_s: float) -> None:
-    """Initialise the default process group from torchrun's environment for `layout`; a world of
-    another size, or ranks that do not all join within `timeout_s`, raise LayoutError naming the
-    layout (never a hang). `timeout_s` also bounds every later collective on the default group
-    (pass it to `build` too, for the groups a layout creates)."""
+DEVICE_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}  # device type -> process-group backend
+
+
+def process_group_backend(device: torch.device | str) -> str:
+    """The torch.distributed backend for tensors on `device`'s type."""
+    # A plain string is split by hand: "npu" only parses as a torch.device once torch_npu is loaded.
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    if kind not in DEVICE_BACKENDS:
+        raise LayoutError(f"no process-group backend known for device type {kind!r}; known: {DEVICE_BACKENDS}")
+    return DEVICE_BACKENDS[kind]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a rank runs: its process-group `backend` and its `device` ("cpu", "cuda:1", "npu:0";
+    a string, as "npu" parses as a torch.device only once torch_npu is loaded)."""
+
+    backend: str
+    device: str
+
+    def __str__(self) -> str:
+        return f"{self.backend} on {self.device}"
+
+
+def place(device_type: str, local_rank: int, local_devices: int, requested: str = "auto") -> Placement:
+    """The placement of the process with `local_rank` on its node, for a model on `device_type`
+    (the backend's device: cpu, cuda or npu) with `local_devices` such devices on the node:
+    gloo on the CPU, nccl on `cuda:{local_rank}`, hccl on `npu:{local_rank}`. `requested` (auto or
+    a backend name) must be the device's backend; a mismatch, or more processes on the node than
+    devices, raises LayoutError saying which setting to change."""
+    backend = process_group_backend(device_type)
+    if requested not in ("auto", backend):
+        needs = next((d for d, b in DEVICE_BACKENDS.items() if b == requested), None)
+        raise LayoutError(f"--dist-backend {requested}: the model runs on {device_type}, whose process-group "
+                          f"backend is {backend}" + (f"; {requested} needs {needs} devices" if needs else
+                                                      f"; known: {sorted(DEVICE_BACKENDS.values())}"))
+    if device_type == "cpu":
+        return Placement(backend, "cpu")
+    if not 0 <= local_rank < local_devices:
+        raise LayoutError(f"local rank {local_rank} needs {device_type}:{local_rank}, but this node has "
+                          f"{local_devices} {device_type} device(s): start at most {local_devices} processes per "
+                          f"node (torchrun --nproc-per-node), or restrict the visible devices accordingly")
+    return Placement(backend, f"{device_type}:{local_rank}")
+
+
+def local_placement(device: torch.device, requested: str = "auto") -> Placement:
+    """`place` for this process under torchrun (LOCAL_RANK), `device` being the backend's device
+    (`registry.backend_module(b).device()`), counting the node's devices of its type."""
+    kind = device.type
+    count = {"cuda": lambda: torch.cuda.device_count(),
+             "npu": lambda: torch.npu.device_count()}.get(kind, lambda: 0)()  # torch.npu: torch_npu's
+    return place(kind, int(os.environ.get("LOCAL_RANK", "0")), count, requested)
+
+
+def join(layout: Layout, placement: Placement, timeout_s: float) -> None:
+    """Initialise the default process group from torchrun's environment for `layout`, on this
+    rank's `placement` (its device made the current one); a world of another size, a backend
+    this torch lacks, or ranks that do not all join within `timeout_s`, raise LayoutError naming
+    the layout (never a hang). `timeout_s` also bounds every later collective on the default
+    group (pass it to `build` too, for the groups a layout creates)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != layout.devices:
         raise LayoutError(f"layout {layout}: needs {layout.devices} processes, torchrun started {world} "
                           f"(--nproc-per-node {layout.devices})")
+    if not dist.is_backend_available(placement.backend):
+        raise LayoutError(f"layout {layout}: process-group backend {placement.backend} (for {placement.device}) "
+                          f"is not available in this torch {torch.__version__}")
+    kind, _, index = placement.device.partition(":")
+    if index:  # nccl / hccl address the current device of each process
+        getattr(torch, kind).set_device(int(index))
     try:
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(placement.backend, timeout=timedelta(seconds=timeout_s))
     except dist.DistError as exc:  # DistStoreError: "... 1/2 clients joined."
         first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
         raise LayoutError(f"layout {layout}: not every one of the {layout.devices} processes joined within "

@@ -163,8 +163,9 @@ def test_generate_under_torchrun_from_resharded_output(checkpoints):
     assert run.returncode == 0, run.stderr
     assert f"[0] generated: {ref['tokens'][0]}" in run.stdout, run.stdout
     planned = sum(weight_bytes(ModelArgs.from_json(path), Layout(tp=2, ep=2)).values())
+    assert "process group: gloo, 2 ranks" in run.stdout, run.stdout
     for rank in (0, 1):
-        assert f"rank {rank}: weights {planned:,.0f} bytes held" in run.stdout, run.stdout
+        assert f"rank {rank} on cpu: weights {planned:,.0f} bytes held" in run.stdout, run.stdout
         assert f"plan predicts {planned:,.0f}" in run.stdout
 
 
@@ -198,6 +199,13 @@ def test_a_rank_that_dies_is_an_error_on_its_peers(checkpoints):
     assert run.returncode == 2, run.stderr
     assert ("v4hal generate: error: layout tp=2 ep=1 pp=1 dp=1: rank 0 stopped in a collective:" in run.stderr
             and "another rank died or stalled; collectives wait --dist-timeout 3 s" in run.stderr), run.stderr
+
+
+def test_a_process_group_backend_of_another_device_is_refused(checkpoints):
+    run = _generate_rank0(checkpoints["v3"][0], 2, _free_port(), "--dist-backend", "nccl")
+    assert run.returncode == 2, run.stderr
+    assert ("v4hal generate: error: --dist-backend nccl: the model runs on cpu, whose process-group backend "
+            "is gloo; nccl needs cuda devices") in run.stderr, run.stderr
 
 
 def test_a_world_of_another_size_is_refused(checkpoints):

@@ -820,6 +820,9 @@ def add_arguments(p) -> None:
     p.add_argument("--model", nargs="*", choices=MODEL_PRESETS + SMALL_MODELS, metavar="MODEL",
                    help="also dry-run full model forwards (default: "
                         f"{', '.join(MODEL_PRESETS + SMALL_MODELS)})")
+    p.add_argument("--parallel", type=int, metavar="N",
+                   help="also dry-run rank 0 of V4-Flash and V4-Pro at tp=ep=N (fake process group; "
+                        "tools/ascend/dryrun_parallel.py)")
     p.add_argument("--bench", action="store_true",
                    help="also dry-run every speed case (what `v4hal bench --backend ascend` runs)")
     p.add_argument("--report", type=Path, help="write the op x chip Markdown report here, e.g. docs/ascend-ops.md")
@@ -844,6 +847,12 @@ def main(args) -> int:
     results = run_cases(chips, select=args.op, quick=args.quick)
     if args.model is not None:
         results += [run_model(m, chip) for m in (args.model or MODEL_PRESETS + SMALL_MODELS) for chip in chips]
+    if args.parallel:
+        from v4hal.model.parallel import Layout
+        from v4hal.tools.ascend.dryrun_parallel import run_parallel_model
+
+        layout = Layout(tp=args.parallel, ep=args.parallel)
+        results += [run_parallel_model(m, chip, layout) for m in ("v4-flash", "v4-pro") for chip in chips]
     if args.bench:
         results += run_speed_cases(chips, select=args.op)
     print(format_terminal(results))
