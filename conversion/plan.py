@@ -124,7 +124,9 @@ class Plan:
         return next(iter(stated)) if self.verify_source else None
 
     def make_reader(self, unit: Unit, progress):
-        return HashingReader(str(self.source.dir / unit.source_file), progress, self.source_hash(unit))
+        reader = HashingReader(str(self.source.dir / unit.source_file), progress, self.source_hash(unit))
+        reader.expect(stream_reads(unit.jobs, self.source))
+        return reader
 
     @property
     def plan_id(self) -> str:
@@ -177,24 +179,38 @@ def chunk_rows(job: Job) -> int:
     return max(128, CHUNK_BYTES // per_row // 128 * 128)
 
 
+def row_chunks(job: Job, src: Source) -> list[tuple[int, int]]:
+    """The [row0, row1) chunks in which `run_job` reads a job's source tensor."""
+    info = src.tensors[job.source]
+    rows = info.shape[0] if info.shape else 1
+    step = max(1, CHUNK_BYTES // max(info.row_bytes, 1)) if job.decode == "raw" else chunk_rows(job)
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def stream_reads(jobs: list[Job], src: Source) -> list[tuple[int, int]]:
+    """(file offset, bytes) of every source read of `jobs`, in order (what readers read ahead)."""
+    out = []
+    for job in jobs:
+        info = src.tensors[job.source]
+        out += [(info.start + r0 * info.row_bytes, (r1 - r0) * info.row_bytes) for r0, r1 in row_chunks(job, src)]
+    return out
+
+
 def run_job(job: Job, src: Source, reader, emit) -> None:
     """Stream one job: emit(out_index, row0, piece) for the main output's row chunks in order,
     then for each side output once."""
     info = src.tensors[job.source]
-    rows = info.shape[0] if info.shape else 1
     if job.decode == "raw":
-        step = max(1, CHUNK_BYTES // max(info.row_bytes, 1))
-        for r0 in range(0, rows, step):
-            emit(0, r0, reader.rows(info, r0, min(rows, r0 + step)))
+        for r0, r1 in row_chunks(job, src):
+            emit(0, r0, reader.rows(info, r0, r1))
         if job.scale:  # a kept scale travels as is
             emit(1, 0, reader.companion(src.tensors[job.scale]))
         return
     scale = reader.companion(src.tensors[job.scale]) if job.scale else None
-    step = chunk_rows(job)
     sides: list[list[torch.Tensor]] = [[] for _ in job.outputs[1:]]
     out_dtype = torch.bfloat16 if job.encode == "bf16" else torch.float32
-    for r0 in range(0, rows, step):
-        x = formats.decode_rows(job.decode, reader.rows(info, r0, min(rows, r0 + step)), scale, r0, out_dtype)
+    for r0, r1 in row_chunks(job, src):
+        x = formats.decode_rows(job.decode, reader.rows(info, r0, r1), scale, r0, out_dtype)
         main, *rest = formats.encode_rows(job.encode, x, job.extra)
         emit(0, r0, main)
         for acc, piece in zip(sides, rest):

@@ -142,21 +142,34 @@ def test_fp8_decode_restores_the_callers_thread_count():
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("algo", ["blake3", "sha256"])
-def test_hashing_reader_hashes_every_byte_in_order(tmp_path, monkeypatch, algo):
+@pytest.mark.parametrize("algo", ["blake3", "sha256", None])
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("announce", ["exact", "wrong", "none"])
+def test_hashing_reader_hashes_every_byte_in_order(tmp_path, monkeypatch, algo, direct, announce):
     monkeypatch.setattr(io, "READ_CHUNK", 1000)  # many gap reads through the background hasher
+    if not direct:  # a filesystem without O_DIRECT: reads through the page cache
+        monkeypatch.setattr(io, "_open_direct_read", lambda path: None)
     gen = torch.Generator().manual_seed(4)
     from safetensors.torch import save_file
 
     tensors = {f"t{i}": torch.randn(50 + i, 33, generator=gen) for i in range(6)}
+    tensors["odd"] = torch.randint(0, 255, (37, 3), dtype=torch.uint8, generator=gen)  # later tensors start off 4-byte alignment
+    tensors["t9"] = torch.randn(9, 5, dtype=torch.float64, generator=gen)
     save_file(tensors, str(tmp_path / "a.safetensors"))
     infos, _, _ = io.read_header(tmp_path / "a.safetensors")
     reader = io.HashingReader(str(tmp_path / "a.safetensors"), algo=algo)
-    for name in ("t1", "t3"):  # skipping t0, t2 and everything after t3: the hash must still cover them
-        info = infos[name]
-        got = torch.cat([reader.rows(info, r, min(r + 7, info.shape[0])) for r in range(0, info.shape[0], 7)])
+    wanted = ("t1", "t3", "t0", "t9")  # t0 sits before t1: read out of the stream
+    chunks = [(name, r, min(r + 7, infos[name].shape[0])) for name in wanted for r in range(0, infos[name].shape[0], 7)]
+    reads = [(infos[n].start + r0 * infos[n].row_bytes, (r1 - r0) * infos[n].row_bytes) for n, r0, r1 in chunks]
+    if announce == "wrong":  # one read differs from the announcement: the rest is read as asked
+        reads[3] = (reads[3][0], reads[3][1] + 1)
+    if announce != "none":
+        reader.expect(reads)
+    for name in wanted:  # skipping t2 and the others: the hash must still cover them
+        got = torch.cat([reader.rows(infos[name], r0, r1) for n, r0, r1 in chunks if n == name])
         assert torch.equal(got, tensors[name])
-    assert reader.finish() == io.HASHES[algo]((tmp_path / "a.safetensors").read_bytes()).hexdigest()
+    expected = io.HASHES[algo]((tmp_path / "a.safetensors").read_bytes()).hexdigest() if algo else None
+    assert reader.finish() == expected
 
 
 def test_hashing_reader_names_a_file_truncated_under_it(tmp_path):
