@@ -23,6 +23,7 @@ import os
 import shutil
 import socket
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,7 +240,7 @@ def process_unit(plan: Plan, unit: Unit, dst: Path, progress) -> dict:
         for w in writers:
             w.abort()
         raise
-    return {"source": source, "outputs": outputs}
+    return {"source": source, "outputs": outputs, "identity": {f.name: _identity(dst / f.name) for f in unit.files}}
 
 
 def source_record(plan: Plan, unit: Unit, digest: str | None) -> dict[str, str]:
@@ -346,10 +347,21 @@ def _load_journal(dst: Path, plan_id: str, restart: bool) -> dict:
     return {"plan": plan_id, "units": {}}
 
 
+def _identity(path: Path) -> list[int]:
+    """What changes whenever a file's bytes do: inode, size, mtime and ctime (ns). The kernel
+    sets ctime to its clock on every write, and no system call sets it back (utime sets only
+    atime / mtime), so a file rewritten in place, even to the same size with its mtime restored,
+    gets another ctime (only a clock set back by root, or writes to the raw disk, escape this)."""
+    st = path.stat()
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
 def _unit_done(dst: Path, record: dict | None) -> bool:
-    """A journaled unit is skipped only if each of its outputs still has the size and hash the
-    journal recorded when it was written (a size alone misses a file changed in place). A record
-    of an older journal format (no "source") is redone."""
+    """A journaled unit is skipped only if each of its outputs is still the file the journal
+    recorded: the same `_identity` as right after its rename (then its bytes are the ones
+    hashed as they were written, fsync'd before the journal named them), or else the recorded
+    size and hash, re-read (a journal from before identities, a file copied back in place). A
+    record of an older journal format (no "source") is redone."""
     if not record or "source" not in record:
         return False
     for name, meta in record["outputs"].items():
@@ -358,7 +370,12 @@ def _unit_done(dst: Path, record: dict | None) -> bool:
             algo, digest = digest_of(meta)
         except (CheckpointError, ValueError):
             return False
-        if path.stat().st_size != meta["size"] or hash_file(path, algo) != digest:
+        try:
+            if _identity(path) == record.get("identity", {}).get(name):
+                continue
+            if path.stat().st_size != meta["size"] or hash_file(path, algo) != digest:
+                return False
+        except OSError:  # gone, or unreadable
             return False
     return True
 
@@ -389,7 +406,10 @@ def run(plan: Plan, dst: str | os.PathLike, progress: bool = True, restart: bool
         journal = _load_journal(dst, plan.plan_id, restart)
         if journal.get("complete"):
             return json.loads((dst / MANIFEST).read_text())
-        todo = [u for u in plan.units if not _unit_done(dst, journal["units"].get(str(u.index)))]
+        n = workers.default_workers() if n_workers is None else n_workers
+        with ThreadPoolExecutor(max(1, n)) as pool:  # the files left to re-hash, one per core (hashes release the GIL)
+            done = list(pool.map(lambda u: _unit_done(dst, journal["units"].get(str(u.index))), plan.units))
+        todo = [u for u, finished in zip(plan.units, done) if not finished]
         check_space(dst, sum(f.size for u in todo for f in u.files))
         for stale in dst.glob(".*.partial*"):
             stale.unlink()
@@ -403,7 +423,6 @@ def run(plan: Plan, dst: str | os.PathLike, progress: bool = True, restart: bool
             journal["units"][str(unit.index)] = record
             write_json_atomic(dst / PROGRESS, journal)
 
-        n = workers.default_workers() if n_workers is None else n_workers
         workers.run_units(lambda i, feed: process_unit(plan, plan.units[i], dst, feed), todo,
                           min(n, plan.max_workers or n), journaled, bar.update)
         bar.close()
