@@ -32,7 +32,7 @@ import torch
 from v4hal.conversion import formats, reshard, workers
 from v4hal.conversion.formats import Job, Options
 from v4hal.checkpoint_files import CheckpointError, confined
-from v4hal.conversion.io import (INDEX_NAME, OUTPUT_HASH, HashingReader, OutSpec, ShardWriter, Source, digest_of,
+from v4hal.conversion.io import (INDEX_NAME, OUTPUT_HASH, HashingReader, OutSpec, ShardWriter, Source, digest_of, nbytes_of,
                                  file_size, hash_file, stated_hash, write_atomic, write_json_atomic)
 
 MANIFEST = "v4hal-manifest.json"
@@ -197,9 +197,10 @@ def stream_reads(jobs: list[Job], src: Source) -> list[tuple[int, int]]:
     return out
 
 
-def run_job(job: Job, src: Source, reader, emit) -> None:
+def run_job(job: Job, src: Source, reader, emit, buffer=None) -> None:
     """Stream one job: emit(out_index, row0, piece) for the main output's row chunks in order,
-    then for each side output once."""
+    then for each side output once. `buffer(nbytes)`, when given, is where a decoded BF16 chunk
+    goes before it is emitted (the writer's placed buffers: no copy on the way to the disk)."""
     info = src.tensors[job.source]
     if job.decode == "raw":
         for r0, r1 in row_chunks(job, src):
@@ -211,7 +212,9 @@ def run_job(job: Job, src: Source, reader, emit) -> None:
     sides: list[list[torch.Tensor]] = [[] for _ in job.outputs[1:]]
     out_dtype = torch.bfloat16 if job.encode == "bf16" else torch.float32
     for r0, r1 in row_chunks(job, src):
-        x = formats.decode_rows(job.decode, reader.rows(info, r0, r1), scale, r0, out_dtype)
+        shape = (r1 - r0, *job.outputs[0].shape[1:])
+        out = buffer(nbytes_of(out_dtype, shape)).view(out_dtype).reshape(shape) if buffer and job.encode == "bf16" else None
+        x = formats.decode_rows(job.decode, reader.rows(info, r0, r1), scale, r0, out_dtype, out)
         main, *rest = formats.encode_rows(job.encode, x, job.extra)
         emit(0, r0, main)
         for acc, piece in zip(sides, rest):
@@ -228,7 +231,8 @@ def process_unit(plan: Plan, unit: Unit, dst: Path, progress) -> dict:
     try:
         for job in unit.jobs:
             if mp == 1:
-                run_job(job, src, reader, lambda k, r0, t: writers[0].write(t))
+                run_job(job, src, reader, lambda k, r0, t: writers[0].write(t),
+                        getattr(writers[0], "buffer", None))
             else:
                 run_job(job, src, reader, lambda k, r0, t, job=job: [
                     writers[r].write(p) for r, p in reshard.pieces(job, k, t, mp, r0)])

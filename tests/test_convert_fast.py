@@ -206,6 +206,39 @@ def test_shard_writer_writes_and_hashes_exactly_the_bytes_given(tmp_path, monkey
         assert not io.partial_name(path).exists()
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_shard_writer_buffers_go_to_the_file_in_order_whatever_their_alignment(tmp_path, monkeypatch, direct):
+    monkeypatch.setattr(io, "STAGE", 3 * io.ALIGN)  # stage flushes between and inside placed writes
+    gen = torch.Generator().manual_seed(6)
+    a = torch.randn(1000, 37, generator=gen).bfloat16()
+    b = torch.randint(-128, 127, (3001,), dtype=torch.int8, generator=gen)
+    specs = [io.OutSpec("a", torch.bfloat16, (1000, 37)), io.OutSpec("b", torch.int8, (3001,))]
+    w = io.ShardWriter(tmp_path / "o.safetensors", specs, {"format": "pt"}, direct=direct)
+
+    def placed(t):
+        buf = w.buffer(t.nbytes)
+        assert buf.dtype == torch.uint8 and buf.numel() == t.nbytes
+        if w.direct:  # where its first byte will sit in the file, within an aligned block
+            assert buf.data_ptr() % io.ALIGN == w.written % io.ALIGN
+        out = buf.view(t.dtype).reshape(t.shape)
+        out.copy_(t)
+        return out
+
+    w.write(placed(a[:301]))           # after the (unaligned) header
+    w.buffer(100)                      # a buffer never written: the next write is an ordinary one
+    w.write(a[301:302])                # a few bytes, gathered
+    w.write(placed(a[302:900]))        # placed again, at another offset in its block
+    stale = w.buffer(a[900:].nbytes)
+    w.write(placed(a[900:950]))        # the other buffer was made for this offset, not this one
+    stale.view(torch.bfloat16).reshape(100, 37).copy_(a[900:])
+    w.write(stale.view(torch.bfloat16).reshape(100, 37)[50:])  # made for an earlier offset: copied
+    w.write(placed(b))                 # under a block: gathered
+    digest, size = w.close()
+    data = (tmp_path / "o.safetensors").read_bytes()
+    assert data == io.header_bytes(specs, {"format": "pt"}) + a.view(torch.uint8).numpy().tobytes() + b.numpy().tobytes()
+    assert size == len(data) and digest == blake3.blake3(data).hexdigest()
+
+
 def test_unhashed_writer_and_the_disk_benchmark_write_the_same_bytes(tmp_path, monkeypatch):
     from v4hal.bench.conversion import disk_write
 
