@@ -17,7 +17,11 @@ every run (posix_fadvise DONTNEED, so reads come from the disk):
      once would need input + output (~3x the source) in RAM, beyond this machine's per-process
      budget, so the shard is the naive unit;
   4. a stage breakdown: one more conversion of each target in a fresh process with the converter's
-     stages wrapped in timers (CPU seconds each thread spent in each stage, per GB of input).
+     stages wrapped in timers (CPU seconds each thread spent in each stage, per GB of input), from
+     the plain folder and from the same files laid out as a Hugging Face cache snapshot (their
+     hashes stated by the blob names: not hashed again), and with `--previous`, that converter's
+     from the plain folder. `--stages-only` runs just these, interleaved, `--repeats` times each,
+     and reports the run with the least process CPU.
 Reports GB/s of input, the share of the disk's read speed, CPU seconds per GB (the process and
 its workers), peak RSS of the process (VmHWM) and of its largest worker (ru_maxrss of its
 children) against the largest tensor, the load average before each run, and the cost model's
@@ -27,6 +31,7 @@ prediction from the stage breakdown. Deletes everything it wrote.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -234,6 +239,20 @@ def previous_converter(rev: str, work: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(pkg.parent)}
 
 
+def hf_snapshot(src: Path, hub: Path) -> Path:
+    """`src` laid out as a Hugging Face cache snapshot (blobs named by their sha256, hard links to
+    src's files; the snapshot's symlinks lead to them): a source whose hashes are stated."""
+    blobs, snapshot = hub / "models--bench--fp8" / "blobs", hub / "models--bench--fp8" / "snapshots" / "0" * 40
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for p in sorted(src.iterdir()):
+        with open(p, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        os.link(p, blobs / digest)
+        (snapshot / p.name).symlink_to(Path("..", "..", "blobs", digest))
+    return snapshot
+
+
 def stage_breakdown(src: Path, dst: Path, target: str, env: dict | None = None) -> dict:
     os.sync()
     evict(src)
@@ -318,12 +337,14 @@ def main(argv: list[str] | None = None) -> int:
                     if how not in best or run["seconds"] < best[how]["seconds"]:
                         best[how] = run
             rows += [{"target": target, "how": how, **run} for how, run in best.items()]
-        versions = {"this converter": None, **({f"previous converter ({args.previous})": previous} if previous else {})}
+        versions = {"this converter": (src, None),
+                    "this converter, source in a Hugging Face cache (hashes stated)": (hf_snapshot(src, work / "hub"), None),
+                    **({f"previous converter ({args.previous})": (src, previous)} if previous else {})}
         stages: dict[tuple[str, str], dict] = {}
         for _ in range(args.repeats if args.stages_only else 1):
             for target in ("bf16", "w8a8"):
-                for version, env in versions.items():
-                    st = stage_breakdown(src, work / "out", target, env)
+                for version, (source, env) in versions.items():
+                    st = stage_breakdown(source, work / "out", target, env)
                     if (target, version) not in stages or st["process_cpu"] < stages[target, version]["process_cpu"]:
                         stages[target, version] = st
         from v4hal.bench.machine import describe
