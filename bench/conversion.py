@@ -242,7 +242,7 @@ def previous_converter(rev: str, work: Path) -> dict[str, str]:
 def hf_snapshot(src: Path, hub: Path) -> Path:
     """`src` laid out as a Hugging Face cache snapshot (blobs named by their sha256, hard links to
     src's files; the snapshot's symlinks lead to them): a source whose hashes are stated."""
-    blobs, snapshot = hub / "models--bench--fp8" / "blobs", hub / "models--bench--fp8" / "snapshots" / "0" * 40
+    blobs, snapshot = hub / "models--bench--fp8" / "blobs", hub / "models--bench--fp8" / "snapshots" / ("0" * 40)
     blobs.mkdir(parents=True)
     snapshot.mkdir(parents=True)
     for p in sorted(src.iterdir()):

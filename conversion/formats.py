@@ -16,7 +16,7 @@ Two hot paths are computed here rather than by the contracts, bit for bit the sa
 (tests/test_convert_fast.py compares them with the contracts on every e4m3 code): FP8 -> BF16 /
 float32 decode and float32 -> int8 per-channel encode. They work through each chunk in pieces of
 a few hundred KB (cache-resident, reused scratch) on one thread: the conversion's other CPU work,
-sha256 of input and output, runs on background threads (see io.py), and on a small shared
+hashing input and output and writing, runs on background threads (see io.py), and on a small shared
 machine a second OpenMP thread only contends with them.
 """
 

@@ -10,8 +10,11 @@ manifest entry names its algorithm by its key: `{"blake3": hex, "size": n}`. A s
 only when nothing states its hash (`stated_hash`: a Hugging Face cache blob is named by its
 sha256, a v4hal output's manifest lists its files).
 
-Throughput: hashing the source and every output costs as much CPU as the conversion math, so
-hashing and writing run on background threads (hashlib, blake3, file writes and torch kernels
+Throughput: source reads and output writes go around the page cache (O_DIRECT) where the
+filesystem allows it, with no copy on either side for the common cases (a source tensor is a view
+into its read buffer; a BF16 chunk is decoded into the writer's placed buffer). Hashing the
+source and every output costs as much CPU as the conversion math, so hashing and writing run on
+background threads (hashlib, blake3, file writes and torch kernels
 all release the GIL) while the caller reads and computes the next chunk. Each background stage
 is one thread, so bytes are hashed and written in order, and it holds at most a few chunks, so
 memory stays bounded.
