@@ -17,7 +17,11 @@ every run (posix_fadvise DONTNEED, so reads come from the disk):
      once would need input + output (~3x the source) in RAM, beyond this machine's per-process
      budget, so the shard is the naive unit;
   4. a stage breakdown: one more conversion of each target in a fresh process with the converter's
-     stages wrapped in timers (CPU seconds each thread spent in each stage, per GB of input).
+     stages wrapped in timers (CPU seconds each thread spent in each stage, per GB of input), from
+     the plain folder and from the same files laid out as a Hugging Face cache snapshot (their
+     hashes stated by the blob names: not hashed again), and with `--previous`, that converter's
+     from the plain folder. `--stages-only` runs just these, interleaved, `--repeats` times each,
+     and reports the run with the least process CPU.
 Reports GB/s of input, the share of the disk's read speed, CPU seconds per GB (the process and
 its workers), peak RSS of the process (VmHWM) and of its largest worker (ru_maxrss of its
 children) against the largest tensor, the load average before each run, and the cost model's
@@ -27,6 +31,7 @@ prediction from the stage breakdown. Deletes everything it wrote.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -86,7 +91,11 @@ print(json.dumps({"peak_rss_kb": int(next(l for l in open("/proc/self/status") i
 STAGES = r"""
 import sys, json, time, threading, collections
 from pathlib import Path
-from v4hal.conversion import formats, io, output, plan
+from v4hal.conversion import formats, io, plan
+try:
+    from v4hal.conversion import output  # the writing side, since conversion/io.py was split
+except ImportError:
+    output = io
 from v4hal.conversion.formats import Options
 src, dst, target = sys.argv[1:4]
 cpu, wall, lock = collections.defaultdict(float), collections.defaultdict(float), threading.Lock()
@@ -107,6 +116,10 @@ def submit_timed(self, fn, *args):
     return timed("main: waiting for a full queue", submit)(self, timed(stage, fn) if stage else fn, *args)
 io.Background.submit = submit_timed
 io.HashingReader._consume = timed("read: preadv, read-ahead hint, queue for hashing (main)", io.HashingReader._consume)
+if hasattr(io.HashingReader, "_read_at"):  # since O_DIRECT reads: announced chunks are read on a thread
+    read_at, read_ahead = io.HashingReader._read_at, timed("read: O_DIRECT preadv (read-ahead thread)", io.HashingReader._read_at)
+    io.HashingReader._read_at = lambda self, *a: (read_ahead if threading.current_thread().name.startswith("v4hal-read")
+                                                  else read_at)(self, *a)
 output.ShardWriter._put = timed("write: O_DIRECT stage, or page cache + write-behind (thread)", output.ShardWriter._put)
 output.ShardWriter.close = timed("close: drain, fsync, rename (main)", output.ShardWriter.close)
 formats.decode_rows = timed("decode FP8 (main)", formats.decode_rows)
@@ -230,10 +243,25 @@ def previous_converter(rev: str, work: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(pkg.parent)}
 
 
-def stage_breakdown(src: Path, dst: Path, target: str) -> dict:
+def hf_snapshot(src: Path, hub: Path) -> Path:
+    """`src` laid out as a Hugging Face cache snapshot (blobs named by their sha256, hard links to
+    src's files; the snapshot's symlinks lead to them): a source whose hashes are stated."""
+    blobs, snapshot = hub / "models--bench--fp8" / "blobs", hub / "models--bench--fp8" / "snapshots" / ("0" * 40)
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for p in sorted(src.iterdir()):
+        with open(p, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        os.link(p, blobs / digest)
+        (snapshot / p.name).symlink_to(Path("..", "..", "blobs", digest))
+    return snapshot
+
+
+def stage_breakdown(src: Path, dst: Path, target: str, env: dict | None = None) -> dict:
     os.sync()
     evict(src)
-    out = subprocess.run([sys.executable, "-c", STAGES, str(src), str(dst), target], check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", STAGES, str(src), str(dst), target], check=True, capture_output=True, text=True,
+                         env=env, cwd=src.parent)
     shutil.rmtree(dst)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -256,7 +284,8 @@ def timed(cmd: list[str], root: Path, env: dict | None = None) -> dict:
 
 THREADS = {  # which thread runs each stage of the breakdown: a worker is as fast as its busiest one
     "hash of the source (thread)": "hash-in", "hash of the output (thread)": "hash-out",
-    "write: O_DIRECT stage, or page cache + write-behind (thread)": "write"}
+    "write: O_DIRECT stage, or page cache + write-behind (thread)": "write",
+    "read: O_DIRECT preadv (read-ahead thread)": "read"}
 
 
 def cost_model(stage: dict, size: int, disk_r: float, disk_w: float, out_per_in: float, cores: int, workers: int) -> tuple[float, str]:
@@ -282,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs of each; the best is reported")
     ap.add_argument("--previous", metavar="REV", help="also time the converter of this git revision (e.g. fd22c6a: "
                     "sha256 manifests, one shard at a time)")
+    ap.add_argument("--stages-only", action="store_true", help="only the stage breakdowns (this converter's and, with "
+                    "--previous, that one's, interleaved, the least process CPU of --repeats each)")
     args = ap.parse_args(argv)
     work = Path(args.dir)
     shutil.rmtree(work, ignore_errors=True)
@@ -294,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         speeds = {algo: hash_speed(algo) for algo in ("blake3", "sha256")}
         previous = previous_converter(args.previous, work) if args.previous else None
         rows = []
-        for target in ("bf16", "w8a8"):
+        for target in () if args.stages_only else ("bf16", "w8a8"):
             stream = [sys.executable, "-c", STREAMING, "convert", "run", "--to", target, "--no-progress", str(src), str(work / "out")]
             runs = {"v4hal convert --workers 1": (stream + ["--workers", "1"], None),
                     "v4hal convert --workers 2": (stream + ["--workers", "2"], None),
@@ -310,7 +341,16 @@ def main(argv: list[str] | None = None) -> int:
                     if how not in best or run["seconds"] < best[how]["seconds"]:
                         best[how] = run
             rows += [{"target": target, "how": how, **run} for how, run in best.items()]
-        stages = {target: stage_breakdown(src, work / "out", target) for target in ("bf16", "w8a8")}
+        versions = {"this converter": (src, None),
+                    "this converter, source in a Hugging Face cache (hashes stated)": (hf_snapshot(src, work / "hub"), None),
+                    **({f"previous converter ({args.previous})": (src, previous)} if previous else {})}
+        stages: dict[tuple[str, str], dict] = {}
+        for _ in range(args.repeats if args.stages_only else 1):
+            for target in ("bf16", "w8a8"):
+                for version, (source, env) in versions.items():
+                    st = stage_breakdown(source, work / "out", target, env)
+                    if (target, version) not in stages or st["process_cpu"] < stages[target, version]["process_cpu"]:
+                        stages[target, version] = st
         from v4hal.bench.machine import describe
 
         cores = len(os.sched_getaffinity(0))
@@ -329,8 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| FP8 -> {r['target'].upper()} | {r['how']} | {r['load']:.1f} | {r['seconds']:.1f} | {size / r['seconds'] / 1e9:.3f} | "
                   f"{size / r['convert_s'] / 1e9:.3f} | {size / r['seconds'] / 1e9 / disk:.0%} | {cpu} | "
                   f"{r['rss'] / 1e9:.2f} / {worker} | {peak / largest:.1f}x |")
-        for target, st in stages.items():
-            print(f"\nstages, FP8 -> {target.upper()}, one worker (fsync'd; {size / st['seconds'] / 1e9:.3f} GB/s in this instrumented run; "
+        for (target, version), st in stages.items():
+            print(f"\nstages, {version}, FP8 -> {target.upper()}, one worker (fsync'd; {size / st['seconds'] / 1e9:.3f} GB/s in this instrumented run; "
                   f"process CPU {st['process_cpu'] / st['seconds']:.2f} cores on average, {st['process_cpu'] / size * 1e9:.2f} CPU s per GB):")
             print("| stage | CPU s per GB of input | wall s per GB of input |")
             print("|---|---|---|")

@@ -16,7 +16,7 @@ Two hot paths are computed here rather than by the contracts, bit for bit the sa
 (tests/test_convert_fast.py compares them with the contracts on every e4m3 code): FP8 -> BF16 /
 float32 decode and float32 -> int8 per-channel encode. They work through each chunk in pieces of
 a few hundred KB (cache-resident, reused scratch) on one thread: the conversion's other CPU work,
-sha256 of input and output, runs on background threads (see io.py), and on a small shared
+hashing input and output and writing, runs on background threads (see io.py), and on a small shared
 machine a second OpenMP thread only contends with them.
 """
 
@@ -183,22 +183,25 @@ def _one_thread():
 
 
 def decode_rows(kind: str, q: torch.Tensor, scale: torch.Tensor | None, row0: int,
-                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                out_dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
     """Values of rows [row0, row0 + len(q)) of a stored weight (row0 a multiple of 128): the
     float32 product, rounded to `out_dtype` (BF16 straight away saves a pass for the BF16 target,
-    with the same bits: the product is formed in float32 either way)."""
+    with the same bits: the product is formed in float32 either way). `out`: where to put them
+    (e.g. a writer's buffer, see ShardWriter.buffer), else a fresh tensor."""
     with _one_thread():
-        if kind == "plain":
-            return q.to(out_dtype)
         if kind == "fp8":
             b = quant.WEIGHT_BLOCK[0]
             s = scale[row0 // b: math.ceil((row0 + q.shape[0]) / b)]
             if _fast_fp8(q, s, out_dtype):
-                return _dequant_fp8(q, s, out_dtype)
-            return quant.dequantize_fp8(q, s, quant.WEIGHT_BLOCK, out_dtype=out_dtype)
-        if kind == "fp4":
-            return quant.dequantize_fp4(q.view(torch.uint8), scale[row0: row0 + q.shape[0]], out_dtype=out_dtype)
-    raise ValueError(kind)
+                return _dequant_fp8(q, s, out_dtype, out)
+            x = quant.dequantize_fp8(q, s, quant.WEIGHT_BLOCK, out_dtype=out_dtype)
+        elif kind == "plain":
+            x = q.to(out_dtype)
+        elif kind == "fp4":
+            x = quant.dequantize_fp4(q.view(torch.uint8), scale[row0: row0 + q.shape[0]], out_dtype=out_dtype)
+        else:
+            raise ValueError(kind)
+        return x if out is None else out.copy_(x)
 
 
 def _fast_fp8(q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype) -> bool:
@@ -216,9 +219,9 @@ def _piece_rows(k: int) -> int:
     return max(1, min(quant.WEIGHT_BLOCK[0], 1 << max(0, (_SUB_ELEMENTS // max(k, 1)).bit_length() - 1)))
 
 
-def _dequant_fp8(q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def _dequant_fp8(q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     rows, k = q.shape
-    out = torch.empty(rows, k, dtype=out_dtype)
+    out = torch.empty(rows, k, dtype=out_dtype) if out is None else out
     bm, bk = quant.WEIGHT_BLOCK
     col_scale = (s * _UNBIAS).repeat_interleave(bk, dim=1)[:, :k]  # exact: a power of two
     step = _piece_rows(k)

@@ -1,6 +1,7 @@
 """Safetensors shards read by hand, so a conversion streams: headers are parsed and validated
-without touching data, tensors are read row-chunk by row-chunk (and hashed as they are read).
-Output files are written by `conversion.output`, with the background threads defined here.
+without touching data, tensors are read row-chunk by row-chunk. The writing side (shards written
+sequentially under a temporary name, hashed as they go, renamed when complete) is
+`conversion.output`.
 
 No pickle anywhere: safetensors is a JSON header plus raw little-endian bytes.
 
@@ -10,8 +11,11 @@ manifest entry names its algorithm by its key: `{"blake3": hex, "size": n}`. A s
 only when nothing states its hash (`stated_hash`: a Hugging Face cache blob is named by its
 sha256, a v4hal output's manifest lists its files).
 
-Throughput: hashing the source and every output costs as much CPU as the conversion math, so
-hashing and writing run on background threads (hashlib, blake3, file writes and torch kernels
+Throughput: source reads and output writes go around the page cache (O_DIRECT) where the
+filesystem allows it, with no copy on either side for the common cases (a source tensor is a view
+into its read buffer; a BF16 chunk is decoded into the writer's placed buffer). Hashing the
+source and every output costs as much CPU as the conversion math, so hashing and writing run on
+background threads (hashlib, blake3, file writes and torch kernels
 all release the GIL) while the caller reads and computes the next chunk. Each background stage
 is one thread, so bytes are hashed and written in order, and it holds at most a few chunks, so
 memory stays bounded.
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
+import numpy
 import torch
 
 from v4hal.checkpoint_files import CheckpointError, confined, in_hf_blobs
@@ -309,40 +314,127 @@ def _buffer(n: int) -> tuple[torch.Tensor, memoryview]:
     return t, memoryview(t.numpy())
 
 
+ALIGN = 4096          # O_DIRECT: offsets, lengths and buffer addresses are multiples of this
+
+
+def _aligned(n: int) -> tuple[numpy.ndarray, memoryview]:
+    raw = torch.empty(n + ALIGN, dtype=torch.uint8)
+    a = raw[(-raw.data_ptr()) % ALIGN:][:n].numpy()
+    return a, memoryview(a)
+
+
 class HashingReader:
     """Reads one source file front to back, hashing every byte with `algo` (in a background
-    thread, in order; None: not hashed, its hash is stated elsewhere), so the source hash in the
-    manifest costs no second pass and little wall time.
+    thread, in order; None: not hashed, its hash is stated elsewhere, and bytes no tensor needs
+    are skipped), so the source hash in the manifest costs no second pass and little wall time.
+
+    Reads go around the page cache (O_DIRECT, where the filesystem allows it) into aligned
+    buffers, and a tensor's bytes are a view into its buffer: through the page cache each GB cost
+    the kernel ~0.4-0.6 CPU s of copying and page bookkeeping, directly ~0.05 (measured with
+    bench/conversion.py's stage breakdown). Without the kernel's read-ahead, `expect` announces
+    the reads to come and a background thread reads the next ones while the caller computes.
     Reads that are not at the current position (a scale that sits earlier in the file) go
     through `read_rows` and do not disturb the hash. Tensors returned by `rows` are read-only:
     the hashing thread may still be reading their bytes."""
+
+    AHEAD = 2  # announced reads in flight: bounds the buffers held to two chunks
 
     def __init__(self, path: str, progress=None, algo: str | None = OUTPUT_HASH):
         _reuse_freed_chunks()
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+        self._direct = _open_direct_read(path)
         self.pos = 0
         self.hash = HASHES[algo]() if algo else None
         self.progress = progress
         self._hasher = Background("v4hal-hash-in", depth=3) if algo else None
+        self._plan = iter(())
+        self._ahead: collections.deque = collections.deque()  # ((offset, n), future), in stream order
+        self._pool: ThreadPoolExecutor | None = None
+
+    def expect(self, reads) -> None:
+        """Announce the `rows` calls to come as (offset, nbytes) in order. The reader reads the
+        next AHEAD of them (and the bytes between, when hashing) in the background; the first
+        call that differs from the announcement ends reading ahead (results stay the same)."""
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="v4hal-read")
+        self._plan = self._segments(reads)
+        self._fill()
+
+    def _segments(self, reads):
+        """The stream reads `rows`, `_advance_to` and `finish` will do, in order."""
+        pos = self.pos
+        for offset, n in reads:
+            if offset < pos:
+                continue  # out of the stream: read_rows
+            if self.hash is not None:
+                for k in _pieces(offset - pos):
+                    yield pos, k
+                    pos += k
+            yield offset, n
+            pos = offset + n
+        if self.hash is not None:
+            for k in _pieces(self.size - pos):
+                yield pos, k
+                pos += k
+
+    def _fill(self) -> None:
+        while len(self._ahead) < self.AHEAD and (seg := next(self._plan, None)) is not None:
+            self._ahead.append((seg, self._pool.submit(self._read_at, *seg, self._space(*seg))))
+
+    def _stop_ahead(self) -> None:
+        self._plan = iter(())
+        for _, fut in self._ahead:
+            fut.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._ahead.clear()
+
+    def _space(self, offset: int, n: int) -> tuple[int, torch.Tensor, memoryview]:
+        """(first file byte, buffer, its view) to read [offset, offset + n) into: whole aligned
+        blocks around the range for O_DIRECT. Allocated by the caller's thread, the main one:
+        glibc's other threads get other arenas, where freed chunks were not reused (page faults
+        doubled the read-ahead thread's CPU)."""
+        if self._direct is None:
+            return (offset, *_buffer(n))
+        lo = offset - offset % ALIGN
+        array, view = _aligned(-(-(offset + n - lo) // ALIGN) * ALIGN)
+        return lo, torch.from_numpy(array), view
+
+    def _read_at(self, offset: int, n: int, space=None) -> torch.Tensor:
+        """Bytes [offset, offset + n) of the file as a uint8 tensor (one copy: disk -> buffer)."""
+        lo, buf, view = space or self._space(offset, n)
+        fd = self.fd if self._direct is None else self._direct
+        got, need = 0, offset + n - lo
+        while got < need:
+            k = os.preadv(fd, [view[got:]], lo + got)
+            got += max(k, 0)
+            if k <= 0 or (self._direct is not None and got < need and got % ALIGN):
+                break  # end of file (a direct read that stops short of a block)
+        if got < need:
+            raise CheckpointError(self.path, f"truncated at byte {lo + got}")
+        return buf[offset - lo: offset - lo + n]
 
     def _advance_to(self, offset: int) -> None:
-        while self.pos < offset:
-            self._consume(min(READ_CHUNK, offset - self.pos))
+        if self.hash is None:
+            self.pos = max(self.pos, offset)  # nothing needs the bytes between
+        for k in _pieces(offset - self.pos):
+            self._consume(k)
 
     def _consume(self, n: int) -> torch.Tensor:
-        """The next n bytes of the file (one copy: disk -> buffer), queued for hashing."""
-        buf, view = _buffer(n)
-        got = 0
-        while got < n:
-            k = os.preadv(self.fd, [view[got:]], self.pos + got)
-            if k <= 0:
-                raise CheckpointError(self.path, f"truncated at byte {self.pos + got}")
-            got += k
+        """The next n bytes of the file, read ahead if announced, queued for hashing."""
+        if self._ahead and self._ahead[0][0] == (self.pos, n):
+            buf = self._ahead.popleft()[1].result()
+            self._fill()
+        else:
+            if self._ahead:
+                self._stop_ahead()
+            buf = self._read_at(self.pos, n)
         if self._hasher is not None:
-            self._hasher.submit(self.hash.update, view)
+            self._hasher.submit(self.hash.update, memoryview(buf.numpy()))
         self.pos += n
-        _advise(self.fd, self.pos, READ_AHEAD, "POSIX_FADV_WILLNEED")
+        if self._direct is None:
+            _advise(self.fd, self.pos, READ_AHEAD, "POSIX_FADV_WILLNEED")
         if self.progress:
             self.progress(n)
         return buf
@@ -353,6 +445,8 @@ class HashingReader:
             return read_rows(info, row0, row1, self.fd)
         self._advance_to(offset)
         t = self._consume((row1 - row0) * info.row_bytes)
+        if t.storage_offset() % itemsize(info.dtype):
+            t = t.clone()  # a view of another dtype must start at a multiple of its item size
         return t.view(info.dtype).reshape((row1 - row0, *info.shape[1:]) if info.shape else ())
 
     def companion(self, info: TensorInfo) -> torch.Tensor:
@@ -361,10 +455,36 @@ class HashingReader:
 
     def finish(self) -> str | None:
         """The whole file's hex digest (None when not hashed); reads what is left of it."""
-        if self._hasher is None:
+        try:
+            if self._hasher is None:
+                return None
+            self._advance_to(self.size)
+            self._hasher.close()
+            return self.hash.hexdigest()
+        finally:
+            self._stop_ahead()
             os.close(self.fd)
-            return None
-        self._advance_to(os.fstat(self.fd).st_size)
-        self._hasher.close()
-        os.close(self.fd)
-        return self.hash.hexdigest()
+            if self._direct is not None:
+                os.close(self._direct)
+
+
+def _pieces(n: int):
+    """Sizes of the READ_CHUNK-sized reads that cover n bytes."""
+    return [min(READ_CHUNK, n - i) for i in range(0, max(n, 0), READ_CHUNK)]
+
+
+def _open_direct_read(path: str) -> int | None:
+    """`path` opened for O_DIRECT reads, or None where the OS or filesystem refuses them."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | flag)
+    except OSError:
+        return None
+    try:
+        os.preadv(fd, [_aligned(ALIGN)[1]], 0)  # some filesystems open with the flag, then refuse reads
+    except OSError:
+        os.close(fd)
+        return None
+    return fd

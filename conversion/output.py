@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy
 import torch
 
-from v4hal.conversion.io import CODES, HASHES, OUTPUT_HASH, Background, _advise, _libc, nbytes_of
+from v4hal.conversion.io import ALIGN, CODES, HASHES, OUTPUT_HASH, Background, _advise, _aligned, _libc, nbytes_of
 
 WRITE_BEHIND = 64 * 2**20  # start writeback every this many bytes, so close()'s fsync finds little left
+STAGE = 8 * 2**20  # O_DIRECT: bytes gathered before each write
 
 _SYNC_FILE_RANGE = _libc("sync_file_range")
 if _SYNC_FILE_RANGE is not None:
@@ -84,16 +85,6 @@ def create_new(path: Path, flags: int = 0, mode: int = 0o666) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | flags, mode & 0o777)
 
 
-ALIGN = 4096          # O_DIRECT: offsets, lengths and buffer addresses are multiples of this
-STAGE = 8 * 2**20     # O_DIRECT: bytes gathered before each write
-
-
-def _aligned(n: int) -> tuple[numpy.ndarray, memoryview]:
-    raw = torch.empty(n + ALIGN, dtype=torch.uint8)
-    a = raw[(-raw.data_ptr()) % ALIGN:][:n].numpy()
-    return a, memoryview(a)
-
-
 def _open_direct(path: Path, mode: int) -> int | None:
     """`path` created for O_DIRECT writes, after a probe write (some filesystems accept the flag
     and refuse the writes); None where the OS or filesystem does not do direct I/O."""
@@ -145,6 +136,7 @@ class ShardWriter:
         self._flushed = 0  # bytes in the file,
         self._kicked = 0   # how far writeback was started (page cache),
         self._settled = 0  # and how far it is known complete
+        self._placed: dict[int, int] = {}  # address of a `buffer` -> the file offset it was made for
         self._writer = Background("v4hal-write")
         self._hasher = Background("v4hal-hash-out") if algo else None
         self._write(header_bytes(specs, metadata))
@@ -153,10 +145,28 @@ class ShardWriter:
     def direct(self) -> bool:
         return self._stage is not None
 
-    def _write(self, data) -> None:
-        """Queue `data` (bytes or a memoryview the caller no longer modifies)."""
+    def buffer(self, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor to fill with the next `nbytes` to write, then pass (or a view of it of
+        another dtype) to the very next `write`. With O_DIRECT it sits where its first byte's file
+        offset falls in an aligned block, with that block's start free before it, so the bytes go
+        from it to the disk without the gathering copy (for BF16 output that copy cost ~0.15-0.3
+        CPU s per GB of input)."""
+        if not self.direct:
+            return torch.empty(nbytes, dtype=torch.uint8)
+        lead = self.written % ALIGN
+        block = _aligned(lead + nbytes)[0]
+        t = torch.from_numpy(block)[lead:]
+        self._placed[t.data_ptr()] = (self.written, block)
+        return t
+
+    def _write(self, data, block: numpy.ndarray | None = None) -> None:
+        """Queue `data` (bytes or a memoryview the caller no longer modifies); `block`: the
+        aligned array of the `buffer` that `data` fills."""
         self.written += len(data)
-        self._writer.submit(self._put, data)
+        if block is None:
+            self._writer.submit(self._put, data)
+        else:
+            self._writer.submit(self._put_placed, block)
         if self._hasher is not None:
             self._hasher.submit(self.hash.update, data)
 
@@ -182,10 +192,29 @@ class ShardWriter:
                 self._pwrite(view)
                 self._filled = 0
 
+    def _put_placed(self, block: numpy.ndarray) -> None:
+        """Write a `buffer`'s bytes (`block`: its aligned array, the buffer at its end, the
+        bytes before it free): the stage's whole blocks first, then the stage's partial last
+        block copied into the free bytes and written from there with the buffer, whole blocks
+        only; what is left of the last block goes to the stage."""
+        stage, view = self._stage
+        whole = self._filled - self._filled % ALIGN
+        if whole:
+            self._pwrite(view[:whole])
+        head = self._filled - whole  # == the buffer's offset in `block` (both: the file offset mod ALIGN)
+        block[:head] = stage[whole:self._filled]
+        body = len(block) - len(block) % ALIGN
+        self._pwrite(memoryview(block[:body]))
+        self._filled = len(block) - body
+        stage[:self._filled] = block[body:]
+
     def write(self, t: torch.Tensor) -> None:
         """Append `t`'s bytes; `t` must not be modified afterwards (it is written in the background)."""
         t = t.contiguous()
-        self._write(memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else b"")
+        offset, block = self._placed.pop(t.data_ptr(), (None, None))
+        self._placed.clear()  # a buffer not written next is an ordinary tensor from now on
+        whole = offset == self.written and block is not None and len(block) - (offset % ALIGN) == t.nbytes >= ALIGN
+        self._write(memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else b"", block if whole else None)
 
     def write_bytes(self, data) -> None:
         self._write(data)

@@ -23,6 +23,7 @@ import os
 import shutil
 import socket
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import torch
 from v4hal.conversion import formats, reshard, workers
 from v4hal.conversion.formats import Job, Options
 from v4hal.checkpoint_files import CheckpointError, confined
-from v4hal.conversion.io import INDEX_NAME, OUTPUT_HASH, HashingReader, Source, digest_of, hash_file, stated_hash
+from v4hal.conversion.io import INDEX_NAME, OUTPUT_HASH, HashingReader, Source, digest_of, hash_file, nbytes_of, stated_hash
 from v4hal.conversion.output import OutSpec, ShardWriter, file_size, write_atomic, write_json_atomic
 
 MANIFEST = "v4hal-manifest.json"
@@ -124,7 +125,9 @@ class Plan:
         return next(iter(stated)) if self.verify_source else None
 
     def make_reader(self, unit: Unit, progress):
-        return HashingReader(str(self.source.dir / unit.source_file), progress, self.source_hash(unit))
+        reader = HashingReader(str(self.source.dir / unit.source_file), progress, self.source_hash(unit))
+        reader.expect(stream_reads(unit.jobs, self.source))
+        return reader
 
     @property
     def plan_id(self) -> str:
@@ -177,24 +180,41 @@ def chunk_rows(job: Job) -> int:
     return max(128, CHUNK_BYTES // per_row // 128 * 128)
 
 
-def run_job(job: Job, src: Source, reader, emit) -> None:
-    """Stream one job: emit(out_index, row0, piece) for the main output's row chunks in order,
-    then for each side output once."""
+def row_chunks(job: Job, src: Source) -> list[tuple[int, int]]:
+    """The [row0, row1) chunks in which `run_job` reads a job's source tensor."""
     info = src.tensors[job.source]
     rows = info.shape[0] if info.shape else 1
+    step = max(1, CHUNK_BYTES // max(info.row_bytes, 1)) if job.decode == "raw" else chunk_rows(job)
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def stream_reads(jobs: list[Job], src: Source) -> list[tuple[int, int]]:
+    """(file offset, bytes) of every source read of `jobs`, in order (what readers read ahead)."""
+    out = []
+    for job in jobs:
+        info = src.tensors[job.source]
+        out += [(info.start + r0 * info.row_bytes, (r1 - r0) * info.row_bytes) for r0, r1 in row_chunks(job, src)]
+    return out
+
+
+def run_job(job: Job, src: Source, reader, emit, buffer=None) -> None:
+    """Stream one job: emit(out_index, row0, piece) for the main output's row chunks in order,
+    then for each side output once. `buffer(nbytes)`, when given, is where a decoded BF16 chunk
+    goes before it is emitted (the writer's placed buffers: no copy on the way to the disk)."""
+    info = src.tensors[job.source]
     if job.decode == "raw":
-        step = max(1, CHUNK_BYTES // max(info.row_bytes, 1))
-        for r0 in range(0, rows, step):
-            emit(0, r0, reader.rows(info, r0, min(rows, r0 + step)))
+        for r0, r1 in row_chunks(job, src):
+            emit(0, r0, reader.rows(info, r0, r1))
         if job.scale:  # a kept scale travels as is
             emit(1, 0, reader.companion(src.tensors[job.scale]))
         return
     scale = reader.companion(src.tensors[job.scale]) if job.scale else None
-    step = chunk_rows(job)
     sides: list[list[torch.Tensor]] = [[] for _ in job.outputs[1:]]
     out_dtype = torch.bfloat16 if job.encode == "bf16" else torch.float32
-    for r0 in range(0, rows, step):
-        x = formats.decode_rows(job.decode, reader.rows(info, r0, min(rows, r0 + step)), scale, r0, out_dtype)
+    for r0, r1 in row_chunks(job, src):
+        shape = (r1 - r0, *job.outputs[0].shape[1:])
+        out = buffer(nbytes_of(out_dtype, shape)).view(out_dtype).reshape(shape) if buffer and job.encode == "bf16" else None
+        x = formats.decode_rows(job.decode, reader.rows(info, r0, r1), scale, r0, out_dtype, out)
         main, *rest = formats.encode_rows(job.encode, x, job.extra)
         emit(0, r0, main)
         for acc, piece in zip(sides, rest):
@@ -211,7 +231,8 @@ def process_unit(plan: Plan, unit: Unit, dst: Path, progress) -> dict:
     try:
         for job in unit.jobs:
             if mp == 1:
-                run_job(job, src, reader, lambda k, r0, t: writers[0].write(t))
+                run_job(job, src, reader, lambda k, r0, t: writers[0].write(t),
+                        getattr(writers[0], "buffer", None))
             else:
                 run_job(job, src, reader, lambda k, r0, t, job=job: [
                     writers[r].write(p) for r, p in reshard.pieces(job, k, t, mp, r0)])
@@ -223,7 +244,7 @@ def process_unit(plan: Plan, unit: Unit, dst: Path, progress) -> dict:
         for w in writers:
             w.abort()
         raise
-    return {"source": source, "outputs": outputs}
+    return {"source": source, "outputs": outputs, "identity": {f.name: _identity(dst / f.name) for f in unit.files}}
 
 
 def source_record(plan: Plan, unit: Unit, digest: str | None) -> dict[str, str]:
@@ -330,10 +351,21 @@ def _load_journal(dst: Path, plan_id: str, restart: bool) -> dict:
     return {"plan": plan_id, "units": {}}
 
 
+def _identity(path: Path) -> list[int]:
+    """What changes whenever a file's bytes do: inode, size, mtime and ctime (ns). The kernel
+    sets ctime to its clock on every write, and no system call sets it back (utime sets only
+    atime / mtime), so a file rewritten in place, even to the same size with its mtime restored,
+    gets another ctime (only a clock set back by root, or writes to the raw disk, escape this)."""
+    st = path.stat()
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
 def _unit_done(dst: Path, record: dict | None) -> bool:
-    """A journaled unit is skipped only if each of its outputs still has the size and hash the
-    journal recorded when it was written (a size alone misses a file changed in place). A record
-    of an older journal format (no "source") is redone."""
+    """A journaled unit is skipped only if each of its outputs is still the file the journal
+    recorded: the same `_identity` as right after its rename (then its bytes are the ones
+    hashed as they were written, fsync'd before the journal named them), or else the recorded
+    size and hash, re-read (a journal from before identities, a file copied back in place). A
+    record of an older journal format (no "source") is redone."""
     if not record or "source" not in record:
         return False
     for name, meta in record["outputs"].items():
@@ -342,7 +374,12 @@ def _unit_done(dst: Path, record: dict | None) -> bool:
             algo, digest = digest_of(meta)
         except (CheckpointError, ValueError):
             return False
-        if path.stat().st_size != meta["size"] or hash_file(path, algo) != digest:
+        try:
+            if _identity(path) == record.get("identity", {}).get(name):
+                continue
+            if path.stat().st_size != meta["size"] or hash_file(path, algo) != digest:
+                return False
+        except OSError:  # gone, or unreadable
             return False
     return True
 
@@ -373,7 +410,10 @@ def run(plan: Plan, dst: str | os.PathLike, progress: bool = True, restart: bool
         journal = _load_journal(dst, plan.plan_id, restart)
         if journal.get("complete"):
             return json.loads((dst / MANIFEST).read_text())
-        todo = [u for u in plan.units if not _unit_done(dst, journal["units"].get(str(u.index)))]
+        n = workers.default_workers() if n_workers is None else n_workers
+        with ThreadPoolExecutor(max(1, n)) as pool:  # the files left to re-hash, one per core (hashes release the GIL)
+            done = list(pool.map(lambda u: _unit_done(dst, journal["units"].get(str(u.index))), plan.units))
+        todo = [u for u, finished in zip(plan.units, done) if not finished]
         check_space(dst, sum(f.size for u in todo for f in u.files))
         for stale in dst.glob(".*.partial*"):
             stale.unlink()
@@ -387,7 +427,6 @@ def run(plan: Plan, dst: str | os.PathLike, progress: bool = True, restart: bool
             journal["units"][str(unit.index)] = record
             write_json_atomic(dst / PROGRESS, journal)
 
-        n = workers.default_workers() if n_workers is None else n_workers
         workers.run_units(lambda i, feed: process_unit(plan, plan.units[i], dst, feed), todo,
                           min(n, plan.max_workers or n), journaled, bar.update)
         bar.close()

@@ -142,21 +142,34 @@ def test_fp8_decode_restores_the_callers_thread_count():
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("algo", ["blake3", "sha256"])
-def test_hashing_reader_hashes_every_byte_in_order(tmp_path, monkeypatch, algo):
+@pytest.mark.parametrize("algo", ["blake3", "sha256", None])
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("announce", ["exact", "wrong", "none"])
+def test_hashing_reader_hashes_every_byte_in_order(tmp_path, monkeypatch, algo, direct, announce):
     monkeypatch.setattr(io, "READ_CHUNK", 1000)  # many gap reads through the background hasher
+    if not direct:  # a filesystem without O_DIRECT: reads through the page cache
+        monkeypatch.setattr(io, "_open_direct_read", lambda path: None)
     gen = torch.Generator().manual_seed(4)
     from safetensors.torch import save_file
 
     tensors = {f"t{i}": torch.randn(50 + i, 33, generator=gen) for i in range(6)}
+    tensors["odd"] = torch.randint(0, 255, (37, 3), dtype=torch.uint8, generator=gen)  # later tensors start off 4-byte alignment
+    tensors["t9"] = torch.randn(9, 5, dtype=torch.float64, generator=gen)
     save_file(tensors, str(tmp_path / "a.safetensors"))
     infos, _, _ = io.read_header(tmp_path / "a.safetensors")
     reader = io.HashingReader(str(tmp_path / "a.safetensors"), algo=algo)
-    for name in ("t1", "t3"):  # skipping t0, t2 and everything after t3: the hash must still cover them
-        info = infos[name]
-        got = torch.cat([reader.rows(info, r, min(r + 7, info.shape[0])) for r in range(0, info.shape[0], 7)])
+    wanted = ("t1", "t3", "t0", "t9")  # t0 sits before t1: read out of the stream
+    chunks = [(name, r, min(r + 7, infos[name].shape[0])) for name in wanted for r in range(0, infos[name].shape[0], 7)]
+    reads = [(infos[n].start + r0 * infos[n].row_bytes, (r1 - r0) * infos[n].row_bytes) for n, r0, r1 in chunks]
+    if announce == "wrong":  # one read differs from the announcement: the rest is read as asked
+        reads[3] = (reads[3][0], reads[3][1] + 1)
+    if announce != "none":
+        reader.expect(reads)
+    for name in wanted:  # skipping t2 and the others: the hash must still cover them
+        got = torch.cat([reader.rows(infos[name], r0, r1) for n, r0, r1 in chunks if n == name])
         assert torch.equal(got, tensors[name])
-    assert reader.finish() == io.HASHES[algo]((tmp_path / "a.safetensors").read_bytes()).hexdigest()
+    expected = io.HASHES[algo]((tmp_path / "a.safetensors").read_bytes()).hexdigest() if algo else None
+    assert reader.finish() == expected
 
 
 def test_hashing_reader_names_a_file_truncated_under_it(tmp_path):
@@ -191,6 +204,39 @@ def test_shard_writer_writes_and_hashes_exactly_the_bytes_given(tmp_path, monkey
         assert size == len(data) and sha == blake3.blake3(data).hexdigest()
         assert data == output.header_bytes(specs, {"format": "pt"}) + b"".join(p.contiguous().view(torch.uint8).numpy().tobytes() for p in parts)
         assert not output.partial_name(path).exists()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_shard_writer_buffers_go_to_the_file_in_order_whatever_their_alignment(tmp_path, monkeypatch, direct):
+    monkeypatch.setattr(output, "STAGE", 3 * io.ALIGN)  # stage flushes between and inside placed writes
+    gen = torch.Generator().manual_seed(6)
+    a = torch.randn(1000, 37, generator=gen).bfloat16()
+    b = torch.randint(-128, 127, (3001,), dtype=torch.int8, generator=gen)
+    specs = [output.OutSpec("a", torch.bfloat16, (1000, 37)), output.OutSpec("b", torch.int8, (3001,))]
+    w = output.ShardWriter(tmp_path / "o.safetensors", specs, {"format": "pt"}, direct=direct)
+
+    def placed(t):
+        buf = w.buffer(t.nbytes)
+        assert buf.dtype == torch.uint8 and buf.numel() == t.nbytes
+        if w.direct:  # where its first byte will sit in the file, within an aligned block
+            assert buf.data_ptr() % io.ALIGN == w.written % io.ALIGN
+        out = buf.view(t.dtype).reshape(t.shape)
+        out.copy_(t)
+        return out
+
+    w.write(placed(a[:301]))           # after the (unaligned) header
+    w.buffer(100)                      # a buffer never written: the next write is an ordinary one
+    w.write(a[301:302])                # a few bytes, gathered
+    w.write(placed(a[302:900]))        # placed again, at another offset in its block
+    stale = w.buffer(a[900:].nbytes)
+    w.write(placed(a[900:950]))        # the other buffer was made for this offset, not this one
+    stale.view(torch.bfloat16).reshape(100, 37).copy_(a[900:])
+    w.write(stale.view(torch.bfloat16).reshape(100, 37)[50:])  # made for an earlier offset: copied
+    w.write(placed(b))                 # under a block: gathered
+    digest, size = w.close()
+    data = (tmp_path / "o.safetensors").read_bytes()
+    assert data == output.header_bytes(specs, {"format": "pt"}) + a.view(torch.uint8).numpy().tobytes() + b.numpy().tobytes()
+    assert size == len(data) and digest == blake3.blake3(data).hexdigest()
 
 
 def test_unhashed_writer_and_the_disk_benchmark_write_the_same_bytes(tmp_path, monkeypatch):

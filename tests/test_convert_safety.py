@@ -278,3 +278,42 @@ def test_mxfp8_output_loads_into_our_model_with_the_sources_logits(tmp_path):
     # e4m3 keeps 3 mantissa bits: each weight within 2^-4 of itself, the logits within a few percent.
     assert torch.nn.functional.cosine_similarity(ref.flatten(), mx.flatten(), 0) > 0.999
     assert (mx - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_resume_skips_unchanged_outputs_without_reading_them_and_redoes_one_changed_with_its_mtime_restored(
+        src, tmp_path, monkeypatch):
+    run(src, tmp_path / "ref")
+    out = tmp_path / "out"
+    original = plan.process_unit
+
+    def fail_last(p, unit, *args):
+        if unit.index == len(p.units) - 1:
+            raise RuntimeError("killed")
+        return original(p, unit, *args)
+
+    monkeypatch.setattr(plan, "process_unit", fail_last)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(src, out, "--workers", "1")
+    monkeypatch.setattr(plan, "process_unit", original)
+    hashed = []
+    hash_file = plan.hash_file
+    monkeypatch.setattr(plan, "hash_file", lambda path, algo: hashed.append(os.path.basename(path)) or hash_file(path, algo))
+    journal = json.loads((out / plan.PROGRESS).read_text())
+    finished = [name for rec in journal["units"].values() for name in rec["outputs"]]
+    assert finished and run(src, out) == 0
+    assert hashed == []  # the journal's identities matched: nothing re-read
+    assert file_bytes(out) == file_bytes(tmp_path / "ref")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        monkeypatch.setattr(plan, "process_unit", fail_last)
+        run(src, out, "--workers", "1", "--restart")
+    monkeypatch.setattr(plan, "process_unit", original)
+    shard = out / finished[0]
+    before = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes, and the old mtime put back
+    shard.write_bytes(data)
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert run(src, out) == 0
+    assert hashed == [finished[0]]  # its ctime changed: re-hashed, found changed, redone
+    assert file_bytes(out) == file_bytes(tmp_path / "ref")
