@@ -125,9 +125,6 @@ def test_bad_config_and_token_map():
         build(ModelArgs.from_dict({"model_type": "deepseek_v41", "text_config": {**text, "engram_num_embeddings": [100, 400]}}))
     with pytest.raises(ConfigError, match="engram_layer_ids: increasing layer ids in \\[0, 4\\)"):
         build(ModelArgs.from_dict({"model_type": "deepseek_v41", "text_config": {**text, "engram_layer_ids": [1, 9]}}))
-    with pytest.raises(ConfigError, match="compress_ratios: V4.1's ratios 1 and 2"):
-        ModelArgs.from_dict({"model_type": "deepseek_v41", "text_config": {**text, "layer_types": None,
-                                                                            "compress_ratios": [0, 2, 1, 1]}})
     model = build(tiny_v41())
     with pytest.raises(RuntimeError, match="no compressed token map"):
         model(torch.zeros(1, 3, dtype=torch.long))
@@ -135,6 +132,39 @@ def test_bad_config_and_token_map():
         model.set_engram_token_map(torch.zeros(100, dtype=torch.long))
     with pytest.raises(OpInputError, match=r"Engram: argument 'token_map' expected compressed ids in \[0, 300\)"):
         model.set_engram_token_map(torch.full((512,), 300))
+
+
+def _v41_topology(**changes):
+    text = {k: v for k, v in tiny_v41().to_dict().items() if k not in ("model_type", "layer_types")}
+    text.update({"compress_ratios": [0, 2, 2, 1, 0], "kv_source_layer_ids": [1, 3], "index_source_layer_ids": [1, 3],
+                 **changes})
+    return ModelArgs.from_dict({"model_type": "deepseek_v41", "text_config": text})
+
+
+def test_v41_topology_config_and_its_errors():
+    args = _v41_topology()  # the MTP layer's trailing ratio is dropped
+    assert args.compress_ratios == [0, 2, 2, 1] and args.layer_types[1:] == ["c2_attention"] * 2 + ["c1_attention"]
+    assert [args.kv_source(i) for i in range(4)] == [None, 1, 1, 3] == [args.index_source(i) for i in range(4)]
+    assert ModelArgs.from_dict(args.to_dict()).kv_source_layer_ids == [1, 3]
+    flash = preset("v4.1-flash")
+    assert flash.compress_ratios == [0] * 2 + [2] * 18 + [1] * 20
+    assert [flash.kv_source(i) for i in (1, 2, 7, 8, 19, 20, 23, 24, 39)] == [None, 2, 2, 8, 14, 20, 20, 24, 36]
+    bad = [({"compress_ratios": [0, 2, 4, 1]}, "compress_ratios: V4.1's ratios are \\[0, 1, 2\\]"),
+           ({"kv_source_layer_ids": [2, 3]}, "kv_source_layer_ids: compressed layer 1 needs a source at or below it"),
+           ({"kv_source_layer_ids": [1]}, "kv_source_layer_ids: layer 3 \\(ratio 1\\) would read layer 1 of ratio 2"),
+           ({"index_source_layer_ids": [1, 3, 0]}, "index_source_layer_ids: layer 0 must be a compressed layer"),
+           ({"index_source_layer_ids": [1, 9]}, "index_source_layer_ids: layer 9 must be .* got out of range"),
+           ({"kv_source_layer_ids": [1, 2, 3]}, "index_source_layer_ids: layer 2 reads KV source 2 but index source 1"),
+           ({"kv_source_layer_ids": None}, "kv_source_layer_ids: V4.1's compressed layers need a non-empty list"),
+           ({"candidate_source_layer_id": 2}, "candidate_source_layer_id: expected -1 or one of index_source_layer_ids"),
+           ({"candidate_source_layer_id": 1, "candidate_topk_blocks": 2}, "candidate_block_size: expected an int"),
+           ({"candidate_source_layer_id": 1, "candidate_topk_blocks": 2, "candidate_block_size": 2},
+            "candidate_source_layer_id: index source 3 \\(ratio 1\\) would take candidate blocks of ratio 2")]
+    for changes, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            _v41_topology(**changes)
+    with pytest.raises(ConfigError, match="kv_source_layer_ids: only for V4.1's compress_ratios 1 / 2"):
+        ModelArgs.from_dict({**tiny_v41().to_dict(), "kv_source_layer_ids": [1]})
 
 
 def test_plan_counts_the_tables_as_host_bytes():
