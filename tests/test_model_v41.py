@@ -167,6 +167,43 @@ def test_v41_topology_config_and_its_errors():
         ModelArgs.from_dict({**tiny_v41().to_dict(), "kv_source_layer_ids": [1]})
 
 
+@pytest.mark.parametrize("topology", [{}, {"compress_ratios": [0, 2, 2, 2], "kv_source_layer_ids": [1],
+                                             "index_source_layer_ids": [1, 2]}], ids=["c2-then-c1", "index-only-source"])
+def test_shared_compressed_caches_give_the_same_logits_one_shot_chunked_and_decoding(topology):
+    args = _v41_topology(**topology)
+    model = build(args, dtype=torch.float64).init_random(0)
+    model.set_engram_token_map(torch.randint(0, 300, (512,), generator=torch.Generator().manual_seed(4)))
+    params = {n for n, _ in model.named_parameters() if ".self_attn.compressor." in n}
+    kv_sources, index_sources = args.kv_source_layer_ids, args.index_source_layer_ids
+    for i in range(4):  # a reader owns no compressor or indexer weights
+        owns = {n.split(".compressor.")[1] for n in params if n.startswith(f"model.layers.{i}.")}
+        kv = {"kv_proj.weight", "kv_norm.weight"} | ({"gate_proj.weight"} if args.compress_ratio(i) == 2 else set())
+        index = {"indexer.q_b_proj.weight", "indexer.scorer.weights_proj.weight"}
+        keys = {"indexer.k_proj.weight", "indexer.k_norm.weight"}
+        assert owns == ((kv if i in kv_sources else set()) | (index if i in index_sources else set())
+                        | (keys if i in kv_sources and i in index_sources else set())), i
+    ids, prompt = _ids(), 16
+    with torch.no_grad():
+        whole = model(ids)
+        cache = model.new_cache()
+        chunked = torch.cat([model(ids[:, i:min(i + 7, prompt)], cache=cache) for i in range(0, prompt, 7)], 1)
+        decoder = StaticDecoder(model, cache, capacity=ids.shape[1], compile=False)
+        eager, static = [], []
+        for i in range(prompt, ids.shape[1]):
+            eager.append(model(ids[:, i:i + 1], cache=cache))
+            static.append(decoder(ids[:, i:i + 1]))
+        entries = [len(c.compressed) for c in cache.layers]  # held once, by the KV sources
+        assert entries == [40 // args.compress_ratio(i) if i in kv_sources else 0 for i in range(4)]
+        picks = cache.layers[index_sources[-1]].picks
+        assert picks.shape == (2, 1, args.index_topk) and bool((picks >= 0).all())
+        for i in kv_sources:  # the shared entries reach the logits
+            model.model.layers[i].self_attn.compressor.kv_norm.weight.mul_(1.5)
+        assert not torch.allclose(model(ids), whole)
+    torch.testing.assert_close(chunked, whole[:, :prompt], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.cat(eager, 1), whole[:, prompt:], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.cat(static, 1), whole[:, prompt:], rtol=1e-10, atol=1e-10)
+
+
 def test_plan_counts_the_tables_as_host_bytes():
     from v4hal.model.parallel import Layout
     from v4hal.model.plan import format_plan, plan
