@@ -266,6 +266,46 @@ def test_a_checkpoint_missing_an_engram_tensor_is_named(tmp_path):
         load_checkpoint(build(tiny_v41(quantized=True)), tmp_path / "ckpt", tiny_v41(quantized=True))
 
 
+_V41_ATTENTION_NAMES = [(".self_attn.compressor.indexer.scorer.weights_proj.", ".attn.indexer.weights_proj."),
+                        (".self_attn.compressor.indexer.q_b_proj.", ".attn.indexer.wq_b."),
+                        (".self_attn.compressor.indexer.k_proj.", ".attn.indexer.wk."),
+                        (".self_attn.compressor.indexer.k_norm.", ".attn.indexer.k_norm."),
+                        (".self_attn.compressor.kv_proj.", ".attn.compressor.wkv."),
+                        (".self_attn.compressor.gate_proj.", ".attn.compressor.wgate."),
+                        (".self_attn.compressor.kv_norm.", ".attn.compressor.norm.")]
+
+
+def test_shared_cache_checkpoint_in_deepseek_naming_and_a_reader_with_its_own_compressor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from v4hal.model.loader import LoadError, load_checkpoint
+    from v4hal.model.save import save_checkpoint
+
+    args = _v41_topology()
+    model = build(args, dtype=torch.float64).init_random(0)
+    save_checkpoint(model, args, tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "model.safetensors"
+    state = {}
+    for key, value in load_file(path).items():
+        for ours, theirs in _V41_ATTENTION_NAMES:
+            key = key.replace(ours, theirs)
+        state[_deepseek_name(key)] = value
+    assert "layers.3.attn.indexer.wk.weight" in state and "layers.1.attn.compressor.wgate.weight" in state
+    assert not any(k.startswith("layers.2.attn.compressor.") for k in state)
+    save_file(state, path)
+    fresh = build(args, dtype=torch.float64)
+    load_checkpoint(fresh, tmp_path / "ckpt", args)
+    token_map = torch.randint(0, 300, (512,), generator=torch.Generator().manual_seed(4))
+    model.set_engram_token_map(token_map)
+    fresh.set_engram_token_map(token_map)
+    with torch.no_grad():
+        assert torch.equal(fresh(_ids(12)), model(_ids(12)))
+    save_file({**state, "layers.2.attn.compressor.wkv.weight": state["layers.1.attn.compressor.wkv.weight"].clone()}, path)
+    with pytest.raises(LoadError, match=r"model.layers.2.self_attn.compressor.kv_proj.weight \(layers \[2\]: V4.1 builds "
+                                        r"a compressor only on kv_source_layer_ids \[1, 3\]"):
+        load_checkpoint(build(args), tmp_path / "ckpt", args)
+
+
 @pytest.mark.parametrize("target", ["bf16", "copy"])
 def test_convert_keeps_the_tables_as_shipped(target, tmp_path):
     from safetensors.torch import load_file, save_file
