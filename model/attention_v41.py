@@ -17,6 +17,7 @@ Weights (HF names, DeepSeek's in brackets): KV sources `self_attn.compressor.kv_
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -32,13 +33,57 @@ from v4hal.model.layers import Linear, RMSNorm
 
 class V41Cache(V4Cache):
     """A V4.1 compressed layer's eager cache: its window (`raw`), and on a source what it shares:
-    `compressed` / `comp_state` / `index_keys` (KV source), `picks` `[B, S, index_topk]` of the
-    current call with `picks_start`, the position of its first query (index source)."""
+    `compressed` / `comp_state` / `index_keys` (KV source), `picks` `[B, S, index_topk]` (index
+    source) and `blocks` `[B, S, candidate_topk_blocks]` (candidate source) of the current call,
+    whose first query sits at position `call_start`; a list of the chunks while the call runs."""
 
     def __init__(self):
         super().__init__()
         self.peers: list | None = None
-        self.picks, self.picks_start = None, 0
+        self.picks = self.blocks = None
+        self.call_start = 0
+
+    def published(self, name: str, reader: "V41Cache", s: int) -> torch.Tensor:
+        """`picks` / `blocks` of the `s` queries `reader` (a layer's cache) is running now."""
+        value = getattr(self, name)
+        if isinstance(value, list):  # the publishing layer itself, mid-call: this chunk's
+            return value[-1]
+        at = reader.length - self.call_start
+        return value[:, at:at + s]
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """V4.1's two-level selection (docs/engram.md): the source's indexer publishes, per query, the
+    `topk_blocks` best blocks of `block_size` entries (a block scores its best visible entry; the
+    newest visible block always stays); a later indexer scores only entries in those blocks."""
+
+    source: int
+    topk_blocks: int
+    block_size: int
+    writes: bool
+
+    def select(self, scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """scores `[B, S, T]`, visible `[B, S]` entries each query sees -> block ids `[B, S,
+        topk_blocks]`, best first, -1 past the blocks a query has."""
+        t, size = scores.shape[-1], self.block_size
+        n = -(-t // size)
+        entry = torch.arange(t, device=scores.device)
+        seen = scores.masked_fill(entry >= visible.unsqueeze(-1), float("-inf"))
+        best = torch.nn.functional.pad(seen, (0, n * size - t), value=float("-inf")).unflatten(-1, (n, size)).amax(-1)
+        newest = torch.arange(n, device=scores.device) == ((visible - 1) // size).unsqueeze(-1)
+        best = torch.where(newest & (visible > 0).unsqueeze(-1), float("inf"), best)
+        top = best.topk(min(self.topk_blocks, n), dim=-1)
+        blocks = torch.where(top.values == float("-inf"), -1, top.indices)
+        return torch.nn.functional.pad(blocks, (0, self.topk_blocks - blocks.shape[-1]), value=-1)
+
+    def mask(self, scores: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """scores with every entry outside `blocks` set to -inf."""
+        t, size = scores.shape[-1], self.block_size
+        n = -(-t // size)
+        kept = scores.new_zeros(*scores.shape[:-1], n + 1, dtype=torch.bool)  # slot n: the -1s
+        kept.scatter_(-1, torch.where(blocks >= 0, blocks, n).long().clamp_max(n), True)
+        return scores.masked_fill(~kept[..., torch.arange(t, device=scores.device) // size], float("-inf"))
 
 
 class StaticV41Cache(StaticV4Cache):
@@ -48,7 +93,10 @@ class StaticV41Cache(StaticV4Cache):
     def __init__(self, rows, entries: int, comp=None, index_keys=None):
         super().__init__(rows, entries, comp, index_keys)
         self.peers: list | None = None
-        self.picks = None
+        self.picks = self.blocks = None
+
+    def published(self, name: str, reader, s: int) -> torch.Tensor:
+        return getattr(self, name)  # one decode step: this step's
 
 
 class V41Indexer(nn.Module):
@@ -121,6 +169,11 @@ class V41Attention(V4Attention):
         owns_kv, owns_index = self.kv_source == layer, self.index_source == layer
         self.compressor = V41Compressor(c, owns_kv, owns_index, tp) if owns_kv or owns_index else None
         self.keys_source = args.kv_source(self.index_source)  # the cache whose keys the index source scores
+        # Candidate blocks: published by the candidate source's indexer, obeyed by the later ones.
+        source = args.candidate_source_layer_id
+        self.candidates = (None if not owns_index or source < 0 or layer < source else
+                           Candidates(source, args.candidate_topk_blocks, args.candidate_block_size,
+                                      writes=layer == source))
 
     @property
     def _owns_kv(self) -> bool:
@@ -161,23 +214,39 @@ class V41Attention(V4Attention):
         if isinstance(cache, StaticV41Cache):
             return self._static_step(x, positions, cache)
         _check_call("V41Attention", x, positions, cache)
+        cache.call_start = cache.length
         if self._indexer is not None:
-            cache.picks, cache.picks_start = [], cache.length
+            cache.picks = []
+            cache.blocks = [] if self.candidates is not None and self.candidates.writes else None
         out = _chunked(self._step, x, positions, cache, self.prefill_chunk)
-        if self._indexer is not None:
-            cache.picks = torch.cat(cache.picks, dim=1)
+        for name in ("picks", "blocks"):
+            if isinstance(getattr(cache, name), list):
+                setattr(cache, name, torch.cat(getattr(cache, name), dim=1))
         return out
 
     def _pad(self, picks: torch.Tensor) -> torch.Tensor:
         """Picks padded with -1 to `index_topk` columns, so chunks of a call concatenate."""
         return torch.nn.functional.pad(picks, (0, self.c.index_topk - picks.shape[-1]), value=-1)
 
-    def _pick(self, x, q_res, positions, keys: torch.Tensor) -> torch.Tensor:
+    def _pick(self, x, q_res, positions, keys: torch.Tensor, cache):
+        """(the indexer's picks among `keys`, the candidate blocks it publishes or None)."""
         c, ix = self.c, self._indexer
         b, s, _ = x.shape
         cos, sin = c.rope_compress.cos_sin(positions, x.dtype)
         qi = _rope_tail(ix.q_b_proj(q_res).view(b, s, ix.heads, ix.dim), cos.unsqueeze(2), sin.unsqueeze(2), c.rope_dim)
-        return _index_select(qi, keys, ix.scorer.weights_proj(x), ix.scale, ix.topk, positions, c.ratio, ix.tp)
+        weights = ix.scorer.weights_proj(x)
+        if self.candidates is None:
+            return _index_select(qi, keys, weights, ix.scale, ix.topk, positions, c.ratio, ix.tp), None
+        scores = ix.tp.all_reduce(ops.indexer_scores(qi, keys, weights, ix.scale))
+        blocks = None
+        if self.candidates.writes:
+            blocks = self.candidates.select(scores, (positions + 1) // c.ratio)
+        else:
+            source = cache.peers[self.candidates.source]
+            scores = self.candidates.mask(scores, source.published("blocks", cache, s))
+        picks = ops.indexer_topk(scores, min(ix.topk, scores.shape[-1]), positions, c.ratio)
+        dropped = scores.gather(-1, picks.clamp_min(0).long()) == float("-inf")  # outside the candidates
+        return torch.where(dropped, -1, picks), blocks
 
     def _step(self, x: torch.Tensor, positions: torch.Tensor, cache: V41Cache) -> torch.Tensor:
         c = self.c
@@ -191,20 +260,20 @@ class V41Attention(V4Attention):
                     cache.index_keys.append(self.compressor.index_keys(latent, ecos, esin, c.rope_dim))
         if self._indexer is not None:
             keys = cache.peers[self.keys_source].index_keys
-            picks = (self._pick(x, q_res, positions, keys.tensor) if len(keys)
-                     else positions.new_full((*x.shape[:2], 0), -1, dtype=torch.int32))
+            picks, blocks = (self._pick(x, q_res, positions, keys.tensor, cache) if len(keys) else (None, None))
+            if picks is None:  # nothing compressed yet
+                picks = positions.new_full((*x.shape[:2], 0), -1, dtype=torch.int32)
+                if cache.blocks is not None:
+                    blocks = positions.new_full((*x.shape[:2], self.candidates.topk_blocks), -1)
             cache.picks.append(self._pad(picks))
+            if cache.blocks is not None:
+                cache.blocks.append(blocks)
         raw = _concat(cache.raw, kv)
         indices = ops.window_indices(positions, c.window, cache.length - (raw.shape[1] - x.shape[1]))
         source = cache.peers[self.kv_source].compressed
         t, scale = len(source), c.head_dim ** -0.5
         if t:
-            index = cache.peers[self.index_source]
-            if isinstance(index.picks, list):  # this layer is the index source, mid-call: this chunk's
-                picks = index.picks[-1]
-            else:
-                at = cache.length - index.picks_start
-                picks = index.picks[:, at:at + x.shape[1]]
+            picks = cache.peers[self.index_source].published("picks", cache, x.shape[1])
             indices = torch.cat([torch.where(indices >= 0, indices + t, -1), picks], dim=-1)
             o = ops.sparse_attention(q, source.followed_by(raw), indices, scale, sink=self.sinks)
         else:
@@ -225,7 +294,7 @@ class V41Attention(V4Attention):
             if self._indexer is not None:
                 _write_if(cache.index_keys, index, self.compressor.index_keys(latent, ecos, esin, c.rope_dim), closes)
         if self._indexer is not None:
-            cache.picks = self._pick(x, q_res, positions, cache.peers[self.keys_source].index_keys)
+            cache.picks, cache.blocks = self._pick(x, q_res, positions, cache.peers[self.keys_source].index_keys, cache)
         cache.rows.index_copy_(1, cache.entries + position % c.window, kv)
         ring = torch.arange(c.window, device=x.device)
         window = torch.where(ring <= position, ring, -1).expand(x.shape[0], 1, c.window)

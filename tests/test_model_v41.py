@@ -168,7 +168,11 @@ def test_v41_topology_config_and_its_errors():
 
 
 @pytest.mark.parametrize("topology", [{}, {"compress_ratios": [0, 2, 2, 2], "kv_source_layer_ids": [1],
-                                             "index_source_layer_ids": [1, 2]}], ids=["c2-then-c1", "index-only-source"])
+                                             "index_source_layer_ids": [1, 2]},
+                                      {"compress_ratios": [0, 1, 1, 1], "kv_source_layer_ids": [1, 3],
+                                       "index_source_layer_ids": [1, 2, 3], "candidate_source_layer_id": 1,
+                                       "candidate_topk_blocks": 3, "candidate_block_size": 2}],
+                         ids=["c2-then-c1", "index-only-source", "candidate-blocks"])
 def test_shared_compressed_caches_give_the_same_logits_one_shot_chunked_and_decoding(topology):
     args = _v41_topology(**topology)
     model = build(args, dtype=torch.float64).init_random(0)
@@ -196,6 +200,12 @@ def test_shared_compressed_caches_give_the_same_logits_one_shot_chunked_and_deco
         assert entries == [40 // args.compress_ratio(i) if i in kv_sources else 0 for i in range(4)]
         picks = cache.layers[index_sources[-1]].picks
         assert picks.shape == (2, 1, args.index_topk) and bool((picks >= 0).all())
+        if args.candidate_source_layer_id >= 0:  # later indexers pick inside the published blocks only
+            blocks = cache.layers[args.candidate_source_layer_id].blocks
+            assert blocks.shape == (2, 1, 3) and bool((blocks == (40 - 1) // 2).any(-1).all())  # the newest stays
+            for i in (2, 3):
+                inside = (cache.layers[i].picks.unsqueeze(-1) // 2 == blocks.unsqueeze(-2)).any(-1)
+                assert bool(inside.all()), i
         for i in kv_sources:  # the shared entries reach the logits
             model.model.layers[i].self_attn.compressor.kv_norm.weight.mul_(1.5)
         assert not torch.allclose(model(ids), whole)
