@@ -276,6 +276,20 @@ def test_a_checkpoint_missing_an_engram_tensor_is_named(tmp_path):
         load_checkpoint(build(tiny_v41(quantized=True)), tmp_path / "ckpt", tiny_v41(quantized=True))
 
 
+def test_candidate_blocks_by_hand():
+    from v4hal.model.attention_v41 import Candidates
+
+    pick = Candidates(source=1, topk_blocks=2, block_size=2, writes=True)
+    scores = torch.tensor([[[5.0, 0.0, 1.0, 9.0, 7.0, 2.0, 3.0]] * 3], dtype=torch.float64)  # [1, 3, 7]
+    visible = torch.tensor([[7, 3, 0]])
+    # 7 visible: blocks (5, 9, 7, 3), the newest (block 3) kept first, then block 1 (9).
+    # 3 visible: blocks (5, 1), the newest is block 1 -> [1, 0]. None visible: no block.
+    assert pick.select(scores, visible).tolist() == [[[3, 1], [1, 0], [-1, -1]]]
+    masked = pick.mask(scores, torch.tensor([[[3, 1], [0, -1], [-1, -1]]]))
+    inf = float("-inf")
+    assert masked.tolist() == [[[inf, inf, 1.0, 9.0, inf, inf, 3.0], [5.0, 0.0] + [inf] * 5, [inf] * 7]]
+
+
 _V41_ATTENTION_NAMES = [(".self_attn.compressor.indexer.scorer.weights_proj.", ".attn.indexer.weights_proj."),
                         (".self_attn.compressor.indexer.q_b_proj.", ".attn.indexer.wq_b."),
                         (".self_attn.compressor.indexer.k_proj.", ".attn.indexer.wk."),
