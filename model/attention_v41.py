@@ -233,7 +233,8 @@ class V41Attention(V4Attention):
         c, ix = self.c, self._indexer
         b, s, _ = x.shape
         cos, sin = c.rope_compress.cos_sin(positions, x.dtype)
-        qi = _rope_tail(ix.q_b_proj(q_res).view(b, s, ix.heads, ix.dim), cos.unsqueeze(2), sin.unsqueeze(2), c.rope_dim)
+        qi = ix.q_b_proj(q_res).view(b, s, ix.heads, ix.dim)
+        qi = _rope_tail(qi, cos.unsqueeze(2), sin.unsqueeze(2), c.rope_dim)
         weights = ix.scorer.weights_proj(x)
         if self.candidates is None:
             return _index_select(qi, keys, weights, ix.scale, ix.topk, positions, c.ratio, ix.tp), None
@@ -254,7 +255,8 @@ class V41Attention(V4Attention):
         if self._owns_kv:
             latent, first, cache.comp_state = self.compressor.latents(x, cache.comp_state)
             if latent.shape[1]:
-                ecos, esin = c.rope_compress.cos_sin((first + torch.arange(latent.shape[1], device=x.device)) * c.ratio, x.dtype)
+                starts = (first + torch.arange(latent.shape[1], device=x.device)) * c.ratio
+                ecos, esin = c.rope_compress.cos_sin(starts, x.dtype)
                 cache.compressed.append(_rope_tail(latent, ecos, esin, c.rope_dim))
                 if self._indexer is not None:
                     cache.index_keys.append(self.compressor.index_keys(latent, ecos, esin, c.rope_dim))
@@ -292,9 +294,11 @@ class V41Attention(V4Attention):
             ecos, esin = c.rope_compress.cos_sin(index * c.ratio, x.dtype)
             _write_if(cache.rows, index, _rope_tail(latent, ecos, esin, c.rope_dim), closes)
             if self._indexer is not None:
-                _write_if(cache.index_keys, index, self.compressor.index_keys(latent, ecos, esin, c.rope_dim), closes)
+                keys = self.compressor.index_keys(latent, ecos, esin, c.rope_dim)
+                _write_if(cache.index_keys, index, keys, closes)
         if self._indexer is not None:
-            cache.picks, cache.blocks = self._pick(x, q_res, positions, cache.peers[self.keys_source].index_keys, cache)
+            keys = cache.peers[self.keys_source].index_keys
+            cache.picks, cache.blocks = self._pick(x, q_res, positions, keys, cache)
         cache.rows.index_copy_(1, cache.entries + position % c.window, kv)
         ring = torch.arange(c.window, device=x.device)
         window = torch.where(ring <= position, ring, -1).expand(x.shape[0], 1, c.window)
