@@ -109,7 +109,10 @@ def test_tables_in_host_memory_with_the_model_on_a_gpu():
 
 @pytest.mark.slow
 def test_compiled_static_decode_equals_eager():
-    model, ids = tiny_model(dtype=torch.float32), _ids(24)
+    # Engram and V4.1's shared caches with candidate blocks, through inductor.
+    model = build(_v41_topology(**CANDIDATES), dtype=torch.float32).init_random(0)
+    model.set_engram_token_map(torch.randint(0, 300, (512,), generator=torch.Generator().manual_seed(4)))
+    ids = _ids(24)
     with torch.no_grad():
         cache = model.new_cache()
         model(ids[:, :12], cache=cache)
@@ -132,6 +135,10 @@ def test_bad_config_and_token_map():
         model.set_engram_token_map(torch.zeros(100, dtype=torch.long))
     with pytest.raises(OpInputError, match=r"Engram: argument 'token_map' expected compressed ids in \[0, 300\)"):
         model.set_engram_token_map(torch.full((512,), 300))
+
+
+CANDIDATES = {"compress_ratios": [0, 1, 1, 1], "kv_source_layer_ids": [1, 3], "index_source_layer_ids": [1, 2, 3],
+              "candidate_source_layer_id": 1, "candidate_topk_blocks": 3, "candidate_block_size": 2}
 
 
 def _v41_topology(**changes):
@@ -169,9 +176,7 @@ def test_v41_topology_config_and_its_errors():
 
 @pytest.mark.parametrize("topology", [{}, {"compress_ratios": [0, 2, 2, 2], "kv_source_layer_ids": [1],
                                              "index_source_layer_ids": [1, 2]},
-                                      {"compress_ratios": [0, 1, 1, 1], "kv_source_layer_ids": [1, 3],
-                                       "index_source_layer_ids": [1, 2, 3], "candidate_source_layer_id": 1,
-                                       "candidate_topk_blocks": 3, "candidate_block_size": 2}],
+                                      CANDIDATES],
                          ids=["c2-then-c1", "index-only-source", "candidate-blocks"])
 def test_shared_compressed_caches_give_the_same_logits_one_shot_chunked_and_decoding(topology):
     args = _v41_topology(**topology)
