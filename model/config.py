@@ -207,7 +207,9 @@ class ModelArgs:
             ids = getattr(self, key)
             if not isinstance(ids, (list, tuple)) or not ids or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
                 raise ConfigError(f"{key}: V4.1's compressed layers need a non-empty list of layer ids, got {ids!r}")
-            setattr(self, key, sorted(set(ids)))
+            # An MTP layer's id (n ..) is dropped with its trailing compress_ratio (the MTP layer is not built).
+            ids = sorted({i for i in ids if not n <= i < n + self.num_nextn_predict_layers})
+            setattr(self, key, ids)
             for i in ids:
                 if not 0 <= i < n or self.compress_ratio(i) not in (1, 2):
                     got = "out of range" if not 0 <= i < n else f"a {self.layer_types[i]} layer"

@@ -153,6 +153,7 @@ def test_v41_topology_config_and_its_errors():
     assert args.compress_ratios == [0, 2, 2, 1] and args.layer_types[1:] == ["c2_attention"] * 2 + ["c1_attention"]
     assert [args.kv_source(i) for i in range(4)] == [None, 1, 1, 3] == [args.index_source(i) for i in range(4)]
     assert ModelArgs.from_dict(args.to_dict()).kv_source_layer_ids == [1, 3]
+    assert _v41_topology(kv_source_layer_ids=[3, 1, 4]).kv_source_layer_ids == [1, 3]  # 4: the MTP layer
     flash = preset("v4.1-flash")
     assert flash.compress_ratios == [0] * 2 + [2] * 18 + [1] * 20
     assert [flash.kv_source(i) for i in (1, 2, 7, 8, 19, 20, 23, 24, 39)] == [None, 2, 2, 8, 14, 20, 20, 24, 36]
