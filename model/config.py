@@ -21,6 +21,13 @@ from v4hal.ops.quant import SCALE_FMTS
 
 V4_LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
 RATIO_TO_LAYER_TYPE = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
+# V4.1 (docs/engram.md, "V4.1's attention topology"): compressed caches of ratio 1 and 2, owned by
+# `kv_source_layer_ids` and indexed by `index_source_layer_ids` (vLLM calls them C1A / C2A).
+V41_RATIO_TO_LAYER_TYPE = {0: "sliding_attention", 1: "c1_attention", 2: "c2_attention"}
+V41_LAYER_TYPES = ("c1_attention", "c2_attention")
+V41_COMPRESS_RATES = {"c1_attention": 1, "c2_attention": 2}
+V41_TOPOLOGY_KEYS = ("kv_source_layer_ids", "index_source_layer_ids", "candidate_source_layer_id",
+                     "candidate_topk_blocks", "candidate_block_size")
 MODEL_TYPES = ("deepseek_v4", "deepseek_v41", "deepseek_v32", "deepseek_v3")
 V4_TYPES = ("deepseek_v4", "deepseek_v41")  # V4.1: V4 plus Engram and the delayed mHC pre-mix (model.engram)
 
@@ -92,6 +99,12 @@ class ModelArgs:
     index_n_heads: int = 64
     index_head_dim: int = 128
     index_topk: int = 512
+    # V4.1 shared compressed caches and indexers (None: V4's schedule, every layer owns its own)
+    kv_source_layer_ids: list[int] | None = None
+    index_source_layer_ids: list[int] | None = None
+    candidate_source_layer_id: int = -1  # -1: no candidate blocks
+    candidate_topk_blocks: int = 0
+    candidate_block_size: int = 0
     # rope
     rope_theta: float = 10000.0
     compress_rope_theta: float = 160000.0
@@ -122,7 +135,8 @@ class ModelArgs:
                                      for i in range(max(n - 2, 0))])
             if self.mlp_layer_types is None:
                 self.mlp_layer_types = ["hash_moe"] * min(n, 3) + ["moe"] * max(0, n - 3)
-            allowed = {"layer_types": V4_LAYER_TYPES, "mlp_layer_types": ("hash_moe", "moe")}
+            kinds = V4_LAYER_TYPES + (V41_LAYER_TYPES if self.is_v41 else ())
+            allowed = {"layer_types": kinds, "mlp_layer_types": ("hash_moe", "moe")}
             if self.rope_parameters is None or "main" not in self.rope_parameters:
                 yarn = dict(self.rope_parameters or {})
                 compress = {"rope_type": "default", **yarn, "rope_theta": self.compress_rope_theta}
@@ -150,6 +164,8 @@ class ModelArgs:
             bad = sorted({v for v in values if v not in ok})
             if bad:
                 raise ConfigError(f"{name}: entries must be among {ok} for {self.model_type}, got {bad}")
+        if self.is_v4:
+            self._check_v41_topology()
         if self.n_routed_experts % max(self.n_group, 1):
             raise ConfigError(f"n_group: must divide n_routed_experts={self.n_routed_experts}, got {self.n_group}")
         if self.is_v4 and (self.num_attention_heads * self.head_dim) % self.o_groups:
@@ -171,6 +187,69 @@ class ModelArgs:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < high:
                 bound = "a float in (0, 1)" if name in EPSILONS else "a finite float > 0"
                 raise ConfigError(f"{name}: expected {bound}, got {value!r}")
+
+    def _check_v41_topology(self) -> None:
+        """V4.1's sources (vLLM's `DeepseekV4Attention.__init__`): a compressed layer reads the cache
+        of the latest KV source at or below it and the top-k of the latest index source at or below
+        it; both must be compressed layers of its ratio, and the index source must score that same
+        cache (no KV source between it and the layer). Candidate blocks flow from one index source
+        to the later ones, which must share its ratio (block ids count entries of that ratio)."""
+        n, shared = self.num_hidden_layers, any(t in V41_LAYER_TYPES for t in self.layer_types)
+        if not shared:
+            given = [k for k in V41_TOPOLOGY_KEYS if getattr(self, k) not in (None, -1, 0)]
+            if given:
+                raise ConfigError(f"{given[0]}: only for V4.1's compress_ratios 1 / 2 (c1/c2_attention layers), "
+                                  f"and this config has none")
+            return
+        rates = {**(self.compress_rates or {}), **V41_COMPRESS_RATES}
+        self.compress_rates = rates
+        for key in ("kv_source_layer_ids", "index_source_layer_ids"):
+            ids = getattr(self, key)
+            if not isinstance(ids, (list, tuple)) or not ids or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+                raise ConfigError(f"{key}: V4.1's compressed layers need a non-empty list of layer ids, got {ids!r}")
+            # An MTP layer's id (n ..) is dropped with its trailing compress_ratio (the MTP layer is not built).
+            ids = sorted({i for i in ids if not n <= i < n + self.num_nextn_predict_layers})
+            setattr(self, key, ids)
+            for i in ids:
+                if not 0 <= i < n or self.compress_ratio(i) not in (1, 2):
+                    got = "out of range" if not 0 <= i < n else f"a {self.layer_types[i]} layer"
+                    raise ConfigError(f"{key}: layer {i} must be a compressed layer (ratio 1 or 2) in [0, {n}), "
+                                      f"got {got}")
+        for layer in range(n):
+            r = self.compress_ratio(layer)
+            if r == 0:
+                continue
+            if r not in (1, 2):
+                raise ConfigError(f"layer_types: V4.1's shared caches cannot mix with V4's {self.layer_types[layer]} "
+                                  f"(layer {layer})")
+            kv, index = self.kv_source(layer), self.index_source(layer)
+            for key, src in (("kv_source_layer_ids", kv), ("index_source_layer_ids", index)):
+                if src is None:
+                    raise ConfigError(f"{key}: compressed layer {layer} needs a source at or below it, got "
+                                      f"{getattr(self, key)}")
+                if self.compress_ratio(src) != r:
+                    raise ConfigError(f"{key}: layer {layer} (ratio {r}) would read layer {src} of ratio "
+                                      f"{self.compress_ratio(src)}; a source must have the reader's ratio")
+            if index < kv:
+                raise ConfigError(f"index_source_layer_ids: layer {layer} reads KV source {kv} but index source "
+                                  f"{index} scores the cache of KV source {self.kv_source(index)}")
+        c = self.candidate_source_layer_id
+        if c == -1:
+            if self.candidate_topk_blocks or self.candidate_block_size:
+                raise ConfigError("candidate_source_layer_id: candidate_topk_blocks / candidate_block_size given "
+                                  "without a candidate source")
+            return
+        if c not in self.index_source_layer_ids:
+            raise ConfigError(f"candidate_source_layer_id: expected -1 or one of index_source_layer_ids "
+                              f"{self.index_source_layer_ids}, got {c!r}")
+        for key in ("candidate_topk_blocks", "candidate_block_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _BIG:
+                raise ConfigError(f"{key}: expected an int in [1, {_BIG}] with a candidate source, got {value!r}")
+        for i in self.index_source_layer_ids:
+            if i > c and self.compress_ratio(i) != self.compress_ratio(c):
+                raise ConfigError(f"candidate_source_layer_id: index source {i} (ratio {self.compress_ratio(i)}) "
+                                  f"would take candidate blocks of ratio {self.compress_ratio(c)} from layer {c}")
 
     # -- what kind of model ------------------------------------------------------------------
     @property
@@ -215,6 +294,25 @@ class ModelArgs:
     @property
     def compress_ratios(self) -> list[int]:
         return [self.compress_ratio(i) for i in range(self.num_hidden_layers)]
+
+    @property
+    def shares_compressed_caches(self) -> bool:
+        """V4.1's topology: compressors on `kv_source_layer_ids`, indexers on `index_source_layer_ids`."""
+        return self.kv_source_layer_ids is not None
+
+    def _latest(self, ids: list[int] | None, layer: int) -> int | None:
+        if not self.compress_ratio(layer) or ids is None:
+            return None
+        return max((i for i in ids if i <= layer), default=None)
+
+    def kv_source(self, layer: int) -> int | None:
+        """V4.1: the layer whose compressed cache `layer` reads (itself for a source); None where it
+        reads none or owns its own (V4)."""
+        return self._latest(self.kv_source_layer_ids, layer)
+
+    def index_source(self, layer: int) -> int | None:
+        """V4.1: the layer whose indexer picks `layer`'s compressed entries."""
+        return self._latest(self.index_source_layer_ids, layer)
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.mlp_layer_types[layer] in ("moe", "hash_moe", "sparse")
@@ -294,7 +392,14 @@ class ModelArgs:
             g += [("tp", "matrix", q * nh * d + nh * d * self.o_lora_rank + self.o_groups * self.o_lora_rank * h),
                   ("tp", "fp32", nh),  # sinks
                   ("whole", "matrix", h * q + h * d), ("whole", "float", q + d)]
-            if r:
+            if r in (1, 2):  # V4.1: a compressor on KV sources only, an indexer on index sources only
+                if self.kv_source(layer) == layer:
+                    g += [("whole", "matrix", h * d * r), ("whole", "float", d)]  # wkv (+ wgate), norm
+                if self.index_source(layer) == layer:
+                    g.append(("tp", "matrix", q * nih * idx + h * nih))
+                    if self.kv_source(layer) == layer:
+                        g += [("whole", "float", d * idx + idx)]  # wk (bf16 in the checkpoint), k_norm
+            elif r:
                 width = 2 if r == 4 else 1  # CSA windows overlap: two series per token
                 g += [("whole", "matrix", 2 * h * width * d), ("whole", "fp32", r * width * d), ("whole", "float", d)]
             if r == 4:  # the indexer: its compressor whole, its query heads split
@@ -322,10 +427,14 @@ class ModelArgs:
             cfg = {**{k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")},
                    **(cfg.get("text_config") or {}), "model_type": model_type}
             model_type = "deepseek_v4"  # V4's key folding below; restored at the end
-            if set(cfg.get("compress_ratios") or ()) - set(RATIO_TO_LAYER_TYPE):
-                raise ConfigError("compress_ratios: V4.1's ratios 1 and 2 (compressed caches shared from "
-                                  "kv_source_layer_ids / index_source_layer_ids) are not supported yet; "
-                                  f"got {sorted(set(cfg['compress_ratios']))} (docs/engram.md)")
+            ratios = cfg.get("compress_ratios")
+            if ratios is not None and cfg.get("layer_types") is None and set(ratios) & {1, 2}:
+                if set(ratios) - set(V41_RATIO_TO_LAYER_TYPE):
+                    raise ConfigError(f"compress_ratios: V4.1's ratios are {sorted(V41_RATIO_TO_LAYER_TYPE)} (V4's 4 / 128 "
+                                      f"do not mix with them), got {sorted(set(ratios))}")
+                cfg["layer_types"] = [V41_RATIO_TO_LAYER_TYPE[r] for r in ratios]
+                cfg["layer_types"] = cfg["layer_types"][: cfg.get("num_hidden_layers", len(ratios))]
+                cfg.pop("compress_ratios")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kw: dict[str, Any] = {}
         # Legacy (DeepSeek's own) spellings, folded like transformers does.
@@ -423,6 +532,9 @@ class ModelArgs:
                     d.pop(k)
         if d["quantization_config"] is None:
             d.pop("quantization_config")
+        if not self.shares_compressed_caches:
+            for k in V41_TOPOLOGY_KEYS:
+                d.pop(k)
         return d
 
     def replace(self, **changes: Any) -> "ModelArgs":
@@ -466,8 +578,11 @@ def _v41_flash() -> ModelArgs:
     # attention/plan.py HIDDEN 5120, Q_RANK 1280, HEAD_DIM 512 (ROPE 64), N_HEADS 64, O_GROUPS 8,
     # O_RANK 1024, WINDOW 128, TOPK 512; stages/moe_shape.py 384 experts top-6; stages/dims.py
     # MOE_INTER = SHARED_INTER 2304; README.md: 40 backbone layers, Engram on layers 1 and 14,
-    # sqrtsoftplus routing x 1.5, MXFP8 linears, MXFP4 experts). V4.1's attention topology
-    # (compress ratios 1 / 2 on shared caches) is not built here: the V4 schedule stands in.
+    # sqrtsoftplus routing x 1.5, MXFP8 linears, MXFP4 experts). Attention schedule from that
+    # README ("Scope"): compressor / indexer (KV and index sources) on 2, 8, 14 (ratio 2) and 20,
+    # 24, 28, 32, 36 (ratio 1), the layers after each reading its caches, 0-1 sliding window.
+    # nvidia/model.py names 24/28/32/36 as candidate-block consumers (so 20 is the source), but
+    # the block count and size are not in vLLM's code: candidate blocks stay off here.
     # Engram sizes are not in vLLM's code; these are the demo's geometry (3-grams, 8 heads of 64)
     # with rows per (order, head) chosen so two layers' float8 tables (+ ue8m0 scales) come to
     # ~189 GiB, the figure the issue reports: an ESTIMATE until a config.json is at hand.
@@ -475,9 +590,12 @@ def _v41_flash() -> ModelArgs:
     engram = dict(engram_layer_ids=[1, 14], engram_max_ngram_size=3, engram_n_heads=8, engram_head_dim=64,
                   engram_vocab_size=rows, engram_num_embeddings=[16 * rows + 65536] * 2,
                   engram_compressed_vocab_size=100_000, engram_pad_token_id=2)
+    sources = [2, 8, 14, 20, 24, 28, 32, 36]
+    layer_types = ["sliding_attention"] * 2 + ["c2_attention"] * 18 + ["c1_attention"] * 20
     return ModelArgs(model_type="deepseek_v41", hidden_size=5120, num_hidden_layers=40, q_lora_rank=1280,
                      n_routed_experts=384, moe_intermediate_size=2304, intermediate_size=2304,
-                     mlp_layer_types=["moe"] * 40,
+                     mlp_layer_types=["moe"] * 40, layer_types=layer_types, kv_source_layer_ids=sources,
+                     index_source_layer_ids=sources,
                      quantization_config={**FP8_BLOCK, "scale_fmt": "ue8m0", "expert_dtype": "fp4"}, extra=engram)
 
 

@@ -62,6 +62,9 @@ _V4_RENAMES = [
     (r"\.attn\.", ".self_attn."),
     (r"\.ffn\.", ".mlp."),
     (r"\.indexer\.compressor\.", ".compressor.indexer."),
+    # V4.1's index keys come from the compressor's latent (model.attention_v41)
+    (r"\.self_attn\.indexer\.wk\.", ".self_attn.compressor.indexer.k_proj."),
+    (r"\.self_attn\.indexer\.k_norm\.", ".self_attn.compressor.indexer.k_norm."),
     (r"\.attn_norm\.", ".input_layernorm."),
     (r"\.ffn_norm\.", ".post_attention_layernorm."),
     (r"\.hc_(attn|ffn)_(fn|base|scale)$", r".\1_hc.\2"),
@@ -422,6 +425,18 @@ class _Loader:
         (FP8's 128-row blocks; FP4 and int8 scale each row)."""
         return tensor.dtype != torch.float8_e4m3fn or half % ops.WEIGHT_BLOCK[0] == 0
 
+    def _shared_cache_hint(self) -> str:
+        """V4.1: a compressor or indexer tensor on a layer that reads another layer's."""
+        if not self.args.shares_compressed_caches:
+            return ""
+        layers = sorted({int(m.group(1)) for name in self.unexpected if ".self_attn.compressor." in name
+                         for m in [_LAYER.match(name)] if m})
+        if not layers:
+            return ""
+        return (f" (layers {layers}: V4.1 builds a compressor only on kv_source_layer_ids "
+                f"{self.args.kv_source_layer_ids} and an indexer only on index_source_layer_ids "
+                f"{self.args.index_source_layer_ids}; the config and the checkpoint disagree)")
+
     def finish(self) -> None:
         missing = []
         for name in sorted(self.expected - self.refused):
@@ -434,7 +449,8 @@ class _Loader:
             problems.append(f"{len(missing)} missing tensor(s): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
         if self.unexpected:
             problems.append(f"{len(self.unexpected)} unexpected tensor(s) (not in the model): "
-                            + ", ".join(self.unexpected[:20]) + (" ..." if len(self.unexpected) > 20 else ""))
+                            + ", ".join(self.unexpected[:20]) + (" ..." if len(self.unexpected) > 20 else "")
+                            + self._shared_cache_hint())
         if self.errors:
             problems.append(f"{len(self.errors)} mis-shaped tensor(s): " + "; ".join(self.errors[:20]))
         if self.rejected:

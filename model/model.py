@@ -21,6 +21,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from v4hal.model import attention_v41
 from v4hal.model.attention_v4 import V4Attention, V4AttentionConfig
 from v4hal.model.attention_v32 import V32Attention, V32AttentionConfig
 from v4hal.model import v41
@@ -40,6 +41,7 @@ class ModelCache:
 
     def __init__(self, layers: list):
         self.layers = layers
+        attention_v41.link(layers)  # V4.1's layers read their sources' caches
         self.engram = None  # V4.1: the ids the next chunk's n-grams reach back to (model.v41.EngramState)
         self.length = 0
         self.batch = 0   # sequences, set by the first call
@@ -65,7 +67,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, idx: int, par: Parallel = SOLO_PARALLEL):
         super().__init__()
         self.v4 = args.is_v4
-        if self.v4:
+        if self.v4 and args.kv_source(idx) is not None:  # V4.1: a compressed cache shared between layers
+            self.self_attn = attention_v41.V41Attention(V4AttentionConfig.from_hf(args, idx), args, idx, tp=par.tp)
+        elif self.v4:
             self.self_attn = V4Attention(V4AttentionConfig.from_hf(args, idx), tp=par.tp)
         else:  # V3 is V3.2 without DSA: no indexer, every causal token attended
             c = V32AttentionConfig.from_hf(args, idx)
@@ -196,7 +200,12 @@ class DeepseekForCausalLM(nn.Module):
         start = 0 if cache is None else cache.length
         b, s = input_ids.shape
         positions = torch.arange(start, start + s, device=input_ids.device).unsqueeze(0).expand(b, s)
-        caches = cache.layers if cache is not None else [None] * len(self.model.layers)
+        if cache is not None:
+            caches = cache.layers
+        elif self.args.shares_compressed_caches:  # V4.1's layers talk through their caches: a scratch one
+            caches = self.new_cache().layers
+        else:
+            caches = [None] * len(self.model.layers)
         h = self.model(input_ids, positions, caches, None if cache is None else cache.engram)
         if cache is not None:
             cache.length += s

@@ -66,7 +66,7 @@ class Layout:
         layers = range(args.num_hidden_layers)
         if args.is_v4:
             splits.append(("tp", self.tp, args.o_groups, "output projection groups (o_groups)"))
-        if args.is_v32 or args.is_v4 and any(args.compress_ratio(i) == 4 for i in layers):
+        if args.is_v32 or args.shares_compressed_caches or args.is_v4 and any(args.compress_ratio(i) == 4 for i in layers):
             splits.append(("tp", self.tp, args.index_n_heads, "indexer heads (index_n_heads)"))
         if any(args.is_moe_layer(i) for i in layers) and args.n_shared_experts:
             splits.append(("tp", self.tp, args.n_shared_experts * args.moe_intermediate_size,

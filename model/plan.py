@@ -91,7 +91,13 @@ def kv_bytes_per_sequence(args: ModelArgs, context: int, kv: str = "bf16") -> di
             d, r = args.head_dim, args.compress_ratio(i)
             row = kv_row_bytes(args, d, args.qk_rope_head_dim, kv)
             out["sliding window"] += min(context, args.sliding_window) * row
-            if r:
+            if args.shares_compressed_caches:  # V4.1: caches and index keys held by their sources only
+                if r and args.kv_source(i) == i:
+                    out["compressed"] += (context // r) * row
+                    out["compressor state"] += 2 * (r - 1) * d * BYTES["fp32"]  # ratio 2's open group
+                    if i in args.index_source_layer_ids:
+                        out["indexer keys"] += (context // r) * index_key_bytes(args, kv)
+            elif r:
                 out["compressed"] += (context // r) * row
                 width = 2 if r == 4 else 1
                 out["compressor state"] += 2 * r * width * d * BYTES["fp32"]  # open window's kv + gate

@@ -70,6 +70,8 @@ def test_deepseek_legacy_keys_fold_like_transformers(tmp_path):
 def test_to_dict_builds_the_transformers_config():
     for name in PRESETS:
         a = preset(name)
+        if a.shares_compressed_caches:  # V4.1's c1 / c2 layers: transformers has no V4.1 (docs/engram.md)
+            continue
         hf = HF_CONFIGS[a.model_type](**a.to_dict())
         assert hf.num_hidden_layers == a.num_hidden_layers and hf.hidden_size == a.hidden_size
 

@@ -109,7 +109,10 @@ def test_tables_in_host_memory_with_the_model_on_a_gpu():
 
 @pytest.mark.slow
 def test_compiled_static_decode_equals_eager():
-    model, ids = tiny_model(dtype=torch.float32), _ids(24)
+    # Engram and V4.1's shared caches with candidate blocks, through inductor.
+    model = build(_v41_topology(**CANDIDATES), dtype=torch.float32).init_random(0)
+    model.set_engram_token_map(torch.randint(0, 300, (512,), generator=torch.Generator().manual_seed(4)))
+    ids = _ids(24)
     with torch.no_grad():
         cache = model.new_cache()
         model(ids[:, :12], cache=cache)
@@ -125,9 +128,6 @@ def test_bad_config_and_token_map():
         build(ModelArgs.from_dict({"model_type": "deepseek_v41", "text_config": {**text, "engram_num_embeddings": [100, 400]}}))
     with pytest.raises(ConfigError, match="engram_layer_ids: increasing layer ids in \\[0, 4\\)"):
         build(ModelArgs.from_dict({"model_type": "deepseek_v41", "text_config": {**text, "engram_layer_ids": [1, 9]}}))
-    with pytest.raises(ConfigError, match="compress_ratios: V4.1's ratios 1 and 2"):
-        ModelArgs.from_dict({"model_type": "deepseek_v41", "text_config": {**text, "layer_types": None,
-                                                                            "compress_ratios": [0, 2, 1, 1]}})
     model = build(tiny_v41())
     with pytest.raises(RuntimeError, match="no compressed token map"):
         model(torch.zeros(1, 3, dtype=torch.long))
@@ -135,6 +135,89 @@ def test_bad_config_and_token_map():
         model.set_engram_token_map(torch.zeros(100, dtype=torch.long))
     with pytest.raises(OpInputError, match=r"Engram: argument 'token_map' expected compressed ids in \[0, 300\)"):
         model.set_engram_token_map(torch.full((512,), 300))
+
+
+CANDIDATES = {"compress_ratios": [0, 1, 1, 1], "kv_source_layer_ids": [1, 3], "index_source_layer_ids": [1, 2, 3],
+              "candidate_source_layer_id": 1, "candidate_topk_blocks": 3, "candidate_block_size": 2}
+
+
+def _v41_topology(**changes):
+    text = {k: v for k, v in tiny_v41().to_dict().items() if k not in ("model_type", "layer_types")}
+    text.update({"compress_ratios": [0, 2, 2, 1, 0], "kv_source_layer_ids": [1, 3], "index_source_layer_ids": [1, 3],
+                 **changes})
+    return ModelArgs.from_dict({"model_type": "deepseek_v41", "text_config": text})
+
+
+def test_v41_topology_config_and_its_errors():
+    args = _v41_topology()  # the MTP layer's trailing ratio is dropped
+    assert args.compress_ratios == [0, 2, 2, 1] and args.layer_types[1:] == ["c2_attention"] * 2 + ["c1_attention"]
+    assert [args.kv_source(i) for i in range(4)] == [None, 1, 1, 3] == [args.index_source(i) for i in range(4)]
+    assert ModelArgs.from_dict(args.to_dict()).kv_source_layer_ids == [1, 3]
+    assert _v41_topology(kv_source_layer_ids=[3, 1, 4]).kv_source_layer_ids == [1, 3]  # 4: the MTP layer
+    flash = preset("v4.1-flash")
+    assert flash.compress_ratios == [0] * 2 + [2] * 18 + [1] * 20
+    assert [flash.kv_source(i) for i in (1, 2, 7, 8, 19, 20, 23, 24, 39)] == [None, 2, 2, 8, 14, 20, 20, 24, 36]
+    bad = [({"compress_ratios": [0, 2, 4, 1]}, "compress_ratios: V4.1's ratios are \\[0, 1, 2\\]"),
+           ({"kv_source_layer_ids": [2, 3]}, "kv_source_layer_ids: compressed layer 1 needs a source at or below it"),
+           ({"kv_source_layer_ids": [1]}, "kv_source_layer_ids: layer 3 \\(ratio 1\\) would read layer 1 of ratio 2"),
+           ({"index_source_layer_ids": [1, 3, 0]}, "index_source_layer_ids: layer 0 must be a compressed layer"),
+           ({"index_source_layer_ids": [1, 9]}, "index_source_layer_ids: layer 9 must be .* got out of range"),
+           ({"kv_source_layer_ids": [1, 2, 3]}, "index_source_layer_ids: layer 2 reads KV source 2 but index source 1"),
+           ({"kv_source_layer_ids": None}, "kv_source_layer_ids: V4.1's compressed layers need a non-empty list"),
+           ({"candidate_source_layer_id": 2}, "candidate_source_layer_id: expected -1 or one of index_source_layer_ids"),
+           ({"candidate_source_layer_id": 1, "candidate_topk_blocks": 2}, "candidate_block_size: expected an int"),
+           ({"candidate_source_layer_id": 1, "candidate_topk_blocks": 2, "candidate_block_size": 2},
+            "candidate_source_layer_id: index source 3 \\(ratio 1\\) would take candidate blocks of ratio 2")]
+    for changes, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            _v41_topology(**changes)
+    with pytest.raises(ConfigError, match="kv_source_layer_ids: only for V4.1's compress_ratios 1 / 2"):
+        ModelArgs.from_dict({**tiny_v41().to_dict(), "kv_source_layer_ids": [1]})
+
+
+@pytest.mark.parametrize("topology", [{}, {"compress_ratios": [0, 2, 2, 2], "kv_source_layer_ids": [1],
+                                             "index_source_layer_ids": [1, 2]},
+                                      CANDIDATES],
+                         ids=["c2-then-c1", "index-only-source", "candidate-blocks"])
+def test_shared_compressed_caches_give_the_same_logits_one_shot_chunked_and_decoding(topology):
+    args = _v41_topology(**topology)
+    model = build(args, dtype=torch.float64).init_random(0)
+    model.set_engram_token_map(torch.randint(0, 300, (512,), generator=torch.Generator().manual_seed(4)))
+    params = {n for n, _ in model.named_parameters() if ".self_attn.compressor." in n}
+    kv_sources, index_sources = args.kv_source_layer_ids, args.index_source_layer_ids
+    for i in range(4):  # a reader owns no compressor or indexer weights
+        owns = {n.split(".compressor.")[1] for n in params if n.startswith(f"model.layers.{i}.")}
+        kv = {"kv_proj.weight", "kv_norm.weight"} | ({"gate_proj.weight"} if args.compress_ratio(i) == 2 else set())
+        index = {"indexer.q_b_proj.weight", "indexer.scorer.weights_proj.weight"}
+        keys = {"indexer.k_proj.weight", "indexer.k_norm.weight"}
+        assert owns == ((kv if i in kv_sources else set()) | (index if i in index_sources else set())
+                        | (keys if i in kv_sources and i in index_sources else set())), i
+    ids, prompt = _ids(), 16
+    with torch.no_grad():
+        whole = model(ids)
+        cache = model.new_cache()
+        chunked = torch.cat([model(ids[:, i:min(i + 7, prompt)], cache=cache) for i in range(0, prompt, 7)], 1)
+        decoder = StaticDecoder(model, cache, capacity=ids.shape[1], compile=False)
+        eager, static = [], []
+        for i in range(prompt, ids.shape[1]):
+            eager.append(model(ids[:, i:i + 1], cache=cache))
+            static.append(decoder(ids[:, i:i + 1]))
+        entries = [len(c.compressed) for c in cache.layers]  # held once, by the KV sources
+        assert entries == [40 // args.compress_ratio(i) if i in kv_sources else 0 for i in range(4)]
+        picks = cache.layers[index_sources[-1]].picks
+        assert picks.shape == (2, 1, args.index_topk) and bool((picks >= 0).all())
+        if args.candidate_source_layer_id >= 0:  # later indexers pick inside the published blocks only
+            blocks = cache.layers[args.candidate_source_layer_id].blocks
+            assert blocks.shape == (2, 1, 3) and bool((blocks == (40 - 1) // 2).any(-1).all())  # the newest stays
+            for i in (2, 3):
+                inside = (cache.layers[i].picks.unsqueeze(-1) // 2 == blocks.unsqueeze(-2)).any(-1)
+                assert bool(inside.all()), i
+        for i in kv_sources:  # the shared entries reach the logits
+            model.model.layers[i].self_attn.compressor.kv_norm.weight.mul_(1.5)
+        assert not torch.allclose(model(ids), whole)
+    torch.testing.assert_close(chunked, whole[:, :prompt], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.cat(eager, 1), whole[:, prompt:], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.cat(static, 1), whole[:, prompt:], rtol=1e-10, atol=1e-10)
 
 
 def test_plan_counts_the_tables_as_host_bytes():
@@ -197,6 +280,60 @@ def test_a_checkpoint_missing_an_engram_tensor_is_named(tmp_path):
     save_file(state, path)
     with pytest.raises(LoadError, match=r"2 missing tensor\(s\): model.layers.1.engram.q_weight, model.layers.3.engram.embed.scale"):
         load_checkpoint(build(tiny_v41(quantized=True)), tmp_path / "ckpt", tiny_v41(quantized=True))
+
+
+def test_candidate_blocks_by_hand():
+    from v4hal.model.attention_v41 import Candidates
+
+    pick = Candidates(source=1, topk_blocks=2, block_size=2, writes=True)
+    scores = torch.tensor([[[5.0, 0.0, 1.0, 9.0, 7.0, 2.0, 3.0]] * 3], dtype=torch.float64)  # [1, 3, 7]
+    visible = torch.tensor([[7, 3, 0]])
+    # 7 visible: blocks (5, 9, 7, 3), the newest (block 3) kept first, then block 1 (9).
+    # 3 visible: blocks (5, 1), the newest is block 1 -> [1, 0]. None visible: no block.
+    assert pick.select(scores, visible).tolist() == [[[3, 1], [1, 0], [-1, -1]]]
+    masked = pick.mask(scores, torch.tensor([[[3, 1], [0, -1], [-1, -1]]]))
+    inf = float("-inf")
+    assert masked.tolist() == [[[inf, inf, 1.0, 9.0, inf, inf, 3.0], [5.0, 0.0] + [inf] * 5, [inf] * 7]]
+
+
+_V41_ATTENTION_NAMES = [(".self_attn.compressor.indexer.scorer.weights_proj.", ".attn.indexer.weights_proj."),
+                        (".self_attn.compressor.indexer.q_b_proj.", ".attn.indexer.wq_b."),
+                        (".self_attn.compressor.indexer.k_proj.", ".attn.indexer.wk."),
+                        (".self_attn.compressor.indexer.k_norm.", ".attn.indexer.k_norm."),
+                        (".self_attn.compressor.kv_proj.", ".attn.compressor.wkv."),
+                        (".self_attn.compressor.gate_proj.", ".attn.compressor.wgate."),
+                        (".self_attn.compressor.kv_norm.", ".attn.compressor.norm.")]
+
+
+def test_shared_cache_checkpoint_in_deepseek_naming_and_a_reader_with_its_own_compressor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from v4hal.model.loader import LoadError, load_checkpoint
+    from v4hal.model.save import save_checkpoint
+
+    args = _v41_topology()
+    model = build(args, dtype=torch.float64).init_random(0)
+    save_checkpoint(model, args, tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "model.safetensors"
+    state = {}
+    for key, value in load_file(path).items():
+        for ours, theirs in _V41_ATTENTION_NAMES:
+            key = key.replace(ours, theirs)
+        state[_deepseek_name(key)] = value
+    assert "layers.3.attn.indexer.wk.weight" in state and "layers.1.attn.compressor.wgate.weight" in state
+    assert not any(k.startswith("layers.2.attn.compressor.") for k in state)
+    save_file(state, path)
+    fresh = build(args, dtype=torch.float64)
+    load_checkpoint(fresh, tmp_path / "ckpt", args)
+    token_map = torch.randint(0, 300, (512,), generator=torch.Generator().manual_seed(4))
+    model.set_engram_token_map(token_map)
+    fresh.set_engram_token_map(token_map)
+    with torch.no_grad():
+        assert torch.equal(fresh(_ids(12)), model(_ids(12)))
+    save_file({**state, "layers.2.attn.compressor.wkv.weight": state["layers.1.attn.compressor.wkv.weight"].clone()}, path)
+    with pytest.raises(LoadError, match=r"model.layers.2.self_attn.compressor.kv_proj.weight \(layers \[2\]: V4.1 builds "
+                                        r"a compressor only on kv_source_layer_ids \[1, 3\]"):
+        load_checkpoint(build(args), tmp_path / "ckpt", args)
 
 
 @pytest.mark.parametrize("target", ["bf16", "copy"])
