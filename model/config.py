@@ -401,10 +401,11 @@ class ModelArgs:
                         g += [("whole", "float", d * idx + idx)]  # wk (bf16 in the checkpoint), k_norm
             elif r:
                 width = 2 if r == 4 else 1  # CSA windows overlap: two series per token
-                g += [("whole", "matrix", 2 * h * width * d), ("whole", "fp32", r * width * d), ("whole", "float", d)]
-            if r == 4:  # the indexer: its compressor whole, its query heads split
-                g += [("whole", "matrix", 2 * h * 2 * idx), ("whole", "fp32", r * 2 * idx), ("whole", "float", idx),
-                      ("tp", "matrix", q * nih * idx + h * nih)]
+                # the compressor's wkv / wgate ship in bf16 even in FP8 checkpoints (not block-quantized)
+                g += [("whole", "float", 2 * h * width * d), ("whole", "fp32", r * width * d), ("whole", "float", d)]
+            if r == 4:  # the indexer: its compressor whole, its query heads split (weights_proj: bf16 on disk)
+                g += [("whole", "float", 2 * h * 2 * idx), ("whole", "fp32", r * 2 * idx), ("whole", "float", idx),
+                      ("tp", "matrix", q * nih * idx), ("tp", "float", h * nih)]
         else:
             kv = self.kv_lora_rank + self.qk_rope_head_dim
             g += [("tp", "matrix", q * nh * self.qk_head_dim + self.kv_lora_rank * nh * (self.qk_nope_head_dim + self.v_head_dim)
@@ -413,7 +414,8 @@ class ModelArgs:
             if self.attention_bias:  # q_a_proj, kv_a_proj_with_mqa and o_proj (added once, after the reduce)
                 g.append(("whole", "float", q + kv + h))
             if self.is_v32:
-                g += [("tp", "matrix", q * nih * idx + h * nih), ("whole", "matrix", h * idx), ("whole", "float", 2 * idx)]
+                g += [("tp", "matrix", q * nih * idx), ("tp", "float", h * nih),  # weights_proj: bf16 on disk
+                      ("whole", "matrix", h * idx), ("whole", "float", 2 * idx)]
         return [("attention", *x) for x in g]
 
     # -- io ------------------------------------------------------------------------------------

@@ -329,7 +329,7 @@ def _run(ns, args, prompts, tokenizer, layout, placement: Placement | None, dtyp
 def _check_ranks_agree(model, tokens: list[list[int]], planned: float, placement: Placement) -> str | None:
     """Prints each rank's device and weight bytes beside `v4hal plan`'s prediction; what differs
     if not every rank generated the same tokens."""
-    mine = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    mine = model.held_bytes()
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (mine, tokens, placement.device))
     for rank, (held, toks, device) in enumerate(everyone):

@@ -214,6 +214,13 @@ class DeepseekForCausalLM(nn.Module):
             h = h[:, -1:]
         return self.parallel.tp.all_gather(self.lm_head(h).float(), dim=-1)
 
+    def held_bytes(self) -> int:
+        """Bytes of the weights this process holds: the state dict, plus the quantization scales
+        `Linear` layers keep beside their weights as plain attributes (`weight_scale_inv`)."""
+        scales = [m.weight_scale_inv for m in self.modules() if getattr(m, "weight_scale_inv", None) is not None
+                  and "weight_scale_inv" not in m._buffers and "weight_scale_inv" not in m._parameters]
+        return sum(t.numel() * t.element_size() for t in [*self.state_dict().values(), *scales])
+
     def init_random(self, seed: int = 0, std: float = 0.02) -> "DeepseekForCausalLM":
         """transformers' initialisation (normal weights, unit norms, zero biases / sinks / position
         biases, unit mHC scales), for demos and tests without a checkpoint."""

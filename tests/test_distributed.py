@@ -7,6 +7,7 @@ all-to-all); tp=2 x ep=2 and tp=4 x ep=4 (heads and vocabulary split, each rank 
 of the experts). One launch per world size runs all of its layouts.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -16,10 +17,12 @@ from datetime import timedelta
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
+from v4hal import ops
 from v4hal.bench.cases_model import hf_model
 from v4hal.cli import main as cli
 from v4hal.model.config import ModelArgs, preset
@@ -37,7 +40,17 @@ MLA = dict(model_type="deepseek_v3", vocab_size=256, hidden_size=64, intermediat
 # tiny V4 with 4 output projection groups, so that tp=4 fits
 CONFIGS = {"v4": preset("tiny").replace(o_groups=4).to_dict(),
            "v32": {**MLA, "model_type": "deepseek_v32", "index_n_heads": 8, "index_head_dim": 16, "index_topk": 6},
-           "v3": MLA}
+           "v3": MLA,
+           # block-FP8 (128 x 128) V4 whose tp=2 splits fall on whole blocks (tp=4 would cut them)
+           "v4fp8": preset("tiny").replace(hidden_size=256, head_dim=128, q_lora_rank=128, o_groups=2, o_lora_rank=128,
+                                           moe_intermediate_size=256, index_head_dim=32).to_dict()}
+WORLDS = {"v4fp8": (2,)}  # the launches a checkpoint joins (default: all)
+# FP8 logits are compared by cosine (DESIGN.md's accept line), not 1e-5, and tokens not at all:
+# a float32 rounding difference (partial sums in another order, a GEMM over other rows) flips
+# activations' FP8 codes and then the near-tied routers of a random model. The single-process
+# FP8 run differs from itself that much between batch 2 and batch 4 (cosine 0.994, measured);
+# the layouts here gave 0.993 to 0.999.
+FP8_TOLERANCE = {"v4fp8": 0.99}
 # (layout, checkpoint): "hf" the transformers checkpoint, "mp" its `convert run --mp world` output
 LAUNCHES = {w: [(Layout(tp=w), "hf"), (Layout(ep=w, dp=w), "hf"), (Layout(tp=w, ep=w), "hf"), (Layout(tp=w, ep=w), "mp")]
             for w in (2, 4)}
@@ -75,6 +88,36 @@ def _source(path: str, kind: str, world: int) -> str:
     return path if kind == "hf" else f"{path}-mp{world}"
 
 
+def _quantize_fp8(path) -> None:
+    """Rewrite the checkpoint in `path` as DeepSeek ships FP8: every linear weight e4m3 with a
+    `.scale` per 128 x 128 block (routed experts one by one), except embeddings, head, norms,
+    router, the compressors and the indexer's weights_proj (bf16 on disk)."""
+    (shard,) = path.glob("*.safetensors")
+    tensors, out = load_file(shard), {}
+
+    def fp8(name, weight):
+        out[name], out[name[:-len("weight")] + "scale"] = ops.quantize_fp8(weight, (128, 128))
+
+    for name, t in tensors.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, N, K] -> experts.{e}.{proj}.weight
+            for e, w in enumerate(t):
+                if name.endswith("down_proj"):
+                    fp8(name.replace("down_proj", f"{e}.down_proj.weight"), w)
+                else:
+                    for proj, half in zip(("gate_proj", "up_proj"), w.chunk(2)):
+                        fp8(name.replace("gate_up_proj", f"{e}.{proj}.weight"), half)
+        elif t.dim() == 2 and name.endswith(".weight") and not any(
+                k in name for k in ("norm", "embed", "head.", ".gate.weight", "compressor.", "weights_proj")):
+            fp8(name, t)
+        else:
+            out[name] = t
+    shard.unlink()
+    save_file({k: v.contiguous() for k, v in out.items()}, path / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (path / "config.json").write_text(json.dumps(config))
+
+
 def _worker(rank, world, port, cases, ckpts, out_dir):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -87,7 +130,7 @@ def _worker(rank, world, port, cases, ckpts, out_dir):
                 model = build(args, layout=layout, timeout_s=TIMEOUT)
                 load_checkpoint(model, path, args)  # this rank's slices (or its own files) only
                 out = _run(model, _ids(args)[_rows(layout, rank)])
-                out["held"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+                out["held"] = model.held_bytes()
                 torch.save(out, os.path.join(out_dir, f"{name}.{layout}.{kind}.{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -111,7 +154,9 @@ def checkpoints(tmp_path_factory):
     for name, cfg in CONFIGS.items():
         path = tmp_path_factory.mktemp(name)
         hf_model(ModelArgs.from_dict(cfg), seed=0).save_pretrained(path)
-        for world in LAUNCHES:
+        if name == "v4fp8":
+            _quantize_fp8(path)
+        for world in WORLDS.get(name, LAUNCHES):
             assert cli(["convert", "run", "--to", "copy", "--mp", str(world), str(path), f"{path}-mp{world}"]) == 0
         args = ModelArgs.from_json(path)
         model = build(args)
@@ -122,16 +167,22 @@ def checkpoints(tmp_path_factory):
 
 @pytest.mark.parametrize("world", list(LAUNCHES))
 def test_parallel_layouts_match_one_process(world, checkpoints, tmp_path):
-    spawn(_worker, world, LAUNCHES[world], {n: p for n, (p, _) in checkpoints.items()}, str(tmp_path))
+    runs = {n: c for n, c in checkpoints.items() if world in WORLDS.get(n, LAUNCHES)}
+    spawn(_worker, world, LAUNCHES[world], {n: p for n, (p, _) in runs.items()}, str(tmp_path))
     for lay, kind in LAUNCHES[world]:
-        for name, (path, ref) in checkpoints.items():
+        for name, (path, ref) in runs.items():
             planned = sum(weight_bytes(ModelArgs.from_json(path), lay).values())
             for rank in range(world):
                 got = torch.load(tmp_path / f"{name}.{lay}.{kind}.{rank}.pt")
                 rows, case = _rows(lay, rank), f"{name} {lay} from {kind}, rank {rank}"
-                torch.testing.assert_close(got["logits"], ref["logits"][rows], rtol=1e-5, atol=1e-5,
-                                           msg=lambda m: f"{case}: {m}")
-                assert got["tokens"] == ref["tokens"][rows], case
+                if name in FP8_TOLERANCE:
+                    a, b = got["logits"].double().flatten(), ref["logits"][rows].double().flatten()
+                    cosine = float(a @ b / a.norm() / b.norm())
+                    assert cosine > FP8_TOLERANCE[name], f"{case}: cosine {cosine} to the single-process FP8 logits"
+                else:
+                    torch.testing.assert_close(got["logits"], ref["logits"][rows], rtol=1e-5, atol=1e-5,
+                                               msg=lambda m: f"{case}: {m}")
+                    assert got["tokens"] == ref["tokens"][rows], case
                 assert got["held"] == planned, f"{case}: holds {got['held']} bytes, plan says {planned}"
 
 
