@@ -1,7 +1,7 @@
 """Reference FP8 KV cache (layouts: v4hal/ops/kv_cache.py): one token record of `token_bytes`
 bytes per row (nope e4m3 | rope BF16 | scales for v4, nope | scales | rope for v3.2, each
-layout's physical order), moved to and from the cache through the byte positions it occupies in
-its block. Attention dequantizes the whole cache, then runs the reference `sparse_attention`."""
+layout's physical order), moved to and from the cache as rows of the views its parts occupy
+(`regions`). Attention dequantizes the whole cache, then runs the reference `sparse_attention`."""
 
 import torch
 
@@ -19,21 +19,26 @@ def _pieces(lay):
     return (0, lay.nope), (lay.nope, lay.tiles * lay.scale_bytes), (lay.nope + lay.scale_record, 2 * lay.rope)
 
 
-def byte_positions(lay, block_size, offsets):
-    """`[M, token_bytes]`: where each byte of the records of the tokens at `offsets` lies in its
-    block's bytes."""
-    offsets = offsets.long().unsqueeze(-1)
+def regions(cache, lay):
+    """Views `[blocks, block_size, width]` of the cache's bytes whose rows, side by side, are the
+    token records: the whole record (v3.2), or the e4m3 + rope rows, then the scale records (v4,
+    each block holding all its rows before its scales). A token's part is one contiguous row of
+    a view, so records move by row gathers and row writes, not per byte."""
+    data = cache.view(torch.uint8)
     if not lay.split:
-        return offsets * lay.token_bytes + torch.arange(lay.token_bytes, device=offsets.device)
-    rows = offsets * lay.row_bytes + torch.arange(lay.row_bytes, device=offsets.device)
-    scales = block_size * lay.row_bytes + offsets * lay.scale_record + torch.arange(lay.scale_record,
-                                                                                    device=offsets.device)
-    return torch.cat([rows, scales], -1)
+        return [data]
+    blocks, bs = data.shape[0], data.shape[1]
+    flat = data.flatten(1)  # [blocks, block_size * token_bytes]: each block's bytes
+    rows = flat[:, :bs * lay.row_bytes].unflatten(1, (bs, lay.row_bytes))
+    scales = flat[:, bs * lay.row_bytes:].unflatten(1, (bs, lay.scale_record))
+    return [rows, scales]
 
 
-def block_bytes(cache):
-    """`[blocks, block_size * token_bytes]` uint8 view of the cache (each block's bytes)."""
-    return cache.view(torch.uint8).flatten(1)
+def _records(cache, lay, slots):
+    """Token records `[M, token_bytes]` at flat `slots` `[M]` (all valid)."""
+    bs = cache.shape[1]
+    block, offset = slots // bs, slots % bs
+    return torch.cat([view[block, offset] for view in regions(cache, lay)], -1)
 
 
 def round_to_bf16(x):
@@ -92,20 +97,19 @@ def kv_cache_fp8_write(cache, kv, slots, lay):
     first = keep.to(torch.uint8).argmax().view(1)  # indexing by a tensor, not a Python int
     any_kept = keep.index_select(0, first)
     records = encode(kv, lay)
-    blocks = block_bytes(cache)
     fill_slot = torch.where(any_kept, slots.index_select(0, first), 0)
-    own = blocks[(fill_slot // bs).unsqueeze(-1), byte_positions(lay, bs, fill_slot % bs)]
-    fill = torch.where(any_kept.unsqueeze(-1), records.index_select(0, first), own)
+    fill = torch.where(any_kept.unsqueeze(-1), records.index_select(0, first), _records(cache, lay, fill_slot))
     slots = torch.where(keep, slots, fill_slot)
     records = torch.where(keep.unsqueeze(-1), records, fill)
-    blocks[(slots // bs).unsqueeze(-1), byte_positions(lay, bs, slots % bs)] = records
+    block, offset, start = slots // bs, slots % bs, 0
+    for view in regions(cache, lay):
+        view[block, offset] = records[:, start:start + view.shape[2]]
+        start += view.shape[2]
 
 
 def kv_cache_fp8_read(cache, slots, lay):
     flat = slots.reshape(-1).long()
-    bs = cache.shape[1]
-    pos = byte_positions(lay, bs, flat.clamp(min=0) % bs)
-    rows = decode(block_bytes(cache)[(flat.clamp(min=0) // bs).unsqueeze(-1), pos], lay)
+    rows = decode(_records(cache, lay, flat.clamp(min=0)), lay)
     rows = torch.where((flat >= 0).unsqueeze(-1), rows, 0.0)
     return rows.view(*slots.shape, lay.dim)
 
