@@ -19,19 +19,17 @@ class NumericsError(ValueError):
 
 
 def load(paths: list[Path]) -> dict[str, list[dict]]:
-    """Chip -> its parity rows, from emulated ascend parity JSON files (one chip per file)."""
-    by_chip: dict[str, list[dict]] = {}
+    """Chip -> its parity rows, from emulated ascend parity JSON files (one chip per file; several
+    files of one chip, e.g. `--quick` and `--select moe_`, merge, a later row of a case winning)."""
+    by_case: dict[str, dict[str, dict]] = {}
     for path in paths:
         rows = json.loads(Path(path).read_text())["rows"]
         chips = {m.group(1) if (m := EMULATED_LABEL.match(r["backend"])) else None for r in rows}
         if len(chips) != 1 or None in chips:
             raise NumericsError(f"{path}: expected the rows of one emulated ascend chip "
                                 f"('ascend (emulated A3)'), got backends {sorted({r['backend'] for r in rows})}")
-        chip = chips.pop()
-        if chip in by_chip:
-            raise NumericsError(f"{path}: a second parity file for {chip}")
-        by_chip[chip] = rows
-    return by_chip
+        by_case.setdefault(chips.pop(), {}).update((r["case"], r) for r in rows)
+    return {chip: list(rows.values()) for chip, rows in by_case.items()}
 
 
 def _chip_part(rows: list[dict]) -> str:
