@@ -248,6 +248,20 @@ def test_init_routing_grouped_matmul_finalize(npu, dtype):
 
 
 @on()
+def test_grouped_matmul_bf16_over_a_transposed_expert_stack(npu):
+    """How FP8 / MXFP4 experts reach the op once decoded: BF16, the weight a transposed view of an
+    [E, N, K] stack (read as [E, K, N]), cumulative ends with empty experts (repeated ends)."""
+    m, kdim, n = 5, 64, 24
+    x = rnd(m, kdim, dtype=BF)
+    stack = rnd(3, n, kdim, dtype=BF, seed=1)  # [E, N, K], as checkpoints store experts
+    ends = torch.tensor([2, 2, 5])
+    y = npu.npu_grouped_matmul([x], [stack.transpose(1, 2)], group_list=ends, split_item=2, group_type=0,
+                               group_list_type=0)[0]
+    expert = [0, 0, 2, 2, 2]
+    close(y, torch.stack([stack[expert[r]].double() @ x[r].double() for r in range(m)]), BF)
+
+
+@on()
 def test_grouped_matmul_int8_per_token(npu):
     m, kdim, n, e = 9, 64, 16, 3
     xq = torch.randint(-127, 128, (m, kdim), generator=torch.Generator().manual_seed(0), dtype=torch.int8)

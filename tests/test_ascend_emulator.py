@@ -123,6 +123,47 @@ def test_parity_on_the_emulator_catches_a_flipped_glue_decision(emulate, monkeyp
     assert row["status"] == "fail", row
 
 
+class _Recorder:
+    """The emulator, keeping the weight shape of every npu_grouped_matmul call."""
+
+    def __init__(self, inner):
+        self.inner, self.weights = inner, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.inner, name)
+        if name != "npu_grouped_matmul":
+            return fn
+        return lambda x, weight, **kw: self.weights.append(tuple(weight[0].shape)) or fn(x, weight, **kw)
+
+
+@pytest.mark.parametrize("chip", ["A2", "A5"])
+@pytest.mark.parametrize("case_id", ["grouped_matmul/small/fp8-few-rows", "grouped_matmul/small/fp4-few-rows"])
+def test_quantized_experts_decode_only_those_that_can_have_rows(emulate, monkeypatch, chip, case_id):
+    """3 rows over 8 experts: the grouped GEMM gets min(E, rows) = 3 decoded experts, not 8."""
+    emulate(chip)
+    recorder = _Recorder(Emulator(chip))
+    answer_npu_with(monkeypatch, recorder)
+    row = _run(case_id)
+    assert row["status"] == "pass", row["note"]
+    assert [w[0] for w in recorder.weights] == [3]
+
+
+def _kept_by_count_not_by_id(group_offsets, rows):
+    """The plausible slip: the experts kept in topk's order (most rows first), not sorted by id."""
+    counts = group_offsets[1:].long() - group_offsets[:-1].long()
+    kept = torch.topk(counts, rows, sorted=True).indices
+    return kept, counts[kept].cumsum(0)
+
+
+def test_parity_catches_kept_experts_out_of_expert_order(emulate, monkeypatch):
+    from v4hal.backends.ascend import moe
+
+    emulate("A3")
+    assert _run("grouped_matmul/small/fp4-few-rows")["status"] == "pass"
+    monkeypatch.setattr(moe, "_experts_that_can_have_rows", _kept_by_count_not_by_id)
+    assert _run("grouped_matmul/small/fp4-few-rows")["status"] == "fail"
+
+
 @pytest.mark.parametrize("chip", ["A2", "A3", "A5"])
 def test_quick_parity_passes_on_the_emulator(emulate, chip):
     """CI's parity subset on the emulator: every quick case but the whole-model ones."""

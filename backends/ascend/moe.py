@@ -16,8 +16,15 @@
   [E, N, K] stack), `group_type=0` (groups split M), `split_item=2` (one output tensor) and
   `group_list=offsets[1:]` with `group_list_type=0` (cumulative ends; 1 would mean counts).
   int8 W8A8 experts add `npu_dynamic_quant` per-token activations, `scale` / `per_token_scale`
-  and an `output_dtype` code (the op returns int8 otherwise). FP8 / MXFP4 experts run per expert
-  through `ops.linear`, whose quant backend picks the chip's path (A2/A3 have no FP8 units).
+  and an `output_dtype` code (the op returns int8 otherwise). FP8 and MXFP4 experts are decoded to
+  BF16 on the NPU (e4m3 / e2m1 table lookups times their block scales; FP8 activations are
+  quantized per 1x128 block and decoded the same way, as `linear` does on A2/A3) and go through the
+  same BF16 `npu_grouped_matmul`, on every chip: its docs define no FP8 or MX mode (A5's Meta
+  kernel accepts e4m3 operands but the op has no `group_sizes`, so no 128x128 block scales), and
+  the per-expert `linear` loop this replaces read the group offsets on the host. Only the experts
+  that can have rows are decoded: at most min(E, rows), picked on the device by the largest counts
+  (every expert with a row is among them) and kept in expert order, so at decode (a few rows) a
+  call decodes a few experts, not all E; no value is read on the host.
 - SwiGLU: `npu_swiglu`, or `npu_clipped_swiglu(alpha=1, bias=0, interleaved=False)` for V4's
   clamp (its `A * sigmoid(alpha A) * (B + bias)` with clamped halves is exactly V4's).
 - combine: `npu_moe_finalize_routing`, whose `expanded_src_to_dst_row` is read choice-major
@@ -30,8 +37,9 @@
 import torch
 
 from v4hal.backends import registry
-from v4hal.backends.ascend import npu
+from v4hal.backends.ascend import npu, quant
 from v4hal.ops.moe import MoeDispatch
+from v4hal.ops.quant import ACT_BLOCK, WEIGHT_BLOCK
 
 parent = registry.parent_family(__name__)
 
@@ -87,14 +95,48 @@ def moe_dispatch(hidden, topk_ids, num_experts, capacity):
     return MoeDispatch(permuted, counts, offsets, flat_position // k, row_of_slot.view(t, k))
 
 
+def _float_grouped_matmul(x, weight, ends):
+    return npu().npu_grouped_matmul([x], [weight.transpose(1, 2)], group_list=ends, split_item=SINGLE_OUTPUT,
+                                    group_type=SPLIT_M, group_list_type=GROUP_LIST_CUMSUM)[0]
+
+
+def _experts_that_can_have_rows(group_offsets, rows):
+    """(expert ids in ascending order, their cumulative row ends) for the min(E, rows) experts with
+    the most rows: every expert with a row is among them (rows split over at most `rows` experts),
+    and those left out hold none, so the kept experts' rows stay contiguous and in order. None for
+    the ids when that is every expert. Device ops only: the sizes come from shapes."""
+    ends = group_offsets[1:].long()
+    n_experts = ends.shape[0]
+    if rows >= n_experts:
+        return None, ends
+    counts = ends - group_offsets[:-1].long()
+    kept = torch.topk(counts, rows, sorted=False).indices.sort().values
+    return kept, ends[kept]
+
+
+def _decoded_experts(x, weight, group_offsets, scale, fmt, act_scale_fmt):
+    """x and the experts that can have rows as BF16, with their row ends (see the module docstring)."""
+    kept, ends = _experts_that_can_have_rows(group_offsets, x.shape[0])
+    if kept is not None:
+        weight, scale = weight.index_select(0, kept), scale.index_select(0, kept)
+    if fmt == "fp8":
+        a, a_scale = registry.dispatch("quantize_fp8")(x, ACT_BLOCK, act_scale_fmt)
+        act = quant.dequantize_fp8(a, a_scale, ACT_BLOCK, torch.bfloat16)
+        w = quant.dequantize_fp8(weight, scale, WEIGHT_BLOCK, torch.bfloat16)
+    else:
+        act, w = x.bfloat16(), quant.dequantize_fp4(weight, scale, torch.bfloat16)
+    return act, w, ends
+
+
 def grouped_matmul(x, weight, group_offsets, scale, fmt, act_scale_fmt):
-    if fmt not in ("dense", "int8") or x.shape[0] == 0:
+    if x.shape[0] == 0 or (fmt in ("fp8", "fp4") and x.dtype == torch.float64):
         return parent.grouped_matmul(x, weight, group_offsets, scale, fmt, act_scale_fmt)
+    if fmt in ("fp8", "fp4"):
+        act, w, ends = _decoded_experts(x, weight, group_offsets, scale, fmt, act_scale_fmt)
+        return _float_grouped_matmul(act, w, ends).to(x.dtype)
     ends = group_offsets[1:].long()
     if fmt == "dense":
-        return npu().npu_grouped_matmul([x], [weight.to(x.dtype).transpose(1, 2)], group_list=ends,
-                                        split_item=SINGLE_OUTPUT, group_type=SPLIT_M,
-                                        group_list_type=GROUP_LIST_CUMSUM)[0]
+        return _float_grouped_matmul(x, weight.to(x.dtype), ends)
     out_dtype = x.dtype if x.dtype in SCALAR_TYPE_CODE else torch.bfloat16
     xq, x_scale = npu().npu_dynamic_quant(x)
     y = npu().npu_grouped_matmul([xq], [weight.transpose(1, 2)], scale=[scale.float()],

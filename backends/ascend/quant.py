@@ -17,9 +17,13 @@ wheel's Meta kernels are the ground truth; `chip_path(op)` says in words what ru
 - int8 W8A8 (all chips): `npu_dynamic_quant` (per-token, scale = rowmax|x| / 127) and
   `npu_quant_matmul(x1 int8, x2 int8 [K, N], scale fp32 [N], pertoken_scale fp32 [M],
   output_dtype=bf16/fp16)`: without output_dtype it would return int8.
-- MXFP4 experts: the weight is dequantized by table lookup and one BF16 matmul runs on every chip
-  (A5's FP8 x FP4 `npu_quant_matmul` needs the weight in its own packing; not wired up until it
-  can be checked on a 950).
+- MXFP4 (`fp4_matmul`, `dequantize_fp4`): the weight is decoded by one byte-indexed table lookup
+  (a byte holds two e2m1 codes, low nibble first) times its ue8m0 scales, then one BF16 matmul, on
+  every chip. A5's FP8 x FP4 `npu_quant_matmul` (`x2_dtype=float4_e2m1fn_x2`) is not used: the
+  docs state only that K must be a multiple of 64; neither they nor the Meta kernel (which skips
+  its scale checks for this mode, `group_sizes` [0,0,32] or [1,1,32]) say which layout and dtype
+  `scale` / `pertoken_scale` take, and the contract's activations are float (weight-only) or FP8
+  with float32 1x128 scales, which e8m0 per-32 MX scales cannot carry.
 Everything not listed, and every fallback here, is cpu_fast's device-agnostic torch code (inherited)
 running on the NPU.
 """
@@ -28,7 +32,7 @@ import torch
 
 from v4hal.backends import ascend, registry
 from v4hal.backends.ascend import npu
-from v4hal.ops.quant import ACT_BLOCK, INT32_EXACT_K, WEIGHT_BLOCK
+from v4hal.ops.quant import ACT_BLOCK, FP4_BLOCK, INT32_EXACT_K, WEIGHT_BLOCK
 
 FP8_CHIPS = ("A5",)
 NPU_OUT = (torch.bfloat16, torch.float16)  # what npu_quant_matmul writes with scales applied
@@ -48,7 +52,7 @@ PATHS = {
         "A2/A3": "BF16 dequant (uint8 table lookup + block scales) then one BF16 matmul; int8 W8A8 is "
                  "available by converting the checkpoint (linear on int8 weights)"},
     "quantize_fp4": {"*": "torch ops on the NPU"},
-    "dequantize_fp4": {"*": "e2m1 table lookup x ue8m0 scale, torch ops on the NPU"},
+    "dequantize_fp4": {"*": "one byte-indexed e2m1 pair table lookup x ue8m0 scale, torch ops on the NPU"},
     "fp4_matmul": {"*": "MXFP4 weight dequantized to BF16 by table lookup, then one BF16 matmul"},
     "quantize_int8": {"*": "npu_dynamic_quant (per token, bf16/fp16 input); torch ops otherwise"},
     "int8_matmul": {"*": "npu_quant_matmul int8 x int8, per-channel scale + pertoken_scale, "
@@ -88,19 +92,44 @@ def _decode_e4m3(q: torch.Tensor) -> torch.Tensor:
 
 
 def _scale_blocks(values, scale, block):
-    """values times the scale of the (bm, bk) block each element lies in; broadcast over a blocked
-    view where the blocks tile the matrix, so no full-size scale tensor is built."""
+    """values `[..., n, k]` times the scale of the (bm, bk) block each element lies in (scale
+    `[..., ceil(n/bm), ceil(k/bk)]`); broadcast over a blocked view where the blocks tile the
+    matrix, so no full-size scale tensor is built."""
     bm, bk = block
-    n, k = values.shape[-2:]
+    *lead, n, k = values.shape
     s = scale.float()
     if k % bk == 0 and (bm == 1 or n % bm == 0):
         if bm == 1:
             return (values.unflatten(-1, (-1, bk)) * s.unsqueeze(-1)).flatten(-2)
-        return (values.view(n // bm, bm, k // bk, bk) * s.view(n // bm, 1, k // bk, 1)).view(n, k)
+        blocked = values.view(*lead, n // bm, bm, k // bk, bk) * s.view(*lead, n // bm, 1, k // bk, 1)
+        return blocked.view(values.shape)
     s = s.repeat_interleave(bk, dim=-1)[..., :k]
     if bm > 1:
-        s = s.repeat_interleave(bm, dim=0)[:n]
+        s = s.repeat_interleave(bm, dim=-2)[..., :n, :]
     return values * s
+
+
+def _e2m1_pair_table(device) -> torch.Tensor:
+    """[256, 2] float32: the two e2m1 values a byte holds, low nibble first."""
+    magnitudes = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    nibbles = torch.cat([magnitudes, -magnitudes])
+    codes = torch.arange(256)
+    return torch.stack([nibbles[codes & 0xF], nibbles[codes >> 4]], dim=-1).to(device)
+
+
+def _fp4_scale_values(scale: torch.Tensor) -> torch.Tensor:
+    """ue8m0 scales as float32: e8m0 / uint8 bytes are exponents + 127, float32 ones are values."""
+    if scale.dtype in (torch.float8_e8m0fnu, torch.uint8):
+        return torch.exp2(scale.view(torch.uint8).float() - 127)
+    return scale.float()
+
+
+def _decode_fp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 `[..., N, K]` of a packed MXFP4 weight `[..., N, K/2]` and its 1x32 scales."""
+    codes = packed.reshape(-1).int()
+    pairs = torch.index_select(_e2m1_pair_table(packed.device), 0, codes)
+    values = pairs.view(*packed.shape[:-1], 2 * packed.shape[-1])
+    return _scale_blocks(values, _fp4_scale_values(scale), (1, FP4_BLOCK))
 
 
 def quantize_fp8(x, block, scale_fmt):
@@ -131,9 +160,18 @@ def fp8_matmul(a, a_scale, b, b_scale, out_dtype):
     return y.reshape(*a.shape[:-1], b.shape[0])
 
 
+def dequantize_fp4(packed, scale, out_dtype):
+    if out_dtype == torch.float64:
+        return torch_path.dequantize_fp4(packed, scale, out_dtype)
+    return _decode_fp4(packed, scale).to(out_dtype)
+
+
 def fp4_matmul(a, b, b_scale, a_scale, out_dtype):
+    if out_dtype == torch.float64 or a.dtype == torch.float64:
+        return torch_path.fp4_matmul(a, b, b_scale, a_scale, out_dtype)
     act = a.float() if a_scale is None else _scale_blocks(_decode_e4m3(a), a_scale, ACT_BLOCK)
-    w = torch_path.dequantize_fp4(b, b_scale, torch.bfloat16)
+    # e2m1 values times a power of two are exact in BF16: only the activation rounds.
+    w = _decode_fp4(b, b_scale).bfloat16()
     return torch.matmul(act.bfloat16(), w.t()).to(out_dtype)
 
 

@@ -27,6 +27,7 @@ import contextlib
 import re
 import time
 import types
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -36,6 +37,7 @@ import torch
 
 from v4hal.backends import ascend, registry
 from v4hal.tools.ascend import schema, wheel
+from v4hal.tools.ascend.numerics import cell as numerics_cell, load as load_numerics
 
 # c10_npu::SocVersion values (torch_npu/csrc/core/npu/NpuVariables.h in the wheel).
 SOC_VERSION = {"A2": 223, "A3": 250, "A5": 260}
@@ -737,7 +739,10 @@ def _family_notes() -> list[str]:
     return lines
 
 
-def format_markdown(results: list[Result], findings: list, sites: list, command: str) -> str:
+def format_markdown(results: list[Result], findings: list, sites: list, command: str,
+                    numerics: dict[str, list[dict]] | None = None) -> str:
+    """The op map; `numerics` (chip -> emulated parity rows, tools/ascend/numerics.py) adds the
+    "numerics (emulated)" column."""
     ops = registry.ops()
     chips = sorted({r.chip for r in results}) or list(ascend.CHIPS)
     vm = wheel.version_matrix()
@@ -756,10 +761,21 @@ def format_markdown(results: list[Result], findings: list, sites: list, command:
              "Per contract and chip: the vendor ops its ascend implementation calls over all parity "
              "cases (real V4-Flash / V4-Pro / V3.2 shapes and small ones), the cases that take the "
              "plain torch path on the NPU instead, or the cpu fallback when the ascend backend has no "
-             "implementation (it then runs only with `V4HAL_FALLBACK=cpu`).", "",
-             "| contract | family | " + " | ".join(chips) + " |", "|---|---|" + "---|" * len(chips)]
+             "implementation (it then runs only with `V4HAL_FALLBACK=cpu`)."]
+    if numerics is not None:
+        from v4hal.bench.cases import parity_cases
+
+        total = Counter(case.op for case in parity_cases())
+        lines += ["", "Numerics (emulated): the same backend on the vendor-op emulator (`v4hal parity "
+                  "--backend ascend --emulate <chip>`, docs/ascend.md), its parity cases against the "
+                  "float64 reference: passed / run per chip, the failures with their notes; emulated, "
+                  "not measured on a device."]
+    lines += ["", "| contract | family | " + " | ".join(chips) + " |" + (" numerics (emulated) |" if numerics else ""),
+              "|---|---|" + "---|" * (len(chips) + (1 if numerics else 0))]
     for op in sorted(ops, key=lambda o: (ops[o].family, o)):
         cells = [_cell([r for r in results if r.op == op and r.chip == chip]) for chip in chips]
+        if numerics is not None:
+            cells.append(numerics_cell(numerics, op, chips, total))
         lines.append(f"| `{op}` | {ops[op].family} | " + " | ".join(cells) + " |")
     benches = [r for r in results if r.op.startswith("bench:")]
     if benches:
@@ -826,6 +842,9 @@ def add_arguments(p) -> None:
     p.add_argument("--bench", action="store_true",
                    help="also dry-run every speed case (what `v4hal bench --backend ascend` runs)")
     p.add_argument("--report", type=Path, help="write the op x chip Markdown report here, e.g. docs/ascend-ops.md")
+    p.add_argument("--numerics", type=Path, nargs="+", metavar="PARITY_JSON",
+                   help="with --report: emulated parity results (`v4hal parity --backend ascend --emulate A2 "
+                        "--out DIR` writes DIR/parity.json), one per chip, for the numerics (emulated) column")
 
 
 def main(args) -> int:
@@ -863,6 +882,7 @@ def main(args) -> int:
           f"{wheel.TORCH_NPU_VERSION}, CANN {wheel.CANN_VERSION})")
     if args.report is not None:
         args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(format_markdown(results, findings, sites, "v4hal " + " ".join(sys.argv[1:])))
+        numerics = None if args.numerics is None else load_numerics(args.numerics)
+        args.report.write_text(format_markdown(results, findings, sites, "v4hal " + " ".join(sys.argv[1:]), numerics))
         print(f"wrote {args.report}")
     return 1 if failed or findings else 0
