@@ -121,7 +121,9 @@ point, n, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 count = [0]
 
 def stall():
-    Path(marker).write_text(str(os.getpid()))
+    # Renamed into place, so a test that sees the marker also sees the whole pid.
+    Path(marker + f".{os.getpid()}").write_text(str(os.getpid()))
+    os.replace(marker + f".{os.getpid()}", marker)
     time.sleep(600)
 
 def hook(owner, name, when):
