@@ -237,6 +237,13 @@ def positive_int(op: str, arg: str, value: object) -> int:
     return value
 
 
+def positive_float(op: str, arg: str, value: object) -> float:
+    """A finite number above zero (NaN, Inf, 0, negatives and non-numbers refused)."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise OpInputError(op, arg, "a positive finite float", repr(value))
+    return value
+
+
 def same_device(op: str, **tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
     if len(set(devices.values())) > 1:

@@ -22,7 +22,6 @@ int32 and int64 are accepted everywhere.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -151,11 +150,6 @@ def kv_compress(kv: torch.Tensor, gate: torch.Tensor, position_bias: torch.Tenso
     return entries, rest
 
 
-def _scale(op: str, scale: object) -> None:
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise _check.OpInputError(op, "scale", "a positive finite float", repr(scale))
-
-
 def _query_kv(op: str, q: torch.Tensor, kv: torch.Tensor) -> tuple[int, int, int, int]:
     """Checks q `[B, S, H, D]` against a shared KV `[B, N, D]`; returns q's shape."""
     _check.tensor(op, "q", q, dtypes=FLOATS, ndim=4)
@@ -181,7 +175,7 @@ def _indexer_inputs(op: str, q: torch.Tensor, k: torch.Tensor, weights: torch.Te
     if k.shape[0] != b or k.shape[2] != d:
         raise _check.OpInputError(op, "k", f"shape [{b}, T, {d}] (batch and head dim of q)", _check.describe(k))
     _check.shape(op, "weights", weights, (b, s, h), "[B, S, index heads] of q")
-    _scale(op, scale)
+    _check.positive_float(op, "scale", scale)
     _check.same_device(op, q=q, k=k, weights=weights)
 
 
@@ -285,7 +279,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, s
     if tuple(indices.shape[:2]) != (b, s):
         raise _check.OpInputError(op, "indices", f"shape [{b}, {s}, K] ([B, S] of q)", _check.describe(indices))
     n = kv.shape[1]
-    _scale(op, scale)
+    _check.positive_float(op, "scale", scale)
     _sink(op, sink, h)
     v_dim = d if v_dim is None else v_dim
     _check.positive_int(op, "v_dim", v_dim)
@@ -312,7 +306,7 @@ def window_attention(q: torch.Tensor, kv: torch.Tensor, window: int, scale: floa
     if kv.shape[1] < s:
         raise _check.OpInputError(op, "kv", f"at least the {s} rows of the queries themselves", _check.describe(kv))
     _check.positive_int(op, "window", window)
-    _scale(op, scale)
+    _check.positive_float(op, "scale", scale)
     _sink(op, sink, h)
     _check.same_device(op, q=q, kv=kv)
     out, lse = dispatch(op)(q, kv, window, float(scale), sink)

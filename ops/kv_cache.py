@@ -197,8 +197,7 @@ def sparse_attention_fp8kv(q: torch.Tensor, cache: torch.Tensor, indices: torch.
     _check.tensor(op, "indices", indices, dtypes=INDEX, ndim=3)
     if tuple(indices.shape[:2]) != (b, s):
         raise _check.OpInputError(op, "indices", f"shape [{b}, {s}, K] ([B, S] of q)", _check.describe(indices))
-    if not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
-        raise _check.OpInputError(op, "scale", "a positive finite float", repr(scale))
+    _check.positive_float(op, "scale", scale)
     if sink is not None:
         _check.tensor(op, "sink", sink, dtypes=FLOATS, ndim=1)
         _check.shape(op, "sink", sink, (h,), "one logit per query head")
@@ -244,8 +243,7 @@ def indexer_scores_fp8kv(q: torch.Tensor, cache: torch.Tensor, weights: torch.Te
     _check.equal(op, "q", d, lay.dim, f"head dim = the {lay.name} layout's {lay.dim} values")
     _check.tensor(op, "weights", weights, dtypes=FLOATS, ndim=3)
     _check.shape(op, "weights", weights, (b, s, h), "[B, S, H] of q")
-    if not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
-        raise _check.OpInputError(op, "scale", "a positive finite float", repr(scale))
+    _check.positive_float(op, "scale", scale)
     values = _check.Values(op)
     _block_table(op, block_table, cache, b, values)
     _check.same_device(op, q=q, cache=cache, weights=weights, block_table=block_table)
