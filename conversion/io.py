@@ -344,7 +344,7 @@ class HashingReader:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
         self.size = os.fstat(self.fd).st_size
-        self._direct = _open_direct_read(path)
+        self._direct = _open_direct_read(self.fd)
         self.pos = 0
         self.hash = HASHES[algo]() if algo else None
         self.progress = progress
@@ -473,13 +473,15 @@ def _pieces(n: int):
     return [min(READ_CHUNK, n - i) for i in range(0, max(n, 0), READ_CHUNK)]
 
 
-def _open_direct_read(path: str) -> int | None:
-    """`path` opened for O_DIRECT reads, or None where the OS or filesystem refuses them."""
+def _open_direct_read(opened: int) -> int | None:
+    """The file `opened` already is, opened again for O_DIRECT reads (through /proc/self/fd, so a
+    path swapped since, a symlink planted after the checks, is never followed), or None where the
+    OS or filesystem refuses them."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | flag)
+        fd = os.open(f"/proc/self/fd/{opened}", os.O_RDONLY | flag)
     except OSError:
         return None
     try:

@@ -148,7 +148,7 @@ def test_fp8_decode_restores_the_callers_thread_count():
 def test_hashing_reader_hashes_every_byte_in_order(tmp_path, monkeypatch, algo, direct, announce):
     monkeypatch.setattr(io, "READ_CHUNK", 1000)  # many gap reads through the background hasher
     if not direct:  # a filesystem without O_DIRECT: reads through the page cache
-        monkeypatch.setattr(io, "_open_direct_read", lambda path: None)
+        monkeypatch.setattr(io, "_open_direct_read", lambda opened: None)
     gen = torch.Generator().manual_seed(4)
     from safetensors.torch import save_file
 

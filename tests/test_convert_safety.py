@@ -317,3 +317,25 @@ def test_resume_skips_unchanged_outputs_without_reading_them_and_redoes_one_chan
     assert run(src, out) == 0
     assert hashed == [finished[0]]  # its ctime changed: re-hashed, found changed, redone
     assert file_bytes(out) == file_bytes(tmp_path / "ref")
+
+
+def test_direct_reads_reopen_the_file_already_opened_not_its_path(tmp_path):
+    """The O_DIRECT descriptor is the file the checks opened, even if its path now names another."""
+    from v4hal.conversion import io as conversion_io
+
+    checked, planted = tmp_path / "model.safetensors", tmp_path / "elsewhere"
+    checked.write_bytes(b"a" * 8192)
+    planted.write_bytes(b"b" * 8192)
+    fd = os.open(checked, os.O_RDONLY)
+    try:
+        checked.unlink()
+        checked.symlink_to(planted)
+        direct = conversion_io._open_direct_read(fd)
+        if direct is None:
+            pytest.skip("this filesystem refuses O_DIRECT, so the converter opens nothing more here")
+        try:
+            assert os.fstat(direct).st_ino == os.fstat(fd).st_ino != planted.stat().st_ino
+        finally:
+            os.close(direct)
+    finally:
+        os.close(fd)
