@@ -27,8 +27,9 @@ def describe(device: torch.device | str = "cpu") -> str:
         return f"{torch.npu.get_device_name()} (torch {torch.__version__})"
     import os
 
-    return (f"{cpu_name()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads, "
-            f"torch {torch.__version__}")
+    # The SIMD level torch dispatches to: the same VM model has come with and without AVX-512 BF16.
+    return (f"{cpu_name()}, {os.cpu_count()} logical cores, {torch.backends.cpu.get_cpu_capability()}, "
+            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
 
 
 def synchronize(device: torch.device) -> None:
