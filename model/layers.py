@@ -26,7 +26,7 @@ class Linear(nn.Module):
         self.reduce = reduce
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self.weight_scale_inv = None
+        self.register_buffer("weight_scale_inv", None)  # in the state dict once a quantized weight loads
         self.act_scale_fmt = "fp32"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

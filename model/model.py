@@ -215,11 +215,8 @@ class DeepseekForCausalLM(nn.Module):
         return self.parallel.tp.all_gather(self.lm_head(h).float(), dim=-1)
 
     def held_bytes(self) -> int:
-        """Bytes of the weights this process holds: the state dict, plus the quantization scales
-        `Linear` layers keep beside their weights as plain attributes (`weight_scale_inv`)."""
-        scales = [m.weight_scale_inv for m in self.modules() if getattr(m, "weight_scale_inv", None) is not None
-                  and "weight_scale_inv" not in m._buffers and "weight_scale_inv" not in m._parameters]
-        return sum(t.numel() * t.element_size() for t in [*self.state_dict().values(), *scales])
+        """Bytes of the weights this process holds: its state dict (quantization scales included)."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
     def init_random(self, seed: int = 0, std: float = 0.02) -> "DeepseekForCausalLM":
         """transformers' initialisation (normal weights, unit norms, zero biases / sinks / position

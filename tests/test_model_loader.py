@@ -301,3 +301,29 @@ def test_fp8_weight_with_a_nan_code_is_refused_by_name(tmp_path):
     save_file(tensors, path)
     with pytest.raises(LoadError, match=f"{name}: 2 e4m3 NaN code"):
         load_checkpoint(build(args), d, args)
+
+
+def test_saving_a_quantized_model_keeps_its_scales(tmp_path):
+    """Regression: `Linear` held `weight_scale_inv` as a plain attribute, outside the state dict, so
+    saving a loaded FP8 model wrote FP8 weights without their scales."""
+    from v4hal.model.save import save_checkpoint
+
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    make_pair("v4-mixed", d)
+    _quantize_dir(d, ".scale", shards=2, ue8m0=True)
+    args = ModelArgs.from_json(d)
+    q = build(args)
+    load_checkpoint(q, d, args)
+    state = q.state_dict()
+    fp8 = [n for n, t in state.items() if t.dtype == torch.float8_e4m3fn]
+    linears = [n for n in fp8 if n.endswith(".weight")]
+    assert linears and all(n + "_scale_inv" in state for n in linears)
+    assert all(n + "_scale" in state for n in fp8 if n not in linears)  # fused experts' stacks
+
+    save_checkpoint(q, args, tmp_path / "saved")
+    again = build(args)
+    load_checkpoint(again, tmp_path / "saved", args)
+    ids = torch.randint(0, args.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), q(ids), rtol=0, atol=0)
