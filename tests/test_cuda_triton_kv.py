@@ -267,6 +267,39 @@ def test_flash_mla_glue_gives_the_contract(monkeypatch, name, heads, sink):
     assert_attention_close(got, reference_attention(q, cache, lay, slots, 0.2, sk, 512), torch.bfloat16)
 
 
+def test_an_older_flash_mla_interface_is_not_called(monkeypatch):
+    """FlashMLA releases before MODEL1 take other arguments (no `attn_sink`): the kernel runs instead."""
+    class Older:
+        def flash_mla_with_kvcache(self, q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
+                                   num_splits, softmax_scale=None, causal=False, is_fp8_kvcache=False, indices=None):
+            raise AssertionError("called")
+    monkeypatch.setattr(cuda_kv, "flash_mla", lambda: Older())
+    monkeypatch.setattr(cuda_kv, "_flash_mla_domain", lambda q, cache, lay, v_dim: True)
+    monkeypatch.setattr(cuda_pkg, "triton_kernels", lambda family, x: triton_kv_cache)
+    q, cache, lay, slots, sk = attention_case("v4", 1, 1, 64, 8, torch.bfloat16, gen(3), blocks=2, block_size=8)
+    got = registry.family_view("cuda", "kv_cache").sparse_attention_fp8kv(q, cache, slots, 0.2, lay, sk, 512)
+    assert_attention_close(got, reference_attention(q, cache, lay, slots, 0.2, sk, 512), torch.bfloat16)
+    assert cuda_kv.has_sparse_fp8_decode(DocumentedFlashMLA()) and not cuda_kv.has_sparse_fp8_decode(Older())
+
+
+def test_speed_case_peers_do_the_ops_work():
+    """The selfcheck's FP8-cache speed rows: the op and each peer give the same numbers (so the
+    ratios compare like with like)."""
+    from v4hal.bench.cases_kv_cache import SPEED
+
+    for case in SPEED:
+        if "N32768" in case.name:
+            continue  # the same code at a larger size
+        fn, peers = case.make(torch.device("cpu"))
+        want = fn()
+        want = want[0] if isinstance(want, tuple) else want
+        assert len(peers) >= 1, case.id
+        for name, peer in peers.items():
+            got = peer()
+            got = got[0] if isinstance(got, tuple) else got
+            torch.testing.assert_close(got.double(), want.double(), rtol=1e-3, atol=1e-3, msg=f"{case.id}: {name}")
+
+
 def test_flash_mla_domain():
     v4, v32, index = (ops.KV_LAYOUTS[n] for n in ("v4", "v3.2", "index"))
     takes = cuda_kv.flash_mla_takes

@@ -9,6 +9,9 @@ stride), else this backend's Triton kernel (`triton_kv_cache.py`: any layout, he
 torch.compile). `indexer_scores_fp8kv` takes the Triton kernel likewise.
 """
 
+import functools
+import inspect
+
 import torch
 
 from v4hal.backends import cuda as backend
@@ -32,11 +35,20 @@ def _flash_mla_domain(q, cache, lay, v_dim) -> bool:
     return q.is_cuda and flash_mla_takes(q.dtype, q.shape[2], lay, v_dim, cache.stride(0), backend.capability())
 
 
+@functools.cache
+def has_sparse_fp8_decode(fm) -> bool:
+    """Whether this flash_mla has the interface used here (January 2026 on: MODEL1's layout, the
+    sink, metadata built on the first call); older releases take other arguments."""
+    fn = getattr(fm, "flash_mla_with_kvcache", None)
+    return fn is not None and {"is_fp8_kvcache", "indices", "attn_sink"} <= set(inspect.signature(fn).parameters)
+
+
 def flash_mla_decode(fm, q, cache, slots, scale, sink):
     """FlashMLA's sparse FP8 decode in the contract's terms. Its `indices` are our slots (int32,
     padded with -1 to a multiple of 64); its LSE, `[B, H, S]`, leaves out the sink and is +inf for
     a query with no entry (whose output is 0), while the contract's counts the sink and is -inf
-    there: the sink is added back with a logaddexp."""
+    there: the sink is added back with a logaddexp. The scheduling metadata is built afresh per call
+    (FlashMLA's first-call path: one small extra kernel), since the op keeps no state between calls."""
     b, s, k = slots.shape
     pad = -k % FLASH_MLA_TOPK_BLOCK
     indices = torch.nn.functional.pad(slots.int(), (0, pad), value=-1).contiguous()
@@ -53,7 +65,7 @@ def flash_mla_decode(fm, q, cache, slots, scale, sink):
 
 def sparse_attention_fp8kv(q, cache, slots, scale, lay, sink, v_dim):
     fm = flash_mla() if _flash_mla_domain(q, cache, lay, v_dim) else None
-    if fm is not None:
+    if fm is not None and has_sparse_fp8_decode(fm):
         return flash_mla_decode(fm, q, cache, slots, scale, sink)
     kernels = backend.triton_kernels("kv_cache", q)
     if kernels is not None and kernels.in_domain(q, sink):

@@ -12,7 +12,9 @@ the same on every GPU (the hardware FP8 conversion exists from sm89 only) and in
 sparse_attention_fp8kv: the structure of `triton_attention._sparse_attention` (one program per
 query and block of heads, index list in blocks of BLOCK_K, online softmax, split-K slices merged by
 `combine_splits`, the sink at the end), except that each block of rows is dequantized once, whole
-(NoPE tiles times their scales, then RoPE), and serves both the logits and the values.
+(NoPE tiles times their scales, then RoPE), and serves both the logits and the values. A slot
+past the cache's end (reachable only with V4HAL_CHECKS=shapes) counts as -1, so no byte outside
+the cache is read.
 
 indexer_scores_fp8kv: one program per (batch row, block of queries, block of keys); the keys are
 dequantized once and scored against every index head, `acc += w_h * relu(q_h . k)`.
