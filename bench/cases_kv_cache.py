@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from v4hal import ops
-from v4hal.bench.cases import Case, Tolerance, randn
+from v4hal.bench.cases import SHAPES, Case, SpeedCase, Tolerance, randn
+from v4hal.bench.peers_cuda import torch_path
 
 EXACT = Tolerance("exact")
 
@@ -70,4 +71,65 @@ PARITY = [
     _attention_case("v3.2", 512, 1, 4, 8),
     Case("indexer_scores_fp8kv", "small/paged", ops.indexer_scores_fp8kv, _indexer_inputs,
          Tolerance.for_dtype(torch.bfloat16, 128 * 4), quick=True),
+]
+
+
+# ----------------------------------------------------------------------------------------- speed
+
+def _device_cache(g, name, n, device):
+    """A cache of n slots in blocks of 64, every slot written, built on `device` (a copy made on
+    the host would lose the padded block stride FlashMLA requires)."""
+    cache = ops.kv_cache_fp8_empty(n // 64, 64, name, device=device)
+    kv = randn(g, n, ops.KV_LAYOUTS[name].dim, dtype=torch.bfloat16).to(device)
+    return ops.kv_cache_fp8_write(cache, kv, torch.arange(n, device=device), name)
+
+
+def _fp8kv_attention_speed(n: int, h: int, k: int):
+    """V4-Flash decode over an FP8 cache of n slots, k picks (top-k + window), bf16 q. Peers:
+    cpu_fast's dequantize-then-attend path on the same arguments (what the device kernels replace:
+    on CUDA the op runs FlashMLA or the Triton kernel) and `sparse_attention` over the same rows held
+    as a BF16 cache (the cache the FP8 one replaces)."""
+    def make(device):
+        g = torch.Generator().manual_seed(0)
+        lay = ops.KV_LAYOUTS["v4"]
+        cache = _device_cache(g, "v4", n, device)
+        slots = torch.randint(0, n, (1, 1, k), generator=g, dtype=torch.int32).to(device)
+        q = randn(g, 1, 1, h, lay.dim, dtype=torch.bfloat16).to(device)
+        sink, scale = randn(g, h).to(device), lay.dim ** -0.5
+        rows = ops.kv_cache_fp8_read(cache, torch.arange(n, device=device), "v4").bfloat16().unsqueeze(0)
+        peers = {"dequantize-then-attend (cpu_fast)": torch_path("sparse_attention_fp8kv", q, cache, slots, scale,
+                                                                   lay, sink, lay.dim),
+                 "sparse_attention over a BF16 cache": lambda: ops.sparse_attention(q, rows, slots, scale, sink=sink)}
+        return (lambda: ops.sparse_attention_fp8kv(q, cache, slots, scale, "v4", sink=sink)), peers
+    return make
+
+
+def _fp8kv_indexer_speed(t: int, h: int):
+    """V4-Flash decode indexer scores over t FP8 keys (the index layout). Peer: cpu_fast's
+    dequantize-then-score path on the same arguments."""
+    def make(device):
+        g = torch.Generator().manual_seed(0)
+        lay = ops.KV_LAYOUTS["index"]
+        cache = _device_cache(g, "index", t, device)
+        q = randn(g, 1, 1, h, lay.dim, dtype=torch.bfloat16).to(device)
+        weights, scale = randn(g, 1, 1, h).to(device), (lay.dim * h) ** -0.5
+        table = torch.arange(t // 64, dtype=torch.int32, device=device).unsqueeze(0)
+        slots = torch.arange(t, device=device).unsqueeze(0)  # what the contract makes of that table
+        peers = {"dequantize-then-score (cpu_fast)": torch_path("indexer_scores_fp8kv", q, cache, slots, weights,
+                                                                  scale, lay)}
+        return (lambda: ops.indexer_scores_fp8kv(q, cache, weights, scale, table)), peers
+    return make
+
+
+V4F = SHAPES["v4-flash"]
+V4F_PICKS = V4F["index_topk"] + V4F["window"]
+SPEED = [
+    SpeedCase("sparse_attention_fp8kv", f"v4-flash/decode-N{n}", _fp8kv_attention_speed(n, V4F["heads"], V4F_PICKS),
+              flops=4 * V4F["heads"] * V4F_PICKS * V4F["head_dim"],
+              bytes=V4F_PICKS * ops.KV_LAYOUTS["v4"].token_bytes)
+    for n in (8192, 32768)
+] + [
+    SpeedCase("indexer_scores_fp8kv", "v4-flash/decode-T32768", _fp8kv_indexer_speed(32768, V4F["index_heads"]),
+              flops=2 * V4F["index_heads"] * V4F["index_dim"] * 32768,
+              bytes=32768 * ops.KV_LAYOUTS["index"].token_bytes)
 ]

@@ -11,8 +11,9 @@ On the accelerator present (the `cuda` backend if torch.cuda.is_available(), els
    the static step's logits against eager's, ms per step of each;
 5. speed: a short list of speed cases, each with its same-run peers (F.linear in BF16, cuBLAS's
    block-scaled F.scaled_mm and the per-tensor torch._scaled_mm for fp8_matmul, SDPA over all
-   rows for sparse attention, transformers for the model decode step; on a GPU also the torch
-   paths the Triton kernels replace, and the Triton FP8 GEMM timed on its own: bench/peers_cuda.py).
+   rows for sparse attention, the dequantize-then-attend path and a BF16 cache for attention over
+   the FP8 KV cache, transformers for the model decode step; on a GPU also the torch paths the
+   Triton kernels replace, and the Triton FP8 GEMM timed on its own: bench/peers_cuda.py).
 
 Sizes: `full` (the default on a GPU: every parity case, the real V4-Flash / V4-Pro / V3.2 shapes
 included) or `small` (the default on CPU: the quick cases, short contexts, and the static decoder
@@ -66,6 +67,7 @@ SIZES = {
     "full": Size(False, 640, 1024, 16, True, ((1, 4096, 4096), (4, 7168, 7168), (2048, 4096, 4096)),
                  ("sparse_attention/v4-flash/decode-N8192", "sparse_attention/v4-flash/decode-N32768",
                   "sparse_attention/v4-flash/decode-N32768-bf16", "indexer_select/v4-flash/decode-T32768",
+                  "sparse_attention_fp8kv/v4-flash/decode-N32768", "indexer_scores_fp8kv/v4-flash/decode-T32768",
                   "hc_pre+hc_post/T2048-n4-D4096",
                   "model_decode/bench-v4/16k-context", "model_decode/bench-v4/16k-context/compiled"), None, True),
     "small": Size(True, 160, 160, 4, False, ((1, 4096, 4096),), ("sparse_attention/v4-flash/decode-N8192",), 512,

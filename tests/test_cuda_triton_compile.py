@@ -39,11 +39,13 @@ def test_every_kernel_compiles_for_its_targets(compiled):
     seen = {(r["kernel"], r["arch"]) for r in compiled}
     assert seen == {("_sparse_attention", 80), ("_sparse_attention", 90), ("_indexer_scores", 80),
                     ("_indexer_scores", 90), ("_hc_pre", 80), ("_hc_pre", 90), ("_fp8_block_scaled_mm", 89),
-                    ("_fp8_block_scaled_mm", 90)}
+                    ("_fp8_block_scaled_mm", 90), ("_sparse_attention_fp8kv", 80), ("_sparse_attention_fp8kv", 90),
+                    ("_indexer_scores_fp8kv", 80), ("_indexer_scores_fp8kv", 90)}
     assert all(r["cubin_bytes"] > 0 for r in compiled)
-    splits = {r["constexprs"]["SPLIT"] for r in compiled if r["kernel"] == "_sparse_attention"}
-    precisions = {r["constexprs"]["PRECISION"] for r in compiled if "PRECISION" in r["constexprs"]}
-    assert splits == {True, False} and precisions == {"tf32", "ieee"}
+    for attention in ("_sparse_attention", "_sparse_attention_fp8kv"):
+        splits = {r["constexprs"]["SPLIT"] for r in compiled if r["kernel"] == attention}
+        precisions = {r["constexprs"]["PRECISION"] for r in compiled if r["kernel"] == attention}
+        assert splits == {True, False} and precisions == {"tf32", "ieee"}, attention
 
 
 def test_every_configuration_fits_a_blocks_shared_memory(compiled):

@@ -16,7 +16,7 @@ import torch
 # What each cuda arch lets one block use (bytes of shared memory, opt-in maximum).
 SHARED_LIMIT = {80: 166912, 89: 101376, 90: 232448}
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
-         torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv"}
+         torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv", torch.uint8: "u8"}
 
 
 class Recorder:
@@ -60,8 +60,11 @@ def model_launches() -> list:
     """The launches of the real shapes: V4-Flash (64 heads x 512) and V3.2 (128 heads, 576 / 512)
     decode attention in bf16 and fp32, one and several slices, with and without sink; the
     V4-Flash indexer; V4's mHC (4 streams of 4096, bf16); FP8 GEMMs at decode and prefill tile
-    sizes, narrow and wide columns."""
+    sizes, narrow and wide columns; attention over FP8 caches (V4-Flash on the v4 layout, V3.2 on
+    v3.2, bf16 and fp32 queries, one and several slices) and the V4-Flash indexer over index keys."""
+    from v4hal import ops
     from v4hal.backends.cuda import triton_attention as ta
+    from v4hal.backends.cuda import triton_kv_cache as tk
     from v4hal.backends.cuda import triton_mhc as tm
     from v4hal.backends.cuda import triton_quant as tq
 
@@ -73,6 +76,16 @@ def model_launches() -> list:
                 0.05, meta(heads, dtype=dtype) if sink else None, v_dim, splits=splits))
         out += launches(ta, "_indexer_scores", lambda: ta.indexer_scores(
             meta(1, 1, 64, 128, dtype=dtype), meta(1, 8192, 128, dtype=dtype), meta(1, 1, 64, dtype=dtype), 0.01))
+    for dtype in (torch.bfloat16, torch.float32):
+        for name, heads, splits, sink in (("v4", 64, 1, True), ("v4", 64, 4, True), ("v3.2", 128, 1, False)):
+            lay = ops.KV_LAYOUTS[name]
+            out += launches(tk, "_sparse_attention_fp8kv", lambda: tk.sparse_attention_fp8kv(
+                meta(1, 1, heads, lay.dim, dtype=dtype), ops.kv_cache_fp8_empty(64, 64, name, device="meta"),
+                meta(1, 1, 640, dtype=torch.int32), 0.05, lay, meta(heads, dtype=dtype) if sink else None, 512,
+                splits=splits))
+        out += launches(tk, "_indexer_scores_fp8kv", lambda: tk.indexer_scores_fp8kv(
+            meta(1, 1, 64, 128, dtype=dtype), ops.kv_cache_fp8_empty(128, 64, "index", device="meta"),
+            meta(1, 8192, dtype=torch.int64), meta(1, 1, 64, dtype=dtype), 0.01, ops.KV_LAYOUTS["index"]))
     out += launches(tm, "_hc_pre", lambda: tm.hc_pre(meta(1, 4, 4096), meta(24, 4 * 4096, dtype=torch.float32),
                                                      meta(3, dtype=torch.float32), meta(24, dtype=torch.float32),
                                                      1e-6, 1e-6, 20))

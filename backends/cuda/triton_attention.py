@@ -43,8 +43,39 @@ def dot_precision(*tensors) -> str:
 
 
 @triton.jit
-def _dot(a, b, PRECISION: tl.constexpr):
+def dot(a, b, PRECISION: tl.constexpr):
     return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+
+
+@triton.jit
+def softmax_step(logits, picked, scale, m_run, l_run):
+    """One block of raw logits `[H, K]` (columns not `picked` masked out) into the online softmax:
+    returns the probabilities relative to the new running max, the factor that rescales what was
+    accumulated so far, and the new running max and denominator."""
+    logits = tl.where(picked[None, :], logits * scale, float("-inf"))
+    m_new = tl.maximum(m_run, tl.max(logits, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing picked yet: exp(-inf) = 0
+    p = tl.exp(logits - m_safe[:, None])
+    alpha = tl.exp(m_run - m_safe)
+    return p, alpha, m_new, l_run * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def softmax_finish(m_run, l_run, sink, hs, h_ok, HAS_SINK: tl.constexpr):
+    """The end of a one-pass row: adds the sink to the denominator and returns the factor the
+    accumulator is multiplied by to give the output, and the LSE (-inf for an empty row without
+    sink, whose output is 0)."""
+    alpha = tl.full(m_run.shape, 1.0, tl.float32)
+    if HAS_SINK:
+        s_h = tl.load(sink + hs, mask=h_ok, other=0.0).to(tl.float32)
+        m_fin = tl.maximum(m_run, s_h)
+        alpha = tl.exp(m_run - m_fin)
+        l_run = l_run * alpha + tl.exp(s_h - m_fin)
+        m_run = m_fin
+    m_safe = tl.where(m_run == float("-inf"), 0.0, m_run)
+    filled = l_run > 0
+    l_safe = tl.where(filled, l_run, 1.0)
+    return alpha / l_safe, tl.where(filled, tl.log(l_safe) + m_safe, float("-inf"))
 
 
 @triton.jit(do_not_specialize=SIZES)
@@ -78,37 +109,21 @@ def _sparse_attention(q, kv, idx, sink, out, lse, part_acc, part_m, part_l, n_ro
             q_c = tl.load(q_row + hs[:, None] * sq_h + ds[None, :] * sq_d, mask=h_ok[:, None] & d_ok[None, :], other=0.0)
             k_c = tl.load(kv_batch + rows[:, None] * skv_n + ds[None, :] * skv_d,
                           mask=picked[:, None] & d_ok[None, :], other=0.0)
-            logits += _dot(q_c, tl.trans(k_c), PRECISION)
-        logits = tl.where(picked[None, :], logits * scale, float("-inf"))
-        m_new = tl.maximum(m_run, tl.max(logits, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing picked yet: exp(-inf) = 0
-        p = tl.exp(logits - m_safe[:, None])
-        alpha = tl.exp(m_run - m_safe)
+            logits += dot(q_c, tl.trans(k_c), PRECISION)
+        p, alpha, m_run, l_run = softmax_step(logits, picked, scale, m_run, l_run)
         values = tl.load(kv_batch + rows[:, None] * skv_n + vs[None, :] * skv_d,
                          mask=picked[:, None] & v_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p, values, PRECISION)
-        l_run = l_run * alpha + tl.sum(p, 1)
-        m_run = m_new
+        acc = acc * alpha[:, None] + dot(p, values, PRECISION)
     if SPLIT:  # this slice's running state; combine_splits adds the sink and normalises
         part = (query * tl.num_programs(2) + split) * heads + hs
         tl.store(part_acc + part[:, None] * v_dim + vs[None, :], acc, mask=h_ok[:, None] & v_ok[None, :])
         tl.store(part_m + part, m_run, mask=h_ok)
         tl.store(part_l + part, l_run, mask=h_ok)
     else:
-        if HAS_SINK:
-            s_h = tl.load(sink + hs, mask=h_ok, other=0.0).to(tl.float32)
-            m_fin = tl.maximum(m_run, s_h)
-            alpha = tl.exp(m_run - m_fin)
-            acc = acc * alpha[:, None]
-            l_run = l_run * alpha + tl.exp(s_h - m_fin)
-            m_run = m_fin
-        m_safe = tl.where(m_run == float("-inf"), 0.0, m_run)
-        filled = l_run > 0  # false only for an empty row without sink: output 0, LSE -inf
-        l_safe = tl.where(filled, l_run, 1.0)
+        factor, row_lse = softmax_finish(m_run, l_run, sink, hs, h_ok, HAS_SINK)
         tl.store(out + bi * so_b + si * so_s + hs[:, None] * so_h + vs[None, :] * so_d,
-                 (acc / l_safe[:, None]).to(out.dtype.element_ty), mask=h_ok[:, None] & v_ok[None, :])
-        tl.store(lse + bi * sl_b + si * sl_s + hs * sl_h, tl.where(filled, tl.log(l_safe) + m_safe, float("-inf")),
-                 mask=h_ok)
+                 (acc * factor[:, None]).to(out.dtype.element_ty), mask=h_ok[:, None] & v_ok[None, :])
+        tl.store(lse + bi * sl_b + si * sl_s + hs * sl_h, row_lse, mask=h_ok)
 
 
 def _block(n: int, cap: int) -> int:
@@ -193,7 +208,7 @@ def _indexer_scores(q, k, w, out, seq, n_keys, heads, d, scale,
                           mask=s_ok[:, None] & d_ok[None, :], other=0.0)
             k_c = tl.load(k + bi * sk_b + ts[:, None] * sk_t + ds[None, :] * sk_d,
                           mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-            dots += _dot(q_c, tl.trans(k_c), PRECISION)
+            dots += dot(q_c, tl.trans(k_c), PRECISION)
         w_h = tl.load(w + bi * sw_b + ss * sw_s + hi * sw_h, mask=s_ok, other=0.0).to(tl.float32)
         acc += w_h[:, None] * tl.maximum(dots, 0.0)
     tl.store(out + bi * so_b + ss[:, None] * so_s + ts[None, :] * so_t, acc * scale,
