@@ -160,34 +160,51 @@ def combine_splits(acc, m, l, sink):
     return out, torch.log(denom) + top  # log(0) = -inf: an empty row without sink
 
 
+class SplitRun:
+    """The outputs and split bookkeeping of one sparse-attention launch over `[B, S, H, *]` queries
+    with `n_idx` indices each: `grid` is (queries, head blocks, slices); with more than one slice
+    the kernel leaves per-slice states in `parts` and `finish` merges them (`combine_splits`)."""
+
+    def __init__(self, q, n_idx: int, v_dim: int, block_h: int, block_k: int, splits: int | None):
+        b, s, self.heads, _ = q.shape
+        self.n_idx, self.shape = n_idx, (b, s, self.heads, v_dim)
+        self.out = torch.empty(self.shape, dtype=q.dtype, device=q.device)
+        self.lse = torch.empty(b, s, self.heads, dtype=torch.float32, device=q.device)
+        self.empty = b * s == 0
+        head_blocks = triton.cdiv(self.heads, block_h)
+        if splits is None:
+            splits = split_count(b * s * head_blocks, n_idx, block_k, q.device)
+        self.per_split = triton.cdiv(triton.cdiv(max(n_idx, 1), splits), block_k) * block_k
+        self.splits = max(1, triton.cdiv(n_idx, self.per_split))
+        self.grid = (b * s, head_blocks, self.splits)
+        f32 = dict(dtype=torch.float32, device=q.device)
+        self.parts = ((torch.empty(b * s, self.splits, self.heads, v_dim, **f32),
+                       torch.empty(b * s, self.splits, self.heads, **f32),
+                       torch.empty(b * s, self.splits, self.heads, **f32)) if self.splits > 1
+                      else (self.lse, self.lse, self.lse))
+
+    def finish(self, sink):
+        if self.splits > 1:
+            merged, merged_lse = combine_splits(*self.parts, sink)
+            self.out.copy_(merged.view(self.shape))
+            self.lse.copy_(merged_lse.view(self.shape[:-1]))
+        return self.out, self.lse
+
+
 def sparse_attention(q, kv, indices, scale, sink, v_dim, block_h=16, block_k=32, block_d=64, splits=None):
     """out `[B, S, H, v_dim]` in q's dtype and lse `[B, S, H]` float32, as the contract. `splits`
     slices each index list (None: `split_count`); the slices are merged by `combine_splits`."""
-    b, s, h, d = q.shape
-    n_idx = indices.shape[-1]
-    out = torch.empty(b, s, h, v_dim, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, s, h, dtype=torch.float32, device=q.device)
-    if b * s == 0:
-        return out, lse
-    head_blocks = triton.cdiv(h, block_h)
-    if splits is None:
-        splits = split_count(b * s * head_blocks, n_idx, block_k, q.device)
-    per_split = triton.cdiv(triton.cdiv(n_idx, splits), block_k) * block_k
-    splits = triton.cdiv(n_idx, per_split)
-    parts = (torch.empty(b * s, splits, h, v_dim, dtype=torch.float32, device=q.device),
-             torch.empty(b * s, splits, h, dtype=torch.float32, device=q.device),
-             torch.empty(b * s, splits, h, dtype=torch.float32, device=q.device)) if splits > 1 else (lse, lse, lse)
-    _sparse_attention[(b * s, head_blocks, splits)](
-        q, kv, indices, sink if sink is not None else q, out, lse, *parts,
-        kv.shape[1], h, n_idx, per_split, d, v_dim, float(scale),
-        *q.stride(), *kv.stride(), *indices.stride(), *out.stride(), *lse.stride(), s,
-        SPLIT=splits > 1, HAS_SINK=sink is not None, PRECISION=dot_precision(q, kv), BLOCK_H=_block(h, block_h),
-        BLOCK_K=block_k, BLOCK_D=_block(d, block_d), BLOCK_V=_block(v_dim, 1 << 30))
-    if splits > 1:
-        merged, merged_lse = combine_splits(*parts, sink)
-        out.copy_(merged.view(b, s, h, v_dim))
-        lse.copy_(merged_lse.view(b, s, h))
-    return out, lse
+    d = q.shape[-1]
+    run = SplitRun(q, indices.shape[-1], v_dim, block_h, block_k, splits)
+    if run.empty:
+        return run.out, run.lse
+    _sparse_attention[run.grid](
+        q, kv, indices, sink if sink is not None else q, run.out, run.lse, *run.parts,
+        kv.shape[1], run.heads, run.n_idx, run.per_split, d, v_dim, float(scale),
+        *q.stride(), *kv.stride(), *indices.stride(), *run.out.stride(), *run.lse.stride(), q.shape[1],
+        SPLIT=run.splits > 1, HAS_SINK=sink is not None, PRECISION=dot_precision(q, kv),
+        BLOCK_H=_block(run.heads, block_h), BLOCK_K=block_k, BLOCK_D=_block(d, block_d), BLOCK_V=_block(v_dim, 1 << 30))
+    return run.finish(sink)
 
 
 @triton.jit(do_not_specialize=SIZES)

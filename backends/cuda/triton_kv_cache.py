@@ -24,8 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from v4hal.backends.cuda.triton_attention import (SIZES, _block, combine_splits, dot, dot_precision,
-                                                  softmax_finish, softmax_step, split_count)
+from v4hal.backends.cuda.triton_attention import SIZES, SplitRun, _block, dot, dot_precision, softmax_finish, softmax_step
 
 SIZES = SIZES + ["n_slots", "block_size", "block_stride", "scale_base", "n_keys"]
 E4M3_SUBNORMAL = tl.constexpr(2.0 ** -9)  # the value of mantissa step 1 at exponent field 0
@@ -159,32 +158,17 @@ def in_domain(q, sink) -> bool:
 def sparse_attention_fp8kv(q, cache, slots, scale, lay, sink, v_dim, block_h=16, block_k=16, splits=None):
     """out `[B, S, H, v_dim]` in q's dtype and lse `[B, S, H]` float32, as the contract; `slots`
     `[B, S, K]` (-1 = none). `splits` slices each index list (None: `split_count`)."""
-    b, s, h, _ = q.shape
-    n_idx = slots.shape[-1]
-    out = torch.empty(b, s, h, v_dim, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, s, h, dtype=torch.float32, device=q.device)
-    if b * s == 0:
-        return out, lse
-    head_blocks = triton.cdiv(h, block_h)
-    if splits is None:
-        splits = split_count(b * s * head_blocks, n_idx, block_k, q.device)
-    per_split = triton.cdiv(triton.cdiv(max(n_idx, 1), splits), block_k) * block_k
-    splits = max(1, triton.cdiv(n_idx, per_split))
-    parts = (torch.empty(b * s, splits, h, v_dim, dtype=torch.float32, device=q.device),
-             torch.empty(b * s, splits, h, dtype=torch.float32, device=q.device),
-             torch.empty(b * s, splits, h, dtype=torch.float32, device=q.device)) if splits > 1 else (lse, lse, lse)
+    run = SplitRun(q, slots.shape[-1], v_dim, block_h, block_k, splits)
+    if run.empty:
+        return run.out, run.lse
     geo = geometry(lay, cache)
-    _sparse_attention_fp8kv[(b * s, head_blocks, splits)](
-        q, cache.view(torch.uint8), slots, sink if sink is not None else q, out, lse, *parts,
+    _sparse_attention_fp8kv[run.grid](
+        q, cache.view(torch.uint8), slots, sink if sink is not None else q, run.out, run.lse, *run.parts,
         cache.shape[0] * cache.shape[1], geo.pop("block_size"), geo.pop("block_stride"), geo.pop("scale_base"),
-        h, n_idx, per_split, v_dim, float(scale), *q.stride(), *slots.stride(), *out.stride(), *lse.stride(), s,
-        **geo, SPLIT=splits > 1, HAS_SINK=sink is not None, PRECISION=dot_precision(q),
-        BLOCK_H=_block(h, block_h), BLOCK_K=block_k)
-    if splits > 1:
-        merged, merged_lse = combine_splits(*parts, sink)
-        out.copy_(merged.view(b, s, h, v_dim))
-        lse.copy_(merged_lse.view(b, s, h))
-    return out, lse
+        run.heads, run.n_idx, run.per_split, v_dim, float(scale), *q.stride(), *slots.stride(), *run.out.stride(),
+        *run.lse.stride(), q.shape[1], **geo, SPLIT=run.splits > 1, HAS_SINK=sink is not None,
+        PRECISION=dot_precision(q), BLOCK_H=_block(run.heads, block_h), BLOCK_K=block_k)
+    return run.finish(sink)
 
 
 @triton.jit(do_not_specialize=SIZES)
