@@ -6,7 +6,8 @@ limits (bench.machine.limits), and the ratio to every peer: `speedup = peer medi
 Output: a terminal table, bench.json, bench.md and bench.png.
 
 Under torchrun (`--tp N [--ep N]`, model/launch.py) only the cases with a per-rank form run
-(`SpeedCase.distributed`: bench-v4's prefill and decode): every rank times its part in step with
+(`SpeedCase.distributed`: bench-v4's eager prefill and decode; the others selected are reported
+unavailable, and a selection with none is refused): every rank times its part in step with
 the others (a fixed number of repeats, no time budget, so no rank calls a collective alone), each
 sample is the slowest rank's; rank 0 alone measures the machine's limits (after the cases: no
 roofline shares), prints and writes, the layout in the report's machine lines. Peers run whole on
@@ -135,27 +136,33 @@ def cpu_oversubscription(processes: int = 1) -> str | None:
 
 def run(backends: list[str] | None = None, quick: bool = False, select: str | None = None,
         repeats: int = 10, progress: bool = True, distributed: Distributed | None = None) -> dict:
-    """Under `distributed`, every rank calls this; the machines are rank 0's, their limits measured
-    after the cases (minutes on a loaded CPU, which the other ranks must not wait for inside a
-    collective) and so not turned into roofline shares."""
+    """The machine's limits are measured only when a case has flops or bytes to compare with them
+    (minutes on a loaded CPU at one thread). Under `distributed`, every rank calls this; the
+    machines are rank 0's, their limits measured after the cases (the other ranks must not wait
+    for them inside a collective), so no roofline shares then."""
     backends = backends or [registry.preferred_backend()]
     rows, machines = [], {}
     rank0 = distributed is None or dist.get_rank() == 0
+    cases = speed_cases(quick=quick, select=select)
+    roofline = any(c.flops or c.bytes for c in cases)
     for backend in backends:
         ok, why = registry.probe(backend)
         if not ok:
             rows.append({"case": "*", "backend": backend, "status": "unavailable", "note": why})
             continue
         device = registry.backend_module(backend).device()
-        machine = {"machine": describe(device), "limits": limits(str(device)) if distributed is None else {}}
+        machine = {"machine": describe(device), "limits": limits(str(device)) if roofline and not distributed else {}}
         if distributed is not None:
             machine["machine"] += (f"; torchrun, layout {distributed.layout}: {dist.get_world_size()} ranks "
                                    f"({dist.get_backend()}), each time the slowest rank's")
         machines[backend] = machine
-        cases = speed_cases(quick=quick, select=select)
         for case in tqdm(cases, desc=f"bench {backend}", unit="case", disable=not progress):
+            if distributed is not None and not case.distributed:
+                rows.append({"case": case.id, "op": case.op, "backend": backend, "status": "unavailable",
+                             "note": f"no per-rank form: time it in one process, not under layout {distributed.layout}"})
+                continue
             rows.append(run_case(case, backend, repeats, machine["limits"], distributed))
-        if distributed is not None and rank0:
+        if roofline and distributed is not None and rank0:
             machine["limits"] = limits(str(device))
     return {"machines": machines, "rows": rows, "warnings": [],
             "fallbacks": {op: c.reason for op, c in registry.fallbacks().items()}}
@@ -180,18 +187,21 @@ def format_terminal(report: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     for backend, m in report["machines"].items():
-        lim = m["limits"]
-        lines.append(f"{backend}: {m['machine']}; measured {lim['bandwidth_gbs']:.1f} GB/s, "
-                     f"{lim['bf16_tflops']:.2f} BF16 TFLOP/s, {lim['fp32_tflops']:.2f} FP32 TFLOP/s")
+        lines.append(f"{backend}: {m['machine']}; {_limits(m['limits'])}")
     return "\n".join(lines)
+
+
+def _limits(lim: dict) -> str:
+    if not lim:
+        return "limits not measured (no case has flops or bytes to compare with them)"
+    return (f"measured limits {lim['bandwidth_gbs']:.1f} GB/s copy bandwidth, {lim['bf16_tflops']:.2f} BF16 / "
+            f"{lim['fp32_tflops']:.2f} FP32 TFLOP/s")
 
 
 def format_markdown(report: dict, command: str) -> str:
     lines = ["# Benchmark report", "", f"Command: `{command}`", ""]
     for backend, m in report["machines"].items():
-        lim = m["limits"]
-        lines.append(f"- {backend}: {m['machine']}; measured limits {lim['bandwidth_gbs']:.1f} GB/s copy "
-                     f"bandwidth, {lim['bf16_tflops']:.2f} BF16 / {lim['fp32_tflops']:.2f} FP32 TFLOP/s")
+        lines.append(f"- {backend}: {m['machine']}; {_limits(m['limits'])}")
     if report["fallbacks"]:
         lines.append(f"- ops that fell back to cpu: {', '.join(sorted(report['fallbacks']))}")
     lines += [f"- **warning**: {w}" for w in report["warnings"]]
@@ -250,12 +260,11 @@ def main(args) -> int:
     if not cases:
         return error("bench", f"--select {args.select!r}: no {'quick ' if args.quick else ''}speed case id contains it")
     layout = launch.read_layout(args)
-    whole_only = [c.id for c in cases if not c.distributed]
-    if layout.devices > 1 and whole_only:
+    if layout.devices > 1 and not any(c.distributed for c in cases):
         return error("bench", f"layout {layout} (--tp {args.tp} --ep {args.ep}): under torchrun only the whole-model "
-                              f"cases run (--select bench-v4/); {len(whole_only)} selected case(s) have no per-rank "
-                              f"form ({', '.join(whole_only[:3])}{', ...' if len(whole_only) > 3 else ''}): time them "
-                              f"in one process")
+                              f"cases run (--select bench-v4/); none of the {len(cases)} selected case(s) has a "
+                              f"per-rank form ({', '.join(c.id for c in cases[:3])}{', ...' if len(cases) > 3 else ''}): "
+                              f"time them in one process")
     for backend in args.backend or []:
         usable, why = registry.probe(backend)
         if not usable:
