@@ -30,6 +30,15 @@ SHAPES = {
 
 
 @dataclass(frozen=True)
+class Distributed:
+    """This process's place when a case runs under torchrun: `layout` (a `model.parallel.Layout`,
+    its process group joined) and `timeout_s`, the longest any collective of the case may wait."""
+
+    layout: Any
+    timeout_s: float
+
+
+@dataclass(frozen=True)
 class Tolerance:
     """How a backend's output is judged against the float64 reference.
 
@@ -63,6 +72,10 @@ class Case:
       tie-aware top-k comparison.
     reference_inputs: optional map from inputs to the reference's inputs (default: floating tensors
       other than fp8 upcast to float64, `out_dtype` set to float64).
+    distributed: run also takes `distributed=Distributed(...)`: under torchrun it runs this rank's
+      part of the work and returns the whole output on every rank (the reference stays one process).
+    prepare: under torchrun, called on every rank before it joins the process group (transformers
+      writes a checkpoint only on rank 0 once torch.distributed is initialised).
     """
 
     op: str
@@ -75,6 +88,8 @@ class Case:
     check: Callable[[dict, dict, dict], tuple[bool, str]] | None = None
     reference_inputs: Callable[[dict], dict] | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
+    distributed: bool = False
+    prepare: Callable[[], Any] | None = None
 
     @property
     def id(self) -> str:
@@ -85,7 +100,10 @@ class Case:
 class SpeedCase:
     """One speed case. `make(device)` returns `(fn, peers)`: fn() runs v4hal's op on its inputs,
     peers maps a peer's name to a callable doing the same work another way (measured in the same
-    run). flops / bytes: the work and the minimum memory traffic, for roofline shares."""
+    run). flops / bytes: the work and the minimum memory traffic, for roofline shares.
+    distributed: make also takes `distributed=Distributed(...)`: under torchrun, fn runs this rank's
+    part of the work (every rank calls it in step); peers stay whole on every rank. prepare: as
+    for `Case`."""
 
     op: str
     name: str
@@ -94,6 +112,8 @@ class SpeedCase:
     bytes: float = 0.0
     quick: bool = False
     tags: tuple[str, ...] = field(default_factory=tuple)
+    distributed: bool = False
+    prepare: Callable[[], Any] | None = None
 
     @property
     def id(self) -> str:

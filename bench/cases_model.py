@@ -5,6 +5,12 @@ DeepseekV4ForCausalLM holding the same weights, on the small `BENCH_V4` config.
 
 The models are built once per (config, dtype) from a fixed seed: the parity harness passes only
 token ids and the dtype (float64 for the reference), so every backend sees the same weights.
+
+Under torchrun (`distributed`, from `v4hal parity` / `v4hal bench --tp N [--ep N]`) every rank
+writes the same seeded checkpoint to its own temporary folder (so each rank holds the whole random
+model once, briefly, while saving it: fine at these sizes, and no rank depends on another's
+disk) and loads only its layout's slices of it through the loader's per-rank path
+(`model.parallel.shard`), as from a real checkpoint.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import functools
 
 import torch
 
-from v4hal.bench.cases import Case, SpeedCase, Tolerance
+from v4hal.bench.cases import Case, Distributed, SpeedCase, Tolerance
 from v4hal.model.config import ModelArgs, preset
 
 TINY_V32 = ModelArgs(model_type="deepseek_v32", vocab_size=256, hidden_size=64, num_hidden_layers=3,
@@ -85,13 +91,18 @@ def checkpoint(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def model_for(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Our model on `checkpoint(name)`'s weights, computing in `dtype` on `device`."""
+def model_for(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+              distributed: Distributed | None = None):
+    """Our model on `checkpoint(name)`'s weights, computing in `dtype` on `device`; under
+    `distributed` (every rank calls this, in the same order), this rank's slices of them."""
     from v4hal.model.loader import load_checkpoint
     from v4hal.model.model import build
 
     args = ModelArgs.from_json(checkpoint(name))
-    model = build(args, dtype)
+    if distributed is None:
+        model = build(args, dtype)
+    else:
+        model = build(args, dtype, layout=distributed.layout, timeout_s=distributed.timeout_s)
     load_checkpoint(model, checkpoint(name), args)
     return model.to(device)
 
@@ -104,12 +115,29 @@ def hf_for(name: str, device: str = "cpu"):
 
 
 def _logits(name: str):
-    def run(ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        model = model_for(name, dtype, str(ids.device))
+    def run(ids: torch.Tensor, dtype: torch.dtype, distributed: Distributed | None = None) -> torch.Tensor:
+        model = model_for(name, dtype, str(ids.device), distributed)
+        dp = 1 if distributed is None else distributed.layout.dp
         with torch.no_grad():
-            return model(ids)
+            if dp == 1:  # every rank runs every sequence; the model gathers the vocabulary's slices
+                return model(ids)
+            return _data_parallel(model, ids, dp)
 
     return run
+
+
+def _data_parallel(model, ids: torch.Tensor, dp: int) -> torch.Tensor:
+    """The logits of `ids` with each of `dp` ranks (tp = 1: `Layout.check_runnable`) running its
+    own share of the sequences, gathered in order on every rank."""
+    import torch.distributed as dist
+
+    from v4hal.model.collectives import Collectives
+
+    if ids.shape[0] % dp:
+        raise ValueError(f"model_logits: dp={dp} must divide the batch of {ids.shape[0]} sequences")
+    per = ids.shape[0] // dp
+    rank = dist.get_rank()
+    return Collectives().all_gather(model(ids[rank * per:(rank + 1) * per]), dim=0)
 
 
 def _ids(name: str, length: int):
@@ -126,15 +154,16 @@ def _reference(inputs: dict) -> dict:
 def logits_case(name: str, length: int, quick: bool = False) -> Case:
     """Final logits of config `name` on 2 random sequences of `length` tokens, against float64."""
     return Case("model_logits", f"{name}/S{length}", _logits(name), _ids(name, length), Tolerance("close", 1e-4, 1e-4),
-                quick=quick, reference_inputs=_reference)
+                quick=quick, reference_inputs=_reference, distributed=True, prepare=lambda: checkpoint(name))
 
 
 PARITY = [logits_case(name, length, quick=True) for name, length in (("tiny-v4", 37), ("tiny-v32", 21))]
 
 
 def _prefill(tokens: int):
-    def make(device: torch.device):
-        ours, hf = model_for("bench-v4", device=str(device)), hf_for("bench-v4", str(device))
+    def make(device: torch.device, distributed: Distributed | None = None):
+        ours = model_for("bench-v4", device=str(device), distributed=distributed)
+        hf = hf_for("bench-v4", str(device))
         ids = torch.randint(0, BENCH_V4.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
 
         def run_ours():
@@ -155,7 +184,7 @@ def _prefill(tokens: int):
 def decode(context: int, compiled: bool = False, chunk: int = 1024):
     """One decode step after a `context`-token prefill. compiled: ours is `StaticDecoder` (its
     first call, in the warm-up, compiles), and our eager step is a peer too."""
-    def make(device: torch.device):
+    def make(device: torch.device, distributed: Distributed | None = None):
         from transformers import DynamicCache
 
         from v4hal.model.static import StaticDecoder
@@ -163,7 +192,7 @@ def decode(context: int, compiled: bool = False, chunk: int = 1024):
         # The Ascend dry run builds cases on the meta device and never runs peers; transformers'
         # float32 grouped-GEMM experts have no meta kernel, so its cache is not filled there.
         with_peer = device.type != "meta"
-        ours = model_for("bench-v4", device=str(device))
+        ours = model_for("bench-v4", device=str(device), distributed=distributed)
         hf = hf_for("bench-v4", str(device)) if with_peer else None
         ids = torch.randint(0, BENCH_V4.vocab_size, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
         cache = ours.new_cache()
@@ -195,12 +224,16 @@ def decode(context: int, compiled: bool = False, chunk: int = 1024):
     return make
 
 
+def _bench_v4(op: str, name: str, make, quick: bool = False) -> SpeedCase:
+    return SpeedCase(op, f"bench-v4/{name}", make, quick=quick, distributed=True, prepare=lambda: checkpoint("bench-v4"))
+
+
 SPEED = [
-    SpeedCase("model_prefill", "bench-v4/4k", _prefill(4096)),
-    SpeedCase("model_decode", "bench-v4/16k-context", decode(16384)),
-    SpeedCase("model_decode", "bench-v4/16k-context/compiled", decode(16384, compiled=True)),
+    _bench_v4("model_prefill", "4k", _prefill(4096)),
+    _bench_v4("model_decode", "16k-context", decode(16384)),
+    _bench_v4("model_decode", "16k-context/compiled", decode(16384, compiled=True)),
     # Near the config's 64k position limit: where attending only the selected entries pays off.
-    SpeedCase("model_decode", "bench-v4/60k-context", decode(61440)),
-    SpeedCase("model_decode", "bench-v4/60k-context/compiled", decode(61440, compiled=True)),
-    SpeedCase("model_prefill", "bench-v4/256", _prefill(256), quick=True),
+    _bench_v4("model_decode", "60k-context", decode(61440)),
+    _bench_v4("model_decode", "60k-context/compiled", decode(61440, compiled=True)),
+    _bench_v4("model_prefill", "256", _prefill(256), quick=True),
 ]

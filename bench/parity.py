@@ -1,6 +1,11 @@
 """`v4hal parity`: run every case on every usable backend and judge it against the cpu reference
 computed in float64 from the same inputs. Writes a terminal table, JSON and Markdown; exits 1 if any
-case fails on any backend."""
+case fails on any backend.
+
+Under torchrun (`--tp N [--ep N]`, model/launch.py) only the cases with a per-rank form run (the
+whole-model logits, `Case.distributed`): every rank runs its layout's slices of the model, rank 0
+computes the reference in one process (the whole model, float64) and judges the whole logits the
+ranks gathered; only rank 0 prints and writes. A per-op case has no per-rank form and is refused."""
 
 from __future__ import annotations
 
@@ -10,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from v4hal.backends import registry
-from v4hal.bench.cases import Case, Tolerance, parity_cases
+from v4hal.bench.cases import Case, Distributed, Tolerance, parity_cases
 from v4hal.bench.metrics import judge, metrics
 
 FLOAT_UPCAST = (torch.float32, torch.bfloat16, torch.float16)
@@ -50,12 +56,17 @@ def _outputs(case: Case, out: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in named.items()}
 
 
-def run_case(case: Case, backends: list[str], seed: int = 0) -> list[dict]:
+def run_case(case: Case, backends: list[str], seed: int = 0, distributed: Distributed | None = None) -> list[dict]:
+    """One row per backend. Under `distributed` every rank runs the backends (in step) and rank 0,
+    which alone computes the reference, judges them; the other ranks' rows are empty."""
     g = torch.Generator().manual_seed(seed)
     inputs = case.make(g)
     ref_inputs = (case.reference_inputs or default_reference_inputs)(inputs)
-    with registry.forced("cpu"):
-        ref = _outputs(case, case.run(**ref_inputs))
+    judging = distributed is None or dist.get_rank() == 0
+    if judging:
+        with registry.forced("cpu"):
+            ref = _outputs(case, case.run(**ref_inputs))
+    per_rank = {} if distributed is None else {"distributed": distributed}
     rows = []
     for backend in backends:
         row: dict[str, Any] = {"case": case.id, "op": case.op, "backend": backend}
@@ -68,13 +79,17 @@ def run_case(case: Case, backends: list[str], seed: int = 0) -> list[dict]:
             with registry.forced(backend):
                 device = registry.backend_module(backend).device()
                 start = time.perf_counter()
-                out = _outputs(case, case.run(**_to_device(inputs, device)))
+                out = _outputs(case, case.run(**_to_device(inputs, device), **per_rank))
                 row["seconds"] = time.perf_counter() - start
         except registry.BackendError as exc:
             rows.append({**row, "status": "unavailable", "note": str(exc)})
             continue
         except Exception as exc:  # a crash on one backend is a failure to report, not to raise
+            if distributed is not None:  # the other ranks' collectives are out of step: stop them all
+                raise
             rows.append({**row, "status": "fail", "note": f"{type(exc).__name__}: {exc}"})
+            continue
+        if not judging:
             continue
         passed, notes, row["outputs"] = True, [], {}
         for name, r in ref.items():
@@ -98,12 +113,12 @@ def run_case(case: Case, backends: list[str], seed: int = 0) -> list[dict]:
 
 
 def run(backends: list[str] | None = None, quick: bool = False, select: str | None = None,
-        seed: int = 0, progress: bool = True) -> dict:
+        seed: int = 0, progress: bool = True, distributed: Distributed | None = None) -> dict:
     backends = backends or list(registry.BACKENDS)
     cases = parity_cases(quick=quick, select=select)
     rows: list[dict] = []
     for case in tqdm(cases, desc="parity", unit="case", disable=not progress):
-        rows.extend(run_case(case, backends, seed))
+        rows.extend(run_case(case, backends, seed, distributed))
     return {
         "backends": {b: dict(zip(("usable", "reason"), registry.probe(b))) for b in backends},
         "fallbacks": {op: c.reason for op, c in registry.fallbacks().items()},
@@ -184,6 +199,8 @@ def write(report: dict, out_dir: Path, machine: str) -> list[Path]:
 
 
 def add_arguments(p) -> None:
+    from v4hal.model import launch
+
     p.add_argument("--backend", action="append", choices=registry.BACKENDS,
                    help="backend to check (repeatable; default: all, unusable ones are reported)")
     p.add_argument("--quick", action="store_true", help="small cases only (CI)")
@@ -193,27 +210,72 @@ def add_arguments(p) -> None:
                         "(sets V4HAL_ASCEND_EMULATE; reported as 'ascend (emulated <chip>)')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("out"), help="folder for parity.json / parity.md")
+    launch.add_arguments(p)
 
 
 def main(args) -> int:
-    from v4hal.bench.machine import describe
-    from v4hal.subcommand import BAD_INPUT, CHECK_FAILED, OK, error
+    from v4hal.model import launch
+    from v4hal.subcommand import error
 
     if args.emulate:
         import os
 
         os.environ["V4HAL_ASCEND_EMULATE"] = args.emulate
         registry.reset()
-    if not parity_cases(quick=args.quick, select=args.select):
+    cases = parity_cases(quick=args.quick, select=args.select)
+    if not cases:
         return error("parity", f"--select {args.select!r}: no {'quick ' if args.quick else ''}parity case id contains it")
+    layout = launch.read_layout(args)
+    whole_only = [c.id for c in cases if not c.distributed]
+    if layout.devices > 1 and whole_only:
+        return error("parity", f"layout {layout} (--tp {args.tp} --ep {args.ep}): under torchrun only the whole-model "
+                               f"cases run (--select model_logits); {len(whole_only)} selected case(s) have no per-rank "
+                               f"form ({', '.join(whole_only[:3])}{', ...' if len(whole_only) > 3 else ''}): run them "
+                               f"in one process")
     for backend in args.backend or []:
         usable, why = registry.probe(backend)
         if not usable:
             return error("parity", f"--backend {backend}: requested but unavailable here: {why}")
-    report = run(args.backend, quick=args.quick, select=args.select, seed=args.seed)
+    device = registry.backend_module(registry.preferred_backend()).device()
+    return launch.run("parity", args, layout, device, lambda placement: _check(args, layout, placement),
+                      before_join=lambda: [c.prepare() for c in cases if c.prepare])
+
+
+def _check(args, layout, placement) -> int:
+    """Run, print and (rank 0) write the report; `placement` is None in one process."""
+    from v4hal.bench.machine import describe
+    from v4hal.subcommand import BAD_INPUT, CHECK_FAILED, OK, error
+
+    machine, backends, distributed = describe(), args.backend, None
+    if placement is not None:
+        backends = _on_device(args.backend, placement)
+        distributed = Distributed(layout, args.dist_timeout)
+        machine += f"; torchrun, layout {layout}: {layout.devices} ranks, {placement}"
+    rank0 = placement is None or dist.get_rank() == 0
+    report = run(backends, quick=args.quick, select=args.select, seed=args.seed, progress=rank0,
+                 distributed=distributed)
+    if not rank0:
+        return OK
     print(format_terminal(report))
-    for path in write(report, args.out, describe()):
+    for path in write(report, args.out, machine):
         print(f"wrote {path}")
     if not report["passed"] + report["failed"]:  # every row unavailable: nothing was checked
         return error("parity", "no case ran on any backend (see the table's notes)", BAD_INPUT)
     return CHECK_FAILED if report["failed"] else OK
+
+
+def _on_device(requested: list[str] | None, placement) -> list[str]:
+    """The backends to check under torchrun: those on the process group's device type (and the
+    unusable ones, which the report names); a requested one on another device is an error."""
+    from v4hal.model.parallel import LayoutError
+
+    kind = placement.device.split(":")[0]
+
+    def elsewhere(b: str) -> bool:
+        return registry.probe(b)[0] and registry.backend_module(b).device().type != kind
+
+    for b in requested or []:
+        if elsewhere(b):
+            raise LayoutError(f"--backend {b}: runs on {registry.backend_module(b).device().type}, but this "
+                              f"torchrun's process group is {placement}: check it in another run")
+    return [b for b in requested or registry.BACKENDS if not elsewhere(b)]

@@ -4,6 +4,14 @@ Each speed case is timed with warm-up and repeats (device-synchronised), reporte
 spread (10th-90th percentile), achieved TFLOP/s and GB/s, their share of the machine's measured
 limits (bench.machine.limits), and the ratio to every peer: `speedup = peer median / our median`.
 Output: a terminal table, bench.json, bench.md and bench.png.
+
+Under torchrun (`--tp N [--ep N]`, model/launch.py) only the cases with a per-rank form run
+(`SpeedCase.distributed`: bench-v4's eager prefill and decode; the others selected are reported
+unavailable, and a selection with none is refused): every rank times its part in step with
+the others (a fixed number of repeats, no time budget, so no rank calls a collective alone), each
+sample is the slowest rank's; rank 0 alone measures the machine's limits (after the cases: no
+roofline shares), prints and writes, the layout in the report's machine lines. Peers run whole on
+every rank at the same time.
 """
 
 from __future__ import annotations
@@ -16,10 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from v4hal.backends import registry
-from v4hal.bench.cases import SpeedCase, speed_cases
+from v4hal.bench.cases import Distributed, SpeedCase, speed_cases
 from v4hal.bench.machine import describe, limits, synchronize
 
 
@@ -58,28 +67,46 @@ def _stats(samples: list[float]) -> dict[str, float]:
     return {"median_s": statistics.median(s), "p10_s": pick(0.1), "p90_s": pick(0.9), "samples": len(s)}
 
 
-def run_case(case: SpeedCase, backend: str, repeats: int, machine_limits: dict) -> dict:
+def slowest_rank(samples: list[float]) -> list[float]:
+    """Per repeat, the longest any rank took (every rank passes its samples; all get the result)."""
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, samples)
+    return [max(per_rank) for per_rank in zip(*everyone)]
+
+
+def run_case(case: SpeedCase, backend: str, repeats: int, machine_limits: dict,
+             distributed: Distributed | None = None) -> dict:
     row = {"case": case.id, "op": case.op, "backend": backend}
     device = registry.backend_module(backend).device()
+
+    def timed(fn) -> dict:
+        if distributed is None:
+            return _stats(time_fn(fn, device, repeats=repeats))
+        return _stats(slowest_rank(time_fn(fn, device, repeats=repeats, budget_s=float("inf"))))
+
     with registry.forced(backend):
         try:
-            fn, peers = case.make(device)
-            ours = _stats(time_fn(fn, device, repeats=repeats))
+            fn, peers = case.make(device) if distributed is None else case.make(device, distributed=distributed)
+            ours = timed(fn)
         except registry.BackendError as exc:
             return {**row, "status": "unavailable", "note": str(exc)}
         except Exception as exc:  # one broken case is reported; the other cases still run
+            if distributed is not None:  # the other ranks' collectives are out of step: stop them all
+                raise
             return {**row, "status": "fail", "note": f"{type(exc).__name__}: {exc}"}
         row.update(ours, status="ok")
         t = ours["median_s"]
         if case.flops:
             row["tflops"] = case.flops / t / 1e12
-            row["flops_share"] = row["tflops"] / machine_limits["bf16_tflops"]
+            if machine_limits:
+                row["flops_share"] = row["tflops"] / machine_limits["bf16_tflops"]
         if case.bytes:
             row["gbs"] = case.bytes / t / 1e9
-            row["bandwidth_share"] = row["gbs"] / machine_limits["bandwidth_gbs"]
+            if machine_limits:
+                row["bandwidth_share"] = row["gbs"] / machine_limits["bandwidth_gbs"]
         row["peers"] = {}
         for name, peer in peers.items():
-            p = _stats(time_fn(peer, device, repeats=repeats))
+            p = timed(peer)
             row["peers"][name] = {**p, "speedup": p["median_s"] / t}
         del fn, peers
     return row
@@ -99,27 +126,44 @@ def oversubscription_warning(threads: int, cores: int, load: float) -> str | Non
     return None
 
 
-def cpu_oversubscription() -> str | None:
-    """oversubscription_warning for this process and machine, now."""
+def cpu_oversubscription(processes: int = 1) -> str | None:
+    """oversubscription_warning for this process (and `processes - 1` like it on this node, the
+    other torchrun ranks) and machine, now."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return oversubscription_warning(torch.get_num_threads(), cores, load)
+    return oversubscription_warning(torch.get_num_threads() * processes, cores, load)
 
 
 def run(backends: list[str] | None = None, quick: bool = False, select: str | None = None,
-        repeats: int = 10, progress: bool = True) -> dict:
+        repeats: int = 10, progress: bool = True, distributed: Distributed | None = None) -> dict:
+    """The machine's limits are measured only when a case has flops or bytes to compare with them
+    (minutes on a loaded CPU at one thread). Under `distributed`, every rank calls this; the
+    machines are rank 0's, their limits measured after the cases (the other ranks must not wait
+    for them inside a collective), so no roofline shares then."""
     backends = backends or [registry.preferred_backend()]
     rows, machines = [], {}
+    rank0 = distributed is None or dist.get_rank() == 0
+    cases = speed_cases(quick=quick, select=select)
+    roofline = any(c.flops or c.bytes for c in cases)
     for backend in backends:
         ok, why = registry.probe(backend)
         if not ok:
             rows.append({"case": "*", "backend": backend, "status": "unavailable", "note": why})
             continue
         device = registry.backend_module(backend).device()
-        machines[backend] = {"machine": describe(device), "limits": limits(str(device))}
-        cases = speed_cases(quick=quick, select=select)
+        machine = {"machine": describe(device), "limits": limits(str(device)) if roofline and not distributed else {}}
+        if distributed is not None:
+            machine["machine"] += (f"; torchrun, layout {distributed.layout}: {dist.get_world_size()} ranks "
+                                   f"({dist.get_backend()}), each time the slowest rank's")
+        machines[backend] = machine
         for case in tqdm(cases, desc=f"bench {backend}", unit="case", disable=not progress):
-            rows.append(run_case(case, backend, repeats, machines[backend]["limits"]))
+            if distributed is not None and not case.distributed:
+                rows.append({"case": case.id, "op": case.op, "backend": backend, "status": "unavailable",
+                             "note": f"no per-rank form: time it in one process, not under layout {distributed.layout}"})
+                continue
+            rows.append(run_case(case, backend, repeats, machine["limits"], distributed))
+        if roofline and distributed is not None and rank0:
+            machine["limits"] = limits(str(device))
     return {"machines": machines, "rows": rows, "warnings": [],
             "fallbacks": {op: c.reason for op, c in registry.fallbacks().items()}}
 
@@ -143,18 +187,21 @@ def format_terminal(report: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     for backend, m in report["machines"].items():
-        lim = m["limits"]
-        lines.append(f"{backend}: {m['machine']}; measured {lim['bandwidth_gbs']:.1f} GB/s, "
-                     f"{lim['bf16_tflops']:.2f} BF16 TFLOP/s, {lim['fp32_tflops']:.2f} FP32 TFLOP/s")
+        lines.append(f"{backend}: {m['machine']}; {_limits(m['limits'])}")
     return "\n".join(lines)
+
+
+def _limits(lim: dict) -> str:
+    if not lim:
+        return "limits not measured (no case has flops or bytes to compare with them)"
+    return (f"measured limits {lim['bandwidth_gbs']:.1f} GB/s copy bandwidth, {lim['bf16_tflops']:.2f} BF16 / "
+            f"{lim['fp32_tflops']:.2f} FP32 TFLOP/s")
 
 
 def format_markdown(report: dict, command: str) -> str:
     lines = ["# Benchmark report", "", f"Command: `{command}`", ""]
     for backend, m in report["machines"].items():
-        lim = m["limits"]
-        lines.append(f"- {backend}: {m['machine']}; measured limits {lim['bandwidth_gbs']:.1f} GB/s copy "
-                     f"bandwidth, {lim['bf16_tflops']:.2f} BF16 / {lim['fp32_tflops']:.2f} FP32 TFLOP/s")
+        lines.append(f"- {backend}: {m['machine']}; {_limits(m['limits'])}")
     if report["fallbacks"]:
         lines.append(f"- ops that fell back to cpu: {', '.join(sorted(report['fallbacks']))}")
     lines += [f"- **warning**: {w}" for w in report["warnings"]]
@@ -191,6 +238,7 @@ def plot(report: dict, path: Path) -> Path | None:
 
 
 def add_arguments(p) -> None:
+    from v4hal.model import launch
     from v4hal.subcommand import at_least
 
     p.add_argument("--backend", action="append", choices=registry.BACKENDS,
@@ -201,13 +249,22 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=at_least(1), help="torch CPU threads (on a loaded machine 1 measures the ops, "
                    "not OpenMP threads waiting on each other)")
     p.add_argument("--out", type=Path, default=Path("out"), help="folder for bench.json / .md / .png")
+    launch.add_arguments(p)
 
 
 def main(args) -> int:
-    from v4hal.subcommand import CHECK_FAILED, OK, error
+    from v4hal.model import launch
+    from v4hal.subcommand import error
 
-    if not speed_cases(quick=args.quick, select=args.select):
+    cases = speed_cases(quick=args.quick, select=args.select)
+    if not cases:
         return error("bench", f"--select {args.select!r}: no {'quick ' if args.quick else ''}speed case id contains it")
+    layout = launch.read_layout(args)
+    if layout.devices > 1 and not any(c.distributed for c in cases):
+        return error("bench", f"layout {layout} (--tp {args.tp} --ep {args.ep}): under torchrun only the whole-model "
+                              f"cases run (--select bench-v4/); none of the {len(cases)} selected case(s) has a "
+                              f"per-rank form ({', '.join(c.id for c in cases[:3])}{', ...' if len(cases) > 3 else ''}): "
+                              f"time them in one process")
     for backend in args.backend or []:
         usable, why = registry.probe(backend)
         if not usable:
@@ -215,10 +272,29 @@ def main(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     backends = args.backend or [registry.preferred_backend()]
-    warning = cpu_oversubscription() if any(registry.backend_module(b).device().type == "cpu" for b in backends) else None
+    if layout.devices > 1 and len(backends) > 1:
+        return error("bench", f"--backend: under torchrun one backend at a time (its device sets the process "
+                              f"group), got {backends}")
+    device = registry.backend_module(backends[0]).device()
+    return launch.run("bench", args, layout, device, lambda placement: _bench(args, layout, placement, backends),
+                      before_join=lambda: [c.prepare() for c in cases if c.prepare])
+
+
+def _bench(args, layout, placement, backends: list[str]) -> int:
+    """Run, print and (rank 0) write the report; `placement` is None in one process."""
+    from v4hal.subcommand import CHECK_FAILED, OK, error
+
+    rank0 = placement is None or dist.get_rank() == 0
+    on_cpu = any(registry.backend_module(b).device().type == "cpu" for b in backends)
+    ranks_here = 1 if placement is None else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    warning = cpu_oversubscription(ranks_here) if on_cpu and rank0 else None
     if warning:
         print(f"v4hal bench: warning: {warning}", file=sys.stderr)
-    report = run(backends, quick=args.quick, select=args.select, repeats=args.repeats)
+    distributed = None if placement is None else Distributed(layout, args.dist_timeout)
+    report = run(backends, quick=args.quick, select=args.select, repeats=args.repeats, progress=rank0,
+                 distributed=distributed)
+    if not rank0:
+        return OK
     report["warnings"] += [warning] if warning else []
     print(format_terminal(report))
     args.out.mkdir(parents=True, exist_ok=True)

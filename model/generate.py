@@ -9,7 +9,6 @@ prompts are grouped by length and each group shares one batched cache; groups de
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections import defaultdict
@@ -20,8 +19,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from v4hal.model import launch
 from v4hal.model.config import PRESETS, ModelArgs, human, load_args
-from v4hal.model.parallel import Layout, LayoutError, Placement, join, local_placement
+from v4hal.model.parallel import Placement
 from v4hal.model.static import StaticDecoder
 
 
@@ -149,13 +149,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the config's)")
     p.add_argument("--backend", help="V4HAL_BACKEND for this run (auto, cpu, cpu_fast, cuda, ascend, mindspore)")
     p.add_argument("--dequantize", action="store_true", help="dequantize FP8/FP4 weights on load")
-    p.add_argument("--tp", type=at_least(1), default=1, help="tensor parallel ranks (run under torchrun)")
-    p.add_argument("--ep", type=at_least(1), default=1, help="expert parallel ranks (1 or --tp)")
-    p.add_argument("--dist-timeout", type=at_least(1.0, float), default=300.0,
-                   help="seconds to wait for every rank to join, and in each collective, before failing")
-    p.add_argument("--dist-backend", choices=["auto", "gloo", "nccl", "hccl"], default="auto",
-                   help="process-group backend under torchrun (auto: the one of the backend's device: "
-                        "gloo on cpu, nccl on cuda:LOCAL_RANK, hccl on npu:LOCAL_RANK)")
+    launch.add_arguments(p)
     p.add_argument("--compile", action="store_true",
                    help="decode at fixed shapes, each step one torch.compile graph (first step compiles)")
     p.add_argument("--kv-cache-dtype", choices=["bf16", "fp8"], default="bf16",
@@ -232,32 +226,15 @@ def main(ns: argparse.Namespace) -> int:
             return error("generate", f"--preset {ns.preset}: {shortfall}", NO_RESOURCES)
     counts = args.parameter_counts()
     t0 = time.perf_counter()
-    layout = Layout(tp=ns.tp, ep=ns.ep)
+    layout = launch.read_layout(ns)
     if layout.devices > 1 and not ns.weights:
         return error("generate", "--tp / --ep need --weights (random weights are not split consistently)")
-    if layout.devices > 1 and "RANK" not in os.environ:
-        return error("generate", f"--tp {ns.tp}: run under torchrun --nproc-per-node {layout.devices}")
-    placement = None  # one process: the model on the host
-    try:
-        if layout.devices > 1:
-            placement = local_placement(registry.backend_module(registry.preferred_backend()).device(),
-                                        ns.dist_backend)
-            if not dist.is_initialized():
-                join(layout, placement, ns.dist_timeout)
-            if dist.get_rank():  # rank 0 prints
-                sys.stdout = open(os.devnull, "w")
-        return _run(ns, args, prompts, tokenizer, layout, placement, dtype, counts, t0)
-    except LayoutError as exc:
-        return error("generate", str(exc))
-    except RuntimeError as exc:  # from a collective: a peer died (connection closed) or stalled (timeout)
-        if layout.devices == 1:
-            raise
-        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-        return error("generate", f"layout {layout}: rank {dist.get_rank()} stopped in a collective: {first} "
-                                 f"(another rank died or stalled; collectives wait --dist-timeout {ns.dist_timeout:g} s)")
-    finally:
-        if layout.devices > 1 and dist.is_initialized():
-            dist.destroy_process_group()  # before exit, or gloo's threads abort the process
+    if layout.dp > 1:
+        return error("generate", f"--ep {ns.ep} with --tp 1 (data-parallel ranks, each its own sequences) runs in "
+                                 f"`v4hal parity` and `v4hal bench`; generate runs --tp N [--ep N]")
+    device = registry.backend_module(registry.preferred_backend()).device()
+    return launch.run("generate", ns, layout, device,
+                      lambda placement: _run(ns, args, prompts, tokenizer, layout, placement, dtype, counts, t0))
 
 
 def _run(ns, args, prompts, tokenizer, layout, placement: Placement | None, dtype, counts, t0) -> int:

@@ -79,4 +79,4 @@ class StaticDecoder:
         with torch.no_grad():
             logits = self._step(self.model, ids, positions, self.cache.layers, self.cache.engram)
         self.cache.length += 1
-        return logits
+        return self.model.parallel.tp.all_gather(logits, dim=-1)  # under tp, the vocabulary's slices

@@ -122,7 +122,7 @@ def test_a_selection_matching_nothing_is_an_error(capsys, tmp_path, command, fla
 def test_parity_where_every_backend_is_unavailable_is_not_success(monkeypatch, capsys, tmp_path):
     import v4hal.bench.parity as parity
 
-    monkeypatch.setattr(parity, "run_case", lambda case, backends, seed=0: [
+    monkeypatch.setattr(parity, "run_case", lambda case, backends, seed=0, distributed=None: [
         {"case": case.id, "op": case.op, "backend": b, "status": "unavailable", "note": "no device"} for b in backends])
     assert cli(["parity", "--backend", "cpu", "--quick", "--select", "sinkhorn", "--out", str(tmp_path)]) == 2
     _error_line(capsys, "no case ran")

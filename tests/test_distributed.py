@@ -9,7 +9,6 @@ of the experts). One launch per world size runs all of its layouts.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from safetensors.torch import load_file, save_file
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from dist_util import TIMEOUT, free_port, torchrun
 
 from v4hal import ops
 from v4hal.bench.cases_model import hf_model
@@ -55,13 +56,6 @@ FP8_TOLERANCE = {"v4fp8": 0.99}
 LAUNCHES = {w: [(Layout(tp=w), "hf"), (Layout(ep=w, dp=w), "hf"), (Layout(tp=w, ep=w), "hf"), (Layout(tp=w, ep=w), "mp")]
             for w in (2, 4)}
 BATCH, PROMPT, DECODE, NEW = 4, 13, 16, 6  # a prompt crossing the tiny windows, decode steps, greedy tokens
-TIMEOUT = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ids(args: ModelArgs) -> torch.Tensor:
@@ -138,7 +132,7 @@ def _worker(rank, world, port, cases, ckpts, out_dir):
 
 def spawn(fn, world: int, *args) -> None:
     """Run fn(rank, world, port, *args) in `world` processes; fail (never hang) past TIMEOUT."""
-    ctx = mp.spawn(fn, args=(world, _free_port(), *args), nprocs=world, join=False)
+    ctx = mp.spawn(fn, args=(world, free_port(), *args), nprocs=world, join=False)
     deadline = time.monotonic() + TIMEOUT
     while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
         if time.monotonic() > deadline:
@@ -206,11 +200,8 @@ def test_a_resharded_checkpoint_is_refused_under_another_layout(layout, checkpoi
 def test_generate_under_torchrun_from_resharded_output(checkpoints):
     path, ref = checkpoints["v4"]
     prompt = _ids(ModelArgs.from_json(path))[0, :PROMPT].tolist()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           "-m", "v4hal.cli", "generate", "--tp", "2", "--ep", "2", "--dist-timeout", "60", "--config", f"{path}-mp2",
-           "--weights", f"{path}-mp2", "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", str(NEW)]
-    run = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                         timeout=TIMEOUT)
+    run = torchrun(["generate", "--tp", "2", "--ep", "2", "--dist-timeout", "60", "--config", f"{path}-mp2",
+                    "--weights", f"{path}-mp2", "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", str(NEW)])
     assert run.returncode == 0, run.stderr
     assert f"[0] generated: {ref['tokens'][0]}" in run.stdout, run.stdout
     planned = sum(weight_bytes(ModelArgs.from_json(path), Layout(tp=2, ep=2)).values())
@@ -233,14 +224,14 @@ def _generate_rank0(path: str, world: int, port: int, *extra: str) -> subprocess
 
 
 def test_a_rank_that_never_joins_is_an_error_after_the_timeout(checkpoints):
-    run = _generate_rank0(checkpoints["v3"][0], 2, _free_port())
+    run = _generate_rank0(checkpoints["v3"][0], 2, free_port())
     assert run.returncode == 2, run.stderr
     assert ("v4hal generate: error: layout tp=2 ep=1 pp=1 dp=1: not every one of the 2 processes joined "
             "within 3 s") in run.stderr, run.stderr
 
 
 def test_a_rank_that_dies_is_an_error_on_its_peers(checkpoints):
-    port = _free_port()
+    port = free_port()
     dies = "import os, torch.distributed as d; d.init_process_group('gloo'); os._exit(3)"
     peer = subprocess.Popen([sys.executable, "-c", dies], env=_rank_env(1, 2, port))
     try:
@@ -253,14 +244,14 @@ def test_a_rank_that_dies_is_an_error_on_its_peers(checkpoints):
 
 
 def test_a_process_group_backend_of_another_device_is_refused(checkpoints):
-    run = _generate_rank0(checkpoints["v3"][0], 2, _free_port(), "--dist-backend", "nccl")
+    run = _generate_rank0(checkpoints["v3"][0], 2, free_port(), "--dist-backend", "nccl")
     assert run.returncode == 2, run.stderr
     assert ("v4hal generate: error: --dist-backend nccl: the model runs on cpu, whose process-group backend "
             "is gloo; nccl needs cuda devices") in run.stderr, run.stderr
 
 
 def test_a_world_of_another_size_is_refused(checkpoints):
-    run = _generate_rank0(checkpoints["v3"][0], 4, _free_port())
+    run = _generate_rank0(checkpoints["v3"][0], 4, free_port())
     assert run.returncode == 2, run.stderr
     assert "layout tp=2 ep=1 pp=1 dp=1: needs 2 processes, torchrun started 4 (--nproc-per-node 2)" in run.stderr
 

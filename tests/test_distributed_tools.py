@@ -1,0 +1,98 @@
+"""`v4hal parity --select model` and `v4hal bench --select bench-v4/` under torchrun (2 ranks,
+gloo, CPU): each rank loads only its layout's slices of the seeded case checkpoint, rank 0 judges
+the gathered logits against the one-process float64 reference and alone reports; a rank that
+loads another rank's slice fails the check; the bench report names the layout."""
+
+import json
+
+import pytest
+
+from dist_util import torchrun
+
+from v4hal.cli import main as cli
+
+# Each rank loads the slices of the routed experts' down projections another rank should hold,
+# everything else its own. (Swapping the gate / up slices too would only renumber the experts'
+# intermediate columns under tp, which changes nothing: the break must be inconsistent.)
+OTHER_RANKS_EXPERTS = '''
+import copy
+import v4hal.model.loader as loader
+
+def _other_rank(par):
+    """The same layout seen from the other of two ranks."""
+    other = copy.copy(par)
+    other.tp = copy.copy(par.tp)
+    other.tp.rank = (par.tp.rank + 1) % par.tp.size
+    other.ep_rank = (par.ep_rank + 1) % par.layout.ep
+    return other
+
+def _experts_of_the_other_rank(real):
+    def pick(name, *rest):
+        *head, par = rest
+        return real(name, *head, _other_rank(par) if ".experts." in name and "down_proj" in name else par)
+    return pick
+
+loader.shard = _experts_of_the_other_rank(loader.shard)
+loader.local_expert = _experts_of_the_other_rank(loader.local_expert)
+'''
+
+
+def _parity(tmp_path, layout: list[str], case: str, prelude: str = ""):
+    run = torchrun(["parity", *layout, "--backend", "cpu", "--select", case, "--dist-timeout", "120",
+                    "--out", str(tmp_path / "out")], prelude=prelude, folder=tmp_path)
+    report = json.loads((tmp_path / "out" / "parity.json").read_text()) if run.returncode in (0, 1) else None
+    return run, report
+
+
+@pytest.mark.parametrize("layout, case, name", [
+    (["--tp", "2"], "model_logits/tiny-v4", "tp=2 ep=1 pp=1 dp=1"),
+    (["--ep", "2"], "model_logits/tiny-v32", "tp=1 ep=2 pp=1 dp=2")])
+def test_parity_of_the_model_under_torchrun(tmp_path, layout, case, name):
+    run, report = _parity(tmp_path, layout, case)
+    assert run.returncode == 0, run.stdout + run.stderr
+    (row,) = report["rows"]
+    assert row["case"].startswith(case) and row["status"] == "pass", row
+    assert row["outputs"]["out"]["max_abs"] < 1e-4  # float32 on 2 ranks against float64 in one process
+    assert f"torchrun, layout {name}: 2 ranks, gloo on cpu" in report["machine"]
+    assert run.stdout.count("wrote ") == 2, run.stdout  # parity.json and parity.md, from rank 0 alone
+    assert run.stdout.count("parity: 1 passed, 0 failed") == 1, run.stdout
+
+
+def test_parity_fails_when_a_rank_loads_another_ranks_slice(tmp_path):
+    run, report = _parity(tmp_path, ["--tp", "2"], "model_logits/tiny-v4", prelude=OTHER_RANKS_EXPERTS)
+    assert run.returncode == 1, run.stdout + run.stderr
+    (row,) = report["rows"]
+    assert row["status"] == "fail" and row["outputs"]["out"]["max_abs"] > 1e-3, row
+
+
+@pytest.mark.parametrize("command, select, one_process", [("parity", "sinkhorn", "run them in one process"),
+                                                          ("bench", "sinkhorn", "time them in one process")])
+def test_per_op_cases_are_refused_under_a_layout(command, select, one_process, capsys, tmp_path):
+    # refused before any process group is joined, so one process shows it
+    assert cli([command, "--tp", "2", "--select", select, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert (f"v4hal {command}: error: layout tp=2 ep=1 pp=1 dp=1 (--tp 2 --ep 1): under torchrun only the "
+            f"whole-model cases run") in err and one_process in err, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_layout_outside_torchrun_is_refused(capsys, tmp_path):
+    assert cli(["parity", "--tp", "2", "--select", "model_logits/tiny-v4", "--out", str(tmp_path)]) == 2
+    assert ("v4hal parity: error: layout tp=2 ep=1 pp=1 dp=1 (--tp 2 --ep 1): run under torchrun "
+            "--nproc-per-node 2") in capsys.readouterr().err
+
+
+def test_bench_under_torchrun_reports_the_layout(tmp_path):
+    out = tmp_path / "out"
+    run = torchrun(["bench", "--tp", "2", "--ep", "2", "--quick", "--select", "bench-v4/", "--repeats", "1",
+                    "--dist-timeout", "120", "--out", str(out)])
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads((out / "bench.json").read_text())
+    (row,) = report["rows"]
+    assert row["case"] == "model_prefill/bench-v4/256" and row["status"] == "ok", row
+    assert row["median_s"] > 0 and row["peers"]["transformers eager"]["median_s"] > 0
+    (machine,) = report["machines"].values()
+    layout = "torchrun, layout tp=2 ep=2 pp=1 dp=1: 2 ranks (gloo), each time the slowest rank's"
+    assert layout in machine["machine"]
+    assert layout in (out / "bench.md").read_text()
+    assert run.stdout.count("wrote ") == 1, run.stdout
