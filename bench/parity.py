@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,60 +57,76 @@ def _outputs(case: Case, out: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in named.items()}
 
 
-def run_case(case: Case, backends: list[str], seed: int = 0, distributed: Distributed | None = None) -> list[dict]:
-    """One row per backend. Under `distributed` every rank runs the backends (in step) and rank 0,
-    which alone computes the reference, judges them; the other ranks' rows are empty."""
-    g = torch.Generator().manual_seed(seed)
-    inputs = case.make(g)
+@dataclass(frozen=True)
+class Built:
+    """A case's inputs and its float64 cpu reference outputs: built once, they can judge any number
+    of backends (or of emulated chips, one after another). `reference` is None on the ranks of a
+    distributed run that do not judge."""
+
+    inputs: dict
+    reference: dict[str, torch.Tensor] | None
+
+
+def build(case: Case, seed: int = 0, judging: bool = True) -> Built:
+    inputs = case.make(torch.Generator().manual_seed(seed))
+    if not judging:
+        return Built(inputs, None)
     ref_inputs = (case.reference_inputs or default_reference_inputs)(inputs)
+    with registry.forced("cpu"):
+        return Built(inputs, _outputs(case, case.run(**ref_inputs)))
+
+
+def run_case(case: Case, backends: list[str], seed: int = 0, built: Built | None = None,
+             distributed: Distributed | None = None) -> list[dict]:
+    """One row per backend. `built` (from `build(case, seed)`) reuses inputs and reference built
+    before; backends must leave the inputs unchanged, since every backend here gets the same ones.
+    Under `distributed` every rank runs the backends (in step) and rank 0, which alone computes the
+    reference, judges them; the other ranks' rows are empty."""
     judging = distributed is None or dist.get_rank() == 0
-    if judging:
-        with registry.forced("cpu"):
-            ref = _outputs(case, case.run(**ref_inputs))
+    built = built or build(case, seed, judging)
+    rows = [_judge_on(case, built, backend, distributed) for backend in backends]
+    return [row for row in rows if row is not None]
+
+
+def _judge_on(case: Case, built: Built, backend: str, distributed: Distributed | None) -> dict | None:
+    row: dict[str, Any] = {"case": case.id, "op": case.op, "backend": backend}
+    ok, why = registry.probe(backend)
+    if not ok:
+        return {**row, "status": "unavailable", "note": why}
+    row["backend"] = registry.label(backend)  # e.g. "ascend (emulated A3)"
     per_rank = {} if distributed is None else {"distributed": distributed}
-    rows = []
-    for backend in backends:
-        row: dict[str, Any] = {"case": case.id, "op": case.op, "backend": backend}
-        ok, why = registry.probe(backend)
-        if not ok:
-            rows.append({**row, "status": "unavailable", "note": why})
+    try:
+        with registry.forced(backend):
+            device = registry.backend_module(backend).device()
+            start = time.perf_counter()
+            out = _outputs(case, case.run(**_to_device(built.inputs, device), **per_rank))
+            row["seconds"] = time.perf_counter() - start
+    except registry.BackendError as exc:
+        return {**row, "status": "unavailable", "note": str(exc)}
+    except Exception as exc:  # a crash on one backend is a failure to report, not to raise
+        if distributed is not None:  # the other ranks' collectives are out of step: stop them all
+            raise
+        return {**row, "status": "fail", "note": f"{type(exc).__name__}: {exc}"}
+    if built.reference is None:
+        return None
+    passed, notes, row["outputs"] = True, [], {}
+    for name, r in built.reference.items():
+        tol = case.tolerance.get(name, Tolerance()) if isinstance(case.tolerance, dict) else case.tolerance
+        if name not in out:
+            passed, _ = False, notes.append(f"{name}: missing")
             continue
-        row["backend"] = registry.label(backend)  # e.g. "ascend (emulated A3)"
-        try:
-            with registry.forced(backend):
-                device = registry.backend_module(backend).device()
-                start = time.perf_counter()
-                out = _outputs(case, case.run(**_to_device(inputs, device), **per_rank))
-                row["seconds"] = time.perf_counter() - start
-        except registry.BackendError as exc:
-            rows.append({**row, "status": "unavailable", "note": str(exc)})
-            continue
-        except Exception as exc:  # a crash on one backend is a failure to report, not to raise
-            if distributed is not None:  # the other ranks' collectives are out of step: stop them all
-                raise
-            rows.append({**row, "status": "fail", "note": f"{type(exc).__name__}: {exc}"})
-            continue
-        if not judging:
-            continue
-        passed, notes, row["outputs"] = True, [], {}
-        for name, r in ref.items():
-            tol = case.tolerance.get(name, Tolerance()) if isinstance(case.tolerance, dict) else case.tolerance
-            if name not in out:
-                passed, _ = False, notes.append(f"{name}: missing")
-                continue
-            ok, note = judge(out[name], r, tol)
-            comparable = out[name].shape == r.shape  # a wrong shape fails in judge, with no metrics
-            row["outputs"][name] = {**(metrics(out[name], r) if comparable else {}), "passed": ok, "tolerance": tol.kind}
-            passed &= ok
-            if note:
-                notes.append(f"{name}: {note}")
-        if case.check is not None and passed:
-            ok, note = case.check(ref, out, inputs)
-            passed &= ok
-            if note:
-                notes.append(note)
-        rows.append({**row, "status": "pass" if passed else "fail", "note": "; ".join(notes)})
-    return rows
+        ok, note = judge(out[name], r, tol)
+        comparable = out[name].shape == r.shape  # a wrong shape fails in judge, with no metrics
+        row["outputs"][name] = {**(metrics(out[name], r) if comparable else {}), "passed": ok, "tolerance": tol.kind}
+        passed &= ok
+        if note:
+            notes.append(f"{name}: {note}")
+    if case.check is not None and passed:
+        ok, note = case.check(built.reference, out, built.inputs)
+        passed &= ok
+        if note:
+            notes.append(note)
+    return {**row, "status": "pass" if passed else "fail", "note": "; ".join(notes)}
 
 
 def run(backends: list[str] | None = None, quick: bool = False, select: str | None = None,

@@ -23,3 +23,11 @@ def answer_npu_with(monkeypatch, stand_in) -> None:
     """Every ascend family module's `npu()` returns `stand_in` for the rest of the test."""
     for family in FAMILIES:
         monkeypatch.setattr(importlib.import_module(f"v4hal.backends.ascend.{family}"), "npu", lambda: stand_in)
+
+
+# The expert-sized quantized full cases: building their inputs and float64 reference costs far more
+# than the emulated backend's run, so test_ascend_emulator_heavy.py builds each once for all three
+# chips; test_ascend_emulator.py's full parity runs every other full case per chip.
+HEAVY = ("moe_forward/v3.2/E16-fp8", "moe_forward/v4-flash/E8-fp4", "grouped_matmul/v4-flash/up-fp4",
+         "grouped_matmul/v4-pro/up-fp4", "dequantize_fp4/v4-pro/expert-float32", "dequantize_fp4/v4-pro/expert-uint8",
+         "dequantize_fp4/v4-pro/expert-float8_e8m0fnu", "quantize_fp4/v4-flash/expert", "quantize_int8/v4-pro/weight")

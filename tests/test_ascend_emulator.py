@@ -11,7 +11,7 @@ from v4hal.bench import parity
 from v4hal.bench.cases import parity_cases
 from v4hal.tools.ascend.emulator import DeviceError, Emulator, NotEmulated, emulated_ops
 
-from ascend_util import Flipped, answer_npu_with
+from ascend_util import HEAVY, Flipped, answer_npu_with
 
 A2, A3, A5 = Emulator("A2"), Emulator("A3"), Emulator("A5")
 BF = torch.bfloat16
@@ -173,24 +173,11 @@ def test_quick_parity_passes_on_the_emulator(emulate, chip):
     assert not failed
 
 
-# Full cases at real shapes left to the documented command (`v4hal parity --backend ascend
-# --emulate A2`, docs/ascend.md): building their expert-sized quantized inputs and the float64
-# reference takes 10 s to minutes each on this 2-core CPU; the emulated backend's own share is
-# seconds. Every other full case runs here, on every chip.
-HEAVY = ("moe_forward/v3.2/E16-fp8", "moe_forward/v4-flash/E8-fp4", "grouped_matmul/v4-flash/up-fp4",
-         "grouped_matmul/v4-pro/up-fp4", "dequantize_fp4/v4-pro/expert-float32", "dequantize_fp4/v4-pro/expert-uint8",
-         "dequantize_fp4/v4-pro/expert-float8_e8m0fnu", "quantize_fp4/v4-flash/expert", "quantize_int8/v4-pro/weight")
-
-
-def test_heavy_cases_are_full_parity_cases():
-    full = {c.id for c in parity_cases() if not c.quick}
-    assert set(HEAVY) <= full, set(HEAVY) - full
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("chip", ["A2", "A3", "A5"])
 def test_full_parity_at_real_shapes_passes_on_the_emulator(emulate, chip):
-    """CI's full parity on the emulator: the V4-Flash / V4-Pro / V3.2 cases but HEAVY."""
+    """CI's full parity on the emulator: the V4-Flash / V4-Pro / V3.2 cases but HEAVY (their own file,
+    test_ascend_emulator_heavy.py, runs them on each chip)."""
     emulate(chip)
     cases = [c for c in parity_cases() if not c.quick and c.id not in HEAVY]
     failed = [(r["case"], r["note"]) for c in cases for r in parity.run_case(c, ["ascend"]) if r["status"] != "pass"]

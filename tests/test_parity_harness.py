@@ -66,6 +66,27 @@ def test_reference_runs_in_float64():
     assert seen["dtypes"][1] == (torch.float32, torch.bfloat16)
 
 
+def test_a_built_case_is_judged_again_without_building_it_again():
+    made, ran = [], []
+
+    def make(g):
+        made.append(1)
+        return {"x": torch.randn(4, generator=g)}
+
+    def run(x):
+        ran.append(x.dtype)
+        return x * 2
+
+    case = Case("rms_norm", "probe", run, make, Tolerance("exact"))
+    built = parity.build(case)
+    assert ran == [torch.float64] and built.reference["out"].dtype == torch.float64
+    rows = parity.run_case(case, ["cpu", "cpu_fast"], built=built) + parity.run_case(case, ["cpu"], built=built)
+    assert [r["status"] for r in rows] == ["pass"] * 3
+    assert len(made) == 1 and ran == [torch.float64] + [torch.float32] * 3  # no second make, no second reference
+    wrong = parity.Built(built.inputs, {"out": built.reference["out"] + 1})
+    assert parity.run_case(case, ["cpu"], built=wrong)[0]["status"] == "fail"  # the reference given is the one judged
+
+
 def _with_cpu_fast_fp8_matmul(monkeypatch, fn):
     real = registry.implementation
     monkeypatch.setattr(registry, "implementation",
