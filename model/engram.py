@@ -14,6 +14,9 @@ Layout helpers derive what the checkpoint does not store, the way the released m
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
@@ -71,8 +74,8 @@ def token_map_from_tokenizer(tokenizer) -> tuple[torch.Tensor, int]:
     """`([len(tokenizer)] int64 compressed ids, compressed vocabulary size)`: each token's decoded
     text normalised (NFKC, NFD, accents stripped, lower case, whitespace runs folded to one space,
     then stripped, a lone space kept), tokens with equal keys sharing the id of the first; a token
-    that decodes to a partial UTF-8 sequence is keyed by its raw token string. Needs a fast
-    (`tokenizers`-backed) tokenizer."""
+    that decodes to a partial UTF-8 sequence is keyed by its raw token string. Takes a fast
+    (`tokenizers`-backed) transformers tokenizer or a `tokenizers.Tokenizer` (added tokens counted)."""
     from tokenizers import Regex, normalizers
 
     lone_space = "\ue000"  # private use: survives Strip, so " " stays apart from ""
@@ -80,14 +83,60 @@ def token_map_from_tokenizer(tokenizer) -> tuple[torch.Tensor, int]:
         normalizers.NFKC(), normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase(),
         normalizers.Replace(Regex(r"[ \t\r\n]+"), " "), normalizers.Replace(Regex(r"^ $"), lone_space),
         normalizers.Strip(), normalizers.Replace(lone_space, " ")]).normalize_str
-    backend = tokenizer.backend_tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    count = len(tokenizer) if backend is not tokenizer else backend.get_vocab_size(with_added_tokens=True)
     ids: dict[str, int] = {}
     out = []
-    for token in range(len(tokenizer)):
+    for token in range(count):
         text = backend.decode([token], skip_special_tokens=False)
         key = backend.id_to_token(token) if "\ufffd" in text else (normalize(text) or text)
         out.append(ids.setdefault(key, len(ids)))
     return torch.tensor(out, dtype=torch.int64), len(ids)
+
+
+TOKEN_MAP_FILE = "engram_token_map.json"  # beside the shards, when no tokenizer travels with them
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def save_token_map(token_map: torch.Tensor, path: str | Path) -> None:
+    """Write a `[vocab_size]` compressed token map (DEAD, -1, allowed) as `{"token_map": [...]}`."""
+    Path(path).write_text(json.dumps({"token_map": token_map.tolist()}, separators=(",", ":")))
+
+
+def read_token_map(path: str | Path) -> torch.Tensor:
+    """The map `save_token_map` wrote; ValueError naming the file when it holds anything else."""
+    try:
+        ids = json.loads(Path(path).read_text())["token_map"]
+        return torch.tensor(ids, dtype=torch.int64)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise ValueError(f"{path}: expected {{\"token_map\": [one integer compressed id per token]}} "
+                         f"({type(exc).__name__}: {exc})") from None
+
+
+def random_token_map(args, seed: int) -> torch.Tensor:
+    """A V4.1 model with random weights has no tokenizer: a seeded random `[vocab_size]` map into
+    `engram_compressed_vocab_size` ids (`v4hal generate --preset` / `v4hal checkpoint`, demos only)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, int(args.extra["engram_compressed_vocab_size"]), (args.vocab_size,), generator=g)
+
+
+def token_map_file(directory: str | Path) -> str | None:
+    """The file a checkpoint folder's compressed token map comes from: its tokenizer
+    (`tokenizer.json`, what the released model builds the map from) first, else a saved map
+    (`engram_token_map.json`); None when it has neither."""
+    return next((name for name in (TOKENIZER_FILE, TOKEN_MAP_FILE) if (Path(directory) / name).is_file()), None)
+
+
+def token_map_source(path: str | Path):
+    """What `token_map_file` named, opened: a `tokenizers.Tokenizer` or the saved map's tensor."""
+    if Path(path).name != TOKENIZER_FILE:
+        return read_token_map(path)
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on a malformed file
+        raise ValueError(f"{path}: not a tokenizers file ({exc})") from None
 
 
 class EngramArgs:

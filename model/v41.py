@@ -52,25 +52,34 @@ class EngramHashing(nn.Module):
         self._calls = 0
 
     def set_token_map(self, source) -> None:
-        """`source`: a `[vocab_size]` int tensor of compressed ids, or a tokenizer to build it from
-        (`token_map_from_tokenizer`). Its compressed vocabulary must be the config's
-        `engram_compressed_vocab_size` (every multiplier derives from it); dead tokens are marked."""
+        """`source`: a `[vocab_size]` int tensor of compressed ids (DEAD, -1, allowed: e.g. as a
+        saved map holds it), or a tokenizer to build it from (`token_map_from_tokenizer`; ids past
+        a tokenizer shorter than the padded vocabulary are DEAD: no text produces them). Its
+        compressed vocabulary must be the config's `engram_compressed_vocab_size` (every multiplier
+        derives from it); the pad must not be dead; the dead tokens are marked."""
         op, ea = "Engram", self.ea
-        if isinstance(source, torch.Tensor):
+        from_tokenizer = not isinstance(source, torch.Tensor)
+        if from_tokenizer:
+            token_map, size = token_map_from_tokenizer(source)
+            if token_map.shape[0] < self.vocab_size:
+                token_map = torch.cat([token_map, torch.full((self.vocab_size - token_map.shape[0],), ops.DEAD)])
+        else:
             token_map = source.to(torch.int64).cpu()
             size = int(token_map.max()) + 1 if token_map.numel() else 0
-        else:
-            token_map, size = token_map_from_tokenizer(source)
+        what = "tokenizer" if from_tokenizer else "token_map"
         if token_map.dim() != 1 or token_map.shape[0] != self.vocab_size:
-            raise ops.OpInputError(op, "token_map", f"one compressed id per token of the vocabulary "
+            raise ops.OpInputError(op, what, f"one compressed id per token of the vocabulary "
                                    f"({self.vocab_size})", f"shape {tuple(token_map.shape)}")
-        if int(token_map.min()) < 0 or size > ea.compressed_vocab:
-            raise ops.OpInputError(op, "token_map", f"compressed ids in [0, {ea.compressed_vocab}) "
-                                   "(engram_compressed_vocab_size)", f"{size} compressed ids, min {int(token_map.min())}")
-        if not isinstance(source, torch.Tensor) and size != ea.compressed_vocab:
-            raise ops.OpInputError(op, "tokenizer", f"{ea.compressed_vocab} compressed ids "
+        if from_tokenizer and size != ea.compressed_vocab:
+            raise ops.OpInputError(op, what, f"{ea.compressed_vocab} compressed ids "
                                    "(engram_compressed_vocab_size)", size)
+        if int(token_map.min()) < ops.DEAD or size > ea.compressed_vocab:
+            raise ops.OpInputError(op, what, f"compressed ids in [0, {ea.compressed_vocab}) "
+                                   f"(engram_compressed_vocab_size) or {ops.DEAD} (dead)",
+                                   f"{size} compressed ids, min {int(token_map.min())}")
         self.pad_id = int(token_map[ea.pad_token_id])
+        if self.pad_id < 0:
+            raise ops.OpInputError(op, what, f"a compressed id for engram_pad_token_id {ea.pad_token_id}", "a dead token")
         token_map = token_map.clone()
         token_map[ea.dead_token_ids] = ops.DEAD
         self.token_map = token_map.to(self.multipliers.device)
