@@ -479,6 +479,9 @@ def _rank_slice(sl, name: str, model: nn.Module, stored: dict, par, resharded: b
     output a tensor already of this rank's shape is its part (its scale with it); one stored whole
     (the reshard keeps what DeepSeek's convert script does not split) is sliced here."""
     shape = tuple(sl.get_shape())
+    table = _slot(model, name.rpartition(".")[0] + ".weight")  # an Engram table's weight or scale
+    if table is not None and isinstance(table[0], EngramTable) and table[0].shard is not None:
+        return take(sl, (0, [(table[0].shard.row_start, table[0].shard.row_stop)]))  # its hash columns' rows
     if _is_quant_scale(model, name):
         base = name[: -len(".scale")] + ".weight"
         wshape, wdtype = stored.get(base, (shape, ""))
