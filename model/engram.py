@@ -242,15 +242,20 @@ class EngramTable(nn.Module):
             if self.scale is not None:  # factors 2^-3 .. 2^-1
                 self.scale.view(torch.uint8).copy_(torch.randint(124, 127, self.scale.shape, generator=g, dtype=torch.uint8))
 
-    def adopt(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
-        """Take a float8 table with its scales as stored (the loader's path when the model was built
-        for a float table, e.g. from a config whose quantization_config a conversion dropped)."""
-        if tuple(weight.shape) != tuple(self.weight.shape) or weight.dtype != torch.float8_e4m3fn:
-            raise ops.OpInputError("EngramTable", "weight", f"a float8_e4m3fn table of shape {tuple(self.weight.shape)}",
+    def adopt(self, weight: torch.Tensor, scale: torch.Tensor | None) -> None:
+        """Take a table in the other encoding than built, as stored: float8 with its scales into a
+        table built float (e.g. from a config whose quantization_config a conversion dropped), or
+        a float one, without scales, into a table built float8 (`convert run --engram-tables bf16`
+        of a checkpoint that keeps its quantization_config)."""
+        float8 = scale is not None
+        if tuple(weight.shape) != tuple(self.weight.shape) or (weight.dtype == torch.float8_e4m3fn) != float8 \
+                or not weight.dtype.is_floating_point:
+            want = "a float8_e4m3fn table with its scale" if float8 else "a float table"
+            raise ops.OpInputError("EngramTable", "weight", f"{want} of shape {tuple(self.weight.shape)}",
                                    f"{weight.dtype} {tuple(weight.shape)}")
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.scale = nn.Parameter(scale if scale.dtype != torch.float32 else scale.to(torch.float8_e8m0fnu),
-                                  requires_grad=False)
+        self.scale = None if scale is None else nn.Parameter(
+            scale if scale.dtype != torch.float32 else scale.to(torch.float8_e8m0fnu), requires_grad=False)
 
     def local_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """The layer's table rows `[..., columns]` -> this rank's columns, as rows of its shard."""

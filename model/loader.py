@@ -301,9 +301,12 @@ class _Loader:
 
     # One logical tensor: a float tensor, or a quantized weight with its scale.
     def put(self, name: str, tensor: torch.Tensor, scale: torch.Tensor | None) -> None:
-        table = _slot(self.model, name) if scale is not None else None
-        if table is not None and isinstance(table[0], EngramTable):  # a float8 table into a model built for a float one
-            table[0].adopt(tensor, scale)
+        table = _slot(self.model, name)
+        fp8 = torch.float8_e4m3fn
+        if table is not None and isinstance(table[0], EngramTable) and table[1] == "weight" \
+                and (tensor.dtype == fp8) != (table[0].weight.dtype == fp8):
+            table[0].adopt(tensor, scale)  # a table in the other encoding (float8 / float) than the model built
+            self.expected.discard(name[: -len("weight")] + "scale")  # a float table has none
             self.filled[name] = {None}
             return
         if _packed_fp4_as_int8(tensor, scale):

@@ -132,3 +132,49 @@ def test_no_map_and_maps_that_do_not_fit_are_named(tmp_path, capsys):
     dead_pad[2] = -1  # engram_pad_token_id
     with pytest.raises(ValueError, match="argument 'token_map' expected a compressed id for engram_pad_token_id 2"):
         model.set_engram_token_map(dead_pad)
+
+
+@pytest.mark.parametrize("target", ["copy", "bf16"])
+def test_convert_re_encodes_float8_tables_as_bf16_exactly(target, tmp_path, capsys):
+    """`convert run --engram-tables bf16` (for Ascend A2 / A3, which cannot read float8): each
+    table decoded exactly (e4m3 value times its ue8m0 power of two), its scale gone; the lookups
+    and the model's logits are those of the float8 tables."""
+    from safetensors.torch import load_file
+
+    from test_model_v41 import tiny_model
+    from v4hal import ops
+    from v4hal.model.config import ModelArgs
+
+    model = tiny_model(quantized=True)
+    save_checkpoint(model, model.args, tmp_path / "src")
+    assert main(["convert", "run", "--to", target, "--engram-tables", "bf16", "--no-progress", "--workers", "1",
+                 str(tmp_path / "src"), str(tmp_path / "out")]) == 0
+    assert main(["convert", "verify", "--source", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
+    source, out = load_file(tmp_path / "src" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    for i in (1, 3):
+        weight, scale = source[f"model.layers.{i}.engram.embed.weight"], source[f"model.layers.{i}.engram.embed.scale"]
+        rows = torch.randint(0, weight.shape[0], (5, 7, 4), generator=torch.Generator().manual_seed(i))  # every row
+        table = out[f"model.layers.{i}.engram.embed.weight"]
+        assert table.dtype == torch.bfloat16 and f"model.layers.{i}.engram.embed.scale" not in out
+        exact = weight.double() * torch.exp2(scale.view(torch.uint8).double() - 127).repeat_interleave(32, 1)
+        assert torch.equal(table.double(), exact)
+        assert torch.equal(ops.engram_lookup(rows, table, dtype=torch.float64),
+                           ops.engram_lookup(rows, weight, scale, dtype=torch.float64))
+    args = ModelArgs.from_json(tmp_path / "out" / "config.json")
+    assert bool(args.quantization_config) == (target == "copy")  # copy keeps it: the loader adopts the bf16 table
+    converted = build(args, dtype=torch.float64)
+    report = load_checkpoint(converted, tmp_path / "out", args)
+    assert report.engram_token_map == TOKEN_MAP_FILE  # carried along by the conversion
+    embed = converted.model.layers[1].engram.embed
+    # copy: a float8-built table adopts the bf16 one as stored; bf16: built float, in the model's dtype
+    assert embed.weight.dtype == (torch.bfloat16 if target == "copy" else torch.float64) and embed.scale is None
+    ids = _ids(12)
+    with torch.no_grad():
+        if target == "copy":
+            assert torch.equal(converted(ids), model(ids))
+        else:  # the other weights in bf16: close
+            torch.testing.assert_close(converted(ids), model(ids), rtol=0.05, atol=0.05)
+    capsys.readouterr()
+    assert main(["convert", "run", "--to", "mindspore", "--engram-tables", "bf16", str(tmp_path / "src"),
+                 str(tmp_path / "ms")]) == 2
+    assert "--engram-tables re-encodes in safetensors targets" in capsys.readouterr().err
