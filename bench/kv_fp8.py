@@ -21,6 +21,7 @@ import torch
 
 from v4hal.bench.cases_model import BENCH_V4, TINY_V32
 from v4hal.model.config import ModelArgs, preset
+from v4hal.model.engram import random_token_map
 from v4hal.model.generate import generate
 from v4hal.model.model import build
 
@@ -41,6 +42,8 @@ def accuracy(args: ModelArgs, steps: int = 64, prompt: int = 16, batch: int = 2,
     same context) against the BF16 run's: the worst step's max |diff| over the logits' max |value|
     and its relative RMS, and the share of steps whose argmax agrees."""
     model = build(args, dtype=dtype).init_random(seed)
+    if args.is_v41:  # random weights: a random Engram token map
+        model.set_engram_token_map(random_token_map(args, seed))
     g = torch.Generator().manual_seed(seed + 1)
     prompts = torch.randint(0, args.vocab_size, (batch, prompt), generator=g).tolist()
     runs = {}

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="fp8/mxfp8: scale tensor suffix (auto: as the source, else by naming style)")
     run.add_argument("--keep", metavar="REGEX", help="tensor names never to quantize (in addition to norms, "
                      "embeddings, router gates, biases)")
+    run.add_argument("--engram-tables", choices=("keep", "bf16"), default="keep",
+                     help="V4.1's Engram tables: keep (as shipped, float8 + ue8m0) or bf16 (decoded exactly, "
+                          "for Ascend A2 / A3, which cannot read float8; twice the bytes)")
     run.add_argument("--mp", type=at_least(1), default=1, help="reshard for this many tensor/expert-parallel ranks")
     run.add_argument("--n-experts", type=at_least(1), help="routed experts (default: highest expert index + 1)")
     run.add_argument("--ms-format", choices=("ckpt", "safetensors"), default="ckpt", help="mindspore: file format")
@@ -93,13 +96,15 @@ def _run(args) -> int:
 
         if args.mp != 1:
             raise ValueError("--mp reshards safetensors targets; convert to MindSpore after resharding")
+        if args.engram_tables != "keep":
+            raise ValueError("--engram-tables re-encodes in safetensors targets; convert to MindSpore after")
 
         p = msconv.plan(args.source, args.to, args.ms_format, args.ms_names)
     else:
         from v4hal.conversion.io import Source
 
         opts = Options(target=args.to, scale_fmt=args.scale_fmt, scale_name=args.scale_name, keep=args.keep,
-                       mp=args.mp, n_experts=args.n_experts)
+                       mp=args.mp, n_experts=args.n_experts, engram_tables=args.engram_tables)
         p = planning.Plan(Source(args.source), opts)
     if args.dry_run:
         for line in p.describe():

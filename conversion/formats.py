@@ -39,8 +39,11 @@ SCALE_SUFFIXES = ("weight_scale_inv", "scale")
 # Module names that hold a 2-d `.weight` but are not quantized linears.
 NOT_LINEAR = re.compile(r"(embed|lm_head|(^|\.)head\.|norm|(^|\.)gate\.weight$|weights_proj|(^|\.)hc_|\.ape$|sink)")
 # V4.1's Engram tables (float8 rows with a ue8m0 scale per 32 columns, ~189 GiB for V4.1-Flash)
-# are kept as shipped by every target: the lookup dequantizes the few rows it gathers.
+# are kept as shipped by every target (the lookup dequantizes the few rows it gathers), unless
+# `engram_tables="bf16"` re-encodes them for hardware that cannot read float8 (Ascend A2 / A3):
+# exact, every e4m3 value times a power of two fits BF16, at twice the bytes.
 ENGRAM_TABLE = re.compile(r"(^|\.)engram\.embed\.(weight|scale)$")
+ENGRAM_TABLE_FORMATS = ("keep", "bf16")
 TARGETS = ("bf16", "fp8", "w8a8", "mxfp8", "copy")
 W8A8_TYPE = "W8A8_DYNAMIC"
 FLOAT_TYPE = "FLOAT"
@@ -59,6 +62,7 @@ class Options:
     keep: str | None = None          # regex of extra tensor names never to quantize
     mp: int = 1                      # tensor/expert parallel ranks (1 = no resharding)
     n_experts: int | None = None     # routed experts (resharding); default: from the names
+    engram_tables: str = "keep"      # V4.1's Engram tables: keep (as shipped) | bf16 (float8 ones decoded)
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -127,9 +131,11 @@ def plan_jobs(tensors: dict[str, TensorInfo], opts: Options) -> list[Job]:
     scale_name = opts.scale_name if opts.scale_name != "auto" else (
         src_scale_name or ("scale" if official else "weight_scale_inv"))
     jobs = []
+    if opts.engram_tables not in ENGRAM_TABLE_FORMATS:
+        raise ValueError(f"engram_tables: expected one of {ENGRAM_TABLE_FORMATS}, got {opts.engram_tables!r}")
     for name, info in tensors.items():
         if ENGRAM_TABLE.search(name):
-            jobs.append(Job(name, "raw", "raw", [OutSpec(name, info.dtype, info.shape)]))
+            jobs += _engram_table_job(name, info, tensors, opts.engram_tables)
             continue
         if name in scales:
             continue
@@ -137,6 +143,23 @@ def plan_jobs(tensors: dict[str, TensorInfo], opts: Options) -> list[Job]:
         kind = storage(info, scale)
         jobs.append(_job(name, info, scale if kind != "plain" else None, kind, opts, keep, scale_name))
     return jobs
+
+
+def _engram_table_job(name: str, info: TensorInfo, tensors: dict[str, TensorInfo], fmt: str) -> list[Job]:
+    """A table's weight (its scale with it when decoded to BF16), or its scale kept as shipped."""
+    scale = tensors.get(name[: -len("weight")] + "scale") if name.endswith(".weight") else None
+    decode = fmt == "bf16" and info.dtype == torch.float8_e4m3fn
+    if decode and scale is None:
+        raise CheckpointError(info.file, "a float8 Engram table without its .scale (one ue8m0 per 32 columns)", name)
+    if name.endswith(".scale") and fmt == "bf16" and tensors.get(name[: -len("scale")] + "weight") is not None:
+        return []  # consumed by its table's decode
+    if not decode:
+        return [Job(name, "raw", "raw", [OutSpec(name, info.dtype, info.shape)])]
+    want = (info.shape[0], math.ceil(info.shape[1] / MX_BLOCK))
+    if tuple(scale.shape) != want:
+        raise CheckpointError(scale.file, f"Engram table scale shape {list(scale.shape)} does not match its table "
+                                          f"{list(info.shape)} in 1x{MX_BLOCK} blocks {list(want)}", scale.name)
+    return [Job(name, "mxfp8", "bf16", [OutSpec(name, torch.bfloat16, info.shape)], scale.name)]
 
 
 def _job(name, info, scale, kind, opts, keep, scale_name) -> Job:
@@ -195,6 +218,9 @@ def decode_rows(kind: str, q: torch.Tensor, scale: torch.Tensor | None, row0: in
             if _fast_fp8(q, s, out_dtype):
                 return _dequant_fp8(q, s, out_dtype, out)
             x = quant.dequantize_fp8(q, s, quant.WEIGHT_BLOCK, out_dtype=out_dtype)
+        elif kind == "mxfp8":  # e4m3 rows with a ue8m0 scale per 32 columns (V4.1's Engram tables)
+            s = scale[row0: row0 + q.shape[0]].float()
+            x = quant.dequantize_fp8(q, s, (1, MX_BLOCK), out_dtype=out_dtype)
         elif kind == "plain":
             x = q.to(out_dtype)
         elif kind == "fp4":

@@ -26,7 +26,7 @@ from v4hal import ops
 from v4hal.model.attention import _check_call, _check_static_call, _chunked, _index_select
 from v4hal.model.attention_v4 import V4Attention, V4AttentionConfig, _rope_tail, _Scorer
 from v4hal.model.cache import StaticV4Cache, StaticWindow, V4Cache, _concat, _write_if
-from v4hal.model.cache_fp8 import check_dtype
+from v4hal.model.cache_fp8 import FP8Rows, check_dims, check_dtype
 from v4hal.model.collectives import SOLO, Collectives
 from v4hal.model.layers import Linear, RMSNorm
 
@@ -184,14 +184,28 @@ class V41Attention(V4Attention):
         return None if self.compressor is None else self.compressor.indexer
 
     def new_cache(self, kv_cache_dtype: str = "auto") -> V41Cache:
+        """kv_cache_dtype "fp8": the window ring (and on a KV source the shared entries after it)
+        in DeepSeek's V4 FP8 layout, a source's index keys in the FP8 key layout (model.cache_fp8)."""
+        cache = V41Cache()
         if check_dtype(kv_cache_dtype):
-            raise ValueError("V41Attention: kv_cache_dtype 'fp8' is not supported for V4.1's shared compressed "
-                             "caches yet; use 'auto'")
-        return V41Cache()
+            c = self.c
+            check_dims("V41Attention", "v4", head_dim=("dim", c.head_dim), qk_rope_head_dim=("rope", c.rope_dim))
+            cache.fp8 = FP8Rows("v4", ring=c.window - 1 + self.prefill_chunk)
+            if self._owns_kv and self._indexer is not None:
+                check_dims("V41Attention indexer", "index", index_head_dim=("dim", c.index_dim))
+                cache.index_keys = FP8Rows("index")
+        return cache
 
     def static_cache(self, cache: V41Cache, batch: int, capacity: int, like: torch.Tensor) -> StaticV41Cache:
         c = self.c
         entries = -(-capacity // c.ratio) if self._owns_kv else 0
+        if cache.fp8 is not None:  # the same positions: ring, then entries
+            out = StaticV41Cache(cache.fp8.fixed(batch, entries, like.device), entries)
+            if self._owns_kv:
+                out.comp = StaticWindow.from_state(cache.comp_state, batch, c.ratio, c.head_dim, False, like)
+                if self._indexer is not None:
+                    out.index_keys = cache.index_keys.fixed(batch, entries, like.device)
+            return out
         rows = like.new_zeros(batch, entries + c.window, c.head_dim)
         if len(cache.compressed):
             rows[:, :len(cache.compressed)] = cache.compressed.tensor
@@ -238,7 +252,9 @@ class V41Attention(V4Attention):
         weights = ix.scorer.weights_proj(x)
         if self.candidates is None:
             return _index_select(qi, keys, weights, ix.scale, ix.topk, positions, c.ratio, ix.tp), None
-        scores = ix.tp.all_reduce(ops.indexer_scores(qi, keys, weights, ix.scale))
+        scores = keys.scores(qi, weights, ix.scale) if isinstance(keys, FP8Rows) else \
+            ops.indexer_scores(qi, keys, weights, ix.scale)
+        scores = ix.tp.all_reduce(scores)
         blocks = None
         if self.candidates.writes:
             blocks = self.candidates.select(scores, (positions + 1) // c.ratio)
@@ -252,12 +268,14 @@ class V41Attention(V4Attention):
     def _step(self, x: torch.Tensor, positions: torch.Tensor, cache: V41Cache) -> torch.Tensor:
         c = self.c
         q, q_res, kv, cos, sin = self._project(x, positions)
+        if cache.fp8 is not None:
+            cache.fp8.put_ring(positions, kv)
         if self._owns_kv:
             latent, first, cache.comp_state = self.compressor.latents(x, cache.comp_state)
             if latent.shape[1]:
                 starts = (first + torch.arange(latent.shape[1], device=x.device)) * c.ratio
                 ecos, esin = c.rope_compress.cos_sin(starts, x.dtype)
-                cache.compressed.append(_rope_tail(latent, ecos, esin, c.rope_dim))
+                (cache.compressed if cache.fp8 is None else cache.fp8).append(_rope_tail(latent, ecos, esin, c.rope_dim))
                 if self._indexer is not None:
                     cache.index_keys.append(self.compressor.index_keys(latent, ecos, esin, c.rope_dim))
         if self._indexer is not None:
@@ -270,6 +288,12 @@ class V41Attention(V4Attention):
             cache.picks.append(self._pad(picks))
             if cache.blocks is not None:
                 cache.blocks.append(blocks)
+        if cache.fp8 is not None:
+            source = cache.peers[self.kv_source].fp8
+            picks = cache.peers[self.index_source].published("picks", cache, x.shape[1]) if len(source) else None
+            o = self._attend_fp8(q, cache.fp8, cache.fp8.window(positions, c.window), source, picks)
+            cache.length += x.shape[1]
+            return self._output(o, cos, sin)
         raw = _concat(cache.raw, kv)
         indices = ops.window_indices(positions, c.window, cache.length - (raw.shape[1] - x.shape[1]))
         source = cache.peers[self.kv_source].compressed
@@ -288,17 +312,31 @@ class V41Attention(V4Attention):
         c = self.c
         _check_static_call("V41Attention", x, positions)
         q, q_res, kv, cos, sin = self._project(x, positions)
-        position = positions[0]
+        position, fp8 = positions[0], isinstance(cache.rows, FP8Rows)
+        if fp8:
+            cache.rows.put_ring(positions, kv)
         if self._owns_kv:
             latent, index, closes = self.compressor.static_latent(x, cache.comp, position)
             ecos, esin = c.rope_compress.cos_sin(index * c.ratio, x.dtype)
-            _write_if(cache.rows, index, _rope_tail(latent, ecos, esin, c.rope_dim), closes)
-            if self._indexer is not None:
-                keys = self.compressor.index_keys(latent, ecos, esin, c.rope_dim)
-                _write_if(cache.index_keys, index, keys, closes)
+            entry = _rope_tail(latent, ecos, esin, c.rope_dim)
+            keys = None if self._indexer is None else self.compressor.index_keys(latent, ecos, esin, c.rope_dim)
+            if fp8:  # FP8 stores write at positions, under `closes`
+                b = x.shape[0]
+                cache.rows.write((cache.rows.ring + index).expand(b, 1), entry, keep=closes)
+                if keys is not None:
+                    cache.index_keys.write(index.expand(b, 1), keys, keep=closes)
+            else:
+                _write_if(cache.rows, index, entry, closes)
+                if keys is not None:
+                    _write_if(cache.index_keys, index, keys, closes)
         if self._indexer is not None:
             keys = cache.peers[self.keys_source].index_keys
             cache.picks, cache.blocks = self._pick(x, q_res, positions, keys, cache)
+        if fp8:
+            source = cache.peers[self.kv_source].rows
+            o = self._attend_fp8(q, cache.rows, cache.rows.window(positions, c.window), source,
+                                 cache.peers[self.index_source].picks)
+            return self._output(o, cos, sin)
         cache.rows.index_copy_(1, cache.entries + position % c.window, kv)
         ring = torch.arange(c.window, device=x.device)
         window = torch.where(ring <= position, ring, -1).expand(x.shape[0], 1, c.window)
@@ -309,6 +347,26 @@ class V41Attention(V4Attention):
         indices = torch.cat([picks, torch.where(window >= 0, window + source.entries, -1).to(picks.dtype)], dim=-1)
         o = ops.sparse_attention(q, rows, indices, c.head_dim ** -0.5, sink=self.sinks)
         return self._output(o, cos, sin)
+
+
+    def _attend_fp8(self, q: torch.Tensor, own: FP8Rows, window: torch.Tensor, source: FP8Rows,
+                    picks: torch.Tensor | None) -> torch.Tensor:
+        """Attention over this layer's window (ring positions `window` of `own`) and the KV
+        source's entries `picks` (-1 = none; None before any entry closed). A reader's window and
+        its source's entries live in two FP8 stores: each is attended apart (the sink with the
+        window) and the two merged by their log-sum-exps, which is the one softmax over both."""
+        scale = self.c.head_dim ** -0.5
+        if picks is None:
+            return own.attend(q, window, scale, sink=self.sinks)
+        if source is own:
+            return own.attend(q, torch.cat([window, own.after_ring(picks).to(torch.int32)], -1), scale, sink=self.sinks)
+        o_w, lse_w = ops.sparse_attention_fp8kv(q, own.cache, window, scale, own.layout, block_table=own.table,
+                                                sink=self.sinks, return_lse=True)
+        o_e, lse_e = ops.sparse_attention_fp8kv(q, source.cache, source.after_ring(picks).to(torch.int32), scale,
+                                                source.layout, block_table=source.table, return_lse=True)
+        lse = torch.logaddexp(lse_w, lse_e)  # lse_w is finite: the window holds the token itself
+        w_w, w_e = torch.exp(lse_w - lse).unsqueeze(-1), torch.exp(lse_e - lse).unsqueeze(-1)
+        return (o_w * w_w + torch.nan_to_num(o_e) * w_e).to(q.dtype)
 
 
 def link(caches: list) -> None:

@@ -14,11 +14,16 @@ Layout helpers derive what the checkpoint does not store, the way the released m
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
 
 from v4hal import ops
+from v4hal.model.collectives import SOLO
 from v4hal.model.layers import Linear
 
 LAYER_SEED_STRIDE = 10007
@@ -71,8 +76,8 @@ def token_map_from_tokenizer(tokenizer) -> tuple[torch.Tensor, int]:
     """`([len(tokenizer)] int64 compressed ids, compressed vocabulary size)`: each token's decoded
     text normalised (NFKC, NFD, accents stripped, lower case, whitespace runs folded to one space,
     then stripped, a lone space kept), tokens with equal keys sharing the id of the first; a token
-    that decodes to a partial UTF-8 sequence is keyed by its raw token string. Needs a fast
-    (`tokenizers`-backed) tokenizer."""
+    that decodes to a partial UTF-8 sequence is keyed by its raw token string. Takes a fast
+    (`tokenizers`-backed) transformers tokenizer or a `tokenizers.Tokenizer` (added tokens counted)."""
     from tokenizers import Regex, normalizers
 
     lone_space = "\ue000"  # private use: survives Strip, so " " stays apart from ""
@@ -80,14 +85,60 @@ def token_map_from_tokenizer(tokenizer) -> tuple[torch.Tensor, int]:
         normalizers.NFKC(), normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase(),
         normalizers.Replace(Regex(r"[ \t\r\n]+"), " "), normalizers.Replace(Regex(r"^ $"), lone_space),
         normalizers.Strip(), normalizers.Replace(lone_space, " ")]).normalize_str
-    backend = tokenizer.backend_tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    count = len(tokenizer) if backend is not tokenizer else backend.get_vocab_size(with_added_tokens=True)
     ids: dict[str, int] = {}
     out = []
-    for token in range(len(tokenizer)):
+    for token in range(count):
         text = backend.decode([token], skip_special_tokens=False)
         key = backend.id_to_token(token) if "\ufffd" in text else (normalize(text) or text)
         out.append(ids.setdefault(key, len(ids)))
     return torch.tensor(out, dtype=torch.int64), len(ids)
+
+
+TOKEN_MAP_FILE = "engram_token_map.json"  # beside the shards, when no tokenizer travels with them
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def save_token_map(token_map: torch.Tensor, path: str | Path) -> None:
+    """Write a `[vocab_size]` compressed token map (DEAD, -1, allowed) as `{"token_map": [...]}`."""
+    Path(path).write_text(json.dumps({"token_map": token_map.tolist()}, separators=(",", ":")))
+
+
+def read_token_map(path: str | Path) -> torch.Tensor:
+    """The map `save_token_map` wrote; ValueError naming the file when it holds anything else."""
+    try:
+        ids = json.loads(Path(path).read_text())["token_map"]
+        return torch.tensor(ids, dtype=torch.int64)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise ValueError(f"{path}: expected {{\"token_map\": [one integer compressed id per token]}} "
+                         f"({type(exc).__name__}: {exc})") from None
+
+
+def random_token_map(args, seed: int) -> torch.Tensor:
+    """A V4.1 model with random weights has no tokenizer: a seeded random `[vocab_size]` map into
+    `engram_compressed_vocab_size` ids (`v4hal generate --preset` / `v4hal checkpoint`, demos only)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, int(args.extra["engram_compressed_vocab_size"]), (args.vocab_size,), generator=g)
+
+
+def token_map_file(directory: str | Path) -> str | None:
+    """The file a checkpoint folder's compressed token map comes from: its tokenizer
+    (`tokenizer.json`, what the released model builds the map from) first, else a saved map
+    (`engram_token_map.json`); None when it has neither."""
+    return next((name for name in (TOKENIZER_FILE, TOKEN_MAP_FILE) if (Path(directory) / name).is_file()), None)
+
+
+def token_map_source(path: str | Path):
+    """What `token_map_file` named, opened: a `tokenizers.Tokenizer` or the saved map's tensor."""
+    if Path(path).name != TOKENIZER_FILE:
+        return read_token_map(path)
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on a malformed file
+        raise ValueError(f"{path}: not a tokenizers file ({exc})") from None
 
 
 class EngramArgs:
@@ -131,18 +182,55 @@ class EngramArgs:
         """Rows looked up per token and layer: (max_ngram - 1) * heads."""
         return (self.max_ngram - 1) * self.heads
 
-    def table_bytes(self) -> int:
-        """Bytes of every layer's table as built (float8 plus one ue8m0 byte per 32 columns, or 2-byte rows)."""
+    def table_rows(self, tp_size: int = 1, tp_rank: int = 0) -> int:
+        """Rows of every layer's table a tensor-parallel rank holds (`ColumnShard`; all of them at tp = 1)."""
+        if tp_size == 1:
+            return sum(self.num_embeddings)
+        return sum(s.row_stop - s.row_start for s in (ColumnShard.of(self, i, tp_size, tp_rank)
+                                                      for i in range(len(self.layer_ids))))
+
+    def table_bytes(self, tp_size: int = 1) -> int:
+        """Bytes of every layer's table as built (float8 plus one ue8m0 byte per 32 columns, or
+        2-byte rows) on the tensor-parallel rank holding the most."""
         per_row = self.head_dim + self.head_dim // ops.SCALE_BLOCK if self.table_dtype else 2 * self.head_dim
-        return sum(self.num_embeddings) * per_row
+        return max(self.table_rows(tp_size, r) for r in range(tp_size)) * per_row
+
+
+@dataclass(frozen=True)
+class ColumnShard:
+    """A tensor-parallel rank's share of one Engram table, split as vLLM splits it: the layer's
+    hash columns ((order, head) pairs, order-major) cut into pieces of `per = ceil(columns / tp)`
+    (the last rank's may be shorter), each rank holding hash columns `[start, stop)` and the rows
+    they address, `[row_start, row_stop)` (contiguous: the column offsets are the cumulative sum of
+    their primes). Rows past every column's prime are held by no rank."""
+
+    columns: int
+    start: int
+    stop: int
+    per: int
+    row_start: int
+    row_stop: int
+
+    @classmethod
+    def of(cls, ea: "EngramArgs", index: int, tp_size: int, tp_rank: int) -> "ColumnShard":
+        per = -(-ea.columns // tp_size)
+        start, stop = min(tp_rank * per, ea.columns), min((tp_rank + 1) * per, ea.columns)
+        primes = [p for order in ea.primes[index] for p in order]
+        return cls(ea.columns, start, stop, per, sum(primes[:start]), sum(primes[:stop]))
 
 
 class EngramTable(nn.Module):
     """`embed.weight` `[rows, head_dim]` and, for a float8 table, `embed.scale` (float8_e8m0fnu,
-    one per 32 columns), in the dtypes DeepSeek ships."""
+    one per 32 columns), in the dtypes DeepSeek ships. Under tensor parallelism (`tp`, its rank's
+    `shard`) it holds only the shard's rows: `lookup` gathers this rank's hash columns and
+    `complete` all-gathers every rank's into the layer's memory."""
 
-    def __init__(self, rows: int, head_dim: int, dtype: torch.dtype | None):
+    def __init__(self, rows: int, head_dim: int, dtype: torch.dtype | None, shard: ColumnShard | None = None,
+                 tp=None):
         super().__init__()
+        self.shard, self.tp, self.head_dim = shard, tp, head_dim
+        if shard is not None:
+            rows = shard.row_stop - shard.row_start
         self.weight = nn.Parameter(torch.empty(rows, head_dim, dtype=dtype), requires_grad=False)
         quantized = self.weight.dtype == torch.float8_e4m3fn
         self.scale = (nn.Parameter(torch.empty(rows, head_dim // ops.SCALE_BLOCK, dtype=torch.float8_e8m0fnu),
@@ -154,46 +242,72 @@ class EngramTable(nn.Module):
             if self.scale is not None:  # factors 2^-3 .. 2^-1
                 self.scale.view(torch.uint8).copy_(torch.randint(124, 127, self.scale.shape, generator=g, dtype=torch.uint8))
 
-    def adopt(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
-        """Take a float8 table with its scales as stored (the loader's path when the model was built
-        for a float table, e.g. from a config whose quantization_config a conversion dropped)."""
-        if tuple(weight.shape) != tuple(self.weight.shape) or weight.dtype != torch.float8_e4m3fn:
-            raise ops.OpInputError("EngramTable", "weight", f"a float8_e4m3fn table of shape {tuple(self.weight.shape)}",
+    def adopt(self, weight: torch.Tensor, scale: torch.Tensor | None) -> None:
+        """Take a table in the other encoding than built, as stored: float8 with its scales into a
+        table built float (e.g. from a config whose quantization_config a conversion dropped), or
+        a float one, without scales, into a table built float8 (`convert run --engram-tables bf16`
+        of a checkpoint that keeps its quantization_config)."""
+        float8 = scale is not None
+        if tuple(weight.shape) != tuple(self.weight.shape) or (weight.dtype == torch.float8_e4m3fn) != float8 \
+                or not weight.dtype.is_floating_point:
+            want = "a float8_e4m3fn table with its scale" if float8 else "a float table"
+            raise ops.OpInputError("EngramTable", "weight", f"{want} of shape {tuple(self.weight.shape)}",
                                    f"{weight.dtype} {tuple(weight.shape)}")
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.scale = nn.Parameter(scale if scale.dtype != torch.float32 else scale.to(torch.float8_e8m0fnu),
-                                  requires_grad=False)
+        self.scale = None if scale is None else nn.Parameter(
+            scale if scale.dtype != torch.float32 else scale.to(torch.float8_e8m0fnu), requires_grad=False)
+
+    def local_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """The layer's table rows `[..., columns]` -> this rank's columns, as rows of its shard."""
+        if self.shard is None:
+            return rows
+        return rows[..., self.shard.start:self.shard.stop] - self.shard.row_start
 
     def lookup(self, rows: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """`local_rows` looked up: `[..., this rank's columns * head_dim]`."""
         return ops.engram_lookup(rows, self.weight, self.scale, device, dtype)
+
+    def complete(self, memory: torch.Tensor) -> torch.Tensor:
+        """This rank's looked-up columns -> every column's, in column order (an all-gather)."""
+        if self.shard is None:
+            return memory
+        s = self.shard
+        pad = (s.per - (s.stop - s.start)) * self.head_dim  # the last rank's missing columns: zeros
+        if pad:
+            memory = torch.nn.functional.pad(memory, (0, pad))
+        return self.tp.all_gather(memory, -1)[..., : s.columns * self.head_dim]
 
 
 class Engram(nn.Module):
     """One V4.1 Engram module (`layers.{i}.engram`): the table, `kv_proj` (DeepSeek: `wkv`), the
     gate's `q_weight` / `k_weight`. `forward(streams, memory, keep)` -> the streams with the gated
-    value added (`keep`: False for dead tokens)."""
+    value added (`keep`: False for dead tokens). Under tensor parallelism (`tp`) the table holds
+    this rank's hash columns (`ColumnShard`) and `kv_proj` this rank's output columns (column
+    parallel, gathered), as vLLM splits them."""
 
-    def __init__(self, ea: EngramArgs, index: int, hidden_size: int, hc_mult: int, eps: float):
+    def __init__(self, ea: EngramArgs, index: int, hidden_size: int, hc_mult: int, eps: float, tp=SOLO):
         super().__init__()
-        self.hc_mult, self.hidden_size, self.eps = hc_mult, hidden_size, eps
-        self.embed = EngramTable(ea.num_embeddings[index], ea.head_dim, ea.table_dtype)
-        self.kv_proj = Linear(ea.columns * ea.head_dim, (hc_mult + 1) * hidden_size)
+        self.hc_mult, self.hidden_size, self.eps, self.tp = hc_mult, hidden_size, eps, tp
+        shard = ColumnShard.of(ea, index, tp.size, tp.rank) if tp.size > 1 else None
+        self.embed = EngramTable(ea.num_embeddings[index], ea.head_dim, ea.table_dtype, shard, tp)
+        self.kv_proj = Linear(ea.columns * ea.head_dim, (hc_mult + 1) * hidden_size // tp.size)
         self.q_weight = nn.Parameter(torch.ones(hc_mult, hidden_size), requires_grad=False)
         self.k_weight = nn.Parameter(torch.ones(hc_mult, hidden_size), requires_grad=False)
 
     def forward(self, streams: torch.Tensor, memory: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        kv = self.kv_proj(memory.to(streams.dtype))
+        kv = self.tp.all_gather(self.kv_proj(memory.to(streams.dtype)), -1)
         keys = kv[..., : self.hc_mult * self.hidden_size].unflatten(-1, (self.hc_mult, self.hidden_size))
         value = kv[..., self.hc_mult * self.hidden_size:]
         return streams + ops.engram_gate(streams, keys, value, self.k_weight, self.q_weight, self.eps, keep)
 
 
-def plan_bytes(args, dense_bytes: float) -> tuple[float, float]:
-    """(device bytes of every Engram module's projections and gate weights at `dense_bytes` per
-    weight, host bytes of its tables as DeepSeek ships them) for `v4hal plan`; (0, 0) without Engram."""
+def plan_bytes(args, dense_bytes: float, tp: int = 1) -> tuple[float, float]:
+    """(device bytes of every Engram module's projections (split over `tp` ranks) and gate weights
+    at `dense_bytes` per weight, host bytes of its tables as DeepSeek ships them on the rank
+    holding the most) for `v4hal plan`; (0, 0) without Engram."""
     if not args.is_v41:
         return 0.0, 0.0
     ea = EngramArgs(args)
-    proj = ea.columns * ea.head_dim * (args.hc_mult + 1) * args.hidden_size * dense_bytes
+    proj = ea.columns * ea.head_dim * (args.hc_mult + 1) * args.hidden_size // tp * dense_bytes
     gate = 2 * args.hc_mult * args.hidden_size * 2
-    return len(ea.layer_ids) * (proj + gate), float(ea.table_bytes())
+    return len(ea.layer_ids) * (proj + gate), float(ea.table_bytes(tp))

@@ -152,6 +152,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     launch.add_arguments(p)
     p.add_argument("--compile", action="store_true",
                    help="decode at fixed shapes, each step one torch.compile graph (first step compiles)")
+    p.add_argument("--engram-token-map", metavar="FILE",
+                   help="V4.1: the Engram compressed token map (a tokenizer.json or an engram_token_map.json); "
+                        "default: --weights' tokenizer.json, else its engram_token_map.json")
     p.add_argument("--kv-cache-dtype", choices=["bf16", "fp8"], default="bf16",
                    help="bf16: the cache in the compute dtype (--dtype); fp8: DeepSeek's FP8 layouts "
                         "(V4: 584 B per row, V3.2: 656 B, indexer keys 132 B; needs the real models' widths)")
@@ -240,6 +243,7 @@ def main(ns: argparse.Namespace) -> int:
 def _run(ns, args, prompts, tokenizer, layout, placement: Placement | None, dtype, counts, t0) -> int:
     from v4hal.backends import registry
     from v4hal.subcommand import error
+    from v4hal.model.engram import TOKEN_MAP_FILE, TOKENIZER_FILE, random_token_map
     from v4hal.model.loader import LoadError, load_checkpoint
     from v4hal.model.model import build
 
@@ -251,13 +255,21 @@ def _run(ns, args, prompts, tokenizer, layout, placement: Placement | None, dtyp
         return error("generate", str(exc))
     if ns.weights:
         try:
-            report = load_checkpoint(model, ns.weights, args, keep_quantized=not ns.dequantize)
+            report = load_checkpoint(model, ns.weights, args, keep_quantized=not ns.dequantize,
+                                     engram_token_map=ns.engram_token_map)
         except LoadError as exc:
             return error("generate", f"--weights {ns.weights}: {exc}")
+        if args.is_v41 and report.engram_token_map is None:
+            return error("generate", f"--weights {ns.weights}: V4.1's Engram needs the compressed token map, and the "
+                                     f"folder holds neither a {TOKENIZER_FILE} nor an {TOKEN_MAP_FILE}; "
+                                     f"pass --engram-token-map FILE")
         how = f"weights from {ns.weights}: {report.summary()}"
     else:
         model.init_random(ns.seed)
         how = f"random weights (seed {ns.seed})"
+        if args.is_v41:
+            model.set_engram_token_map(random_token_map(args, ns.seed))
+            how += " and a random Engram token map"
     build_s = time.perf_counter() - t0
     kinds = ", ".join(f"{n}x {k}" for k, n in sorted(_count(args.layer_types).items()))
     print(f"model: {ns.preset or ns.config} ({args.model_type}), {human(counts['total'])} parameters, "

@@ -43,6 +43,7 @@ from torch import nn
 
 from v4hal import ops
 from v4hal.checkpoint_files import CheckpointError, confined
+from v4hal.model import engram
 from v4hal.model.engram import EngramTable
 from v4hal.model.config import ModelArgs
 from v4hal.model.parallel import SOLO_PARALLEL, local_expert, scale_split, shard, take
@@ -102,11 +103,14 @@ class LoadReport:
     skipped: list[str] = field(default_factory=list)  # MTP tensors
     bytes_read: int = 0
     seconds: float = 0.0
+    engram_token_map: str | None = None  # V4.1: the file the compressed token map came from
 
     def summary(self) -> str:
         fmts = ", ".join(f"{n} {k}" for k, n in sorted(self.formats.items()))
+        where = f"; Engram token map from {self.engram_token_map}" if self.engram_token_map else ""
         return (f"{self.tensors} tensors from {self.files} file(s) ({fmts}); {self.dequantized} dequantized, "
-                f"{len(self.skipped)} MTP tensors skipped; {self.bytes_read / 2**20:.1f} MiB in {self.seconds:.2f} s")
+                f"{len(self.skipped)} MTP tensors skipped; {self.bytes_read / 2**20:.1f} MiB in {self.seconds:.2f} s"
+                + where)
 
 
 def _inside(directory: Path, name: str) -> Path:
@@ -297,9 +301,12 @@ class _Loader:
 
     # One logical tensor: a float tensor, or a quantized weight with its scale.
     def put(self, name: str, tensor: torch.Tensor, scale: torch.Tensor | None) -> None:
-        table = _slot(self.model, name) if scale is not None else None
-        if table is not None and isinstance(table[0], EngramTable):  # a float8 table into a model built for a float one
-            table[0].adopt(tensor, scale)
+        table = _slot(self.model, name)
+        fp8 = torch.float8_e4m3fn
+        if table is not None and isinstance(table[0], EngramTable) and table[1] == "weight" \
+                and (tensor.dtype == fp8) != (table[0].weight.dtype == fp8):
+            table[0].adopt(tensor, scale)  # a table in the other encoding (float8 / float) than the model built
+            self.expected.discard(name[: -len("weight")] + "scale")  # a float table has none
             self.filled[name] = {None}
             return
         if _packed_fp4_as_int8(tensor, scale):
@@ -475,6 +482,9 @@ def _rank_slice(sl, name: str, model: nn.Module, stored: dict, par, resharded: b
     output a tensor already of this rank's shape is its part (its scale with it); one stored whole
     (the reshard keeps what DeepSeek's convert script does not split) is sliced here."""
     shape = tuple(sl.get_shape())
+    table = _slot(model, name.rpartition(".")[0] + ".weight")  # an Engram table's weight or scale
+    if table is not None and isinstance(table[0], EngramTable) and table[0].shard is not None:
+        return take(sl, (0, [(table[0].shard.row_start, table[0].shard.row_stop)]))  # its hash columns' rows
     if _is_quant_scale(model, name):
         base = name[: -len(".scale")] + ".weight"
         wshape, wdtype = stored.get(base, (shape, ""))
@@ -490,8 +500,10 @@ def _holds(model: nn.Module, name: str, shape: tuple[int, ...]) -> bool:
     return slot is not None and tuple(getattr(*slot).shape) == shape
 
 
-def load_checkpoint(model: nn.Module, directory: str | Path, args: ModelArgs, *, keep_quantized: bool = True) -> LoadReport:
-    """Fill `model`'s parameters and buffers from the safetensors shards in `directory`.
+def load_checkpoint(model: nn.Module, directory: str | Path, args: ModelArgs, *, keep_quantized: bool = True,
+                    engram_token_map: str | Path | None = None) -> LoadReport:
+    """Fill `model`'s parameters and buffers from the safetensors shards in `directory`; a V4.1
+    model also gets its Engram token map (`set_engram_token_map`, from `engram_token_map` if given).
 
     msmodelslim W8A8 weights run as int8 (per-token activation quantization, `int8_matmul`) when
     kept quantized. Their `weight_offset` must be zero: W8A8 dynamic is symmetric and so is
@@ -560,5 +572,26 @@ def load_checkpoint(model: nn.Module, directory: str | Path, args: ModelArgs, *,
     loader.unexpected += [key for name, key in offsets.items() if name not in loader.quantized and name not in pending_w]
     loader.rejected += [f"{key}: named in {DESCRIPTION} but not in the checkpoint" for key in description.absent()]
     loader.finish()
+    if args.is_v41:
+        loader.report.engram_token_map = set_engram_token_map(model, Path(directory), engram_token_map)
     loader.report.seconds = time.perf_counter() - start
     return loader.report
+
+
+def set_engram_token_map(model: nn.Module, directory: Path, path: str | Path | None = None) -> str | None:
+    """V4.1: give `model` the compressed token map from `path` (a `tokenizer.json` or an
+    `engram_token_map.json`), by default from the checkpoint folder's tokenizer, else its saved
+    map (`model.engram.token_map_file`). Returns the file used, None when the folder has neither;
+    LoadError naming the file when it does not fit the model."""
+    if path is None:
+        name = engram.token_map_file(directory)
+        if name is None:
+            return None
+        path = _inside(directory, name)
+    elif not Path(path).is_file():
+        raise LoadError(f"Engram token map {path}: no such file")
+    try:
+        model.set_engram_token_map(engram.token_map_source(path))
+    except ValueError as exc:  # OpInputError too
+        raise LoadError(f"Engram token map {path}: {exc}") from None
+    return Path(path).name

@@ -76,12 +76,27 @@ class Layout:
         if self.ep == 1 and self.tp * self.dp > 1:
             splits.append(("tp*dp", self.tp * self.dp, args.moe_intermediate_size,
                            "expert columns (moe_intermediate_size; ep=1 splits each expert's width)"))
+        if args.is_v41:
+            splits.append(("tp", self.tp, (args.hc_mult + 1) * args.hidden_size,
+                           "Engram kv_proj outputs ((hc_mult + 1) * hidden_size)"))
         for setting, n, total, what in splits:
             if total % n:
                 raise LayoutError(f"layout {self}: {setting}={n} must divide the {total} {what}")
+        if args.is_v41:
+            self._check_engram_columns(args)
         if self.ep > self.tp * self.dp:
             raise LayoutError(f"layout {self}: ep={self.ep} cannot exceed tp*dp={self.tp * self.dp} "
                               f"(experts live inside one pipeline stage)")
+
+    def _check_engram_columns(self, args) -> None:
+        """vLLM's column split gives each rank ceil(columns / tp) hash columns: every rank needs some."""
+        from v4hal.model.engram import EngramArgs
+
+        columns = EngramArgs(args).columns
+        if (self.tp - 1) * -(-columns // self.tp) >= columns:
+            raise LayoutError(f"layout {self}: tp={self.tp} leaves ranks without Engram hash columns: "
+                              f"{columns} ((engram_max_ngram_size - 1) * engram_n_heads) in pieces of "
+                              f"{-(-columns // self.tp)}")
 
     def check_runnable(self, args) -> None:
         """`check`, and that the model can run this layout (not only plan it)."""
@@ -212,8 +227,11 @@ def join(layout: Layout, placement: Placement, timeout_s: float) -> None:
 # Tensor-parallel splits, by the module a weight belongs to: column parallel (split output rows,
 # dim 0) or row parallel (split input columns, dim 1, the sum completed by an all-reduce).
 # (V4's compressors have a `gate_proj` too: attention and MLP names are told apart by their layer part.)
+# V4.1's Engram `kv_proj` is column parallel (vLLM's `wkv`); its table is split by hash columns
+# (`model.engram.ColumnShard`, sliced by the loader, which knows the primes).
 _SPLIT = {"self_attn": ({"q_b_proj", "kv_b_proj", "o_a_proj", "wq_b", "weights_proj"}, {"o_b_proj", "o_proj"}),
-          "mlp": ({"gate_proj", "up_proj"}, {"down_proj"})}
+          "mlp": ({"gate_proj", "up_proj"}, {"down_proj"}),
+          "engram": ({"kv_proj"}, set())}
 
 
 def shard(name: str, shape: tuple[int, ...], par: Parallel) -> tuple[int, list[tuple[int, int]]] | None:

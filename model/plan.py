@@ -139,7 +139,7 @@ def plan(args: ModelArgs, lay: Layout, context: int, batch: int = 1, chunk: int 
     lay.check(args)
     w = weight_bytes(args, lay, weights)
     engram_device, engram_host = plan_bytes(args, BYTES["fp8" if args.weight_quant == "fp8" and weights == "auto" else
-                                                      "bf16" if weights == "auto" else weights])
+                                                      "bf16" if weights == "auto" else weights], lay.tp)
     if engram_host:  # V4.1: projections on the device, tables in host memory (as vLLM keeps them)
         w["engram projections"] = engram_device * (1 / lay.pp)
     per_seq = kv_bytes_per_sequence(args, context, kv)
@@ -207,7 +207,7 @@ def format_plan(name: str, args: ModelArgs, p: dict) -> str:
     lines += [f"    {k:<22}{gib(v)}" for k, v in p["activations"].items()]
     lines += [f"    {'= peak':<22}{gib(p['activation_peak'])}", f"  {'total':<24}{gib(p['total'])}"]
     if p["host"]:
-        lines += ["", "host memory (per node, outside the device total):"]
+        lines += ["", "host memory (per rank, the rank holding the most; outside the device total):"]
         lines += [f"    {k:<22}{gib(v)}" for k, v in p["host"].items()]
     return "\n".join(lines)
 

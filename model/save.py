@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from v4hal.model.config import PRESETS, ModelArgs, preset
+from v4hal.model.engram import TOKEN_MAP_FILE, random_token_map, save_token_map
 
 INDEX = "model.safetensors.index.json"
 
@@ -50,7 +51,8 @@ def check_output(directory: Path) -> None:
 def save_checkpoint(model: torch.nn.Module, args: ModelArgs, directory: str | Path,
                     max_shard_bytes: int = 2 * 2 ** 30) -> list[Path]:
     """Write `model`'s state dict (HF names) and `args` as a checkpoint in `directory`, which must be
-    absent or empty (OutputRefused otherwise). Returns the files written."""
+    absent or empty (OutputRefused otherwise); a V4.1 model's compressed token map, when set, as
+    `engram_token_map.json`. Returns the files written."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -70,6 +72,9 @@ def save_checkpoint(model: torch.nn.Module, args: ModelArgs, directory: str | Pa
                      "weight_map": {k: name for name, g in zip(names, groups) for k in g}}
             (staging / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
         (staging / "config.json").write_text(json.dumps(config, indent=1))
+        hashing = getattr(getattr(model, "model", None), "engram_hashing", None)
+        if hashing is not None and hashing.token_map.numel():  # V4.1 cannot run without it
+            save_token_map(hashing.token_map, staging / TOKEN_MAP_FILE)
         _usual_permissions(staging)
         os.replace(staging, directory)  # replaces an empty folder too, in one step
     except BaseException:
@@ -121,6 +126,8 @@ def main(ns: argparse.Namespace) -> int:
         return error("checkpoint", f"{ns.directory}: the checkpoint needs about {need / 2 ** 30:.2f} GiB "
                                    f"but {parent} has {free / 2 ** 30:.2f} GiB free", NO_RESOURCES)
     model = build(args, dtype).init_random(ns.seed)
+    if args.is_v41:
+        model.set_engram_token_map(random_token_map(args, ns.seed))
     files = save_checkpoint(model, args, ns.directory, ns.shard_mb * 2 ** 20)
     print(f"wrote {ns.directory}: {', '.join(f.name for f in files)} ({ns.preset}, random weights, seed {ns.seed}, "
           f"{dtype}); try: v4hal generate --config {ns.directory / 'config.json'} --weights {ns.directory}")

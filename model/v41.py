@@ -52,25 +52,34 @@ class EngramHashing(nn.Module):
         self._calls = 0
 
     def set_token_map(self, source) -> None:
-        """`source`: a `[vocab_size]` int tensor of compressed ids, or a tokenizer to build it from
-        (`token_map_from_tokenizer`). Its compressed vocabulary must be the config's
-        `engram_compressed_vocab_size` (every multiplier derives from it); dead tokens are marked."""
+        """`source`: a `[vocab_size]` int tensor of compressed ids (DEAD, -1, allowed: e.g. as a
+        saved map holds it), or a tokenizer to build it from (`token_map_from_tokenizer`; ids past
+        a tokenizer shorter than the padded vocabulary are DEAD: no text produces them). Its
+        compressed vocabulary must be the config's `engram_compressed_vocab_size` (every multiplier
+        derives from it); the pad must not be dead; the dead tokens are marked."""
         op, ea = "Engram", self.ea
-        if isinstance(source, torch.Tensor):
+        from_tokenizer = not isinstance(source, torch.Tensor)
+        if from_tokenizer:
+            token_map, size = token_map_from_tokenizer(source)
+            if token_map.shape[0] < self.vocab_size:
+                token_map = torch.cat([token_map, torch.full((self.vocab_size - token_map.shape[0],), ops.DEAD)])
+        else:
             token_map = source.to(torch.int64).cpu()
             size = int(token_map.max()) + 1 if token_map.numel() else 0
-        else:
-            token_map, size = token_map_from_tokenizer(source)
+        what = "tokenizer" if from_tokenizer else "token_map"
         if token_map.dim() != 1 or token_map.shape[0] != self.vocab_size:
-            raise ops.OpInputError(op, "token_map", f"one compressed id per token of the vocabulary "
+            raise ops.OpInputError(op, what, f"one compressed id per token of the vocabulary "
                                    f"({self.vocab_size})", f"shape {tuple(token_map.shape)}")
-        if int(token_map.min()) < 0 or size > ea.compressed_vocab:
-            raise ops.OpInputError(op, "token_map", f"compressed ids in [0, {ea.compressed_vocab}) "
-                                   "(engram_compressed_vocab_size)", f"{size} compressed ids, min {int(token_map.min())}")
-        if not isinstance(source, torch.Tensor) and size != ea.compressed_vocab:
-            raise ops.OpInputError(op, "tokenizer", f"{ea.compressed_vocab} compressed ids "
+        if from_tokenizer and size != ea.compressed_vocab:
+            raise ops.OpInputError(op, what, f"{ea.compressed_vocab} compressed ids "
                                    "(engram_compressed_vocab_size)", size)
+        if int(token_map.min()) < ops.DEAD or size > ea.compressed_vocab:
+            raise ops.OpInputError(op, what, f"compressed ids in [0, {ea.compressed_vocab}) "
+                                   f"(engram_compressed_vocab_size) or {ops.DEAD} (dead)",
+                                   f"{size} compressed ids, min {int(token_map.min())}")
         self.pad_id = int(token_map[ea.pad_token_id])
+        if self.pad_id < 0:
+            raise ops.OpInputError(op, what, f"a compressed id for engram_pad_token_id {ea.pad_token_id}", "a dead token")
         token_map = token_map.clone()
         token_map[ea.dead_token_ids] = ops.DEAD
         self.token_map = token_map.to(self.multipliers.device)
@@ -86,8 +95,9 @@ class EngramHashing(nn.Module):
         lookback = None if state is None else state.ids
         if state is not None and lookback is None:
             lookback = torch.full((ids.shape[0], span), -1, dtype=torch.int64, device=ids.device)
-        rows = [ops.engram_hash(ids, self.token_map, self.multipliers[i], self.primes[i], self.pad_id, lookback)
-                for i in range(len(tables))]
+        rows = [table.local_rows(ops.engram_hash(ids, self.token_map, self.multipliers[i], self.primes[i],
+                                                 self.pad_id, lookback))
+                for i, table in enumerate(tables)]
         if state is not None:  # in place, so a compiled decode step advances it too
             tail = torch.cat([lookback, ids.long()], 1)[:, -span:]
             if state.ids is None:
@@ -105,8 +115,10 @@ class EngramHashing(nn.Module):
             return keys, keep
         return [t.lookup(r, device, dtype) for r, t in zip(rows, tables)], keep
 
-    def memory(self, slot) -> torch.Tensor:
-        return self._prefetcher.get(slot) if isinstance(slot, tuple) else slot
+    def memory(self, slot, table) -> torch.Tensor:
+        """A layer's memory from `prepare`'s slot: this rank's columns completed from every rank's
+        (an all-gather, in the forward's own thread, when `table` is split over tensor-parallel ranks)."""
+        return table.complete(self._prefetcher.get(slot) if isinstance(slot, tuple) else slot)
 
 
 def _mix_dtype(streams: torch.Tensor) -> torch.dtype:
@@ -157,12 +169,13 @@ def layer_forward(layer, h, pre, positions, input_ids, cache, memory=None, keep=
     return h, pre
 
 
-def attach(backbone, args) -> None:
-    """Give a V4 backbone V4.1's parts: the shared hashing and an Engram module per listed layer."""
+def attach(backbone, args, tp) -> None:
+    """Give a V4 backbone V4.1's parts: the shared hashing and an Engram module per listed layer
+    (its table and projection split over the tensor-parallel group `tp`)."""
     backbone.engram_hashing = EngramHashing(args)
     for index, layer_id in enumerate(backbone.engram_hashing.ea.layer_ids):
         backbone.layers[layer_id].engram = Engram(backbone.engram_hashing.ea, index, args.hidden_size, args.hc_mult,
-                                                  args.rms_norm_eps)
+                                                  args.rms_norm_eps, tp)
 
 
 def forward(backbone, h, positions, input_ids, caches, state: EngramState | None) -> torch.Tensor:
@@ -174,6 +187,6 @@ def forward(backbone, h, positions, input_ids, caches, state: EngramState | None
     pre = None
     for layer, cache in zip(backbone.layers, caches):
         slot = memories.get(id(layer))
-        memory = None if slot is None else hashing.memory(slot)
+        memory = None if slot is None else hashing.memory(slot, layer.engram.embed)
         h, pre = layer_forward(layer, h, pre, positions, input_ids, cache, memory, keep)
     return collapse(h, pre)

@@ -155,6 +155,8 @@ def test_token_map_from_a_tokenizer():
     assert m["é"] == m["e"] and m["Ⅸ"] == m["ix"]                 # accents, NFKC compatibility forms
     assert m[" "] == m["\n"] == m["  "] != m["x"]                 # a lone (folded) space stays a token
     assert size == len(set(token_map.tolist())) == 5   # the, e, space, x, ix
+    raw, raw_size = token_map_from_tokenizer(tok.backend_tokenizer)  # a tokenizers.Tokenizer, as a checkpoint holds it
+    assert torch.equal(raw, token_map) and raw_size == size
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -221,17 +221,25 @@ def test_shared_compressed_caches_give_the_same_logits_one_shot_chunked_and_deco
 
 
 def test_plan_counts_the_tables_as_host_bytes():
+    from v4hal.model.engram import EngramArgs
     from v4hal.model.parallel import Layout
     from v4hal.model.plan import format_plan, plan
 
     args = preset("v4.1-flash")
-    p = plan(args, Layout(tp=8), context=4096)
+    p = plan(args, Layout(), context=4096)
     rows, width = sum(args.extra["engram_num_embeddings"]), args.extra["engram_head_dim"]
     assert p["host"] == {"engram tables": rows * (width + width // 32)}  # float8 values + ue8m0 bytes
     assert 180 * 2**30 < p["host"]["engram tables"] < 200 * 2**30
-    assert p["weights"]["engram projections"] > 0
-    assert p["total"] < p["host"]["engram tables"]  # the tables are not in the device total
-    assert "engram tables" in format_plan("v4.1-flash", args, p)
+    # tp=8: each rank holds 2 of each layer's 16 hash columns, i.e. the rows of their 2 primes
+    split = plan(args, Layout(tp=8), context=4096)
+    primes = EngramArgs(args).primes
+    most = max(sum(sum([p for order in layer for p in order][2 * r:2 * r + 2]) for layer in primes) for r in range(8))
+    assert split["host"] == {"engram tables": most * (width + width // 32)}
+    device = sum(split["weights"].values()) + sum(split["kv_cache"].values()) + split["activation_peak"]
+    assert split["total"] == pytest.approx(device)  # the tables are not in the device total
+    gates = 2 * (2 * args.hc_mult * args.hidden_size * 2)  # q_weight / k_weight of 2 layers stay whole on every rank
+    assert split["weights"]["engram projections"] * 8 - p["weights"]["engram projections"] == 7 * gates
+    assert "engram tables" in format_plan("v4.1-flash", args, split)
     assert plan(preset("v4-flash"), Layout(), context=4096)["host"] == {}
 
 

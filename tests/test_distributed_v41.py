@@ -1,0 +1,106 @@
+"""DeepSeek-V4.1 under tensor parallelism on CPU (gloo, 2 ranks): each rank holds only its hash
+columns' rows of every Engram table (vLLM's split: ceil(columns / tp) columns per rank, here 3
+columns so the last rank's piece is one short) and its share of `kv_proj`, and the model gives the
+single-process logits for a prefill and 16 decode steps, the same greedy tokens, and the same
+tokens from `v4hal generate --tp 2` under torchrun. The model has V4.1's shared compressed caches
+(ratio-2 and ratio-1 sources and readers), so these run split too."""
+
+import os
+import subprocess
+import sys
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from test_distributed import BATCH, DECODE, PROMPT, TIMEOUT, _free_port, _run, spawn
+from test_model_v41 import IMAGE, _v41_topology
+from v4hal.model.config import ModelArgs
+from v4hal.model.engram import ColumnShard, EngramArgs
+from v4hal.model.loader import load_checkpoint
+from v4hal.model.model import build
+from v4hal.model.parallel import Layout, LayoutError
+from v4hal.model.save import save_checkpoint
+
+NEW = 6
+
+
+def v41_args(**changes) -> ModelArgs:
+    """Engram on layers 1 and 3 with 4-grams of one head: 3 hash columns per layer."""
+    args = _v41_topology(**changes)
+    return args.replace(torch_dtype="float32", extra={**args.extra, "engram_max_ngram_size": 4, "engram_n_heads": 1})
+
+
+def _ids(args) -> torch.Tensor:
+    ids = torch.randint(0, args.vocab_size, (BATCH, PROMPT + DECODE), generator=torch.Generator().manual_seed(1))
+    ids[1, 4], ids[2, PROMPT + 2] = IMAGE, IMAGE  # dead tokens, in the prompt and in a decode step
+    return ids
+
+
+def _worker(rank, world, port, path, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT))
+    try:
+        args = ModelArgs.from_json(path)
+        model = build(args, layout=Layout(tp=world), timeout_s=TIMEOUT)
+        report = load_checkpoint(model, path, args)
+        out = _run(model, _ids(args))
+        out["token_map"] = report.engram_token_map
+        out["tables"] = {i: tuple(model.model.layers[i].engram.embed.weight.shape) for i in (1, 3)}
+        out["kv_proj"] = tuple(model.model.layers[1].engram.kv_proj.weight.shape)
+        torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny V4.1 checkpoint (float32, random weights and token map) and its single-process run."""
+    args = v41_args()
+    model = build(args).init_random(0)
+    model.set_engram_token_map(torch.randint(0, 300, (512,), generator=torch.Generator().manual_seed(4)))
+    path = tmp_path_factory.mktemp("v41") / "ckpt"
+    save_checkpoint(model, args, path)
+    return str(path), _run(model, _ids(args))
+
+
+def test_tp2_splits_the_tables_by_hash_columns_and_gives_the_single_process_logits(checkpoint, tmp_path):
+    path, ref = checkpoint
+    spawn(_worker, 2, path, str(tmp_path))
+    ea = EngramArgs(ModelArgs.from_json(path))
+    assert ea.columns == 3 and ea.primes[0] == [[71], [73], [79]]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        torch.testing.assert_close(got["logits"], ref["logits"], rtol=1e-5, atol=1e-5, msg=lambda m: f"rank {rank}: {m}")
+        assert got["tokens"] == ref["tokens"] and got["token_map"] == "engram_token_map.json"
+        # rank 0: columns 0-1 (primes 71 + 73 rows); rank 1: column 2 (79 rows) and a zero-padded column
+        expected_rows = {0: (71 + 73, 83 + 89), 1: (79, 97)}[rank]
+        assert tuple(rows for rows, _ in got["tables"].values()) == expected_rows
+        assert sum(expected_rows) == ea.table_rows(2, rank) < sum(ea.num_embeddings)
+        assert got["kv_proj"] == ((4 + 1) * 64 // 2, 3 * 32)  # column parallel: half of (hc_mult + 1) * hidden
+
+
+def test_generate_under_torchrun_with_tp2(checkpoint):
+    path, ref = checkpoint
+    prompt = _ids(ModelArgs.from_json(path))[1, :PROMPT].tolist()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "v4hal.cli", "generate", "--tp", "2", "--dist-timeout", "60", "--config", path, "--weights", path,
+           "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", str(NEW)]
+    run = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=TIMEOUT)
+    assert run.returncode == 0, run.stderr
+    assert f"[0] generated: {ref['tokens'][1]}" in run.stdout, run.stdout
+    assert "Engram token map from engram_token_map.json" in run.stdout
+
+
+def test_column_shards_and_a_split_that_leaves_a_rank_without_columns():
+    ea = EngramArgs(v41_args())
+    assert [ColumnShard.of(ea, 1, 2, r) for r in (0, 1)] == [ColumnShard(3, 0, 2, 2, 0, 83 + 89),
+                                                              ColumnShard(3, 2, 3, 2, 83 + 89, 83 + 89 + 97)]
+    with pytest.raises(LayoutError, match=r"tp=4 leaves ranks without Engram hash columns: 3 "
+                                          r"\(\(engram_max_ngram_size - 1\) \* engram_n_heads\) in pieces of 1"):
+        Layout(tp=4).check(v41_args().replace(o_groups=4))
+    with pytest.raises(LayoutError, match=r"tp=2 must divide the 325 Engram kv_proj outputs \(\(hc_mult \+ 1\) \* hidden_size\)"):
+        Layout(tp=2).check(v41_args().replace(hidden_size=65))

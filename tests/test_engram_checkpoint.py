@@ -1,0 +1,180 @@
+"""DeepSeek-V4.1 checkpoints and their Engram token map: the map built from the tokenizer saved
+beside the shards (what the released model does), else from a saved `engram_token_map.json`, by
+the loader and `v4hal generate`; clear errors when neither is there or the map does not fit."""
+
+import json
+
+import pytest
+import torch
+
+from test_model_v41 import IMAGE, _ids, tiny_v41
+from v4hal.cli import main
+from v4hal.model.engram import TOKEN_MAP_FILE
+from v4hal.model.generate import generate
+from v4hal.model.loader import LoadError, load_checkpoint
+from v4hal.model.model import build
+from v4hal.model.save import save_checkpoint
+
+
+def word_tokenizer(distinct: int = 300, upper: int = 212):
+    """A WordLevel tokenizer: `w0 .. w{distinct-1}`, then `W0 .. W{upper-1}` (the same words in
+    capitals, so they share the lower-case words' compressed ids)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(distinct)] + [f"W{i}" for i in range(upper)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def expected_map(distinct: int = 300, upper: int = 212) -> list[int]:
+    """What `word_tokenizer` compresses to, worked by hand: w_i -> i, W_i -> i, the image dead."""
+    ids = list(range(distinct)) + list(range(upper)) + [-1] * (512 - distinct - upper)
+    ids[IMAGE] = -1
+    return ids
+
+
+def checkpoint(tmp_path, token_map=None):
+    """A tiny V4.1 checkpoint in `tmp_path / "ckpt"` (random weights, float64) and its model."""
+    model = build(tiny_v41(), dtype=torch.float64).init_random(0)
+    if token_map is not None:
+        model.set_engram_token_map(token_map)
+    save_checkpoint(model, model.args, tmp_path / "ckpt")
+    return model, tmp_path / "ckpt"
+
+
+def load(directory, **kw):
+    model = build(tiny_v41(), dtype=torch.float64)
+    return model, load_checkpoint(model, directory, model.args, **kw)
+
+
+def test_the_loader_builds_the_map_from_the_checkpoints_tokenizer(tmp_path):
+    _, ckpt = checkpoint(tmp_path)
+    assert not (ckpt / TOKEN_MAP_FILE).exists()  # saved without a map
+    word_tokenizer().save_pretrained(ckpt)
+    model, report = load(ckpt)
+    assert report.engram_token_map == "tokenizer.json" and "Engram token map from tokenizer.json" in report.summary()
+    assert model.model.engram_hashing.token_map.tolist() == expected_map()
+    explicit = build(tiny_v41(), dtype=torch.float64)
+    load_checkpoint(explicit, ckpt, explicit.args, engram_token_map=ckpt / "tokenizer.json")
+    assert torch.equal(explicit.model.engram_hashing.token_map, model.model.engram_hashing.token_map)
+    assert explicit.model.engram_hashing.pad_id == 2  # "w2"
+
+
+def test_a_tokenizer_shorter_than_the_padded_vocabulary_marks_the_rest_dead(tmp_path):
+    _, ckpt = checkpoint(tmp_path)
+    word_tokenizer(300, 100).save_pretrained(ckpt)
+    model, _ = load(ckpt)
+    assert model.model.engram_hashing.token_map.tolist() == expected_map(300, 100)
+
+
+def test_the_loader_falls_back_to_the_saved_map_and_generate_uses_it(tmp_path, capsys):
+    token_map = torch.randint(0, 300, (512,), generator=torch.Generator().manual_seed(4))
+    original, ckpt = checkpoint(tmp_path, token_map)
+    saved = json.loads((ckpt / TOKEN_MAP_FILE).read_text())["token_map"]
+    assert saved == original.model.engram_hashing.token_map.tolist() and saved[IMAGE] == -1
+    model, report = load(ckpt)
+    assert report.engram_token_map == TOKEN_MAP_FILE
+    assert torch.equal(model.model.engram_hashing.token_map, original.model.engram_hashing.token_map)
+    ids = _ids(12)
+    with torch.no_grad():
+        assert torch.equal(model(ids), original(ids))
+    prompt = [3, 40, 7, IMAGE, 9]
+    expected = generate(original, [prompt], 4).tokens[0]
+    assert main(["generate", "--config", str(ckpt / "config.json"), "--weights", str(ckpt),
+                 "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert f"Engram token map from {TOKEN_MAP_FILE}" in out and f"generated: {expected}" in out
+
+
+def test_generate_takes_the_tokenizer_over_the_saved_map_and_an_explicit_file_over_both(tmp_path, capsys):
+    _, ckpt = checkpoint(tmp_path, torch.zeros(512, dtype=torch.long))
+    word_tokenizer().save_pretrained(ckpt)
+    from_tokenizer, _ = load(ckpt)
+    assert from_tokenizer.model.engram_hashing.token_map.tolist() == expected_map()
+    explicit = tmp_path / "map.json"
+    explicit.write_text(json.dumps({"token_map": list(range(300)) + [1] * 212}))
+    model, report = load(ckpt, engram_token_map=explicit)
+    assert report.engram_token_map == "map.json" and model.model.engram_hashing.token_map[:300].tolist() == list(range(300))
+    assert main(["generate", "--config", str(ckpt / "config.json"), "--weights", str(ckpt), "--prompt-ids", "1,2",
+                 "--max-new-tokens", "2", "--engram-token-map", str(explicit)]) == 0
+    assert "Engram token map from map.json" in capsys.readouterr().out
+
+
+def test_no_map_and_maps_that_do_not_fit_are_named(tmp_path, capsys):
+    _, ckpt = checkpoint(tmp_path)
+    model, report = load(ckpt)  # the loader leaves it unset; a forward says so
+    assert report.engram_token_map is None
+    with pytest.raises(RuntimeError, match="no compressed token map"):
+        model(_ids(12))
+    assert main(["generate", "--config", str(ckpt / "config.json"), "--weights", str(ckpt), "--prompt-ids", "1,2"]) == 2
+    assert ("V4.1's Engram needs the compressed token map, and the folder holds neither a tokenizer.json nor an "
+            "engram_token_map.json; pass --engram-token-map FILE") in capsys.readouterr().err
+    (ckpt / TOKEN_MAP_FILE).write_text(json.dumps({"token_map": [0] * 100}))
+    with pytest.raises(LoadError, match=r"engram_token_map.json: Engram: argument 'token_map' expected one compressed "
+                                        r"id per token of the vocabulary \(512\), got shape \(100,\)"):
+        load(ckpt)
+    (ckpt / TOKEN_MAP_FILE).write_text("[1, 2")
+    with pytest.raises(LoadError, match=r"engram_token_map.json: expected \{\"token_map\""):
+        load(ckpt)
+    word_tokenizer(301, 211).save_pretrained(ckpt)  # 301 compressed ids, the config says 300
+    with pytest.raises(LoadError, match=r"tokenizer.json: Engram: argument 'tokenizer' expected 300 compressed ids "
+                                        r"\(engram_compressed_vocab_size\), got 301"):
+        load(ckpt)
+    word_tokenizer(300, 213).save_pretrained(ckpt)  # 513 tokens for a 512-entry vocabulary
+    with pytest.raises(LoadError, match=r"tokenizer.json: .* expected one compressed id per token of the "
+                                        r"vocabulary \(512\), got shape \(513,\)"):
+        load(ckpt)
+    with pytest.raises(LoadError, match="Engram token map .*absent.json: no such file"):
+        load(ckpt, engram_token_map=tmp_path / "absent.json")
+    dead_pad = torch.zeros(512, dtype=torch.long)
+    dead_pad[2] = -1  # engram_pad_token_id
+    with pytest.raises(ValueError, match="argument 'token_map' expected a compressed id for engram_pad_token_id 2"):
+        model.set_engram_token_map(dead_pad)
+
+
+@pytest.mark.parametrize("target", ["copy", "bf16"])
+def test_convert_re_encodes_float8_tables_as_bf16_exactly(target, tmp_path, capsys):
+    """`convert run --engram-tables bf16` (for Ascend A2 / A3, which cannot read float8): each
+    table decoded exactly (e4m3 value times its ue8m0 power of two), its scale gone; the lookups
+    and the model's logits are those of the float8 tables."""
+    from safetensors.torch import load_file
+
+    from test_model_v41 import tiny_model
+    from v4hal import ops
+    from v4hal.model.config import ModelArgs
+
+    model = tiny_model(quantized=True)
+    save_checkpoint(model, model.args, tmp_path / "src")
+    assert main(["convert", "run", "--to", target, "--engram-tables", "bf16", "--no-progress", "--workers", "1",
+                 str(tmp_path / "src"), str(tmp_path / "out")]) == 0
+    assert main(["convert", "verify", "--source", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
+    source, out = load_file(tmp_path / "src" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    for i in (1, 3):
+        weight, scale = source[f"model.layers.{i}.engram.embed.weight"], source[f"model.layers.{i}.engram.embed.scale"]
+        rows = torch.randint(0, weight.shape[0], (5, 7, 4), generator=torch.Generator().manual_seed(i))  # every row
+        table = out[f"model.layers.{i}.engram.embed.weight"]
+        assert table.dtype == torch.bfloat16 and f"model.layers.{i}.engram.embed.scale" not in out
+        exact = weight.double() * torch.exp2(scale.view(torch.uint8).double() - 127).repeat_interleave(32, 1)
+        assert torch.equal(table.double(), exact)
+        assert torch.equal(ops.engram_lookup(rows, table, dtype=torch.float64),
+                           ops.engram_lookup(rows, weight, scale, dtype=torch.float64))
+    args = ModelArgs.from_json(tmp_path / "out" / "config.json")
+    assert bool(args.quantization_config) == (target == "copy")  # copy keeps it: the loader adopts the bf16 table
+    converted = build(args, dtype=torch.float64)
+    report = load_checkpoint(converted, tmp_path / "out", args)
+    assert report.engram_token_map == TOKEN_MAP_FILE  # carried along by the conversion
+    embed = converted.model.layers[1].engram.embed
+    # copy: a float8-built table adopts the bf16 one as stored; bf16: built float, in the model's dtype
+    assert embed.weight.dtype == (torch.bfloat16 if target == "copy" else torch.float64) and embed.scale is None
+    ids = _ids(12)
+    with torch.no_grad():
+        if target == "copy":
+            assert torch.equal(converted(ids), model(ids))
+        else:  # the other weights in bf16: close
+            torch.testing.assert_close(converted(ids), model(ids), rtol=0.05, atol=0.05)
+    capsys.readouterr()
+    assert main(["convert", "run", "--to", "mindspore", "--engram-tables", "bf16", str(tmp_path / "src"),
+                 str(tmp_path / "ms")]) == 2
+    assert "--engram-tables re-encodes in safetensors targets" in capsys.readouterr().err
