@@ -124,6 +124,8 @@ output.ShardWriter._put = timed("write: O_DIRECT stage, or page cache + write-be
 output.ShardWriter.close = timed("close: drain, fsync, rename (main)", output.ShardWriter.close)
 formats.decode_rows = timed("decode FP8 (main)", formats.decode_rows)
 formats.encode_rows = timed("encode (main)", formats.encode_rows)
+if hasattr(formats, "fp8_to_int8_rows"):  # since FP8 -> int8 in one pass
+    formats.fp8_to_int8_rows = timed("decode + encode FP8 -> int8, one pass (main)", formats.fp8_to_int8_rows)
 p = plan.Plan(io.Source(src), Options(target=target))
 start, cpu0 = time.perf_counter(), time.process_time()
 plan.run(p, dst, progress=False, n_workers=1)
