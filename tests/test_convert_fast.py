@@ -176,7 +176,7 @@ def test_w8a8_of_nan_codes_or_out_of_range_scales_takes_the_two_step_path():
     assert torch.equal(got, q_ref) and torch.equal(scale[:, 0], s_ref)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_int8_encode_rejects_non_finite_values_like_the_contract(bad):
     x = torch.randn(600, 700)
     x[450, 3] = bad
