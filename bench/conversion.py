@@ -8,9 +8,9 @@ every run (posix_fadvise DONTNEED, so reads come from the disk):
      fsync) and the manifest hashes' speed on one core (BLAKE3, and hashlib's sha256 that the
      previous converter used; the converter hashes every input and output byte);
   2. `v4hal convert run --to bf16` and `--to w8a8` (streaming), each in a fresh process, with
-     `--workers 1` and `--workers 2`; with `--previous REV`, the converter of git revision REV of
-     this repository too (e.g. the last one with sha256 manifests and one shard at a time),
-     extracted with `git archive` and imported in place of this one;
+     `--workers 1` and `--workers 2`; with `--previous REV` (repeatable), the converter of git
+     revision REV of this repository too (e.g. fd22c6a, the last one with sha256 manifests and one
+     shard at a time), extracted with `git archive` and imported in place of this one;
   3. the same peer in the same run: a naive script that loads each whole shard with
      `safetensors.torch.load_file`, converts every tensor with the same v4hal.ops math, and
      `save_file`s the result (DeepSeek's fp8_cast_bf16 pattern). Loading the whole checkpoint at
@@ -89,7 +89,7 @@ print(json.dumps({"peak_rss_kb": int(next(l for l in open("/proc/self/status") i
 # Runs one conversion with its stages wrapped in per-thread CPU timers (time.thread_time), so the
 # figures are what each stage costs, not how long it waited for a core on a shared machine.
 STAGES = r"""
-import sys, json, time, threading, collections
+import sys, json, time, threading, collections, inspect
 from pathlib import Path
 from v4hal.conversion import formats, io, plan
 try:
@@ -124,9 +124,12 @@ output.ShardWriter._put = timed("write: O_DIRECT stage, or page cache + write-be
 output.ShardWriter.close = timed("close: drain, fsync, rename (main)", output.ShardWriter.close)
 formats.decode_rows = timed("decode FP8 (main)", formats.decode_rows)
 formats.encode_rows = timed("encode (main)", formats.encode_rows)
+if hasattr(formats, "fp8_to_int8_rows"):  # since FP8 -> int8 in one pass
+    formats.fp8_to_int8_rows = timed("decode + encode FP8 -> int8, one pass (main)", formats.fp8_to_int8_rows)
 p = plan.Plan(io.Source(src), Options(target=target))
 start, cpu0 = time.perf_counter(), time.process_time()
-plan.run(p, dst, progress=False, n_workers=1)
+one_worker = {"n_workers": 1} if "n_workers" in inspect.signature(plan.run).parameters else {}  # before --workers: always 1
+plan.run(p, dst, progress=False, **one_worker)
 seconds, process_cpu = time.perf_counter() - start, time.process_time() - cpu0
 print(json.dumps({"seconds": seconds, "process_cpu": process_cpu, "cpu": cpu, "wall": wall}))
 """
@@ -230,7 +233,7 @@ def previous_converter(rev: str, work: Path) -> dict[str, str]:
     extracted with `git archive`, laid out as the installed package is (each top-level folder is
     v4hal.<folder>) and put first on PYTHONPATH (before the editable install's finder)."""
     repo = Path(__file__).resolve().parent.parent
-    tree, pkg = work / "previous" / "tree", work / "previous" / "pkg" / "v4hal"
+    tree, pkg = work / "previous" / rev / "tree", work / "previous" / rev / "pkg" / "v4hal"
     tree.mkdir(parents=True)
     archive = subprocess.run(["git", "-C", str(repo), "archive", rev], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
@@ -309,8 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default="/tmp/v4hal-convert-bench")
     ap.add_argument("--layers", type=int, default=4, help="shards of one layer each (~0.58 GB of FP8)")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs of each; the best is reported")
-    ap.add_argument("--previous", metavar="REV", help="also time the converter of this git revision (e.g. fd22c6a: "
-                    "sha256 manifests, one shard at a time)")
+    ap.add_argument("--previous", metavar="REV", action="append", default=[], help="also time the converter of this git "
+                    "revision (e.g. fd22c6a: sha256 manifests, one shard at a time); repeatable")
     ap.add_argument("--stages-only", action="store_true", help="only the stage breakdowns (this converter's and, with "
                     "--previous, that one's, interleaved, the least process CPU of --repeats each)")
     args = ap.parse_args(argv)
@@ -323,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         disk = disk_read(src)
         disk_w = disk_write(work, size)
         speeds = {algo: hash_speed(algo) for algo in ("blake3", "sha256")}
-        previous = previous_converter(args.previous, work) if args.previous else None
+        previous = {rev: previous_converter(rev, work) for rev in args.previous}
         rows = []
         for target in () if args.stages_only else ("bf16", "w8a8"):
             stream = [sys.executable, "-c", STREAMING, "convert", "run", "--to", target, "--no-progress", str(src), str(work / "out")]
@@ -331,8 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                     "v4hal convert --workers 2": (stream + ["--workers", "2"], None),
                     "naive (whole shard, load_file/save_file)": ([sys.executable, "-c", NAIVE, str(src), str(work / "out"), target], None),
                     "naive, 1 torch thread": ([sys.executable, "-c", NAIVE, str(src), str(work / "out"), target, "1"], None)}
-            if previous:
-                runs[f"previous converter ({args.previous}: sha256, one shard at a time)"] = (stream, previous)
+            runs.update({f"previous converter ({rev}, its defaults)": (stream, env) for rev, env in previous.items()})
             best: dict[str, dict] = {}
             for _ in range(args.repeats):  # interleaved, best of each: the machine is shared and noisy
                 for how, (cmd, env) in runs.items():
@@ -343,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += [{"target": target, "how": how, **run} for how, run in best.items()]
         versions = {"this converter": (src, None),
                     "this converter, source in a Hugging Face cache (hashes stated)": (hf_snapshot(src, work / "hub"), None),
-                    **({f"previous converter ({args.previous})": (src, previous)} if previous else {})}
+                    **{f"previous converter ({rev})": (src, env) for rev, env in previous.items()}}
         stages: dict[tuple[str, str], dict] = {}
         for _ in range(args.repeats if args.stages_only else 1):
             for target in ("bf16", "w8a8"):

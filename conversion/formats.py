@@ -12,12 +12,14 @@ what the runtime would compute: decode = `dequantize_fp8` / `dequantize_fp4`, en
 Transforms work on row chunks (multiples of 128 rows), so memory stays bounded by the chunk,
 not the tensor.
 
-Two hot paths are computed here rather than by the contracts, bit for bit the same values
+Three hot paths are computed here rather than by the contracts, bit for bit the same values
 (tests/test_convert_fast.py compares them with the contracts on every e4m3 code): FP8 -> BF16 /
-float32 decode and float32 -> int8 per-channel encode. They work through each chunk in pieces of
-a few hundred KB (cache-resident, reused scratch) on one thread: the conversion's other CPU work,
-hashing input and output and writing, runs on background threads (see io.py), and on a small shared
-machine a second OpenMP thread only contends with them.
+float32 decode, float32 -> int8 per-channel encode, and FP8 -> int8 (W8A8) as one pass over each
+piece, without the float32 chunk in between. They work through each chunk in pieces of about
+2 MB (reused scratch that stays in cache; smaller pieces cost more in per-call overhead than they
+save in cache misses) on one thread: the conversion's other CPU work, hashing input and output
+and writing, runs on background threads (see io.py), and on a small shared machine a second
+OpenMP thread only contends with them.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from v4hal.checkpoint_files import CheckpointError
 from v4hal.conversion.io import TensorInfo
 from v4hal.conversion.output import OutSpec
 from v4hal.ops import quant
-from v4hal.ops.e4m3 import e4m3_as_f32, restore_nan_codes
+from v4hal.ops.e4m3 import e4m3_as_f32, has_nan_codes, restore_nan_codes
 
 SCALE_SUFFIXES = ("weight_scale_inv", "scale")
 # Module names that hold a 2-d `.weight` but are not quantized linears.
@@ -51,7 +53,7 @@ MX_BLOCK = 32
 # The e4m3 bit trick (v4hal.ops.e4m3) reads the codes as float32 times 2**-120; the 2**120 goes into the
 # scale, so q * scale is formed exactly as float32(q) * scale, rounded once.
 _UNBIAS = 2.0 ** 120
-_SUB_ELEMENTS = 1 << 18     # elements per piece: 1 MiB of int32 / float32 scratch
+_SUB_ELEMENTS = 1 << 19     # elements per piece: 2 MiB of int32 / float32 scratch
 
 
 @dataclass(frozen=True)
@@ -205,6 +207,27 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
+def convert_rows(decode: str, encode: str, q: torch.Tensor, scale: torch.Tensor | None, row0: int, extra: dict,
+                 out: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Target pieces of rows [row0, row0 + len(q)) of a stored weight (row0 a multiple of 128):
+    `decode_rows` then `encode_rows`, except FP8 -> int8, which goes in one pass where it can
+    (`fp8_to_int8_rows`). `out`: where the main piece goes when it is BF16 or int8 (e.g. a
+    writer's buffer, see ShardWriter.buffer); other paths return fresh tensors."""
+    if decode == "fp8" and encode == "int8":
+        fused = fp8_to_int8_rows(q, _block_rows(scale, row0, q.shape[0]), out)
+        if fused is not None:
+            return _w8a8_pieces(*fused)
+    x = decode_rows(decode, q, scale, row0, torch.bfloat16 if encode == "bf16" else torch.float32,
+                    out if encode == "bf16" else None)
+    return encode_rows(encode, x, extra, out if encode == "int8" else None)
+
+
+def _block_rows(scale: torch.Tensor, row0: int, rows: int) -> torch.Tensor:
+    """The rows of a 128x128 block scale that rows [row0, row0 + rows) use."""
+    b = quant.WEIGHT_BLOCK[0]
+    return scale[row0 // b: math.ceil((row0 + rows) / b)]
+
+
 def decode_rows(kind: str, q: torch.Tensor, scale: torch.Tensor | None, row0: int,
                 out_dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
     """Values of rows [row0, row0 + len(q)) of a stored weight (row0 a multiple of 128): the
@@ -213,8 +236,7 @@ def decode_rows(kind: str, q: torch.Tensor, scale: torch.Tensor | None, row0: in
     (e.g. a writer's buffer, see ShardWriter.buffer), else a fresh tensor."""
     with _one_thread():
         if kind == "fp8":
-            b = quant.WEIGHT_BLOCK[0]
-            s = scale[row0 // b: math.ceil((row0 + q.shape[0]) / b)]
+            s = _block_rows(scale, row0, q.shape[0])
             if _fast_fp8(q, s, out_dtype):
                 return _dequant_fp8(q, s, out_dtype, out)
             x = quant.dequantize_fp8(q, s, quant.WEIGHT_BLOCK, out_dtype=out_dtype)
@@ -248,43 +270,89 @@ def _piece_rows(k: int) -> int:
 def _dequant_fp8(q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     rows, k = q.shape
     out = torch.empty(rows, k, dtype=out_dtype) if out is None else out
-    bm, bk = quant.WEIGHT_BLOCK
-    col_scale = (s * _UNBIAS).repeat_interleave(bk, dim=1)[:, :k]  # exact: a power of two
+    col_scale = _column_scales(s, k)
     step = _piece_rows(k)
     work = torch.empty(min(step, rows), k, dtype=torch.int32)
     for r in range(0, rows, step):
         n = min(step, rows - r)
         v = e4m3_as_f32(q[r:r + n], work[:n])
         if out_dtype == torch.float32:
-            torch.mul(v, col_scale[r // bm], out=out[r:r + n])
+            torch.mul(v, col_scale[r // quant.WEIGHT_BLOCK[0]], out=out[r:r + n])
         else:
-            out[r:r + n].copy_(v.mul_(col_scale[r // bm]))
+            out[r:r + n].copy_(v.mul_(col_scale[r // quant.WEIGHT_BLOCK[0]]))
     return restore_nan_codes(q, out)
 
 
-def _quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quant.quantize_int8 of a 2-d float32 x, piece by piece with the same float32 operations
-    (scale = max(amax, 1e-8) / 127, q = round(x / scale) clamped to +-127); NaN / Inf go to the
-    contract, which rejects them."""
+def _column_scales(s: torch.Tensor, k: int) -> torch.Tensor:
+    """A block scale's rows spread over the k columns, times 2**120 (the bit trick's bias: exact,
+    a power of two)."""
+    return (s * _UNBIAS).repeat_interleave(quant.WEIGHT_BLOCK[1], dim=1)[:, :k]
+
+
+def _amax_rows(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    """amax |x| per row of a 2-d piece, into `amax`: max(max x, -min x), two reductions that
+    write nothing (cheaper than |x| then its max; NaN and Inf still come out non-finite)."""
+    low = torch.amin(x, dim=-1)
+    return torch.maximum(torch.amax(x, dim=-1, out=amax), low.neg_(), out=amax)
+
+
+def _to_int8(x: torch.Tensor, scale: torch.Tensor, work: torch.Tensor, out: torch.Tensor) -> None:
+    """out = round(x / scale) (half to even), scale = max(amax, 1e-8) / 127 per row of a 2-d
+    float32 piece, as quant.quantize_int8; `scale` holds the rows' amax |x| on entry, `work` is
+    scratch of x's shape (x itself may be it). No clamp to +-127 is needed: |x| <= amax, so
+    |x| / scale <= 127 * (1 + 2**-24), which rounds to at most 127."""
+    scale.clamp_min_(1e-8).div_(quant.INT8_MAX)
+    out.copy_(torch.div(x, scale.unsqueeze(-1), out=work).round_())
+
+
+def fp8_to_int8_rows(q: torch.Tensor, s: torch.Tensor, out: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """quant.quantize_int8 of the FP8 rows `q` decoded with the block scale rows `s`, piece by
+    piece: each piece is decoded (the bit trick, times its column scales, as `_dequant_fp8`) and
+    encoded (as `_quantize_int8`) while it is in cache, into `out` (int8, q's shape) or a fresh
+    tensor. Returns (int8 rows, scale per row), or None where the bit trick does not apply or q
+    holds a NaN code: the two-step path then gives the contract's answer (it refuses NaN)."""
+    if not _fast_fp8(q, s, torch.float32) or has_nan_codes(q):
+        return None
+    with _one_thread():
+        rows, k = q.shape
+        out = torch.empty(rows, k, dtype=torch.int8) if out is None else out
+        scale = torch.empty(rows, dtype=torch.float32)
+        col_scale = _column_scales(s, k)
+        step = _piece_rows(k)
+        work = torch.empty(min(step, rows), k, dtype=torch.int32)
+        for r in range(0, rows, step):
+            n = min(step, rows - r)
+            x = e4m3_as_f32(q[r:r + n], work[:n]).mul_(col_scale[r // quant.WEIGHT_BLOCK[0]])
+            _to_int8(x, _amax_rows(x, scale[r:r + n]), x, out[r:r + n])
+        return out, scale
+
+
+def _quantize_int8(x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """quant.quantize_int8 of a 2-d float32 x, piece by piece with the same float32 operations,
+    into `out` or a fresh tensor; NaN / Inf go to the contract, which rejects them."""
     rows, k = x.shape
-    q = torch.empty(rows, k, dtype=torch.int8)
+    q = torch.empty(rows, k, dtype=torch.int8) if out is None else out
     scale = torch.empty(rows, dtype=torch.float32)
     step = max(1, _SUB_ELEMENTS // max(k, 1))
     work = torch.empty(min(step, rows), k, dtype=torch.float32)
     for r in range(0, rows, step):
         n = min(step, rows - r)
-        w, s = work[:n], scale[r:r + n]
-        torch.amax(torch.abs(x[r:r + n], out=w), dim=-1, out=s)
-        if not bool(torch.isfinite(s).all()):
+        if not bool(torch.isfinite(_amax_rows(x[r:r + n], scale[r:r + n])).all()):
             return quant.quantize_int8(x)
-        s.clamp_min_(1e-8).div_(quant.INT8_MAX)
-        torch.div(x[r:r + n], s.unsqueeze(-1), out=w)
-        q[r:r + n].copy_(w.round_().clamp_(-quant.INT8_MAX, quant.INT8_MAX))
+        _to_int8(x[r:r + n], scale[r:r + n], work[:n], q[r:r + n])
     return q, scale
 
 
-def encode_rows(encode: str, x: torch.Tensor, extra: dict) -> list[torch.Tensor]:
-    """Target pieces for a row chunk: [main, *side pieces] (side pieces concatenate along dim 0)."""
+def _w8a8_pieces(q: torch.Tensor, scale: torch.Tensor) -> list[torch.Tensor]:
+    """msmodelslim's W8A8 pieces: int8 weight, scale [N, 1], offset [N, 1] (zeros: symmetric)."""
+    s = scale.unsqueeze(1)
+    return [q, s, torch.zeros_like(s)]
+
+
+def encode_rows(encode: str, x: torch.Tensor, extra: dict, out: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Target pieces for a row chunk: [main, *side pieces] (side pieces concatenate along dim 0).
+    `out`: where an int8 main piece goes (else a fresh tensor)."""
     with _one_thread():
         if encode == "bf16":
             return [x]  # decoded straight to BF16
@@ -292,9 +360,8 @@ def encode_rows(encode: str, x: torch.Tensor, extra: dict) -> list[torch.Tensor]
             q, s = quant.quantize_fp8(x, quant.WEIGHT_BLOCK, extra["scale_fmt"])
             return [q, s]
         if encode == "int8":
-            q, s = _quantize_int8(x) if x.dtype == torch.float32 and x.dim() == 2 else quant.quantize_int8(x)
-            s = s.unsqueeze(1)
-            return [q, s, torch.zeros_like(s)]
+            return _w8a8_pieces(*(_quantize_int8(x, out) if x.dtype == torch.float32 and x.dim() == 2
+                                  else quant.quantize_int8(x)))
         if encode == "mxfp8":
             q, s = quant.quantize_fp8(x, (1, MX_BLOCK), "ue8m0")
             return [q, s.to(torch.float8_e8m0fnu)]  # exact: s is a power of two

@@ -199,8 +199,8 @@ def stream_reads(jobs: list[Job], src: Source) -> list[tuple[int, int]]:
 
 def run_job(job: Job, src: Source, reader, emit, buffer=None) -> None:
     """Stream one job: emit(out_index, row0, piece) for the main output's row chunks in order,
-    then for each side output once. `buffer(nbytes)`, when given, is where a decoded BF16 chunk
-    goes before it is emitted (the writer's placed buffers: no copy on the way to the disk)."""
+    then for each side output once. `buffer(nbytes)`, when given, is where a BF16 or int8 chunk
+    is computed before it is emitted (the writer's placed buffers: no copy on the way to the disk)."""
     info = src.tensors[job.source]
     if job.decode == "raw":
         for r0, r1 in row_chunks(job, src):
@@ -210,12 +210,12 @@ def run_job(job: Job, src: Source, reader, emit, buffer=None) -> None:
         return
     scale = reader.companion(src.tensors[job.scale]) if job.scale else None
     sides: list[list[torch.Tensor]] = [[] for _ in job.outputs[1:]]
-    out_dtype = torch.bfloat16 if job.encode == "bf16" else torch.float32
+    dtype = job.outputs[0].dtype
+    placed = buffer is not None and job.encode in ("bf16", "int8")
     for r0, r1 in row_chunks(job, src):
         shape = (r1 - r0, *job.outputs[0].shape[1:])
-        out = buffer(nbytes_of(out_dtype, shape)).view(out_dtype).reshape(shape) if buffer and job.encode == "bf16" else None
-        x = formats.decode_rows(job.decode, reader.rows(info, r0, r1), scale, r0, out_dtype, out)
-        main, *rest = formats.encode_rows(job.encode, x, job.extra)
+        out = buffer(nbytes_of(dtype, shape)).view(dtype).reshape(shape) if placed else None
+        main, *rest = formats.convert_rows(job.decode, job.encode, reader.rows(info, r0, r1), scale, r0, job.extra, out)
         emit(0, r0, main)
         for acc, piece in zip(sides, rest):
             acc.append(piece)

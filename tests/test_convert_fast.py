@@ -123,7 +123,60 @@ def test_int8_encode_equals_the_contract(backend, shape):
         assert q[-1, :4].tolist() == [127, 2, 4, -2]
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def two_step_w8a8(q: torch.Tensor, s: torch.Tensor):
+    """The W8A8 path before fusion: FP8 -> float32 chunk (the contract), then the int8 contract."""
+    with registry.forced("cpu"):
+        return quant.quantize_int8(quant.dequantize_fp8(q, s, out_dtype=torch.float32))
+
+
+def power_of_two_scales(n: int, k: int, gen) -> torch.Tensor:
+    """ue8m0 scales (powers of two stored as float32), products from normal down to subnormal."""
+    shape = (math.ceil(n / 128), math.ceil(k / 128))
+    return torch.exp2(torch.randint(-140, 8, shape, generator=gen).float())
+
+
+@pytest.mark.parametrize("scales", [spread_scales, power_of_two_scales])
+@pytest.mark.parametrize("shape", [(256, 384), (300, 200), (129, 7), (1, 1), (2, 7168)])
+def test_fused_fp8_to_int8_equals_decode_then_encode_on_every_code(shape, scales):
+    gen = torch.Generator().manual_seed(shape[1])
+    q = every_code(*shape, gen)
+    q = torch.where((q.view(torch.uint8) & 0x7F) == 0x7F, q.view(torch.uint8) & 0xF0, q.view(torch.uint8)).view(q.dtype)
+    s = scales(*shape, gen)
+    q.view(torch.uint8)[-1, :] = 0  # an all-zero row: its scale clamps to 1e-8 / 127
+    out = torch.full(shape, 99, dtype=torch.int8)
+    q8, scale, offset = formats.convert_rows("fp8", "int8", q, s, 0, {}, out)
+    q_ref, s_ref = two_step_w8a8(q, s)
+    assert q8.data_ptr() == out.data_ptr()  # computed in the caller's buffer
+    assert torch.equal(q8, q_ref) and torch.equal(scale, s_ref.unsqueeze(1)) and not offset.any()
+    assert torch.equal(formats.fp8_to_int8_rows(q, s)[0], q_ref)  # and without one
+
+
+def test_fused_fp8_to_int8_of_a_later_row_chunk_uses_its_block_rows():
+    gen = torch.Generator().manual_seed(7)
+    q = every_code(640, 300, gen)
+    q = torch.where((q.view(torch.uint8) & 0x7F) == 0x7F, q.view(torch.uint8) ^ 0x01, q.view(torch.uint8)).view(q.dtype)
+    s = spread_scales(640, 300, gen)
+    q_ref, s_ref = two_step_w8a8(q, s)
+    for r0, r1 in ((0, 256), (256, 512), (512, 640)):
+        got, scale, _ = formats.convert_rows("fp8", "int8", q[r0:r1], s, r0, {})
+        assert torch.equal(got, q_ref[r0:r1]) and torch.equal(scale[:, 0], s_ref[r0:r1])
+
+
+def test_w8a8_of_nan_codes_or_out_of_range_scales_takes_the_two_step_path():
+    gen = torch.Generator().manual_seed(8)
+    q = every_code(128, 256, gen)  # holds the NaN codes 0x7F and 0xFF
+    assert formats.fp8_to_int8_rows(q, torch.ones(1, 2)) is None
+    with pytest.raises(OpInputError, match="quantize_int8.*x"):  # refused as the contract refuses NaN
+        formats.convert_rows("fp8", "int8", q, torch.ones(1, 2), 0, {})
+    q = torch.where((q.view(torch.uint8) & 0x7F) == 0x7F, q.view(torch.uint8) & 0xF0, q.view(torch.uint8)).view(q.dtype)
+    s = torch.tensor([[300.0, 1.0]])  # beyond the bit trick's range: decoded by the contract
+    assert formats.fp8_to_int8_rows(q, s) is None
+    got, scale, _ = formats.convert_rows("fp8", "int8", q, s, 0, {})
+    q_ref, s_ref = two_step_w8a8(q, s)
+    assert torch.equal(got, q_ref) and torch.equal(scale[:, 0], s_ref)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_int8_encode_rejects_non_finite_values_like_the_contract(bad):
     x = torch.randn(600, 700)
     x[450, 3] = bad
