@@ -135,7 +135,7 @@ def run(backends: list[str] | None = None, quick: bool = False, select: str | No
     cases = parity_cases(quick=quick, select=select)
     rows: list[dict] = []
     for case in tqdm(cases, desc="parity", unit="case", disable=not progress):
-        rows.extend(run_case(case, backends, seed, distributed))
+        rows.extend(run_case(case, backends, seed, distributed=distributed))
     return {
         "backends": {b: dict(zip(("usable", "reason"), registry.probe(b))) for b in backends},
         "fallbacks": {op: c.reason for op, c in registry.fallbacks().items()},
