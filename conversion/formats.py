@@ -312,9 +312,9 @@ def fp8_to_int8_rows(q: torch.Tensor, s: torch.Tensor, out: torch.Tensor | None 
     encoded (as `_quantize_int8`) while it is in cache, into `out` (int8, q's shape) or a fresh
     tensor. Returns (int8 rows, scale per row), or None where the bit trick does not apply or q
     holds a NaN code: the two-step path then gives the contract's answer (it refuses NaN)."""
-    if not _fast_fp8(q, s, torch.float32) or has_nan_codes(q):
-        return None
     with _one_thread():
+        if not _fast_fp8(q, s, torch.float32) or has_nan_codes(q):
+            return None
         rows, k = q.shape
         out = torch.empty(rows, k, dtype=torch.int8) if out is None else out
         scale = torch.empty(rows, dtype=torch.float32)
