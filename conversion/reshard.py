@@ -37,10 +37,10 @@ def engram_rows(config: dict | None, mp: int):
     from v4hal.model.config import ModelArgs
     from v4hal.model.engram import ColumnShard, EngramArgs
 
-    args = None if config is None else ModelArgs.from_dict(config)
-    if args is None or not args.is_v41:
+    text = (config or {}).get("text_config") or config or {}
+    if "engram_layer_ids" not in text:  # only a V4.1 config is parsed: resharding needs no other
         return None
-    ea = EngramArgs(args)
+    ea = EngramArgs(ModelArgs.from_dict(config))
     return {layer: [(s.row_start, s.row_stop) for s in (ColumnShard.of(ea, i, mp, r) for r in range(mp))]
             for i, layer in enumerate(ea.layer_ids)}
 
