@@ -88,7 +88,9 @@ class Plan:
     def make_jobs(self) -> list[Job]:
         jobs = formats.plan_jobs(self.source.tensors, self.opts)
         if self.opts.mp > 1:
-            reshard.assign(jobs, self.opts.mp, self.opts.n_experts)
+            config = self.source.dir / "config.json"
+            engram = reshard.engram_rows(json.loads(config.read_text()) if config.is_file() else None, self.opts.mp)
+            reshard.assign(jobs, self.opts.mp, self.opts.n_experts, engram)
         return jobs
 
     def out_name(self, source_file: str) -> str:

@@ -484,7 +484,10 @@ def _rank_slice(sl, name: str, model: nn.Module, stored: dict, par, resharded: b
     shape = tuple(sl.get_shape())
     table = _slot(model, name.rpartition(".")[0] + ".weight")  # an Engram table's weight or scale
     if table is not None and isinstance(table[0], EngramTable) and table[0].shard is not None:
-        return take(sl, (0, [(table[0].shard.row_start, table[0].shard.row_stop)]))  # its hash columns' rows
+        rows = table[0].shard
+        if resharded and shape[0] == rows.row_stop - rows.row_start:  # `convert --mp` wrote this rank's rows
+            return sl[:]
+        return take(sl, (0, [(rows.row_start, rows.row_stop)]))  # its hash columns' rows
     if _is_quant_scale(model, name):
         base = name[: -len(".scale")] + ".weight"
         wshape, wdtype = stored.get(base, (shape, ""))

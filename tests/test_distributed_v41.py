@@ -2,13 +2,15 @@
 columns' rows of every Engram table (vLLM's split: ceil(columns / tp) columns per rank, here 3
 columns so the last rank's piece is one short) and its share of `kv_proj`, and the model gives the
 single-process logits for a prefill and 16 decode steps, the same greedy tokens, and the same
-tokens from `v4hal generate --tp 2` under torchrun. The model has V4.1's shared compressed caches
-(ratio-2 and ratio-1 sources and readers), so these run split too."""
+tokens from `v4hal generate --tp 2` under torchrun; so does the checkpoint resharded by
+`convert run --mp 2`, whose rank files hold only their rows. The model has V4.1's shared
+compressed caches (ratio-2 and ratio-1 sources and readers), so these run split too."""
 
 import os
 import subprocess
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ import torch.distributed as dist
 
 from test_distributed import BATCH, DECODE, PROMPT, TIMEOUT, _free_port, _run, spawn
 from test_model_v41 import IMAGE, _v41_topology
+from v4hal.cli import main
 from v4hal.model.config import ModelArgs
 from v4hal.model.engram import ColumnShard, EngramArgs
 from v4hal.model.loader import load_checkpoint
@@ -43,14 +46,16 @@ def _worker(rank, world, port, path, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT))
     try:
-        args = ModelArgs.from_json(path)
-        model = build(args, layout=Layout(tp=world), timeout_s=TIMEOUT)
-        report = load_checkpoint(model, path, args)
-        out = _run(model, _ids(args))
-        out["token_map"] = report.engram_token_map
-        out["tables"] = {i: tuple(model.model.layers[i].engram.embed.weight.shape) for i in (1, 3)}
-        out["kv_proj"] = tuple(model.model.layers[1].engram.kv_proj.weight.shape)
-        torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
+        for kind, source in (("hf", path), ("mp", f"{path}-mp{world}")):
+            args = ModelArgs.from_json(source)
+            layout = Layout(tp=world) if kind == "hf" else Layout(tp=world, ep=world)
+            model = build(args, layout=layout, timeout_s=TIMEOUT)
+            report = load_checkpoint(model, source, args)
+            out = _run(model, _ids(args))
+            out["token_map"] = report.engram_token_map
+            out["tables"] = {i: tuple(model.model.layers[i].engram.embed.weight.shape) for i in (1, 3)}
+            out["kv_proj"] = tuple(model.model.layers[1].engram.kv_proj.weight.shape)
+            torch.save(out, os.path.join(out_dir, f"{kind}.{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -63,23 +68,44 @@ def checkpoint(tmp_path_factory):
     model.set_engram_token_map(torch.randint(0, 300, (512,), generator=torch.Generator().manual_seed(4)))
     path = tmp_path_factory.mktemp("v41") / "ckpt"
     save_checkpoint(model, args, path)
+    assert main(["convert", "run", "--to", "copy", "--mp", "2", "--no-progress", str(path), f"{path}-mp2"]) == 0
     return str(path), _run(model, _ids(args))
 
 
-def test_tp2_splits_the_tables_by_hash_columns_and_gives_the_single_process_logits(checkpoint, tmp_path):
+@pytest.mark.parametrize("kind", ["hf", "mp"])
+def test_tp2_splits_the_tables_by_hash_columns_and_gives_the_single_process_logits(kind, checkpoint, runs):
     path, ref = checkpoint
-    spawn(_worker, 2, path, str(tmp_path))
     ea = EngramArgs(ModelArgs.from_json(path))
     assert ea.columns == 3 and ea.primes[0] == [[71], [73], [79]]
     for rank in range(2):
-        got = torch.load(tmp_path / f"{rank}.pt")
-        torch.testing.assert_close(got["logits"], ref["logits"], rtol=1e-5, atol=1e-5, msg=lambda m: f"rank {rank}: {m}")
+        got = torch.load(runs / f"{kind}.{rank}.pt")
+        torch.testing.assert_close(got["logits"], ref["logits"], rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{kind} rank {rank}: {m}")
         assert got["tokens"] == ref["tokens"] and got["token_map"] == "engram_token_map.json"
         # rank 0: columns 0-1 (primes 71 + 73 rows); rank 1: column 2 (79 rows) and a zero-padded column
         expected_rows = {0: (71 + 73, 83 + 89), 1: (79, 97)}[rank]
         assert tuple(rows for rows, _ in got["tables"].values()) == expected_rows
         assert sum(expected_rows) == ea.table_rows(2, rank) < sum(ea.num_embeddings)
         assert got["kv_proj"] == ((4 + 1) * 64 // 2, 3 * 32)  # column parallel: half of (hc_mult + 1) * hidden
+
+
+@pytest.fixture(scope="module")
+def runs(checkpoint, tmp_path_factory):
+    """Both ranks' results at tp=2, from the checkpoint and from its `convert run --mp 2` output."""
+    out = tmp_path_factory.mktemp("v41-runs")
+    spawn(_worker, 2, checkpoint[0], str(out))
+    return out
+
+
+def test_convert_mp2_writes_each_rank_only_its_hash_columns_rows(checkpoint):
+    from safetensors import safe_open
+
+    path = checkpoint[0]
+    for rank, rows in ((0, (71 + 73, 83 + 89)), (1, (79, 97))):
+        (shard,) = Path(f"{path}-mp2").glob(f"model{rank}-mp2-*.safetensors")
+        with safe_open(str(shard), "pt") as f:
+            assert tuple(f.get_slice(f"model.layers.{i}.engram.embed.weight").get_shape()[0] for i in (1, 3)) == rows
+            assert f.get_slice("model.layers.1.engram.kv_proj.weight").get_shape() == [160, 96]
 
 
 def test_generate_under_torchrun_with_tp2(checkpoint):
@@ -104,3 +130,16 @@ def test_column_shards_and_a_split_that_leaves_a_rank_without_columns():
         Layout(tp=4).check(v41_args().replace(o_groups=4))
     with pytest.raises(LayoutError, match=r"tp=2 must divide the 325 Engram kv_proj outputs \(\(hc_mult \+ 1\) \* hidden_size\)"):
         Layout(tp=2).check(v41_args().replace(hidden_size=65))
+
+
+def test_reshard_needs_the_configs_engram_layers():
+    from v4hal.conversion import reshard
+    from v4hal.conversion.formats import Job
+    from v4hal.conversion.output import OutSpec
+
+    job = Job("layers.1.engram.embed.weight", "raw", "raw", [OutSpec("layers.1.engram.embed.weight", torch.uint8, (330, 32))])
+    with pytest.raises(ValueError, match=r"reshard: layers.1.engram.embed.weight is a V4.1 Engram table, but the "
+                                         r"checkpoint's config.json lists no such Engram layer"):
+        reshard.assign([job], 2, None, None)
+    reshard.assign([job], 2, None, reshard.engram_rows(v41_args().to_dict(), 2))
+    assert job.split == ("rows", [(0, 71 + 73), (71 + 73, 71 + 73 + 79)])
