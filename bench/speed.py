@@ -6,10 +6,10 @@ limits (bench.machine.limits), and the ratio to every peer: `speedup = peer medi
 Output: a terminal table, bench.json, bench.md and bench.png.
 
 Under torchrun (`--tp N [--ep N]`, model/launch.py) only the cases with a per-rank form run
-(`SpeedCase.distributed`: bench-v4's eager prefill and decode; the others selected are reported
-unavailable, and a selection with none is refused): every rank times its part in step with
-the others (a fixed number of repeats, no time budget, so no rank calls a collective alone), each
-sample is the slowest rank's; rank 0 alone measures the machine's limits (after the cases: no
+(`SpeedCase.distributed`: bench-v4's prefill and decode, eager and compiled; other selected cases
+are reported unavailable, and a selection with none is refused): every rank times its part in
+step with the others (a fixed number of repeats, no time budget, so no rank calls a collective
+alone), each sample is the slowest rank's; rank 0 alone measures the machine's limits (after the cases: no
 roofline shares), prints and writes, the layout in the report's machine lines. Peers run whole on
 every rank at the same time.
 """
