@@ -133,10 +133,22 @@ def _decode_steps(model) -> tuple[torch.Tensor, torch.Tensor]:
         return model(ids[:, -1:], cache=cache), static(ids[:, -1:])
 
 
-def test_static_decoder_returns_the_whole_vocabulary_under_tp(tmp_path):
-    # (the compiled decoder runs the same step through torch.compile: 1e-7 from eager at tp=2, measured)
-    path = tmp_path / "ckpt"
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
     hf_model(preset("tiny"), seed=0).save_pretrained(path)
+    return path
+
+
+def test_generate_refuses_data_parallel_experts(tiny, capsys):
+    assert cli(["generate", "--ep", "2", "--config", str(tiny), "--weights", str(tiny)]) == 2
+    assert ("v4hal generate: error: --ep 2 with --tp 1 (data-parallel ranks, each its own sequences) runs in "
+            "`v4hal parity` and `v4hal bench`; generate runs --tp N [--ep N]") in capsys.readouterr().err
+
+
+def test_static_decoder_returns_the_whole_vocabulary_under_tp(tiny, tmp_path):
+    # (the compiled decoder runs the same step through torch.compile: 1e-7 from eager at tp=2, measured)
+    path = tiny
     args = ModelArgs.from_json(path)
     whole = build(args)
     load_checkpoint(whole, path, args)
