@@ -90,11 +90,16 @@ def checkpoint(name: str) -> str:
     return d
 
 
-@functools.lru_cache(maxsize=8)
 def model_for(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
               distributed: Distributed | None = None):
     """Our model on `checkpoint(name)`'s weights, computing in `dtype` on `device`; under
-    `distributed` (every rank calls this, in the same order), this rank's slices of them."""
+    `distributed` (every rank calls this, in the same order), this rank's slices of them. Built
+    once per distinct request however it is spelled (keywords or not)."""
+    return _model(name, dtype, device, distributed)
+
+
+@functools.lru_cache(maxsize=8)
+def _model(name: str, dtype: torch.dtype, device: str, distributed: Distributed | None):
     from v4hal.model.loader import load_checkpoint
     from v4hal.model.model import build
 

@@ -246,7 +246,7 @@ def main(args) -> int:
     whole_only = [c.id for c in cases if not c.distributed]
     if layout.devices > 1 and whole_only:
         return error("parity", f"layout {layout} (--tp {args.tp} --ep {args.ep}): under torchrun only the whole-model "
-                               f"cases run (--select model_logits); {len(whole_only)} selected case(s) have no per-rank "
+                               f"cases run (--select model); {len(whole_only)} selected case(s) have no per-rank "
                                f"form ({', '.join(whole_only[:3])}{', ...' if len(whole_only) > 3 else ''}): run them "
                                f"in one process")
     for backend in args.backend or []:

@@ -6,10 +6,10 @@ limits (bench.machine.limits), and the ratio to every peer: `speedup = peer medi
 Output: a terminal table, bench.json, bench.md and bench.png.
 
 Under torchrun (`--tp N [--ep N]`, model/launch.py) only the cases with a per-rank form run
-(`SpeedCase.distributed`: bench-v4's eager prefill and decode; the others selected are reported
-unavailable, and a selection with none is refused): every rank times its part in step with
-the others (a fixed number of repeats, no time budget, so no rank calls a collective alone), each
-sample is the slowest rank's; rank 0 alone measures the machine's limits (after the cases: no
+(`SpeedCase.distributed`: bench-v4's prefill and decode, eager and compiled; other selected cases
+are reported unavailable, and a selection with none is refused): every rank times its part in
+step with the others (a fixed number of repeats, no time budget, so no rank calls a collective
+alone), each sample is the slowest rank's; rank 0 alone measures the machine's limits (after the cases: no
 roofline shares), prints and writes, the layout in the report's machine lines. Peers run whole on
 every rank at the same time.
 """
@@ -112,26 +112,31 @@ def run_case(case: SpeedCase, backend: str, repeats: int, machine_limits: dict,
     return row
 
 
-def oversubscription_warning(threads: int, cores: int, load: float) -> str | None:
-    """Why CPU timings from `threads` torch threads on `cores` cores, with a 1-minute load
-    average of `load` (other processes' runnable threads), are not to be trusted, or None.
-    OpenMP threads spin-wait on each other at every parallel region: with fewer free cores than
-    threads, each op waits on a descheduled thread and the figures come out 10-40x off."""
-    if threads > cores:
-        return (f"torch uses {threads} threads on {cores} cores: the timings measure threads waiting on each "
-                f"other, not the ops; rerun with --threads 1 (or --threads {cores})")
-    if threads > 1 and load + threads > cores + 0.5:
-        return (f"the machine is loaded (1-minute load average {load:.1f} on {cores} cores) and torch uses "
-                f"{threads} threads: the timings can be 10-40x off; rerun with --threads 1")
+def oversubscription_warning(threads: int, cores: int, load: float, ranks: int = 1) -> str | None:
+    """Why CPU timings from `threads` torch threads (in each of `ranks` torchrun ranks) on `cores`
+    cores, with a 1-minute load average of `load` (other processes' runnable threads), are not to
+    be trusted, or None. OpenMP threads spin-wait on each other at every parallel region, ranks at
+    every collective: with fewer free cores than threads, each op waits on a descheduled thread
+    and the figures come out 10-40x off."""
+    busy = threads * ranks
+    uses = f"torch uses {busy} threads" + (f" ({ranks} ranks x {threads})" if ranks > 1 else "")
+    fix = "rerun with --threads 1" if threads > 1 else "time them on a quieter machine"
+    if busy > cores:
+        return (f"{uses} on {cores} cores: the timings measure threads waiting on each other, not the ops; "
+                + (f"rerun with --threads 1 (or --threads {cores})" if ranks == 1 else
+                   "start fewer ranks (torchrun --nproc-per-node) or threads"))
+    if busy > 1 and load + busy > cores + 0.5:
+        return (f"the machine is loaded (1-minute load average {load:.1f} on {cores} cores) and {uses}: the "
+                f"timings can be 10-40x off; {fix}")
     return None
 
 
-def cpu_oversubscription(processes: int = 1) -> str | None:
-    """oversubscription_warning for this process (and `processes - 1` like it on this node, the
-    other torchrun ranks) and machine, now."""
+def cpu_oversubscription(ranks: int = 1) -> str | None:
+    """oversubscription_warning for this process (one of `ranks` torchrun ranks on this node) and
+    machine, now."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return oversubscription_warning(torch.get_num_threads() * processes, cores, load)
+    return oversubscription_warning(torch.get_num_threads(), cores, load, ranks)
 
 
 def run(backends: list[str] | None = None, quick: bool = False, select: str | None = None,

@@ -75,6 +75,8 @@ def run(command: str, ns: argparse.Namespace, layout: Layout, device: torch.devi
     except LayoutError as exc:
         return error(command, str(exc))
     except RuntimeError as exc:  # from a collective: a peer died (connection closed) or stalled (timeout)
+        if not dist.is_initialized():  # before joining: not a collective's
+            raise
         first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
         return error(command, f"layout {layout}: rank {dist.get_rank()} stopped in a collective: {first} "
                               f"(another rank died or stalled; collectives wait --dist-timeout {ns.dist_timeout:g} s)")

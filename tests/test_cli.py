@@ -135,6 +135,9 @@ def test_oversubscription_warning():
     assert oversubscription_warning(2, 16, 1.0) is None
     assert "--threads 1" in oversubscription_warning(2, 2, 6.0)
     assert "8 threads on 4 cores" in oversubscription_warning(8, 4, 0.0)
+    assert oversubscription_warning(1, 2, 0.0, ranks=2) is None  # one thread per core
+    assert "2 threads (2 ranks x 1)" in oversubscription_warning(1, 2, 6.0, ranks=2)
+    assert "start fewer ranks" in oversubscription_warning(1, 2, 0.0, ranks=4)
 
 
 def test_bench_on_a_loaded_machine_warns_and_records_it(monkeypatch, capsys, tmp_path):

@@ -1,15 +1,27 @@
 """`v4hal parity --select model` and `v4hal bench --select bench-v4/` under torchrun (2 ranks,
 gloo, CPU): each rank loads only its layout's slices of the seeded case checkpoint, rank 0 judges
 the gathered logits against the one-process float64 reference and alone reports; a rank that
-loads another rank's slice fails the check; the bench report names the layout."""
+loads another rank's slice fails the check; the bench report names the layout; `StaticDecoder`
+(bench's compiled decode, `generate --compile`) returns the whole vocabulary under tp."""
 
 import json
+import os
+from datetime import timedelta
 
 import pytest
+import torch
+import torch.distributed as dist
 
-from dist_util import torchrun
+from dist_util import TIMEOUT, torchrun
+from test_distributed import spawn
 
+from v4hal.bench.cases_model import hf_model
 from v4hal.cli import main as cli
+from v4hal.model.config import ModelArgs, preset
+from v4hal.model.loader import load_checkpoint
+from v4hal.model.model import build
+from v4hal.model.parallel import Layout
+from v4hal.model.static import StaticDecoder
 
 # Each rank loads the slices of the routed experts' down projections another rank should hold,
 # everything else its own. (Swapping the gate / up slices too would only renumber the experts'
@@ -96,3 +108,54 @@ def test_bench_under_torchrun_reports_the_layout(tmp_path):
     assert layout in machine["machine"]
     assert layout in (out / "bench.md").read_text()
     assert run.stdout.count("wrote ") == 1, run.stdout
+
+
+def _static_decode_worker(rank, world, port, path, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT))
+    try:
+        args = ModelArgs.from_json(path)
+        model = build(args, layout=Layout(tp=world), timeout_s=TIMEOUT)
+        load_checkpoint(model, path, args)
+        torch.save(_decode_steps(model), os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _decode_steps(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eager, StaticDecoder) logits of one decode step after a prefill."""
+    ids = torch.randint(0, model.args.vocab_size, (2, 14), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(ids[:, :-1], cache=cache)
+        static = StaticDecoder(model, cache, capacity=ids.shape[1] + 1, compile=False)
+        return model(ids[:, -1:], cache=cache), static(ids[:, -1:])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    hf_model(preset("tiny"), seed=0).save_pretrained(path)
+    return path
+
+
+def test_generate_refuses_data_parallel_experts(tiny, capsys):
+    assert cli(["generate", "--ep", "2", "--config", str(tiny), "--weights", str(tiny)]) == 2
+    assert ("v4hal generate: error: --ep 2 with --tp 1 (data-parallel ranks, each its own sequences) runs in "
+            "`v4hal parity` and `v4hal bench`; generate runs --tp N [--ep N]") in capsys.readouterr().err
+
+
+def test_static_decoder_returns_the_whole_vocabulary_under_tp(tiny, tmp_path):
+    # (the compiled decoder runs the same step through torch.compile: 1e-7 from eager at tp=2, measured)
+    path = tiny
+    args = ModelArgs.from_json(path)
+    whole = build(args)
+    load_checkpoint(whole, path, args)
+    want, _ = _decode_steps(whole)
+    spawn(_static_decode_worker, 2, str(path), str(tmp_path))
+    for rank in (0, 1):
+        eager, static = torch.load(tmp_path / f"{rank}.pt")
+        assert static.shape == want.shape, f"rank {rank}"
+        torch.testing.assert_close(static, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(eager, want, rtol=1e-5, atol=1e-5)
