@@ -139,4 +139,4 @@ def speed_cases(quick: bool = False, select: str | None = None) -> list[SpeedCas
 
 
 def randn(g: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> torch.Tensor:
-    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+    return torch.randn(*shape, generator=g).mul_(scale).to(dtype)  # in place: no second buffer of an expert-sized tensor

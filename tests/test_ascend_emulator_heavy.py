@@ -7,12 +7,9 @@ time limit)."""
 
 import pytest
 
-from v4hal.bench import parity
 from v4hal.bench.cases import parity_cases
 
-from ascend_util import HEAVY
-
-CHIPS = ("A2", "A3", "A5")
+from ascend_util import CHIPS, HEAVY, judged_on_every_chip
 
 
 def test_heavy_cases_are_full_parity_cases():
@@ -24,11 +21,7 @@ def test_heavy_cases_are_full_parity_cases():
 @pytest.mark.parametrize("case_id", HEAVY)
 def test_heavy_full_case_passes_on_every_emulated_chip(emulate, case_id):
     (case,) = [c for c in parity_cases() if c.id == case_id]
-    built = parity.build(case)
-    rows = []
-    for chip in CHIPS:
-        emulate(chip)
-        rows += parity.run_case(case, ["ascend"], built=built)
+    rows = [row for row, _ in judged_on_every_chip(case, emulate)]
     assert [r["backend"] for r in rows] == [f"ascend (emulated {chip})" for chip in CHIPS]
     failed = [(r["backend"], r["note"]) for r in rows if r["status"] != "pass"]
     assert not failed
