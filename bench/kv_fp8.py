@@ -105,20 +105,35 @@ def cache_bytes(context: int, dtype: torch.dtype = torch.float32) -> dict:
 
 def speed(context: int, repeats: int, compiled: bool, dtype: torch.dtype = torch.float32) -> dict:
     """Median seconds of one decode step of bench-v4 at real widths after a `context`-token
-    prefill, the compute-dtype cache and the FP8 cache taking turns (`speed.interleaved`)."""
+    prefill, the compute-dtype cache and the FP8 cache taking turns (`speed.interleaved`): wall
+    time, and the process's CPU time ("cpu_*": on a machine shared with other work, the time
+    this process computed, whatever the scheduler gave the others)."""
     from v4hal.bench.speed import _stats, interleaved
     from v4hal.model.static import StaticDecoder
 
-    steps = {}
+    steps, cpu = {}, {}
     for kind in ("auto", "fp8"):
         model, cache, step = _prefilled(BENCH_V4_FP8, kind, context, dtype)
         if compiled:
             decoder = StaticDecoder(model, cache, capacity=context + repeats + 8)
             decoder(step)  # compiles
-            steps[kind] = partial(decoder, step)
+            fn = partial(decoder, step)
         else:
-            steps[kind] = partial(torch.inference_mode()(model), step, cache=cache)
-    return {k: _stats(v) for k, v in interleaved(steps, repeats).items()}
+            fn = partial(torch.inference_mode()(model), step, cache=cache)
+        steps[kind], cpu[kind] = _cpu_timed(fn)
+    walls = interleaved(steps, repeats)
+    return {k: {**_stats(walls[k]), **{f"cpu_{n}": v for n, v in _stats(cpu[k][1:]).items()}} for k in steps}
+
+
+def _cpu_timed(fn):
+    """(fn that also appends its process CPU seconds per call to a list, that list)."""
+    samples = []
+
+    def run():
+        start = time.process_time()
+        fn()
+        samples.append(time.process_time() - start)
+    return run, samples
 
 
 def main() -> None:
@@ -142,8 +157,9 @@ def main() -> None:
             r = speed(context, ns.repeats, ns.compiled, dtype)
             print(f"context {context} ({'compiled' if ns.compiled else 'eager'}, {ns.dtype}): " +
                   ", ".join(f"{k} {v['median_s'] * 1e3:.2f} ms (p10-p90 {v['p10_s'] * 1e3:.2f}-"
-                            f"{v['p90_s'] * 1e3:.2f})" for k, v in r.items()) +
-                  f"; fp8 / auto = {r['fp8']['median_s'] / r['auto']['median_s']:.2f}", flush=True)
+                            f"{v['p90_s'] * 1e3:.2f}; cpu {v['cpu_median_s'] * 1e3:.2f} ms)" for k, v in r.items()) +
+                  f"; fp8 / auto = {r['fp8']['median_s'] / r['auto']['median_s']:.2f} wall, "
+                  f"{r['fp8']['cpu_median_s'] / r['auto']['cpu_median_s']:.2f} cpu", flush=True)
     print(f"({time.perf_counter() - t0:.0f} s)")
 
 
