@@ -12,21 +12,17 @@ V3.2: kv_lora 512 with 64 RoPE, indexer keys 128): the models here keep every ot
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from functools import partial
 
 import torch
 
-from v4hal.bench.cases_model import BENCH_V4, TINY_V32
+from v4hal.bench.cases_model import BENCH_V4, REAL_WIDTHS_V4, TINY_V4_FP8, TINY_V32_FP8
 from v4hal.model.config import ModelArgs, preset
 from v4hal.model.generate import generate
 from v4hal.model.model import build
 
-REAL_WIDTHS_V4 = dict(head_dim=512, qk_rope_head_dim=64, index_head_dim=128)
-TINY_V4_FP8 = preset("tiny").replace(**REAL_WIDTHS_V4)
-TINY_V32_FP8 = dataclasses.replace(TINY_V32, kv_lora_rank=512, qk_rope_head_dim=64, index_head_dim=128)
 # bench-v4 (bench/cases_model.py) at DeepSeek's attention widths, so its cache can be FP8.
 BENCH_V4_FP8 = BENCH_V4.replace(**REAL_WIDTHS_V4)
 ACCURACY_MODELS = {"tiny-v4": TINY_V4_FP8, "tiny-v32": TINY_V32_FP8}
