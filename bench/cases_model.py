@@ -1,7 +1,9 @@
 """Whole-model cases: parity of final logits between backends on tiny V4 / V3.2 configs (quick),
 and speed of prefill (4k tokens) and decode (one step at 16k and 60k context; eager, and
 compiled at fixed shapes by `model.static.StaticDecoder`) against transformers'
-DeepseekV4ForCausalLM holding the same weights, on the small `BENCH_V4` config.
+DeepseekV4ForCausalLM holding the same weights, on the small `BENCH_V4` config. The FP8 KV cache
+(`kv_cache_dtype="fp8"`) has its own parity cases (tiny models) and decode cases (bench-v4, each
+at DeepSeek's attention widths), judged against the float cache.
 
 The models are built once per (config, dtype) from a fixed seed: the parity harness passes only
 token ids and the dtype (float64 for the reference), so every backend sees the same weights.
@@ -40,8 +42,11 @@ REAL_WIDTHS_V4 = dict(head_dim=512, qk_rope_head_dim=64, index_head_dim=128)
 TINY_V4_FP8 = preset("tiny").replace(**REAL_WIDTHS_V4)
 TINY_V32_FP8 = TINY_V32.replace(kv_lora_rank=512, qk_rope_head_dim=64, index_head_dim=128)
 
+# bench-v4 at those widths, so its cache can be FP8.
+BENCH_V4_FP8 = BENCH_V4.replace(**REAL_WIDTHS_V4)
+
 CONFIGS = {"tiny-v4": preset("tiny"), "tiny-v32": TINY_V32, "bench-v4": BENCH_V4,
-           "tiny-v4-fp8": TINY_V4_FP8, "tiny-v32-fp8": TINY_V32_FP8}
+           "tiny-v4-fp8": TINY_V4_FP8, "tiny-v32-fp8": TINY_V32_FP8, "bench-v4-fp8": BENCH_V4_FP8}
 
 
 HF_CLASSES = {"deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM"),
@@ -203,45 +208,59 @@ def _prefill(tokens: int):
     return make
 
 
-def decode(context: int, compiled: bool = False, chunk: int = 1024):
-    """One decode step after a `context`-token prefill. compiled: ours is `StaticDecoder` (its
-    first call, in the warm-up, compiles), and our eager step is a peer too."""
+def _our_step(model, ids: torch.Tensor, kv_cache_dtype: str, compiled: bool, device: torch.device, chunk: int):
+    """(our decode step of ids' last token, the eager step) after a prefill of ids in `chunk`s into
+    a new cache of `kv_cache_dtype`; compiled: the step is `StaticDecoder`'s (its first call, in
+    the warm-up, compiles; uncompiled on meta), with room for every timed call."""
+    from v4hal.model.static import StaticDecoder
+
+    cache = model.new_cache(kv_cache_dtype)
+    with torch.no_grad():
+        for i in range(0, ids.shape[1], chunk):
+            model(ids[:, i:i + chunk], cache=cache, last_only=True)
+    step = ids[:, -1:]
+
+    def run_eager():
+        with torch.no_grad():
+            return model(step, cache=cache)
+
+    if not compiled:
+        return run_eager, run_eager
+    decoder = StaticDecoder(model, cache, capacity=ids.shape[1] + 2048, compile=device.type != "meta")
+    return (lambda: decoder(step)), run_eager
+
+
+def decode(context: int, compiled: bool = False, chunk: int = 1024, kv_cache_dtype: str = "auto"):
+    """One decode step after a `context`-token prefill, against transformers' (compiled: ours is
+    `StaticDecoder`'s, and our eager step is a peer too). kv_cache_dtype "fp8": bench-v4 at
+    DeepSeek's attention widths (what the FP8 layouts hold) with the FP8 cache, against the same
+    model's step with the float cache (transformers is not run)."""
     def make(device: torch.device):
         from transformers import DynamicCache
 
-        from v4hal.model.static import StaticDecoder
-
+        fp8 = kv_cache_dtype == "fp8"
+        ours = model_for("bench-v4-fp8" if fp8 else "bench-v4", device=str(device))
+        ids = torch.randint(0, BENCH_V4.vocab_size, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
+        run, run_eager = _our_step(ours, ids, kv_cache_dtype, compiled, device, chunk)
         # The Ascend dry run builds cases on the meta device and never runs peers; transformers'
         # float32 grouped-GEMM experts have no meta kernel, so its cache is not filled there.
-        with_peer = device.type != "meta"
-        ours = model_for("bench-v4", device=str(device))
-        hf = hf_for("bench-v4", str(device)) if with_peer else None
-        ids = torch.randint(0, BENCH_V4.vocab_size, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
-        cache = ours.new_cache()
-        pkv = DynamicCache(config=hf.config) if with_peer else None
+        if device.type == "meta":
+            return run, {}
+        peers = {"v4hal eager": run_eager} if compiled else {}
+        if fp8:
+            peers["v4hal float cache"] = _our_step(ours, ids, "auto", compiled, device, chunk)[0]
+            return run, peers
+        hf, step = hf_for("bench-v4", str(device)), ids[:, -1:]
+        pkv = DynamicCache(config=hf.config)
         with torch.no_grad():
             for i in range(0, context, chunk):  # chunked prefill keeps transformers' masks small
-                ours(ids[:, i:i + chunk], cache=cache, last_only=True)
-                if with_peer:
-                    hf(ids[:, i:i + chunk], past_key_values=pkv, use_cache=True, logits_to_keep=1)
-        step = ids[:, -1:]
-
-        def run_eager():
-            with torch.no_grad():
-                return ours(step, cache=cache)
+                hf(ids[:, i:i + chunk], past_key_values=pkv, use_cache=True, logits_to_keep=1)
 
         def run_hf():
             with torch.no_grad():
                 return hf(step, past_key_values=pkv, use_cache=True).logits
 
-        peers = {"transformers eager": run_hf} if with_peer else {}
-        if not compiled:
-            return run_eager, peers
-        # Room for every timed call (warm-up, repeats, and the peers' turns do not decode here).
-        decoder = StaticDecoder(ours, cache, capacity=context + 2048, compile=device.type != "meta")
-        if with_peer:
-            peers["v4hal eager"] = run_eager
-        return (lambda: decoder(step)), peers
+        return run, {"transformers eager": run_hf, **peers}
 
     return make
 
@@ -253,5 +272,9 @@ SPEED = [
     # Near the config's 64k position limit: where attending only the selected entries pays off.
     SpeedCase("model_decode", "bench-v4/60k-context", decode(61440)),
     SpeedCase("model_decode", "bench-v4/60k-context/compiled", decode(61440, compiled=True)),
+    # The FP8 KV cache (bench-v4 at DeepSeek's attention widths) against the float cache.
+    *[SpeedCase("model_decode", f"bench-v4-fp8/{k}-context/fp8-cache{'/compiled' if compiled else ''}",
+                decode(n, compiled=compiled, kv_cache_dtype="fp8"))
+      for k, n in (("16k", 16384), ("60k", 61440)) for compiled in (False, True)],
     SpeedCase("model_prefill", "bench-v4/256", _prefill(256), quick=True),
 ]
