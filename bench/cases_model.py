@@ -1,7 +1,9 @@
 """Whole-model cases: parity of final logits between backends on tiny V4 / V3.2 configs (quick),
 and speed of prefill (4k tokens) and decode (one step at 16k and 60k context; eager, and
 compiled at fixed shapes by `model.static.StaticDecoder`) against transformers'
-DeepseekV4ForCausalLM holding the same weights, on the small `BENCH_V4` config.
+DeepseekV4ForCausalLM holding the same weights, on the small `BENCH_V4` config. The FP8 KV cache
+(`kv_cache_dtype="fp8"`) has its own parity cases (tiny models) and decode cases (bench-v4, each
+at DeepSeek's attention widths), judged against the float cache.
 
 The models are built once per (config, dtype) from a fixed seed: the parity harness passes only
 token ids and the dtype (float64 for the reference), so every backend sees the same weights.
@@ -40,7 +42,17 @@ BENCH_V4 = ModelArgs(model_type="deepseek_v4", vocab_size=4096, hidden_size=512,
                      mlp_layer_types=["hash_moe", "moe", "moe", "moe"], max_position_embeddings=65536,
                      torch_dtype="float32")
 
-CONFIGS = {"tiny-v4": preset("tiny"), "tiny-v32": TINY_V32, "bench-v4": BENCH_V4}
+# DeepSeek's attention widths, the only ones its FP8 KV cache layouts hold (model/cache_fp8.py):
+# the tiny models at those widths, every other size small.
+REAL_WIDTHS_V4 = dict(head_dim=512, qk_rope_head_dim=64, index_head_dim=128)
+TINY_V4_FP8 = preset("tiny").replace(**REAL_WIDTHS_V4)
+TINY_V32_FP8 = TINY_V32.replace(kv_lora_rank=512, qk_rope_head_dim=64, index_head_dim=128)
+
+# bench-v4 at those widths, so its cache can be FP8.
+BENCH_V4_FP8 = BENCH_V4.replace(**REAL_WIDTHS_V4)
+
+CONFIGS = {"tiny-v4": preset("tiny"), "tiny-v32": TINY_V32, "bench-v4": BENCH_V4,
+           "tiny-v4-fp8": TINY_V4_FP8, "tiny-v32-fp8": TINY_V32_FP8, "bench-v4-fp8": BENCH_V4_FP8}
 
 
 HF_CLASSES = {"deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM"),
@@ -131,9 +143,9 @@ def _logits(name: str):
     return run
 
 
-def _data_parallel(model, ids: torch.Tensor, dp: int) -> torch.Tensor:
-    """The logits of `ids` with each of `dp` ranks (tp = 1: `Layout.check_runnable`) running its
-    own share of the sequences, gathered in order on every rank."""
+def _data_parallel(logits_of, ids: torch.Tensor, dp: int) -> torch.Tensor:
+    """`logits_of(ids)` with each of `dp` ranks (tp = 1: `Layout.check_runnable`) running its own
+    share of the sequences, gathered in order on every rank."""
     import torch.distributed as dist
 
     from v4hal.model.collectives import Collectives
@@ -142,7 +154,7 @@ def _data_parallel(model, ids: torch.Tensor, dp: int) -> torch.Tensor:
         raise ValueError(f"model_logits: dp={dp} must divide the batch of {ids.shape[0]} sequences")
     per = ids.shape[0] // dp
     rank = dist.get_rank()
-    return Collectives().all_gather(model(ids[rank * per:(rank + 1) * per]), dim=0)
+    return Collectives().all_gather(logits_of(ids[rank * per:(rank + 1) * per]), dim=0)
 
 
 def _ids(name: str, length: int):
@@ -162,7 +174,57 @@ def logits_case(name: str, length: int, quick: bool = False) -> Case:
                 quick=quick, reference_inputs=_reference, distributed=True, prepare=lambda: checkpoint(name))
 
 
-PARITY = [logits_case(name, length, quick=True) for name, length in (("tiny-v4", 37), ("tiny-v32", 21))]
+def _cached_logits(name: str, prompt: int, kv_cache_dtype: str):
+    """Logits `[B, S, vocab]` of a `prompt`-token prefill into a new cache of `kv_cache_dtype`,
+    then one decode step per remaining token of ids (teacher forced)."""
+    def run(ids: torch.Tensor, dtype: torch.dtype, distributed: Distributed | None = None) -> torch.Tensor:
+        model = model_for(name, dtype, str(ids.device), distributed)
+
+        def through_the_cache(ids: torch.Tensor) -> torch.Tensor:
+            cache = model.new_cache(kv_cache_dtype)
+            out = [model(ids[:, :prompt], cache=cache)]
+            out += [model(ids[:, i:i + 1], cache=cache) for i in range(prompt, ids.shape[1])]
+            return torch.cat(out, 1)
+
+        dp = 1 if distributed is None else distributed.layout.dp
+        with torch.no_grad():
+            return through_the_cache(ids) if dp == 1 else _data_parallel(through_the_cache, ids, dp)
+
+    return run
+
+
+# The FP8 cache's logits against the float64 model's with the float cache, relative RMS per
+# position: (median, worst) allowed. Measured 2026-12-07 (docs/attention.md, "Parity"): medians
+# 0.04 (V4) and 0.035 (V3.2), the e4m3 rounding of the rows; worst 0.16 and 0.43, at positions
+# where the FP8 keys move the indexer's top-k among near-tied scores (top-4 / top-6 here).
+FP8_CACHE_BUDGET = {"tiny-v4-fp8": (0.06, 0.25), "tiny-v32-fp8": (0.06, 0.6)}
+
+
+def _within_budget_of_the_float_cache(name: str, prompt: int):
+    def check(ref: dict, out: dict, inputs: dict) -> tuple[bool, str]:
+        exact = _cached_logits(name, prompt, "auto")(inputs["ids"], torch.float64)
+        rms = (out["out"].double() - exact).pow(2).mean(-1).sqrt() / exact.pow(2).mean(-1).sqrt()
+        got, budget = (float(rms.median()), float(rms.max())), FP8_CACHE_BUDGET[name]
+        ok = got[0] <= budget[0] and got[1] <= budget[1]
+        return ok, (f"vs the float cache: relative RMS per position median {got[0]:.3f}, worst {got[1]:.3f} "
+                    f"(budget {budget[0]}, {budget[1]})")
+
+    return check
+
+
+def fp8_cache_case(name: str, prompt: int, length: int) -> Case:
+    """Logits through the FP8 cache (a `prompt`-token prefill, then decode steps up to `length`)
+    against the cpu reference's through its own FP8 cache in float64, and within a budget of the
+    float cache's logits. The rows are rounded to BF16 then e4m3 on every backend, so a value at
+    a rounding boundary may land one step apart from the reference's; hence the FP8 tolerance."""
+    return Case("model_logits", f"{name}/fp8-cache/S{prompt}+{length - prompt}", _cached_logits(name, prompt, "fp8"),
+                _ids(name, length), Tolerance("fp8", diff=1e-5), quick=True, reference_inputs=_reference,
+                check=_within_budget_of_the_float_cache(name, prompt), distributed=True,
+                prepare=lambda: checkpoint(name))
+
+
+PARITY = [logits_case(name, length, quick=True) for name, length in (("tiny-v4", 37), ("tiny-v32", 21))] + [
+    fp8_cache_case(name, 11, 24) for name in ("tiny-v4-fp8", "tiny-v32-fp8")]
 
 
 def _prefill(tokens: int):
@@ -186,59 +248,77 @@ def _prefill(tokens: int):
     return make
 
 
-def decode(context: int, compiled: bool = False, chunk: int = 1024):
-    """One decode step after a `context`-token prefill. compiled: ours is `StaticDecoder` (its
-    first call, in the warm-up, compiles), and our eager step is a peer too."""
+def _our_step(model, ids: torch.Tensor, kv_cache_dtype: str, compiled: bool, device: torch.device, chunk: int):
+    """(our decode step of ids' last token, the eager step) after a prefill of ids in `chunk`s into
+    a new cache of `kv_cache_dtype`; compiled: the step is `StaticDecoder`'s (its first call, in
+    the warm-up, compiles; uncompiled on meta), with room for every timed call."""
+    from v4hal.model.static import StaticDecoder
+
+    cache = model.new_cache(kv_cache_dtype)
+    with torch.no_grad():
+        for i in range(0, ids.shape[1], chunk):
+            model(ids[:, i:i + chunk], cache=cache, last_only=True)
+    step = ids[:, -1:]
+
+    def run_eager():
+        with torch.no_grad():
+            return model(step, cache=cache)
+
+    if not compiled:
+        return run_eager, run_eager
+    decoder = StaticDecoder(model, cache, capacity=ids.shape[1] + 2048, compile=device.type != "meta")
+    return (lambda: decoder(step)), run_eager
+
+
+def decode(context: int, compiled: bool = False, chunk: int = 1024, kv_cache_dtype: str = "auto"):
+    """One decode step after a `context`-token prefill, against transformers' (compiled: ours is
+    `StaticDecoder`'s, and our eager step is a peer too). kv_cache_dtype "fp8": bench-v4 at
+    DeepSeek's attention widths (what the FP8 layouts hold) with the FP8 cache, against the same
+    model's step with the float cache (transformers is not run)."""
     def make(device: torch.device, distributed: Distributed | None = None):
         from transformers import DynamicCache
 
-        from v4hal.model.static import StaticDecoder
-
+        fp8 = kv_cache_dtype == "fp8"
+        ours = model_for("bench-v4-fp8" if fp8 else "bench-v4", device=str(device), distributed=distributed)
+        ids = torch.randint(0, BENCH_V4.vocab_size, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
+        run, run_eager = _our_step(ours, ids, kv_cache_dtype, compiled, device, chunk)
         # The Ascend dry run builds cases on the meta device and never runs peers; transformers'
         # float32 grouped-GEMM experts have no meta kernel, so its cache is not filled there.
-        with_peer = device.type != "meta"
-        ours = model_for("bench-v4", device=str(device), distributed=distributed)
-        hf = hf_for("bench-v4", str(device)) if with_peer else None
-        ids = torch.randint(0, BENCH_V4.vocab_size, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
-        cache = ours.new_cache()
-        pkv = DynamicCache(config=hf.config) if with_peer else None
+        if device.type == "meta":
+            return run, {}
+        peers = {"v4hal eager": run_eager} if compiled else {}
+        if fp8:
+            peers["v4hal float cache"] = _our_step(ours, ids, "auto", compiled, device, chunk)[0]
+            return run, peers
+        hf, step = hf_for("bench-v4", str(device)), ids[:, -1:]
+        pkv = DynamicCache(config=hf.config)
         with torch.no_grad():
             for i in range(0, context, chunk):  # chunked prefill keeps transformers' masks small
-                ours(ids[:, i:i + chunk], cache=cache, last_only=True)
-                if with_peer:
-                    hf(ids[:, i:i + chunk], past_key_values=pkv, use_cache=True, logits_to_keep=1)
-        step = ids[:, -1:]
-
-        def run_eager():
-            with torch.no_grad():
-                return ours(step, cache=cache)
+                hf(ids[:, i:i + chunk], past_key_values=pkv, use_cache=True, logits_to_keep=1)
 
         def run_hf():
             with torch.no_grad():
                 return hf(step, past_key_values=pkv, use_cache=True).logits
 
-        peers = {"transformers eager": run_hf} if with_peer else {}
-        if not compiled:
-            return run_eager, peers
-        # Room for every timed call (warm-up, repeats, and the peers' turns do not decode here).
-        decoder = StaticDecoder(ours, cache, capacity=context + 2048, compile=device.type != "meta")
-        if with_peer:
-            peers["v4hal eager"] = run_eager
-        return (lambda: decoder(step)), peers
+        return run, {"transformers eager": run_hf, **peers}
 
     return make
 
 
-def _bench_v4(op: str, name: str, make, quick: bool = False) -> SpeedCase:
-    return SpeedCase(op, f"bench-v4/{name}", make, quick=quick, distributed=True, prepare=lambda: checkpoint("bench-v4"))
+def _model_case(op: str, config: str, name: str, make, quick: bool = False) -> SpeedCase:
+    return SpeedCase(op, f"{config}/{name}", make, quick=quick, distributed=True, prepare=lambda: checkpoint(config))
 
 
 SPEED = [
-    _bench_v4("model_prefill", "4k", _prefill(4096)),
-    _bench_v4("model_decode", "16k-context", decode(16384)),
-    _bench_v4("model_decode", "16k-context/compiled", decode(16384, compiled=True)),
+    _model_case("model_prefill", "bench-v4", "4k", _prefill(4096)),
+    _model_case("model_decode", "bench-v4", "16k-context", decode(16384)),
+    _model_case("model_decode", "bench-v4", "16k-context/compiled", decode(16384, compiled=True)),
     # Near the config's 64k position limit: where attending only the selected entries pays off.
-    _bench_v4("model_decode", "60k-context", decode(61440)),
-    _bench_v4("model_decode", "60k-context/compiled", decode(61440, compiled=True)),
-    _bench_v4("model_prefill", "256", _prefill(256), quick=True),
+    _model_case("model_decode", "bench-v4", "60k-context", decode(61440)),
+    _model_case("model_decode", "bench-v4", "60k-context/compiled", decode(61440, compiled=True)),
+    # The FP8 KV cache (bench-v4 at DeepSeek's attention widths) against the float cache.
+    *[_model_case("model_decode", "bench-v4-fp8", f"{k}-context/fp8-cache{'/compiled' if compiled else ''}",
+                  decode(n, compiled=compiled, kv_cache_dtype="fp8"))
+      for k, n in (("16k", 16384), ("60k", 61440)) for compiled in (False, True)],
+    _model_case("model_prefill", "bench-v4", "256", _prefill(256), quick=True),
 ]

@@ -4,6 +4,7 @@
     python -m v4hal.bench.kv_fp8 accuracy            # tiny V4 and V3.2, 64 greedy steps
     python -m v4hal.bench.kv_fp8 bytes               # per token and per 1M tokens: plan and real caches
     python -m v4hal.bench.kv_fp8 speed --context 16384 60000
+    python -m v4hal.bench.kv_fp8 speed --compiled --synthetic --context 61440   # random rows, no prefill
 
 The FP8 layouts are DeepSeek's, at the real attention widths (V4: head_dim 512 with 64 RoPE,
 V3.2: kv_lora 512 with 64 RoPE, indexer keys 128): the models here keep every other size small.
@@ -12,24 +13,20 @@ V3.2: kv_lora 512 with 64 RoPE, indexer keys 128): the models here keep every ot
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from functools import partial
 
 import torch
 
-from v4hal.bench.cases_model import BENCH_V4, TINY_V32
+from v4hal import ops
+from v4hal.bench.cases_model import BENCH_V4_FP8, TINY_V4_FP8, TINY_V32_FP8
+from v4hal.model.cache_fp8 import FP8Rows
 from v4hal.model.config import ModelArgs, preset
 from v4hal.model.engram import random_token_map
 from v4hal.model.generate import generate
 from v4hal.model.model import build
 
-REAL_WIDTHS_V4 = dict(head_dim=512, qk_rope_head_dim=64, index_head_dim=128)
-TINY_V4_FP8 = preset("tiny").replace(**REAL_WIDTHS_V4)
-TINY_V32_FP8 = dataclasses.replace(TINY_V32, kv_lora_rank=512, qk_rope_head_dim=64, index_head_dim=128)
-# bench-v4 (bench/cases_model.py) at DeepSeek's attention widths, so its cache can be FP8.
-BENCH_V4_FP8 = BENCH_V4.replace(**REAL_WIDTHS_V4)
 ACCURACY_MODELS = {"tiny-v4": TINY_V4_FP8, "tiny-v32": TINY_V32_FP8}
 
 
@@ -106,22 +103,79 @@ def cache_bytes(context: int, dtype: torch.dtype = torch.float32) -> dict:
     return out
 
 
-def speed(context: int, repeats: int, compiled: bool, dtype: torch.dtype = torch.float32) -> dict:
+def speed(context: int, repeats: int, compiled: bool, dtype: torch.dtype = torch.float32,
+          synthetic: bool = False) -> dict:
     """Median seconds of one decode step of bench-v4 at real widths after a `context`-token
-    prefill, the compute-dtype cache and the FP8 cache taking turns (`speed.interleaved`)."""
+    prefill, the compute-dtype cache and the FP8 cache taking turns (`speed.interleaved`): wall
+    time, and the process's CPU time ("cpu_*": on a machine shared with other work, the time
+    this process computed, whatever the scheduler gave the others). synthetic (compiled only):
+    no long prefill; `_synthetic_decoder` fills the caches with random rows instead."""
     from v4hal.bench.speed import _stats, interleaved
     from v4hal.model.static import StaticDecoder
 
-    steps = {}
+    if synthetic and not compiled:
+        raise ValueError("kv_fp8 speed: --synthetic fills the static decoder's caches; it needs --compiled")
+    steps, cpu = {}, {}
     for kind in ("auto", "fp8"):
-        model, cache, step = _prefilled(BENCH_V4_FP8, kind, context, dtype)
+        capacity = context + repeats + 8
+        if synthetic:
+            decoder, step = _synthetic_decoder(kind, context, capacity, dtype)
+        elif compiled:
+            model, cache, step = _prefilled(BENCH_V4_FP8, kind, context, dtype)
+            decoder = StaticDecoder(model, cache, capacity=capacity)
         if compiled:
-            decoder = StaticDecoder(model, cache, capacity=context + repeats + 8)
             decoder(step)  # compiles
-            steps[kind] = partial(decoder, step)
+            fn = partial(decoder, step)
         else:
-            steps[kind] = partial(torch.inference_mode()(model), step, cache=cache)
-    return {k: _stats(v) for k, v in interleaved(steps, repeats).items()}
+            model, cache, step = _prefilled(BENCH_V4_FP8, kind, context, dtype)
+            fn = partial(torch.inference_mode()(model), step, cache=cache)
+        steps[kind], cpu[kind] = _cpu_timed(fn)
+    walls = interleaved(steps, repeats)
+    return {k: {**_stats(walls[k]), **{f"cpu_{n}": v for n, v in _stats(cpu[k][1:]).items()}} for k in steps}
+
+
+def _synthetic_decoder(kind: str, context: int, capacity: int, dtype: torch.dtype, prompt: int = 1024):
+    """A `StaticDecoder` as if `context` tokens had been prefilled, without the prefill: a real
+    `prompt`-token prefill, then every compressed-entry and indexer-key slot up to `context`
+    filled with standard normal rows (the rows are RMS-normed, weight 1, before RoPE: unit scale)
+    and the length set to `context`. The compiled step's work is set by the buffers' sizes, not
+    by the values; the logits are not a real model's at that context."""
+    from v4hal.model.static import StaticDecoder
+
+    model, cache, step = _prefilled(BENCH_V4_FP8, kind, prompt, dtype)
+    decoder = StaticDecoder(model, cache, capacity=capacity)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for attn, layer in zip((m.self_attn for m in model.model.layers), decoder.cache.layers):
+            if layer.entries:
+                closed = context // attn.c.ratio  # entries `context` tokens have closed
+                for store in (layer.rows, layer.index_keys):
+                    if store is not None:
+                        _fill(store, closed, g, dtype)
+    decoder.cache.length = context
+    return decoder, step
+def _fill(store, rows: int, g: torch.Generator, dtype: torch.dtype, chunk: int = 4096) -> None:
+    """Standard normal rows into entry slots [0, rows) of a static cache's buffer `[B, T, D]`,
+    or of an `FP8Rows` (quantized, after its ring)."""
+    if isinstance(store, FP8Rows):
+        b, width = store.table.shape[0], ops.KV_LAYOUTS[store.layout].dim
+        for i in range(0, rows, chunk):
+            n = min(chunk, rows - i)
+            positions = store.after_ring(torch.arange(i, i + n)).expand(b, n)
+            store.write(positions, torch.randn(b, n, width, generator=g, dtype=dtype))
+    else:
+        store[:, :rows] = torch.randn(store.shape[0], rows, store.shape[2], generator=g, dtype=dtype)
+
+
+def _cpu_timed(fn):
+    """(fn that also appends its process CPU seconds per call to a list, that list)."""
+    samples = []
+
+    def run():
+        start = time.process_time()
+        fn()
+        samples.append(time.process_time() - start)
+    return run, samples
 
 
 def main() -> None:
@@ -131,6 +185,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--compiled", action="store_true", help="speed: StaticDecoder steps (each compiles first)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--synthetic", action="store_true",
+                   help="speed --compiled: random cache rows instead of a long prefill (_synthetic_decoder)")
     ns = p.parse_args()
     dtype = getattr(torch, ns.dtype)
     t0 = time.perf_counter()
@@ -142,11 +198,13 @@ def main() -> None:
             print(f"{row}: {v['per_token']:.1f} B/token, {v['per_1m'] / 2**30:.3f} GiB per 1M tokens", flush=True)
     else:
         for context in ns.context:
-            r = speed(context, ns.repeats, ns.compiled, dtype)
-            print(f"context {context} ({'compiled' if ns.compiled else 'eager'}, {ns.dtype}): " +
+            r = speed(context, ns.repeats, ns.compiled, dtype, ns.synthetic)
+            how = ("compiled" if ns.compiled else "eager") + (", synthetic cache" if ns.synthetic else "")
+            print(f"context {context} ({how}, {ns.dtype}): " +
                   ", ".join(f"{k} {v['median_s'] * 1e3:.2f} ms (p10-p90 {v['p10_s'] * 1e3:.2f}-"
-                            f"{v['p90_s'] * 1e3:.2f})" for k, v in r.items()) +
-                  f"; fp8 / auto = {r['fp8']['median_s'] / r['auto']['median_s']:.2f}", flush=True)
+                            f"{v['p90_s'] * 1e3:.2f}; cpu {v['cpu_median_s'] * 1e3:.2f} ms)" for k, v in r.items()) +
+                  f"; fp8 / auto = {r['fp8']['median_s'] / r['auto']['median_s']:.2f} wall, "
+                  f"{r['fp8']['cpu_median_s'] / r['auto']['cpu_median_s']:.2f} cpu", flush=True)
     print(f"({time.perf_counter() - t0:.0f} s)")
 
 

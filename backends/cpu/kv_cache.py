@@ -1,7 +1,8 @@
 """Reference FP8 KV cache (layouts: v4hal/ops/kv_cache.py): one token record of `token_bytes`
 bytes per row (nope e4m3 | rope BF16 | scales for v4, nope | scales | rope for v3.2, each
-layout's physical order), moved to and from the cache as rows of the views its parts occupy
-(`regions`). Attention dequantizes the whole cache, then runs the reference `sparse_attention`."""
+layout's physical order), read as rows of the views its parts occupy (`regions`), written by one
+byte-indexed `index_put_` on the cache itself (`_record_places`). Attention dequantizes the whole
+cache, then runs the reference `sparse_attention`."""
 
 import torch
 
@@ -23,7 +24,7 @@ def regions(cache, lay):
     """Views `[blocks, block_size, width]` of the cache's bytes whose rows, side by side, are the
     token records: the whole record (v3.2), or the e4m3 + rope rows, then the scale records (v4,
     each block holding all its rows before its scales). A token's part is one contiguous row of
-    a view, so records move by row gathers and row writes, not per byte."""
+    a view, so records are read by row gathers, not per byte."""
     data = cache.view(torch.uint8)
     if not lay.split:
         return [data]
@@ -101,10 +102,24 @@ def kv_cache_fp8_write(cache, kv, slots, lay):
     fill = torch.where(any_kept.unsqueeze(-1), records.index_select(0, first), _records(cache, lay, fill_slot))
     slots = torch.where(keep, slots, fill_slot)
     records = torch.where(keep.unsqueeze(-1), records, fill)
-    block, offset, start = slots // bs, slots % bs, 0
-    for view in regions(cache, lay):
-        view[block, offset] = records[:, start:start + view.shape[2]]
-        start += view.shape[2]
+    # One index_put_ on the cache itself, byte by byte: a write through views of it (`regions`)
+    # is, in a compiled graph, a copy of the whole cache per write (functionalization rebuilds
+    # the viewed base; inductor cannot do it in place), which made compiled FP8 decode O(cache).
+    block, place = slots // bs, _record_places(lay, slots % bs, bs)
+    cache.index_put_((block.unsqueeze(-1), place // lay.token_bytes, place % lay.token_bytes),
+                     records.view(cache.dtype))
+
+
+def _record_places(lay, offset, block_size):
+    """Byte positions `[M, token_bytes]` inside their block (of block_size * token_bytes bytes)
+    of the records of the tokens at `offset` `[M]` in their blocks, in record order: one run
+    (v3.2), or the e4m3 + rope row, then the scale record after the block's rows (v4, index)."""
+    j = torch.arange(lay.token_bytes, device=offset.device)
+    at = offset.unsqueeze(-1)
+    if not lay.split:
+        return at * lay.token_bytes + j
+    scales = block_size * lay.row_bytes + at * lay.scale_record + (j - lay.row_bytes)
+    return torch.where(j < lay.row_bytes, at * lay.row_bytes + j, scales)
 
 
 def kv_cache_fp8_read(cache, slots, lay):
