@@ -222,6 +222,21 @@ def convert_rows(decode: str, encode: str, q: torch.Tensor, scale: torch.Tensor 
     return encode_rows(encode, x, extra, out if encode == "int8" else None)
 
 
+def float_scale(scale: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+    """A source scale as the decodes read it: `float8_e8m0fnu` (V4 ships its ue8m0 block scales
+    so) becomes float32 exactly, 2**(byte - 127), which the quant contracts and the fast FP8 paths
+    take; byte 0xFF, e8m0's NaN, is refused naming the tensor (it would poison its whole block).
+    Other dtypes pass unchanged (the contracts check them)."""
+    if scale.dtype != torch.float8_e8m0fnu:
+        return scale
+    nan = scale.view(torch.uint8) == 0xFF
+    if bool(nan.any()):
+        first = [int(i) for i in nan.nonzero()[0]]
+        raise CheckpointError(info.file, f"{int(nan.sum())} scale(s) hold e8m0 byte 0xFF (NaN), first at {first}: "
+                                         f"expected powers of two (bytes 0-254)", info.name)
+    return scale.float()  # exact: every byte 0-254 is a float32 power of two (byte 0 a subnormal)
+
+
 def _block_rows(scale: torch.Tensor, row0: int, rows: int) -> torch.Tensor:
     """The rows of a 128x128 block scale that rows [row0, row0 + rows) use."""
     b = quant.WEIGHT_BLOCK[0]

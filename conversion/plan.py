@@ -210,7 +210,7 @@ def run_job(job: Job, src: Source, reader, emit, buffer=None) -> None:
         if job.scale:  # a kept scale travels as is
             emit(1, 0, reader.companion(src.tensors[job.scale]))
         return
-    scale = reader.companion(src.tensors[job.scale]) if job.scale else None
+    scale = formats.float_scale(reader.companion(src.tensors[job.scale]), src.tensors[job.scale]) if job.scale else None
     sides: list[list[torch.Tensor]] = [[] for _ in job.outputs[1:]]
     dtype = job.outputs[0].dtype
     placed = buffer is not None and job.encode in ("bf16", "int8")

@@ -126,7 +126,8 @@ def compare(src: Source, out: Source, t: dict) -> list[str]:
                 for name, sname in zip(names, [t["source"], t["source_scale"]])
                 if not torch.equal(read_rows(out.tensors[name]).view(torch.uint8),
                                    read_rows(src.tensors[sname]).view(torch.uint8))]
-    scale = read_rows(src.tensors[t["source_scale"]]) if t["source_scale"] else None
+    sinfo = src.tensors[t["source_scale"]] if t["source_scale"] else None
+    scale = formats.float_scale(read_rows(sinfo), sinfo) if sinfo else None
     rows = main.shape[0]
     step = max(128, CHUNK_BYTES // (4 * math.prod(main.shape[1:]) or 1) // 128 * 128)
     for r0 in range(0, rows, step):
