@@ -4,7 +4,7 @@ emulator whose one op is called (or read) the way a wrong backend would."""
 
 import importlib
 
-FAMILIES = ("attention", "moe", "quant", "basic", "mhc")  # each did `from v4hal.backends.ascend import npu`
+FAMILIES = ("attention", "moe", "quant", "basic", "mhc", "kv_cache")  # each did `from v4hal.backends.ascend import npu`
 
 
 class Flipped:
