@@ -1,6 +1,7 @@
 """Parity cases for the FP8 KV cache family (ops/kv_cache.py): writing (bytes compared exactly:
 every backend rounds the same BF16 values), reading (dequantized values, exact), sparse
-attention over the cache, paged with a ragged block table, in V4's and V3.2's layouts, and the
+attention over the cache, paged with a ragged block table, in V4's and V3.2's layouts and the int8
+layout (plus the call Ascend's int8-KV kernel takes), and the
 indexer's scores over FP8 keys (the "index" layout)."""
 
 from __future__ import annotations
@@ -56,6 +57,15 @@ def _attention_case(name, v_dim, s, h, k):
                 quick=True)
 
 
+def _int8_kernel_inputs(g):
+    """What Ascend's int8-KV kernel takes (bf16 q, no sink, no LSE, blocks of 16): the call V3.2's
+    attention makes with `kv_cache_dtype="int8"`."""
+    table = torch.tensor([[2, 0], [1, 2]], dtype=torch.int32)
+    idx = torch.stack([torch.randint(-1, n, (2, 8), generator=g) for n in (32, 20)]).to(torch.int32)
+    return dict(q=randn(g, 2, 2, 4, 576, dtype=torch.bfloat16), cache=_filled(g, "int8", 3, 16), indices=idx,
+                scale=576 ** -0.5, layout="int8", block_table=table, v_dim=512)
+
+
 def _indexer_inputs(g):
     block_size, table = 4, torch.tensor([[2, 0], [1, 3]], dtype=torch.int32)
     return dict(q=randn(g, 2, 3, 4, 128, dtype=torch.bfloat16), cache=_filled(g, "index", 4, block_size),
@@ -69,6 +79,13 @@ PARITY = [
     Case("kv_cache_fp8_read", "small/v3.2", ops.kv_cache_fp8_read, _read_inputs("v3.2"), EXACT, quick=True),
     _attention_case("v4", None, 3, 4, 8),
     _attention_case("v3.2", 512, 1, 4, 8),
+    Case("kv_cache_fp8_write", "small/int8", ops.kv_cache_fp8_write, _write_inputs("int8", 2, 16, 5), EXACT, quick=True),
+    Case("kv_cache_fp8_read", "small/int8", ops.kv_cache_fp8_read, _read_inputs("int8"), EXACT, quick=True),
+    _attention_case("int8", 512, 2, 4, 8),
+    # Ascend's kernel rounds the dequantized latents to bf16 (its cube's inputs), so its output is
+    # judged by DeepGEMM's diff (measured 3.3e-6 on the emulator, cpu_fast's bf16 1.4e-6), not per element.
+    Case("sparse_attention_fp8kv", "small/int8-kernel", ops.sparse_attention_fp8kv, _int8_kernel_inputs,
+         Tolerance("fp8", diff=5e-5), quick=True),
     Case("indexer_scores_fp8kv", "small/paged", ops.indexer_scores_fp8kv, _indexer_inputs,
          Tolerance.for_dtype(torch.bfloat16, 128 * 4), quick=True),
 ]

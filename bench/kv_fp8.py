@@ -32,25 +32,26 @@ ACCURACY_MODELS = {"tiny-v4": TINY_V4_FP8, "tiny-v32": TINY_V32_FP8}
 
 @torch.inference_mode()
 def accuracy(args: ModelArgs, steps: int = 64, prompt: int = 16, batch: int = 2, seed: int = 0,
-             dtype: torch.dtype = torch.bfloat16) -> dict:
+             dtype: torch.dtype = torch.bfloat16, kind: str = "fp8") -> dict:
     """Greedy decode of `steps` tokens with the BF16 cache and with the FP8 cache (random weights,
     `seed`): how many generated tokens agree (and the first step that differs), and the logits of
     the FP8-cache model fed the BF16 run's tokens (teacher forcing, so every step compares the
     same context) against the BF16 run's: the worst step's max |diff| over the logits' max |value|
-    and its relative RMS, and the share of steps whose argmax agrees."""
+    and its relative RMS, and the share of steps whose argmax agrees. kind: the quantized cache
+    ("fp8", or "int8" for V3.2 / V3); the result's keys say fp8 for either."""
     model = build(args, dtype=dtype).init_random(seed)
     if args.is_v41:  # random weights: a random Engram token map
         model.set_engram_token_map(random_token_map(args, seed))
     g = torch.Generator().manual_seed(seed + 1)
     prompts = torch.randint(0, args.vocab_size, (batch, prompt), generator=g).tolist()
     runs = {}
-    for kind in ("auto", "fp8"):
-        model.kv_cache_dtype = kind
-        runs[kind] = generate(model, prompts, steps, keep_logits=True)
+    for run in ("auto", kind):
+        model.kv_cache_dtype = run
+        runs["fp8" if run == kind else run] = generate(model, prompts, steps, keep_logits=True)
     ref_tokens = torch.tensor(runs["auto"].tokens)
     fp8_tokens = torch.tensor(runs["fp8"].tokens)
     differs = (ref_tokens != fp8_tokens).any(0).nonzero()
-    forced = _teacher_forced(model, prompts, ref_tokens)                      # [B, steps, vocab]
+    forced = _teacher_forced(model, prompts, ref_tokens, kind)                # [B, steps, vocab]
     ref = torch.stack(runs["auto"].logits)                                    # [B, steps, vocab]
     diff = (forced - ref).abs()
     scale = ref.abs().amax(-1)
@@ -64,9 +65,9 @@ def accuracy(args: ModelArgs, steps: int = 64, prompt: int = 16, batch: int = 2,
             "cache_bytes": {k: r.cache_bytes for k, r in runs.items()}}
 
 
-def _teacher_forced(model, prompts: list[list[int]], tokens: torch.Tensor) -> torch.Tensor:
-    """Logits `[B, steps, vocab]` of the FP8-cache model after each prompt + tokens[:, :i]."""
-    model.kv_cache_dtype = "fp8"
+def _teacher_forced(model, prompts: list[list[int]], tokens: torch.Tensor, kind: str = "fp8") -> torch.Tensor:
+    """Logits `[B, steps, vocab]` of the `kind`-cache model after each prompt + tokens[:, :i]."""
+    model.kv_cache_dtype = kind
     cache = model.new_cache()
     out = [model(torch.tensor(prompts), cache=cache, last_only=True)[:, -1]]
     for i in range(tokens.shape[1] - 1):

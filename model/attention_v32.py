@@ -15,6 +15,7 @@ from v4hal.model.attention import _check_call, _check_static_call, _chunked, _ge
 from v4hal.model.collectives import SOLO, Collectives
 from v4hal.model.cache import StaticV32Cache, V32Cache
 from v4hal.model.cache_fp8 import FP8Rows, check_dims, check_dtype
+from v4hal.model.cache_int8 import int8_latents
 from v4hal.model.layers import LayerNorm, Linear, RMSNorm
 from v4hal.model.rope import Rope, softmax_scale
 
@@ -68,6 +69,17 @@ def _rope_head(x, cos, sin, rope_dim):
     return torch.cat([ops.apply_rope(x[..., :rope_dim], cos, sin, interleaved=False), x[..., rope_dim:]], dim=-1)
 
 
+def _fixed(rows, batch: int, capacity: int, width: int, like: torch.Tensor):
+    """Rows moved into a fixed-size store for `capacity` tokens: an FP8Rows gets blocks for them
+    (the same positions), compute-dtype rows a zeroed `[B, capacity, width]` buffer."""
+    if isinstance(rows, FP8Rows):
+        return rows.fixed(batch, capacity, like.device)
+    out = like.new_zeros(batch, capacity, width)
+    if len(rows):
+        out[:, :len(rows)] = rows.tensor
+    return out
+
+
 def _put(rows, positions: torch.Tensor, new: torch.Tensor) -> None:
     """Static decode: `new` `[B, 1, D]` into row positions[0] of a buffer or an FP8Rows."""
     if isinstance(rows, FP8Rows):
@@ -98,9 +110,12 @@ class V32Attention(nn.Module):
 
     def new_cache(self, kv_cache_dtype: str = "auto") -> V32Cache:
         """kv_cache_dtype "fp8": latents in DeepSeek's V3.2 FP8 layout, indexer keys in its FP8 key
-        layout (`model.cache_fp8`); "auto": the compute dtype."""
+        layout (`model.cache_fp8`); "int8": latents in the int8 layout (Ascend's int8-KV kernel
+        reads it), indexer keys in the compute dtype; "auto": the compute dtype."""
         cache = V32Cache()
-        if check_dtype(kv_cache_dtype):
+        if kv_cache_dtype == "int8":
+            cache.latent = int8_latents(self.c)
+        elif check_dtype(kv_cache_dtype):
             c = self.c
             check_dims("V32Attention", "v3.2", kv_lora_rank=("nope", c.kv_lora),
                        qk_rope_head_dim=("rope", c.rope_dim))
@@ -113,16 +128,8 @@ class V32Attention(nn.Module):
     def static_cache(self, cache: V32Cache, batch: int, capacity: int, like: torch.Tensor) -> StaticV32Cache:
         """`cache` moved into fixed-size buffers holding up to `capacity` tokens (see V4Attention)."""
         c = self.c
-        if isinstance(cache.latent, FP8Rows):  # the same positions, more blocks
-            keys = cache.index_keys.fixed(batch, capacity, like.device) if self.indexer is not None else None
-            return StaticV32Cache(cache.latent.fixed(batch, capacity, like.device), keys)
-        out = StaticV32Cache(like.new_zeros(batch, capacity, c.kv_lora + c.rope_dim),
-                             like.new_zeros(batch, capacity, c.index_dim) if self.indexer is not None else None)
-        if len(cache.latent):
-            out.latent[:, :len(cache.latent)] = cache.latent.tensor
-        if out.index_keys is not None and len(cache.index_keys):
-            out.index_keys[:, :len(cache.index_keys)] = cache.index_keys.tensor
-        return out
+        keys = _fixed(cache.index_keys, batch, capacity, c.index_dim, like) if self.indexer is not None else None
+        return StaticV32Cache(_fixed(cache.latent, batch, capacity, c.kv_lora + c.rope_dim, like), keys)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: V32Cache | None = None) -> torch.Tensor:
         cache = cache if cache is not None else V32Cache()

@@ -37,8 +37,9 @@ def check_dims(layer: str, layout: str, **fields: tuple[str, int]) -> None:
     want = {"nope": lay.nope, "rope": lay.rope, "dim": lay.dim}
     bad = [f"{name} {got} (expected {want[part]})" for name, (part, got) in fields.items() if got != want[part]]
     if bad:
-        raise ValueError(f"{layer}: kv_cache_dtype='fp8' stores rows in DeepSeek's {layout!r} FP8 layout "
-                         f"({lay.nope} e4m3 + {lay.rope} BF16 RoPE values), got " + ", ".join(bad))
+        kind, owner = ("int8", "the") if lay.codes == "int8" else ("fp8", "DeepSeek's")
+        raise ValueError(f"{layer}: kv_cache_dtype={kind!r} stores rows in {owner} {layout!r} {kind.upper()} layout "
+                         f"({lay.nope} {lay.codes} + {lay.rope} BF16 RoPE values), got " + ", ".join(bad))
 
 
 class FP8Rows:

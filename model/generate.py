@@ -155,9 +155,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engram-token-map", metavar="FILE",
                    help="V4.1: the Engram compressed token map (a tokenizer.json or an engram_token_map.json); "
                         "default: --weights' tokenizer.json, else its engram_token_map.json")
-    p.add_argument("--kv-cache-dtype", choices=["bf16", "fp8"], default="bf16",
+    p.add_argument("--kv-cache-dtype", choices=["bf16", "fp8", "int8"], default="bf16",
                    help="bf16: the cache in the compute dtype (--dtype); fp8: DeepSeek's FP8 layouts "
-                        "(V4: 584 B per row, V3.2: 656 B, indexer keys 132 B; needs the real models' widths)")
+                        "(V4: 584 B per row, V3.2: 656 B, indexer keys 132 B; needs the real models' widths); "
+                        "int8 (V3.2 / V3): latents as 512 int8 + 64 BF16 RoPE + 4 float32 scales, 656 B, "
+                        "what Ascend's int8-KV attention kernel reads; indexer keys in the compute dtype")
 
 
 def _probability(text: str) -> float:
@@ -250,7 +252,7 @@ def _run(ns, args, prompts, tokenizer, layout, placement: Placement | None, dtyp
     device = placement.device if placement else "cpu"
     try:
         model = build(args, dtype, device, layout=layout, timeout_s=ns.dist_timeout,
-                      kv_cache_dtype="fp8" if ns.kv_cache_dtype == "fp8" else "auto")
+                      kv_cache_dtype="auto" if ns.kv_cache_dtype == "bf16" else ns.kv_cache_dtype)
     except ValueError as exc:  # LayoutError; an FP8 cache at widths its layouts lack
         return error("generate", str(exc))
     if ns.weights:

@@ -175,8 +175,9 @@ class DeepseekForCausalLM(nn.Module):
                 b.data = b.data.float()
 
     def new_cache(self, kv_cache_dtype: str | None = None) -> ModelCache:
-        """kv_cache_dtype: "auto" (rows in the compute dtype) or "fp8" (DeepSeek's FP8 layouts,
-        `model.cache_fp8`); None: the model's `kv_cache_dtype`."""
+        """kv_cache_dtype: "auto" (rows in the compute dtype), "fp8" (DeepSeek's FP8 layouts,
+        `model.cache_fp8`) or "int8" (V3.2 / V3's latents in the int8 layout, `model.cache_int8`);
+        None: the model's `kv_cache_dtype`."""
         kind = self.kv_cache_dtype if kv_cache_dtype is None else kv_cache_dtype
         cache = ModelCache([layer.self_attn.new_cache(kind) for layer in self.model.layers])
         if self.args.is_v41:

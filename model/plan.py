@@ -64,10 +64,11 @@ def weight_bytes(args: ModelArgs, lay: Layout, weights: str = "auto") -> dict[st
 def kv_row_bytes(args: ModelArgs, dim: int, rope: int, kv: str) -> int:
     """Cache bytes of one KV row of `dim` values, the last `rope` of them RoPE. fp8 is DeepSeek's
     sparse-FP8 layout (ops/kv_cache.py: V4 584 bytes for 448 + 64, V3.2 656 for 512 + 64); other
-    dims (tiny models) take the same per-value rule without FlashMLA's padding."""
+    dims (tiny models) take the same per-value rule without FlashMLA's padding. int8 (V3.2 / V3
+    latents): the int8 layout, 656 bytes for 512 + 64 (int8 codes, BF16 RoPE, float32 scales)."""
     if kv == "bf16":
         return dim * 2
-    lay = KV_LAYOUTS["v4" if args.is_v4 else "v3.2"]
+    lay = KV_LAYOUTS["int8" if kv == "int8" else "v4" if args.is_v4 else "v3.2"]
     nope = dim - rope
     if (nope, rope) == (lay.nope, lay.rope):
         return lay.token_bytes
@@ -76,15 +77,18 @@ def kv_row_bytes(args: ModelArgs, dim: int, rope: int, kv: str) -> int:
 
 def index_key_bytes(args: ModelArgs, kv: str) -> float:
     """Indexer key bytes per entry: fp8 is e4m3 with one float32 scale per 128 values (the
-    indexer's FP8 cache in DeepSeek's inference code)."""
+    indexer's FP8 cache in DeepSeek's inference code); with the int8 cache they stay in BF16."""
     d = args.index_head_dim
-    return d * 2 if kv == "bf16" else d + 4 * -(-d // 128)
+    return d * 2 if kv in ("bf16", "int8") else d + 4 * -(-d // 128)
 
 
 def kv_bytes_per_sequence(args: ModelArgs, context: int, kv: str = "bf16") -> dict[str, float]:
-    """Cache bytes one sequence of `context` tokens holds, over all layers (kv: bf16 or fp8)."""
-    if kv not in ("bf16", "fp8"):
-        raise ValueError(f"kv cache dtype must be bf16 or fp8, got {kv!r}")
+    """Cache bytes one sequence of `context` tokens holds, over all layers (kv: bf16, fp8, or
+    int8 for V3.2 / V3)."""
+    if kv not in ("bf16", "fp8", "int8"):
+        raise ValueError(f"kv cache dtype must be bf16, fp8 or int8, got {kv!r}")
+    if kv == "int8" and args.is_v4:
+        raise ValueError("kv cache dtype int8 is for V3.2 / V3 (MLA latents) only; V4 takes bf16 or fp8")
     out = {"sliding window": 0.0, "compressed": 0.0, "indexer keys": 0.0, "compressor state": 0.0, "latent (MLA)": 0.0}
     for i in range(args.num_hidden_layers):
         if args.is_v4:
@@ -225,8 +229,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{flag}", type=at_least(1), default=1)
     p.add_argument("--weights", choices=["auto", "fp32", "bf16", "fp8", "int8", "fp4"], default="auto",
                    help="weight format (auto: the checkpoint's own)")
-    p.add_argument("--kv-cache-dtype", "--kv-dtype", dest="kv_dtype", choices=["bf16", "fp8"], default="bf16",
-                   help="cache format: bf16, or fp8 (DeepSeek's sparse-FP8 layout, ops/kv_cache.py)")
+    p.add_argument("--kv-cache-dtype", "--kv-dtype", dest="kv_dtype", choices=["bf16", "fp8", "int8"], default="bf16",
+                   help="cache format: bf16, fp8 (DeepSeek's sparse-FP8 layout, ops/kv_cache.py), or int8 "
+                        "(V3.2 / V3 latents in the int8 layout Ascend's int8-KV kernel reads)")
 
 
 def main(ns: argparse.Namespace) -> int:

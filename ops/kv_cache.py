@@ -22,6 +22,15 @@ Layout "v3.2" (V32_FP8Sparse): D = 576 = 512 nope + 64 rope, tile 128 (4 scales)
 token, token t at `t * 656`: 512 e4m3 bytes, the 4 scales as little-endian float32 (powers of
 two), then the 128 rope bytes.
 
+Layout "int8" (V3.2's latent for Ascend's `npu_kv_quant_sparse_flash_attention`, torch-npu 2.13.0's
+docs: "int8的k_nope、query相同dtype的k_rope和float32的量化参数按D维度拼接得到", per tile of 128,
+combine mode): D = 576 = 512 nope + 64 rope, 656 bytes per token, token t at `t * 656`: 512 int8
+codes, the 128 rope bytes, then the 4 float32 scales. Not DeepSeek's: an int8 cache of our own for
+chips without FP8 (A2 / A3). Each 128-value tile's scale is `amax / 127` in float32 (amax over the
+tile's BF16 values; `npu_dynamic_block_quant`'s documented per-block int8 quantization) and its
+codes `rint(value / scale)` (an all-zero tile: scale 0, codes 0); a value reads back as
+`code * scale`, within half a step (`scale / 2`).
+
 Layout "index" (the lightning indexer's keys, as DeepSeek's V3.2 inference caches them: e4m3
 values with one float32 power-of-two scale per 128, no RoPE part; the paged order of DeepGEMM's
 `fp8_paged_mqa_logits`): D = 128, 132 bytes per token, per block every token's 128 e4m3 bytes,
@@ -55,14 +64,16 @@ for _op in ("kv_cache_fp8_write", "kv_cache_fp8_read", "sparse_attention_fp8kv",
 
 FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 INDEX = (torch.int32, torch.int64)
-CACHE = (torch.uint8, torch.float8_e4m3fn)
+E4M3_CACHE = (torch.uint8, torch.float8_e4m3fn)
 
 
 @dataclass(frozen=True)
 class KVLayout:
     """One FP8 cache layout (see the module doc). scale_bytes: 1 (ue8m0) or 4 (float32);
     scale_pad: bytes after a token's scales; split: rows then scales per block (v4) instead of
-    one record per token (v3.2); block_align: FlashMLA's block allocation granule in bytes."""
+    one record per token (v3.2); block_align: FlashMLA's block allocation granule in bytes;
+    codes: "e4m3" (power-of-two scales) or "int8" (`amax / 127` scales); scales_last: a token
+    record is nope, rope, scales (int8) instead of nope, scales, rope (v3.2)."""
 
     name: str
     nope: int
@@ -72,6 +83,14 @@ class KVLayout:
     scale_pad: int
     split: bool
     block_align: int = 1
+    codes: str = "e4m3"
+    scales_last: bool = False
+
+    @property
+    def cache_dtypes(self) -> tuple[torch.dtype, ...]:
+        """What a cache of this layout may be: int8 for the int8 layout (the tensor Ascend's kernel
+        takes; the dtype tells it from v3.2's cache of the same width), uint8 / float8 bytes else."""
+        return (torch.int8,) if self.codes == "int8" else E4M3_CACHE
 
     @property
     def tiles(self) -> int:
@@ -98,6 +117,8 @@ class KVLayout:
 KV_LAYOUTS = {
     "v4": KVLayout("v4", nope=448, rope=64, tile=64, scale_bytes=1, scale_pad=1, split=True, block_align=576),
     "v3.2": KVLayout("v3.2", nope=512, rope=64, tile=128, scale_bytes=4, scale_pad=0, split=False),
+    "int8": KVLayout("int8", nope=512, rope=64, tile=128, scale_bytes=4, scale_pad=0, split=False, codes="int8",
+                     scales_last=True),
     "index": KVLayout("index", nope=128, rope=0, tile=128, scale_bytes=4, scale_pad=0, split=True),
 }
 
@@ -112,7 +133,7 @@ def _layout(op: str, layout: object) -> KVLayout:
 
 def kv_cache_fp8_empty(blocks: int, block_size: int, layout: str = "v4",
                        device: torch.device | str | None = None) -> torch.Tensor:
-    """A zeroed cache `[blocks, block_size, token_bytes]` uint8, each block allocated rounded up to
+    """A zeroed cache `[blocks, block_size, token_bytes]` uint8 (int8 for the int8 layout), each block allocated rounded up to
     the layout's granule as FlashMLA does (so the block stride may exceed block_size * token_bytes),
     on `device` (None: torch's current default device). A helper, not an op (nothing dispatched)."""
     op = "kv_cache_fp8_empty"
@@ -120,11 +141,12 @@ def kv_cache_fp8_empty(blocks: int, block_size: int, layout: str = "v4",
     blocks, block_size = _check.positive_int(op, "blocks", blocks), _check.positive_int(op, "block_size", block_size)
     used = block_size * lay.token_bytes
     stride = -(-used // lay.block_align) * lay.block_align
-    return torch.zeros(blocks, stride, dtype=torch.uint8, device=device)[:, :used].view(blocks, block_size, -1)
+    pool = torch.zeros(blocks, stride, dtype=lay.cache_dtypes[0], device=device)
+    return pool[:, :used].view(blocks, block_size, -1)
 
 
 def _cache(op: str, cache: torch.Tensor, lay: KVLayout) -> None:
-    _check.tensor(op, "cache", cache, dtypes=CACHE, ndim=3)
+    _check.tensor(op, "cache", cache, dtypes=lay.cache_dtypes, ndim=3)
     width = cache.shape[2]
     if width != lay.token_bytes:
         other = [n for n, o in KV_LAYOUTS.items() if o.token_bytes == width]
@@ -145,7 +167,7 @@ def _slots(op: str, arg: str, t: torch.Tensor, cache: torch.Tensor, values: _che
 def kv_cache_fp8_write(cache: torch.Tensor, kv: torch.Tensor, slots: torch.Tensor, layout: str = "v4") -> torch.Tensor:
     """Quantize KV rows and store them in `cache` in place (returns cache).
 
-    cache `[blocks, block_size, token_bytes]` uint8/float8_e4m3fn; kv `[..., D]` float (D =
+    cache `[blocks, block_size, token_bytes]` uint8/float8_e4m3fn (int8 for the int8 layout); kv `[..., D]` float (D =
     layout's nope + rope; taken as BF16); slots `[...]` int (kv's leading shape): where each row
     goes, -1 = drop the row. Two rows to one slot: one of them wins (unspecified which).
     """
@@ -166,7 +188,7 @@ def kv_cache_fp8_write(cache: torch.Tensor, kv: torch.Tensor, slots: torch.Tenso
 
 def kv_cache_fp8_read(cache: torch.Tensor, slots: torch.Tensor, layout: str = "v4") -> torch.Tensor:
     """Dequantize the rows at `slots` (any shape, -1 = none: a zero row). Returns
-    `[*slots.shape, D]` float32: e4m3 value times its power-of-two scale, then the BF16 rope."""
+    `[*slots.shape, D]` float32: each code (e4m3 or int8) times its tile's scale, then the BF16 rope."""
     op = "kv_cache_fp8_read"
     lay = _layout(op, layout)
     _cache(op, cache, lay)
@@ -216,7 +238,8 @@ def sparse_attention_fp8kv(q: torch.Tensor, cache: torch.Tensor, indices: torch.
     _check.same_device(op, q=q, cache=cache, indices=indices, block_table=block_table, sink=sink)
     values.decide()
     slots = indices if block_table is None else paged_slots(indices, block_table, cache.shape[1])
-    out, lse = dispatch(op)(q, cache, slots, float(scale), lay, sink, v_dim)
+    # need_lse: a backend may run a kernel that has no LSE output when none is asked for.
+    out, lse = dispatch(op)(q, cache, slots, float(scale), lay, sink, v_dim, need_lse=return_lse)
     return (out, lse) if return_lse else out
 
 

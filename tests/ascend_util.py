@@ -7,7 +7,7 @@ import importlib
 from v4hal.backends import ascend
 from v4hal.bench import parity
 
-FAMILIES = ("attention", "moe", "quant", "basic", "mhc")  # each did `from v4hal.backends.ascend import npu`
+FAMILIES = ("attention", "moe", "quant", "basic", "mhc", "kv_cache")  # each did `from v4hal.backends.ascend import npu`
 
 
 class Flipped:

@@ -169,6 +169,41 @@ def test_sparse_flash_attention(npu, mla, s1):
         close(smax[0, 0, i] + torch.log(ssum[0, 0, i]), lse)  # lse = softmax_max + log(softmax_sum)
 
 
+@on()
+@pytest.mark.parametrize("s1", [1, 3], ids=["decode", "prefill"])
+def test_kv_quant_sparse_flash_attention_int8_paged(npu, s1):
+    """The int8 KV cache (attention_mode 2, combine mode, per-tile scales): each key token is
+    512 int8 codes, 64 bf16 RoPE values and 4 float32 scales (one per 128 codes) concatenated
+    into 656 bytes; a code reads back as code * scale, rounded to bf16 (the cube's input: so does
+    vllm-ascend's reference of this kernel); positions go through the block table."""
+    b, h, blocks, bs, k = 2, 8, 3, 16, 10
+    g = torch.Generator().manual_seed(6)
+    codes = torch.randint(-127, 128, (blocks, bs, 1, 512), generator=g, dtype=torch.int8)
+    rope = rnd(blocks, bs, 1, 64, dtype=BF, seed=7)
+    scales = torch.rand(blocks, bs, 1, 4, generator=g) * 0.02 + 1e-3
+    key = torch.cat([codes, rope.view(torch.int8), scales.view(torch.int8)], -1).contiguous()
+    table = torch.tensor([[2, 0], [1, 2]], dtype=torch.int32)
+    lengths = torch.tensor([32, 20], dtype=torch.int32)
+    q = rnd(b, s1, h, 576, dtype=BF, seed=8)
+    idx = torch.stack([torch.stack([torch.randperm(int(n), generator=g)[:k] for _ in range(s1)]) for n in lengths])
+    idx[0, 0, -3:] = -1  # valid indices first, then -1 (what the backend passes)
+    idx = idx.int().unsqueeze(2).contiguous()
+    out = npu.npu_kv_quant_sparse_flash_attention(
+        q, key, key, idx, 576 ** -0.5, key_quant_mode=2, value_quant_mode=2, block_table=table,
+        actual_seq_lengths_kv=lengths, sparse_block_size=1, layout_query="BSND", layout_kv="PA_BSND",
+        sparse_mode=0, attention_mode=2, quant_scale_repo_mode=1, tile_size=128, rope_head_dim=64)
+    assert out.shape == (b, s1, h, 512) and out.dtype == BF
+    latent = (codes.double().view(blocks, bs, 4, 128) * scales.double().view(blocks, bs, 4, 1)).view(blocks, bs, 512)
+    latent = latent.to(BF).double()
+    rows = torch.cat([latent, rope[:, :, 0].double()], -1)
+    for bi in range(b):
+        for i in range(s1):
+            pos = [p for p in idx[bi, i, 0].tolist() if p >= 0]
+            keys = torch.stack([rows[table[bi, p // bs], p % bs] for p in pos])
+            ref, _ = _attention64(q[bi, i], keys, keys[:, :512], 576 ** -0.5)
+            close(out[bi, i], ref)
+
+
 @on(("A2", "A3"))
 @pytest.mark.parametrize("s", [1, 7], ids=["decode-last-window", "band-prefill"])
 def test_fused_infer_attention_band(npu, s):

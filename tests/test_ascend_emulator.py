@@ -36,6 +36,10 @@ def rnd(*shape, dtype=torch.float32, seed=0):
                                  torch.ones(1, 1), pertoken_scale=torch.ones(2, 1), output_dtype=BF,
                                  group_sizes=[1, 128, 128]), "no FP8 units"),
     (lambda: A2.npu_mhc_sinkhorn(rnd(2, 4, 4)), "not supported on A2"),
+    (lambda: A3.npu_kv_quant_sparse_flash_attention(rnd(1, 1, 2, 576, dtype=BF), rnd(1, 16, 1, 656).to(torch.float8_e4m3fn),
+                                                    rnd(1, 16, 1, 656).to(torch.float8_e4m3fn),
+                                                    torch.zeros(1, 1, 1, 2, dtype=torch.int32), 0.1, 2, 2),
+     "key dtype must be one of int8"),
     (lambda: A5.npu_mhc_sinkhorn(rnd(2, 4, 4), num_iters=101), r"num_iters must be in \[1, 100\]"),
     (lambda: A2.npu_fused_infer_attention_score_v2(rnd(1, 1, 2, 16, dtype=BF), rnd(1, 3, 1, 16, dtype=BF), rnd(1, 3, 1, 16, dtype=BF),
                                                    learnable_sink=rnd(2, dtype=BF), num_query_heads=2, num_key_value_heads=1,
@@ -113,6 +117,7 @@ def _src_to_dst_token_major(fn, rows, s1, s2, b, scales, src, *a, **kw):
     ("A5", "fp8_matmul/batched", "npu_quant_matmul", _scale_not_transposed),
     ("A3", "moe_forward/small/v4-topk", "npu_moe_init_routing_v2", _routing_index_inverted),
     ("A3", "moe_combine/small", "npu_moe_finalize_routing", _src_to_dst_token_major),
+    ("A2", "sparse_attention_fp8kv/small/int8-kernel", "npu_kv_quant_sparse_flash_attention", _minus_one_first),
 ])
 def test_parity_on_the_emulator_catches_a_flipped_glue_decision(emulate, monkeypatch, chip, case_id, op_name, change):
     emulate(chip)

@@ -1,8 +1,8 @@
 """Reference FP8 KV cache (layouts: v4hal/ops/kv_cache.py): one token record of `token_bytes`
-bytes per row (nope e4m3 | rope BF16 | scales for v4, nope | scales | rope for v3.2, each
-layout's physical order), read as rows of the views its parts occupy (`regions`), written by one
-byte-indexed `index_put_` on the cache itself (`_record_places`). Attention dequantizes the whole
-cache, then runs the reference `sparse_attention`."""
+bytes per row (nope e4m3 | rope BF16 | scales for v4, nope | scales | rope for v3.2, nope int8 |
+rope | scales for int8, each layout's physical order), read as rows of the views its parts occupy
+(`regions`), written by one byte-indexed `index_put_` on the cache itself (`_record_places`).
+Attention dequantizes the whole cache, then runs the reference `sparse_attention`."""
 
 import torch
 
@@ -10,12 +10,13 @@ from v4hal.backends.cpu.attention import indexer_scores as scores
 from v4hal.backends.cpu.attention import sparse_attention as attend
 
 E4M3_MAX = 448.0
+INT8_MAX = 127.0
 MIN_SCALE = 1e-4  # FlashMLA's floor on amax / 448 (an all-zero tile gets scale 2**-13)
 
 
 def _pieces(lay):
     """(start, width) of nope, scales and rope inside a token record."""
-    if lay.split:
+    if lay.split or lay.scales_last:
         return (0, lay.nope), (lay.row_bytes, lay.tiles * lay.scale_bytes), (lay.nope, 2 * lay.rope)
     return (0, lay.nope), (lay.nope, lay.tiles * lay.scale_bytes), (lay.nope + lay.scale_record, 2 * lay.rope)
 
@@ -56,14 +57,7 @@ def encode(kv, lay):
     x = round_to_bf16(kv)
     nope = x[:, :lay.nope].view(-1, lay.tiles, lay.tile)
     amax = nope.abs().amax(-1)
-    mant, exp = torch.frexp(torch.clamp_min(amax / E4M3_MAX, MIN_SCALE))
-    exp = exp - (mant == 0.5).to(exp.dtype)  # ceil(log2): an exact power of two keeps its exponent
-    scale = torch.ldexp(torch.ones_like(amax), exp)
-    codes = (nope / scale.unsqueeze(-1)).to(torch.float8_e4m3fn).view(torch.uint8).flatten(1)
-    if lay.scale_bytes == 1:
-        scale_bytes = (exp + 127).to(torch.uint8)
-    else:
-        scale_bytes = scale.contiguous().view(torch.uint8)
+    codes, scale_bytes = (_int8_codes if lay.codes == "int8" else _e4m3_codes)(nope, amax, lay)
     pad = scale_bytes.new_zeros(scale_bytes.shape[0], lay.scale_pad)
     rope = x[:, lay.nope:].to(torch.bfloat16).contiguous().view(torch.uint8)  # exact: already BF16 values
     record = torch.empty(kv.shape[0], lay.token_bytes, dtype=torch.uint8, device=kv.device)
@@ -74,11 +68,32 @@ def encode(kv, lay):
     return record
 
 
+def _e4m3_codes(nope, amax, lay):
+    """e4m3 codes and the scales' bytes (ue8m0 or float32) of tiles `[M, tiles, tile]`."""
+    mant, exp = torch.frexp(torch.clamp_min(amax / E4M3_MAX, MIN_SCALE))
+    exp = exp - (mant == 0.5).to(exp.dtype)  # ceil(log2): an exact power of two keeps its exponent
+    scale = torch.ldexp(torch.ones_like(amax), exp)
+    codes = (nope / scale.unsqueeze(-1)).to(torch.float8_e4m3fn).view(torch.uint8).flatten(1)
+    if lay.scale_bytes == 1:
+        return codes, (exp + 127).to(torch.uint8)
+    return codes, scale.contiguous().view(torch.uint8)
+
+
+def _int8_codes(nope, amax, lay):
+    """int8 codes `rint(value / scale)`, scale = amax / 127 in float32, and the scales' bytes;
+    an all-zero tile keeps scale 0 and codes 0."""
+    scale = amax / INT8_MAX
+    safe = torch.where(scale > 0, scale, 1.0).unsqueeze(-1)
+    codes = torch.round(nope / safe).clamp(-INT8_MAX, INT8_MAX).to(torch.int8).view(torch.uint8).flatten(1)
+    return codes, scale.contiguous().view(torch.uint8)
+
+
 def decode(record, lay):
     """Rows `[..., D]` float32 of token records `[..., token_bytes]`."""
     (n0, nw), (s0, sw), (r0, rw) = _pieces(lay)
     lead = record.shape[:-1]
-    codes = record[..., n0:n0 + nw].contiguous().view(torch.float8_e4m3fn).float()
+    code_dtype = torch.int8 if lay.codes == "int8" else torch.float8_e4m3fn
+    codes = record[..., n0:n0 + nw].contiguous().view(code_dtype).float()
     raw = record[..., s0:s0 + sw].contiguous()
     if lay.scale_bytes == 1:
         scale = torch.ldexp(torch.ones(raw.shape, device=raw.device), raw.int() - 127)
@@ -129,7 +144,7 @@ def kv_cache_fp8_read(cache, slots, lay):
     return rows.view(*slots.shape, lay.dim)
 
 
-def sparse_attention_fp8kv(q, cache, slots, scale, lay, sink, v_dim):
+def sparse_attention_fp8kv(q, cache, slots, scale, lay, sink, v_dim, need_lse=True):
     every = torch.arange(cache.shape[0] * cache.shape[1], device=cache.device)
     kv = kv_cache_fp8_read(cache, every, lay).unsqueeze(0).expand(q.shape[0], -1, -1)
     return attend(q, kv, slots, scale, sink, v_dim)

@@ -9,7 +9,7 @@ from v4hal.backends import registry
 reference = registry.parent_family(__name__)
 
 
-def sparse_attention_fp8kv(q, cache, slots, scale, lay, sink, v_dim):
+def sparse_attention_fp8kv(q, cache, slots, scale, lay, sink, v_dim, need_lse=True):
     if slots.shape[1] == 1 or slots.device.type == "meta":
         # Decode (and shape-only runs: unique has no Meta kernel): each query's own rows, in
         # order, with no host synchronisation; a row two batch rows pick is read twice.

@@ -4,9 +4,10 @@ Writing and reading are inherited (cpu_fast's, the reference's torch on the GPU)
 `sparse_attention_fp8kv` runs FlashMLA's sparse FP8 decode (`flash_mla.flash_mla_with_kvcache`
 with `is_fp8_kvcache=True` and `indices`, SM90 / SM100) when it is importable and the call is in
 its domain (bfloat16 q, the v4 or v3.2 layout, v_dim 512, 64 or 128 heads, FlashMLA's block
-stride), else this backend's Triton kernel (`triton_kv_cache.py`: any layout, heads, sink, v_dim,
+stride), else this backend's Triton kernel (`triton_kv_cache.py`: any e4m3 layout, heads, sink, v_dim,
 16/32-bit q), else cpu_fast's dequantize-then-attend path (float64, CPU tensors, inside
-torch.compile). `indexer_scores_fp8kv` takes the Triton kernel likewise.
+torch.compile; the int8 layout, whose codes the kernels do not decode). `indexer_scores_fp8kv`
+takes the Triton kernel likewise.
 """
 
 import functools
@@ -63,18 +64,18 @@ def flash_mla_decode(fm, q, cache, slots, scale, sink):
     return out, lse
 
 
-def sparse_attention_fp8kv(q, cache, slots, scale, lay, sink, v_dim):
+def sparse_attention_fp8kv(q, cache, slots, scale, lay, sink, v_dim, need_lse=True):
     fm = flash_mla() if _flash_mla_domain(q, cache, lay, v_dim) else None
     if fm is not None and has_sparse_fp8_decode(fm):
         return flash_mla_decode(fm, q, cache, slots, scale, sink)
     kernels = backend.triton_kernels("kv_cache", q)
-    if kernels is not None and kernels.in_domain(q, sink):
+    if kernels is not None and lay.codes == "e4m3" and kernels.in_domain(q, sink):
         return kernels.sparse_attention_fp8kv(q, cache, slots, scale, lay, sink, v_dim)
-    return parent.sparse_attention_fp8kv(q, cache, slots, scale, lay, sink, v_dim)
+    return parent.sparse_attention_fp8kv(q, cache, slots, scale, lay, sink, v_dim, need_lse)
 
 
 def indexer_scores_fp8kv(q, cache, slots, weights, scale, lay):
     kernels = backend.triton_kernels("kv_cache", q)
-    if kernels is not None and kernels.indexer_in_domain(q, weights):
+    if kernels is not None and lay.codes == "e4m3" and kernels.indexer_in_domain(q, weights):
         return kernels.indexer_scores_fp8kv(q, cache, slots, weights, scale, lay)
     return parent.indexer_scores_fp8kv(q, cache, slots, weights, scale, lay)

@@ -15,7 +15,8 @@ accumulated in float32, outputs rounded to the output dtype.
 What it proves: that the backend calls each op the way its docs define it, and that the results it
 rebuilds from the outputs are right. What it cannot: how the device really behaves where the docs
 are silent; docs/ascend.md ("Numerics on the emulator") lists every such point and what we chose.
-The op modules: emulator_basic (rms_norm, mHC), emulator_attention, emulator_moe, emulator_quant.
+The op modules: emulator_basic (rms_norm, mHC), emulator_attention, emulator_moe, emulator_quant,
+emulator_kv_quant (the int8-KV sparse attention).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ ALL_CHIPS = CHIPS
 HALF = (torch.bfloat16, torch.float16)
 FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-MODULES = ("emulator_basic", "emulator_attention", "emulator_moe", "emulator_quant")
+MODULES = ("emulator_basic", "emulator_attention", "emulator_moe", "emulator_quant", "emulator_kv_quant")
 
 _OPS: dict[str, tuple[Callable, tuple[str, ...]]] = {}
 
