@@ -57,8 +57,8 @@ def _parity(tmp_path, layout: list[str], case: str, prelude: str = ""):
 
 
 @pytest.mark.parametrize("layout, case, name", [
-    (["--tp", "2"], "model_logits/tiny-v4", "tp=2 ep=1 pp=1 dp=1"),
-    (["--ep", "2"], "model_logits/tiny-v32", "tp=1 ep=2 pp=1 dp=2")])
+    (["--tp", "2"], "model_logits/tiny-v4/", "tp=2 ep=1 pp=1 dp=1"),
+    (["--ep", "2"], "model_logits/tiny-v32/", "tp=1 ep=2 pp=1 dp=2")])
 def test_parity_of_the_model_under_torchrun(tmp_path, layout, case, name):
     run, report = _parity(tmp_path, layout, case)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -70,8 +70,16 @@ def test_parity_of_the_model_under_torchrun(tmp_path, layout, case, name):
     assert run.stdout.count("parity: 1 passed, 0 failed") == 1, run.stdout
 
 
+def test_parity_of_the_fp8_cache_under_torchrun(tmp_path):
+    """Prefill and decode steps through each rank's FP8 cache, every rank its own sequence (dp = 2)."""
+    run, report = _parity(tmp_path, ["--ep", "2"], "model_logits/tiny-v32-fp8/")
+    assert run.returncode == 0, run.stdout + run.stderr
+    (row,) = report["rows"]
+    assert "fp8-cache" in row["case"] and row["status"] == "pass", row
+
+
 def test_parity_fails_when_a_rank_loads_another_ranks_slice(tmp_path):
-    run, report = _parity(tmp_path, ["--tp", "2"], "model_logits/tiny-v4", prelude=OTHER_RANKS_EXPERTS)
+    run, report = _parity(tmp_path, ["--tp", "2"], "model_logits/tiny-v4/", prelude=OTHER_RANKS_EXPERTS)
     assert run.returncode == 1, run.stdout + run.stderr
     (row,) = report["rows"]
     assert row["status"] == "fail" and row["outputs"]["out"]["max_abs"] > 1e-3, row
