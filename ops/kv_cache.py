@@ -1,4 +1,5 @@
-"""The KV cache in DeepSeek's FP8 layouts (sparse FP8 decoding), paged, and attention over it.
+"""The KV cache in DeepSeek's FP8 layouts (sparse FP8 decoding) and an int8 layout for Ascend,
+paged, and attention over it (the ops keep their `fp8` names for either).
 
 Source of the byte layouts: FlashMLA's public tests, `tests/quant.py` in deepseek-ai/FlashMLA
 (`FP8KVCacheLayout`, `quantize_k_cache`, `dequantize_k_cache`; read at commit 520fec6a), which
@@ -203,8 +204,8 @@ def sparse_attention_fp8kv(q: torch.Tensor, cache: torch.Tensor, indices: torch.
                            layout: str = "v4", *, block_table: torch.Tensor | None = None,
                            sink: torch.Tensor | None = None, v_dim: int | None = None,
                            return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """`sparse_attention` with its KV rows read from an FP8 cache: the same math, dtypes, sink and
-    LSE over the dequantized rows (`kv_cache_fp8_read`). q `[B, S, H, D]` (D = layout's nope +
+    """`sparse_attention` with its KV rows read from an FP8 (or int8) cache: the same math, dtypes,
+    sink and LSE over the dequantized rows (`kv_cache_fp8_read`). q `[B, S, H, D]` (D = layout's nope +
     rope; BF16 is what the kernels take); indices `[B, S, K]` int, -1 = no entry: without
     block_table, slots of the cache; with block_table `[B, max_blocks]` int (block ids, unused
     entries any valid id), sequence b's positions in [0, max_blocks * block_size).
