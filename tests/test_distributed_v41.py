@@ -122,7 +122,8 @@ def test_dp2_splits_the_tables_by_hash_columns_and_each_rank_gets_its_own_prompt
         torch.testing.assert_close(got["logits"], ref["logits"], rtol=1e-5, atol=1e-5, msg=lambda m: f"dp rank {rank}: {m}")
         assert got["tokens"] == ref["tokens"]
         # the same hash-column rows as tp=2 (test above), kv_proj whole
-        assert tuple(rows for rows, _ in got["tables"].values()) == {0: (71 + 73, 83 + 89), 1: (79, 97)}[rank]
+        rows = tuple(rows for rows, _ in got["tables"].values())
+        assert rows == {0: (71 + 73, 83 + 89), 1: (79, 97)}[rank] and sum(rows) == EngramArgs(args).table_rows(2, rank)
         assert got["kv_proj"] == ((4 + 1) * 64, 3 * 32)
 
 
@@ -166,6 +167,8 @@ def test_column_shards_and_a_split_that_leaves_a_rank_without_columns():
     with pytest.raises(LayoutError, match=r"tp=4 leaves ranks without Engram hash columns: 3 "
                                           r"\(\(engram_max_ngram_size - 1\) \* engram_n_heads\) in pieces of 1"):
         Layout(tp=4).check(v41_args().replace(o_groups=4))
+    with pytest.raises(LayoutError, match=r"tp\*dp=4 leaves ranks without Engram hash columns: 3 "):
+        Layout(ep=4, dp=4).check(v41_args())
     with pytest.raises(LayoutError, match=r"tp=2 must divide the 325 Engram kv_proj outputs \(\(hc_mult \+ 1\) \* hidden_size\)"):
         Layout(tp=2).check(v41_args().replace(hidden_size=65))
 
