@@ -69,7 +69,8 @@ def _worker(rank, world, port, path, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT))
     try:
-        for kind, source, layout in (("hf", path, Layout(tp=world)), ("mp", f"{path}-mp{world}", Layout(tp=world, ep=world)),
+        for kind, source, layout in (("hf", path, Layout(tp=world)),
+                                     ("mp", f"{path}-mp{world}", Layout(tp=world, ep=world)),
                                      ("dp", path, Layout(ep=world, dp=world))):
             args = ModelArgs.from_json(source)
             model = build(args, layout=layout, timeout_s=TIMEOUT)
@@ -119,11 +120,13 @@ def test_dp2_splits_the_tables_by_hash_columns_and_each_rank_gets_its_own_prompt
     load_checkpoint(model, path, args)
     for rank in range(2):
         ref, got = _run_prompt(model, *_dp_ids(args, rank)), torch.load(runs / f"dp.{rank}.pt")
-        torch.testing.assert_close(got["logits"], ref["logits"], rtol=1e-5, atol=1e-5, msg=lambda m: f"dp rank {rank}: {m}")
+        torch.testing.assert_close(got["logits"], ref["logits"], rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"dp rank {rank}: {m}")
         assert got["tokens"] == ref["tokens"]
         # the same hash-column rows as tp=2 (test above), kv_proj whole
         rows = tuple(rows for rows, _ in got["tables"].values())
-        assert rows == {0: (71 + 73, 83 + 89), 1: (79, 97)}[rank] and sum(rows) == EngramArgs(args).table_rows(2, rank)
+        assert rows == {0: (71 + 73, 83 + 89), 1: (79, 97)}[rank]
+        assert sum(rows) == EngramArgs(args).table_rows(2, rank)  # what `plan` counts
         assert got["kv_proj"] == ((4 + 1) * 64, 3 * 32)
 
 
