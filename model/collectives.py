@@ -33,6 +33,15 @@ class Collectives:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
 
+    def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` cut into `size` equal pieces along dim 0, piece j sent to process j; returns the
+        pieces received, in rank order along dim 0 (x's shape)."""
+        if self.size == 1:
+            return x
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x.contiguous(), group=self.group)
+        return out
+
 
 class _Solo(Collectives):
     def __init__(self):

@@ -182,18 +182,19 @@ class EngramArgs:
         """Rows looked up per token and layer: (max_ngram - 1) * heads."""
         return (self.max_ngram - 1) * self.heads
 
-    def table_rows(self, tp_size: int = 1, tp_rank: int = 0) -> int:
-        """Rows of every layer's table a tensor-parallel rank holds (`ColumnShard`; all of them at tp = 1)."""
-        if tp_size == 1:
+    def table_rows(self, shards: int = 1, rank: int = 0) -> int:
+        """Rows of every layer's table a rank holds when the tables are split by hash columns over
+        `shards` (tensor- or data-parallel) ranks (`ColumnShard`; all of them for one)."""
+        if shards == 1:
             return sum(self.num_embeddings)
-        return sum(s.row_stop - s.row_start for s in (ColumnShard.of(self, i, tp_size, tp_rank)
+        return sum(s.row_stop - s.row_start for s in (ColumnShard.of(self, i, shards, rank)
                                                       for i in range(len(self.layer_ids))))
 
-    def table_bytes(self, tp_size: int = 1) -> int:
+    def table_bytes(self, shards: int = 1) -> int:
         """Bytes of every layer's table as built (float8 plus one ue8m0 byte per 32 columns, or
-        2-byte rows) on the tensor-parallel rank holding the most."""
+        2-byte rows) on the rank holding the most of `shards`."""
         per_row = self.head_dim + self.head_dim // ops.SCALE_BLOCK if self.table_dtype else 2 * self.head_dim
-        return max(self.table_rows(tp_size, r) for r in range(tp_size)) * per_row
+        return max(self.table_rows(shards, r) for r in range(shards)) * per_row
 
 
 @dataclass(frozen=True)
@@ -221,14 +222,17 @@ class ColumnShard:
 
 class EngramTable(nn.Module):
     """`embed.weight` `[rows, head_dim]` and, for a float8 table, `embed.scale` (float8_e8m0fnu,
-    one per 32 columns), in the dtypes DeepSeek ships. Under tensor parallelism (`tp`, its rank's
-    `shard`) it holds only the shard's rows: `lookup` gathers this rank's hash columns and
-    `complete` all-gathers every rank's into the layer's memory."""
+    one per 32 columns), in the dtypes DeepSeek ships. Split over the ranks of `group` (its rank's
+    `shard`), it holds only the shard's rows: `lookup` gathers this rank's hash columns and
+    `complete` brings every rank's columns together. Under tensor parallelism every rank has the
+    same tokens (an all-gather of the columns); under data parallelism (`own_tokens`) each has
+    its own: `gather_tokens` first brings every rank's hashed rows to every rank, and `complete`
+    sends each rank its tokens' columns back (an all-to-all)."""
 
     def __init__(self, rows: int, head_dim: int, dtype: torch.dtype | None, shard: ColumnShard | None = None,
-                 tp=None):
+                 group=SOLO, own_tokens: bool = False):
         super().__init__()
-        self.shard, self.tp, self.head_dim = shard, tp, head_dim
+        self.shard, self.group, self.own_tokens, self.head_dim = shard, group, own_tokens, head_dim
         if shard is not None:
             rows = shard.row_stop - shard.row_start
         self.weight = nn.Parameter(torch.empty(rows, head_dim, dtype=dtype), requires_grad=False)
@@ -258,24 +262,46 @@ class EngramTable(nn.Module):
             scale if scale.dtype != torch.float32 else scale.to(torch.float8_e8m0fnu), requires_grad=False)
 
     def local_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """The layer's table rows `[..., columns]` -> this rank's columns, as rows of its shard."""
+        """The layer's table rows `[..., columns]` (under data parallelism `gather_tokens`' output,
+        -1 in its padding) -> this rank's columns, as rows of its shard (padding: row 0, discarded
+        by `complete`)."""
         if self.shard is None:
             return rows
-        return rows[..., self.shard.start:self.shard.stop] - self.shard.row_start
+        local = rows[..., self.shard.start:self.shard.stop] - self.shard.row_start
+        return local.clamp_min(0) if self.own_tokens else local
 
     def lookup(self, rows: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """`local_rows` looked up: `[..., this rank's columns * head_dim]`."""
         return ops.engram_lookup(rows, self.weight, self.scale, device, dtype)
 
-    def complete(self, memory: torch.Tensor) -> torch.Tensor:
-        """This rank's looked-up columns -> every column's, in column order (an all-gather)."""
+    def complete(self, memory: torch.Tensor, tokens: torch.Size) -> torch.Tensor:
+        """This rank's looked-up columns -> every column's, in column order, for this rank's
+        `tokens` (the `[B, T]` shape of its ids): an all-gather of the columns, or under data
+        parallelism an all-to-all returning each rank's tokens from every rank's columns."""
         if self.shard is None:
             return memory
-        s = self.shard
-        pad = (s.per - (s.stop - s.start)) * self.head_dim  # the last rank's missing columns: zeros
+        s, d = self.shard, self.head_dim
+        pad = (s.per - (s.stop - s.start)) * d  # the last rank's missing columns: zeros
         if pad:
             memory = torch.nn.functional.pad(memory, (0, pad))
-        return self.tp.all_gather(memory, -1)[..., : s.columns * self.head_dim]
+        if not self.own_tokens:
+            return self.group.all_gather(memory, -1)[..., : s.columns * d]
+        # memory: [size * slot, per * d], rank j's tokens at [j * slot, ...); back: my tokens from rank j
+        size, count = self.group.size, tokens.numel()
+        back = self.group.all_to_all(memory).unflatten(0, (size, -1))[:, :count]
+        return back.transpose(0, 1).flatten(1)[:, : s.columns * d].unflatten(0, tokens)
+
+
+def gather_tokens(group, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Data parallelism: every Engram layer's hashed rows `[B, T, columns]` of this rank's tokens
+    (counts may differ between ranks) -> per layer `[size * slot, columns]`, every rank's tokens,
+    rank j's at `[j * slot, j * slot + its count)`, -1 after them (`slot`: the largest count;
+    the counts are gathered first, one host read)."""
+    flat = torch.stack([r.flatten(0, -2) for r in rows])
+    counts = group.all_gather(torch.tensor([flat.shape[1]], device=flat.device), 0)
+    slot = int(counts.max())
+    padded = torch.nn.functional.pad(flat, (0, 0, 0, slot - flat.shape[1]), value=-1)
+    return list(group.all_gather(padded, 1).unbind(0))
 
 
 class Engram(nn.Module):
@@ -283,13 +309,16 @@ class Engram(nn.Module):
     gate's `q_weight` / `k_weight`. `forward(streams, memory, keep)` -> the streams with the gated
     value added (`keep`: False for dead tokens). Under tensor parallelism (`tp`) the table holds
     this rank's hash columns (`ColumnShard`) and `kv_proj` this rank's output columns (column
-    parallel, gathered), as vLLM splits them."""
+    parallel, gathered), as vLLM splits them; under data parallelism (`dp`, tp = 1) the table
+    holds this rank's hash columns and `kv_proj` is whole."""
 
-    def __init__(self, ea: EngramArgs, index: int, hidden_size: int, hc_mult: int, eps: float, tp=SOLO):
+    def __init__(self, ea: EngramArgs, index: int, hidden_size: int, hc_mult: int, eps: float, tp=SOLO, dp=SOLO):
         super().__init__()
         self.hc_mult, self.hidden_size, self.eps, self.tp = hc_mult, hidden_size, eps, tp
-        shard = ColumnShard.of(ea, index, tp.size, tp.rank) if tp.size > 1 else None
-        self.embed = EngramTable(ea.num_embeddings[index], ea.head_dim, ea.table_dtype, shard, tp)
+        split = tp if tp.size > 1 else dp  # the model runs tp > 1 or dp > 1, not both
+        shard = ColumnShard.of(ea, index, split.size, split.rank) if split.size > 1 else None
+        self.embed = EngramTable(ea.num_embeddings[index], ea.head_dim, ea.table_dtype, shard, split,
+                                 own_tokens=split is dp and dp.size > 1)
         self.kv_proj = Linear(ea.columns * ea.head_dim, (hc_mult + 1) * hidden_size // tp.size)
         self.q_weight = nn.Parameter(torch.ones(hc_mult, hidden_size), requires_grad=False)
         self.k_weight = nn.Parameter(torch.ones(hc_mult, hidden_size), requires_grad=False)
@@ -301,13 +330,14 @@ class Engram(nn.Module):
         return streams + ops.engram_gate(streams, keys, value, self.k_weight, self.q_weight, self.eps, keep)
 
 
-def plan_bytes(args, dense_bytes: float, tp: int = 1) -> tuple[float, float]:
+def plan_bytes(args, dense_bytes: float, tp: int = 1, dp: int = 1) -> tuple[float, float]:
     """(device bytes of every Engram module's projections (split over `tp` ranks) and gate weights
-    at `dense_bytes` per weight, host bytes of its tables as DeepSeek ships them on the rank
-    holding the most) for `v4hal plan`; (0, 0) without Engram."""
+    at `dense_bytes` per weight, host bytes of its tables as DeepSeek ships them, split by hash
+    columns over the tp * dp ranks, on the rank holding the most) for `v4hal plan`; (0, 0)
+    without Engram."""
     if not args.is_v41:
         return 0.0, 0.0
     ea = EngramArgs(args)
     proj = ea.columns * ea.head_dim * (args.hc_mult + 1) * args.hidden_size // tp * dense_bytes
     gate = 2 * args.hc_mult * args.hidden_size * 2
-    return len(ea.layer_ids) * (proj + gate), float(ea.table_bytes(tp))
+    return len(ea.layer_ids) * (proj + gate), float(ea.table_bytes(tp * dp))

@@ -125,7 +125,7 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(args, i, par) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         if args.is_v41:  # Engram modules and their hashing; no hc_head
-            v41.attach(self, args, par.tp)
+            v41.attach(self, args, par)
         elif args.is_v4:
             self.hc_head = HyperHead(args.hidden_size, args.hc_mult, args.hc_eps, args.rms_norm_eps)
 

@@ -52,6 +52,11 @@ class Layout:
         """Into how many pieces the routed experts' weights are cut (by index, then by width)."""
         return self.ep * max(1, (self.tp * self.dp) // self.ep)
 
+    @property
+    def engram_split(self) -> int:
+        """Into how many pieces V4.1's Engram tables are cut by hash columns (every tp and dp rank)."""
+        return self.tp * self.dp
+
     def __str__(self) -> str:
         return f"tp={self.tp} ep={self.ep} pp={self.pp} dp={self.dp}"
 
@@ -89,14 +94,16 @@ class Layout:
                               f"(experts live inside one pipeline stage)")
 
     def _check_engram_columns(self, args) -> None:
-        """vLLM's column split gives each rank ceil(columns / tp) hash columns: every rank needs some."""
+        """vLLM's column split gives each of the tp * dp ranks ceil(columns / (tp * dp)) hash
+        columns: every rank needs some."""
         from v4hal.model.engram import EngramArgs
 
-        columns = EngramArgs(args).columns
-        if (self.tp - 1) * -(-columns // self.tp) >= columns:
-            raise LayoutError(f"layout {self}: tp={self.tp} leaves ranks without Engram hash columns: "
+        columns, n = EngramArgs(args).columns, self.engram_split
+        if (n - 1) * -(-columns // n) >= columns:
+            setting = f"tp={self.tp}" if self.dp == 1 else f"tp*dp={n}"
+            raise LayoutError(f"layout {self}: {setting} leaves ranks without Engram hash columns: "
                               f"{columns} ((engram_max_ngram_size - 1) * engram_n_heads) in pieces of "
-                              f"{-(-columns // self.tp)}")
+                              f"{-(-columns // n)}")
 
     def check_runnable(self, args) -> None:
         """`check`, and that the model can run this layout (not only plan it)."""
@@ -110,11 +117,13 @@ class Layout:
 
 
 class Parallel:
-    """A rank's place in a running layout: its tensor-parallel collectives (`tp`), the expert
-    group (`ep_group`, the whole world when ep > 1) and how the routed experts run (`experts`)."""
+    """A rank's place in a running layout: its tensor-parallel collectives (`tp`), its
+    data-parallel ones (`dp`: the ranks running other tokens, the whole world when dp > 1), the
+    expert group (`ep_group`, the whole world when ep > 1) and how the routed experts run (`experts`)."""
 
-    def __init__(self, layout: Layout, tp: Collectives = SOLO, ep_group=None, ep_rank: int = 0):
-        self.layout, self.tp, self.ep_group, self.ep_rank = layout, tp, ep_group, ep_rank
+    def __init__(self, layout: Layout, tp: Collectives = SOLO, ep_group=None, ep_rank: int = 0,
+                 dp: Collectives = SOLO):
+        self.layout, self.tp, self.ep_group, self.ep_rank, self.dp = layout, tp, ep_group, ep_rank, dp
         if layout.ep > 1:
             self.experts = "all_to_all" if layout.dp > 1 else "local"
         else:
@@ -141,7 +150,8 @@ class Parallel:
             groups = [dist.new_group(list(range(d * layout.tp, (d + 1) * layout.tp)), timeout=timeout)
                       for d in range(layout.dp)]
             tp = Collectives(groups[rank // layout.tp])
-        return cls(layout, tp, dist.group.WORLD if layout.ep > 1 else None, rank if layout.ep > 1 else 0)
+        dp = Collectives() if layout.dp > 1 else SOLO  # check_runnable: dp > 1 runs tp = 1, so all ranks
+        return cls(layout, tp, dist.group.WORLD if layout.ep > 1 else None, rank if layout.ep > 1 else 0, dp)
 
 
 SOLO_PARALLEL = Parallel(Layout())

@@ -143,7 +143,7 @@ def plan(args: ModelArgs, lay: Layout, context: int, batch: int = 1, chunk: int 
     lay.check(args)
     w = weight_bytes(args, lay, weights)
     engram_device, engram_host = plan_bytes(args, BYTES["fp8" if args.weight_quant == "fp8" and weights == "auto" else
-                                                      "bf16" if weights == "auto" else weights], lay.tp)
+                                                      "bf16" if weights == "auto" else weights], lay.tp, lay.dp)
     if engram_host:  # V4.1: projections on the device, tables in host memory (as vLLM keeps them)
         w["engram projections"] = engram_device * (1 / lay.pp)
     per_seq = kv_bytes_per_sequence(args, context, kv)

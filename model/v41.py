@@ -19,7 +19,7 @@ from torch import nn
 from torch.compiler import is_compiling
 
 from v4hal import ops
-from v4hal.model.engram import Engram, EngramArgs, token_map_from_tokenizer
+from v4hal.model.engram import Engram, EngramArgs, gather_tokens, token_map_from_tokenizer
 
 
 class EngramState:
@@ -95,9 +95,11 @@ class EngramHashing(nn.Module):
         lookback = None if state is None else state.ids
         if state is not None and lookback is None:
             lookback = torch.full((ids.shape[0], span), -1, dtype=torch.int64, device=ids.device)
-        rows = [table.local_rows(ops.engram_hash(ids, self.token_map, self.multipliers[i], self.primes[i],
-                                                 self.pad_id, lookback))
-                for i, table in enumerate(tables)]
+        rows = [ops.engram_hash(ids, self.token_map, self.multipliers[i], self.primes[i], self.pad_id, lookback)
+                for i in range(len(tables))]
+        if tables and tables[0].own_tokens:  # data parallelism: every rank looks up its columns for all tokens
+            rows = gather_tokens(tables[0].group, rows)
+        rows = [table.local_rows(r) for r, table in zip(rows, tables)]
         if state is not None:  # in place, so a compiled decode step advances it too
             tail = torch.cat([lookback, ids.long()], 1)[:, -span:]
             if state.ids is None:
@@ -115,10 +117,11 @@ class EngramHashing(nn.Module):
             return keys, keep
         return [t.lookup(r, device, dtype) for r, t in zip(rows, tables)], keep
 
-    def memory(self, slot, table) -> torch.Tensor:
-        """A layer's memory from `prepare`'s slot: this rank's columns completed from every rank's
-        (an all-gather, in the forward's own thread, when `table` is split over tensor-parallel ranks)."""
-        return table.complete(self._prefetcher.get(slot) if isinstance(slot, tuple) else slot)
+    def memory(self, slot, table, tokens: torch.Size) -> torch.Tensor:
+        """A layer's memory for this rank's `tokens` (`[B, T]`) from `prepare`'s slot: this rank's
+        columns completed from every rank's (in the forward's own thread, when `table` is split
+        over tensor- or data-parallel ranks)."""
+        return table.complete(self._prefetcher.get(slot) if isinstance(slot, tuple) else slot, tokens)
 
 
 def _mix_dtype(streams: torch.Tensor) -> torch.dtype:
@@ -169,13 +172,13 @@ def layer_forward(layer, h, pre, positions, input_ids, cache, memory=None, keep=
     return h, pre
 
 
-def attach(backbone, args, tp) -> None:
+def attach(backbone, args, par) -> None:
     """Give a V4 backbone V4.1's parts: the shared hashing and an Engram module per listed layer
-    (its table and projection split over the tensor-parallel group `tp`)."""
+    (its table split over the tensor- or data-parallel group of `par`, its projection over tp)."""
     backbone.engram_hashing = EngramHashing(args)
     for index, layer_id in enumerate(backbone.engram_hashing.ea.layer_ids):
         backbone.layers[layer_id].engram = Engram(backbone.engram_hashing.ea, index, args.hidden_size, args.hc_mult,
-                                                  args.rms_norm_eps, tp)
+                                                  args.rms_norm_eps, par.tp, par.dp)
 
 
 def forward(backbone, h, positions, input_ids, caches, state: EngramState | None) -> torch.Tensor:
@@ -187,6 +190,6 @@ def forward(backbone, h, positions, input_ids, caches, state: EngramState | None
     pre = None
     for layer, cache in zip(backbone.layers, caches):
         slot = memories.get(id(layer))
-        memory = None if slot is None else hashing.memory(slot, layer.engram.embed)
+        memory = None if slot is None else hashing.memory(slot, layer.engram.embed, input_ids.shape)
         h, pre = layer_forward(layer, h, pre, positions, input_ids, cache, memory, keep)
     return collapse(h, pre)

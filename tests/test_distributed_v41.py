@@ -4,7 +4,10 @@ columns so the last rank's piece is one short) and its share of `kv_proj`, and t
 single-process logits for a prefill and 16 decode steps, the same greedy tokens, and the same
 tokens from `v4hal generate --tp 2` under torchrun; so does the checkpoint resharded by
 `convert run --mp 2`, whose rank files hold only their rows. The model has V4.1's shared
-compressed caches (ratio-2 and ratio-1 sources and readers), so these run split too."""
+compressed caches (ratio-2 and ratio-1 sources and readers), so these run split too. Under data
+parallelism (ep = dp = 2, tp = 1) each rank runs its own prompts (other batch sizes and lengths)
+and still holds only its hash columns' rows: every rank looks up its columns for both ranks'
+tokens, and each gets the single-process logits and tokens of its own prompts."""
 
 import os
 import subprocess
@@ -16,17 +19,22 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from test_distributed import BATCH, DECODE, PROMPT, TIMEOUT, _free_port, _run, spawn
+from dist_util import TIMEOUT, free_port
+from test_distributed import BATCH, DECODE, PROMPT, _run, spawn
 from test_model_v41 import IMAGE, _v41_topology
 from v4hal.cli import main
 from v4hal.model.config import ModelArgs
 from v4hal.model.engram import ColumnShard, EngramArgs
+from v4hal.model.generate import Sampling, generate
 from v4hal.model.loader import load_checkpoint
 from v4hal.model.model import build
 from v4hal.model.parallel import Layout, LayoutError
 from v4hal.model.save import save_checkpoint
 
 NEW = 6
+# data parallelism: rank -> (its sequences of _ids, its prompt length): token counts differ by rank
+DP_PROMPTS = {0: (slice(0, 2), PROMPT), 1: (slice(2, 3), PROMPT - 5)}
+DP_DECODE, DP_NEW = 4, 3
 
 
 def v41_args(**changes) -> ModelArgs:
@@ -41,17 +49,33 @@ def _ids(args) -> torch.Tensor:
     return ids
 
 
+def _dp_ids(args, rank: int) -> tuple[torch.Tensor, int]:
+    rows, prompt = DP_PROMPTS[rank]
+    return _ids(args)[rows, : prompt + DP_DECODE], prompt
+
+
+def _run_prompt(model, ids: torch.Tensor, prompt: int) -> dict:
+    """Prefill `prompt` tokens, decode the rest one by one, then greedy tokens after the prompt."""
+    with torch.no_grad():
+        cache = model.new_cache()
+        steps = [model(ids[:, :prompt], cache=cache)]
+        steps += [model(ids[:, i:i + 1], cache=cache) for i in range(prompt, ids.shape[1])]
+        tokens = generate(model, ids[:, :prompt].tolist(), DP_NEW, Sampling(temperature=0.0)).tokens
+    return {"logits": torch.cat(steps, dim=1), "tokens": tokens}
+
+
 def _worker(rank, world, port, path, out_dir):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT))
     try:
-        for kind, source in (("hf", path), ("mp", f"{path}-mp{world}")):
+        for kind, source, layout in (("hf", path, Layout(tp=world)),
+                                     ("mp", f"{path}-mp{world}", Layout(tp=world, ep=world)),
+                                     ("dp", path, Layout(ep=world, dp=world))):
             args = ModelArgs.from_json(source)
-            layout = Layout(tp=world) if kind == "hf" else Layout(tp=world, ep=world)
             model = build(args, layout=layout, timeout_s=TIMEOUT)
             report = load_checkpoint(model, source, args)
-            out = _run(model, _ids(args))
+            out = _run_prompt(model, *_dp_ids(args, rank)) if kind == "dp" else _run(model, _ids(args))
             out["token_map"] = report.engram_token_map
             out["tables"] = {i: tuple(model.model.layers[i].engram.embed.weight.shape) for i in (1, 3)}
             out["kv_proj"] = tuple(model.model.layers[1].engram.kv_proj.weight.shape)
@@ -89,9 +113,27 @@ def test_tp2_splits_the_tables_by_hash_columns_and_gives_the_single_process_logi
         assert got["kv_proj"] == ((4 + 1) * 64 // 2, 3 * 32)  # column parallel: half of (hc_mult + 1) * hidden
 
 
+def test_dp2_splits_the_tables_by_hash_columns_and_each_rank_gets_its_own_prompts_logits(checkpoint, runs):
+    path = checkpoint[0]
+    args = ModelArgs.from_json(path)
+    model = build(args)
+    load_checkpoint(model, path, args)
+    for rank in range(2):
+        ref, got = _run_prompt(model, *_dp_ids(args, rank)), torch.load(runs / f"dp.{rank}.pt")
+        torch.testing.assert_close(got["logits"], ref["logits"], rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"dp rank {rank}: {m}")
+        assert got["tokens"] == ref["tokens"]
+        # the same hash-column rows as tp=2 (test above), kv_proj whole
+        rows = tuple(rows for rows, _ in got["tables"].values())
+        assert rows == {0: (71 + 73, 83 + 89), 1: (79, 97)}[rank]
+        assert sum(rows) == EngramArgs(args).table_rows(2, rank)  # what `plan` counts
+        assert got["kv_proj"] == ((4 + 1) * 64, 3 * 32)
+
+
 @pytest.fixture(scope="module")
 def runs(checkpoint, tmp_path_factory):
-    """Both ranks' results at tp=2, from the checkpoint and from its `convert run --mp 2` output."""
+    """Both ranks' results at tp=2, from the checkpoint and from its `convert run --mp 2` output,
+    and at ep = dp = 2 (`DP_PROMPTS`)."""
     out = tmp_path_factory.mktemp("v41-runs")
     spawn(_worker, 2, checkpoint[0], str(out))
     return out
@@ -111,7 +153,7 @@ def test_convert_mp2_writes_each_rank_only_its_hash_columns_rows(checkpoint):
 def test_generate_under_torchrun_with_tp2(checkpoint):
     path, ref = checkpoint
     prompt = _ids(ModelArgs.from_json(path))[1, :PROMPT].tolist()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "v4hal.cli", "generate", "--tp", "2", "--dist-timeout", "60", "--config", path, "--weights", path,
            "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", str(NEW)]
     run = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
@@ -128,6 +170,8 @@ def test_column_shards_and_a_split_that_leaves_a_rank_without_columns():
     with pytest.raises(LayoutError, match=r"tp=4 leaves ranks without Engram hash columns: 3 "
                                           r"\(\(engram_max_ngram_size - 1\) \* engram_n_heads\) in pieces of 1"):
         Layout(tp=4).check(v41_args().replace(o_groups=4))
+    with pytest.raises(LayoutError, match=r"tp\*dp=4 leaves ranks without Engram hash columns: 3 "):
+        Layout(ep=4, dp=4).check(v41_args())
     with pytest.raises(LayoutError, match=r"tp=2 must divide the 325 Engram kv_proj outputs \(\(hc_mult \+ 1\) \* hidden_size\)"):
         Layout(tp=2).check(v41_args().replace(hidden_size=65))
 

@@ -240,6 +240,11 @@ def test_plan_counts_the_tables_as_host_bytes():
     gates = 2 * (2 * args.hc_mult * args.hidden_size * 2)  # q_weight / k_weight of 2 layers stay whole on every rank
     assert split["weights"]["engram projections"] * 8 - p["weights"]["engram projections"] == 7 * gates
     assert "engram tables" in format_plan("v4.1-flash", args, split)
+    # ep = dp = 8: the tables split over the 8 data-parallel ranks alike, the projections whole;
+    # tp=2 x dp=4 (planned only) cuts them in tp * dp = 8 pieces too
+    data = plan(args, Layout(ep=8, dp=8), context=4096)
+    assert data["host"] == split["host"] == plan(args, Layout(tp=2, ep=2, dp=4), context=4096)["host"]
+    assert data["weights"]["engram projections"] == p["weights"]["engram projections"]
     assert plan(preset("v4-flash"), Layout(), context=4096)["host"] == {}
 
 
