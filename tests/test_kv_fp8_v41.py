@@ -8,7 +8,8 @@ import torch
 
 from test_model_v41 import CANDIDATES, _ids, _v41_topology
 from v4hal import ops
-from v4hal.bench.kv_fp8 import REAL_WIDTHS_V4, accuracy
+from v4hal.bench.cases_model import REAL_WIDTHS_V4
+from v4hal.bench.kv_fp8 import accuracy
 from v4hal.model.cache_fp8 import FP8Rows
 from v4hal.model.model import build
 from v4hal.model.static import StaticDecoder
