@@ -327,11 +327,13 @@ def main(argv: list[str] | None = None) -> int:
         disk_w = disk_write(work, size)
         speeds = {algo: hash_speed(algo) for algo in ("blake3", "sha256")}
         previous = {rev: previous_converter(rev, work) for rev in args.previous}
+        torch_decode = {**os.environ, "V4HAL_CONVERT_KERNELS": "0"}  # the same converter without conversion/_kernels.c
         rows = []
         for target in () if args.stages_only else ("bf16", "w8a8"):
             stream = [sys.executable, "-c", STREAMING, "convert", "run", "--to", target, "--no-progress", str(src), str(work / "out")]
             runs = {"v4hal convert --workers 1": (stream + ["--workers", "1"], None),
                     "v4hal convert --workers 2": (stream + ["--workers", "2"], None),
+                    "v4hal convert --workers 2, torch decode": (stream + ["--workers", "2"], torch_decode),
                     "naive (whole shard, load_file/save_file)": ([sys.executable, "-c", NAIVE, str(src), str(work / "out"), target], None),
                     "naive, 1 torch thread": ([sys.executable, "-c", NAIVE, str(src), str(work / "out"), target, "1"], None)}
             runs.update({f"previous converter ({rev}, its defaults)": (stream, env) for rev, env in previous.items()})
@@ -344,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                         best[how] = run
             rows += [{"target": target, "how": how, **run} for how, run in best.items()]
         versions = {"this converter": (src, None),
+                    "this converter, torch decode (V4HAL_CONVERT_KERNELS=0)": (src, torch_decode),
                     "this converter, source in a Hugging Face cache (hashes stated)": (hf_snapshot(src, work / "hub"), None),
                     **{f"previous converter ({rev})": (src, env) for rev, env in previous.items()}}
         stages: dict[tuple[str, str], dict] = {}

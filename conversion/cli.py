@@ -112,6 +112,9 @@ def _run(args) -> int:
         need, free = p.output_bytes(), planning.free_bytes(args.dest)
         print(f"total: {need / 1e9:.3f} GB of shards from {sum(p.source.files.values()) / 1e9:.3f} GB of input; "
               f"{free / 1e9:.1f} GB free at the destination" + ("" if need <= free else " (NOT ENOUGH)"))
+        from v4hal.conversion import kernels
+
+        print(f"FP8 decode: {kernels.describe()}")
         return OK
     p.fsync, p.verify_source = not args.no_fsync, args.verify_source
     manifest = planning.run(p, args.dest, progress=not args.no_progress, restart=args.restart, overwrite=args.overwrite,

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from v4hal.checkpoint_files import CheckpointError
+from v4hal.conversion import kernels
 from v4hal.conversion.io import TensorInfo
 from v4hal.conversion.output import OutSpec
 from v4hal.ops import quant
@@ -285,6 +286,8 @@ def _piece_rows(k: int) -> int:
 def _dequant_fp8(q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     rows, k = q.shape
     out = torch.empty(rows, k, dtype=out_dtype) if out is None else out
+    if kernels.enabled() and q.is_contiguous() and out.is_contiguous():
+        return kernels.dequant_fp8(q, s.contiguous(), out)
     col_scale = _column_scales(s, k)
     step = _piece_rows(k)
     work = torch.empty(min(step, rows), k, dtype=torch.int32)
@@ -333,6 +336,9 @@ def fp8_to_int8_rows(q: torch.Tensor, s: torch.Tensor, out: torch.Tensor | None 
         rows, k = q.shape
         out = torch.empty(rows, k, dtype=torch.int8) if out is None else out
         scale = torch.empty(rows, dtype=torch.float32)
+        if kernels.enabled() and q.is_contiguous() and out.is_contiguous():
+            kernels.fp8_to_int8(q, s.contiguous(), out, scale)
+            return out, scale
         col_scale = _column_scales(s, k)
         step = _piece_rows(k)
         work = torch.empty(min(step, rows), k, dtype=torch.int32)

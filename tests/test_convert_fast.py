@@ -1,6 +1,7 @@
 """The converter's fast paths (conversion/formats.py, io.py, output.py) against what they replace:
 the FP8 decode and int8 encode must give the quant contracts' bits exactly (every e4m3 code,
-subnormal products, NaN codes, ragged shapes), and the background reader / writer must hash and
+subnormal products, NaN codes, ragged shapes) both through the compiled kernels
+(conversion/_kernels.c) and through the torch path they fall back to, and the background reader / writer must hash and
 write exactly the bytes a plain sequential pass would, failing loudly and leaving no file."""
 
 import blake3
@@ -14,9 +15,22 @@ from hypothesis import strategies as st
 
 from v4hal.backends import registry
 from v4hal.checkpoint_files import CheckpointError
-from v4hal.conversion import formats, io, output
+from v4hal.conversion import formats, io, kernels, output
 from v4hal.ops import quant
 from v4hal.ops._check import OpInputError
+
+
+@pytest.fixture(scope="module", params=["compiled", "torch"], autouse=True)
+def decode_path(request):
+    """Every test here runs through the compiled kernels and through the torch path."""
+    before = os.environ.get("V4HAL_CONVERT_KERNELS")
+    os.environ["V4HAL_CONVERT_KERNELS"] = "1" if request.param == "compiled" else "0"
+    assert kernels.enabled() == (request.param == "compiled"), kernels.describe()
+    yield request.param
+    if before is None:
+        del os.environ["V4HAL_CONVERT_KERNELS"]
+    else:
+        os.environ["V4HAL_CONVERT_KERNELS"] = before
 
 
 def deepseek_dequant(q: torch.Tensor, s: torch.Tensor, out_dtype) -> torch.Tensor:
@@ -82,6 +96,18 @@ def test_subnormal_codes_and_products_are_exact():
         assert same_bits(got[0], (expect * scale).to(out_dtype))  # expect * scale is exact in float32
     assert torch.equal(formats.decode_rows("fp8", q[:, :2], torch.ones(1, 1), 0).view(torch.int32),
                        torch.tensor([[0, -2**31]], dtype=torch.int32))  # +0 and -0 keep their sign
+
+
+def test_bf16_ties_round_to_even():
+    # 1 + 2**-8 puts a product of a power-of-two code exactly halfway between two BF16 values;
+    # 1 + 3 * 2**-8 too, with the other parity: one rounds down, the other up, as torch rounds.
+    q = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).view(2, 128)
+    for scale in (1 + 2.0**-8, 1 + 3 * 2.0**-8, 2.0**-100 * (1 + 2.0**-8)):
+        s = torch.tensor([[scale]])
+        assert same_bits(formats.decode_rows("fp8", q, s, 0, torch.bfloat16), deepseek_dequant(q, s, torch.bfloat16))
+    one = torch.tensor([[0x38]], dtype=torch.uint8).view(torch.float8_e4m3fn)  # 1.0
+    assert formats.decode_rows("fp8", one, torch.tensor([[1 + 2.0**-8]]), 0, torch.bfloat16).item() == 1.0
+    assert formats.decode_rows("fp8", one, torch.tensor([[1 + 3 * 2.0**-8]]), 0, torch.bfloat16).item() == 1 + 2.0**-6
 
 
 def test_scales_out_of_the_fast_range_go_to_the_contract():
@@ -330,3 +356,40 @@ def test_close_refuses_a_short_file(tmp_path):
         w.close()
     w.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_compiled_kernels_are_built():
+    # Built by `pip install` where a C compiler is at hand (CI's machines have one); without it
+    # conversions fall back to the torch path, and this test says why.
+    assert kernels._kernels is not None, kernels.UNAVAILABLE
+
+
+@pytest.mark.parametrize("target", ["bf16", "w8a8"])
+def test_conversion_output_is_the_same_bytes_with_and_without_the_kernels(decode_path, target, tmp_path):
+    from convert_util import cli, expert_shards, file_bytes
+
+    src = expert_shards(tmp_path / "src", seed=5)
+    for switch, out in (("1", "compiled"), ("0", "torch")):
+        os.environ["V4HAL_CONVERT_KERNELS"] = switch
+        assert cli("run", "--to", target, "--no-progress", "--workers", "1", src, tmp_path / out) == 0
+    os.environ["V4HAL_CONVERT_KERNELS"] = "1" if decode_path == "compiled" else "0"
+    assert file_bytes(tmp_path / "compiled") == file_bytes(tmp_path / "torch")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda q, s, o: (q.t(), s, o), "q: expected a contiguous 2-d float8_e4m3fn"),
+    (lambda q, s, o: (q.view(torch.uint8), s, o), "q: expected a contiguous 2-d float8_e4m3fn"),
+    (lambda q, s, o: (q, s[:, :1], o), r"s: expected float32 \(2, 2\)"),
+    (lambda q, s, o: (q, s.double(), o), r"s: expected float32"),
+    (lambda q, s, o: (q, s, o[:, :10]), "out: expected a contiguous"),
+    (lambda q, s, o: (q, s, o.half()), "out: expected"),
+])
+def test_kernel_arguments_are_checked_before_the_c_code_sees_them(bad, match):
+    if kernels._kernels is None:
+        pytest.fail(kernels.UNAVAILABLE)
+    q = torch.zeros(200, 200, dtype=torch.float8_e4m3fn)
+    args = bad(q, torch.ones(2, 2), torch.empty(200, 200, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=match):
+        kernels.dequant_fp8(*args)
+    with pytest.raises(ValueError, match="row_scale: expected contiguous float32"):
+        kernels.fp8_to_int8(q, torch.ones(2, 2), torch.empty(200, 200, dtype=torch.int8), torch.empty(199))

@@ -186,6 +186,7 @@ def test_dry_run_lists_outputs_and_writes_nothing(tmp_path, capsys):
     assert cli("run", "--to", "bf16", "--dry-run", tmp_path / "src", tmp_path / "out") == 0
     text = capsys.readouterr().out
     assert "model-00001-of-00002.safetensors" in text and "total:" in text and "v4hal-manifest.json" in text
+    assert "FP8 decode: compiled decode" in text  # which decode the run would use (conversion/kernels.py)
     assert not (tmp_path / "out").exists()
 
 
