@@ -47,6 +47,7 @@ NOT_LINEAR = re.compile(r"(embed|lm_head|(^|\.)head\.|norm|(^|\.)gate\.weight$|w
 ENGRAM_TABLE = re.compile(r"(^|\.)engram\.embed\.(weight|scale)$")
 ENGRAM_TABLE_FORMATS = ("keep", "bf16")
 TARGETS = ("bf16", "fp8", "w8a8", "mxfp8", "copy")
+SCALE_FMTS = quant.SCALE_FMTS
 W8A8_TYPE = "W8A8_DYNAMIC"
 FLOAT_TYPE = "FLOAT"
 MX_BLOCK = 32
@@ -59,7 +60,8 @@ _SUB_ELEMENTS = 1 << 19     # elements per piece: 2 MiB of int32 / float32 scrat
 @dataclass(frozen=True)
 class Options:
     target: str = "bf16"
-    scale_fmt: str = "fp32"          # fp8 target: fp32 or ue8m0 scales
+    scale_fmt: str = "auto"          # fp8 target: fp32 or ue8m0 scales; auto: as the source (plan.resolve_scale_fmt)
+    source_scale_fmt: str = "fp32"   # the source's: its FP8 weights are copied as shipped when scale_fmt is the same
     scale_name: str = "auto"         # fp8/mxfp8 target: weight_scale_inv | scale | auto (as the source)
     keep: str | None = None          # regex of extra tensor names never to quantize
     mp: int = 1                      # tensor/expert parallel ranks (1 = no resharding)
@@ -133,6 +135,9 @@ def plan_jobs(tensors: dict[str, TensorInfo], opts: Options) -> list[Job]:
     scale_name = opts.scale_name if opts.scale_name != "auto" else (
         src_scale_name or ("scale" if official else "weight_scale_inv"))
     jobs = []
+    if opts.target == "fp8" and opts.scale_fmt not in SCALE_FMTS:
+        raise ValueError(f"scale_fmt: expected one of {SCALE_FMTS} (plan.resolve_scale_fmt resolves 'auto'), "
+                         f"got {opts.scale_fmt!r}")
     if opts.engram_tables not in ENGRAM_TABLE_FORMATS:
         raise ValueError(f"engram_tables: expected one of {ENGRAM_TABLE_FORMATS}, got {opts.engram_tables!r}")
     for name, info in tensors.items():
@@ -179,7 +184,7 @@ def _job(name, info, scale, kind, opts, keep, scale_name) -> Job:
             return Job(name, "raw", "raw", [OutSpec(name, info.dtype, info.shape)])
         return Job(name, decode, "bf16", [OutSpec(name, torch.bfloat16, n_k)], sname)
     if t == "fp8":
-        if kind == "fp8" and opts.scale_fmt == "fp32":
+        if kind == "fp8" and opts.scale_fmt == opts.source_scale_fmt:
             return Job(name, "raw", "raw", [OutSpec(name, info.dtype, info.shape),
                                             OutSpec(stem + scale_name, scale.dtype, scale.shape)], sname)
         return Job(name, decode, "fp8", [OutSpec(name, torch.float8_e4m3fn, n_k),
