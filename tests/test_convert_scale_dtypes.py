@@ -7,7 +7,7 @@ the tensor, the dtypes expected and the one found."""
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from convert_util import cli, file_bytes, random_fp8, write_shards
 
@@ -72,3 +72,27 @@ def test_uint8_fp8_block_scales_are_refused_naming_the_tensor(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert f"tensor '{FP8}.scale'" in err and "float8_e8m0fnu" in err and "got torch.uint8" in err, err
     assert not (tmp_path / "out").exists() or not shards(tmp_path / "out")
+
+
+def test_an_mxfp8_checkpoint_with_uint8_scales_is_refused_by_the_loader(tmp_path):
+    """`--to mxfp8` writes float8_e8m0fnu scales; the same bytes as uint8 (which `.float()` would
+    read as the integers 0-255) are refused on load, naming the tensor, not dequantized wrong."""
+    from convert_util import save_hf
+    from v4hal.model.config import ModelArgs
+    from v4hal.model.loader import LoadError, load_checkpoint
+    from v4hal.model.model import build
+
+    save_hf("v3", tmp_path / "bf16")
+    assert cli("run", "--to", "fp8", "--no-progress", tmp_path / "bf16", tmp_path / "fp8") == 0
+    assert cli("run", "--to", "mxfp8", "--no-progress", tmp_path / "fp8", tmp_path / "mx") == 0
+    (path,) = (tmp_path / "mx").glob("*.safetensors")
+    tensors = load_file(str(path))
+    e8m0 = sorted(k for k, v in tensors.items() if v.dtype == torch.float8_e8m0fnu)
+    assert e8m0
+    save_file({k: v.view(torch.uint8) if k in e8m0 else v for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    args = ModelArgs.from_json(tmp_path / "mx" / "config.json")
+    with pytest.raises(LoadError) as caught:
+        load_checkpoint(build(args), tmp_path / "mx", args)
+    message = str(caught.value)
+    weight = e8m0[0].rsplit(".", 1)[0] + ".weight"
+    assert weight in message and "MXFP8 scale stored as torch.uint8" in message and "float8_e8m0fnu" in message, message
