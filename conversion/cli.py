@@ -1,7 +1,7 @@
 """`v4hal convert`: run | verify | onnx.
 
   v4hal convert run --to bf16 SRC DST            FP8/FP4 -> BF16 (Ascend A2/A3, transformers)
-  v4hal convert run --to fp8 [--scale-fmt ue8m0] SRC DST
+  v4hal convert run --to fp8 [--scale-fmt ue8m0] SRC DST   (default: the source's scale_fmt)
   v4hal convert run --to w8a8 SRC DST            int8 W8A8 dynamic, msmodelslim layout
   v4hal convert run --to mxfp8 SRC DST           Ascend A5: MXFP8, MXFP4 experts kept
   v4hal convert run --to copy --mp 8 SRC DST     reshard for 8 tensor/expert-parallel ranks
@@ -30,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--to", required=True, choices=("bf16", "fp8", "w8a8", "mxfp8", "copy", "mindspore", "hf"))
     run.add_argument("source", metavar="SRC", help="checkpoint directory (or one .safetensors file)")
     run.add_argument("dest", metavar="DST", help="output directory (created; resumed if a run was interrupted)")
-    run.add_argument("--scale-fmt", choices=("fp32", "ue8m0"), default="fp32", help="fp8: block scale format")
+    run.add_argument("--scale-fmt", choices=("auto", "fp32", "ue8m0"), default="auto",
+                     help="fp8: block scale format, also the config's scale_fmt, which sets how activations are "
+                          "scaled at run time (auto: the source config's, fp32 where it states none)")
     run.add_argument("--scale-name", choices=("auto", "weight_scale_inv", "scale"), default="auto",
                      help="fp8/mxfp8: scale tensor suffix (auto: as the source, else by naming style)")
     run.add_argument("--keep", metavar="REGEX", help="tensor names never to quantize (in addition to norms, "

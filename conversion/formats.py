@@ -35,7 +35,7 @@ from v4hal.checkpoint_files import CheckpointError
 from v4hal.conversion import kernels
 from v4hal.conversion.io import TensorInfo
 from v4hal.conversion.output import OutSpec
-from v4hal.ops import quant
+from v4hal.ops import engram, quant
 from v4hal.ops.e4m3 import e4m3_as_f32, has_nan_codes, restore_nan_codes
 
 SCALE_SUFFIXES = ("weight_scale_inv", "scale")
@@ -48,19 +48,27 @@ NOT_LINEAR = re.compile(r"(embed|lm_head|(^|\.)head\.|norm|(^|\.)gate\.weight$|w
 ENGRAM_TABLE = re.compile(r"(^|\.)engram\.embed\.(weight|scale)$")
 ENGRAM_TABLE_FORMATS = ("keep", "bf16")
 TARGETS = ("bf16", "fp8", "w8a8", "mxfp8", "copy")
+SCALE_FMTS = quant.SCALE_FMTS
 W8A8_TYPE = "W8A8_DYNAMIC"
 FLOAT_TYPE = "FLOAT"
 MX_BLOCK = 32
 # The e4m3 bit trick (v4hal.ops.e4m3) reads the codes as float32 times 2**-120; the 2**120 goes into the
 # scale, so q * scale is formed exactly as float32(q) * scale, rounded once.
 _UNBIAS = 2.0 ** 120
+# The scale dtypes each decode reads: ue8m0 ones as float8_e8m0fnu, or as uint8 holding the same
+# exponent bytes where the runtime's contracts read them so (MXFP4: `dequantize_fp4`; V4.1's
+# Engram tables: `engram_lookup`, and vLLM's Engram loader keeps a uint8 scale's bytes). FP8's
+# 128x128 scales are floats to `fp8_matmul`, so a uint8 one there is refused, not guessed at.
+DECODED_SCALE_DTYPES = {"fp8": (torch.float32, torch.float64, torch.float8_e8m0fnu),
+                        "fp4": quant.FP4_SCALE_DTYPES, "mxfp8": engram.SCALE_DTYPES}
 _SUB_ELEMENTS = 1 << 19     # elements per piece: 2 MiB of int32 / float32 scratch
 
 
 @dataclass(frozen=True)
 class Options:
     target: str = "bf16"
-    scale_fmt: str = "fp32"          # fp8 target: fp32 or ue8m0 scales
+    scale_fmt: str = "auto"          # fp8 target: fp32 or ue8m0 scales; auto: as the source (plan.resolve_scale_fmt)
+    source_scale_fmt: str = "fp32"   # the source's: its FP8 weights are copied as shipped when scale_fmt is the same
     scale_name: str = "auto"         # fp8/mxfp8 target: weight_scale_inv | scale | auto (as the source)
     keep: str | None = None          # regex of extra tensor names never to quantize
     mp: int = 1                      # tensor/expert parallel ranks (1 = no resharding)
@@ -134,6 +142,9 @@ def plan_jobs(tensors: dict[str, TensorInfo], opts: Options) -> list[Job]:
     scale_name = opts.scale_name if opts.scale_name != "auto" else (
         src_scale_name or ("scale" if official else "weight_scale_inv"))
     jobs = []
+    if opts.target == "fp8" and opts.scale_fmt not in SCALE_FMTS:
+        raise ValueError(f"scale_fmt: expected one of {SCALE_FMTS} (plan.resolve_scale_fmt resolves 'auto'), "
+                         f"got {opts.scale_fmt!r}")
     if opts.engram_tables not in ENGRAM_TABLE_FORMATS:
         raise ValueError(f"engram_tables: expected one of {ENGRAM_TABLE_FORMATS}, got {opts.engram_tables!r}")
     for name, info in tensors.items():
@@ -145,7 +156,18 @@ def plan_jobs(tensors: dict[str, TensorInfo], opts: Options) -> list[Job]:
         scale = tensors.get(sibling_scale(name, tensors) or "")
         kind = storage(info, scale)
         jobs.append(_job(name, info, scale if kind != "plain" else None, kind, opts, keep, scale_name))
+    for job in jobs:
+        if job.decode != "raw" and job.scale:
+            _check_scale_dtype(job.decode, tensors[job.scale])
     return jobs
+
+
+def _check_scale_dtype(kind: str, scale: TensorInfo) -> None:
+    allowed = DECODED_SCALE_DTYPES[kind]
+    if scale.dtype not in allowed:
+        what = {"fp8": "FP8 weight's 128x128", "fp4": "MXFP4 weight's 1x32", "mxfp8": "float8 Engram table's 1x32"}[kind]
+        raise CheckpointError(scale.file, f"a {what} scale: expected dtype {' or '.join(map(str, allowed))}, "
+                                          f"got {scale.dtype}", scale.name)
 
 
 def _engram_table_job(name: str, info: TensorInfo, tensors: dict[str, TensorInfo], fmt: str) -> list[Job]:
@@ -180,7 +202,7 @@ def _job(name, info, scale, kind, opts, keep, scale_name) -> Job:
             return Job(name, "raw", "raw", [OutSpec(name, info.dtype, info.shape)])
         return Job(name, decode, "bf16", [OutSpec(name, torch.bfloat16, n_k)], sname)
     if t == "fp8":
-        if kind == "fp8" and opts.scale_fmt == "fp32":
+        if kind == "fp8" and opts.scale_fmt == opts.source_scale_fmt:
             return Job(name, "raw", "raw", [OutSpec(name, info.dtype, info.shape),
                                             OutSpec(stem + scale_name, scale.dtype, scale.shape)], sname)
         return Job(name, decode, "fp8", [OutSpec(name, torch.float8_e4m3fn, n_k),
@@ -225,9 +247,12 @@ def convert_rows(decode: str, encode: str, q: torch.Tensor, scale: torch.Tensor 
 
 def float_scale(scale: torch.Tensor, info: TensorInfo) -> torch.Tensor:
     """A source scale as the decodes read it: `float8_e8m0fnu` (V4 ships its ue8m0 block scales
-    so) becomes float32 exactly, 2**(byte - 127), which the quant contracts and the fast FP8 paths
-    take; byte 0xFF, e8m0's NaN, is refused naming the tensor (it would poison its whole block).
-    Other dtypes pass unchanged (the contracts check them)."""
+    so), or uint8 holding the same bytes (`DECODED_SCALE_DTYPES` says where one is read), becomes
+    float32 exactly, 2**(byte - 127), which the quant contracts and the fast FP8 paths take; byte
+    0xFF, e8m0's NaN, is refused naming the tensor (it would poison its whole block). Other dtypes
+    pass unchanged (the contracts check them)."""
+    if scale.dtype == torch.uint8:
+        scale = scale.view(torch.float8_e8m0fnu)
     if scale.dtype != torch.float8_e8m0fnu:
         return scale
     nan = scale.view(torch.uint8) == 0xFF
@@ -257,8 +282,7 @@ def decode_rows(kind: str, q: torch.Tensor, scale: torch.Tensor | None, row0: in
                 return _dequant_fp8(q, s, out_dtype, out)
             x = quant.dequantize_fp8(q, s, quant.WEIGHT_BLOCK, out_dtype=out_dtype)
         elif kind == "mxfp8":  # e4m3 rows with a ue8m0 scale per 32 columns (V4.1's Engram tables)
-            s = scale[row0: row0 + q.shape[0]].float()
-            x = quant.dequantize_fp8(q, s, (1, MX_BLOCK), out_dtype=out_dtype)
+            x = quant.dequantize_fp8(q, scale[row0: row0 + q.shape[0]], (1, MX_BLOCK), out_dtype=out_dtype)
         elif kind == "plain":
             x = q.to(out_dtype)
         elif kind == "fp4":

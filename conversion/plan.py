@@ -15,6 +15,7 @@ atomically.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -73,7 +74,7 @@ class Unit:
 
 class Plan:
     def __init__(self, source: Source, opts: Options):
-        self.source, self.opts = source, opts
+        self.source, self.opts = source, resolve_scale_fmt(opts, source_config(source))
         jobs = self.make_jobs()
         by_job_file: dict[str, list[Job]] = {f: [] for f in source.files}
         for j in jobs:
@@ -88,8 +89,7 @@ class Plan:
     def make_jobs(self) -> list[Job]:
         jobs = formats.plan_jobs(self.source.tensors, self.opts)
         if self.opts.mp > 1:
-            config = self.source.dir / "config.json"
-            engram = reshard.engram_rows(json.loads(config.read_text()) if config.is_file() else None, self.opts.mp)
+            engram = reshard.engram_rows(source_config(self.source), self.opts.mp)
             reshard.assign(jobs, self.opts.mp, self.opts.n_experts, engram)
         return jobs
 
@@ -171,6 +171,32 @@ class Plan:
 
     def index_names(self) -> list[str]:
         return [INDEX_NAME] if self.opts.mp == 1 else [f"model{r}-mp{self.opts.mp}.safetensors.index.json" for r in range(self.opts.mp)]
+
+
+def source_config(source: Source) -> dict | None:
+    config = source.dir / "config.json"
+    return json.loads(config.read_text()) if config.is_file() else None
+
+
+def resolve_scale_fmt(opts: Options, config: dict | None) -> Options:
+    """The fp8 target's scale format, with the source's (its config's `quantization_config.scale_fmt`,
+    absent: fp32). That field also sets how the model quantizes its activations at run time
+    (ue8m0: power-of-two scales), so "auto" keeps the source's; fp32 asked of a ue8m0 source is
+    refused (its weights' scales are powers of two already: only the activations would change);
+    ue8m0 asked of an fp32 source re-quantizes the weights, as asked, and the config says ue8m0."""
+    if opts.target != "fp8":
+        return opts
+    stated = ((config or {}).get("quantization_config") or {}).get("scale_fmt") or "fp32"
+    if stated not in formats.SCALE_FMTS:
+        raise ConversionError(f"the source's config.json says quantization_config.scale_fmt {stated!r}; "
+                              f"expected one of {formats.SCALE_FMTS} (or none)")
+    asked = stated if opts.scale_fmt == "auto" else opts.scale_fmt
+    if stated == "ue8m0" and asked == "fp32":
+        raise ConversionError("--scale-fmt fp32: the source's config says quantization_config.scale_fmt 'ue8m0', "
+                              "which also makes the model scale its FP8 activations by powers of two at run time; "
+                              "an fp32 checkpoint would compute differently (and the weights' scales are powers of "
+                              "two already). Leave --scale-fmt out (or pass ue8m0) to keep the source's")
+    return dataclasses.replace(opts, scale_fmt=asked, source_scale_fmt=stated)
 
 
 def chunk_rows(job: Job) -> int:

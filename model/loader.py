@@ -16,7 +16,8 @@ per-row scales) stay quantized where the target is a `Linear` (or a fused expert
 `<name>_scale` slot) and `keep_quantized` is on; otherwise they are dequantized once, on load.
 Shards are memory-mapped and copied tensor by tensor into the model's (untouched, lazily
 allocated) storage, so the peak resident memory is near the model's size, not twice it.
-MXFP8 weights (e4m3 + 1x32 ue8m0 scales, `convert run --to mxfp8`) are always dequantized on load.
+MXFP8 weights (e4m3 + 1x32 ue8m0 scales, `convert run --to mxfp8`) are always dequantized on load
+(scales stored as an integer dtype, which would read as the integers, are rejected).
 Every shard must be a regular file inside the checkpoint folder (symlinks resolved); a tensor
 stored twice, or an integer tensor without a scale for a float slot, is rejected.
 The MTP layers (`model.layers.{N}` for N >= num_hidden_layers, `mtp.*`) are skipped.
@@ -319,6 +320,10 @@ class _Loader:
                 self._refuse(self.rejected, name, f"{nan_codes} e4m3 NaN code(s) (0x7f/0xff) in an FP8 weight")
                 return
             if _is_mxfp8(tensor, scale):  # no kernel here runs 1x32 FP8 blocks: dequantized once, now
+                if not scale.dtype.is_floating_point:  # uint8 bytes would be read as the integers 0-255
+                    self._refuse(self.rejected, name, f"MXFP8 scale stored as {scale.dtype}: expected "
+                                                      f"float8_e8m0fnu (or float powers of two)")
+                    return
                 tensor, scale = ops.dequantize_fp8(tensor, scale.float(), MX_BLOCK, torch.float32), None
                 self.report.dequantized += 1
         if scale is not None:
