@@ -10,6 +10,7 @@ and still holds only its hash columns' rows: every rank looks up its columns for
 tokens, and each gets the single-process logits and tokens of its own prompts."""
 
 import os
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -161,6 +162,15 @@ def test_generate_under_torchrun_with_tp2(checkpoint):
     assert run.returncode == 0, run.stderr
     assert f"[0] generated: {ref['tokens'][1]}" in run.stdout, run.stdout
     assert "Engram token map from engram_token_map.json" in run.stdout
+    # each rank's bytes held beside plan's prediction for that rank, its Engram rows in host memory
+    # shown apart: rank 0 holds 71 + 73 and 83 + 89 rows of 32 float32 values, rank 1 79 and 97
+    lines = re.findall(r"rank (\d) on cpu: weights ([\d,]+) bytes held .*, plan predicts ([\d,]+) "
+                       r"\(([\d,]+) device weights \+ ([\d,]+) Engram tables in host memory\)", run.stdout)
+    assert [r for r, *_ in lines] == ["0", "1"], run.stdout
+    for rank, held, predicted, device, host in lines:
+        held, predicted, device, host = (int(x.replace(",", "")) for x in (held, predicted, device, host))
+        assert held == predicted == device + host, run.stdout
+        assert host == {"0": 71 + 73 + 83 + 89, "1": 79 + 97}[rank] * 32 * 4
 
 
 def test_column_shards_and_a_split_that_leaves_a_rank_without_columns():
