@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from v4hal.bench.cases_model import BENCH_V4, hf_model
 from v4hal.model.config import ModelArgs, preset
+from v4hal.model.engram import EngramArgs
 from v4hal.model.loader import load_checkpoint
 from v4hal.model.model import build
 from v4hal.model.parallel import Layout
@@ -152,36 +153,72 @@ def collectives(args: ModelArgs, layout: Layout, context: int, tokens: int = 1,
                 act_bytes: int = 2) -> list[tuple[str, int]]:
     """The collectives one rank joins in a forward of `tokens` tokens per rank that ends at
     `context` tokens of cache, in the order the model makes them (model/collectives.py call
-    sites): (kind, bytes of the whole message; for an all-gather the gathered result). The
-    embedding all-reduce; per layer the indexer's score all-reduce (V4 CSA layers: context/4
-    float32 scores per token; V3.2: context), the attention output all-reduce, the MLP / MoE
-    all-reduce (tp) or the MoE's token exchanges (ep with dp: the split counts, rows out, rows
-    back, assuming an even spread); the float32 logits all-gather."""
+    sites; what `collectives.recording()` lists): (kind, bytes of the whole message; for an
+    all-gather the gathered result, for an all-to-all the rows sent). The embedding all-reduce
+    (tp); V4.1 under data parallelism, every rank's token count and hashed Engram rows (int64)
+    all-gathered; per layer the Engram exchanges (V4.1, `engram_collectives`), the indexer's score
+    all-reduce (tp; V4 CSA layers: context/4 float32 scores per token; V4.1 index sources:
+    context/ratio; V3.2: context), the attention output all-reduce, the MLP / MoE all-reduce (tp)
+    or the MoE's token exchanges (ep with dp: every expert's row count, int64, rows out, rows back,
+    assuming an even spread); the float32 logits all-gather (tp)."""
     h, tp, ep = args.hidden_size, layout.tp, layout.ep
     out = [("all_reduce", tokens * h * act_bytes)] if tp > 1 else []  # embedding
+    engram_first, engram_layers = engram_collectives(args, layout, tokens, act_bytes)
+    out += engram_first
     for i in range(args.num_hidden_layers):
+        out += engram_layers.get(i, [])
         if tp > 1:
-            keys = context // 4 if args.is_v4 and args.compress_ratio(i) == 4 else context if args.is_v32 else 0
+            keys = _indexed_keys(args, i, context)
             if keys:
                 out.append(("all_reduce", tokens * keys * 4))  # indexer scores, before the attention
             out.append(("all_reduce", tokens * h * act_bytes))  # attention output
             out.append(("all_reduce", tokens * h * act_bytes))  # MLP / MoE
         elif ep > 1 and args.is_moe_layer(i):
             rows = tokens * args.num_experts_per_tok * h * act_bytes
-            out += [("all_to_all_counts", args.n_routed_experts * 8), ("all_to_all", rows), ("all_to_all", rows)]
+            out += [("all_to_all", args.n_routed_experts * 8), ("all_to_all", rows), ("all_to_all", rows)]
     if tp > 1:
         out.append(("all_gather", tokens * args.vocab_size * 4))  # logits
     return out
 
 
+def _indexed_keys(args: ModelArgs, layer: int, context: int) -> int:
+    """Compressed entries (V3.2: tokens) `layer`'s indexer scores at `context`; 0 without an indexer."""
+    if args.is_v41:
+        return context // args.compress_ratio(layer) if layer in args.index_source_layer_ids else 0
+    if args.is_v4:
+        return context // 4 if args.compress_ratio(layer) == 4 else 0
+    return context if args.is_v32 else 0
+
+
+def engram_collectives(args: ModelArgs, layout: Layout, tokens: int,
+                       act_bytes: int) -> tuple[list[tuple[str, int]], dict[int, list[tuple[str, int]]]]:
+    """V4.1's Engram collectives (model/engram.py): (those made once before the layers, those of
+    each Engram layer by layer id); none without Engram or in one process. The tables are split
+    by hash columns over tp (or dp) ranks, `ceil(columns / n)` each (`ColumnShard`). Under tp, each Engram layer
+    all-gathers its ranks' looked-up columns, then its column-parallel `kv_proj` outputs. Under dp
+    (even token counts assumed), the forward first all-gathers every rank's token count and every
+    layer's hashed rows; each layer then all-to-alls the looked-up columns of every rank's tokens
+    back to their ranks."""
+    n = layout.tp if layout.tp > 1 else layout.dp
+    if not args.is_v41 or n == 1:
+        return [], {}
+    ea = EngramArgs(args)
+    columns = -(-ea.columns // n) * ea.head_dim  # values per token from each rank's hash columns
+    if layout.tp > 1:
+        per_layer = [("all_gather", tokens * n * columns * act_bytes),
+                     ("all_gather", tokens * (args.hc_mult + 1) * args.hidden_size * act_bytes)]
+        return [], {i: per_layer for i in ea.layer_ids}
+    first = [("all_gather", n * 8), ("all_gather", n * len(ea.layer_ids) * tokens * ea.columns * 8)]
+    return first, {i: [("all_to_all", n * tokens * columns * act_bytes)] for i in ea.layer_ids}
+
+
 def comm_bytes(args: ModelArgs, layout: Layout, context: int, tokens: int = 1, act_bytes: int = 2) -> tuple[int, int]:
     """(bytes one rank sends, collectives it joins) in one decode step (`collectives`): ring
     all-reduce sends 2 (n-1)/n of the message, all-gather (n-1)/n of the whole, all-to-all (n-1)/n
-    of its rows (the split counts, a few bytes, are not counted)."""
+    of its rows (over the tp ranks, or the ep = dp ranks)."""
     calls = collectives(args, layout, context, tokens, act_bytes)
     n = layout.tp if layout.tp > 1 else layout.ep
     factor = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "all_to_all": (n - 1) / n}
-    factor["all_to_all_counts"] = 0
     sent = sum(factor[kind] * nbytes for kind, nbytes in calls)
     return int(sent), len(calls)
 
@@ -194,6 +231,7 @@ def comm_table(contexts=(8192, 131072)) -> str:
     lines = ["| model | layout | context | bytes sent per rank per step | collectives | at 450 GB/s (NVLink) | "
              "at 400 GB/s (910C HCCS, reported) |", "|---|---|---|---|---|---|---|"]
     for name, lays in (("v4-flash", [Layout(tp=8), Layout(tp=8, ep=8), Layout(ep=8, dp=8)]),
+                       ("v4.1-flash", [Layout(tp=8), Layout(tp=8, ep=8), Layout(ep=8, dp=8)]),
                        ("v4-pro", [Layout(tp=8, ep=8), Layout(tp=16, ep=16), Layout(ep=16, dp=16)]),
                        ("v3.2", [Layout(tp=8, ep=8), Layout(ep=8, dp=8)])):
         args = preset(name)

@@ -363,6 +363,7 @@ class ModelArgs:
             out.append(("head", "tp", "float", v * h))
         if self.is_v4:
             n = self.hc_mult
+        if self.is_v4 and not self.is_v41:  # V4.1 collapses its streams by the delayed pre-mix instead
             out.append(("mhc", "whole", "fp32", n * n * h + n + 1))  # hc_head
         for i in range(self.num_hidden_layers):
             out += self._attention_groups(i)

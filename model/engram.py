@@ -190,11 +190,13 @@ class EngramArgs:
         return sum(s.row_stop - s.row_start for s in (ColumnShard.of(self, i, shards, rank)
                                                       for i in range(len(self.layer_ids))))
 
-    def table_bytes(self, shards: int = 1) -> int:
+    def table_bytes(self, shards: int = 1, rank: int | None = None, float_bytes: float = 2) -> int:
         """Bytes of every layer's table as built (float8 plus one ue8m0 byte per 32 columns, or
-        2-byte rows) on the rank holding the most of `shards`."""
-        per_row = self.head_dim + self.head_dim // ops.SCALE_BLOCK if self.table_dtype else 2 * self.head_dim
-        return max(self.table_rows(shards, r) for r in range(shards)) * per_row
+        rows of `float_bytes` per value: the model's dtype) on `rank` of `shards`, or on the rank
+        holding the most (None)."""
+        per_row = self.head_dim + self.head_dim // ops.SCALE_BLOCK if self.table_dtype else float_bytes * self.head_dim
+        ranks = range(shards) if rank is None else (rank,)
+        return int(max(self.table_rows(shards, r) for r in ranks) * per_row)
 
 
 @dataclass(frozen=True)
@@ -330,14 +332,15 @@ class Engram(nn.Module):
         return streams + ops.engram_gate(streams, keys, value, self.k_weight, self.q_weight, self.eps, keep)
 
 
-def plan_bytes(args, dense_bytes: float, tp: int = 1, dp: int = 1) -> tuple[float, float]:
-    """(device bytes of every Engram module's projections (split over `tp` ranks) and gate weights
-    at `dense_bytes` per weight, host bytes of its tables as DeepSeek ships them, split by hash
-    columns over the tp * dp ranks, on the rank holding the most) for `v4hal plan`; (0, 0)
-    without Engram."""
+def plan_bytes(args, matrix_bytes: float, float_bytes: float, tp: int = 1, dp: int = 1,
+               rank: int | None = None) -> tuple[float, float]:
+    """(device bytes of every Engram module's projections (`kv_proj`, split over `tp` ranks, at
+    `matrix_bytes` per weight) and gate weights (whole, at `float_bytes`), host bytes of its tables
+    as built (`table_bytes`), split by hash columns over the tp * dp ranks: on rank `rank` of
+    them, or on the rank holding the most (None)) for `v4hal plan`; (0, 0) without Engram."""
     if not args.is_v41:
         return 0.0, 0.0
     ea = EngramArgs(args)
-    proj = ea.columns * ea.head_dim * (args.hc_mult + 1) * args.hidden_size // tp * dense_bytes
-    gate = 2 * args.hc_mult * args.hidden_size * 2
-    return len(ea.layer_ids) * (proj + gate), float(ea.table_bytes(tp * dp))
+    proj = ea.columns * ea.head_dim * (args.hc_mult + 1) * args.hidden_size // tp * matrix_bytes
+    gate = 2 * args.hc_mult * args.hidden_size * float_bytes
+    return len(ea.layer_ids) * (proj + gate), float(ea.table_bytes(tp * dp, rank, float_bytes))

@@ -1,5 +1,5 @@
 """Expert parallelism: each process holds `E / world` consecutive routed experts; tokens travel to
-the process owning their expert and back with two all-to-alls (`torch.distributed`).
+the process owning their expert and back with two all-to-alls (`model.collectives`).
 
 Works with any process-group backend that implements `all_to_all_single` with uneven splits:
 `gloo` on CPU (what the tests launch), `nccl` on NVIDIA GPUs, `hccl` on Ascend (torch_npu
@@ -20,9 +20,9 @@ how a GEMM's blocking depends on its row count.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from v4hal import ops
+from v4hal.model.collectives import Collectives
 from v4hal.model.parallel import DEVICE_BACKENDS, process_group_backend  # noqa: F401 (this module's API)
 from v4hal.ops.moe import ExpertExchange, ExpertWeights, MoeDispatch
 
@@ -41,20 +41,14 @@ def shard_experts(experts: ExpertWeights, world: int, rank: int) -> ExpertWeight
     return ExpertWeights(*(t[start:end] if isinstance(t, torch.Tensor) else t for t in experts))
 
 
-def _exchange(rows: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
-    out = rows.new_empty(sum(recv_splits), *rows.shape[1:])
-    dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
-    return out
-
-
 class AllToAll(ExpertExchange):
-    """The MoE composite's exchange over the processes of `group`, each holding `E / world`
-    consecutive experts: rows travel to their expert's owner and back by `all_to_all_single`."""
+    """The MoE composite's exchange over the processes of `group` (a torch.distributed process
+    group, None = the default one), each holding `E / world` consecutive experts: rows travel to
+    their expert's owner and back by all-to-all (`Collectives.all_to_all`, uneven splits)."""
 
     def __init__(self, group=None):
-        self.group = group
-        self.shards = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
+        self.collectives = Collectives(group)
+        self.shards, self.rank = self.collectives.size, self.collectives.rank
 
     def first_expert(self, held: int) -> int:
         return self.rank * held
@@ -63,10 +57,9 @@ class AllToAll(ExpertExchange):
         # Rows are sorted by global expert = by owning rank, then by that rank's local expert.
         e_local = state.counts.shape[0] // self.shards
         send_counts = state.counts.view(self.shards, e_local)
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        recv_counts = self.collectives.all_to_all(send_counts)
         send_splits, recv_splits = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
-        received = _exchange(state.permuted, send_splits, recv_splits, self.group)
+        received = self.collectives.all_to_all(state.permuted, send_splits, recv_splits)
         # Arrivals are ordered (source rank, local expert); a stable sort by local expert makes
         # each expert's rows contiguous, in source-rank order.
         local_expert = torch.arange(e_local, device=received.device).repeat(self.shards)
@@ -79,7 +72,7 @@ class AllToAll(ExpertExchange):
         order, send_splits, recv_splits = sent
         unsorted = torch.empty_like(results)
         unsorted[order] = results
-        return _exchange(unsorted, recv_splits, send_splits, self.group)
+        return self.collectives.all_to_all(unsorted, recv_splits, send_splits)
 
 
 class LocalExperts(ExpertExchange):

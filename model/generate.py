@@ -287,12 +287,10 @@ def _run(ns, args, prompts, tokenizer, layout, placement: Placement | None, dtyp
     res = generate(model, prompts, ns.max_new_tokens, sampling, eos_token_id=None if not ns.prompt else _eos(args),
                    compile=ns.compile)
     if layout.devices > 1:
-        from v4hal.model.plan import weight_bytes
-
         # as loaded: the checkpoint's own formats, or every matrix in the model's dtype
         fmt = "auto" if not (ns.dequantize or ns.dtype) else "fp32" if dtype == torch.float32 else "bf16"
         print(f"process group: {placement.backend}, {layout.devices} ranks")
-        disagreement = _check_ranks_agree(model, res.tokens, sum(weight_bytes(args, layout, fmt).values()),
+        disagreement = _check_ranks_agree(model, res.tokens, lambda rank: planned_bytes(args, layout, fmt, rank),
                                           placement)
         if disagreement:
             return error("generate", disagreement)
@@ -317,15 +315,26 @@ def _run(ns, args, prompts, tokenizer, layout, placement: Placement | None, dtyp
     return 0
 
 
-def _check_ranks_agree(model, tokens: list[list[int]], planned: float, placement: Placement) -> str | None:
-    """Prints each rank's device and weight bytes beside `v4hal plan`'s prediction; what differs
-    if not every rank generated the same tokens."""
+def planned_bytes(args: ModelArgs, layout, weights: str, rank: int) -> tuple[float, float]:
+    """`v4hal plan`'s (device weight bytes, host bytes of V4.1's Engram tables) for rank `rank`
+    of `layout`: the tables are split by hash columns, so ranks hold unequal shares."""
+    from v4hal.model.plan import engram_bytes, weight_bytes
+
+    device, host = engram_bytes(args, layout, weights, rank)
+    return sum(weight_bytes(args, layout, weights).values()) + device, host
+
+
+def _check_ranks_agree(model, tokens: list[list[int]], planned, placement: Placement) -> str | None:
+    """Prints each rank's device and weight bytes beside `v4hal plan`'s prediction (`planned(rank)`:
+    device bytes, host bytes); what differs if not every rank generated the same tokens."""
     mine = model.held_bytes()
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (mine, tokens, placement.device))
     for rank, (held, toks, device) in enumerate(everyone):
+        on_device, host = planned(rank)
+        split = f" ({on_device:,.0f} device weights + {host:,.0f} Engram tables in host memory)" if host else ""
         print(f"rank {rank} on {device}: weights {held:,} bytes held ({held / 2**20:.2f} MiB), "
-              f"plan predicts {planned:,.0f}")
+              f"plan predicts {on_device + host:,.0f}{split}")
         if toks != tokens:
             return f"rank {rank} generated other tokens than rank {dist.get_rank()}"
     return None

@@ -43,22 +43,38 @@ PARTS = {"embed": "embed+head", "head": "embed+head", "attention": "attention", 
          "hash_tables": "norms+mhc+tables"}
 
 
-def weight_bytes(args: ModelArgs, lay: Layout, weights: str = "auto") -> dict[str, float]:
-    """Parameter (and buffer) bytes one device holds, by part: `ModelArgs.parameter_groups`, each
-    group cut as `lay` cuts it (exact element counts; quantization scales are counted at their rate
-    per element, exact for FP8 and MXFP4 where the matrix sides are multiples of 128)."""
+def element_bytes(args: ModelArgs, weights: str = "auto") -> dict[str, float]:
+    """Bytes per element of each kind of `ModelArgs.parameter_groups` in the weight format
+    `weights` (auto: the checkpoint's own)."""
     float_fmt = "fp32" if weights == "fp32" or weights == "auto" and args.torch_dtype == "float32" else "bf16"
     if weights == "auto":
         matrix_fmt = "fp8" if args.weight_quant == "fp8" else float_fmt
         expert_fmt = "fp4" if args.expert_dtype == "fp4" else matrix_fmt
     else:
         matrix_fmt = expert_fmt = weights
-    size = {"matrix": BYTES[matrix_fmt], "expert": BYTES[expert_fmt], "float": BYTES[float_fmt], "fp32": 4, "ids": 8}
+    return {"matrix": BYTES[matrix_fmt], "expert": BYTES[expert_fmt], "float": BYTES[float_fmt], "fp32": 4, "ids": 8}
+
+
+def weight_bytes(args: ModelArgs, lay: Layout, weights: str = "auto") -> dict[str, float]:
+    """Parameter (and buffer) bytes one device holds, by part: `ModelArgs.parameter_groups`, each
+    group cut as `lay` cuts it (exact element counts; quantization scales are counted at their rate
+    per element, exact for FP8 and MXFP4 where the matrix sides are multiples of 128). V4.1's
+    Engram modules are apart: `engram_bytes`."""
+    size = element_bytes(args, weights)
     split = {"tp": lay.tp, "experts": lay.expert_split, "whole": 1}
     out = dict.fromkeys(dict.fromkeys(PARTS.values()), 0.0)
     for part, how, kind, n in args.parameter_groups():
         out[PARTS[part]] += n // split[how] * size[kind]
     return {k: v / lay.pp for k, v in out.items()}
+
+
+def engram_bytes(args: ModelArgs, lay: Layout, weights: str = "auto", rank: int | None = None) -> tuple[float, float]:
+    """V4.1: (device bytes of the Engram projections and gates, host bytes of the Engram tables)
+    one device holds, in the format `weights`: the tables on rank `rank` of the tp * dp ranks
+    splitting them by hash columns, or on the rank holding the most (None); (0, 0) without Engram."""
+    size = element_bytes(args, weights)
+    device, host = plan_bytes(args, size["matrix"], size["float"], lay.tp, lay.dp, rank)
+    return device / lay.pp, host
 
 
 def kv_row_bytes(args: ModelArgs, dim: int, rope: int, kv: str) -> int:
@@ -142,10 +158,9 @@ def plan(args: ModelArgs, lay: Layout, context: int, batch: int = 1, chunk: int 
          weights: str = "auto", kv: str = "bf16") -> dict:
     lay.check(args)
     w = weight_bytes(args, lay, weights)
-    engram_device, engram_host = plan_bytes(args, BYTES["fp8" if args.weight_quant == "fp8" and weights == "auto" else
-                                                      "bf16" if weights == "auto" else weights], lay.tp, lay.dp)
+    engram_device, engram_host = engram_bytes(args, lay, weights)
     if engram_host:  # V4.1: projections on the device, tables in host memory (as vLLM keeps them)
-        w["engram projections"] = engram_device * (1 / lay.pp)
+        w["engram projections"] = engram_device
     per_seq = kv_bytes_per_sequence(args, context, kv)
     seqs_here = -(-batch // lay.dp)
     kv_dev = {k: v * seqs_here / lay.pp for k, v in per_seq.items()}

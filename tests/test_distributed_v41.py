@@ -7,9 +7,12 @@ tokens from `v4hal generate --tp 2` under torchrun; so does the checkpoint resha
 compressed caches (ratio-2 and ratio-1 sources and readers), so these run split too. Under data
 parallelism (ep = dp = 2, tp = 1) each rank runs its own prompts (other batch sizes and lengths)
 and still holds only its hash columns' rows: every rank looks up its columns for both ranks'
-tokens, and each gets the single-process logits and tokens of its own prompts."""
+tokens, and each gets the single-process logits and tokens of its own prompts. Under each layout
+a decode step makes, rank by rank, the collectives (kind and bytes) `bench.distributed` computes
+for docs/distributed.md's communication table, the Engram exchanges included."""
 
 import os
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -20,12 +23,14 @@ import torch
 import torch.distributed as dist
 
 from dist_util import TIMEOUT, free_port
+from v4hal.bench.distributed import collectives, engram_collectives
 from test_distributed import BATCH, DECODE, PROMPT, _run, spawn
 from test_model_v41 import IMAGE, _v41_topology
 from v4hal.cli import main
 from v4hal.model.config import ModelArgs
 from v4hal.model.engram import ColumnShard, EngramArgs
 from v4hal.model.generate import Sampling, generate
+from v4hal.model.collectives import recording
 from v4hal.model.loader import load_checkpoint
 from v4hal.model.model import build
 from v4hal.model.parallel import Layout, LayoutError
@@ -35,6 +40,8 @@ NEW = 6
 # data parallelism: rank -> (its sequences of _ids, its prompt length): token counts differ by rank
 DP_PROMPTS = {0: (slice(0, 2), PROMPT), 1: (slice(2, 3), PROMPT - 5)}
 DP_DECODE, DP_NEW = 4, 3
+DP_BATCH = 2  # sequences per rank in the data-parallel decode step whose collectives are counted
+LAYOUTS = {"hf": Layout(tp=2), "mp": Layout(tp=2, ep=2), "dp": Layout(ep=2, dp=2)}
 
 
 def v41_args(**changes) -> ModelArgs:
@@ -64,14 +71,23 @@ def _run_prompt(model, ids: torch.Tensor, prompt: int) -> dict:
     return {"logits": torch.cat(steps, dim=1), "tokens": tokens}
 
 
+def _decode_collectives(model, ids: torch.Tensor) -> list[tuple[str, int]]:
+    """The collectives the decode step of `ids`' last token makes, after a prefill of the rest."""
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(ids[:, :-1], cache=cache)
+        with recording() as made:
+            model(ids[:, -1:], cache=cache)
+    return made
+
+
 def _worker(rank, world, port, path, out_dir):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=TIMEOUT))
     try:
-        for kind, source, layout in (("hf", path, Layout(tp=world)),
-                                     ("mp", f"{path}-mp{world}", Layout(tp=world, ep=world)),
-                                     ("dp", path, Layout(ep=world, dp=world))):
+        for kind, source in (("hf", path), ("mp", f"{path}-mp{world}"), ("dp", path)):
+            layout = LAYOUTS[kind]
             args = ModelArgs.from_json(source)
             model = build(args, layout=layout, timeout_s=TIMEOUT)
             report = load_checkpoint(model, source, args)
@@ -79,6 +95,8 @@ def _worker(rank, world, port, path, out_dir):
             out["token_map"] = report.engram_token_map
             out["tables"] = {i: tuple(model.model.layers[i].engram.embed.weight.shape) for i in (1, 3)}
             out["kv_proj"] = tuple(model.model.layers[1].engram.kv_proj.weight.shape)
+            own = slice(rank * DP_BATCH, (rank + 1) * DP_BATCH) if kind == "dp" else slice(None)  # equal token counts
+            out["decode_collectives"] = _decode_collectives(model, _ids(args)[own, : PROMPT + 1])
             torch.save(out, os.path.join(out_dir, f"{kind}.{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -139,6 +157,29 @@ def runs(checkpoint, tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("kind", list(LAYOUTS))
+def test_a_decode_step_makes_the_computed_collectives(kind, checkpoint, runs):
+    args, layout = ModelArgs.from_json(checkpoint[0]), LAYOUTS[kind]
+    tokens = DP_BATCH if layout.dp > 1 else BATCH
+    computed = collectives(args, layout, PROMPT + 1, tokens=tokens, act_bytes=4)  # float32 model
+    made = [torch.load(runs / f"{kind}.{rank}.pt")["decode_collectives"] for rank in range(2)]
+    # the Engram exchanges by hand: 2 of the 3 hash columns per rank, 32 values each; layers 1 and 3
+    if layout.dp > 1:  # token counts and 2 layers' hashed rows (int64) gathered; looked-up columns back
+        engram = ([("all_gather", 2 * 8), ("all_gather", 2 * 2 * tokens * 3 * 8)],
+                  dict.fromkeys((1, 3), [("all_to_all", 2 * tokens * 2 * 32 * 4)]))
+    else:  # looked-up columns gathered, then the (hc_mult + 1) * hidden kv_proj outputs
+        engram = [], dict.fromkeys((1, 3), [("all_gather", tokens * 2 * 2 * 32 * 4), ("all_gather", tokens * 5 * 64 * 4)])
+    assert EngramArgs(args).columns == 3 and engram_collectives(args, layout, tokens, 4) == engram
+    # the MoE's rows back depend on the routing (computed for an even spread): their sum over ranks
+    # is the rows sent; every other collective matches rank by rank
+    back = {i + 2 for i, c in enumerate(computed) if c == ("all_to_all", args.n_routed_experts * 8)}
+    for rank in range(2):
+        assert [k for k, _ in made[rank]] == [k for k, _ in computed], f"{kind} rank {rank}"
+        assert [c for i, c in enumerate(made[rank]) if i not in back] == [c for i, c in enumerate(computed) if i not in back]
+    for i in back:
+        assert made[0][i][1] + made[1][i][1] == 2 * computed[i][1]
+
+
 def test_convert_mp2_writes_each_rank_only_its_hash_columns_rows(checkpoint):
     from safetensors import safe_open
 
@@ -161,6 +202,15 @@ def test_generate_under_torchrun_with_tp2(checkpoint):
     assert run.returncode == 0, run.stderr
     assert f"[0] generated: {ref['tokens'][1]}" in run.stdout, run.stdout
     assert "Engram token map from engram_token_map.json" in run.stdout
+    # each rank's bytes held beside plan's prediction for that rank, its Engram rows in host memory
+    # shown apart: rank 0 holds 71 + 73 and 83 + 89 rows of 32 float32 values, rank 1 79 and 97
+    lines = re.findall(r"rank (\d) on cpu: weights ([\d,]+) bytes held .*, plan predicts ([\d,]+) "
+                       r"\(([\d,]+) device weights \+ ([\d,]+) Engram tables in host memory\)", run.stdout)
+    assert [r for r, *_ in lines] == ["0", "1"], run.stdout
+    for rank, held, predicted, device, host in lines:
+        held, predicted, device, host = (int(x.replace(",", "")) for x in (held, predicted, device, host))
+        assert held == predicted == device + host, run.stdout
+        assert host == {"0": 71 + 73 + 83 + 89, "1": 79 + 97}[rank] * 32 * 4
 
 
 def test_column_shards_and_a_split_that_leaves_a_rank_without_columns():

@@ -1,5 +1,7 @@
 """Expert parallelism on CPU: 2 and 4 processes over gloo, each owning E / world experts and its own
-tokens, must reproduce the single-process layer (functional API and the `MoE` module)."""
+tokens, must reproduce the single-process layer (functional API and the `MoE` module), and the
+exchange goes through model/collectives.py (its recording sees the dispatch: the split counts, the
+rows out and the rows back)."""
 
 import os
 
@@ -10,6 +12,7 @@ import torch.multiprocessing as mp
 
 from v4hal import ops
 from v4hal.model import expert_parallel as ep
+from v4hal.model.collectives import recording
 from v4hal.model.moe import MoE
 
 H, I, E, TOPK = 32, 16, 8, 3
@@ -52,9 +55,10 @@ def _worker(rank, world, init_file, out_dir):
     try:
         gate, experts, kw, xs = _setup()
         local = ep.shard_experts(experts, world, rank)
-        functional = ep.moe_forward_ep(xs[rank], gate, local, TOPK, group=dist.group.WORLD, **kw)
+        with recording() as made:
+            functional = ep.moe_forward_ep(xs[rank], gate, local, TOPK, group=dist.group.WORLD, **kw)
         module = _module(dist.group.WORLD)(xs[rank].unsqueeze(0)).squeeze(0)
-        torch.save({"functional": functional, "module": module}, os.path.join(out_dir, f"{rank}.pt"))
+        torch.save({"functional": functional, "module": module, "made": made}, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -65,6 +69,8 @@ def test_expert_parallel_equals_single_process(world, tmp_path):
     gate, experts, kw, xs = _setup()
     x_all = torch.cat(xs[:world])
     reference = ops.moe_forward(x_all, gate, experts, TOPK, **kw)
+    route = {k: kw[k] for k in ("scoring", "bias", "n_group", "topk_group")}
+    owner = ops.moe_route(x_all, gate, TOPK, **route)[1] // (E // world)  # the rank holding each choice's expert
     module_reference = _module()(x_all)
     torch.testing.assert_close(module_reference, reference)
     start = 0
@@ -73,6 +79,10 @@ def test_expert_parallel_equals_single_process(world, tmp_path):
         rows = slice(start, start + _tokens(rank))
         torch.testing.assert_close(got["functional"], reference[rows], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got["module"], reference[rows], rtol=1e-5, atol=1e-6)
+        # every expert's row count (int64) to its owner, this rank's rows out, the rows its experts ran back
+        row = H * 4
+        assert got["made"] == [("all_to_all", E * 8), ("all_to_all", _tokens(rank) * TOPK * row),
+                               ("all_to_all", int((owner == rank).sum()) * row)], f"rank {rank}"
         start += _tokens(rank)
 
 

@@ -1,8 +1,9 @@
 """`v4hal plan`'s weight bytes per device are exactly what each rank of the running model holds:
 the model is built on the meta device for every rank of a layout (torch's fake process group
 stands in for the other ranks), its state_dict bytes summed and compared with
-`plan.weight_bytes`. The loaded-checkpoint version of this check runs under gloo in
-tests/test_distributed.py."""
+`plan.weight_bytes` (plus, for V4.1, `plan.engram_bytes`: the Engram projections and this
+rank's hash columns of the tables). The loaded-checkpoint version of this check runs under gloo
+in tests/test_distributed.py (and, for V4.1, `v4hal generate --tp 2` in tests/test_distributed_v41.py)."""
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from v4hal.model.config import ModelArgs, preset
 from v4hal.model.model import build
 from v4hal.model.parallel import Layout
-from v4hal.model.plan import weight_bytes
+from v4hal.model.plan import engram_bytes, weight_bytes
+
+from test_model_v41 import tiny_v41
 
 TINY_MLA = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
                 num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
@@ -21,7 +24,8 @@ TINY_MLA = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_interm
 MODELS = {"tiny-v4": preset("tiny").replace(o_groups=4),
           "tiny-v3.2": ModelArgs.from_dict({**TINY_MLA, "model_type": "deepseek_v32"}),
           "tiny-v3-bias": ModelArgs.from_dict({**TINY_MLA, "model_type": "deepseek_v3", "attention_bias": True}),
-          "v4-flash": preset("v4-flash"), "v4-pro": preset("v4-pro"), "v3.2": preset("v3.2")}
+          "tiny-v4.1": tiny_v41().replace(o_groups=4),
+          "v4-flash": preset("v4-flash"), "v4.1-flash": preset("v4.1-flash"), "v4-pro": preset("v4-pro"), "v3.2": preset("v3.2")}
 LAYOUTS = [Layout(), Layout(tp=2), Layout(ep=2, dp=2), Layout(tp=2, ep=2), Layout(tp=4), Layout(ep=4, dp=4),
            Layout(tp=4, ep=4)]
 BIG_LAYOUTS = [Layout(tp=8, ep=8), Layout(ep=8, dp=8), Layout(tp=8)]
@@ -48,7 +52,8 @@ def test_plan_predicts_each_ranks_weight_bytes_exactly(name, dtype, weights):
         planned = sum(weight_bytes(args, layout, weights).values())
         ranks = range(layout.devices) if name.startswith("tiny") else (0, layout.devices - 1)
         for rank in ranks:
-            assert held_bytes(args, layout, rank, dtype) == planned, f"{name} {layout} rank {rank}"
+            engram = sum(engram_bytes(args, layout, weights, rank))  # V4.1: ranks hold unequal hash columns
+            assert held_bytes(args, layout, rank, dtype) == planned + engram, f"{name} {layout} rank {rank}"
 
 
 def test_replicated_tensors_are_not_divided():

@@ -45,32 +45,12 @@ def _fake_world(size: int):
         dist.destroy_process_group()
 
 
-@contextlib.contextmanager
-def _recording():
-    """The collectives model/collectives.py makes, as (kind, message bytes; an all-gather's whole
-    result), in order; the fake group itself moves nothing."""
-    calls, saved = [], (dist.all_reduce, dist.all_gather)
-
-    def all_reduce(x, *a, **kw):
-        calls.append(("all_reduce", x.numel() * x.element_size()))
-        return saved[0](x, *a, **kw)
-
-    def all_gather(parts, x, *a, **kw):
-        calls.append(("all_gather", len(parts) * x.numel() * x.element_size()))
-        return saved[1](parts, x, *a, **kw)
-
-    dist.all_reduce, dist.all_gather = all_reduce, all_gather
-    try:
-        yield calls
-    finally:
-        dist.all_reduce, dist.all_gather = saved
-
-
 def run_parallel_model(name: str, chip: str, layout, batch: int = 1, tokens: int = 16) -> Result:
     """Rank 0 of `layout` (model.parallel.Layout, tp > 1, ep 1 or tp) for the model `name` (a
     preset or a small config), bfloat16, on Meta tensors: prefill `tokens`, decode one."""
     from v4hal.bench.distributed import collectives
     from v4hal.model import model
+    from v4hal.model.collectives import recording
 
     start, case = time.perf_counter(), f"model/{name}/{layout}"
     if layout.tp < 2 or layout.dp != 1 or layout.ep not in (1, layout.tp):
@@ -79,7 +59,7 @@ def run_parallel_model(name: str, chip: str, layout, batch: int = 1, tokens: int
     warnings, problems = [HOST_READ] if layout.ep > 1 else [], []
     with install(chip) as session, _fake_world(layout.devices):
         net = model.build(args, dtype=torch.bfloat16, device="meta", layout=layout)
-        with _ascend_with_fallback(), torch.no_grad(), _recording() as made:
+        with _ascend_with_fallback(), torch.no_grad(), recording() as made:
             cache = net.new_cache()
             ids = torch.zeros(batch, tokens + 1, dtype=torch.long, device="meta")
             prefill = net(ids[:, :tokens], cache=cache)
