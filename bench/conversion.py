@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -183,35 +184,74 @@ def evict(root: Path) -> None:
         os.close(fd)
 
 
-def disk_read(root: Path) -> float:
+def disk_read(root: Path, direct: bool = False) -> float:
+    """Sequential read speed of every shard, cold: through the page cache (the kernel's
+    read-ahead), or with O_DIRECT into one reused aligned buffer, 16 MiB at a time, as the
+    converter reads."""
+    import mmap
+
     os.sync()
     evict(root)
     total, start = 0, time.perf_counter()
+    buf = mmap.mmap(-1, 16 * 2**20)  # page-aligned, as O_DIRECT needs
     for p in sorted(root.glob("*.safetensors")):
-        with open(p, "rb", buffering=0) as f:
-            while block := f.read(16 * 2**20):
-                total += len(block)
+        fd = os.open(p, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+        try:
+            while (n := os.readv(fd, [buf])) > 0:
+                total += n
+        finally:
+            os.close(fd)
     return total / (time.perf_counter() - start) / 1e9
 
 
-def disk_write(root: Path, nbytes: int) -> float:
-    """Sequential write speed with fsync: a ShardWriter with hashing off writes `nbytes` of
-    random bytes (O_DIRECT where the filesystem allows, else the page cache with writeback
-    started behind), so this is the disk as conversions use it, without the sha256."""
+def _write_random(path: Path, nbytes: int) -> int:
+    """Write `nbytes` of random bytes through a ShardWriter with hashing off (O_DIRECT where the
+    filesystem allows, else the page cache with writeback started behind), fsync'd: the disk as
+    conversions write. Returns the bytes written."""
     import torch
 
     from v4hal.conversion import output
 
     chunk = memoryview(os.urandom(output.STAGE))
-    path = root / "write-test.safetensors"
-    start = time.perf_counter()
     writer = output.ShardWriter(path, [output.OutSpec("bytes", torch.uint8, (nbytes,))], algo=None)
     for offset in range(0, nbytes, output.STAGE):
         writer.write_bytes(chunk[:min(output.STAGE, nbytes - offset)])
     _, written = writer.close()
-    seconds = time.perf_counter() - start
     path.unlink()
-    return written / seconds / 1e9
+    return written
+
+
+def disk_write(root: Path, nbytes: int) -> float:
+    """Sequential write speed with fsync, as conversions write."""
+    start = time.perf_counter()
+    written = _write_random(root / "write-test.safetensors", nbytes)
+    return written / (time.perf_counter() - start) / 1e9
+
+
+def disk_shared(root: Path, work: Path) -> float:
+    """GB/s read and written together while one thread reads the shards (O_DIRECT, cold) and
+    another writes as many bytes (as `disk_write`): a disk whose reads and writes share one
+    budget (a virtual disk's throughput cap) moves no more than it reads alone, and then a
+    conversion writing `o` bytes per byte read runs at most at this / (1 + o)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    size = sum(p.stat().st_size for p in root.glob("*.safetensors"))
+    start = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        read = pool.submit(disk_read, root, True)
+        written = pool.submit(_write_random, work / "write-test.safetensors", size)
+        read.result()
+        moved = size + written.result()
+    return moved / (time.perf_counter() - start) / 1e9
+
+
+def measure_disk(src: Path, work: Path) -> dict[str, float]:
+    """One round of the disk's speeds (GB/s): cold read (the faster of page cache and O_DIRECT:
+    the converter's target is the disk, not one way of reading it), fsync'd write, and reads and
+    writes at once."""
+    size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    return {"read": max(disk_read(src), disk_read(src, direct=True)), "write": disk_write(work, size),
+            "shared": disk_shared(src, work)}
 
 
 def hash_speed(algo: str) -> float:
@@ -291,20 +331,34 @@ THREADS = {  # which thread runs each stage of the breakdown: a worker is as fas
     "read: O_DIRECT preadv (read-ahead thread)": "read"}
 
 
-def cost_model(stage: dict, size: int, disk_r: float, disk_w: float, out_per_in: float, cores: int, workers: int) -> tuple[float, str]:
-    """Predicted GB/s of input and the bound that sets it: the least of the disk's read speed, its
-    write speed over the output bytes per input byte, the cores over the CPU seconds per GB, and
-    the workers over the busiest thread's CPU seconds per GB (one worker's pipeline cannot go
-    faster than its slowest stage)."""
+def io_bound(disk: dict[str, float], out_per_in: float) -> tuple[float, str]:
+    """The fastest a conversion writing `out_per_in` bytes per byte read can go on this disk (GB/s
+    of input), and which of its limits sets it: its read speed, its write speed over the output
+    bytes, or what it moves reading and writing at once over the bytes moved per input byte."""
+    bounds = {"disk read": disk["read"], "disk write": disk["write"] / out_per_in,
+              "disk reads + writes at once": disk["shared"] / (1 + out_per_in)}
+    bound = min(bounds, key=bounds.get)
+    return bounds[bound], bound
+
+
+def cost_model(stage: dict, size: int, disk: dict[str, float], out_per_in: float, cores: int, workers: int) -> tuple[float, str]:
+    """Predicted GB/s of input and the bound that sets it: the least of the disk's (`io_bound`),
+    the cores over the CPU seconds per GB, and the workers over the busiest thread's CPU seconds
+    per GB (one worker's pipeline cannot go faster than its slowest stage)."""
     per_thread: dict[str, float] = {}
     for name, cpu in stage["cpu"].items():
         thread = THREADS.get(name, "main")
         per_thread[thread] = per_thread.get(thread, 0.0) + cpu / size * 1e9
     cpu_per_gb = stage["process_cpu"] / size * 1e9
-    bounds = {"disk read": disk_r, "disk write": disk_w / out_per_in, f"{cores} cores": cores / cpu_per_gb,
-              f"{workers} worker pipeline(s)": workers / max(per_thread.values())}
+    io_gbps, io_limit = io_bound(disk, out_per_in)
+    bounds = {io_limit: io_gbps, f"{cores} cores": cores / cpu_per_gb, f"{workers} worker pipeline(s)": workers / max(per_thread.values())}
     bound = min(bounds, key=bounds.get)
     return bounds[bound], bound
+
+
+def _spread(disks: list[dict[str, float]], key: str) -> str:
+    values = [d[key] for d in disks]
+    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,8 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         largest = synthesize(src, args.layers)
         size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-        disk = disk_read(src)
-        disk_w = disk_write(work, size)
+        disks = [measure_disk(src, work)]
         speeds = {algo: hash_speed(algo) for algo in ("blake3", "sha256")}
         previous = {rev: previous_converter(rev, work) for rev in args.previous}
         torch_decode = {**os.environ, "V4HAL_CONVERT_KERNELS": "0"}  # the same converter without conversion/_kernels.c
@@ -339,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.update({f"previous converter ({rev}, its defaults)": (stream, env) for rev, env in previous.items()})
             best: dict[str, dict] = {}
             for _ in range(args.repeats):  # interleaved, best of each: the machine is shared and noisy
+                disks.append(measure_disk(src, work))  # the disk's speed drifts too: measured between rounds
                 for how, (cmd, env) in runs.items():
                     run = timed(cmd, src, env)
                     shutil.rmtree(work / "out")
@@ -358,21 +412,32 @@ def main(argv: list[str] | None = None) -> int:
                         stages[target, version] = st
         from v4hal.bench.machine import describe
 
+        disk = {k: statistics.median(d[k] for d in disks) for k in disks[0]}
+
         cores = len(os.sched_getaffinity(0))
         print(f"machine: {describe()}; {cores} cores available; load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print(f"source: {size / 1e9:.2f} GB in {args.layers} shards, largest tensor {largest / 1e6:.0f} MB; best of {args.repeats}; "
-              f"disk sequential read (cold): {disk:.3f} GB/s; sequential write (fsync'd): {disk_w:.3f} GB/s; "
+              f"disk, median (min-max) of {len(disks)} rounds between the runs: sequential read (cold, the faster of page cache "
+              f"and O_DIRECT) {_spread(disks, 'read')} GB/s; sequential write (fsync'd) {_spread(disks, 'write')} GB/s; "
+              f"reading and writing at once {_spread(disks, 'shared')} GB/s moved; "
               + ", ".join(f"{algo}: {gbps:.2f} GB/s per core" for algo, gbps in speeds.items()) + "\n")
         out_per_in = {"bf16": 2.0, "w8a8": 1.0}  # output bytes per input byte (FP8 weights dominate)
-        print("| conversion | how | load before | process time (s) | GB/s of input | GB/s after start-up | share of disk read | "
-              "CPU s per GB | peak RSS: process / largest worker (GB) | largest RSS / largest tensor |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        for target, o in out_per_in.items():
+            gbps, limit = io_bound(disk, o)
+            print(f"the disk's bound for FP8 -> {target.upper()} ({o:g} output bytes per input byte): {gbps:.3f} GB/s of input "
+                  f"({gbps / disk['read']:.0%} of the disk read), set by the {limit}")
+        print("\n| conversion | how | load before | process time (s) | GB/s of input | GB/s after start-up | share of disk read "
+              "(after start-up) | share of the disk's bound (after start-up) | CPU s per GB | peak RSS: process / largest worker (GB) "
+              "| largest RSS / largest tensor |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             peak = max(r["rss"], r["worker_rss"])
             cpu = f"{r['cpu_s'] / size * 1e9:.2f}" if r["cpu_s"] is not None else "-"
             worker = f"{r['worker_rss'] / 1e9:.2f}" if r["worker_rss"] else "-"
-            print(f"| FP8 -> {r['target'].upper()} | {r['how']} | {r['load']:.1f} | {r['seconds']:.1f} | {size / r['seconds'] / 1e9:.3f} | "
-                  f"{size / r['convert_s'] / 1e9:.3f} | {size / r['seconds'] / 1e9 / disk:.0%} | {cpu} | "
+            gbps, steady = size / r["seconds"] / 1e9, size / r["convert_s"] / 1e9
+            bound = io_bound(disk, out_per_in[r["target"]])[0]
+            print(f"| FP8 -> {r['target'].upper()} | {r['how']} | {r['load']:.1f} | {r['seconds']:.1f} | {gbps:.3f} | {steady:.3f} | "
+                  f"{gbps / disk['read']:.0%} ({steady / disk['read']:.0%}) | {gbps / bound:.0%} ({steady / bound:.0%}) | {cpu} | "
                   f"{r['rss'] / 1e9:.2f} / {worker} | {peak / largest:.1f}x |")
         for (target, version), st in stages.items():
             print(f"\nstages, {version}, FP8 -> {target.upper()}, one worker (fsync'd; {size / st['seconds'] / 1e9:.3f} GB/s in this instrumented run; "
@@ -382,8 +447,8 @@ def main(argv: list[str] | None = None) -> int:
             for stage, c in sorted(st["cpu"].items(), key=lambda kv: -kv[1]):
                 print(f"| {stage} | {c / size * 1e9:.2f} | {st['wall'][stage] / size * 1e9:.2f} |")
             for n in (1, 2):
-                gbps, bound = cost_model(st, size, disk, disk_w, out_per_in[target], cores, n)
-                print(f"cost model, {n} worker(s) on {cores} idle cores: {gbps:.3f} GB/s of input ({gbps / disk:.0%} of the disk read), "
+                gbps, bound = cost_model(st, size, disk, out_per_in[target], cores, n)
+                print(f"cost model, {n} worker(s) on {cores} idle cores: {gbps:.3f} GB/s of input ({gbps / disk['read']:.0%} of the disk read), "
                       f"bound by the {bound}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

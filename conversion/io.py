@@ -338,6 +338,7 @@ class HashingReader:
     the hashing thread may still be reading their bytes."""
 
     AHEAD = 2  # announced reads in flight: bounds the buffers held to two chunks
+    READERS = 2  # threads reading them: two requests queued at the disk keep it busier than one
 
     def __init__(self, path: str, progress=None, algo: str | None = OUTPUT_HASH):
         _reuse_freed_chunks()
@@ -357,7 +358,7 @@ class HashingReader:
         """Announce the `rows` calls to come as (offset, nbytes) in order. The reader reads the
         next AHEAD of them (and the bytes between, when hashing) in the background; the first
         call that differs from the announcement ends reading ahead (results stay the same)."""
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="v4hal-read")
+        self._pool = ThreadPoolExecutor(self.READERS, thread_name_prefix="v4hal-read")
         self._plan = self._segments(reads)
         self._fill()
 
