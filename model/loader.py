@@ -18,6 +18,8 @@ Shards are memory-mapped and copied tensor by tensor into the model's (untouched
 allocated) storage, so the peak resident memory is near the model's size, not twice it.
 MXFP8 weights (e4m3 + 1x32 ue8m0 scales, `convert run --to mxfp8`) are always dequantized on load
 (scales stored as an integer dtype, which would read as the integers, are rejected).
+V4.1's Engram table scales (ue8m0, one per 32 columns) are held as float8_e8m0fnu, whether stored
+so or as uint8 holding the same exponent bytes; byte 0xFF (e8m0's NaN) or another dtype is rejected.
 Every shard must be a regular file inside the checkpoint folder (symlinks resolved); a tensor
 stored twice, or an integer tensor without a scale for a float slot, is rejected.
 The MTP layers (`model.layers.{N}` for N >= num_hidden_layers, `mtp.*`) are skipped.
@@ -303,6 +305,16 @@ class _Loader:
     # One logical tensor: a float tensor, or a quantized weight with its scale.
     def put(self, name: str, tensor: torch.Tensor, scale: torch.Tensor | None) -> None:
         table = _slot(self.model, name)
+        if table is not None and isinstance(table[0], EngramTable):
+            if table[1] == "scale":  # a float8-built table's scale (its weight comes alone)
+                tensor = self._table_scale(name, tensor)
+                if tensor is None:
+                    return
+            elif scale is not None:  # a float8 table with its scale, for a table built float: adopted below
+                scale = self._table_scale(name[: -len("weight")] + "scale", scale)
+                if scale is None:
+                    self.refused.add(name)  # refused with its scale, not also missing
+                    return
         fp8 = torch.float8_e4m3fn
         if table is not None and isinstance(table[0], EngramTable) and table[1] == "weight" \
                 and (tensor.dtype == fp8) != (table[0].weight.dtype == fp8):
@@ -360,6 +372,26 @@ class _Loader:
     def _refuse(self, problems: list[str], name: str, why: str) -> None:
         problems.append(f"{name}: {why}")
         self.refused.add(name)
+
+    def _table_scale(self, name: str, scale: torch.Tensor) -> torch.Tensor | None:
+        """A V4.1 Engram table's scale `name` as the model holds it: ue8m0 exponent bytes, stored
+        as float8_e8m0fnu or as uint8 holding the same bytes (as `ops.engram_lookup` and vLLM's
+        V4.1 loader read them; never the integers 0-255), as float8_e8m0fnu; float32 factors as
+        they are. Another dtype, or byte 0xFF (e8m0's NaN: NaN for the 32 values it scales), is
+        refused naming the tensor (None)."""
+        allowed = ops.engram.SCALE_DTYPES
+        if scale.dtype not in allowed:
+            self._refuse(self.rejected, name, f"Engram table scale stored as {scale.dtype}: expected "
+                                              f"{' or '.join(map(str, allowed))}")
+            return None
+        if scale.dtype == torch.float32:
+            return scale
+        nan = int((scale.view(torch.uint8) == 0xFF).sum())
+        if nan:
+            self._refuse(self.rejected, name, f"{nan} Engram table scale byte(s) 0xFF, e8m0's NaN "
+                                              f"(stored as {scale.dtype}, read as ue8m0 exponent bytes)")
+            return None
+        return scale.view(torch.float8_e8m0fnu)
 
     def _wrong_kind(self, name: str, tensor: torch.Tensor, target: torch.Tensor) -> bool:
         """A tensor without a scale is copied as is, so an integer one into a float slot (or the

@@ -3,6 +3,7 @@ beside the shards (what the released model does), else from a saved `engram_toke
 the loader and `v4hal generate`; clear errors when neither is there or the map does not fit."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -178,3 +179,69 @@ def test_convert_re_encodes_float8_tables_as_bf16_exactly(target, tmp_path, caps
     assert main(["convert", "run", "--to", "mindspore", "--engram-tables", "bf16", str(tmp_path / "src"),
                  str(tmp_path / "ms")]) == 2
     assert "--engram-tables re-encodes in safetensors targets" in capsys.readouterr().err
+
+
+def _with_table_scales(src, dst, change) -> list[str]:
+    """`src` copied to `dst` with `change` applied to every Engram table scale; their names."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    state = load_file(dst / "model.safetensors")
+    scales = sorted(k for k in state if k.endswith(".engram.embed.scale"))
+    assert scales and all(state[k].dtype == torch.float8_e8m0fnu for k in scales)
+    save_file({k: change(v) if k in scales else v for k, v in state.items()}, dst / "model.safetensors")
+    return scales
+
+
+@pytest.mark.parametrize("built", ["float8", "float"])
+def test_table_scales_stored_as_uint8_load_as_the_same_exponent_bytes(built, tmp_path):
+    """V4.1 Engram table scales stored as uint8 hold the ue8m0 exponent bytes (as `engram_lookup`
+    and vLLM's V4.1 loader read them): a table built float8 takes them as float8_e8m0fnu, one built
+    float (a config without quantization_config) adopts them so, and the logits equal, bit for
+    bit, those of the same checkpoint with float8_e8m0fnu scales."""
+    from test_model_v41 import tiny_model
+
+    model = tiny_model(quantized=True)
+    save_checkpoint(model, model.args, tmp_path / "e8m0")
+    _with_table_scales(tmp_path / "e8m0", tmp_path / "uint8", lambda s: s.view(torch.uint8))
+    ids, logits = _ids(12), {}
+    for stored in ("e8m0", "uint8"):
+        fresh = build(tiny_v41(quantized=built == "float8"), dtype=torch.float64)
+        load_checkpoint(fresh, tmp_path / stored, fresh.args)
+        table = fresh.model.layers[1].engram.embed
+        assert table.weight.dtype == torch.float8_e4m3fn and table.scale.dtype == torch.float8_e8m0fnu
+        with torch.no_grad():
+            logits[stored] = fresh(ids)
+    assert torch.equal(logits["uint8"], logits["e8m0"])
+    if built == "float8":
+        with torch.no_grad():
+            assert torch.equal(logits["uint8"], model(ids))
+
+
+@pytest.mark.parametrize("built", ["float8", "float"])
+def test_table_scales_with_byte_0xff_or_another_dtype_are_refused_naming_them(built, tmp_path):
+    from test_model_v41 import tiny_model
+
+    model = tiny_model(quantized=True)
+    save_checkpoint(model, model.args, tmp_path / "ckpt")
+
+    def nan_byte(scale):
+        scale = scale.view(torch.uint8).clone()
+        scale[3, 0] = 0xFF
+        return scale
+
+    bad = {"nan": nan_byte, "f16": lambda s: s.float().to(torch.float16)}
+    expected = {"nan": r"1 Engram table scale byte\(s\) 0xFF, e8m0's NaN \(stored as torch.uint8",
+                "f16": r"Engram table scale stored as torch.float16: expected torch.uint8 or torch.float8_e8m0fnu "
+                       r"or torch.float32"}
+    for kind, change in bad.items():
+        scales = _with_table_scales(tmp_path / "ckpt", tmp_path / kind, change)
+        fresh = build(tiny_v41(quantized=built == "float8"), dtype=torch.float64)
+        with pytest.raises(LoadError) as caught:
+            load_checkpoint(fresh, tmp_path / kind, fresh.args)
+        message = str(caught.value)
+        assert "missing" not in message, message
+        for name in scales:
+            assert re.search(f"{re.escape(name)}: {expected[kind]}", message), message
