@@ -59,7 +59,7 @@ _UNBIAS = 2.0 ** 120
 # exponent bytes where the runtime's contracts read them so (MXFP4: `dequantize_fp4`; V4.1's
 # Engram tables: `engram_lookup`, and vLLM's Engram loader keeps a uint8 scale's bytes). FP8's
 # 128x128 scales are floats to `fp8_matmul`, so a uint8 one there is refused, not guessed at.
-DECODED_SCALE_DTYPES = {"fp8": (torch.float32, torch.float64, torch.float8_e8m0fnu),
+DECODED_SCALE_DTYPES = {"fp8": quant.FP8_STORED_SCALE_DTYPES,
                         "fp4": quant.FP4_SCALE_DTYPES, "mxfp8": engram.SCALE_DTYPES}
 _SUB_ELEMENTS = 1 << 19     # elements per piece: 2 MiB of int32 / float32 scratch
 
