@@ -43,8 +43,9 @@ SCALE_SUFFIXES = ("weight_scale_inv", "scale")
 NOT_LINEAR = re.compile(r"(embed|lm_head|(^|\.)head\.|norm|(^|\.)gate\.weight$|weights_proj|(^|\.)hc_|\.ape$|sink)")
 # V4.1's Engram tables (float8 rows with a ue8m0 scale per 32 columns, ~189 GiB for V4.1-Flash)
 # are kept as shipped by every target (the lookup dequantizes the few rows it gathers), unless
-# `engram_tables="bf16"` re-encodes them for hardware that cannot read float8 (Ascend A2 / A3):
-# exact, every e4m3 value times a power of two fits BF16, at twice the bytes.
+# `engram_tables="bf16"` re-encodes them for hardware that cannot read float8 (Ascend A2 / A3),
+# at twice the bytes: the product rounded once, exact wherever BF16 holds it (every product under
+# scale bytes 3 .. 246; below 2^-126 only BF16's 2^-133 steps survive, 2^128 and up is +-inf).
 ENGRAM_TABLE = re.compile(r"(^|\.)engram\.embed\.(weight|scale)$")
 ENGRAM_TABLE_FORMATS = ("keep", "bf16")
 TARGETS = ("bf16", "fp8", "w8a8", "mxfp8", "copy")

@@ -138,8 +138,9 @@ def test_no_map_and_maps_that_do_not_fit_are_named(tmp_path, capsys):
 @pytest.mark.parametrize("target", ["copy", "bf16"])
 def test_convert_re_encodes_float8_tables_as_bf16_exactly(target, tmp_path, capsys):
     """`convert run --engram-tables bf16` (for Ascend A2 / A3, which cannot read float8): each
-    table decoded exactly (e4m3 value times its ue8m0 power of two), its scale gone; the lookups
-    and the model's logits are those of the float8 tables."""
+    table decoded exactly (e4m3 value times its ue8m0 power of two: the tiny model's scale bytes,
+    124 .. 126, are inside 3 .. 246, where BF16 holds every product; the next test covers the
+    rest), its scale gone; the lookups and the model's logits are those of the float8 tables."""
     from safetensors.torch import load_file
 
     from test_model_v41 import tiny_model
@@ -157,7 +158,9 @@ def test_convert_re_encodes_float8_tables_as_bf16_exactly(target, tmp_path, caps
         rows = torch.randint(0, weight.shape[0], (5, 7, 4), generator=torch.Generator().manual_seed(i))  # every row
         table = out[f"model.layers.{i}.engram.embed.weight"]
         assert table.dtype == torch.bfloat16 and f"model.layers.{i}.engram.embed.scale" not in out
-        exact = weight.double() * torch.exp2(scale.view(torch.uint8).double() - 127).repeat_interleave(32, 1)
+        exponents = scale.view(torch.uint8)
+        assert 3 <= int(exponents.min()) and int(exponents.max()) <= 246
+        exact = weight.double() * torch.exp2(exponents.double() - 127).repeat_interleave(32, 1)
         assert torch.equal(table.double(), exact)
         assert torch.equal(ops.engram_lookup(rows, table, dtype=torch.float64),
                            ops.engram_lookup(rows, weight, scale, dtype=torch.float64))
@@ -179,6 +182,32 @@ def test_convert_re_encodes_float8_tables_as_bf16_exactly(target, tmp_path, caps
     assert main(["convert", "run", "--to", "mindspore", "--engram-tables", "bf16", str(tmp_path / "src"),
                  str(tmp_path / "ms")]) == 2
     assert "--engram-tables re-encodes in safetensors targets" in capsys.readouterr().err
+
+
+def test_bf16_tables_are_exact_wherever_bf16_holds_the_product(tmp_path):
+    """Every e4m3 code under every scale byte 0 .. 254: the BF16 table is the exact product rounded
+    once to nearest-even, so exact for bytes 3 .. 246; below, products under 2^-126 keep only
+    BF16's subnormal steps of 2^-133 (2^-134 or less: 0); above, 2^128 or more is +-inf."""
+    from safetensors.torch import load_file
+
+    from convert_util import cli, write_shards
+
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = torch.where((codes & 0x7F) == 0x7F, 0, codes).expand(255, 256)  # the NaN codes as 0
+    exponents = torch.arange(255, dtype=torch.uint8)[:, None].expand(255, 8)
+    name = "layers.1.engram.embed"
+    write_shards(tmp_path / "src", [{f"{name}.weight": codes.contiguous().view(torch.float8_e4m3fn),
+                                     f"{name}.scale": exponents.contiguous().view(torch.float8_e8m0fnu)}])
+    assert cli("run", "--to", "copy", "--engram-tables", "bf16", "--no-progress", tmp_path / "src", tmp_path / "out") == 0
+    (path,) = (tmp_path / "out").glob("*.safetensors")
+    out = load_file(str(path))[f"{name}.weight"]
+    exact = codes.view(torch.float8_e4m3fn).double() * torch.exp2(exponents.double() - 127).repeat_interleave(32, 1)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, exact.to(torch.bfloat16))
+    inexact = out.double() != exact
+    assert inexact.any(1).nonzero().flatten().tolist() == [0, 1, 2, *range(247, 255)]
+    lost, magnitude = out[inexact].double(), exact[inexact].abs()
+    assert bool(((magnitude < 2.0**-126) | (magnitude >= 2.0**128)).all())
+    assert torch.equal(lost == 0, magnitude <= 2.0**-134) and torch.equal(lost.isinf(), magnitude >= 2.0**128)
 
 
 def _with_table_scales(src, dst, change) -> list[str]:
