@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--keep", metavar="REGEX", help="tensor names never to quantize (in addition to norms, "
                      "embeddings, router gates, biases)")
     run.add_argument("--engram-tables", choices=("keep", "bf16"), default="keep",
-                     help="V4.1's Engram tables: keep (as shipped, float8 + ue8m0) or bf16 (decoded exactly, "
-                          "for Ascend A2 / A3, which cannot read float8; twice the bytes)")
+                     help="V4.1's Engram tables: keep (as shipped, float8 + ue8m0) or bf16 (decoded, exact wherever "
+                          "BF16 holds the product, for Ascend A2 / A3, which cannot read float8; twice the bytes)")
     run.add_argument("--mp", type=at_least(1), default=1, help="reshard for this many tensor/expert-parallel ranks")
     run.add_argument("--n-experts", type=at_least(1), help="routed experts (default: highest expert index + 1)")
     run.add_argument("--ms-format", choices=("ckpt", "safetensors"), default="ckpt", help="mindspore: file format")

@@ -43,8 +43,9 @@ SCALE_SUFFIXES = ("weight_scale_inv", "scale")
 NOT_LINEAR = re.compile(r"(embed|lm_head|(^|\.)head\.|norm|(^|\.)gate\.weight$|weights_proj|(^|\.)hc_|\.ape$|sink)")
 # V4.1's Engram tables (float8 rows with a ue8m0 scale per 32 columns, ~189 GiB for V4.1-Flash)
 # are kept as shipped by every target (the lookup dequantizes the few rows it gathers), unless
-# `engram_tables="bf16"` re-encodes them for hardware that cannot read float8 (Ascend A2 / A3):
-# exact, every e4m3 value times a power of two fits BF16, at twice the bytes.
+# `engram_tables="bf16"` re-encodes them for hardware that cannot read float8 (Ascend A2 / A3),
+# at twice the bytes: the product rounded once, exact wherever BF16 holds it (every product under
+# scale bytes 3 .. 246; below 2^-126 only BF16's 2^-133 steps survive, 2^128 and up is +-inf).
 ENGRAM_TABLE = re.compile(r"(^|\.)engram\.embed\.(weight|scale)$")
 ENGRAM_TABLE_FORMATS = ("keep", "bf16")
 TARGETS = ("bf16", "fp8", "w8a8", "mxfp8", "copy")
@@ -59,7 +60,7 @@ _UNBIAS = 2.0 ** 120
 # exponent bytes where the runtime's contracts read them so (MXFP4: `dequantize_fp4`; V4.1's
 # Engram tables: `engram_lookup`, and vLLM's Engram loader keeps a uint8 scale's bytes). FP8's
 # 128x128 scales are floats to `fp8_matmul`, so a uint8 one there is refused, not guessed at.
-DECODED_SCALE_DTYPES = {"fp8": (torch.float32, torch.float64, torch.float8_e8m0fnu),
+DECODED_SCALE_DTYPES = {"fp8": quant.FP8_STORED_SCALE_DTYPES,
                         "fp4": quant.FP4_SCALE_DTYPES, "mxfp8": engram.SCALE_DTYPES}
 _SUB_ELEMENTS = 1 << 19     # elements per piece: 2 MiB of int32 / float32 scratch
 

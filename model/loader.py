@@ -16,8 +16,11 @@ per-row scales) stay quantized where the target is a `Linear` (or a fused expert
 `<name>_scale` slot) and `keep_quantized` is on; otherwise they are dequantized once, on load.
 Shards are memory-mapped and copied tensor by tensor into the model's (untouched, lazily
 allocated) storage, so the peak resident memory is near the model's size, not twice it.
-MXFP8 weights (e4m3 + 1x32 ue8m0 scales, `convert run --to mxfp8`) are always dequantized on load
-(scales stored as an integer dtype, which would read as the integers, are rejected).
+MXFP8 weights (e4m3 + 1x32 ue8m0 scales, `convert run --to mxfp8`) are always dequantized on load.
+An FP8 weight's scales (128x128 or 1x32) must be float32, float64 or float8_e8m0fnu
+(`ops.quant.FP8_STORED_SCALE_DTYPES`); uint8 or another dtype is rejected naming the weight.
+V4.1's Engram table scales (ue8m0, one per 32 columns) are held as float8_e8m0fnu, whether stored
+so or as uint8 holding the same exponent bytes; byte 0xFF (e8m0's NaN) or another dtype is rejected.
 Every shard must be a regular file inside the checkpoint folder (symlinks resolved); a tensor
 stored twice, or an integer tensor without a scale for a float slot, is rejected.
 The MTP layers (`model.layers.{N}` for N >= num_hidden_layers, `mtp.*`) are skipped.
@@ -303,6 +306,16 @@ class _Loader:
     # One logical tensor: a float tensor, or a quantized weight with its scale.
     def put(self, name: str, tensor: torch.Tensor, scale: torch.Tensor | None) -> None:
         table = _slot(self.model, name)
+        if table is not None and isinstance(table[0], EngramTable):
+            if table[1] == "scale":  # a float8-built table's scale (its weight comes alone)
+                tensor = self._table_scale(name, tensor)
+                if tensor is None:
+                    return
+            elif scale is not None:  # a float8 table with its scale, for a table built float: adopted below
+                scale = self._table_scale(name[: -len("weight")] + "scale", scale)
+                if scale is None:
+                    self.refused.add(name)  # refused with its scale, not also missing
+                    return
         fp8 = torch.float8_e4m3fn
         if table is not None and isinstance(table[0], EngramTable) and table[1] == "weight" \
                 and (tensor.dtype == fp8) != (table[0].weight.dtype == fp8):
@@ -310,9 +323,15 @@ class _Loader:
             self.expected.discard(name[: -len("weight")] + "scale")  # a float table has none
             self.filled[name] = {None}
             return
+        if tensor.dtype == fp8 and scale is not None and scale.dtype not in ops.quant.FP8_STORED_SCALE_DTYPES:
+            # uint8 exponent bytes would reach fp8_matmul (which refuses them, at run time) or be read as 0-255
+            what = "MXFP8" if _is_mxfp8(tensor, scale) else "FP8 128x128 block"
+            self._refuse(self.rejected, name, f"{what} scale stored as {scale.dtype}: expected "
+                                              f"{' or '.join(map(str, ops.quant.FP8_STORED_SCALE_DTYPES))}")
+            return
         if _packed_fp4_as_int8(tensor, scale):
             tensor = tensor.view(torch.uint8)
-        elif tensor.dtype == torch.float8_e4m3fn and scale is not None and scale.dtype == torch.float8_e8m0fnu:
+        elif tensor.dtype == fp8 and scale is not None and scale.dtype == torch.float8_e8m0fnu:
             scale = scale.float()  # V4's ue8m0 block scales; exact (powers of two), what fp8_matmul takes
         if tensor.dtype == torch.float8_e4m3fn:
             nan_codes = int(((tensor.view(torch.uint8) & 0x7F) == 0x7F).sum())
@@ -320,10 +339,6 @@ class _Loader:
                 self._refuse(self.rejected, name, f"{nan_codes} e4m3 NaN code(s) (0x7f/0xff) in an FP8 weight")
                 return
             if _is_mxfp8(tensor, scale):  # no kernel here runs 1x32 FP8 blocks: dequantized once, now
-                if not scale.dtype.is_floating_point:  # uint8 bytes would be read as the integers 0-255
-                    self._refuse(self.rejected, name, f"MXFP8 scale stored as {scale.dtype}: expected "
-                                                      f"float8_e8m0fnu (or float powers of two)")
-                    return
                 tensor, scale = ops.dequantize_fp8(tensor, scale.float(), MX_BLOCK, torch.float32), None
                 self.report.dequantized += 1
         if scale is not None:
@@ -360,6 +375,26 @@ class _Loader:
     def _refuse(self, problems: list[str], name: str, why: str) -> None:
         problems.append(f"{name}: {why}")
         self.refused.add(name)
+
+    def _table_scale(self, name: str, scale: torch.Tensor) -> torch.Tensor | None:
+        """A V4.1 Engram table's scale `name` as the model holds it: ue8m0 exponent bytes, stored
+        as float8_e8m0fnu or as uint8 holding the same bytes (as `ops.engram_lookup` and vLLM's
+        V4.1 loader read them; never the integers 0-255), as float8_e8m0fnu; float32 factors as
+        they are. Another dtype, or byte 0xFF (e8m0's NaN: NaN for the 32 values it scales), is
+        refused naming the tensor (None)."""
+        allowed = ops.engram.SCALE_DTYPES
+        if scale.dtype not in allowed:
+            self._refuse(self.rejected, name, f"Engram table scale stored as {scale.dtype}: expected "
+                                              f"{' or '.join(map(str, allowed))}")
+            return None
+        if scale.dtype == torch.float32:
+            return scale
+        nan = int((scale.view(torch.uint8) == 0xFF).sum())
+        if nan:
+            self._refuse(self.rejected, name, f"{nan} Engram table scale byte(s) 0xFF, e8m0's NaN "
+                                              f"(stored as {scale.dtype}, read as ue8m0 exponent bytes)")
+            return None
+        return scale.view(torch.float8_e8m0fnu)
 
     def _wrong_kind(self, name: str, tensor: torch.Tensor, target: torch.Tensor) -> bool:
         """A tensor without a scale is copied as is, so an integer one into a float slot (or the

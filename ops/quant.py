@@ -52,6 +52,10 @@ FLOAT_IN = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 FP8 = (torch.float8_e4m3fn,)
 FP4_SCALE_DTYPES = (torch.float32, torch.float8_e8m0fnu, torch.uint8)
+# What a checkpoint may store an FP8 weight's block scales as: the floats `fp8_matmul` and
+# `dequantize_fp8` take, or V4's ue8m0 exponent bytes as float8_e8m0fnu, which loaders and
+# converters turn into float32 exactly. Not uint8: no FP8 contract reads exponent bytes so.
+FP8_STORED_SCALE_DTYPES = (torch.float32, torch.float64, torch.float8_e8m0fnu)
 
 
 def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:

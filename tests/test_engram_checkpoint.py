@@ -3,6 +3,7 @@ beside the shards (what the released model does), else from a saved `engram_toke
 the loader and `v4hal generate`; clear errors when neither is there or the map does not fit."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -137,8 +138,9 @@ def test_no_map_and_maps_that_do_not_fit_are_named(tmp_path, capsys):
 @pytest.mark.parametrize("target", ["copy", "bf16"])
 def test_convert_re_encodes_float8_tables_as_bf16_exactly(target, tmp_path, capsys):
     """`convert run --engram-tables bf16` (for Ascend A2 / A3, which cannot read float8): each
-    table decoded exactly (e4m3 value times its ue8m0 power of two), its scale gone; the lookups
-    and the model's logits are those of the float8 tables."""
+    table decoded exactly (e4m3 value times its ue8m0 power of two: the tiny model's scale bytes,
+    124 .. 126, are inside 3 .. 246, where BF16 holds every product; the next test covers the
+    rest), its scale gone; the lookups and the model's logits are those of the float8 tables."""
     from safetensors.torch import load_file
 
     from test_model_v41 import tiny_model
@@ -156,7 +158,9 @@ def test_convert_re_encodes_float8_tables_as_bf16_exactly(target, tmp_path, caps
         rows = torch.randint(0, weight.shape[0], (5, 7, 4), generator=torch.Generator().manual_seed(i))  # every row
         table = out[f"model.layers.{i}.engram.embed.weight"]
         assert table.dtype == torch.bfloat16 and f"model.layers.{i}.engram.embed.scale" not in out
-        exact = weight.double() * torch.exp2(scale.view(torch.uint8).double() - 127).repeat_interleave(32, 1)
+        exponents = scale.view(torch.uint8)
+        assert 3 <= int(exponents.min()) and int(exponents.max()) <= 246
+        exact = weight.double() * torch.exp2(exponents.double() - 127).repeat_interleave(32, 1)
         assert torch.equal(table.double(), exact)
         assert torch.equal(ops.engram_lookup(rows, table, dtype=torch.float64),
                            ops.engram_lookup(rows, weight, scale, dtype=torch.float64))
@@ -178,3 +182,95 @@ def test_convert_re_encodes_float8_tables_as_bf16_exactly(target, tmp_path, caps
     assert main(["convert", "run", "--to", "mindspore", "--engram-tables", "bf16", str(tmp_path / "src"),
                  str(tmp_path / "ms")]) == 2
     assert "--engram-tables re-encodes in safetensors targets" in capsys.readouterr().err
+
+
+def test_bf16_tables_are_exact_wherever_bf16_holds_the_product(tmp_path):
+    """Every e4m3 code under every scale byte 0 .. 254: the BF16 table is the exact product rounded
+    once to nearest-even, so exact for bytes 3 .. 246; below, products under 2^-126 keep only
+    BF16's subnormal steps of 2^-133 (2^-134 or less: 0); above, 2^128 or more is +-inf."""
+    from safetensors.torch import load_file
+
+    from convert_util import cli, write_shards
+
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = torch.where((codes & 0x7F) == 0x7F, 0, codes).expand(255, 256)  # the NaN codes as 0
+    exponents = torch.arange(255, dtype=torch.uint8)[:, None].expand(255, 8)
+    name = "layers.1.engram.embed"
+    write_shards(tmp_path / "src", [{f"{name}.weight": codes.contiguous().view(torch.float8_e4m3fn),
+                                     f"{name}.scale": exponents.contiguous().view(torch.float8_e8m0fnu)}])
+    assert cli("run", "--to", "copy", "--engram-tables", "bf16", "--no-progress", tmp_path / "src", tmp_path / "out") == 0
+    (path,) = (tmp_path / "out").glob("*.safetensors")
+    out = load_file(str(path))[f"{name}.weight"]
+    exact = codes.view(torch.float8_e4m3fn).double() * torch.exp2(exponents.double() - 127).repeat_interleave(32, 1)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, exact.to(torch.bfloat16))
+    inexact = out.double() != exact
+    assert inexact.any(1).nonzero().flatten().tolist() == [0, 1, 2, *range(247, 255)]
+    lost, magnitude = out[inexact].double(), exact[inexact].abs()
+    assert bool(((magnitude < 2.0**-126) | (magnitude >= 2.0**128)).all())
+    assert torch.equal(lost == 0, magnitude <= 2.0**-134) and torch.equal(lost.isinf(), magnitude >= 2.0**128)
+
+
+def _with_table_scales(src, dst, change) -> list[str]:
+    """`src` copied to `dst` with `change` applied to every Engram table scale; their names."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    state = load_file(dst / "model.safetensors")
+    scales = sorted(k for k in state if k.endswith(".engram.embed.scale"))
+    assert scales and all(state[k].dtype == torch.float8_e8m0fnu for k in scales)
+    save_file({k: change(v) if k in scales else v for k, v in state.items()}, dst / "model.safetensors")
+    return scales
+
+
+@pytest.mark.parametrize("built", ["float8", "float"])
+def test_table_scales_stored_as_uint8_load_as_the_same_exponent_bytes(built, tmp_path):
+    """V4.1 Engram table scales stored as uint8 hold the ue8m0 exponent bytes (as `engram_lookup`
+    and vLLM's V4.1 loader read them): a table built float8 takes them as float8_e8m0fnu, one built
+    float (a config without quantization_config) adopts them so, and the logits equal, bit for
+    bit, those of the same checkpoint with float8_e8m0fnu scales."""
+    from test_model_v41 import tiny_model
+
+    model = tiny_model(quantized=True)
+    save_checkpoint(model, model.args, tmp_path / "e8m0")
+    _with_table_scales(tmp_path / "e8m0", tmp_path / "uint8", lambda s: s.view(torch.uint8))
+    ids, logits = _ids(12), {}
+    for stored in ("e8m0", "uint8"):
+        fresh = build(tiny_v41(quantized=built == "float8"), dtype=torch.float64)
+        load_checkpoint(fresh, tmp_path / stored, fresh.args)
+        table = fresh.model.layers[1].engram.embed
+        assert table.weight.dtype == torch.float8_e4m3fn and table.scale.dtype == torch.float8_e8m0fnu
+        with torch.no_grad():
+            logits[stored] = fresh(ids)
+    assert torch.equal(logits["uint8"], logits["e8m0"])
+    if built == "float8":
+        with torch.no_grad():
+            assert torch.equal(logits["uint8"], model(ids))
+
+
+@pytest.mark.parametrize("built", ["float8", "float"])
+def test_table_scales_with_byte_0xff_or_another_dtype_are_refused_naming_them(built, tmp_path):
+    from test_model_v41 import tiny_model
+
+    model = tiny_model(quantized=True)
+    save_checkpoint(model, model.args, tmp_path / "ckpt")
+
+    def nan_byte(scale):
+        scale = scale.view(torch.uint8).clone()
+        scale[3, 0] = 0xFF
+        return scale
+
+    bad = {"nan": nan_byte, "f16": lambda s: s.float().to(torch.float16)}
+    expected = {"nan": r"1 Engram table scale byte\(s\) 0xFF, e8m0's NaN \(stored as torch.uint8",
+                "f16": r"Engram table scale stored as torch.float16: expected torch.uint8 or torch.float8_e8m0fnu "
+                       r"or torch.float32"}
+    for kind, change in bad.items():
+        scales = _with_table_scales(tmp_path / "ckpt", tmp_path / kind, change)
+        fresh = build(tiny_v41(quantized=built == "float8"), dtype=torch.float64)
+        with pytest.raises(LoadError) as caught:
+            load_checkpoint(fresh, tmp_path / kind, fresh.args)
+        message = str(caught.value)
+        assert "missing" not in message, message
+        for name in scales:
+            assert re.search(f"{re.escape(name)}: {expected[kind]}", message), message

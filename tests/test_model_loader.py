@@ -303,6 +303,22 @@ def test_fp8_weight_with_a_nan_code_is_refused_by_name(tmp_path):
         load_checkpoint(build(args), d, args)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float16])
+def test_an_fp8_block_scale_of_another_dtype_is_refused_at_load(tmp_path, dtype):
+    """128x128 scales as uint8 exponent bytes (or float16, which `fp8_matmul` refuses too) are
+    rejected on load, naming the weight and the dtypes, not left to fail inside `fp8_matmul`."""
+    d, path, tensors, args = _saved(tmp_path)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    q, s = ops.quantize_fp8(tensors[name].float(), (128, 128), scale_fmt="ue8m0")
+    exponents = (torch.log2(s).to(torch.int64) + 127).to(torch.uint8)
+    tensors[name], tensors[name + "_scale_inv"] = q, exponents if dtype == torch.uint8 else s.to(dtype)
+    save_file(tensors, path)
+    for keep in (True, False):
+        with pytest.raises(LoadError, match=rf"1 rejected tensor\(s\): {name}: FP8 128x128 block scale stored as "
+                                            rf"{dtype}: expected torch.float32 or torch.float64 or torch.float8_e8m0fnu$"):
+            load_checkpoint(build(args), d, args, keep_quantized=keep)
+
+
 def test_saving_a_quantized_model_keeps_its_scales(tmp_path):
     """Regression: `Linear` held `weight_scale_inv` as a plain attribute, outside the state dict, so
     saving a loaded FP8 model wrote FP8 weights without their scales."""
