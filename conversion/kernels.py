@@ -1,7 +1,9 @@
 """The converter's compiled FP8 decodes (conversion/_kernels.c, built by `pip install`): one C
 loop per element instead of torch's five elementwise passes, bit for bit the torch path in
 conversion/formats.py, which remains the reference and the fallback (no C compiler at install
-time, or `V4HAL_CONVERT_KERNELS=0`). Every argument is checked here; the C side trusts them."""
+time, or `V4HAL_CONVERT_KERNELS=0`). `V4HAL_CONVERT_KERNELS=portable` keeps the compiled loops
+but not their AVX2 versions (what a CPU without AVX2, e.g. an Arm host, runs). Every argument is
+checked here; the C side trusts them."""
 
 from __future__ import annotations
 
@@ -19,15 +21,26 @@ except ImportError as e:  # built without a C compiler: the torch path serves
     UNAVAILABLE = f"v4hal.conversion._kernels was not built ({e})"
 
 
+MODES = ("1", "portable", "0")
+
+
+def _mode() -> str:
+    mode = os.environ.get("V4HAL_CONVERT_KERNELS", "1")
+    if mode not in MODES:
+        raise ValueError(f"V4HAL_CONVERT_KERNELS: expected one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
+
 def enabled() -> bool:
     """Whether conversions use the compiled decodes: built, and not switched off."""
-    return _kernels is not None and os.environ.get("V4HAL_CONVERT_KERNELS", "1") != "0"
+    return _kernels is not None and _mode() != "0"
 
 
 def describe() -> str:
     if _kernels is None:
         return f"torch decode ({UNAVAILABLE})"
-    return "compiled decode" if enabled() else "torch decode (V4HAL_CONVERT_KERNELS=0)"
+    return {"1": "compiled decode", "portable": "compiled decode, portable loops (V4HAL_CONVERT_KERNELS=portable)",
+            "0": "torch decode (V4HAL_CONVERT_KERNELS=0)"}[_mode()]
 
 
 def _check(q: torch.Tensor, s: torch.Tensor, out: torch.Tensor, out_dtype: torch.dtype) -> None:
@@ -53,7 +66,7 @@ def dequant_fp8(q: torch.Tensor, s: torch.Tensor, out: torch.Tensor) -> torch.Te
     fn = {torch.bfloat16: _kernels.fp8_rows_bf16, torch.float32: _kernels.fp8_rows_f32}.get(out.dtype)
     if fn is None:
         raise ValueError(f"fp8 decode: out: expected bfloat16 or float32, got {out.dtype}")
-    fn(q.data_ptr(), s.data_ptr(), s.stride(0), q.shape[0], q.shape[1], out.data_ptr())
+    fn(q.data_ptr(), s.data_ptr(), s.stride(0), q.shape[0], q.shape[1], out.data_ptr(), _mode() != "portable")
     return out
 
 
@@ -65,4 +78,4 @@ def fp8_to_int8(q: torch.Tensor, s: torch.Tensor, out: torch.Tensor, row_scale: 
         raise ValueError(f"fp8 -> int8: row_scale: expected contiguous float32 ({q.shape[0]},), got "
                          f"{row_scale.dtype} {tuple(row_scale.shape)}")
     _kernels.fp8_rows_int8(q.data_ptr(), s.data_ptr(), s.stride(0), q.shape[0], q.shape[1], out.data_ptr(),
-                           row_scale.data_ptr())
+                           row_scale.data_ptr(), _mode() != "portable")

@@ -20,12 +20,16 @@ from v4hal.ops import quant
 from v4hal.ops._check import OpInputError
 
 
-@pytest.fixture(scope="module", params=["compiled", "torch"], autouse=True)
+MODES = {"compiled": "1", "compiled-portable": "portable", "torch": "0"}
+
+
+@pytest.fixture(scope="module", params=list(MODES), autouse=True)
 def decode_path(request):
-    """Every test here runs through the compiled kernels and through the torch path."""
+    """Every test here runs through the compiled kernels (with their AVX2 loops where the CPU has
+    them, and with the portable ones) and through the torch path."""
     before = os.environ.get("V4HAL_CONVERT_KERNELS")
-    os.environ["V4HAL_CONVERT_KERNELS"] = "1" if request.param == "compiled" else "0"
-    assert kernels.enabled() == (request.param == "compiled"), kernels.describe()
+    os.environ["V4HAL_CONVERT_KERNELS"] = MODES[request.param]
+    assert kernels.enabled() == (request.param != "torch"), kernels.describe()
     yield request.param
     if before is None:
         del os.environ["V4HAL_CONVERT_KERNELS"]
@@ -358,6 +362,12 @@ def test_close_refuses_a_short_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_kernel_switch_refuses_unknown_values(monkeypatch):
+    monkeypatch.setenv("V4HAL_CONVERT_KERNELS", "fast")
+    with pytest.raises(ValueError, match="V4HAL_CONVERT_KERNELS: expected one of 1, portable, 0, got 'fast'"):
+        kernels.enabled()
+
+
 def test_the_compiled_kernels_are_built():
     # Built by `pip install` where a C compiler is at hand (CI's machines have one); without it
     # conversions fall back to the torch path, and this test says why.
@@ -369,11 +379,11 @@ def test_conversion_output_is_the_same_bytes_with_and_without_the_kernels(decode
     from convert_util import cli, expert_shards, file_bytes
 
     src = expert_shards(tmp_path / "src", seed=5)
-    for switch, out in (("1", "compiled"), ("0", "torch")):
+    for switch, out in (("1", "compiled"), ("portable", "portable"), ("0", "torch")):
         os.environ["V4HAL_CONVERT_KERNELS"] = switch
         assert cli("run", "--to", target, "--no-progress", "--workers", "1", src, tmp_path / out) == 0
-    os.environ["V4HAL_CONVERT_KERNELS"] = "1" if decode_path == "compiled" else "0"
-    assert file_bytes(tmp_path / "compiled") == file_bytes(tmp_path / "torch")
+    os.environ["V4HAL_CONVERT_KERNELS"] = MODES[decode_path]
+    assert file_bytes(tmp_path / "compiled") == file_bytes(tmp_path / "portable") == file_bytes(tmp_path / "torch")
 
 
 @pytest.mark.parametrize("bad, match", [
