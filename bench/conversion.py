@@ -47,8 +47,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from v4hal.ops import quant
 src, dst, target = sys.argv[1:4]
-if len(sys.argv) > 4:
-    torch.set_num_threads(int(sys.argv[4]))
 start = time.perf_counter()
 os.makedirs(dst, exist_ok=True)
 for path in sorted(glob.glob(os.path.join(src, "*.safetensors"))):
@@ -387,8 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = {"v4hal convert --workers 1": (stream + ["--workers", "1"], None),
                     "v4hal convert --workers 2": (stream + ["--workers", "2"], None),
                     "v4hal convert --workers 2, torch decode": (stream + ["--workers", "2"], torch_decode),
-                    "naive (whole shard, load_file/save_file)": ([sys.executable, "-c", NAIVE, str(src), str(work / "out"), target], None),
-                    "naive, 1 torch thread": ([sys.executable, "-c", NAIVE, str(src), str(work / "out"), target, "1"], None)}
+                    "naive (whole shard, load_file/save_file)": ([sys.executable, "-c", NAIVE, str(src), str(work / "out"), target], None)}
             runs.update({f"previous converter ({rev}, its defaults)": (stream, env) for rev, env in previous.items()})
             best: dict[str, dict] = {}
             for _ in range(args.repeats):  # interleaved, best of each: the machine is shared and noisy
