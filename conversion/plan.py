@@ -428,7 +428,7 @@ def check_space(dst: Path, needed: int) -> None:
 
 def run(plan: Plan, dst: str | os.PathLike, progress: bool = True, restart: bool = False, overwrite: bool = False,
         n_workers: int | None = None) -> dict:
-    """Convert into `dst` with up to `n_workers` units at once (default: the cores available)."""
+    """Convert into `dst` with up to `n_workers` units at once (default: `workers.default_workers()`)."""
     dst = Path(dst).resolve()
     if dst == plan.source.dir:
         raise ConversionError("the destination must differ from the source (inputs are never modified)")

@@ -43,8 +43,25 @@ class WorkerDied(RuntimeError):
 
 
 def default_workers() -> int:
-    """The cores this process may run on (its affinity mask, not the machine's core count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """Twice the cores this process may run on (its affinity mask, not the machine's core count):
+    a worker waits for the disk about half its time (two workers kept 1.04 of 2 cores busy in the
+    benchmark, docs/conversion.md), so more workers than cores keep more reads and writes queued.
+    At most one per GiB of available memory: a worker streams row chunks and peaks at a few
+    hundred MB."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(2 * cores, available_memory() // 2**30))
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo, in bytes (no limit known elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
 
 
 def _init_worker(parent: int) -> None:

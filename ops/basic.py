@@ -45,6 +45,9 @@ def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor | None, out_dtyp
     the matrix itself (absorbed MLA) and for loading into float slots."""
     fmt = weight_format(weight, scale)
     if fmt == "fp8":
+        if scale.dtype not in quant.FP8_STORED_SCALE_DTYPES:  # uint8 exponent bytes would read as 0-255
+            raise _check.OpInputError("dequantize_weight", "scale", " or ".join(map(str, quant.FP8_STORED_SCALE_DTYPES)),
+                                      _check.describe(scale))
         return quant.dequantize_fp8(weight, scale.float(), out_dtype=out_dtype)
     if fmt == "fp4":
         return quant.dequantize_fp4(weight, scale, out_dtype=out_dtype)

@@ -63,6 +63,15 @@ def test_dequantize_weight_every_format(fmt):
     assert ops.dequantize_weight(weight, scale, torch.bfloat16).dtype == torch.bfloat16
 
 
+def test_dequantize_weight_reads_e8m0_scales_and_refuses_exponent_bytes_as_integers():
+    weight, scale, w = _weights("fp8", 200, 256, torch.Generator().manual_seed(3))
+    e8m0 = torch.exp2(torch.randint(-10, 5, scale.shape).float())  # powers of two: exact as float8_e8m0fnu
+    want = ops.dequantize_weight(weight, e8m0, torch.float64)
+    assert torch.equal(ops.dequantize_weight(weight, e8m0.to(torch.float8_e8m0fnu), torch.float64), want)
+    with pytest.raises(OpInputError, match="dequantize_weight.*'scale'.*float8_e8m0fnu.*uint8"):
+        ops.dequantize_weight(weight, e8m0.to(torch.float8_e8m0fnu).view(torch.uint8), torch.float64)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fmt", ["dense", "fp8", "fp4", "int8"])
 def test_linear_every_weight_format(backend, fmt):

@@ -167,10 +167,17 @@ def test_errors_cross_a_process_boundary_intact():
         assert type(back) is type(exc) and str(back) == str(exc) and vars(back) == vars(exc)
 
 
-def test_workers_default_to_the_cores_available_and_bad_counts_are_refused(source, tmp_path, capsys, monkeypatch):
+def test_workers_default_to_twice_the_cores_within_memory_and_bad_counts_are_refused(source, tmp_path, capsys, monkeypatch):
     from v4hal.conversion import workers
 
-    assert workers.default_workers() == len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0))
+    assert workers.default_workers() == min(2 * cores, workers.available_memory() // 2**30)
+    monkeypatch.setattr(workers, "available_memory", lambda: 64 * 2**30)
+    assert workers.default_workers() == 2 * cores
+    monkeypatch.setattr(workers, "available_memory", lambda: 2**30 + 5)  # one GiB: one worker
+    assert workers.default_workers() == 1
+    monkeypatch.setattr(workers, "available_memory", lambda: 2**20)  # less: still one
+    assert workers.default_workers() == 1
     used = []
     monkeypatch.setattr(workers, "run_units", lambda work, units, n, *a: used.append(n))
     monkeypatch.setattr(plan, "finish", lambda *a: {"outputs": {}})
