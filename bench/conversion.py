@@ -182,23 +182,28 @@ def evict(root: Path) -> None:
         os.close(fd)
 
 
-def disk_read(root: Path, direct: bool = False) -> float:
-    """Sequential read speed of every shard, cold: through the page cache (the kernel's
-    read-ahead), or with O_DIRECT into one reused aligned buffer, 16 MiB at a time, as the
-    converter reads."""
+def disk_read(root: Path, direct: bool = False, streams: int = 1) -> float:
+    """Sequential read speed of every shard, cold, `streams` files at a time (one thread each):
+    through the page cache (the kernel's read-ahead), or with O_DIRECT into a reused aligned
+    buffer, 16 MiB at a time, as the converter reads."""
     import mmap
+    from concurrent.futures import ThreadPoolExecutor
 
-    os.sync()
-    evict(root)
-    total, start = 0, time.perf_counter()
-    buf = mmap.mmap(-1, 16 * 2**20)  # page-aligned, as O_DIRECT needs
-    for p in sorted(root.glob("*.safetensors")):
+    def read(p: Path) -> int:
+        total, buf = 0, mmap.mmap(-1, 16 * 2**20)  # page-aligned, as O_DIRECT needs
         fd = os.open(p, os.O_RDONLY | (os.O_DIRECT if direct else 0))
         try:
             while (n := os.readv(fd, [buf])) > 0:
                 total += n
         finally:
             os.close(fd)
+        return total
+
+    os.sync()
+    evict(root)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        total = sum(pool.map(read, sorted(root.glob("*.safetensors"))))
     return total / (time.perf_counter() - start) / 1e9
 
 
@@ -219,37 +224,45 @@ def _write_random(path: Path, nbytes: int) -> int:
     return written
 
 
-def disk_write(root: Path, nbytes: int) -> float:
-    """Sequential write speed with fsync, as conversions write."""
+def _write_streams(work: Path, nbytes: int, streams: int) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(streams) as pool:
+        return sum(pool.map(lambda i: _write_random(work / f"write-test-{i}.safetensors", nbytes // streams), range(streams)))
+
+
+def disk_write(work: Path, nbytes: int, streams: int = 1) -> float:
+    """Sequential write speed with fsync, as conversions write, `streams` files at a time."""
     start = time.perf_counter()
-    written = _write_random(root / "write-test.safetensors", nbytes)
+    written = _write_streams(work, nbytes, streams)
     return written / (time.perf_counter() - start) / 1e9
 
 
-def disk_shared(root: Path, work: Path) -> float:
-    """GB/s read and written together while one thread reads the shards (O_DIRECT, cold) and
-    another writes as many bytes (as `disk_write`): a disk whose reads and writes share one
-    budget (a virtual disk's throughput cap) moves no more than it reads alone, and then a
-    conversion writing `o` bytes per byte read runs at most at this / (1 + o)."""
+def disk_shared(root: Path, work: Path, streams: int) -> float:
+    """GB/s read and written together while `streams` threads read the shards (O_DIRECT, cold)
+    and as many write as many bytes (as `disk_write`): what the disk moves when a conversion
+    reads and writes at once (a virtual disk may share one budget between them)."""
     from concurrent.futures import ThreadPoolExecutor
 
     size = sum(p.stat().st_size for p in root.glob("*.safetensors"))
     start = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
-        read = pool.submit(disk_read, root, True)
-        written = pool.submit(_write_random, work / "write-test.safetensors", size)
+        read = pool.submit(disk_read, root, True, streams)
+        written = pool.submit(_write_streams, work, size, streams)
         read.result()
         moved = size + written.result()
     return moved / (time.perf_counter() - start) / 1e9
 
 
-def measure_disk(src: Path, work: Path) -> dict[str, float]:
-    """One round of the disk's speeds (GB/s): cold read (the faster of page cache and O_DIRECT:
-    the converter's target is the disk, not one way of reading it), fsync'd write, and reads and
-    writes at once."""
+def measure_disk(src: Path, work: Path, streams: int) -> dict[str, float]:
+    """One round of the disk's speeds (GB/s), each the best of the ways the converter could use
+    it: cold read (page cache; O_DIRECT one file at a time; O_DIRECT `streams` files at once: the
+    target is the disk, not one way of reading it), fsync'd write (1 or `streams` files at once),
+    and reads and writes at once (`streams` of each)."""
     size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-    return {"read": max(disk_read(src), disk_read(src, direct=True)), "write": disk_write(work, size),
-            "shared": disk_shared(src, work)}
+    return {"read": max(disk_read(src), disk_read(src, direct=True), disk_read(src, direct=True, streams=streams)),
+            "write": max(disk_write(work, size), disk_write(work, size, streams)),
+            "shared": disk_shared(src, work, streams)}
 
 
 def hash_speed(algo: str) -> float:
@@ -375,7 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         largest = synthesize(src, args.layers)
         size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-        disks = [measure_disk(src, work)]
+        from v4hal.conversion.workers import default_workers
+
+        n_default = default_workers()
+        disks = [measure_disk(src, work, n_default)]
         speeds = {algo: hash_speed(algo) for algo in ("blake3", "sha256")}
         previous = {rev: previous_converter(rev, work) for rev in args.previous}
         torch_decode = {**os.environ, "V4HAL_CONVERT_KERNELS": "0"}  # the same converter without conversion/_kernels.c
@@ -384,12 +400,13 @@ def main(argv: list[str] | None = None) -> int:
             stream = [sys.executable, "-c", STREAMING, "convert", "run", "--to", target, "--no-progress", str(src), str(work / "out")]
             runs = {"v4hal convert --workers 1": (stream + ["--workers", "1"], None),
                     "v4hal convert --workers 2": (stream + ["--workers", "2"], None),
-                    "v4hal convert --workers 2, torch decode": (stream + ["--workers", "2"], torch_decode),
+                    f"v4hal convert (default --workers: {n_default})": (stream, None),
+                    f"v4hal convert (default --workers: {n_default}), torch decode": (stream, torch_decode),
                     "naive (whole shard, load_file/save_file)": ([sys.executable, "-c", NAIVE, str(src), str(work / "out"), target], None)}
             runs.update({f"previous converter ({rev}, its defaults)": (stream, env) for rev, env in previous.items()})
             best: dict[str, dict] = {}
             for _ in range(args.repeats):  # interleaved, best of each: the machine is shared and noisy
-                disks.append(measure_disk(src, work))  # the disk's speed drifts too: measured between rounds
+                disks.append(measure_disk(src, work, n_default))  # the disk's speed drifts too: measured between rounds
                 for how, (cmd, env) in runs.items():
                     run = timed(cmd, src, env)
                     shutil.rmtree(work / "out")
