@@ -238,31 +238,14 @@ def disk_write(work: Path, nbytes: int, streams: int = 1) -> float:
     return written / (time.perf_counter() - start) / 1e9
 
 
-def disk_shared(root: Path, work: Path, streams: int) -> float:
-    """GB/s read and written together while `streams` threads read the shards (O_DIRECT, cold)
-    and as many write as many bytes (as `disk_write`): what the disk moves when a conversion
-    reads and writes at once (a virtual disk may share one budget between them)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    size = sum(p.stat().st_size for p in root.glob("*.safetensors"))
-    start = time.perf_counter()
-    with ThreadPoolExecutor(2) as pool:
-        read = pool.submit(disk_read, root, True, streams)
-        written = pool.submit(_write_streams, work, size, streams)
-        read.result()
-        moved = size + written.result()
-    return moved / (time.perf_counter() - start) / 1e9
-
-
 def measure_disk(src: Path, work: Path, streams: int) -> dict[str, float]:
     """One round of the disk's speeds (GB/s), each the best of the ways the converter could use
     it: cold read (page cache; O_DIRECT one file at a time; O_DIRECT `streams` files at once: the
-    target is the disk, not one way of reading it), fsync'd write (1 or `streams` files at once),
-    and reads and writes at once (`streams` of each)."""
+    target is the disk, not one way of reading it) and fsync'd write (1 or `streams` files at
+    once)."""
     size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     return {"read": max(disk_read(src), disk_read(src, direct=True), disk_read(src, direct=True, streams=streams)),
-            "write": max(disk_write(work, size), disk_write(work, size, streams)),
-            "shared": disk_shared(src, work, streams)}
+            "write": max(disk_write(work, size), disk_write(work, size, streams))}
 
 
 def hash_speed(algo: str) -> float:
@@ -342,27 +325,17 @@ THREADS = {  # which thread runs each stage of the breakdown: a worker is as fas
     "read: O_DIRECT preadv (read-ahead thread)": "read"}
 
 
-def io_bound(disk: dict[str, float], out_per_in: float) -> tuple[float, str]:
-    """The fastest a conversion writing `out_per_in` bytes per byte read can go on this disk (GB/s
-    of input), and which of its limits sets it: its read speed, its write speed over the output
-    bytes, or what it moves reading and writing at once over the bytes moved per input byte."""
-    bounds = {"disk read": disk["read"], "disk write": disk["write"] / out_per_in,
-              "disk reads + writes at once": disk["shared"] / (1 + out_per_in)}
-    bound = min(bounds, key=bounds.get)
-    return bounds[bound], bound
-
-
 def cost_model(stage: dict, size: int, disk: dict[str, float], out_per_in: float, cores: int, workers: int) -> tuple[float, str]:
-    """Predicted GB/s of input and the bound that sets it: the least of the disk's (`io_bound`),
-    the cores over the CPU seconds per GB, and the workers over the busiest thread's CPU seconds
-    per GB (one worker's pipeline cannot go faster than its slowest stage)."""
+    """Predicted GB/s of input and the bound that sets it: the least of the disk's read speed, its
+    write speed over the output bytes per input byte, the cores over the CPU seconds per GB, and
+    the workers over the busiest thread's CPU seconds per GB (one worker's pipeline cannot go
+    faster than its slowest stage)."""
     per_thread: dict[str, float] = {}
     for name, cpu in stage["cpu"].items():
         thread = THREADS.get(name, "main")
         per_thread[thread] = per_thread.get(thread, 0.0) + cpu / size * 1e9
     cpu_per_gb = stage["process_cpu"] / size * 1e9
-    io_gbps, io_limit = io_bound(disk, out_per_in)
-    bounds = {io_limit: io_gbps, f"{cores} cores": cores / cpu_per_gb, f"{workers} worker pipeline(s)": workers / max(per_thread.values())}
+    bounds = {"disk read": disk["read"], "disk write": disk["write"] / out_per_in, f"{cores} cores": cores / cpu_per_gb, f"{workers} worker pipeline(s)": workers / max(per_thread.values())}
     bound = min(bounds, key=bounds.get)
     return bounds[bound], bound
 
@@ -433,25 +406,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"source: {size / 1e9:.2f} GB in {args.layers} shards, largest tensor {largest / 1e6:.0f} MB; best of {args.repeats}; "
               f"disk, median (min-max) of {len(disks)} rounds between the runs: sequential read (cold, the faster of page cache "
               f"and O_DIRECT) {_spread(disks, 'read')} GB/s; sequential write (fsync'd) {_spread(disks, 'write')} GB/s; "
-              f"reading and writing at once {_spread(disks, 'shared')} GB/s moved; "
+
               + ", ".join(f"{algo}: {gbps:.2f} GB/s per core" for algo, gbps in speeds.items()) + "\n")
         out_per_in = {"bf16": 2.0, "w8a8": 1.0}  # output bytes per input byte (FP8 weights dominate)
-        for target, o in out_per_in.items():
-            gbps, limit = io_bound(disk, o)
-            print(f"the disk's bound for FP8 -> {target.upper()} ({o:g} output bytes per input byte): {gbps:.3f} GB/s of input "
-                  f"({gbps / disk['read']:.0%} of the disk read), set by the {limit}")
         print("\n| conversion | how | load before | process time (s) | GB/s of input | GB/s after start-up | share of disk read "
-              "(after start-up) | share of the disk's bound (after start-up) | CPU s per GB | peak RSS: process / largest worker (GB) "
-              "| largest RSS / largest tensor |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+              "(after start-up) | CPU s per GB | peak RSS: process / largest worker (GB) | largest RSS / largest tensor |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             peak = max(r["rss"], r["worker_rss"])
             cpu = f"{r['cpu_s'] / size * 1e9:.2f}" if r["cpu_s"] is not None else "-"
             worker = f"{r['worker_rss'] / 1e9:.2f}" if r["worker_rss"] else "-"
             gbps, steady = size / r["seconds"] / 1e9, size / r["convert_s"] / 1e9
-            bound = io_bound(disk, out_per_in[r["target"]])[0]
             print(f"| FP8 -> {r['target'].upper()} | {r['how']} | {r['load']:.1f} | {r['seconds']:.1f} | {gbps:.3f} | {steady:.3f} | "
-                  f"{gbps / disk['read']:.0%} ({steady / disk['read']:.0%}) | {gbps / bound:.0%} ({steady / bound:.0%}) | {cpu} | "
+                  f"{gbps / disk['read']:.0%} ({steady / disk['read']:.0%}) | {cpu} | "
                   f"{r['rss'] / 1e9:.2f} / {worker} | {peak / largest:.1f}x |")
         for (target, version), st in stages.items():
             print(f"\nstages, {version}, FP8 -> {target.upper()}, one worker (fsync'd; {size / st['seconds'] / 1e9:.3f} GB/s in this instrumented run; "

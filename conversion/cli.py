@@ -11,7 +11,7 @@
   v4hal convert onnx --preset tiny [--seq 16] OUT.onnx            ONNX graph of our model, checked in onnxruntime
   v4hal convert onnx --config CFG --weights DIR OUT.onnx
 Every run accepts --dry-run (list outputs and disk needed, write nothing) and --workers N (source
-shards converted at once, in N processes; default: twice the cores available, at most one per GiB of free memory).
+shards converted at once, in N processes; default: four per core available, at most one per GiB of free memory).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--overwrite", action="store_true", help="write into a DST holding files v4hal did not write, "
                      "replacing those of the same names")
     run.add_argument("--workers", type=at_least(1), metavar="N", help="convert up to N source shards at once, "
-                     "in N processes (default: twice the cores this process may use, at most one per GiB of available memory)")
+                     "in N processes (default: four per core this process may use, at most one per GiB of available memory)")
     run.add_argument("--verify-source", action="store_true", help="hash every source file, even one whose hash is "
                      "stated (Hugging Face cache blob name, a v4hal manifest), and refuse one that differs")
     run.add_argument("--no-progress", action="store_true")

@@ -42,14 +42,17 @@ class WorkerDied(RuntimeError):
     """A worker process ended without a result (killed: by the out-of-memory killer, by hand)."""
 
 
+WORKERS_PER_CORE = 4
+
+
 def default_workers() -> int:
-    """Twice the cores this process may run on (its affinity mask, not the machine's core count):
-    a worker waits for the disk about half its time (two workers kept 1.04 of 2 cores busy in the
-    benchmark, docs/conversion.md), so more workers than cores keep more reads and writes queued.
-    At most one per GiB of available memory: a worker streams row chunks and peaks at a few
-    hundred MB."""
+    """Four per core this process may run on (its affinity mask, not the machine's core count): a
+    worker spends most of its time waiting for the disk (two workers kept 1.04 of 2 cores busy in
+    the benchmark), and more workers keep more reads and writes queued (on the benchmark's VM, FP8
+    -> BF16 ran fastest with 6-8 workers on 2 cores; docs/conversion.md, Workers). At most one per
+    GiB of available memory: a worker streams row chunks and peaks at a few hundred MB."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(2 * cores, available_memory() // 2**30))
+    return max(1, min(WORKERS_PER_CORE * cores, available_memory() // 2**30))
 
 
 def available_memory() -> int:

@@ -167,13 +167,13 @@ def test_errors_cross_a_process_boundary_intact():
         assert type(back) is type(exc) and str(back) == str(exc) and vars(back) == vars(exc)
 
 
-def test_workers_default_to_twice_the_cores_within_memory_and_bad_counts_are_refused(source, tmp_path, capsys, monkeypatch):
+def test_workers_default_to_four_per_core_within_memory_and_bad_counts_are_refused(source, tmp_path, capsys, monkeypatch):
     from v4hal.conversion import workers
 
     cores = len(os.sched_getaffinity(0))
-    assert workers.default_workers() == min(2 * cores, workers.available_memory() // 2**30)
+    assert workers.default_workers() == min(4 * cores, workers.available_memory() // 2**30)
     monkeypatch.setattr(workers, "available_memory", lambda: 64 * 2**30)
-    assert workers.default_workers() == 2 * cores
+    assert workers.default_workers() == 4 * cores
     monkeypatch.setattr(workers, "available_memory", lambda: 2**30 + 5)  # one GiB: one worker
     assert workers.default_workers() == 1
     monkeypatch.setattr(workers, "available_memory", lambda: 2**20)  # less: still one
