@@ -30,6 +30,8 @@ import signal
 
 import torch
 
+from v4hal.model import plan
+
 _PR_SET_PDEATHSIG = 1
 _context: dict = {}  # in a worker: what the parent left for it (inherited across fork)
 
@@ -52,19 +54,8 @@ def default_workers() -> int:
     -> BF16 ran fastest with 6-8 workers on 2 cores; docs/conversion.md, Workers). At most one per
     GiB of available memory: a worker streams row chunks and peaks at a few hundred MB."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(WORKERS_PER_CORE * cores, available_memory() // 2**30))
-
-
-def available_memory() -> int:
-    """MemAvailable from /proc/meminfo, in bytes (no limit known elsewhere)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
+    memory = plan.available_memory()
+    return max(1, WORKERS_PER_CORE * cores if memory is None else min(WORKERS_PER_CORE * cores, memory // 2**30))
 
 
 def _init_worker(parent: int) -> None:

@@ -170,13 +170,17 @@ def test_errors_cross_a_process_boundary_intact():
 def test_workers_default_to_four_per_core_within_memory_and_bad_counts_are_refused(source, tmp_path, capsys, monkeypatch):
     from v4hal.conversion import workers
 
+    from v4hal.model import plan as model_plan
+
     cores = len(os.sched_getaffinity(0))
-    assert workers.default_workers() == min(4 * cores, workers.available_memory() // 2**30)
-    monkeypatch.setattr(workers, "available_memory", lambda: 64 * 2**30)
+    assert workers.default_workers() == min(4 * cores, model_plan.available_memory() // 2**30)
+    monkeypatch.setattr(model_plan, "available_memory", lambda: 64 * 2**30)
     assert workers.default_workers() == 4 * cores
-    monkeypatch.setattr(workers, "available_memory", lambda: 2**30 + 5)  # one GiB: one worker
+    monkeypatch.setattr(model_plan, "available_memory", lambda: None)  # unknown: no memory cap
+    assert workers.default_workers() == 4 * cores
+    monkeypatch.setattr(model_plan, "available_memory", lambda: 2**30 + 5)  # one GiB: one worker
     assert workers.default_workers() == 1
-    monkeypatch.setattr(workers, "available_memory", lambda: 2**20)  # less: still one
+    monkeypatch.setattr(model_plan, "available_memory", lambda: 2**20)  # less: still one
     assert workers.default_workers() == 1
     used = []
     monkeypatch.setattr(workers, "run_units", lambda work, units, n, *a: used.append(n))
