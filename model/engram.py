@@ -224,7 +224,7 @@ class ColumnShard:
 
 class EngramTable(nn.Module):
     """`embed.weight` `[rows, head_dim]` and, for a float8 table, `embed.scale` (float8_e8m0fnu,
-    one per 32 columns), in the dtypes DeepSeek ships. Split over the ranks of `group` (its rank's
+    one per 32 columns), in the dtypes DeepSeek ships (float32 scales load as stored). Split over the ranks of `group` (its rank's
     `shard`), it holds only the shard's rows: `lookup` gathers this rank's hash columns and
     `complete` brings every rank's columns together. Under tensor parallelism every rank has the
     same tokens (an all-gather of the columns); under data parallelism (`own_tokens`) each has
@@ -260,8 +260,7 @@ class EngramTable(nn.Module):
             raise ops.OpInputError("EngramTable", "weight", f"{want} of shape {tuple(self.weight.shape)}",
                                    f"{weight.dtype} {tuple(weight.shape)}")
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.scale = None if scale is None else nn.Parameter(
-            scale if scale.dtype != torch.float32 else scale.to(torch.float8_e8m0fnu), requires_grad=False)
+        self.scale = None if scale is None else nn.Parameter(scale, requires_grad=False)  # float32: factors as stored
 
     def local_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """The layer's table rows `[..., columns]` (under data parallelism `gather_tokens`' output,

@@ -22,6 +22,7 @@ An FP8 weight's scales (128x128 or 1x32) must be float32, float64 or float8_e8m0
 is a float8_e8m0fnu scale holding byte 0xFF (e8m0's NaN), naming its first index.
 V4.1's Engram table scales (ue8m0, one per 32 columns) are held as float8_e8m0fnu, whether stored
 so or as uint8 holding the same exponent bytes; byte 0xFF (e8m0's NaN) or another dtype is rejected.
+float32 table scales are held as stored (factors, not necessarily powers of two).
 Every shard must be a regular file inside the checkpoint folder (symlinks resolved); a tensor
 stored twice, or an integer tensor without a scale for a float slot, is rejected.
 The MTP layers (`model.layers.{N}` for N >= num_hidden_layers, `mtp.*`) are skipped.
@@ -312,6 +313,8 @@ class _Loader:
                 tensor = self._table_scale(name, tensor)
                 if tensor is None:
                     return
+                if tensor.dtype == torch.float32:  # factors kept as stored: the float8_e8m0fnu slot would round them
+                    table[0].scale = nn.Parameter(torch.empty(table[0].scale.shape), requires_grad=False)
             elif scale is not None:  # a float8 table with its scale, for a table built float: adopted below
                 scale = self._table_scale(name[: -len("weight")] + "scale", scale)
                 if scale is None:

@@ -274,3 +274,28 @@ def test_table_scales_with_byte_0xff_or_another_dtype_are_refused_naming_them(bu
         assert "missing" not in message, message
         for name in scales:
             assert re.search(f"{re.escape(name)}: {expected[kind]}", message), message
+
+
+@pytest.mark.parametrize("built", ["float8", "float"])
+def test_float32_table_scales_that_are_not_powers_of_two_load_exactly(built, tmp_path):
+    """float32 table scales are factors as stored (`engram_lookup` reads them exactly): a table
+    built float8 or float keeps them, not rounded to the float8_e8m0fnu the model builds, and the
+    logits equal those of the model whose tables hold the same float32 factors."""
+    from test_model_v41 import tiny_model
+
+    from v4hal.model.engram import EngramTable
+
+    model = tiny_model(quantized=True)
+    save_checkpoint(model, model.args, tmp_path / "ckpt")
+    scales = _with_table_scales(tmp_path / "ckpt", tmp_path / "f32", lambda s: s.float() * 0.75)
+    tables = [m for m in model.modules() if isinstance(m, EngramTable)]
+    assert len(tables) == len(scales)
+    for table in tables:
+        table.scale = torch.nn.Parameter(table.scale.float() * 0.75, requires_grad=False)
+    fresh = build(tiny_v41(quantized=built == "float8"), dtype=torch.float64)
+    load_checkpoint(fresh, tmp_path / "f32", fresh.args)
+    for mine, theirs in zip((m for m in fresh.modules() if isinstance(m, EngramTable)), tables):
+        assert mine.scale.dtype == torch.float32 and torch.equal(mine.scale, theirs.scale)
+    ids = _ids(12)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), model(ids))
