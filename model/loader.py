@@ -314,7 +314,7 @@ class _Loader:
                 if tensor is None:
                     return
                 if tensor.dtype == torch.float32:  # factors kept as stored: the float8_e8m0fnu slot would round them
-                    table[0].scale = nn.Parameter(torch.empty(table[0].scale.shape), requires_grad=False)
+                    table[0].scale = nn.Parameter(torch.empty_like(table[0].scale, dtype=torch.float32), requires_grad=False)
             elif scale is not None:  # a float8 table with its scale, for a table built float: adopted below
                 scale = self._table_scale(name[: -len("weight")] + "scale", scale)
                 if scale is None:
