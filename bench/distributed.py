@@ -228,17 +228,24 @@ ASCEND_910C = 400e9  # chip-to-chip, as reported (DigiTimes via TechPowerUp, 202
 
 
 def comm_table(contexts=(8192, 131072)) -> str:
+    """docs/distributed.md's communication table: one row per model, layout and context, or one
+    for every context where they send the same (the layout names only its settings above 1)."""
     lines = ["| model | layout | context | bytes sent per rank per step | collectives | at 450 GB/s (NVLink) | "
-             "at 400 GB/s (910C HCCS, reported) |", "|---|---|---|---|---|---|---|"]
+             "at 400 GB/s (910C, reported) |", "|---|---|---|---|---|---|---|"]
     for name, lays in (("v4-flash", [Layout(tp=8), Layout(tp=8, ep=8), Layout(ep=8, dp=8)]),
                        ("v4.1-flash", [Layout(tp=8), Layout(tp=8, ep=8), Layout(ep=8, dp=8)]),
                        ("v4-pro", [Layout(tp=8, ep=8), Layout(tp=16, ep=16), Layout(ep=16, dp=16)]),
                        ("v3.2", [Layout(tp=8, ep=8), Layout(ep=8, dp=8)])):
         args = preset(name)
         for lay in lays:
-            for context in contexts:
-                sent, calls = comm_bytes(args, lay, context)
-                lines.append(f"| {name} | {lay} | {context // 1024}k | {sent / 2**20:.2f} MiB | {calls} | "
+            layout = " ".join(f"{k}={getattr(lay, k)}" for k in ("tp", "ep", "pp", "dp") if getattr(lay, k) > 1)
+            rows = {context: comm_bytes(args, lay, context) for context in contexts}
+            if len(set(rows.values())) == 1:
+                rows = {" / ".join(f"{c // 1024}k" for c in contexts): rows[contexts[0]]}
+            else:
+                rows = {f"{c // 1024}k": r for c, r in rows.items()}
+            for context, (sent, calls) in rows.items():
+                lines.append(f"| {name} | {layout} | {context} | {sent / 2**20:.2f} MiB | {calls} | "
                              f"{sent / NVLINK_H100 * 1e6:.1f} µs | {sent / ASCEND_910C * 1e6:.1f} µs |")
     return "\n".join(lines)
 

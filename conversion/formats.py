@@ -293,6 +293,22 @@ def decode_rows(kind: str, q: torch.Tensor, scale: torch.Tensor | None, row0: in
         return x if out is None else out.copy_(x)
 
 
+def refuse_bf16_overflow(x: torch.Tensor, scale: torch.Tensor, row0: int, info: TensorInfo) -> None:
+    """Rows [row0, ...) of an MX-scaled table decoded to BF16 (`x`) must be finite: a product of
+    2^128 or more (an e4m3 code under scale bytes 247-254) rounds to +-inf, which the lookup would
+    spread through the model. Refused naming the tensor and its first such scale."""
+    if not bool((scale[row0: row0 + x.shape[0]] >= 2.0**120).any()):  # below byte 247 no product reaches 2^128
+        return
+    inf = x.isinf()
+    if bool(inf.any()):
+        row, col = (int(i) for i in inf.nonzero()[0])
+        block = [row0 + row, col // MX_BLOCK]
+        byte = int(torch.log2(scale[block[0], block[1]])) + 127
+        raise CheckpointError(info.file, f"decoding to BF16 would overflow BF16 (products of 2^128 or more become "
+                                         f"+-inf), first under scale {block} (byte {byte}); keep the float8 table "
+                                         f"(--engram-tables keep)", info.name)
+
+
 def _fast_fp8(q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype) -> bool:
     """The bit trick applies: float32 scales of the right shape, every one non-negative, finite and
     small enough that scale * 2**120 stays finite. Anything else goes to the contract, which also

@@ -244,6 +244,8 @@ def run_job(job: Job, src: Source, reader, emit, buffer=None) -> None:
         shape = (r1 - r0, *job.outputs[0].shape[1:])
         out = buffer(nbytes_of(dtype, shape)).view(dtype).reshape(shape) if placed else None
         main, *rest = formats.convert_rows(job.decode, job.encode, reader.rows(info, r0, r1), scale, r0, job.extra, out)
+        if job.decode == "mxfp8" and job.encode == "bf16":
+            formats.refuse_bf16_overflow(main, scale, r0, info)
         emit(0, r0, main)
         for acc, piece in zip(sides, rest):
             acc.append(piece)

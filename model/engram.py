@@ -182,21 +182,23 @@ class EngramArgs:
         """Rows looked up per token and layer: (max_ngram - 1) * heads."""
         return (self.max_ngram - 1) * self.heads
 
-    def table_rows(self, shards: int = 1, rank: int = 0) -> int:
-        """Rows of every layer's table a rank holds when the tables are split by hash columns over
-        `shards` (tensor- or data-parallel) ranks (`ColumnShard`; all of them for one)."""
+    def table_rows(self, shards: int = 1, rank: int = 0, layers: range | None = None) -> int:
+        """Rows of every layer's table (of the Engram layers among `layers`, None: all) a rank
+        holds when the tables are split by hash columns over `shards` (tensor- or data-parallel)
+        ranks (`ColumnShard`; all of them for one)."""
+        held = [i for i, layer in enumerate(self.layer_ids) if layers is None or layer in layers]
         if shards == 1:
-            return sum(self.num_embeddings)
-        return sum(s.row_stop - s.row_start for s in (ColumnShard.of(self, i, shards, rank)
-                                                      for i in range(len(self.layer_ids))))
+            return sum(self.num_embeddings[i] for i in held)
+        return sum(s.row_stop - s.row_start for s in (ColumnShard.of(self, i, shards, rank) for i in held))
 
-    def table_bytes(self, shards: int = 1, rank: int | None = None, float_bytes: float = 2) -> int:
-        """Bytes of every layer's table as built (float8 plus one ue8m0 byte per 32 columns, or
-        rows of `float_bytes` per value: the model's dtype) on `rank` of `shards`, or on the rank
-        holding the most (None)."""
+    def table_bytes(self, shards: int = 1, rank: int | None = None, float_bytes: float = 2,
+                    layers: range | None = None) -> int:
+        """Bytes of every layer's table (of the Engram layers among `layers`, None: all) as built
+        (float8 plus one ue8m0 byte per 32 columns, or rows of `float_bytes` per value: the
+        model's dtype) on `rank` of `shards`, or on the rank holding the most (None)."""
         per_row = self.head_dim + self.head_dim // ops.SCALE_BLOCK if self.table_dtype else float_bytes * self.head_dim
         ranks = range(shards) if rank is None else (rank,)
-        return int(max(self.table_rows(shards, r) for r in ranks) * per_row)
+        return int(max(self.table_rows(shards, r, layers) for r in ranks) * per_row)
 
 
 @dataclass(frozen=True)
@@ -224,7 +226,7 @@ class ColumnShard:
 
 class EngramTable(nn.Module):
     """`embed.weight` `[rows, head_dim]` and, for a float8 table, `embed.scale` (float8_e8m0fnu,
-    one per 32 columns), in the dtypes DeepSeek ships. Split over the ranks of `group` (its rank's
+    one per 32 columns), in the dtypes DeepSeek ships (float32 scales load as stored). Split over the ranks of `group` (its rank's
     `shard`), it holds only the shard's rows: `lookup` gathers this rank's hash columns and
     `complete` brings every rank's columns together. Under tensor parallelism every rank has the
     same tokens (an all-gather of the columns); under data parallelism (`own_tokens`) each has
@@ -260,8 +262,7 @@ class EngramTable(nn.Module):
             raise ops.OpInputError("EngramTable", "weight", f"{want} of shape {tuple(self.weight.shape)}",
                                    f"{weight.dtype} {tuple(weight.shape)}")
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.scale = None if scale is None else nn.Parameter(
-            scale if scale.dtype != torch.float32 else scale.to(torch.float8_e8m0fnu), requires_grad=False)
+        self.scale = None if scale is None else nn.Parameter(scale, requires_grad=False)  # float32: factors as stored
 
     def local_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """The layer's table rows `[..., columns]` (under data parallelism `gather_tokens`' output,
@@ -333,14 +334,16 @@ class Engram(nn.Module):
 
 
 def plan_bytes(args, matrix_bytes: float, float_bytes: float, tp: int = 1, dp: int = 1,
-               rank: int | None = None) -> tuple[float, float]:
+               rank: int | None = None, layers: range | None = None) -> tuple[float, float]:
     """(device bytes of every Engram module's projections (`kv_proj`, split over `tp` ranks, at
     `matrix_bytes` per weight) and gate weights (whole, at `float_bytes`), host bytes of its tables
     as built (`table_bytes`), split by hash columns over the tp * dp ranks: on rank `rank` of
-    them, or on the rank holding the most (None)) for `v4hal plan`; (0, 0) without Engram."""
+    them, or on the rank holding the most (None)) for `v4hal plan`, counting the Engram layers
+    among `layers` (a pipeline stage's; None: all); (0, 0) without Engram."""
     if not args.is_v41:
         return 0.0, 0.0
     ea = EngramArgs(args)
     proj = ea.columns * ea.head_dim * (args.hc_mult + 1) * args.hidden_size // tp * matrix_bytes
     gate = 2 * args.hc_mult * args.hidden_size * float_bytes
-    return len(ea.layer_ids) * (proj + gate), float(ea.table_bytes(tp * dp, rank, float_bytes))
+    modules = sum(layers is None or layer in layers for layer in ea.layer_ids)
+    return modules * (proj + gate), float(ea.table_bytes(tp * dp, rank, float_bytes, layers))

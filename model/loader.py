@@ -18,9 +18,11 @@ Shards are memory-mapped and copied tensor by tensor into the model's (untouched
 allocated) storage, so the peak resident memory is near the model's size, not twice it.
 MXFP8 weights (e4m3 + 1x32 ue8m0 scales, `convert run --to mxfp8`) are always dequantized on load.
 An FP8 weight's scales (128x128 or 1x32) must be float32, float64 or float8_e8m0fnu
-(`ops.quant.FP8_STORED_SCALE_DTYPES`); uint8 or another dtype is rejected naming the weight.
+(`ops.quant.FP8_STORED_SCALE_DTYPES`); uint8 or another dtype is rejected naming the weight, and so
+is a float8_e8m0fnu scale holding byte 0xFF (e8m0's NaN), naming its first index.
 V4.1's Engram table scales (ue8m0, one per 32 columns) are held as float8_e8m0fnu, whether stored
 so or as uint8 holding the same exponent bytes; byte 0xFF (e8m0's NaN) or another dtype is rejected.
+float32 table scales are held as stored (factors, not necessarily powers of two).
 Every shard must be a regular file inside the checkpoint folder (symlinks resolved); a tensor
 stored twice, or an integer tensor without a scale for a float slot, is rejected.
 The MTP layers (`model.layers.{N}` for N >= num_hidden_layers, `mtp.*`) are skipped.
@@ -311,6 +313,8 @@ class _Loader:
                 tensor = self._table_scale(name, tensor)
                 if tensor is None:
                     return
+                if tensor.dtype == torch.float32:  # factors kept as stored: the float8_e8m0fnu slot would round them
+                    table[0].scale = nn.Parameter(torch.empty_like(table[0].scale, dtype=torch.float32), requires_grad=False)
             elif scale is not None:  # a float8 table with its scale, for a table built float: adopted below
                 scale = self._table_scale(name[: -len("weight")] + "scale", scale)
                 if scale is None:
@@ -332,6 +336,13 @@ class _Loader:
         if _packed_fp4_as_int8(tensor, scale):
             tensor = tensor.view(torch.uint8)
         elif tensor.dtype == fp8 and scale is not None and scale.dtype == torch.float8_e8m0fnu:
+            nan = scale.view(torch.uint8) == 0xFF
+            if bool(nan.any()):  # as a factor, NaN for its whole block
+                what = "MXFP8" if _is_mxfp8(tensor, scale) else "FP8 128x128 block"
+                first = [int(i) for i in nan.nonzero()[0]]
+                self._refuse(self.rejected, name, f"{int(nan.sum())} {what} scale(s) hold e8m0 byte 0xFF (NaN), "
+                                                  f"first at {first}: expected powers of two (bytes 0-254)")
+                return
             scale = scale.float()  # V4's ue8m0 block scales; exact (powers of two), what fp8_matmul takes
         if tensor.dtype == torch.float8_e4m3fn:
             nan_codes = int(((tensor.view(torch.uint8) & 0x7F) == 0x7F).sum())

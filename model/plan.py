@@ -68,13 +68,24 @@ def weight_bytes(args: ModelArgs, lay: Layout, weights: str = "auto") -> dict[st
     return {k: v / lay.pp for k, v in out.items()}
 
 
-def engram_bytes(args: ModelArgs, lay: Layout, weights: str = "auto", rank: int | None = None) -> tuple[float, float]:
+def stage_layers(args: ModelArgs, lay: Layout, stage: int) -> range:
+    """The layers pipeline stage `stage` of `lay.pp` holds: contiguous, the first
+    `num_hidden_layers % pp` stages one layer more than the rest."""
+    per, extra = divmod(args.num_hidden_layers, lay.pp)
+    start = stage * per + min(stage, extra)
+    return range(start, start + per + (stage < extra))
+
+
+def engram_bytes(args: ModelArgs, lay: Layout, weights: str = "auto", rank: int | None = None,
+                 stage: int | None = None) -> tuple[float, float]:
     """V4.1: (device bytes of the Engram projections and gates, host bytes of the Engram tables)
-    one device holds, in the format `weights`: the tables on rank `rank` of the tp * dp ranks
-    splitting them by hash columns, or on the rank holding the most (None); (0, 0) without Engram."""
+    one device holds, in the format `weights`: those of the Engram layers of pipeline stage
+    `stage`, the tables on rank `rank` of the tp * dp ranks splitting them by hash columns; None:
+    the stage / rank holding the most table bytes. (0, 0) without Engram."""
     size = element_bytes(args, weights)
-    device, host = plan_bytes(args, size["matrix"], size["float"], lay.tp, lay.dp, rank)
-    return device / lay.pp, host
+    stages = range(lay.pp) if stage is None else (stage,)
+    return max((plan_bytes(args, size["matrix"], size["float"], lay.tp, lay.dp, rank, stage_layers(args, lay, s))
+                for s in stages), key=lambda device_host: device_host[1])
 
 
 def kv_row_bytes(args: ModelArgs, dim: int, rope: int, kv: str) -> int:

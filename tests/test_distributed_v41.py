@@ -237,3 +237,14 @@ def test_reshard_needs_the_configs_engram_layers():
         reshard.assign([job], 2, None, None)
     reshard.assign([job], 2, None, reshard.engram_rows(v41_args().to_dict(), 2))
     assert job.split == ("rows", [(0, 71 + 73), (71 + 73, 71 + 73 + 79)])
+
+
+def test_the_docs_communication_table_is_what_the_bench_prints():
+    """docs/distributed.md's communication table is `python -m v4hal.bench.distributed comm`'s
+    output as printed (header, layouts and rows), not a hand-edited copy."""
+    from v4hal.bench.distributed import comm_table
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "distributed.md").read_text()
+    table = comm_table()
+    assert table.splitlines()[0] in doc, table.splitlines()[0]
+    assert table in doc, table

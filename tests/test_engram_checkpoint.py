@@ -185,29 +185,84 @@ def test_convert_re_encodes_float8_tables_as_bf16_exactly(target, tmp_path, caps
 
 
 def test_bf16_tables_are_exact_wherever_bf16_holds_the_product(tmp_path):
-    """Every e4m3 code under every scale byte 0 .. 254: the BF16 table is the exact product rounded
+    """Every e4m3 code under every scale byte 0 .. 246: the BF16 table is the exact product rounded
     once to nearest-even, so exact for bytes 3 .. 246; below, products under 2^-126 keep only
-    BF16's subnormal steps of 2^-133 (2^-134 or less: 0); above, 2^128 or more is +-inf."""
+    BF16's subnormal steps of 2^-133 (2^-134 or less: 0). (Bytes 247 .. 254: the next test.)"""
     from safetensors.torch import load_file
 
     from convert_util import cli, write_shards
 
     codes = torch.arange(256, dtype=torch.uint8)
-    codes = torch.where((codes & 0x7F) == 0x7F, 0, codes).expand(255, 256)  # the NaN codes as 0
-    exponents = torch.arange(255, dtype=torch.uint8)[:, None].expand(255, 8)
+    codes = torch.where((codes & 0x7F) == 0x7F, 0, codes).expand(247, 256)  # the NaN codes as 0
+    exponents = torch.arange(247, dtype=torch.uint8)[:, None].expand(247, 8)
     name = "layers.1.engram.embed"
     write_shards(tmp_path / "src", [{f"{name}.weight": codes.contiguous().view(torch.float8_e4m3fn),
                                      f"{name}.scale": exponents.contiguous().view(torch.float8_e8m0fnu)}])
     assert cli("run", "--to", "copy", "--engram-tables", "bf16", "--no-progress", tmp_path / "src", tmp_path / "out") == 0
+    assert cli("verify", "--source", tmp_path / "src", tmp_path / "out") == 0
     (path,) = (tmp_path / "out").glob("*.safetensors")
     out = load_file(str(path))[f"{name}.weight"]
     exact = codes.view(torch.float8_e4m3fn).double() * torch.exp2(exponents.double() - 127).repeat_interleave(32, 1)
-    assert out.dtype == torch.bfloat16 and torch.equal(out, exact.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.equal(out, exact.to(torch.bfloat16)) and bool(out.isfinite().all())
     inexact = out.double() != exact
-    assert inexact.any(1).nonzero().flatten().tolist() == [0, 1, 2, *range(247, 255)]
+    assert inexact.any(1).nonzero().flatten().tolist() == [0, 1, 2]
     lost, magnitude = out[inexact].double(), exact[inexact].abs()
-    assert bool(((magnitude < 2.0**-126) | (magnitude >= 2.0**128)).all())
-    assert torch.equal(lost == 0, magnitude <= 2.0**-134) and torch.equal(lost.isinf(), magnitude >= 2.0**128)
+    assert bool((magnitude < 2.0**-126).all()) and torch.equal(lost == 0, magnitude <= 2.0**-134)
+
+
+def test_bf16_tables_whose_products_overflow_are_refused_and_verify_flags_inf(tmp_path, capsys):
+    """Scale bytes 247 .. 254 times e4m3 codes whose product reaches 2^128 would be +-inf in BF16:
+    `convert run --engram-tables bf16` refuses the table, naming it and the first such scale. A
+    block under byte 254 whose products stay below 2^128 converts exactly. `convert verify` flags
+    an output holding inf where the source's value is finite (inf equals inf after rounding)."""
+    from safetensors.torch import load_file, save_file
+
+    from convert_util import cli, write_shards
+    from v4hal.conversion.verify import verify
+
+    name = "layers.1.engram.embed"
+    one, tiny, largest = 0x38, 0x01, 0x7E  # e4m3 1.0, 2^-9, 448
+    codes = torch.full((4, 64), one, dtype=torch.uint8)
+    exponents = torch.full((4, 2), 127, dtype=torch.uint8)
+    codes[3, :32], exponents[3, 0] = tiny, 254  # 2^-9 * 2^127: finite
+    exponents[2, 1], exponents[1, 1] = 247, 250  # 1.0 * 2^120 and 2^123: finite ...
+    codes[2, 40], codes[1, 35] = largest, 0xB8 | largest  # ... but +-448 * 2^120 / 2^123 are not
+
+    def source(directory, weight, scale):
+        write_shards(directory, [{f"{name}.weight": weight.view(torch.float8_e4m3fn),
+                                  f"{name}.scale": scale.view(torch.float8_e8m0fnu)}])
+
+    source(tmp_path / "bad", codes, exponents)
+    assert cli("run", "--to", "copy", "--engram-tables", "bf16", "--no-progress", tmp_path / "bad", tmp_path / "x") != 0
+    err = capsys.readouterr().err
+    assert f"{name}.weight" in err and "overflow BF16" in err
+    assert "first under scale [1, 1] (byte 250)" in err, err
+
+    fine = codes.clone()
+    fine[2, 40], fine[1, 35] = one, one
+    source(tmp_path / "src", fine, exponents)
+    assert cli("run", "--to", "copy", "--engram-tables", "bf16", "--no-progress", tmp_path / "src", tmp_path / "out") == 0
+    (path,) = (tmp_path / "out").glob("*.safetensors")
+    out = load_file(str(path))
+    assert out[f"{name}.weight"][3, 0].item() == 2.0**118 and out[f"{name}.weight"][2, 40].item() == 2.0**120
+    # what an unchecked conversion of the bad source wrote: verify (hashes aside) must flag it
+    (src_path,) = (tmp_path / "src").glob("*.safetensors")
+    save_file({f"{name}.weight": codes.view(torch.float8_e4m3fn), f"{name}.scale": exponents.view(torch.float8_e8m0fnu)},
+              str(src_path))
+    table = out[f"{name}.weight"].clone()
+    table[2, 40], table[1, 35] = float("inf"), float("-inf")
+    _patch_tensor(path, f"{name}.weight", table)
+    problems = verify(tmp_path / "out", tmp_path / "src", check_hash=False)
+    assert len(problems) == 1 and "2 element(s)" in problems[0] and "first at [1, 35]: -inf for a finite source value" in problems[0], problems
+
+
+def _patch_tensor(path, name: str, tensor: torch.Tensor) -> None:
+    """Overwrite `name`'s bytes in the safetensors file `path` in place (its size unchanged)."""
+    with open(path, "r+b") as f:
+        header = int.from_bytes(f.read(8), "little")
+        start = json.loads(f.read(header))[name]["data_offsets"][0]
+        f.seek(8 + header + start)
+        f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes())
 
 
 def _with_table_scales(src, dst, change) -> list[str]:
@@ -274,3 +329,28 @@ def test_table_scales_with_byte_0xff_or_another_dtype_are_refused_naming_them(bu
         assert "missing" not in message, message
         for name in scales:
             assert re.search(f"{re.escape(name)}: {expected[kind]}", message), message
+
+
+@pytest.mark.parametrize("built", ["float8", "float"])
+def test_float32_table_scales_that_are_not_powers_of_two_load_exactly(built, tmp_path):
+    """float32 table scales are factors as stored (`engram_lookup` reads them exactly): a table
+    built float8 or float keeps them, not rounded to the float8_e8m0fnu the model builds, and the
+    logits equal those of the model whose tables hold the same float32 factors."""
+    from test_model_v41 import tiny_model
+
+    from v4hal.model.engram import EngramTable
+
+    model = tiny_model(quantized=True)
+    save_checkpoint(model, model.args, tmp_path / "ckpt")
+    scales = _with_table_scales(tmp_path / "ckpt", tmp_path / "f32", lambda s: s.float() * 0.75)
+    tables = [m for m in model.modules() if isinstance(m, EngramTable)]
+    assert len(tables) == len(scales)
+    for table in tables:
+        table.scale = torch.nn.Parameter(table.scale.float() * 0.75, requires_grad=False)
+    fresh = build(tiny_v41(quantized=built == "float8"), dtype=torch.float64)
+    load_checkpoint(fresh, tmp_path / "f32", fresh.args)
+    for mine, theirs in zip((m for m in fresh.modules() if isinstance(m, EngramTable)), tables):
+        assert mine.scale.dtype == torch.float32 and torch.equal(mine.scale, theirs.scale)
+    ids = _ids(12)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), model(ids))

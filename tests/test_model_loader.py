@@ -343,3 +343,19 @@ def test_saving_a_quantized_model_keeps_its_scales(tmp_path):
     ids = torch.randint(0, args.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(again(ids), q(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("block,what", [((128, 128), "FP8 128x128 block"), ((1, 32), "MXFP8")], ids=["fp8", "mxfp8"])
+def test_an_e8m0_weight_scale_holding_nan_is_refused_by_name_and_index(tmp_path, block, what):
+    """Byte 0xFF is e8m0's NaN: read as a factor it would make its whole block NaN."""
+    d, path, tensors, args = _saved(tmp_path)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    q, s = ops.quantize_fp8(tensors[name].float(), block, scale_fmt="ue8m0")
+    codes = s.to(torch.float8_e8m0fnu).view(torch.uint8).clone()
+    codes[0, 0] = 0xFF
+    tensors[name], tensors[name + "_scale_inv"] = q, codes.view(torch.float8_e8m0fnu)
+    save_file(tensors, path)
+    for keep in (True, False):
+        with pytest.raises(LoadError, match=rf"1 rejected tensor\(s\): {name}: 1 {what} scale\(s\) hold e8m0 byte "
+                                            rf"0xFF \(NaN\), first at \[0, 0\]"):
+            load_checkpoint(build(args), d, args, keep_quantized=keep)

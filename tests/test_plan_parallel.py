@@ -69,3 +69,31 @@ def test_auto_weights_follow_the_checkpoint_dtype():
     args = MODELS["tiny-v3.2"]
     assert weight_bytes(args.replace(torch_dtype="float32"), Layout()) == weight_bytes(args, Layout(), "fp32")
     assert weight_bytes(args.replace(torch_dtype="bfloat16"), Layout()) == weight_bytes(args, Layout(), "bf16")
+
+
+def test_pipeline_stages_hold_only_their_layers_engram_tables():
+    """pp splits the layers, so V4.1's Engram modules too: a rank of stage s holds the tables (and
+    projections) of the Engram layers among stage s's layers, on its tp rank's hash columns. The
+    model runs no pp, so a stage's share is counted in the tp=2 model's state_dict by layer."""
+    from v4hal.model.plan import plan, stage_layers
+
+    args = MODELS["tiny-v4.1"]
+    assert args.num_hidden_layers == 4 and args.extra["engram_layer_ids"] == [1, 3]
+    layout = Layout(tp=2, pp=2)
+    assert [list(stage_layers(args, layout, s)) for s in range(2)] == [[0, 1], [2, 3]]
+    held = []
+    for rank in range(2):
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=2)
+        try:
+            state = build(args, torch.float32, device="meta", layout=Layout(tp=2)).state_dict()
+        finally:
+            dist.destroy_process_group()
+        for stage in range(2):
+            mine = {k: t.numel() * t.element_size() for k, t in state.items()
+                    if ".engram." in k and int(k.split(".")[2]) in stage_layers(args, layout, stage)}
+            tables = sum(n for k, n in mine.items() if ".engram.embed." in k)
+            projections = sum(mine.values()) - tables
+            assert tables and projections, (rank, stage)
+            assert engram_bytes(args, layout, "fp32", rank, stage) == (projections, tables), (rank, stage)
+            held.append(tables)
+    assert plan(args, layout, 64, weights="fp32")["host"]["engram tables"] == max(held)
