@@ -335,7 +335,8 @@ def cost_model(stage: dict, size: int, disk: dict[str, float], out_per_in: float
         thread = THREADS.get(name, "main")
         per_thread[thread] = per_thread.get(thread, 0.0) + cpu / size * 1e9
     cpu_per_gb = stage["process_cpu"] / size * 1e9
-    bounds = {"disk read": disk["read"], "disk write": disk["write"] / out_per_in, f"{cores} cores": cores / cpu_per_gb, f"{workers} worker pipeline(s)": workers / max(per_thread.values())}
+    bounds = {"disk read": disk["read"], "disk write": disk["write"] / out_per_in, f"{cores} cores": cores / cpu_per_gb,
+              f"{workers} worker pipeline(s)": workers / max(per_thread.values())}
     bound = min(bounds, key=bounds.get)
     return bounds[bound], bound
 
@@ -404,9 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         cores = len(os.sched_getaffinity(0))
         print(f"machine: {describe()}; {cores} cores available; load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print(f"source: {size / 1e9:.2f} GB in {args.layers} shards, largest tensor {largest / 1e6:.0f} MB; best of {args.repeats}; "
-              f"disk, median (min-max) of {len(disks)} rounds between the runs: sequential read (cold, the faster of page cache "
-              f"and O_DIRECT) {_spread(disks, 'read')} GB/s; sequential write (fsync'd) {_spread(disks, 'write')} GB/s; "
-
+              f"disk, median (min-max) of {len(disks)} rounds between the runs: sequential read (cold, the best of page cache "
+              f"and O_DIRECT, one or {n_default} streams) {_spread(disks, 'read')} GB/s; sequential write (fsync'd, one or "
+              f"{n_default} streams) {_spread(disks, 'write')} GB/s; "
               + ", ".join(f"{algo}: {gbps:.2f} GB/s per core" for algo, gbps in speeds.items()) + "\n")
         out_per_in = {"bf16": 2.0, "w8a8": 1.0}  # output bytes per input byte (FP8 weights dominate)
         print("\n| conversion | how | load before | process time (s) | GB/s of input | GB/s after start-up | share of disk read "

@@ -1,5 +1,5 @@
 /* The converter's FP8 decodes as compiled loops: one pass over each element instead of torch's
- * five elementwise passes (see docs/conversion.md, "Compiled kernels"). Each function gives the
+ * five elementwise passes (see docs/conversion.md, "Compiled decode kernels"). Each function gives the
  * same bits as the torch path in conversion/formats.py, which stays the reference and the
  * fallback; conversion/kernels.py checks every argument before calling in, so pointers here are
  * trusted.

@@ -337,8 +337,8 @@ class HashingReader:
     through `read_rows` and do not disturb the hash. Tensors returned by `rows` are read-only:
     the hashing thread may still be reading their bytes."""
 
-    AHEAD = 2  # announced reads in flight: bounds the buffers held to two chunks
-    READERS = 2  # threads reading them: two requests queued at the disk keep it busier than one
+    AHEAD = 2  # announced reads in flight, one thread each (two requests queued at the disk keep it
+    # busier than one); bounds the buffers held to two chunks
 
     def __init__(self, path: str, progress=None, algo: str | None = OUTPUT_HASH):
         _reuse_freed_chunks()
@@ -358,7 +358,7 @@ class HashingReader:
         """Announce the `rows` calls to come as (offset, nbytes) in order. The reader reads the
         next AHEAD of them (and the bytes between, when hashing) in the background; the first
         call that differs from the announcement ends reading ahead (results stay the same)."""
-        self._pool = ThreadPoolExecutor(self.READERS, thread_name_prefix="v4hal-read")
+        self._pool = ThreadPoolExecutor(self.AHEAD, thread_name_prefix="v4hal-read")
         self._plan = self._segments(reads)
         self._fill()
 
